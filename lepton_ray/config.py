@@ -1,0 +1,168 @@
+"""Typed configuration: one small frozen dataclass per component, validated on construction.
+
+YAML files in ``pipelines/configs/`` map onto these one to one (:func:`from_dict` rejects unknown
+keys by name). Credentials are never part of a config: only URIs and endpoints are.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from lepton_ray.errors import ConfigError
+
+PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
+
+
+@dataclass(kw_only=True, frozen=True)
+class DataConfig:
+    """How training data is read and augmented."""
+
+    augment: tuple[str, ...] = ("random_crop",)
+    """Augmentations applied to training batches, by name (see ``lepton_ray.transforms``)."""
+    shuffle: bool = True
+    """Reshuffle the training set globally every epoch."""
+    preprocess_batch_size: int = 256
+    """Rows per ``map_batches`` call on the CPU preprocessing workers."""
+
+    def __post_init__(self) -> None:
+        from lepton_ray.transforms import check_augment
+
+        try:
+            object.__setattr__(self, "augment", check_augment(tuple(self.augment)))
+        except ValueError as exc:
+            raise ConfigError(f"DataConfig.augment: {exc}") from None
+        _positive(self, "preprocess_batch_size")
+
+
+@dataclass(kw_only=True, frozen=True)
+class ScalingConfig:
+    """Where training runs: worker count, resources and placement."""
+
+    num_workers: int | tuple[int, int] | Literal["auto"] = 2
+    """An int, a ``(min, max)`` range for elastic training, or ``"auto"``."""
+    use_gpu: bool = False
+    """One GPU per worker (NCCL); otherwise CPU workers (gloo)."""
+    resources_per_worker: dict[str, float] | None = None
+    """Ray resources per worker, e.g. ``{"CPU": 2, "GPU": 1, "memory": 4e9}``."""
+    placement_strategy: PlacementStrategy = "PACK"
+    """Placement-group strategy for the workers' bundles."""
+    elastic_resize_monitor_interval_s: float = 60.0
+    """How often an elastic run checks whether it can grow."""
+
+    def __post_init__(self) -> None:
+        nw = self.num_workers
+        if isinstance(nw, list):
+            nw = tuple(nw)
+            object.__setattr__(self, "num_workers", nw)
+        if nw == "auto":
+            pass
+        elif isinstance(nw, bool) or not (isinstance(nw, int) or (isinstance(nw, tuple) and len(nw) == 2 and all(isinstance(v, int) for v in nw))):
+            raise ConfigError(f"ScalingConfig.num_workers must be an int, a (min, max) pair or 'auto', got {nw!r}")
+        elif isinstance(nw, int) and nw < 1:
+            raise ConfigError(f"ScalingConfig.num_workers must be >= 1, got {nw}")
+        elif isinstance(nw, tuple) and not (1 <= nw[0] <= nw[1]):
+            raise ConfigError(f"ScalingConfig.num_workers range must satisfy 1 <= min <= max, got {nw}")
+        if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
+            raise ConfigError(f"ScalingConfig.placement_strategy must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD, got {self.placement_strategy!r}")
+
+
+@dataclass(kw_only=True, frozen=True)
+class OptimConfig:
+    """Optimiser and learning-rate schedule (indexed by optimizer step, independent of world size)."""
+
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    """SGD with Nesterov momentum, or AdamW."""
+    lr: float = 0.1
+    """Peak learning rate for the global batch."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    weight_decay: float = 5e-4
+    """Decoupled (AdamW) or L2 (SGD) weight decay."""
+    schedule: Literal["onecycle", "cosine", "constant"] = "onecycle"
+    """Learning-rate schedule over the whole run."""
+    warmup_fraction: float = 0.25
+    """Share of steps spent warming up (onecycle and cosine)."""
+    grad_clip: float | None = None
+    """Clip the global gradient norm to this value."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "lr")
+        if self.optimizer not in ("sgd", "adamw"):
+            raise ConfigError(f"OptimConfig.optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}")
+        if self.schedule not in ("onecycle", "cosine", "constant"):
+            raise ConfigError(f"OptimConfig.schedule must be onecycle, cosine or constant, got {self.schedule!r}")
+        if not 0 <= self.warmup_fraction < 1:
+            raise ConfigError(f"OptimConfig.warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+
+
+@dataclass(kw_only=True, frozen=True)
+class TrainConfig:
+    """One training run."""
+
+    batch_size: int = 100
+    """Global batch per optimizer step, summed over workers; fixed whatever the world size."""
+    epochs: int = 10
+    """Passes over the training set."""
+    max_micro_batch: int | None = None
+    """Largest per-worker forward/backward; bigger shares are accumulated (no_sync)."""
+    seed: int = 0
+    """Seeds model init, shuffling and augmentation."""
+    run_name: str | None = None
+    """Run folder under the storage root; same name + ``resume`` continues a run."""
+    storage: str | None = None
+    """Where runs and checkpoints go (path or s3://); default ``$LEPTON_STORE/runs``."""
+    endpoint_url: str | None = None
+    """S3-compatible endpoint for ``storage`` and dataset URIs."""
+    max_failures: int = 2
+    """Worker-group restarts (from the last checkpoint) before the run fails."""
+    checkpoint_every_epochs: int = 1
+    """Checkpoint cadence in epochs (the last epoch is always checkpointed)."""
+    keep_checkpoints: int = 2
+    """How many checkpoints to keep (plus the best)."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimiser and schedule."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Input pipeline."""
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    """Workers and resources."""
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "epochs", "checkpoint_every_epochs", "keep_checkpoints"):
+            _positive(self, name, integer=True)
+        if self.max_micro_batch is not None:
+            _positive(self, "max_micro_batch", integer=True)
+        if self.max_failures < 0:
+            raise ConfigError(f"TrainConfig.max_failures must be >= 0, got {self.max_failures}")
+
+
+def _positive(obj: Any, name: str, integer: bool = False) -> None:
+    value = getattr(obj, name)
+    cls = type(obj).__name__
+    if isinstance(value, bool) or not isinstance(value, int | float) or (integer and not isinstance(value, int)):
+        raise ConfigError(f"{cls}.{name} must be a {'whole ' if integer else ''}number, got {value!r}")
+    if value <= 0:
+        raise ConfigError(f"{cls}.{name} must be > 0, got {value}")
+
+
+def from_dict(cls: type, data: dict[str, Any]) -> Any:
+    """Build a config dataclass from a (YAML) dict; nested dataclasses recurse; unknown keys fail."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown key '{unknown[0]}' for {cls.__name__} (known: {', '.join(fields)})")
+    kwargs = {}
+    for k, v in data.items():
+        ftype = fields[k].default_factory if fields[k].default_factory is not dataclasses.MISSING else None
+        if dataclasses.is_dataclass(ftype) and isinstance(v, dict):
+            v = from_dict(ftype, v)
+        elif isinstance(v, list):
+            v = tuple(v)
+        kwargs[k] = v
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A JSON-ready dict of a config (tuples become lists)."""
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,107 @@
+"""Model registry: architectures that a checkpoint can name and Serve can rebuild.
+
+A checkpoint stores a *spec*, never pickled code: ``{"name": "cnn", "kwargs": {...}}`` for a
+registered architecture, or ``{"class": "pkg.module:Class", "kwargs": {...}}`` for a user's own
+``nn.Module`` that is importable where the model is served. Weights travel as safetensors.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Decorator: make an architecture buildable by name from a checkpoint's spec."""
+
+    def deco(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        _REGISTRY[name] = factory
+        return factory
+
+    return deco
+
+
+def _conv_bn(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+@register("cnn")
+class ConvNet(nn.Module):
+    """A small VGG-style CNN for 28x28 / 32x32 images: conv blocks, global pooling, linear head.
+
+    One conv at full resolution (the costly one) then two at 1/2 and one at 1/4; ~130k parameters
+    at ``width=32``.
+    """
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 32, dropout: float = 0.1):
+        super().__init__()
+        w = width
+        self.features = nn.Sequential(
+            _conv_bn(in_channels, w), nn.MaxPool2d(2),  # (B, w, H/2, W/2)
+            _conv_bn(w, 2 * w), _conv_bn(2 * w, 2 * w), nn.MaxPool2d(2),  # (B, 2w, H/4, W/4)
+            _conv_bn(2 * w, 4 * w),
+        )
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(4 * w, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+@register("resnet18")
+def resnet18(in_channels: int = 3, num_classes: int = 10) -> nn.Module:
+    """torchvision's ResNet-18 with a 3x3 stem and no max-pool, the usual form for 32x32 inputs."""
+    import torchvision
+
+    m = torchvision.models.resnet18(num_classes=num_classes)
+    m.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
+    m.maxpool = nn.Identity()
+    return m
+
+
+def build_model(name: str, **kwargs: Any) -> nn.Module:
+    """Build a registered architecture and remember its spec on the module."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model '{name}' (registered: {', '.join(sorted(_REGISTRY))})")
+    model = _REGISTRY[name](**kwargs)
+    model.lepton_spec = {"name": name, "kwargs": dict(kwargs)}  # type: ignore[attr-defined]
+    return model
+
+
+def spec_of(model: nn.Module) -> dict[str, Any]:
+    """The spec that rebuilds ``model``'s architecture (see the module docstring)."""
+    spec = getattr(model, "lepton_spec", None)
+    if spec is not None:
+        return dict(spec)
+    cls = type(model)
+    return {"class": f"{cls.__module__}:{cls.__qualname__}", "kwargs": {}}
+
+
+def from_spec(spec: dict[str, Any]) -> nn.Module:
+    """Rebuild an architecture (random weights) from a spec written by :func:`spec_of`."""
+    if "name" in spec:
+        return build_model(spec["name"], **spec.get("kwargs", {}))
+    module_name, _, qualname = spec["class"].partition(":")
+    try:
+        obj: Any = importlib.import_module(module_name)
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"cannot import model class {spec['class']!r}: {exc}") from None
+    return obj(**spec.get("kwargs", {}))
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside DDP / torch.compile wrappers (so state dicts carry no ``module.``)."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model

@@ -1,0 +1,259 @@
+"""Object storage: the only module that knows about S3, endpoints and credentials.
+
+A URI is a local path (``/data/x``, ``file:///data/x``, ``relative/x``) or ``s3://bucket/prefix``.
+``resolve`` turns it into a pyarrow filesystem and a path on it; every other module reads and
+writes through that pair, so Ray Data, Ray Train and Serve all see the same store.
+
+S3-compatible endpoints (MinIO, moto, Ceph, R2) come from the ``endpoint_url`` argument, else
+``LEPTON_S3_ENDPOINT``, else ``AWS_ENDPOINT_URL``; pyarrow ignores the latter on its own, so it is
+passed as ``endpoint_override`` here. Credentials come from the standard AWS variables or the
+default chain and never appear in messages or saved configs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import posixpath
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+from lepton_ray.errors import StorageError
+
+DEFAULT_STORE_ENV = "LEPTON_STORE"
+ENDPOINT_ENV = "LEPTON_S3_ENDPOINT"
+_SECRET_ENVS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID")
+
+
+def default_store() -> str:
+    """The embedded default object store: ``$LEPTON_STORE`` or ``~/.lepton_ray/store``."""
+    return os.environ.get(DEFAULT_STORE_ENV) or str(Path.home() / ".lepton_ray" / "store")
+
+
+def endpoint_from_env(endpoint_url: str | None = None) -> str | None:
+    """The S3 endpoint to use: the argument, else ``LEPTON_S3_ENDPOINT``, else ``AWS_ENDPOINT_URL``."""
+    return endpoint_url or os.environ.get(ENDPOINT_ENV) or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+@dataclass(frozen=True)
+class Location:
+    """A resolved URI: a pyarrow filesystem plus a path on it.
+
+    ``uri`` is the canonical form users see (``s3://bucket/key`` or an absolute local path);
+    ``endpoint_url`` is kept so that the location can be resolved again elsewhere (a Ray worker,
+    a Serve replica) without carrying credentials around.
+    """
+
+    fs: pafs.FileSystem
+    path: str
+    uri: str
+    endpoint_url: str | None = None
+
+    @property
+    def is_s3(self) -> bool:
+        return self.uri.startswith("s3://")
+
+    def join(self, *parts: str) -> Location:
+        """The location of a child path."""
+        sub = posixpath.join(*parts)
+        return Location(
+            self.fs,
+            posixpath.join(self.path, sub),
+            self.uri.rstrip("/") + "/" + sub,
+            self.endpoint_url,
+        )
+
+    # --- reads -----------------------------------------------------------------------------
+    def exists(self) -> bool:
+        info = _call(lambda: self.fs.get_file_info(self.path), self)
+        return info.type != pafs.FileType.NotFound
+
+    def is_dir(self) -> bool:
+        info = _call(lambda: self.fs.get_file_info(self.path), self)
+        return info.type == pafs.FileType.Directory
+
+    def read_bytes(self) -> bytes:
+        def read() -> bytes:
+            with self.fs.open_input_stream(self.path) as f:
+                return f.read()
+
+        return _call(read, self)
+
+    def read_json(self) -> Any:
+        return json.loads(self.read_bytes())
+
+    def listdir(self) -> list[str]:
+        """Names (not paths) directly below this location; empty when it does not exist."""
+        sel = pafs.FileSelector(self.path, allow_not_found=True, recursive=False)
+        infos = _call(lambda: self.fs.get_file_info(sel), self)
+        return sorted(posixpath.basename(i.path.rstrip("/")) for i in infos)
+
+    # --- writes ----------------------------------------------------------------------------
+    def write_bytes(self, data: bytes) -> None:
+        """Write an object so that readers see either the old or the new content.
+
+        On S3 a single PUT is atomic. On a local disk the bytes go to a temporary sibling that is
+        renamed over the target.
+        """
+
+        def write() -> None:
+            parent = posixpath.dirname(self.path)
+            if not self.is_s3 and parent:
+                self.fs.create_dir(parent, recursive=True)
+            target = self.path if self.is_s3 else f"{self.path}.tmp-{uuid.uuid4().hex[:8]}"
+            with self.fs.open_output_stream(target) as f:
+                f.write(data)
+            if target != self.path:
+                self.fs.move(target, self.path)
+
+        _call(write, self)
+
+    def write_json(self, obj: Any) -> None:
+        self.write_bytes(json.dumps(obj, indent=2, sort_keys=True).encode())
+
+    def upload_file(self, local_path: str | os.PathLike) -> str:
+        """Copy a local file here (atomically, as ``write_bytes``); returns its sha256."""
+        data = Path(local_path).read_bytes()
+        self.write_bytes(data)
+        return hashlib.sha256(data).hexdigest()
+
+    def delete(self) -> None:
+        """Delete this object or directory tree; a missing one is fine."""
+
+        def rm() -> None:
+            info = self.fs.get_file_info(self.path)
+            if info.type == pafs.FileType.Directory:
+                self.fs.delete_dir(self.path)
+            elif info.type == pafs.FileType.File:
+                self.fs.delete_file(self.path)
+
+        _call(rm, self)
+
+    def ensure_writable(self) -> None:
+        """Fail early, with a clear message, when the bucket is missing or not writable."""
+        if self.is_s3:
+            bucket = self.path.split("/", 1)[0]
+            info = _call(lambda: self.fs.get_file_info(bucket), self)
+            if info.type == pafs.FileType.NotFound:
+                raise StorageError(f"bucket '{bucket}' does not exist ({_where(self)})")
+        else:
+            _call(lambda: self.fs.create_dir(self.path, recursive=True), self)
+
+    def __str__(self) -> str:
+        return self.uri
+
+
+def resolve(uri: str | os.PathLike | Location, endpoint_url: str | None = None) -> Location:
+    """Turn a URI into a :class:`Location` (filesystem + path)."""
+    if isinstance(uri, Location):
+        return uri
+    uri = os.fspath(uri)
+    if not uri:
+        raise StorageError("empty storage URI")
+    parsed = urlparse(uri)
+    if parsed.scheme in ("s3", "s3a"):
+        if not parsed.netloc:
+            raise StorageError(f"S3 URI has no bucket: {uri!r} (expected s3://bucket/prefix)")
+        endpoint = endpoint_from_env(endpoint_url)
+        path = (parsed.netloc + "/" + parsed.path.lstrip("/")).rstrip("/")
+        return Location(_s3_filesystem(endpoint), path, f"s3://{path}", endpoint)
+    if parsed.scheme in ("", "file"):
+        local = parsed.path if parsed.scheme == "file" else uri
+        path = str(Path(local).expanduser().resolve())
+        return Location(pafs.LocalFileSystem(), path, path, None)
+    raise StorageError(f"unsupported storage URI scheme '{parsed.scheme}://' in {uri!r} (use a path or s3://)")
+
+
+def _s3_filesystem(endpoint: str | None) -> pafs.S3FileSystem:
+    kwargs: dict[str, Any] = {
+        "region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+        "connect_timeout": float(os.environ.get("LEPTON_S3_CONNECT_TIMEOUT", "5")),
+        "request_timeout": float(os.environ.get("LEPTON_S3_REQUEST_TIMEOUT", "60")),
+        # A few retries for real networks; an unreachable endpoint still fails within seconds.
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=3),
+    }
+    if endpoint:
+        ep = urlparse(endpoint if "://" in endpoint else f"http://{endpoint}")
+        if not ep.netloc:
+            raise StorageError(f"invalid S3 endpoint URL {endpoint!r}")
+        kwargs["endpoint_override"] = ep.netloc
+        kwargs["scheme"] = ep.scheme or "http"
+        kwargs["allow_bucket_creation"] = True
+        kwargs["allow_bucket_deletion"] = True
+    key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
+    if key and secret:
+        kwargs["access_key"] = key
+        kwargs["secret_key"] = secret
+        if os.environ.get("AWS_SESSION_TOKEN"):
+            kwargs["session_token"] = os.environ["AWS_SESSION_TOKEN"]
+    return pafs.S3FileSystem(**kwargs)
+
+
+def redact(text: str) -> str:
+    """Remove credential values that may have leaked into a message."""
+    for name in _SECRET_ENVS:
+        value = os.environ.get(name)
+        if value and len(value) >= 4:
+            text = text.replace(value, "***")
+    return text
+
+
+def _where(loc: Location) -> str:
+    return f"{loc.uri} via {loc.endpoint_url}" if loc.endpoint_url else loc.uri
+
+
+def explain(exc: BaseException, loc: Location) -> StorageError:
+    """Translate a pyarrow/S3 error into a one-line :class:`StorageError`."""
+    if isinstance(exc, StorageError):
+        return exc
+    msg = redact(str(exc))
+    low = msg.lower()
+    bucket = loc.path.split("/", 1)[0] if loc.is_s3 else ""
+    if "no_such_bucket" in low or "nosuchbucket" in low or "bucket does not exist" in low:
+        return StorageError(f"bucket '{bucket}' does not exist ({_where(loc)})")
+    if any(s in low for s in ("invalid_access_key", "invalidaccesskeyid", "signature_does_not_match",
+                              "signaturedoesnotmatch", "access_denied", "accessdenied", "forbidden",
+                              "http response code: 403")):
+        return StorageError(
+            f"access denied to {loc.uri}: the S3 credentials were rejected "
+            "(check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)"
+        )
+    if any(s in low for s in ("network_connection", "couldn't connect", "could not connect",
+                              "connection refused", "curl error", "timeout", "timed out",
+                              "unable to connect", "failed to connect", "resolve host")):
+        return StorageError(f"cannot reach the S3 endpoint {loc.endpoint_url or 'of AWS'} for {loc.uri}")
+    if isinstance(exc, FileNotFoundError) or "not found" in low or "no such file" in low or "path does not exist" in low:
+        if loc.is_s3 and not _bucket_exists(loc):
+            return StorageError(f"bucket '{bucket}' does not exist ({_where(loc)})")
+        return StorageError(f"not found: {loc.uri}")
+    if isinstance(exc, PermissionError):
+        return StorageError(f"permission denied: {loc.uri}")
+    first = msg.strip().splitlines()[0] if msg.strip() else type(exc).__name__
+    return StorageError(f"storage error at {loc.uri}: {first}")
+
+
+def _bucket_exists(loc: Location) -> bool:
+    try:
+        bucket = loc.path.split("/", 1)[0]
+        return loc.fs.get_file_info(bucket).type != pafs.FileType.NotFound
+    except OSError:
+        return True  # cannot tell; keep the plain "not found"
+
+
+def _call(fn, loc: Location):
+    try:
+        return fn()
+    except StorageError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise explain(exc, loc) from None
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()

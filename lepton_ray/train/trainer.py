@@ -1,0 +1,252 @@
+"""``Trainer``: the one-call API over Ray Train.
+
+    trainer = Trainer(num_workers=2)
+    trainer.fit(model, train_dataset, batch_size=100, epochs=10)
+    trainer.train_results  # {'train_loss': ..., 'train_accuracy': ..., 'checkpoint': 's3://...'}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import uuid
+from typing import Any
+
+import torch
+from torch import nn
+
+from lepton_ray import storage
+from lepton_ray.config import DataConfig, OptimConfig, ScalingConfig, TrainConfig, to_dict
+from lepton_ray.data import DatasetInfo, from_torch, open_dataset, read_ray
+from lepton_ray.errors import ConfigError, DataError, LeptonError, TrainingError, one_line
+from lepton_ray.models import spec_of
+from lepton_ray.runtime import ensure_ray
+from lepton_ray import checkpoint
+from lepton_ray.train.loop import RunSpec, train_loop_per_worker
+
+_OPTIM_FIELDS = {f.name for f in dataclasses.fields(OptimConfig)}
+_TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)} - {"optim", "data", "scaling"}
+_SCALING_FIELDS = {f.name for f in dataclasses.fields(ScalingConfig)}
+
+
+class Trainer:
+    """Elastic data-parallel training of a PyTorch model on Ray Train.
+
+    ``num_workers`` is an int, a ``(min, max)`` range (elastic) or ``"auto"``; it may be given
+    positionally (``Trainer(4)``). Other keyword arguments are fields of :class:`ScalingConfig`
+    (``use_gpu``, ``resources_per_worker``, ``placement_strategy``, ...) or defaults for
+    :meth:`fit` (``storage``, ``endpoint_url``, ``run_name``, ``max_failures``, ...).
+    """
+
+    def __init__(self, num_workers: int | tuple[int, int] | str = 2, **kwargs: Any):
+        scaling = {k: kwargs.pop(k) for k in list(kwargs) if k in _SCALING_FIELDS}
+        self.scaling = ScalingConfig(num_workers=num_workers, **scaling)
+        self.defaults = kwargs
+        self.train_results: dict[str, Any] = {}
+        self.result: Any = None
+
+    def fit(self, model: nn.Module, train_dataset: Any, val_dataset: Any = None, *,
+            batch_size: int = 100, epochs: int = 10, endpoint_url: str | None = None,
+            data: DataConfig | None = None, **kwargs: Any) -> dict[str, Any]:
+        """Train ``model`` on ``train_dataset`` and return (and keep) ``train_results``.
+
+        Datasets may be a prepared-dataset URI, a :class:`DatasetInfo`, a
+        ``torch.utils.data.Dataset`` of (image, label) or a Ray Dataset with ``image``/``label``
+        columns. Keyword arguments are :class:`TrainConfig` / :class:`OptimConfig` fields.
+        """
+        opts = {**self.defaults, **kwargs}
+        unknown = sorted(set(opts) - _TRAIN_FIELDS - _OPTIM_FIELDS)
+        if unknown:
+            raise ConfigError(f"unknown fit() argument '{unknown[0]}'")
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        optim = OptimConfig(**{k: v for k, v in opts.items() if k in _OPTIM_FIELDS})
+        cfg = TrainConfig(batch_size=batch_size, epochs=epochs,
+                          endpoint_url=endpoint_url or opts.pop("endpoint_url", None),
+                          optim=optim, data=data or DataConfig(), scaling=self.scaling,
+                          **{k: v for k, v in opts.items() if k in _TRAIN_FIELDS and k != "endpoint_url"})
+        self.train_results = fit(model, train_dataset, val_dataset, cfg)
+        return self.train_results
+
+
+def fit(model: nn.Module, train_dataset: Any, val_dataset: Any, cfg: TrainConfig) -> dict[str, Any]:
+    """Run one training job described by ``cfg``; see :class:`Trainer`."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train.torch import TorchTrainer
+
+    ensure_ray()
+    run_name = cfg.run_name or f"run-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    root = storage.resolve(cfg.storage or storage.default_store() + "/runs", cfg.endpoint_url)
+    root.ensure_writable()
+    run = root.join(run_name)
+
+    train_src = _source(train_dataset, run, "train", cfg.endpoint_url)
+    val_src = _source(val_dataset, run, "val", cfg.endpoint_url) if val_dataset is not None else None
+    info = train_src.info
+    _check_model(model, info)
+    if cfg.batch_size > info.num_rows:
+        raise ConfigError(f"batch_size {cfg.batch_size} is larger than the {info.num_rows} training rows")
+
+    datasets = {"train": train_src.ray(cfg.data.augment, shuffle=cfg.data.shuffle, seed=cfg.seed,
+                                       batch_size=cfg.data.preprocess_batch_size)}
+    if val_src is not None:
+        # Not augmented, so the same every epoch: preprocess once and keep it in the object store.
+        datasets["val"] = val_src.ray((), shuffle=False, seed=None,
+                                      batch_size=cfg.data.preprocess_batch_size).materialize()
+
+    meta = {
+        "model": spec_of(model),
+        "data": {"shape": list(info.shape), "mean": list(info.mean), "std": list(info.std),
+                 "classes": list(info.classes), "train_uri": info.uri},
+        "config": to_dict(cfg),
+        "run": {"name": run_name, "uri": run.uri},
+        **checkpoint.provenance(),
+    }
+    spec = RunSpec(cfg=cfg, model=model.cpu(), meta=meta, num_train_rows=info.num_rows,
+                   has_val=val_src is not None, run_uri=run.uri, endpoint_url=cfg.endpoint_url)
+
+    import ray.train
+
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"spec": spec},
+        scaling_config=ray.train.ScalingConfig(**_ray_scaling(cfg.scaling)),
+        run_config=RunConfig(
+            name=run_name, storage_path=root.path, storage_filesystem=root.fs,
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+        ),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+    )
+    started = time.perf_counter()
+    try:
+        result = trainer.fit()
+    except LeptonError:
+        raise
+    except Exception as exc:  # Ray wraps worker errors; surface the root cause in one line
+        raise TrainingError(f"training run '{run_name}' failed: {_root_cause(exc)}") from None
+    if result.error is not None:
+        raise TrainingError(f"training run '{run_name}' failed: {_root_cause(result.error)}")
+    return _results(result, run, time.perf_counter() - started)
+
+
+@dataclasses.dataclass
+class _Source:
+    info: DatasetInfo
+    ray_ds: Any = None  # a user's Ray Dataset, used as it is
+
+    def ray(self, augment: tuple[str, ...], *, shuffle: bool, seed: int | None, batch_size: int) -> Any:
+        if self.ray_ds is None:
+            return read_ray(self.info, augment=augment, shuffle=shuffle, shuffle_seed=seed, batch_size=batch_size)
+        ds = self.ray_ds.random_shuffle(seed=seed) if shuffle else self.ray_ds
+        return ds.map_batches(self.info.preprocessor(augment), batch_format="numpy", batch_size=batch_size)
+
+
+def _source(dataset: Any, run: storage.Location, split: str, endpoint_url: str | None) -> _Source:
+    if isinstance(dataset, DatasetInfo):
+        return _Source(dataset)
+    if isinstance(dataset, str):
+        return _Source(open_dataset(dataset, endpoint_url))
+    if type(dataset).__module__.startswith("ray.data"):
+        return _Source(_ray_dataset_info(dataset, split), dataset)
+    if isinstance(dataset, torch.utils.data.Dataset):
+        return _Source(from_torch(dataset, run.join("data", split)))
+    raise DataError(f"unsupported {split} dataset type {type(dataset).__name__}: use a prepared-dataset URI, "
+                    "a torch Dataset or a Ray Dataset")
+
+
+def _ray_dataset_info(ds: Any, split: str) -> DatasetInfo:
+    """Shape, classes and channel statistics of a Ray Dataset with ``image`` (uint8 HWC) and ``label``."""
+    import numpy as np
+
+    cols = set(ds.columns() or [])
+    if not {"image", "label"} <= cols:
+        raise DataError(f"the {split} Ray Dataset needs 'image' and 'label' columns, has {sorted(cols)}")
+    sample = ds.take_batch(2048, batch_format="numpy")
+    images = np.asarray(sample["image"])
+    if images.dtype != np.uint8 or images.ndim not in (3, 4):
+        raise DataError(f"the {split} Ray Dataset's images must be uint8 HW or HWC arrays, got {images.dtype} {images.shape}")
+    if images.ndim == 3:
+        raise DataError(f"the {split} Ray Dataset's images must have a channel axis (H, W, C), got {images.shape[1:]}")
+    x = images.astype(np.float64) / 255.0
+    n_classes = int(ds.max("label")) + 1
+    return DatasetInfo(uri=f"ray-dataset:{split}", num_rows=ds.count(), shape=tuple(images.shape[1:]),
+                       classes=tuple(str(i) for i in range(n_classes)), mean=tuple(x.mean(axis=(0, 1, 2))),
+                       std=tuple(np.maximum(x.std(axis=(0, 1, 2)), 1e-6)))
+
+
+def _check_model(model: nn.Module, info: DatasetInfo) -> None:
+    h, w, c = info.shape
+    probe = torch.zeros(2, c, h, w)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(probe)
+    except Exception as exc:
+        raise DataError(f"the model cannot take the dataset's images of shape {(c, h, w)}: {one_line(exc)}") from None
+    finally:
+        model.train(was_training)
+    if out.ndim != 2 or out.shape[1] != info.num_classes:
+        raise DataError(f"the model outputs {tuple(out.shape[1:])} per image but the dataset has "
+                        f"{info.num_classes} classes")
+
+
+def _ray_scaling(s: ScalingConfig) -> dict[str, Any]:
+    num_workers = s.num_workers
+    if num_workers == "auto":
+        import ray
+
+        free = ray.available_resources()
+        per = s.resources_per_worker or {}
+        key, need = ("GPU", per.get("GPU", 1)) if s.use_gpu else ("CPU", per.get("CPU", 1))
+        num_workers = max(1, int(free.get(key, 0) // need) - (0 if s.use_gpu else 1))
+    return {
+        "num_workers": num_workers,
+        "use_gpu": s.use_gpu,
+        "resources_per_worker": s.resources_per_worker,
+        "placement_strategy": s.placement_strategy,
+        "elastic_resize_monitor_interval_s": s.elastic_resize_monitor_interval_s,
+    }
+
+
+def _root_cause(exc: BaseException) -> str:
+    failures = getattr(exc, "worker_failures", None)
+    if failures:
+        exc = next(iter(failures.values()))
+    controller = getattr(exc, "controller_failure", None)
+    if controller is not None:
+        exc = controller
+    while getattr(exc, "cause", None) is not None:  # RayTaskError chains
+        exc = exc.cause
+    if isinstance(exc, LeptonError):
+        return one_line(exc)
+    return f"{type(exc).__name__}: {storage.redact(one_line(exc))}"
+
+
+def _uri_of(run: storage.Location, fs_path: str) -> str:
+    return f"s3://{fs_path}" if run.is_s3 else fs_path
+
+
+def _results(result: Any, run: storage.Location, elapsed: float) -> dict[str, Any]:
+    ckpt_uri = _uri_of(run, result.checkpoint.path) if result.checkpoint else None
+    history: list[dict] = []
+    if ckpt_uri:
+        _, _, meta = checkpoint.load_train_state(storage.resolve(ckpt_uri, run.endpoint_url))
+        history = meta.get("history", [])
+    last = history[-1] if history else dict(result.metrics or {})
+    out = {
+        "train_loss": last.get("train_loss"),
+        "train_accuracy": last.get("train_accuracy"),
+        "epochs": last.get("epoch"),
+        "samples_per_second": (sum(h["samples_per_second"] for h in history) / len(history)) if history else None,
+        "checkpoint": ckpt_uri,
+        "run": run.uri,
+        "wall_time_s": elapsed,
+        "history": history,
+    }
+    if "val_accuracy" in last:
+        out["val_loss"] = last["val_loss"]
+        out["val_accuracy"] = last["val_accuracy"]
+    return out

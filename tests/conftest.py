@@ -1,0 +1,71 @@
+"""Shared fixtures: one local Ray instance and one S3-compatible server (moto) per session.
+
+The S3 server is moto's standalone ``ThreadedMotoServer`` on 127.0.0.1 and a free port, spoken to
+over HTTP by pyarrow/s3fs with fake credentials, the way s3fs's own test suite does it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+
+import pytest
+
+# Fake credentials for moto, set before anything imports pyarrow's S3 or boto3.
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "lepton-test-key")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "lepton-test-secret")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+os.environ.pop("RAY_ADDRESS", None)
+os.environ.pop("LEPTON_S3_ENDPOINT", None)
+os.environ.pop("AWS_ENDPOINT_URL", None)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """The endpoint URL of a moto S3 server on loopback."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server):
+    """A fresh bucket on the test S3 server; returns its name."""
+    import boto3
+
+    name = f"lepton-{uuid.uuid4().hex[:10]}"
+    boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture(scope="session")
+def ray_session(tmp_path_factory):
+    """One local Ray instance shared by every test that needs Ray."""
+    import ray
+
+    from lepton_ray.runtime import ensure_ray
+
+    if not ray.is_initialized():
+        ensure_ray(address="local")
+    yield ray
+    try:
+        from ray import serve
+
+        serve.shutdown()
+    except Exception:
+        pass
+    ray.shutdown()
