@@ -1,0 +1,122 @@
+"""Request decoding, validation and response shaping: pure functions, tested without Serve.
+
+Requests carry images as raw pixel values (0-255) in the dataset's layout, ``[H][W]`` or
+``[H][W][C]`` (or flat ``H*W*C``), or as base64-encoded PNG/JPEG. Every problem raises
+:class:`RequestError` with an HTTP status before the request joins a batch, so one bad request
+never fails its batch-mates.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+
+class RequestError(Exception):
+    """A bad request: ``status`` (4xx) and a one-line message."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+class InputSpec:
+    """What the model takes: image shape (H, W, C), normalisation and class names."""
+
+    def __init__(self, shape: Sequence[int], mean: Sequence[float], std: Sequence[float], classes: Sequence[str]):
+        self.shape = tuple(int(v) for v in shape)
+        self.mean = np.asarray(mean, np.float32)
+        self.std = np.asarray(std, np.float32)
+        self.classes = list(classes)
+
+
+def decode_json(payload: Any, spec: InputSpec, max_images: int) -> np.ndarray:
+    """A JSON body -> (N, H, W, C) uint8. Accepts ``{"instances": [...]}`` or ``{"images": [b64, ...]}``."""
+    if not isinstance(payload, dict):
+        raise RequestError(400, 'body must be a JSON object with "instances" (pixel arrays) or "images" (base64)')
+    keys = [k for k in ("instances", "images") if k in payload]
+    if len(keys) != 1:
+        raise RequestError(400, 'body needs exactly one of "instances" (pixel arrays) or "images" (base64 PNG/JPEG)')
+    items = payload[keys[0]]
+    if not isinstance(items, list):
+        raise RequestError(400, f'"{keys[0]}" must be a list')
+    if not items:
+        raise RequestError(400, f'"{keys[0]}" is empty')
+    if len(items) > max_images:
+        raise RequestError(413, f"{len(items)} images in one request; the limit is {max_images}")
+    if keys[0] == "images":
+        return np.stack([decode_image_bytes(_b64(item, i), spec, i) for i, item in enumerate(items)])
+    return decode_arrays(items, spec)
+
+
+def _b64(item: Any, i: int) -> bytes:
+    if not isinstance(item, str):
+        raise RequestError(400, f"images[{i}] must be a base64 string")
+    try:
+        return base64.b64decode(item.split(",", 1)[-1] if item.startswith("data:") else item, validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestError(400, f"images[{i}] is not valid base64") from None
+
+
+def decode_arrays(items: list, spec: InputSpec) -> np.ndarray:
+    """Pixel arrays (one per image) -> (N, H, W, C) uint8, checking shape, type, range."""
+    h, w, c = spec.shape
+    try:
+        arr = np.asarray(items, dtype=np.float64)
+    except (ValueError, TypeError):
+        raise RequestError(422, f"instances must be numeric arrays of one shape, each {h}x{w}" + (f"x{c}" if c > 1 else "")) from None
+    n = arr.shape[0]
+    if arr.shape[1:] == (h, w) and c == 1:
+        arr = arr[..., None]
+    elif arr.shape[1:] == (h * w * c,):
+        arr = arr.reshape(n, h, w, c)
+    elif arr.shape[1:] != (h, w, c):
+        raise RequestError(422, f"each instance must have shape {(h, w, c) if c > 1 else (h, w)} (or {h * w * c} values), got {arr.shape[1:]}")
+    if not np.isfinite(arr).all():
+        raise RequestError(422, "instances contain NaN or infinite values")
+    if arr.min() < 0 or arr.max() > 255:
+        raise RequestError(422, "pixel values must be in [0, 255]")
+    return np.rint(arr).astype(np.uint8)
+
+
+def decode_image_bytes(data: bytes, spec: InputSpec, i: int = 0) -> np.ndarray:
+    """PNG/JPEG bytes -> (H, W, C) uint8 in the model's mode and size."""
+    from PIL import Image, UnidentifiedImageError
+
+    h, w, c = spec.shape
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+        raise RequestError(415, f"image {i} is not a readable PNG or JPEG") from None
+    img = img.convert("L" if c == 1 else "RGB")
+    if img.size != (w, h):
+        raise RequestError(422, f"image {i} is {img.size[0]}x{img.size[1]}; the model takes {w}x{h}")
+    a = np.asarray(img, dtype=np.uint8)
+    return a[:, :, None] if a.ndim == 2 else a
+
+
+def to_model_input(images: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """(N, H, W, C) uint8 -> (N, C, H, W) float32, normalised as in training."""
+    x = images.astype(np.float32) * (1.0 / 255.0)
+    x = (x - spec.mean) / spec.std
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+
+def postprocess(logits: np.ndarray, classes: Sequence[str], k: int) -> list[dict[str, Any]]:
+    """(N, K) logits -> per image: predicted class and the top-k probabilities."""
+    z = logits - logits.max(axis=1, keepdims=True)
+    p = np.exp(z)
+    p /= p.sum(axis=1, keepdims=True)
+    k = min(k, p.shape[1])
+    top = np.argsort(-p, axis=1)[:, :k]
+    return [
+        {"class": classes[int(t[0])], "index": int(t[0]),
+         "top_k": [{"class": classes[int(j)], "probability": round(float(row[j]), 6)} for j in t]}
+        for row, t in zip(p, top, strict=True)
+    ]

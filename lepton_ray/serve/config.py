@@ -1,0 +1,58 @@
+"""Serving configuration: the checkpoint to serve plus Serve's batching and autoscaling knobs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lepton_ray.errors import ConfigError
+
+
+@dataclass(kw_only=True, frozen=True)
+class ServeConfig:
+    """One model endpoint."""
+
+    checkpoint: str
+    """Checkpoint URI (local path or s3://) written by training."""
+    endpoint_url: str | None = None
+    """S3-compatible endpoint for an s3:// checkpoint."""
+    name: str = "lepton"
+    """Serve application name."""
+    route_prefix: str = "/"
+    """HTTP route prefix of the application."""
+    min_replicas: int = 1
+    """Fewest replicas (0 scales to zero when idle)."""
+    max_replicas: int = 2
+    """Most replicas."""
+    target_ongoing_requests: float = 8.0
+    """Autoscaling target of in-flight requests per replica."""
+    upscale_delay_s: float = 2.0
+    """How long load must stay high before adding replicas."""
+    downscale_delay_s: float = 30.0
+    """How long load must stay low before removing replicas."""
+    max_batch_size: int = 64
+    """Most images per model call (``@serve.batch``); 1 disables batching."""
+    batch_wait_timeout_s: float = 0.005
+    """How long a batch waits to fill."""
+    max_request_bytes: int = 8 << 20
+    """Largest request body; bigger ones get 413."""
+    max_images_per_request: int = 256
+    """Most images in one request."""
+    num_cpus: float = 1.0
+    """CPUs per replica."""
+    use_gpu: bool = False
+    """Put each replica's model on a GPU."""
+    top_k: int = 3
+    """How many class probabilities each answer lists."""
+
+    def __post_init__(self) -> None:
+        if not self.checkpoint:
+            raise ConfigError("ServeConfig.checkpoint is required")
+        if self.min_replicas < 0:
+            raise ConfigError(f"ServeConfig.min_replicas must be >= 0, got {self.min_replicas}")
+        if self.max_replicas < max(1, self.min_replicas):
+            raise ConfigError(f"ServeConfig.max_replicas must be >= max(1, min_replicas), got {self.max_replicas}")
+        for name in ("max_batch_size", "max_request_bytes", "max_images_per_request", "top_k"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"ServeConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.target_ongoing_requests <= 0:
+            raise ConfigError(f"ServeConfig.target_ongoing_requests must be > 0, got {self.target_ongoing_requests}")

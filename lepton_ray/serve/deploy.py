@@ -1,0 +1,51 @@
+"""Deploy a checkpoint as an autoscaling HTTP endpoint (``serve.run``), or build the application
+for ``serve run`` / ``serve deploy`` from a config file."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lepton_ray import checkpoint, storage
+from lepton_ray.config import from_dict
+from lepton_ray.serve.config import ServeConfig
+
+
+def build_app(cfg: ServeConfig | dict[str, Any]) -> Any:
+    """The Serve application for ``cfg``; also the builder that ``serving/config.yaml`` names."""
+    from lepton_ray.serve.app import ModelServer
+
+    if isinstance(cfg, dict):
+        cfg = from_dict(ServeConfig, cfg)
+    autoscaling = {
+        "min_replicas": cfg.min_replicas,
+        "initial_replicas": max(1, cfg.min_replicas),
+        "max_replicas": cfg.max_replicas,
+        "target_ongoing_requests": cfg.target_ongoing_requests,
+        "upscale_delay_s": cfg.upscale_delay_s,
+        "downscale_delay_s": cfg.downscale_delay_s,
+    }
+    return ModelServer.options(
+        name=f"{cfg.name}-model",
+        autoscaling_config=autoscaling,
+        ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": 1 if cfg.use_gpu else 0},
+        max_ongoing_requests=max(cfg.max_batch_size * 2, int(cfg.target_ongoing_requests * 2)),
+    ).bind(cfg)
+
+
+def deploy(checkpoint_uri: str, *, host: str = "127.0.0.1", port: int = 8000, **kwargs: Any) -> str:
+    """Deploy ``checkpoint_uri`` with Ray Serve and return the endpoint's base URL.
+
+    The checkpoint is verified (manifest and checksums) before anything is deployed, so a bad URI
+    fails here with a clear message. Other keyword arguments are :class:`ServeConfig` fields.
+    """
+    from ray import serve
+
+    from lepton_ray.runtime import ensure_ray
+
+    cfg = ServeConfig(checkpoint=checkpoint_uri, **kwargs)
+    checkpoint.verify(storage.resolve(cfg.checkpoint, cfg.endpoint_url))
+    ensure_ray()
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(build_app(cfg), name=cfg.name, route_prefix=cfg.route_prefix)
+    return f"http://{host}:{port}{cfg.route_prefix.rstrip('/')}"
+

@@ -1,0 +1,181 @@
+"""Vectorised batch transforms: decode, augment, normalise."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lepton_ray.transforms import (
+    AUGMENTATIONS,
+    Preprocessor,
+    check_augment,
+    decode_raw,
+    hflip,
+    normalize,
+    random_crop,
+)
+
+
+def _images(n=6, h=5, w=7, c=3, seed=0) -> np.ndarray:
+    # Values 1..255 so that zero padding is distinguishable from image content.
+    return np.random.default_rng(seed).integers(1, 256, size=(n, h, w, c), dtype=np.uint8)
+
+
+def test_decode_raw_from_bytes():
+    imgs = _images()
+    rows = [im.tobytes() for im in imgs]
+    out = decode_raw(rows, (5, 7, 3))
+    assert out.shape == (6, 5, 7, 3) and out.dtype == np.uint8
+    np.testing.assert_array_equal(out, imgs)
+    # An object array of bytes (what a numpy batch from Ray Data holds) works too.
+    np.testing.assert_array_equal(decode_raw(np.array(rows, dtype=object), (5, 7, 3)), imgs)
+
+
+def test_decode_raw_passes_decoded_arrays_through():
+    imgs = _images()
+    assert decode_raw(imgs, (5, 7, 3)) is imgs
+
+
+def test_decode_raw_rejects_wrong_size():
+    rows = [im.tobytes() for im in _images()]
+    rows[2] = rows[2][:-1]
+    with pytest.raises(ValueError, match=r"do not match shape \(5, 7, 3\)"):
+        decode_raw(rows, (5, 7, 3))
+    with pytest.raises(ValueError, match="do not match shape"):
+        decode_raw([im.tobytes() for im in _images()], (28, 28, 1))
+
+
+def test_random_crop_keeps_shape_and_dtype():
+    imgs = _images()
+    out = random_crop(imgs, np.random.default_rng(0), padding=2)
+    assert out.shape == imgs.shape and out.dtype == imgs.dtype
+
+
+def test_random_crop_without_padding_is_identity():
+    imgs = _images()
+    np.testing.assert_array_equal(random_crop(imgs, np.random.default_rng(0), padding=0), imgs)
+
+
+def _translate(img: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    """``img`` shifted down by ``dy`` and right by ``dx`` (negative: up/left), zero-filled."""
+    h, w, _ = img.shape
+    out = np.zeros_like(img)
+    out[max(dy, 0) : h + min(dy, 0), max(dx, 0) : w + min(dx, 0)] = img[
+        max(-dy, 0) : h - max(dy, 0), max(-dx, 0) : w - max(dx, 0)
+    ]
+    return out
+
+
+def test_random_crop_is_a_translation_per_image():
+    pad = 2
+    imgs = _images(n=32)
+    out = random_crop(imgs, np.random.default_rng(7), padding=pad)
+    # Replay the generator: the offsets are drawn for rows first, then for columns.
+    rng = np.random.default_rng(7)
+    oy = rng.integers(0, 2 * pad + 1, size=len(imgs))
+    ox = rng.integers(0, 2 * pad + 1, size=len(imgs))
+    for i in range(len(imgs)):
+        np.testing.assert_array_equal(
+            out[i], _translate(imgs[i], pad - int(oy[i]), pad - int(ox[i]))
+        )
+    # With 32 images some must actually move.
+    assert any(not np.array_equal(out[i], imgs[i]) for i in range(len(imgs)))
+
+
+def test_random_crop_one_image_by_hand():
+    img = np.arange(1, 10, dtype=np.uint8).reshape(1, 3, 3, 1)
+
+    class Fixed:
+        """A stand-in generator: row offset 0, column offset 2 (of 0..2 with padding 1)."""
+
+        def __init__(self):
+            self.calls = iter([np.array([0]), np.array([2])])
+
+        def integers(self, low, high, size):
+            assert (low, high, size) == (0, 3, 1)
+            return next(self.calls)
+
+    out = random_crop(img, Fixed(), padding=1)  # type: ignore[arg-type]
+    # Padded image rows 0..2 (one zero row on top), columns 2..4 (one zero column on the right):
+    # the digits move down by one and left by one.
+    expected = np.array([[0, 0, 0], [2, 3, 0], [5, 6, 0]], dtype=np.uint8)
+    np.testing.assert_array_equal(out[0, :, :, 0], expected)
+
+
+def test_hflip_flips_exactly_the_masked_rows():
+    imgs = _images(n=64)
+    out = hflip(imgs, np.random.default_rng(3), p=0.5)
+    mask = np.random.default_rng(3).random(len(imgs)) < 0.5
+    assert 0 < mask.sum() < len(imgs)
+    np.testing.assert_array_equal(out[mask], imgs[mask][:, :, ::-1])
+    np.testing.assert_array_equal(out[~mask], imgs[~mask])
+    assert out.shape == imgs.shape and out.dtype == imgs.dtype
+
+
+def test_hflip_does_not_modify_its_input():
+    imgs = _images()
+    before = imgs.copy()
+    hflip(imgs, np.random.default_rng(0), p=1.0)
+    np.testing.assert_array_equal(imgs, before)
+
+
+def test_hflip_probability_extremes():
+    imgs = _images()
+    np.testing.assert_array_equal(hflip(imgs, np.random.default_rng(0), p=0.0), imgs)
+    np.testing.assert_array_equal(hflip(imgs, np.random.default_rng(0), p=1.0), imgs[:, :, ::-1])
+
+
+def test_normalize():
+    imgs = _images(n=4, h=2, w=3, c=3)
+    mean, std = [0.1, 0.5, 0.9], [0.2, 0.25, 0.5]
+    out = normalize(imgs, mean, std)
+    assert out.dtype == np.float32
+    assert out.shape == (4, 3, 2, 3)
+    assert out.flags["C_CONTIGUOUS"]
+    expected = (imgs.astype(np.float64) / 255.0 - np.array(mean)) / np.array(std)
+    np.testing.assert_allclose(out, expected.transpose(0, 3, 1, 2), rtol=1e-5, atol=1e-5)
+    # One value by hand: pixel 255 in channel 2 -> (1 - 0.9) / 0.5 = 0.2.
+    full = normalize(np.full((1, 1, 1, 3), 255, np.uint8), mean, std)
+    np.testing.assert_allclose(full[0, :, 0, 0], [4.5, 2.0, 0.2], rtol=1e-6)
+
+
+def test_check_augment():
+    assert check_augment(["random_crop", "hflip"]) == ("random_crop", "hflip")
+    assert check_augment(()) == ()
+    with pytest.raises(ValueError, match="unknown augmentation 'rotate'"):
+        check_augment(["random_crop", "rotate"])
+    assert set(AUGMENTATIONS) == {"random_crop", "hflip"}
+
+
+def test_preprocessor_rejects_unknown_augmentation():
+    with pytest.raises(ValueError, match="unknown augmentation"):
+        Preprocessor((5, 7, 3), [0.5] * 3, [0.5] * 3, augment=("blur",))
+
+
+@pytest.mark.parametrize("augment", [(), ("random_crop", "hflip")])
+def test_preprocessor_output(augment):
+    imgs = _images(n=8)
+    batch = {
+        "image": np.array([im.tobytes() for im in imgs], dtype=object),
+        "label": np.arange(8, dtype=np.int32) % 3,
+        "id": np.arange(100, 108, dtype=np.int32),
+    }
+    pre = Preprocessor((5, 7, 3), [0.5] * 3, [0.25] * 3, augment=augment, seed=0)
+    out = pre(batch)
+    assert set(out) == {"image", "label", "id"}
+    assert out["image"].dtype == np.float32 and out["image"].shape == (8, 3, 5, 7)
+    assert out["label"].dtype == np.int64 and out["id"].dtype == np.int64
+    np.testing.assert_array_equal(out["label"], batch["label"])
+    np.testing.assert_array_equal(out["id"], batch["id"])
+    if not augment:
+        np.testing.assert_allclose(out["image"], normalize(imgs, [0.5] * 3, [0.25] * 3))
+    # Seeded: the same rows get the same augmentation.
+    np.testing.assert_array_equal(pre(batch)["image"], out["image"])
+
+
+def test_preprocessor_without_ids():
+    imgs = _images(n=3)
+    out = Preprocessor((5, 7, 3), [0.0] * 3, [1.0] * 3)({"image": imgs, "label": [0, 1, 2]})
+    assert set(out) == {"image", "label"}
+    assert out["label"].dtype == np.int64
+    np.testing.assert_allclose(out["image"], imgs.transpose(0, 3, 1, 2) / 255.0, rtol=1e-6)
