@@ -69,3 +69,9 @@ def ray_session(tmp_path_factory):
     except Exception:
         pass
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def serve_port() -> int:
+    """The one HTTP port Ray Serve listens on for the whole session (Serve starts its proxy once)."""
+    return free_port()

@@ -1,0 +1,56 @@
+"""The CLI: instant help, exit codes and one-line errors on stderr."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lepton_ray.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_help_imports_neither_torch_nor_ray():
+    code = "import sys, lepton_ray.cli as c; c.build_parser(); print(sorted(m for m in ('torch', 'ray') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "[]"
+    r = run_cli("--help")
+    assert r.returncode == 0 and "data" in r.stdout and "train" in r.stdout and "serve" in r.stdout
+
+
+@pytest.mark.parametrize("sub", ["data", "train", "serve", "predict"])
+def test_each_command_has_help(sub):
+    assert run_cli(sub, "--help").returncode == 0
+
+
+def test_prepare_and_inspect(tmp_path):
+    r = run_cli("data", "prepare", "mnist5k", str(tmp_path / "ds"))
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["train"]["rows"] == 4000
+    r = run_cli("data", "inspect", str(tmp_path / "ds" / "test"))
+    info = json.loads(r.stdout)
+    assert info["rows"] == 1000 and set(info["class_counts"].values()) == {100}
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("data", "prepare", "nosuchsource", "/tmp/x"), "unknown dataset source 'nosuchsource'"),
+        (("data", "inspect", "/nonexistent/ds"), "no prepared dataset at /nonexistent/ds"),
+        (("train", "--data", "/nonexistent/ds"), "no prepared dataset at /nonexistent/ds"),
+        (("data", "inspect", "gs://bucket/x"), "unsupported storage URI scheme 'gs://'"),
+    ],
+)
+def test_errors_are_one_line_on_stderr_with_exit_2(args, message):
+    r = run_cli(*args)
+    assert r.returncode == 2
+    assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in r.stderr
+
+
+def test_bad_worker_spec_is_a_usage_error():
+    r = run_cli("train", "--data", "x", "--workers", "two")
+    assert r.returncode == 2 and "--workers takes N, MIN,MAX or auto" in r.stderr

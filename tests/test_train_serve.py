@@ -1,0 +1,207 @@
+"""Ray tier: real Ray Train runs (2 CPU workers, gloo) and a real Serve endpoint, kept small.
+
+One small training run is shared by the API, checkpoint and serving tests of this module.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+
+from lepton_ray import Trainer, build_model, load_model
+from lepton_ray.data import load_mnist5k, prepare, read_arrays
+from lepton_ray.errors import ConfigError, DataError
+from tests.conftest import free_port
+
+pytestmark = pytest.mark.ray
+
+
+class DigitsTensorDataset(torch.utils.data.Dataset):
+    """A torch Dataset of (CHW float tensor in [0, 1], label), like torchvision's ToTensor output."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray):
+        self.images, self.labels = images, labels
+        self.classes = [str(i) for i in range(10)]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        return torch.from_numpy(self.images[i]).permute(2, 0, 1).float() / 255.0, int(self.labels[i])
+
+
+@pytest.fixture(scope="module")
+def small_run(ray_session, tmp_path_factory):
+    """Two epochs on 1,000 digits from a torch Dataset, with validation: the shared training run."""
+    root = tmp_path_factory.mktemp("small-run")
+    splits = load_mnist5k()
+    x, y, _ = splits["train"]
+    sel = np.random.default_rng(0).permutation(len(x))[:1000]
+    train = DigitsTensorDataset(x[sel], y[sel])
+    vx, vy, _ = splits["test"]
+    val = DigitsTensorDataset(vx[:300], vy[:300])
+    trainer = Trainer(2, storage=str(root / "runs"))
+    model = build_model("cnn", in_channels=1, num_classes=10, width=16)
+    trainer.fit(model, train, val, batch_size=50, epochs=2, lr=0.05)
+    return trainer, root
+
+
+def test_fit_returns_the_results_users_expect(small_run):
+    trainer, root = small_run
+    r = trainer.train_results
+    for key in ("train_loss", "train_accuracy", "epochs", "samples_per_second", "checkpoint", "val_loss", "val_accuracy"):
+        assert key in r, key
+    assert r["epochs"] == 2
+    assert math.isfinite(r["train_loss"]) and 0 < r["train_loss"] < 2.5
+    assert r["val_accuracy"] > 0.3  # two short epochs: well above chance (0.1)
+    assert r["samples_per_second"] > 0
+    assert [h["epoch"] for h in r["history"]] == [1, 2]
+    assert all(h["world_size"] == 2 for h in r["history"])
+    # 1000 rows, global batch 50, 2 workers -> 20 steps per epoch, whatever the world size
+    assert r["history"][-1]["step"] == 40
+    assert r["checkpoint"].startswith(str(root))
+
+
+def test_checkpoint_is_pickle_free_and_reloads(small_run):
+    trainer, _ = small_run
+    model, meta = load_model(trainer.train_results["checkpoint"])
+    assert meta["model"] == {"name": "cnn", "kwargs": {"in_channels": 1, "num_classes": 10, "width": 16}}
+    assert meta["data"]["classes"] == [str(i) for i in range(10)]
+    assert meta["versions"]["torch"] == torch.__version__.split("+")[0] or meta["versions"]["torch"]
+    assert "AWS_SECRET_ACCESS_KEY" not in json.dumps(meta) and "lepton-test-secret" not in json.dumps(meta)
+    out = model(torch.zeros(3, 1, 28, 28))
+    assert out.shape == (3, 10)
+
+
+def test_trainer_accepts_a_ray_dataset_and_a_positional_worker_count(ray_session, tmp_path):
+    import ray.data
+
+    x, y, _ = load_mnist5k()["train"]
+    ds = ray.data.from_items([{"image": x[i], "label": int(y[i])} for i in range(0, 4000, 10)])
+    trainer = Trainer(1, storage=str(tmp_path))
+    res = trainer.fit(build_model("cnn", in_channels=1, num_classes=10, width=8), ds, batch_size=40, epochs=1)
+    assert res["epochs"] == 1 and res["history"][0]["step"] == 10 and "val_accuracy" not in res
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"epochs": 0}, ConfigError, "epochs must be > 0"),
+        ({"batch_size": 0}, ConfigError, "batch_size must be > 0"),
+        ({"bogus": 1}, ConfigError, "unknown fit\\(\\) argument 'bogus'"),
+    ],
+)
+def test_bad_fit_arguments_fail_fast(ray_session, tmp_path, kwargs, error, match):
+    info = prepare("mnist5k", str(tmp_path / "d"))["test"]
+    args = {"batch_size": 100, "epochs": 1, **kwargs}
+    with pytest.raises(error, match=match):
+        Trainer(2, storage=str(tmp_path)).fit(build_model("cnn", num_classes=10, in_channels=1), info, **args)
+
+
+def test_model_output_must_match_the_classes(ray_session, tmp_path):
+    info = prepare("mnist5k", str(tmp_path / "d"))["test"]
+    with pytest.raises(DataError, match="outputs \\(7,\\) per image but the dataset has 10 classes"):
+        Trainer(2, storage=str(tmp_path)).fit(build_model("cnn", in_channels=1, num_classes=7), info.uri)
+
+
+def test_missing_dataset_uri_is_one_clear_error(ray_session, tmp_path):
+    with pytest.raises(DataError, match="no prepared dataset at .*nowhere"):
+        Trainer(2, storage=str(tmp_path)).fit(build_model("cnn", in_channels=1), str(tmp_path / "nowhere"))
+
+
+def test_s3_errors_name_the_problem(ray_session, s3_server, s3_bucket, tmp_path):
+    from lepton_ray.errors import StorageError
+
+    model = build_model("cnn", in_channels=1)
+    with pytest.raises(StorageError, match="bucket 'no-such-bucket-x' does not exist"):
+        Trainer(2, storage=str(tmp_path)).fit(model, "s3://no-such-bucket-x/data", endpoint_url=s3_server)
+    with pytest.raises(DataError, match=f"no prepared dataset at s3://{s3_bucket}/missing"):
+        Trainer(2, storage=str(tmp_path)).fit(model, f"s3://{s3_bucket}/missing", endpoint_url=s3_server)
+    dead = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(StorageError, match="cannot reach the S3 endpoint"):
+        Trainer(2, storage=str(tmp_path)).fit(model, f"s3://{s3_bucket}/data", endpoint_url=dead)
+
+
+# --- serving the small run's checkpoint ------------------------------------------------------
+@pytest.fixture(scope="module")
+def endpoint(small_run, serve_port):
+    from ray import serve
+
+    from lepton_ray import deploy
+
+    url = deploy(small_run[0].train_results["checkpoint"], port=serve_port, name="test-small", route_prefix="/small",
+                 max_request_bytes=200_000, max_replicas=1)
+    yield url
+    serve.delete("test-small")
+
+
+def _post(url: str, body: bytes, ctype: str = "application/json") -> tuple[int, dict]:
+    req = urllib.request.Request(url + "/v1/predict", data=body, method="POST", headers={"Content-Type": ctype})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_endpoint_answers_and_describes_itself(endpoint, small_run, tmp_path):
+    x, _, _ = load_mnist5k()["test"]
+    status, body = _post(endpoint, json.dumps({"instances": x[:3, :, :, 0].tolist()}).encode())
+    assert status == 200 and len(body["predictions"]) == 3
+    p = body["predictions"][0]
+    assert p["class"] in [str(i) for i in range(10)] and len(p["top_k"]) == 3
+    assert abs(sum(t["probability"] for t in p["top_k"])) <= 1.0 + 1e-6
+    with urllib.request.urlopen(endpoint + "/v1/model") as r:
+        info = json.loads(r.read())
+    assert info["input_shape"] == [28, 28, 1] and info["model_version"] == body["model_version"]
+    with urllib.request.urlopen(endpoint + "/healthz") as r:
+        assert json.loads(r.read())["status"] == "ok"
+
+
+@pytest.mark.parametrize(
+    ("body", "ctype", "status", "match"),
+    [
+        (b"{not json", "application/json", 400, "not valid JSON"),
+        (b'{"instances": []}', "application/json", 400, "empty"),
+        (json.dumps({"instances": [[1, 2, 3]]}).encode(), "application/json", 422, "shape"),
+        (json.dumps({"instances": [[[float("nan")] * 28] * 28]}).encode(), "application/json", 422, "NaN"),
+        (json.dumps({"instances": [[["a"] * 28] * 28]}).encode(), "application/json", 422, "numeric"),
+        (json.dumps({"images": ["aGVsbG8="]}).encode(), "application/json", 415, "not a readable PNG"),
+        (b"\x89PNG not really", "image/png", 415, "not a readable PNG"),
+        (json.dumps({"instances": [[[0] * 784]] * 100}).encode(), "application/json", 413, "exceeds"),
+    ],
+)
+def test_bad_requests_get_a_4xx_json_error_and_do_not_poison_the_replica(endpoint, body, ctype, status, match):
+    got, answer = _post(endpoint, body, ctype)
+    assert got == status and match in answer["error"], answer
+    x, _, _ = load_mnist5k()["test"]
+    ok, good = _post(endpoint, json.dumps({"instances": x[:1, :, :, 0].tolist()}).encode())
+    assert ok == 200 and len(good["predictions"]) == 1
+
+
+def test_png_upload_matches_the_array_answer(endpoint):
+    import io
+
+    from PIL import Image
+
+    x, _, _ = load_mnist5k()["test"]
+    buf = io.BytesIO()
+    Image.fromarray(x[5, :, :, 0]).save(buf, format="PNG")
+    s1, by_png = _post(endpoint, buf.getvalue(), "image/png")
+    s2, by_array = _post(endpoint, json.dumps({"instances": x[5:6, :, :, 0].tolist()}).encode())
+    assert s1 == s2 == 200
+    assert by_png["predictions"][0]["top_k"] == by_array["predictions"][0]["top_k"]
+
+
+def test_read_arrays_matches_the_source(tmp_path):
+    info = prepare("mnist5k", str(tmp_path))["test"]
+    images, labels, ids = read_arrays(info)
+    x, y, i = load_mnist5k()["test"]
+    order = np.argsort(ids)
+    assert np.array_equal(images[order], x) and np.array_equal(labels[order], y) and np.array_equal(ids[order], i)
