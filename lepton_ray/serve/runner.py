@@ -14,7 +14,14 @@ import numpy as np
 import torch
 
 from lepton_ray import checkpoint, storage
-from lepton_ray.serve.codec import InputSpec, RequestError, decode_image_bytes, decode_json, postprocess, to_model_input
+from lepton_ray.serve.codec import (
+    InputSpec,
+    RequestError,
+    decode_image_bytes,
+    decode_json,
+    postprocess,
+    to_model_input,
+)
 from lepton_ray.serve.config import ServeConfig
 
 

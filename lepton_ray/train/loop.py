@@ -22,11 +22,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from lepton_ray import storage
+from lepton_ray import checkpoint, storage
 from lepton_ray.config import OptimConfig, TrainConfig
 from lepton_ray.errors import TrainingError
 from lepton_ray.models import unwrap
-from lepton_ray import checkpoint
 from lepton_ray.train import batching
 
 

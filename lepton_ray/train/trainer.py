@@ -15,13 +15,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from lepton_ray import storage
+from lepton_ray import checkpoint, storage
 from lepton_ray.config import DataConfig, OptimConfig, ScalingConfig, TrainConfig, to_dict
 from lepton_ray.data import DatasetInfo, from_torch, open_dataset, read_ray
 from lepton_ray.errors import ConfigError, DataError, LeptonError, TrainingError, one_line
 from lepton_ray.models import spec_of
 from lepton_ray.runtime import ensure_ray
-from lepton_ray import checkpoint
 from lepton_ray.train.loop import RunSpec, train_loop_per_worker
 
 _OPTIM_FIELDS = {f.name for f in dataclasses.fields(OptimConfig)}
