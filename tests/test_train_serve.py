@@ -205,3 +205,12 @@ def test_read_arrays_matches_the_source(tmp_path):
     x, y, i = load_mnist5k()["test"]
     order = np.argsort(ids)
     assert np.array_equal(images[order], x) and np.array_equal(labels[order], y) and np.array_equal(ids[order], i)
+
+
+def test_worker_count_spellings():
+    assert Trainer(4).scaling.num_workers == 4
+    assert Trainer(num_nodes=3).scaling.num_workers == 3  # the name older docs use
+    assert Trainer((1, 4)).scaling.num_workers == (1, 4)
+    assert Trainer("auto", use_gpu=True).scaling.use_gpu is True
+    with pytest.raises(ConfigError, match="num_workers"):
+        Trainer(0)

@@ -38,6 +38,8 @@ class Trainer:
     """
 
     def __init__(self, num_workers: int | tuple[int, int] | str = 2, **kwargs: Any):
+        if "num_nodes" in kwargs:  # the name older docs use for the worker count
+            num_workers = kwargs.pop("num_nodes")
         scaling = {k: kwargs.pop(k) for k in list(kwargs) if k in _SCALING_FIELDS}
         self.scaling = ScalingConfig(num_workers=num_workers, **scaling)
         self.defaults = kwargs
@@ -60,10 +62,10 @@ class Trainer:
         if not isinstance(model, nn.Module):
             raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         optim = OptimConfig(**{k: v for k, v in opts.items() if k in _OPTIM_FIELDS})
-        cfg = TrainConfig(batch_size=batch_size, epochs=epochs,
-                          endpoint_url=endpoint_url or opts.pop("endpoint_url", None),
-                          optim=optim, data=data or DataConfig(), scaling=self.scaling,
-                          **{k: v for k, v in opts.items() if k in _TRAIN_FIELDS and k != "endpoint_url"})
+        if endpoint_url is not None:
+            opts["endpoint_url"] = endpoint_url
+        cfg = TrainConfig(batch_size=batch_size, epochs=epochs, optim=optim, data=data or DataConfig(),
+                          scaling=self.scaling, **{k: v for k, v in opts.items() if k in _TRAIN_FIELDS})
         self.train_results = fit(model, train_dataset, val_dataset, cfg)
         return self.train_results
 
@@ -138,7 +140,10 @@ class _Source:
     def ray(self, augment: tuple[str, ...], *, shuffle: bool, seed: int | None, batch_size: int) -> Any:
         if self.ray_ds is None:
             return read_ray(self.info, augment=augment, shuffle=shuffle, shuffle_seed=seed, batch_size=batch_size)
-        ds = self.ray_ds.random_shuffle(seed=seed) if shuffle else self.ray_ds
+        from ray.data import RandomSeedConfig
+
+        reseed = None if seed is None else RandomSeedConfig(seed=seed, reseed_after_execution=True)
+        ds = self.ray_ds.random_shuffle(seed=reseed) if shuffle else self.ray_ds
         return ds.map_batches(self.info.preprocessor(augment), batch_format="numpy", batch_size=batch_size)
 
 

@@ -1,0 +1,118 @@
+"""Benchmark: samples/s of ``Trainer.fit`` with 1 worker vs a plain single-process PyTorch loop.
+
+Same model (the ``cnn`` at width 32), same data (the built-in 4,000 MNIST digits with random-crop
+augmentation), same global batch and number of steps, one CPU thread each; both measured in one
+run of this script, so the ratio is what counts on a shared, noisy machine. The first epoch of
+each is warm-up and is left out.
+
+    python -m benchmarks.train_overhead [--epochs 4] [--out benchmarks/results]
+
+Writes ``train_overhead.json`` and updates the table in ``docs/benchmarks.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lepton_ray import Trainer, build_model, prepare
+from lepton_ray.config import OptimConfig
+from lepton_ray.data import read_arrays
+from lepton_ray.train.loop import build_optimizer, lr_factor
+
+
+def plain_loop(info, epochs: int, batch: int) -> list[float]:
+    """The loop a user would write by hand; returns samples/s per epoch."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    images, labels, _ = read_arrays(info)
+    pre = info.preprocessor(("random_crop",))
+    model = build_model("cnn", in_channels=1, num_classes=10)
+    cfg = OptimConfig()
+    opt = build_optimizer(model, cfg)
+    steps = len(images) // batch
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps * epochs, cfg))
+    rng = np.random.default_rng(0)
+    rates = []
+    for _ in range(epochs):
+        t0 = time.perf_counter()
+        order = rng.permutation(len(images))
+        for s in range(steps):
+            idx = order[s * batch:(s + 1) * batch]
+            b = pre({"image": images[idx], "label": labels[idx]})
+            loss = F.cross_entropy(model(torch.from_numpy(b["image"])), torch.from_numpy(b["label"]))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+        rates.append(steps * batch / (time.perf_counter() - t0))
+    return rates
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--batch-size", type=int, default=100)
+    ap.add_argument("--out", default="benchmarks/results")
+    args = ap.parse_args()
+
+    store = tempfile.mkdtemp(prefix="lepton-bench-")
+    info = prepare("mnist5k", f"{store}/data")["train"]
+    plain = plain_loop(info, args.epochs, args.batch_size)
+    trainer = Trainer(1, storage=f"{store}/runs")
+    res = trainer.fit(build_model("cnn", in_channels=1, num_classes=10), info, batch_size=args.batch_size,
+                      epochs=args.epochs)
+    ray_rates = [h["samples_per_second"] for h in res["history"]]
+    plain_sps = float(np.mean(plain[1:]))
+    ray_sps = float(np.mean(ray_rates[1:]))
+    result = {
+        "benchmark": "train_overhead",
+        "what": "Trainer.fit (1 Ray Train worker, Ray Data input) vs plain PyTorch loop, samples/s",
+        "hardware": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads in driver, "
+                    f"1 thread per side, CPU only",
+        "epochs_measured": args.epochs - 1,
+        "plain_samples_per_s": round(plain_sps, 1),
+        "trainer_samples_per_s": round(ray_sps, 1),
+        "ratio": round(ray_sps / plain_sps, 3),
+        "goal": ">= 0.90 on CPU",
+        "per_epoch": {"plain": [round(r, 1) for r in plain], "trainer": [round(r, 1) for r in ray_rates]},
+        "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train_overhead.json").write_text(json.dumps(result, indent=2))
+    write_table(result)
+    print(json.dumps(result, indent=2))
+
+
+def write_table(r: dict) -> None:
+    doc = Path("docs/benchmarks.md")
+    header = "# Benchmarks\n\nEach figure is a ratio measured within one run (the machine is shared and noisy).\n"
+    text = doc.read_text() if doc.exists() else header
+    section = (
+        "\n## Training overhead: `Trainer.fit` (1 worker) vs a plain PyTorch loop\n\n"
+        "`python -m benchmarks.train_overhead`\n\n"
+        "| measured | hardware | plain loop samples/s | Trainer.fit samples/s | ratio | goal |\n"
+        "| --- | --- | --- | --- | --- | --- |\n"
+        f"| {r['measured_at']} | {r['hardware']} | {r['plain_samples_per_s']} | {r['trainer_samples_per_s']} "
+        f"| **{r['ratio']}** | {r['goal']} |\n"
+    )
+    start = text.find("\n## Training overhead")
+    if start >= 0:
+        end = text.find("\n## ", start + 1)
+        text = text[:start] + section + (text[end:] if end >= 0 else "")
+    else:
+        text += section
+    doc.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
