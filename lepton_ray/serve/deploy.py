@@ -35,6 +35,9 @@ def build_app(cfg: ServeConfig | dict[str, Any]) -> Any:
 def deploy(checkpoint_uri: str, *, host: str = "127.0.0.1", port: int = 8000, **kwargs: Any) -> str:
     """Deploy ``checkpoint_uri`` with Ray Serve and return the endpoint's base URL.
 
+    ``host``/``port`` apply when this starts Serve; on a cluster where Serve already runs, the
+    application joins its HTTP proxy and the URL returned says where that listens.
+
     The checkpoint is verified (manifest and checksums) before anything is deployed, so a bad URI
     fails here with a clear message. Other keyword arguments are :class:`ServeConfig` fields.
     """
@@ -47,5 +50,10 @@ def deploy(checkpoint_uri: str, *, host: str = "127.0.0.1", port: int = 8000, **
     ensure_ray()
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(cfg), name=cfg.name, route_prefix=cfg.route_prefix)
-    return f"http://{host}:{port}{cfg.route_prefix.rstrip('/')}"
+    # Serve keeps the HTTP options it was first started with; report where it really listens.
+    from ray.serve.context import _get_global_client
+
+    http = _get_global_client().http_config
+    host = "127.0.0.1" if http.host in ("0.0.0.0", "::") else http.host
+    return f"http://{host}:{http.port}{cfg.route_prefix.rstrip('/')}"
 

@@ -1,0 +1,58 @@
+"""Pictures for people: sample grids (before/after augmentation) and training curves."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+
+def image_grid(images: np.ndarray, cols: int = 8, scale: int = 3, pad: int = 2) -> Any:
+    """(N, H, W, C) uint8 -> one PIL image with the samples tiled ``cols`` per row."""
+    from PIL import Image
+
+    n, h, w, c = images.shape
+    rows = -(-n // cols)
+    canvas = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 255, np.uint8)
+    for i, img in enumerate(images):
+        r, k = divmod(i, cols)
+        canvas[pad + r * (h + pad):pad + r * (h + pad) + h, pad + k * (w + pad):pad + k * (w + pad) + w] = img
+    pil = Image.fromarray(canvas[:, :, 0] if c == 1 else canvas)
+    return pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST)
+
+
+def augmentation_grid(info: Any, augment: Sequence[str] = ("random_crop",), n: int = 16, seed: int = 0) -> Any:
+    """Top row(s): ``n`` samples as stored; bottom row(s): the same samples after ``augment``."""
+    from lepton_ray.data import read_arrays
+    from lepton_ray.transforms import AUGMENTATIONS, check_augment
+
+    images, _, _ = read_arrays(info)
+    pick = images[np.random.default_rng(seed).choice(len(images), size=n, replace=False)]
+    rng = np.random.default_rng(seed + 1)
+    out = pick
+    for name in check_augment(augment):
+        out = AUGMENTATIONS[name](out, rng)
+    return image_grid(np.concatenate([pick, out]), cols=n)
+
+
+def plot_history(history: list[dict], path: str | None = None) -> Any:
+    """Loss and accuracy per epoch (train and, when present, validation); saved as PNG if ``path``."""
+    import matplotlib.pyplot as plt  # headless machines fall back to Agg by themselves
+
+    epochs = [h["epoch"] for h in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.2))
+    ax_loss.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
+    ax_acc.plot(epochs, [h["train_accuracy"] for h in history], "o-", label="train")
+    if history and "val_loss" in history[0]:
+        ax_loss.plot(epochs, [h["val_loss"] for h in history], "s-", label="validation")
+        ax_acc.plot(epochs, [h["val_accuracy"] for h in history], "s-", label="validation")
+    for ax, name in ((ax_loss, "loss"), (ax_acc, "accuracy")):
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    if path:
+        fig.savefig(path, dpi=100)
+    return fig
