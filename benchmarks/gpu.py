@@ -515,7 +515,7 @@ def main() -> None:
     save()
 
     # (b) the input pipeline alone ------------------------------------------------------------
-    if time_left() > 330:
+    if time_left() > 260:
         pe = 1 if q else 2
         diag: dict[str, Any] = {}
         from lepton_ray.train.trainer import _ray_dataset_info
@@ -530,7 +530,7 @@ def main() -> None:
              {"pin_memory": True, "uint8": True, "mean": info.mean, "std": info.std}),
         ]
         for name, make, kw in cases:
-            if time_left() < 300:
+            if time_left() < 240:
                 R["notes"].append(f"pipeline case {name} skipped (time)")
                 continue
             try:

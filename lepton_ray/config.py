@@ -119,6 +119,14 @@ class TrainConfig:
     """Worker-group restarts (from the last checkpoint) before the run fails."""
     checkpoint_every_epochs: int = 1
     """Checkpoint cadence in epochs (the last epoch is always checkpointed)."""
+    checkpoint_every_steps: int | None = None
+    """Also checkpoint every N optimizer steps, mid-epoch (sample-exact resume from there)."""
+    resume: bool = False
+    """Continue the run named ``run_name`` from its last checkpoint (any world size)."""
+    record_sample_ids: bool = False
+    """Write the ids trained at every step to ``<run>/sample_ids/`` (audits, tests)."""
+    fault_injection: str | None = None
+    """Chaos testing: ``"EPOCH:STEP:RANK"`` raises on that rank at that step, first attempt only."""
     keep_checkpoints: int = 2
     """How many checkpoints to keep (plus the best)."""
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -131,8 +139,18 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in ("batch_size", "epochs", "checkpoint_every_epochs", "keep_checkpoints"):
             _positive(self, name, integer=True)
-        if self.max_micro_batch is not None:
-            _positive(self, "max_micro_batch", integer=True)
+        for name in ("max_micro_batch", "checkpoint_every_steps"):
+            if getattr(self, name) is not None:
+                _positive(self, name, integer=True)
+        if self.resume and not self.run_name:
+            raise ConfigError("TrainConfig.resume needs run_name: the run to continue")
+        if self.fault_injection is not None:
+            from lepton_ray.train.sampling import parse_fault
+
+            try:
+                parse_fault(self.fault_injection)
+            except ValueError as exc:
+                raise ConfigError(f"TrainConfig.{exc}") from None
         if self.max_failures < 0:
             raise ConfigError(f"TrainConfig.max_failures must be >= 0, got {self.max_failures}")
 

@@ -276,12 +276,33 @@ def read_arrays(info: DatasetInfo) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return images, t.column("label").to_numpy(), t.column("id").to_numpy()
 
 
+class KeepIds:
+    """``map_batches`` filter: keep only the rows whose ``id`` is in ``ids`` (vectorised)."""
+
+    def __init__(self, ids: np.ndarray):
+        self.ids = np.sort(np.asarray(ids, np.int64))
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
+        mask = np.isin(np.asarray(batch["id"], np.int64), self.ids)
+        return {k: np.asarray(v)[mask] for k, v in batch.items()}
+
+
+def read_ids(info: DatasetInfo) -> np.ndarray:
+    """Every row id of a prepared dataset (reads only the ``id`` column)."""
+    loc = info.location()
+    parts = [pq.read_table(io.BytesIO(loc.join(s["path"]).read_bytes()), columns=["id"]).column("id").to_numpy()
+             for s in info.shards]
+    return np.concatenate(parts).astype(np.int64)
+
+
 def read_ray(info: DatasetInfo, *, augment: tuple[str, ...] = (), shuffle_seed: int | None = None,
-             shuffle: bool = False, batch_size: int = 256, augment_seed: int | None = None) -> ray.data.Dataset:
+             shuffle: bool = False, batch_size: int = 256, augment_seed: int | None = None,
+             keep_ids: np.ndarray | None = None) -> ray.data.Dataset:
     """A Ray Dataset of preprocessed rows (``image`` float32 CHW, ``label``, ``id``).
 
     ``shuffle`` reshuffles globally on every execution (i.e. every epoch), reproducibly from
-    ``shuffle_seed``. Decoding and augmentation run in ``map_batches`` on CPU workers.
+    ``shuffle_seed``. ``keep_ids`` keeps only those rows (filtered before decoding). Decoding and
+    augmentation run in ``map_batches`` on CPU workers.
     """
     import ray.data
     from ray.data import DataContext, RandomSeedConfig
@@ -297,6 +318,8 @@ def read_ray(info: DatasetInfo, *, augment: tuple[str, ...] = (), shuffle_seed: 
         ds = ray.data.read_parquet(paths, filesystem=loc.fs, columns=["id", "image", "label"])
     finally:
         ctx.use_datasource_v2 = previous
+    if keep_ids is not None:
+        ds = ds.map_batches(KeepIds(keep_ids), batch_format="numpy")
     if shuffle:
         seed = None if shuffle_seed is None else RandomSeedConfig(seed=shuffle_seed, reseed_after_execution=True)
         ds = ds.random_shuffle(seed=seed)

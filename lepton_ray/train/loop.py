@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import math
 import tempfile
 import time
-from dataclasses import dataclass, field
+import uuid
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import ray.train
 import ray.train.torch
 import torch
@@ -24,9 +27,10 @@ from torch import nn
 
 from lepton_ray import checkpoint, storage
 from lepton_ray.config import OptimConfig, TrainConfig
+from lepton_ray.data import DatasetInfo, read_ids, read_ray
 from lepton_ray.errors import TrainingError
 from lepton_ray.models import unwrap
-from lepton_ray.train import batching
+from lepton_ray.train import batching, sampling
 
 
 @dataclass(frozen=True)
@@ -40,7 +44,7 @@ class RunSpec:
     has_val: bool
     run_uri: str
     endpoint_url: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    train_info: DatasetInfo | None = None  # a prepared dataset: enables sample-exact resume
 
 
 _DTYPES = {"image": torch.float32, "label": torch.int64, "id": torch.int64}
@@ -104,35 +108,57 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     total_steps = nominal * cfg.epochs
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, cfg.optim))
-    start_epoch = 0
+    start_epoch, resume_consumed, resume_sums = 0, None, None
     if state:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
-        start_epoch = int(state["epoch"]) + 1
+        if state.get("epoch_complete", True):
+            start_epoch = int(state["epoch"]) + 1
+        else:  # a mid-epoch checkpoint: finish that epoch on the samples it had not consumed
+            start_epoch = int(state["epoch"])
+            resume_consumed = state["consumed_ids"].numpy()
+            resume_sums = state["epoch_sums"]
 
     # --- plan batches for this world size ----------------------------------------------------
     local_batch = batching.worker_batch(cfg.batch_size, world, rank)
     micros = batching.micro_batches(local_batch, cfg.max_micro_batch)
-    steps = min(batching.steps_per_epoch(spec.num_train_rows, cfg.batch_size, world), nominal)
+    full_steps = min(batching.steps_per_epoch(spec.num_train_rows, cfg.batch_size, world), nominal)
     scale = batching.loss_scale(cfg.batch_size, world, local_batch)
-    if steps < 1:
+    if full_steps < 1:
         raise TrainingError(f"{spec.num_train_rows} training rows are too few for a global batch of {cfg.batch_size}")
 
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val") if spec.has_val else None
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_cuda else contextlib.nullcontext()
     to_device = {"non_blocking": True, "memory_format": torch.channels_last} if use_cuda else {}
+    fault = sampling.parse_fault(cfg.fault_injection) if not state else None  # first attempt only
+    sample_log = _SampleLog(spec, rank) if cfg.record_sample_ids else None
 
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         t0 = time.perf_counter()
         sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss * n, correct, n
-        batches = train_shard.iter_torch_batches(batch_size=local_batch, prefetch_batches=2,
-                                                 dtypes=_DTYPES)
-        done, wait = 0, 0.0
+        if resume_consumed is not None and epoch == start_epoch:
+            mine = sampling.remainder_split(read_ids(spec.train_info), resume_consumed, seed=cfg.seed,
+                                            epoch=epoch, world=world)[rank]
+            steps = len(mine) // batching.worker_batch(cfg.batch_size, world, 0)
+            batches = read_ray(spec.train_info, augment=cfg.data.augment, keep_ids=mine,
+                               batch_size=cfg.data.preprocess_batch_size).iter_torch_batches(
+                batch_size=local_batch, prefetch_batches=2, dtypes=_DTYPES,
+                local_shuffle_buffer_size=min(len(mine), 8 * local_batch) or None,
+                local_shuffle_seed=cfg.seed + epoch)
+            consumed = [resume_consumed]
+            if rank == 0:  # the restored sums are global already: count them once
+                sums += resume_sums.to(device)
+        else:
+            steps = full_steps
+            batches = train_shard.iter_torch_batches(batch_size=local_batch, prefetch_batches=2, dtypes=_DTYPES)
+            consumed = []
+        pending: list[torch.Tensor] = []  # ids this worker trained since the last checkpoint
+        done, wait, trained = 0, 0.0, 0
         batch_iter = iter(batches)
-        for _ in range(steps):
+        for i in range(steps):
             tw = time.perf_counter()
             batch = next(batch_iter, None)
             wait += time.perf_counter() - tw
@@ -161,6 +187,24 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             optimizer.step()
             scheduler.step()
             done += 1
+            trained += local_batch
+            pending.append(batch["id"].cpu())
+            if sample_log:
+                sample_log.add(epoch + 1, scheduler.last_epoch, batch["id"])
+            if fault and fault == (epoch + 1, i + 1, rank):
+                raise RuntimeError(f"injected fault at epoch {epoch + 1} step {i + 1} on rank {rank}")
+            every = cfg.checkpoint_every_steps
+            if every and scheduler.last_epoch % every == 0 and i < steps - 1:
+                consumed.append(_gather_ids(pending, world))
+                pending = []
+                global_sums = _all_reduce(sums.clone())
+                metrics = _metrics(epoch + 1, scheduler, global_sums, trained * world, time.perf_counter() - t0,
+                                   wait, world) | {"epoch_complete": False}
+                extra = {"epoch": epoch, "epoch_complete": False, "epoch_sums": global_sums.cpu(),
+                         "consumed_ids": torch.from_numpy(np.concatenate(consumed))}
+                if sample_log:
+                    sample_log.flush()
+                _report_with_checkpoint(spec, model, optimizer, scheduler, metrics, history, rank, extra)
         if done < steps:
             raise TrainingError(f"worker {rank}: its data shard ran out after {done} of {steps} steps")
         for _ in batch_iter:  # drain the tail (< one batch) so the next epoch starts clean
@@ -169,25 +213,62 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
         val = _evaluate(unwrap(model), val_shard, device, to_device, autocast) if val_shard else None
         _all_reduce(sums)
-        metrics = {
-            "epoch": epoch + 1,
-            "step": scheduler.last_epoch,
-            "train_loss": float(sums[0] / sums[2]),
-            "train_accuracy": float(sums[1] / sums[2]),
-            "samples_per_second": float(sums[2]) / max(train_time, 1e-9),
-            "epoch_time_s": time.perf_counter() - t0,
-            "data_wait_s": wait,
-            "world_size": world,
-            "lr": scheduler.get_last_lr()[0],
-        }
+        metrics = _metrics(epoch + 1, scheduler, sums, trained * world, train_time, wait, world)
+        metrics["epoch_time_s"] = time.perf_counter() - t0
         if val is not None:
             metrics.update(val_loss=val[0], val_accuracy=val[1])
         history.append(metrics)
+        if sample_log:
+            sample_log.flush()
         last = epoch + 1 == cfg.epochs
         if last or (epoch + 1) % cfg.checkpoint_every_epochs == 0:
-            _report_with_checkpoint(spec, model, optimizer, scheduler, epoch, metrics, history, rank)
+            extra = {"epoch": epoch, "epoch_complete": True}
+            _report_with_checkpoint(spec, model, optimizer, scheduler, metrics, history, rank, extra)
         else:
             ray.train.report(metrics)
+
+
+def _metrics(epoch: int, scheduler: Any, sums: torch.Tensor, samples: int, seconds: float, wait: float,
+             world: int) -> dict[str, Any]:
+    return {
+        "epoch": epoch,
+        "step": scheduler.last_epoch,
+        "train_loss": float(sums[0] / sums[2]),
+        "train_accuracy": float(sums[1] / sums[2]),
+        "samples_per_second": samples / max(seconds, 1e-9),
+        "data_wait_s": wait,
+        "world_size": world,
+        "lr": scheduler.get_last_lr()[0],
+    }
+
+
+def _gather_ids(pending: list[torch.Tensor], world: int) -> np.ndarray:
+    """The ids every worker trained since the last checkpoint (a collective: all ranks call it)."""
+    local = torch.cat(pending).numpy() if pending else np.zeros(0, np.int64)
+    if world == 1 or not dist.is_initialized():
+        return local
+    parts: list[Any] = [None] * world
+    dist.all_gather_object(parts, local)
+    return np.concatenate(parts)
+
+
+class _SampleLog:
+    """Per-worker record of the ids trained at each step (``record_sample_ids``), written to
+    ``<run>/sample_ids/`` at each report: for tests and audits of sample-exact resume."""
+
+    def __init__(self, spec: RunSpec, rank: int):
+        self.dir = storage.resolve(spec.run_uri, spec.endpoint_url).join("sample_ids")
+        self.prefix = f"rank{rank}-{uuid.uuid4().hex[:8]}"
+        self.lines: list[str] = []
+        self.seq = 0
+
+    def add(self, epoch: int, step: int, ids: torch.Tensor) -> None:
+        self.lines.append(json.dumps({"epoch": epoch, "step": step, "ids": ids.tolist()}))
+
+    def flush(self) -> None:
+        if self.lines:
+            self.dir.join(f"{self.prefix}-{self.seq:05d}.jsonl").write_bytes("\n".join(self.lines).encode())
+            self.lines, self.seq = [], self.seq + 1
 
 
 @torch.no_grad()
@@ -209,8 +290,9 @@ def _evaluate(model: nn.Module, shard: Any, device: torch.device, to_device: dic
 
 
 def _report_with_checkpoint(spec: RunSpec, model: nn.Module, optimizer: torch.optim.Optimizer,
-                            scheduler: Any, epoch: int, metrics: dict, history: list, rank: int) -> None:
-    name = f"checkpoint_epoch{epoch + 1:04d}_step{scheduler.last_epoch:07d}"
+                            scheduler: Any, metrics: dict, history: list, rank: int, extra: dict) -> None:
+    """Report ``metrics`` with a checkpoint (a barrier: every rank calls it; rank 0 uploads)."""
+    name = f"checkpoint_epoch{metrics['epoch']:04d}_step{scheduler.last_epoch:07d}"
     if rank != 0:
         ray.train.report(metrics)
         return
@@ -220,9 +302,10 @@ def _report_with_checkpoint(spec: RunSpec, model: nn.Module, optimizer: torch.op
         dest = checkpoint.publish(ckpt.path, run.join(dir_name))
         return ray.train.Checkpoint(path=dest.path, filesystem=dest.fs)
 
-    meta = dict(spec.meta, metrics=metrics, history=history, epoch=epoch + 1)
+    meta = dict(spec.meta, metrics=metrics, history=history, epoch=metrics["epoch"],
+                epoch_complete=extra["epoch_complete"])
     train_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                   "torch_rng": torch.get_rng_state(), "epoch": epoch}
+                   "torch_rng": torch.get_rng_state(), **extra}
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint.write_local(tmp, model, meta, train_state)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),

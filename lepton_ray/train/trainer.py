@@ -80,6 +80,9 @@ def fit(model: nn.Module, train_dataset: Any, val_dataset: Any, cfg: TrainConfig
     root = storage.resolve(cfg.storage or storage.default_store() + "/runs", cfg.endpoint_url)
     root.ensure_writable()
     run = root.join(run_name)
+    if run.exists() and run.listdir() and not cfg.resume:
+        raise ConfigError(f"run '{run_name}' already exists at {run.uri}: pass resume=True (--resume) to "
+                          "continue it from its last checkpoint, or choose another run_name")
 
     train_src = _source(train_dataset, run, "train", cfg.endpoint_url)
     val_src = _source(val_dataset, run, "val", cfg.endpoint_url) if val_dataset is not None else None
@@ -103,8 +106,12 @@ def fit(model: nn.Module, train_dataset: Any, val_dataset: Any, cfg: TrainConfig
         "run": {"name": run_name, "uri": run.uri},
         **checkpoint.provenance(),
     }
+    if cfg.checkpoint_every_steps and train_src.ray_ds is not None:
+        raise ConfigError("checkpoint_every_steps needs a prepared dataset (a URI, DatasetInfo or torch Dataset): "
+                          "resuming mid-epoch relies on its stable row ids")
     spec = RunSpec(cfg=cfg, model=model.cpu(), meta=meta, num_train_rows=info.num_rows,
-                   has_val=val_src is not None, run_uri=run.uri, endpoint_url=cfg.endpoint_url)
+                   has_val=val_src is not None, run_uri=run.uri, endpoint_url=cfg.endpoint_url,
+                   train_info=info if train_src.ray_ds is None else None)
 
     import ray.train
 
