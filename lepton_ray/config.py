@@ -121,6 +121,12 @@ class TrainConfig:
     """Checkpoint cadence in epochs (the last epoch is always checkpointed)."""
     checkpoint_every_steps: int | None = None
     """Also checkpoint every N optimizer steps, mid-epoch (sample-exact resume from there)."""
+    compile: bool = False
+    """Wrap the model in ``torch.compile`` on each worker."""
+    early_stopping_patience: int | None = None
+    """Stop after this many epochs without improvement of ``monitor``."""
+    monitor: str = "val_loss"
+    """Metric for early stopping and the best checkpoint (``*loss`` is minimised, others maximised)."""
     resume: bool = False
     """Continue the run named ``run_name`` from its last checkpoint (any world size)."""
     record_sample_ids: bool = False
@@ -139,9 +145,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in ("batch_size", "epochs", "checkpoint_every_epochs", "keep_checkpoints"):
             _positive(self, name, integer=True)
-        for name in ("max_micro_batch", "checkpoint_every_steps"):
+        for name in ("max_micro_batch", "checkpoint_every_steps", "early_stopping_patience"):
             if getattr(self, name) is not None:
                 _positive(self, name, integer=True)
+        if self.monitor not in ("val_loss", "val_accuracy", "train_loss", "train_accuracy"):
+            raise ConfigError(f"TrainConfig.monitor must be val_loss, val_accuracy, train_loss or train_accuracy, got {self.monitor!r}")
         if self.resume and not self.run_name:
             raise ConfigError("TrainConfig.resume needs run_name: the run to continue")
         if self.fault_injection is not None:

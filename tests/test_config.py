@@ -192,3 +192,29 @@ def test_build_optimizer():
     assert plain.defaults["nesterov"] is False
     adamw = build_optimizer(model, OptimConfig(optimizer="adamw", lr=1e-3))
     assert isinstance(adamw, torch.optim.AdamW) and adamw.defaults["lr"] == 1e-3
+
+
+# --- early stopping and best-checkpoint decisions (rank 0's judgement, no process group here) ---
+def test_judge_tracks_the_best_and_stops_after_patience():
+    from lepton_ray.config import TrainConfig
+    from lepton_ray.train.loop import _judge
+
+    cfg = TrainConfig(early_stopping_patience=2, monitor="val_loss")
+    best = None
+    decisions = []
+    for epoch, loss in enumerate([1.0, 0.8, 0.9, 0.85, 0.7], start=1):
+        improved, stop, best = _judge(cfg, {"epoch": epoch, "val_loss": loss, "train_loss": 0.0}, best)
+        decisions.append((improved, stop))
+    assert decisions[:4] == [(True, False), (True, False), (False, False), (False, True)]
+    assert best == {"metric": "val_loss", "value": 0.7, "epoch": 5}
+
+
+def test_judge_maximises_accuracy_and_falls_back_to_train_loss_without_validation():
+    from lepton_ray.config import TrainConfig
+    from lepton_ray.train.loop import _judge
+
+    improved, _, best = _judge(TrainConfig(monitor="val_accuracy"), {"epoch": 1, "val_accuracy": 0.5}, None)
+    improved2, _, best = _judge(TrainConfig(monitor="val_accuracy"), {"epoch": 2, "val_accuracy": 0.6}, best)
+    assert improved and improved2 and best["value"] == 0.6
+    _, _, best = _judge(TrainConfig(), {"epoch": 1, "train_loss": 0.3}, None)  # no val_loss reported
+    assert best["metric"] == "train_loss"

@@ -66,6 +66,10 @@ def test_fit_returns_the_results_users_expect(small_run):
     # 1000 rows, global batch 50, 2 workers -> 20 steps per epoch, whatever the world size
     assert r["history"][-1]["step"] == 40
     assert r["checkpoint"].startswith(str(root))
+    # the best epoch on val_loss is kept apart from Ray's rolling retention, behind best.json
+    assert r["best"]["metric"] == "val_loss" and r["best"]["epoch"] in (1, 2)
+    model, meta = load_model(r["best_checkpoint"])
+    assert meta["epoch"] == r["best"]["epoch"] and r["stopped_early"] is False and r["world_size_changes"] == []
 
 
 def test_checkpoint_is_pickle_free_and_reloads(small_run):

@@ -94,15 +94,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model = copy.deepcopy(spec.model)
     state: dict[str, Any] = {}
     history: list[dict[str, Any]] = []
+    best: dict[str, Any] | None = None  # {"metric", "value", "epoch", "checkpoint"}
     resumed = ray.train.get_checkpoint()
     if resumed is not None:
         loc = storage.Location(resumed.filesystem, resumed.path, resumed.path, spec.endpoint_url)
         weights, state, meta = checkpoint.load_train_state(loc)
         model.load_state_dict({k.removeprefix("module."): v for k, v in weights.items()})
         history = list(meta.get("history", []))
+        best = meta.get("best")
     if use_cuda:
         model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)
+    if cfg.compile:
+        model = torch.compile(model)
 
     nominal = batching.nominal_steps_per_epoch(spec.num_train_rows, cfg.batch_size)
     total_steps = nominal * cfg.epochs
@@ -188,9 +192,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             scheduler.step()
             done += 1
             trained += local_batch
-            pending.append(batch["id"].cpu())
-            if sample_log:
-                sample_log.add(epoch + 1, scheduler.last_epoch, batch["id"])
+            ids = batch.get("id")  # a user's Ray Dataset may carry no ids (no mid-epoch resume then)
+            if ids is not None:
+                pending.append(ids.cpu())
+                if sample_log:
+                    sample_log.add(epoch + 1, scheduler.last_epoch, ids)
             if fault and fault == (epoch + 1, i + 1, rank):
                 raise RuntimeError(f"injected fault at epoch {epoch + 1} step {i + 1} on rank {rank}")
             every = cfg.checkpoint_every_steps
@@ -217,15 +223,36 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         metrics["epoch_time_s"] = time.perf_counter() - t0
         if val is not None:
             metrics.update(val_loss=val[0], val_accuracy=val[1])
+        improved, stop, best = _judge(cfg, metrics, best)
         history.append(metrics)
         if sample_log:
             sample_log.flush()
-        last = epoch + 1 == cfg.epochs
-        if last or (epoch + 1) % cfg.checkpoint_every_epochs == 0:
+        last = epoch + 1 == cfg.epochs or stop
+        if last or improved or (epoch + 1) % cfg.checkpoint_every_epochs == 0:
             extra = {"epoch": epoch, "epoch_complete": True}
-            _report_with_checkpoint(spec, model, optimizer, scheduler, metrics, history, rank, extra)
+            _report_with_checkpoint(spec, model, optimizer, scheduler, metrics, history, rank, extra,
+                                    best=best, publish_best=improved)
         else:
             ray.train.report(metrics)
+        if stop:
+            break
+
+
+def _judge(cfg: TrainConfig, metrics: dict[str, Any], best: dict[str, Any] | None) -> tuple[bool, bool, dict | None]:
+    """(improved, stop early, best so far) on the monitored metric, decided by rank 0 for all ranks
+    (workers' validation numbers can differ in the last digits; their decisions must not)."""
+    name = cfg.monitor if cfg.monitor in metrics else "train_loss"
+    value = metrics[name]
+    improved = best is None or (value < best["value"] if name.endswith("loss") else value > best["value"])
+    if improved:
+        best = {"metric": name, "value": value, "epoch": metrics["epoch"]}
+    stale = metrics["epoch"] - best["epoch"]
+    stop = bool(cfg.early_stopping_patience and stale >= cfg.early_stopping_patience)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        decision = [improved, stop, best]
+        dist.broadcast_object_list(decision, src=0)
+        improved, stop, best = decision
+    return improved, stop, best
 
 
 def _metrics(epoch: int, scheduler: Any, sums: torch.Tensor, samples: int, seconds: float, wait: float,
@@ -290,8 +317,13 @@ def _evaluate(model: nn.Module, shard: Any, device: torch.device, to_device: dic
 
 
 def _report_with_checkpoint(spec: RunSpec, model: nn.Module, optimizer: torch.optim.Optimizer,
-                            scheduler: Any, metrics: dict, history: list, rank: int, extra: dict) -> None:
-    """Report ``metrics`` with a checkpoint (a barrier: every rank calls it; rank 0 uploads)."""
+                            scheduler: Any, metrics: dict, history: list, rank: int, extra: dict,
+                            best: dict | None = None, publish_best: bool = False) -> None:
+    """Report ``metrics`` with a checkpoint (a barrier: every rank calls it; rank 0 uploads).
+
+    With ``publish_best`` the same files also go to ``<run>/best/<name>``, then ``best.json``
+    points at them (written last), and the previous best is removed.
+    """
     name = f"checkpoint_epoch{metrics['epoch']:04d}_step{scheduler.last_epoch:07d}"
     if rank != 0:
         ray.train.report(metrics)
@@ -300,10 +332,17 @@ def _report_with_checkpoint(spec: RunSpec, model: nn.Module, optimizer: torch.op
 
     def upload(ckpt: ray.train.Checkpoint, dir_name: str) -> ray.train.Checkpoint:
         dest = checkpoint.publish(ckpt.path, run.join(dir_name))
+        if publish_best:
+            pointer = run.join("best.json")
+            previous = pointer.read_json().get("path") if pointer.exists() else None
+            best_dest = checkpoint.publish(ckpt.path, run.join("best", dir_name))
+            pointer.write_json({**(best or {}), "path": f"best/{dir_name}", "uri": best_dest.uri})
+            if previous and previous != f"best/{dir_name}":
+                run.join(previous).delete()
         return ray.train.Checkpoint(path=dest.path, filesystem=dest.fs)
 
     meta = dict(spec.meta, metrics=metrics, history=history, epoch=metrics["epoch"],
-                epoch_complete=extra["epoch_complete"])
+                epoch_complete=extra["epoch_complete"], best=best)
     train_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                    "torch_rng": torch.get_rng_state(), **extra}
     with tempfile.TemporaryDirectory() as tmp:

@@ -136,7 +136,7 @@ def fit(model: nn.Module, train_dataset: Any, val_dataset: Any, cfg: TrainConfig
         raise TrainingError(f"training run '{run_name}' failed: {_root_cause(exc)}") from None
     if result.error is not None:
         raise TrainingError(f"training run '{run_name}' failed: {_root_cause(result.error)}")
-    return _results(result, run, time.perf_counter() - started)
+    return _results(result, run, time.perf_counter() - started, cfg.epochs)
 
 
 @dataclasses.dataclass
@@ -240,19 +240,25 @@ def _uri_of(run: storage.Location, fs_path: str) -> str:
     return f"s3://{fs_path}" if run.is_s3 else fs_path
 
 
-def _results(result: Any, run: storage.Location, elapsed: float) -> dict[str, Any]:
+def _results(result: Any, run: storage.Location, elapsed: float, cfg_epochs: int) -> dict[str, Any]:
     ckpt_uri = _uri_of(run, result.checkpoint.path) if result.checkpoint else None
     history: list[dict] = []
     if ckpt_uri:
         _, _, meta = checkpoint.load_train_state(storage.resolve(ckpt_uri, run.endpoint_url))
         history = meta.get("history", [])
     last = history[-1] if history else dict(result.metrics or {})
+    best = run.join("best.json").read_json() if run.join("best.json").exists() else None
     out = {
         "train_loss": last.get("train_loss"),
         "train_accuracy": last.get("train_accuracy"),
         "epochs": last.get("epoch"),
         "samples_per_second": (sum(h["samples_per_second"] for h in history) / len(history)) if history else None,
         "checkpoint": ckpt_uri,
+        "best_checkpoint": best["uri"] if best else None,
+        "best": {k: best[k] for k in ("metric", "value", "epoch")} if best else None,
+        "stopped_early": bool(last.get("epoch")) and last.get("epoch") < cfg_epochs,
+        "world_size_changes": [{"epoch": b["epoch"], "from": a["world_size"], "to": b["world_size"]}
+                               for a, b in zip(history, history[1:], strict=False) if a["world_size"] != b["world_size"]],
         "run": run.uri,
         "wall_time_s": elapsed,
         "history": history,
