@@ -121,6 +121,10 @@ class TrainConfig:
     """Checkpoint cadence in epochs (the last epoch is always checkpointed)."""
     checkpoint_every_steps: int | None = None
     """Also checkpoint every N optimizer steps, mid-epoch (sample-exact resume from there)."""
+    progress_every_steps: int | None = None
+    """Progress updates per epoch sent to the driver (default: about ten; no barrier)."""
+    progress_bar: bool = True
+    """Draw a tqdm progress bar on the driver (terminal or notebook)."""
     compile: bool = False
     """Wrap the model in ``torch.compile`` on each worker."""
     early_stopping_patience: int | None = None
@@ -145,7 +149,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in ("batch_size", "epochs", "checkpoint_every_epochs", "keep_checkpoints"):
             _positive(self, name, integer=True)
-        for name in ("max_micro_batch", "checkpoint_every_steps", "early_stopping_patience"):
+        for name in ("max_micro_batch", "checkpoint_every_steps", "early_stopping_patience", "progress_every_steps"):
             if getattr(self, name) is not None:
                 _positive(self, name, integer=True)
         if self.monitor not in ("val_loss", "val_accuracy", "train_loss", "train_accuracy"):

@@ -45,6 +45,7 @@ class RunSpec:
     run_uri: str
     endpoint_url: str | None = None
     train_info: DatasetInfo | None = None  # a prepared dataset: enables sample-exact resume
+    board: Any = None  # ProgressBoard actor handle (driver progress bar), or None
 
 
 _DTYPES = {"image": torch.float32, "label": torch.int64, "id": torch.int64}
@@ -138,6 +139,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     to_device = {"non_blocking": True, "memory_format": torch.channels_last} if use_cuda else {}
     fault = sampling.parse_fault(cfg.fault_injection) if not state else None  # first attempt only
     sample_log = _SampleLog(spec, rank) if cfg.record_sample_ids else None
+    steps_run = 0  # optimizer steps taken by this worker group (for the driver's pace and ETA)
 
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
@@ -160,7 +162,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             batches = train_shard.iter_torch_batches(batch_size=local_batch, prefetch_batches=2, dtypes=_DTYPES)
             consumed = []
         pending: list[torch.Tensor] = []  # ids this worker trained since the last checkpoint
-        done, wait, trained = 0, 0.0, 0
+        done, wait, fwd, trained = 0, 0.0, 0.0, 0
+        progress_every = cfg.progress_every_steps or max(1, steps // 10)
         batch_iter = iter(batches)
         for i in range(steps):
             tw = time.perf_counter()
@@ -179,9 +182,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 start += m
                 sync = contextlib.nullcontext() if j == len(micros) - 1 or world == 1 else model.no_sync()
                 with sync:
+                    tf = time.perf_counter()
                     with autocast:
                         logits = model(xm)
                         loss = F.cross_entropy(logits, ym)
+                    fwd += time.perf_counter() - tf  # host time: exact on CPU, launch time on GPU
                     # mean over this micro-batch -> share of the worker's batch -> share of global batch
                     (loss * (m / local_batch) * scale).backward()
                 sums += torch.stack([loss.detach().double() * m, (logits.argmax(1) == ym).sum().double(),
@@ -200,17 +205,24 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if fault and fault == (epoch + 1, i + 1, rank):
                 raise RuntimeError(f"injected fault at epoch {epoch + 1} step {i + 1} on rank {rank}")
             every = cfg.checkpoint_every_steps
+            timing = {"rank": rank, "fwd_s": fwd, "data_wait_s": wait, "steps_since_start": steps_run + done}
             if every and scheduler.last_epoch % every == 0 and i < steps - 1:
                 consumed.append(_gather_ids(pending, world))
                 pending = []
                 global_sums = _all_reduce(sums.clone())
                 metrics = _metrics(epoch + 1, scheduler, global_sums, trained * world, time.perf_counter() - t0,
-                                   wait, world) | {"epoch_complete": False}
+                                   wait, world) | {"epoch_complete": False} | timing
                 extra = {"epoch": epoch, "epoch_complete": False, "epoch_sums": global_sums.cpu(),
                          "consumed_ids": torch.from_numpy(np.concatenate(consumed))}
                 if sample_log:
                     sample_log.flush()
                 _report_with_checkpoint(spec, model, optimizer, scheduler, metrics, history, rank, extra)
+            if spec.board is not None and ((i + 1) % progress_every == 0 or i == steps - 1):
+                spec.board.update.remote(rank, {  # fire and forget: no barrier
+                    "epoch": epoch + 1, "step": scheduler.last_epoch, "world_size": world,
+                    "samples_per_second": trained * world / max(time.perf_counter() - t0, 1e-9),
+                    "train_loss": float(sums[0] / sums[2]) if i == steps - 1 else None} | timing)
+        steps_run += done
         if done < steps:
             raise TrainingError(f"worker {rank}: its data shard ran out after {done} of {steps} steps")
         for _ in batch_iter:  # drain the tail (< one batch) so the next epoch starts clean
@@ -221,10 +233,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         _all_reduce(sums)
         metrics = _metrics(epoch + 1, scheduler, sums, trained * world, train_time, wait, world)
         metrics["epoch_time_s"] = time.perf_counter() - t0
+        timing = {"rank": rank, "fwd_s": fwd, "data_wait_s": wait, "steps_since_start": steps_run, "epoch_end": True}
         if val is not None:
             metrics.update(val_loss=val[0], val_accuracy=val[1])
         improved, stop, best = _judge(cfg, metrics, best)
-        history.append(metrics)
+        history.append(dict(metrics))
+        metrics |= timing
         if sample_log:
             sample_log.flush()
         last = epoch + 1 == cfg.epochs or stop

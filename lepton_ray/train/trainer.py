@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 import uuid
@@ -21,6 +22,7 @@ from lepton_ray.data import DatasetInfo, from_torch, open_dataset, read_ray
 from lepton_ray.errors import ConfigError, DataError, LeptonError, TrainingError, one_line
 from lepton_ray.models import spec_of
 from lepton_ray.runtime import ensure_ray
+from lepton_ray.train import batching
 from lepton_ray.train.loop import RunSpec, train_loop_per_worker
 
 _OPTIM_FIELDS = {f.name for f in dataclasses.fields(OptimConfig)}
@@ -115,6 +117,11 @@ def fit(model: nn.Module, train_dataset: Any, val_dataset: Any, cfg: TrainConfig
 
     import ray.train
 
+    from lepton_ray.train.observe import ProgressBar, ProgressBoard, RunObserver
+
+    total_steps = batching.nominal_steps_per_epoch(info.num_rows, cfg.batch_size) * cfg.epochs
+    board = ProgressBoard.remote(total_steps) if cfg.progress_bar else None
+    spec = dataclasses.replace(spec, board=board)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"spec": spec},
@@ -123,13 +130,16 @@ def fit(model: nn.Module, train_dataset: Any, val_dataset: Any, cfg: TrainConfig
             name=run_name, storage_path=root.path, storage_filesystem=root.fs,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            callbacks=[RunObserver(run.uri, cfg.endpoint_url)],
         ),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
     started = time.perf_counter()
+    bar = ProgressBar(board, total_steps) if cfg.progress_bar else contextlib.nullcontext()
     try:
-        result = trainer.fit()
+        with bar:
+            result = trainer.fit()
     except LeptonError:
         raise
     except Exception as exc:  # Ray wraps worker errors; surface the root cause in one line
