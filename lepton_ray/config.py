@@ -50,6 +50,8 @@ class ScalingConfig:
     """Placement-group strategy for the workers' bundles."""
     elastic_resize_monitor_interval_s: float = 60.0
     """How often an elastic run checks whether it can grow."""
+    wait_for_resources: bool = False
+    """Skip the fail-fast placement check (for autoscaling clusters that add nodes on demand)."""
 
     def __post_init__(self) -> None:
         nw = self.num_workers

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -113,6 +114,21 @@ def test_bad_fit_arguments_fail_fast(ray_session, tmp_path, kwargs, error, match
     args = {"batch_size": 100, "epochs": 1, **kwargs}
     with pytest.raises(error, match=match):
         Trainer(2, storage=str(tmp_path)).fit(build_model("cnn", num_classes=10, in_channels=1), info, **args)
+
+
+@pytest.mark.parametrize(
+    ("trainer", "match"),
+    [
+        (lambda: Trainer(2, use_gpu=True), "cannot place 2 training workers of {1 CPU, 1 GPU}: the cluster has 0 GPU"),
+        (lambda: Trainer(1, resources_per_worker={"CPU": 1, "tpu_v9": 1}), "0 tpu_v9 in all"),
+        (lambda: Trainer(2, placement_strategy="STRICT_SPREAD"), "STRICT_SPREAD: only 1 node"),
+        (lambda: Trainer((3, 9), resources_per_worker={"CPU": 2}), "the cluster has 4 CPU in all, 6 needed"),
+    ],
+)
+def test_impossible_placement_fails_fast_naming_what_is_missing(ray_session, tmp_path, trainer, match):
+    info = prepare("mnist5k", str(tmp_path / "d"))["test"]
+    with pytest.raises(ConfigError, match=re.escape(match)):  # raised before Ray Train starts waiting
+        trainer().fit(build_model("cnn", in_channels=1), info, storage=str(tmp_path), epochs=1)
 
 
 def test_model_output_must_match_the_classes(ray_session, tmp_path):

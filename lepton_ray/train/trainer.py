@@ -117,6 +117,8 @@ def fit(model: nn.Module, train_dataset: Any, val_dataset: Any, cfg: TrainConfig
 
     import ray.train
 
+    ray_scaling = _ray_scaling(cfg.scaling)
+    _check_placement(cfg.scaling, ray_scaling["num_workers"])
     from lepton_ray.train.observe import ProgressBar, ProgressBoard, RunObserver
 
     total_steps = batching.nominal_steps_per_epoch(info.num_rows, cfg.batch_size) * cfg.epochs
@@ -125,7 +127,7 @@ def fit(model: nn.Module, train_dataset: Any, val_dataset: Any, cfg: TrainConfig
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"spec": spec},
-        scaling_config=ray.train.ScalingConfig(**_ray_scaling(cfg.scaling)),
+        scaling_config=ray.train.ScalingConfig(**ray_scaling),
         run_config=RunConfig(
             name=run_name, storage_path=root.path, storage_filesystem=root.fs,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
@@ -230,6 +232,21 @@ def _ray_scaling(s: ScalingConfig) -> dict[str, Any]:
         "placement_strategy": s.placement_strategy,
         "elastic_resize_monitor_interval_s": s.elastic_resize_monitor_interval_s,
     }
+
+
+def _check_placement(s: ScalingConfig, num_workers: int | tuple[int, int]) -> None:
+    """Fail in a second, naming what is missing, when the cluster can never place the workers."""
+    import ray
+
+    from lepton_ray.train.placement import unschedulable_reason, worker_bundle
+
+    if s.wait_for_resources:
+        return
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    least = num_workers if isinstance(num_workers, int) else num_workers[0]
+    reason = unschedulable_reason(nodes, worker_bundle(s.use_gpu, s.resources_per_worker), least, s.placement_strategy)
+    if reason:
+        raise ConfigError(f"{reason} (set wait_for_resources=True if an autoscaler will add nodes)")
 
 
 def _root_cause(exc: BaseException) -> str:
