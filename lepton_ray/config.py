@@ -23,8 +23,8 @@ class DataConfig:
     """Augmentations applied to training batches, by name (see ``lepton_ray.transforms``)."""
     shuffle: bool = True
     """Reshuffle the training set globally every epoch."""
-    preprocess_batch_size: int = 256
-    """Rows per ``map_batches`` call on the CPU preprocessing workers."""
+    preprocess_batch_size: int = 1024
+    """Rows per ``map_batches`` call on the CPU preprocessing workers (bigger: less per-call overhead)."""
 
     def __post_init__(self) -> None:
         from lepton_ray.transforms import check_augment

@@ -52,9 +52,10 @@ def s3_bucket(s3_server):
     return name
 
 
-@pytest.fixture(scope="session")
-def ray_session(tmp_path_factory):
-    """One local Ray instance shared by every test that needs Ray."""
+@pytest.fixture(scope="module")
+def ray_session(_ray_shutdown_at_end):
+    """The shared local Ray instance (started on first use; restarted if a test module that needs
+    a cluster of its own, like the elastic tests, shut it down)."""
     import ray
 
     from lepton_ray.runtime import ensure_ray
@@ -62,13 +63,21 @@ def ray_session(tmp_path_factory):
     if not ray.is_initialized():
         ensure_ray(address="local")
     yield ray
-    try:
-        from ray import serve
 
-        serve.shutdown()
-    except Exception:
-        pass
-    ray.shutdown()
+
+@pytest.fixture(scope="session")
+def _ray_shutdown_at_end():
+    yield
+    import ray
+
+    if ray.is_initialized():
+        try:
+            from ray import serve
+
+            serve.shutdown()
+        except Exception:
+            pass
+        ray.shutdown()
 
 
 @pytest.fixture(scope="session")

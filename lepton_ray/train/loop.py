@@ -95,7 +95,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model = copy.deepcopy(spec.model)
     state: dict[str, Any] = {}
     history: list[dict[str, Any]] = []
-    best: dict[str, Any] | None = None  # {"metric", "value", "epoch", "checkpoint"}
+    best: dict[str, Any] | None = None  # {"metric", "value", "epoch"}
+    resizes: list[dict[str, int]] = []  # world-size changes: {"step", "from", "to"}
     resumed = ray.train.get_checkpoint()
     if resumed is not None:
         loc = storage.Location(resumed.filesystem, resumed.path, resumed.path, spec.endpoint_url)
@@ -103,6 +104,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         model.load_state_dict({k.removeprefix("module."): v for k, v in weights.items()})
         history = list(meta.get("history", []))
         best = meta.get("best")
+        resizes = list(meta.get("world_size_changes", []))
+        if meta.get("world_size") and meta["world_size"] != world:  # an elastic resize (or a resume elsewhere)
+            resizes.append({"step": int(meta.get("metrics", {}).get("step", 0)), "from": meta["world_size"], "to": world})
     if use_cuda:
         model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)
@@ -159,7 +163,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 sums += resume_sums.to(device)
         else:
             steps = full_steps
-            batches = train_shard.iter_torch_batches(batch_size=local_batch, prefetch_batches=2, dtypes=_DTYPES)
+            batches = train_shard.iter_torch_batches(batch_size=local_batch, prefetch_batches=2, dtypes=_DTYPES,
+                                                     pin_memory=use_cuda)
             consumed = []
         pending: list[torch.Tensor] = []  # ids this worker trained since the last checkpoint
         done, wait, fwd, trained = 0, 0.0, 0.0, 0
@@ -190,7 +195,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     # mean over this micro-batch -> share of the worker's batch -> share of global batch
                     (loss * (m / local_batch) * scale).backward()
                 sums += torch.stack([loss.detach().double() * m, (logits.argmax(1) == ym).sum().double(),
-                                     torch.tensor(float(m), dtype=torch.float64, device=device)])
+                                     torch.full((), float(m), dtype=torch.float64, device=device)])  # no host sync
             if cfg.optim.grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
             optimizer.step()
@@ -199,7 +204,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             trained += local_batch
             ids = batch.get("id")  # a user's Ray Dataset may carry no ids (no mid-epoch resume then)
             if ids is not None:
-                pending.append(ids.cpu())
+                pending.append(ids)  # stays where it is: a .cpu() here would sync the GPU every step
                 if sample_log:
                     sample_log.add(epoch + 1, scheduler.last_epoch, ids)
             if fault and fault == (epoch + 1, i + 1, rank):
@@ -216,7 +221,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                          "consumed_ids": torch.from_numpy(np.concatenate(consumed))}
                 if sample_log:
                     sample_log.flush()
-                _report_with_checkpoint(spec, model, optimizer, scheduler, metrics, history, rank, extra)
+                _report_with_checkpoint(spec, model, optimizer, scheduler, metrics, history, rank, extra,
+                                        resizes=resizes)
             if spec.board is not None and ((i + 1) % progress_every == 0 or i == steps - 1):
                 spec.board.update.remote(rank, {  # fire and forget: no barrier
                     "epoch": epoch + 1, "step": scheduler.last_epoch, "world_size": world,
@@ -245,7 +251,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if last or improved or (epoch + 1) % cfg.checkpoint_every_epochs == 0:
             extra = {"epoch": epoch, "epoch_complete": True}
             _report_with_checkpoint(spec, model, optimizer, scheduler, metrics, history, rank, extra,
-                                    best=best, publish_best=improved)
+                                    best=best, publish_best=improved, resizes=resizes)
         else:
             ray.train.report(metrics)
         if stop:
@@ -285,7 +291,7 @@ def _metrics(epoch: int, scheduler: Any, sums: torch.Tensor, samples: int, secon
 
 def _gather_ids(pending: list[torch.Tensor], world: int) -> np.ndarray:
     """The ids every worker trained since the last checkpoint (a collective: all ranks call it)."""
-    local = torch.cat(pending).numpy() if pending else np.zeros(0, np.int64)
+    local = torch.cat(pending).cpu().numpy() if pending else np.zeros(0, np.int64)
     if world == 1 or not dist.is_initialized():
         return local
     parts: list[Any] = [None] * world
@@ -332,7 +338,8 @@ def _evaluate(model: nn.Module, shard: Any, device: torch.device, to_device: dic
 
 def _report_with_checkpoint(spec: RunSpec, model: nn.Module, optimizer: torch.optim.Optimizer,
                             scheduler: Any, metrics: dict, history: list, rank: int, extra: dict,
-                            best: dict | None = None, publish_best: bool = False) -> None:
+                            best: dict | None = None, publish_best: bool = False,
+                            resizes: list | None = None) -> None:
     """Report ``metrics`` with a checkpoint (a barrier: every rank calls it; rank 0 uploads).
 
     With ``publish_best`` the same files also go to ``<run>/best/<name>``, then ``best.json``
@@ -356,7 +363,8 @@ def _report_with_checkpoint(spec: RunSpec, model: nn.Module, optimizer: torch.op
         return ray.train.Checkpoint(path=dest.path, filesystem=dest.fs)
 
     meta = dict(spec.meta, metrics=metrics, history=history, epoch=metrics["epoch"],
-                epoch_complete=extra["epoch_complete"], best=best)
+                epoch_complete=extra["epoch_complete"], best=best, world_size=metrics["world_size"],
+                world_size_changes=resizes or [])
     train_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                    "torch_rng": torch.get_rng_state(), **extra}
     with tempfile.TemporaryDirectory() as tmp:

@@ -270,6 +270,7 @@ def _uri_of(run: storage.Location, fs_path: str) -> str:
 def _results(result: Any, run: storage.Location, elapsed: float, cfg_epochs: int) -> dict[str, Any]:
     ckpt_uri = _uri_of(run, result.checkpoint.path) if result.checkpoint else None
     history: list[dict] = []
+    meta: dict[str, Any] = {}
     if ckpt_uri:
         _, _, meta = checkpoint.load_train_state(storage.resolve(ckpt_uri, run.endpoint_url))
         history = meta.get("history", [])
@@ -284,8 +285,7 @@ def _results(result: Any, run: storage.Location, elapsed: float, cfg_epochs: int
         "best_checkpoint": best["uri"] if best else None,
         "best": {k: best[k] for k in ("metric", "value", "epoch")} if best else None,
         "stopped_early": bool(last.get("epoch")) and last.get("epoch") < cfg_epochs,
-        "world_size_changes": [{"epoch": b["epoch"], "from": a["world_size"], "to": b["world_size"]}
-                               for a, b in zip(history, history[1:], strict=False) if a["world_size"] != b["world_size"]],
+        "world_size_changes": meta.get("world_size_changes", []),
         "run": run.uri,
         "wall_time_s": elapsed,
         "history": history,

@@ -1,0 +1,83 @@
+"""Elastic training on a real multi-node Ray cluster (``ray.cluster_utils.Cluster``): the run grows
+when a node joins and shrinks when one leaves, with the global batch and so the step count fixed.
+
+This module needs a cluster of its own, so it shuts the shared local instance down first (the next
+module that needs it starts it again). ``add_node``/``remove_node`` run in the main thread; ``fit``
+runs in a thread, as in Ray's own elastic tests.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from lepton_ray import Trainer, build_model, prepare
+
+pytestmark = [pytest.mark.ray, pytest.mark.e2e]
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _latest_step(run: Path) -> int:
+    steps = [int(m.group(1)) for p in run.glob("checkpoint_epoch*") if (m := re.search(r"_step(\d+)$", p.name))]
+    return max(steps, default=0)
+
+
+def test_grows_when_a_node_joins_and_shrinks_when_it_leaves(tmp_path):
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from lepton_ray.runtime import ensure_ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 3, "resources": {"slot": 1}})
+    try:
+        ensure_ray(address=cluster.address)
+        data = prepare("mnist5k", str(tmp_path / "data"))
+        run = tmp_path / "runs" / "elastic"
+        out: dict = {}
+
+        def train() -> None:
+            try:
+                out["res"] = Trainer((1, 2), resources_per_worker={"CPU": 1, "slot": 1},
+                                     elastic_resize_monitor_interval_s=2).fit(
+                    build_model("cnn", in_channels=1, num_classes=10, width=8), data["train"],
+                    batch_size=100, epochs=6, storage=str(tmp_path / "runs"), run_name="elastic",
+                    checkpoint_every_steps=10, record_sample_ids=True, max_failures=4, progress_bar=False)
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
+                out["error"] = exc
+
+        t = threading.Thread(target=train)
+        t.start()
+        _wait_for(lambda: _latest_step(run) >= 20, 240, "training on one worker")
+        node = cluster.add_node(num_cpus=1, resources={"slot": 1})  # main thread, as Ray requires
+        _wait_for(lambda: len(list((run / "sample_ids").glob("rank1-*"))) > 0, 240, "the run to grow to 2 workers")
+        grown_at = _latest_step(run)
+        _wait_for(lambda: _latest_step(run) >= grown_at + 30, 240, "progress on 2 workers")
+        cluster.remove_node(node)  # the second worker's node leaves: the run must shrink and go on
+        t.join(timeout=600)
+        assert not t.is_alive(), "training did not finish"
+        if "error" in out:
+            raise out["error"]
+        res = out["res"]
+        changes = [(c["from"], c["to"]) for c in res["world_size_changes"]]
+        assert changes == [(1, 2), (2, 1)], res["world_size_changes"]
+        assert res["history"][-1]["world_size"] == 1
+        # global batch fixed: the step count is that of one worker, whatever happened in between
+        assert res["history"][-1]["step"] == 6 * 40
+        assert res["epochs"] == 6 and res["train_accuracy"] > 0.8
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
