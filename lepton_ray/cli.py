@@ -30,6 +30,16 @@ def _workers(text: str) -> int | tuple[int, int] | str:
         raise argparse.ArgumentTypeError(f"--workers takes N, MIN,MAX or auto, got {text!r}") from None
 
 
+def _json_dict(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
+
+
 def cmd_data_prepare(a: argparse.Namespace) -> Any:
     from lepton_ray.data import prepare
 
@@ -54,9 +64,13 @@ def cmd_train(a: argparse.Namespace) -> Any:
 
     info = open_dataset(a.data, a.endpoint_url)
     model = build_model(a.model, in_channels=info.shape[2], num_classes=info.num_classes)
-    trainer = Trainer(a.workers, use_gpu=a.use_gpu)
+    trainer = Trainer(a.workers, use_gpu=a.use_gpu, placement_strategy=a.placement_strategy,
+                      resources_per_worker=a.resources_per_worker)
     opts = {k: v for k, v in {"lr": a.lr, "optimizer": a.optimizer, "run_name": a.run_name,
-                              "storage": a.storage, "max_failures": a.max_failures, "seed": a.seed}.items() if v is not None}
+                              "storage": a.storage, "max_failures": a.max_failures, "seed": a.seed,
+                              "checkpoint_every_steps": a.checkpoint_every_steps,
+                              "early_stopping_patience": a.early_stopping_patience,
+                              "resume": a.resume or None}.items() if v is not None}
     res = trainer.fit(model, info, a.val, batch_size=a.batch_size, epochs=a.epochs, endpoint_url=a.endpoint_url, **opts)
     return {k: v for k, v in res.items() if k != "history"}
 
@@ -138,8 +152,14 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--optimizer", choices=["sgd", "adamw"], default=None)
     tr.add_argument("--seed", type=int, default=None)
     tr.add_argument("--max-failures", type=int, default=None)
+    tr.add_argument("--placement-strategy", default="PACK", choices=["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"])
+    tr.add_argument("--resources-per-worker", type=_json_dict, default=None,
+                    help='JSON, e.g. \'{"CPU": 2, "GPU": 1, "memory": 4e9}\'')
+    tr.add_argument("--checkpoint-every-steps", type=int, default=None, help="also checkpoint mid-epoch")
+    tr.add_argument("--early-stopping-patience", type=int, default=None)
     tr.add_argument("--storage", default=None, help="runs root (path or s3://); default $LEPTON_STORE/runs")
     tr.add_argument("--run-name", default=None)
+    tr.add_argument("--resume", action="store_true", help="continue --run-name from its last checkpoint")
     tr.add_argument(*ep["flags"], **ep["kw"])
     tr.set_defaults(fn=cmd_train)
 

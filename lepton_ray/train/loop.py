@@ -310,7 +310,7 @@ class _SampleLog:
         self.seq = 0
 
     def add(self, epoch: int, step: int, ids: torch.Tensor) -> None:
-        self.lines.append(json.dumps({"epoch": epoch, "step": step, "ids": ids.tolist()}))
+        self.lines.append(json.dumps({"epoch": epoch, "step": step, "t": round(time.time(), 3), "ids": ids.tolist()}))
 
     def flush(self) -> None:
         if self.lines:

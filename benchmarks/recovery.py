@@ -1,0 +1,129 @@
+"""Benchmark: recovery from a killed training worker.
+
+Trains the built-in MNIST digits with 2 Ray Train workers, checkpointing every 10 steps, kills one
+worker process (SIGKILL) right after a mid-epoch checkpoint is written, and measures
+
+- seconds from the kill to the first optimizer step of the restarted worker group,
+- the work redone: steps between the checkpoint the group restored and the step at the kill,
+- the whole run's wall time against an uninterrupted run in the same script (the ratio).
+
+    python -m benchmarks.recovery [--out benchmarks/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+from lepton_ray import Trainer, build_model, prepare
+
+
+def _latest_step(run: Path) -> int:
+    steps = [int(m.group(1)) for p in run.glob("checkpoint_epoch*") if (m := re.search(r"_step(\d+)$", p.name))]
+    return max(steps, default=0)
+
+
+def _train(data: dict, root: str, name: str, epochs: int):
+    t0 = time.perf_counter()
+    res = Trainer(2).fit(build_model("cnn", in_channels=1, num_classes=10), data["train"], data["test"],
+                         batch_size=100, epochs=epochs, storage=root, run_name=name,
+                         checkpoint_every_steps=10, record_sample_ids=True, max_failures=2, progress_bar=False)
+    return res, time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--kill-after-step", type=int, default=60)
+    ap.add_argument("--out", default="benchmarks/results")
+    args = ap.parse_args()
+    root = tempfile.mkdtemp(prefix="lepton-recovery-")
+    data = prepare("mnist5k", f"{root}/data")
+    baseline, base_wall = _train(data, f"{root}/runs", "baseline", args.epochs)
+
+    run = Path(root) / "runs" / "killed"
+    kill: dict = {}
+
+    def killer() -> None:
+        deadline = time.time() + 600
+        while not kill and time.time() < deadline:
+            step = _latest_step(run)
+            if step >= args.kill_after_step and (run / f"checkpoint_epoch{step // 40 + 1:04d}_step{step:07d}").exists():
+                pids = sorted(p.pid for p in psutil.process_iter(["cmdline"])
+                              if (p.info["cmdline"] or [""])[0].startswith("ray::RayTrainWorker"))
+                kill.update(t=time.time(), step=step, pid=pids[-1])
+                os.kill(pids[-1], signal.SIGKILL)
+                return
+            time.sleep(0.02)
+
+    th = threading.Thread(target=killer, daemon=True)
+    th.start()
+    res, wall = _train(data, f"{root}/runs", "killed", args.epochs)
+    th.join(timeout=5)
+
+    lines = []
+    for f in (run / "sample_ids").glob("*.jsonl"):
+        key = f.name.rsplit("-", 1)[0]
+        lines += [dict(json.loads(x), key=key) for x in f.read_text().splitlines()]
+    first_of = {}
+    for line in sorted(lines, key=lambda x: x["t"]):
+        first_of.setdefault(line["key"], line)
+    restarted = [v for v in first_of.values() if v["t"] > kill["t"]]
+    resumed_at = min(v["t"] for v in restarted)
+    resume_step = min(v["step"] for v in restarted) - 1
+    result = {
+        "benchmark": "recovery",
+        "what": "SIGKILL of one of 2 CPU training workers right after a mid-epoch checkpoint; checkpoint every 10 steps",
+        "hardware": f"{os.cpu_count()} CPU cores, CPU only",
+        "seconds_kill_to_training_resumed": round(resumed_at - kill["t"], 2),
+        "checkpoint_step_at_kill": kill["step"],
+        "restored_step": resume_step,
+        "steps_redone_at_most": kill["step"] - resume_step + 1,
+        "wall_s_uninterrupted": round(base_wall, 1),
+        "wall_s_with_kill": round(wall, 1),
+        "wall_ratio": round(wall / base_wall, 3),
+        "val_accuracy_uninterrupted": round(baseline["val_accuracy"], 4),
+        "val_accuracy_with_kill": round(res["val_accuracy"], 4),
+        "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "recovery.json").write_text(json.dumps(result, indent=2))
+    _write_table(result)
+    print(json.dumps(result, indent=2))
+
+
+def _write_table(r: dict) -> None:
+    doc = Path("docs/benchmarks.md")
+    text = doc.read_text() if doc.exists() else "# Benchmarks\n"
+    section = (
+        "\n## Recovery from a killed training worker\n\n"
+        "`python -m benchmarks.recovery`: 2 CPU workers, MNIST subset, checkpoint every 10 steps, one worker "
+        "SIGKILLed right after a mid-epoch checkpoint.\n\n"
+        "| measured | hardware | kill -> training resumed | restored step / step at kill | steps redone (at most) "
+        "| wall with kill / without | val acc with / without |\n| --- | --- | --- | --- | --- | --- | --- |\n"
+        f"| {r['measured_at']} | {r['hardware']} | {r['seconds_kill_to_training_resumed']} s "
+        f"| {r['restored_step']} / {r['checkpoint_step_at_kill']} | {r['steps_redone_at_most']} "
+        f"| **{r['wall_ratio']}** ({r['wall_s_with_kill']} s / {r['wall_s_uninterrupted']} s) "
+        f"| {r['val_accuracy_with_kill']} / {r['val_accuracy_uninterrupted']} |\n"
+    )
+    start = text.find("\n## Recovery from a killed")
+    if start >= 0:
+        end = text.find("\n## ", start + 1)
+        text = text[:start] + section + (text[end:] if end >= 0 else "")
+    else:
+        text += section
+    doc.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
