@@ -43,8 +43,10 @@ def _json_dict(text: str) -> dict:
 def cmd_data_prepare(a: argparse.Namespace) -> Any:
     from lepton_ray.data import prepare
 
-    infos = prepare(a.source, a.dest, endpoint_url=a.endpoint_url, overwrite=a.overwrite)
-    return {split: {"uri": i.uri, "rows": i.num_rows, "shape": list(i.shape), "classes": len(i.classes)} for split, i in infos.items()}
+    infos = prepare(a.source, a.dest, endpoint_url=a.endpoint_url, overwrite=a.overwrite, root=a.root,
+                    skip_bad=a.skip_bad)
+    return {split: {"uri": i.uri, "rows": i.num_rows, "shape": list(i.shape), "classes": len(i.classes),
+                    "skipped_rows": i.manifest.get("skipped_rows", 0)} for split, i in infos.items()}
 
 
 def cmd_data_inspect(a: argparse.Namespace) -> Any:
@@ -52,11 +54,16 @@ def cmd_data_inspect(a: argparse.Namespace) -> Any:
 
     i = open_dataset(a.uri, a.endpoint_url)
     m = i.manifest
+    if a.grid:
+        from lepton_ray.viz import augmentation_grid
+
+        augmentation_grid(i, augment=tuple(x for x in a.augment.split(",") if x)).save(a.grid)
     return {"uri": i.uri, "rows": i.num_rows, "shape": list(i.shape), "classes": list(i.classes),
             "class_counts": dict(zip(i.classes, m.get("class_counts", []), strict=False)),
             "mean": list(i.mean), "std": list(i.std), "shards": len(i.shards),
             "schema": {"id": "int64", "image": f"binary (raw uint8 {'x'.join(map(str, i.shape))})", "label": "int64"},
-            "source": m.get("source"), "created_at": m.get("created_at")}
+            "source": m.get("source"), "created_at": m.get("created_at"),
+            "skipped_rows": m.get("skipped_rows", 0), **({"grid": a.grid} if a.grid else {})}
 
 
 def cmd_train(a: argparse.Namespace) -> Any:
@@ -130,13 +137,17 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="prepare and inspect datasets in object storage")
     dsub = data.add_subparsers(dest="data_command", required=True)
     prep = dsub.add_parser("prepare", help="write a dataset as Parquet shards + manifest")
-    prep.add_argument("source", help="built-in source: mnist5k")
+    prep.add_argument("source", help="mnist5k, torchvision:MNIST|FashionMNIST|CIFAR10 (with --root), imagefolder:PATH, parquet:PATH")
     prep.add_argument("dest", help="destination URI (path or s3://bucket/prefix)")
     prep.add_argument("--overwrite", action="store_true", help="rewrite even if already prepared")
+    prep.add_argument("--root", default=None, help="folder a torchvision dataset was downloaded to")
+    prep.add_argument("--skip-bad", action="store_true", help="leave out unreadable or mismatched images (counted)")
     prep.add_argument(*ep["flags"], **ep["kw"])
     prep.set_defaults(fn=cmd_data_prepare)
     insp = dsub.add_parser("inspect", help="schema, row count and class balance of a prepared dataset")
     insp.add_argument("uri")
+    insp.add_argument("--grid", default=None, metavar="PNG", help="write sample images, before (top) and after augmentation")
+    insp.add_argument("--augment", default="random_crop", help="comma-separated augmentations for --grid")
     insp.add_argument(*ep["flags"], **ep["kw"])
     insp.set_defaults(fn=cmd_data_inspect)
 

@@ -64,7 +64,7 @@ class DatasetInfo:
 # --- writing ---------------------------------------------------------------------------------
 def write_dataset(images: np.ndarray, labels: np.ndarray, dest: str | storage.Location, *,
                   classes: list[str], ids: np.ndarray | None = None, endpoint_url: str | None = None,
-                  source: str = "", rows_per_shard: int | None = None) -> DatasetInfo:
+                  source: str = "", rows_per_shard: int | None = None, skipped: list[str] | None = None) -> DatasetInfo:
     """Write (N, H, W, C) uint8 images and labels as a prepared dataset at ``dest``."""
     loc = storage.resolve(dest, endpoint_url)
     images = np.asarray(images)
@@ -114,6 +114,8 @@ def write_dataset(images: np.ndarray, labels: np.ndarray, dest: str | storage.Lo
         "encoding": "raw",
         "shards": shards,
         "source": source,
+        "skipped_rows": len(skipped or []),
+        "skipped_examples": (skipped or [])[:10],
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "writer": f"lepton_ray {_version()}",
     }
@@ -165,30 +167,36 @@ def load_mnist5k(test_per_class: int = 100, seed: int = 0) -> dict[str, tuple[np
 BUILTIN_SOURCES = {"mnist5k": load_mnist5k}
 
 
-def prepare(source: str, dest: str, *, endpoint_url: str | None = None, overwrite: bool = False) -> dict[str, DatasetInfo]:
-    """Prepare a built-in dataset into object storage: ``dest/<split>/`` per split.
+def prepare(source: str, dest: str, *, endpoint_url: str | None = None, overwrite: bool = False,
+            root: str | None = None, skip_bad: bool = False) -> dict[str, DatasetInfo]:
+    """Prepare a dataset into object storage: ``dest/<split>/`` per split (see ``lepton_ray.sources``
+    for the sources: ``mnist5k``, ``torchvision:NAME`` with ``root``, ``imagefolder:PATH``,
+    ``parquet:PATH``).
 
-    Idempotent: a split whose manifest already exists with the same source is left as it is
-    (``overwrite=True`` rewrites it, atomically).
+    Idempotent: when ``dest`` already holds this source's splits they are left as they are and
+    nothing is read (``overwrite=True`` rewrites them, atomically). With ``skip_bad``, unreadable
+    or mismatched images are left out and counted in the manifest (``skipped_rows``).
     """
-    if source not in BUILTIN_SOURCES:
-        raise DataError(f"unknown dataset source {source!r} (built-in: {', '.join(BUILTIN_SOURCES)})")
-    root = storage.resolve(dest, endpoint_url)
-    root.ensure_writable()
-    infos: dict[str, DatasetInfo] = {}
-    splits = None
-    for split in ("train", "test"):
-        loc = root.join(split)
-        if not overwrite and loc.join(MANIFEST).exists():
-            m = _read_manifest(loc)
-            if m.get("source") == f"builtin:{source}/{split}":
-                infos[split] = _info(loc, m)
-                continue
-        if splits is None:
-            splits = BUILTIN_SOURCES[source]()
-        images, labels, ids = splits[split]
-        infos[split] = write_dataset(images, labels, loc, classes=[str(i) for i in range(10)], ids=ids,
-                                     source=f"builtin:{source}/{split}")
+    from lepton_ray import sources
+
+    tag = sources.canonical(source)
+    root_loc = storage.resolve(dest, endpoint_url)
+    root_loc.ensure_writable()
+    if not overwrite:
+        existing = {}
+        for split in root_loc.listdir():
+            loc = root_loc.join(split)
+            if loc.join(MANIFEST).exists():
+                m = _read_manifest(loc)
+                if m.get("source") == f"{tag}/{split}":
+                    existing[split] = _info(loc, m)
+        if existing:
+            return existing
+    src = sources.load(source, root=root, skip_bad=skip_bad)
+    infos = {}
+    for split, part in src.splits.items():
+        infos[split] = write_dataset(part.images, part.labels, root_loc.join(split), classes=src.classes,
+                                     ids=part.ids, source=f"{src.name}/{split}", skipped=part.skipped)
     return infos
 
 

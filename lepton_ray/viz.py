@@ -28,6 +28,7 @@ def augmentation_grid(info: Any, augment: Sequence[str] = ("random_crop",), n: i
     from lepton_ray.transforms import AUGMENTATIONS, check_augment
 
     images, _, _ = read_arrays(info)
+    n = min(n, len(images))
     pick = images[np.random.default_rng(seed).choice(len(images), size=n, replace=False)]
     rng = np.random.default_rng(seed + 1)
     out = pick

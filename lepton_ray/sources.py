@@ -1,0 +1,184 @@
+"""Where datasets come from, before ``prepare`` writes them into object storage.
+
+Each source yields, per split, ``(images (N, H, W, C) uint8, labels int64, ids int64)`` plus the
+class names. Sources: the built-in MNIST subset (``mnist5k``), a torchvision dataset already on
+local disk (``torchvision:MNIST`` / ``FashionMNIST`` / ``CIFAR10`` with ``root``), an image-folder
+tree (``imagefolder:PATH``, one sub-folder per class, PNG/JPEG; ``train/`` and ``test/`` or ``val/``
+sub-trees become splits), and existing Parquet (``parquet:PATH`` with ``image`` bytes and ``label``).
+
+Bad rows (unreadable images, a size unlike the first image's) raise :class:`DataError` naming the
+file or row, or with ``skip_bad`` are left out and counted.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from lepton_ray.errors import DataError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+
+
+@dataclass
+class Split:
+    images: np.ndarray
+    labels: np.ndarray
+    ids: np.ndarray
+    skipped: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Source:
+    name: str
+    splits: dict[str, Split]
+    classes: list[str]
+
+
+def canonical(source: str) -> str:
+    """The name a source is recorded under in manifests (what makes ``prepare`` idempotent)."""
+    from lepton_ray import data
+
+    if source in data.BUILTIN_SOURCES:
+        return f"builtin:{source}"
+    kind, sep, arg = source.partition(":")
+    if sep and kind in ("imagefolder", "parquet"):
+        return f"{kind}:{Path(arg).resolve()}"
+    if not sep and Path(source).is_dir():
+        return f"imagefolder:{Path(source).resolve()}"
+    return source
+
+
+def load(source: str, *, root: str | None = None, skip_bad: bool = False) -> Source:
+    """Resolve a source string (see the module docstring) and load it."""
+    from lepton_ray import data
+
+    if source in data.BUILTIN_SOURCES:
+        raw = data.BUILTIN_SOURCES[source]()
+        return Source(f"builtin:{source}", {k: Split(*v) for k, v in raw.items()}, [str(i) for i in range(10)])
+    kind, _, arg = source.partition(":")
+    if kind == "torchvision" and arg:
+        return _torchvision(arg, root)
+    if kind == "imagefolder" and arg:
+        return _image_folder(Path(arg), skip_bad)
+    if kind == "parquet" and arg:
+        return _parquet(Path(arg), skip_bad)
+    if not _ and Path(source).is_dir():
+        return _image_folder(Path(source), skip_bad)
+    raise DataError(f"unknown dataset source {source!r} (built-in: {', '.join(data.BUILTIN_SOURCES)}; "
+                    "or torchvision:NAME, imagefolder:PATH, parquet:PATH)")
+
+
+def _torchvision(name: str, root: str | None) -> Source:
+    import torchvision
+
+    cls = getattr(torchvision.datasets, name, None)
+    if cls is None or name not in ("MNIST", "FashionMNIST", "KMNIST", "CIFAR10", "CIFAR100"):
+        raise DataError(f"unsupported torchvision dataset {name!r} (MNIST, FashionMNIST, KMNIST, CIFAR10, CIFAR100)")
+    if not root:
+        raise DataError(f"torchvision:{name} needs --root, the folder it was downloaded to")
+    splits, classes = {}, []
+    for split in ("train", "test"):
+        try:
+            ds = cls(root, train=split == "train", download=False)
+        except RuntimeError as exc:
+            raise DataError(f"torchvision {name} not found under {root} ({exc}); download it there first") from None
+        data = np.asarray(ds.data)
+        images = data[..., None] if data.ndim == 3 else data  # MNIST-like (N, H, W) -> (N, H, W, 1)
+        splits[split] = Split(images.astype(np.uint8), np.asarray(ds.targets, np.int64), np.arange(len(images), dtype=np.int64))
+        classes = [str(c) for c in ds.classes]
+    return Source(f"torchvision:{name}", splits, classes)
+
+
+def _decode(data: bytes, where: str, mode: str | None, size: tuple[int, int] | None) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except (UnidentifiedImageError, OSError, ValueError):
+        raise DataError(f"{where}: not a readable PNG or JPEG") from None
+    if mode:
+        img = img.convert(mode)
+    if size and img.size != size:
+        raise DataError(f"{where}: image is {img.size[0]}x{img.size[1]}, the first image is {size[0]}x{size[1]}")
+    a = np.asarray(img, np.uint8)
+    return a[:, :, None] if a.ndim == 2 else a
+
+
+def _image_folder(path: Path, skip_bad: bool) -> Source:
+    if not path.is_dir():
+        raise DataError(f"image folder {path} does not exist")
+    split_dirs = {s: path / s for s in ("train", "test", "val") if (path / s).is_dir()}
+    if not split_dirs:
+        split_dirs = {"train": path}
+    classes = sorted(d.name for d in next(iter(split_dirs.values())).iterdir() if d.is_dir())
+    if not classes:
+        raise DataError(f"image folder {path} has no class sub-folders")
+    splits: dict[str, Split] = {}
+    mode, size = None, None
+    next_id = 0
+    for split, d in split_dirs.items():
+        images, labels, ids, skipped = [], [], [], []
+        for label, cls in enumerate(classes):
+            for f in sorted(p for p in (d / cls).glob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+                try:
+                    if mode is None:
+                        from PIL import Image
+
+                        with Image.open(f) as first:
+                            mode = "L" if first.mode in ("L", "1", "I;16") else "RGB"
+                            size = first.size
+                    images.append(_decode(f.read_bytes(), str(f), mode, size))
+                except DataError as exc:
+                    if not skip_bad:
+                        raise
+                    skipped.append(str(exc))
+                    continue
+                labels.append(label)
+                ids.append(next_id)
+                next_id += 1
+        if not images:
+            raise DataError(f"no readable images under {d}")
+        splits["test" if split == "val" else split] = Split(np.stack(images), np.asarray(labels, np.int64),
+                                                            np.asarray(ids, np.int64), skipped)
+    return Source(f"imagefolder:{path.resolve()}", splits, classes)
+
+
+def _parquet(path: Path, skip_bad: bool) -> Source:
+    import pyarrow.parquet as pq
+
+    files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
+    if not files or not files[0].exists():
+        raise DataError(f"no Parquet files at {path}")
+    images, labels, skipped = [], [], []
+    mode, size = None, None
+    for f in files:
+        t = pq.read_table(f)
+        missing = {"image", "label"} - set(t.column_names)
+        if missing:
+            raise DataError(f"{f}: missing column(s) {sorted(missing)} (need 'image' bytes and 'label')")
+        for row, (img, label) in enumerate(zip(t.column("image").to_pylist(), t.column("label").to_pylist(), strict=True)):
+            where = f"{f.name} row {row}"
+            try:
+                if label is None:
+                    raise DataError(f"{where}: missing label")
+                if not isinstance(img, bytes | bytearray):
+                    raise DataError(f"{where}: image is not encoded bytes")
+                if mode is None:
+                    first = _decode(bytes(img), where, None, None)
+                    mode, size = ("L" if first.shape[2] == 1 else "RGB"), (first.shape[1], first.shape[0])
+                images.append(_decode(bytes(img), where, mode, size))
+            except DataError as exc:
+                if not skip_bad:
+                    raise
+                skipped.append(str(exc))
+                continue
+            labels.append(label)
+    names = sorted({str(v) for v in labels}, key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else 0, s))
+    index = {n: i for i, n in enumerate(names)}
+    y = np.asarray([index[str(v)] for v in labels], np.int64)
+    return Source(f"parquet:{path.resolve()}", {"train": Split(np.stack(images), y, np.arange(len(y), dtype=np.int64), skipped)}, names)
