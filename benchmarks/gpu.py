@@ -52,6 +52,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from benchmarks.report import replace_section
 from lepton_ray import DataConfig, Trainer, build_model
 from lepton_ray.config import OptimConfig
 from lepton_ray.train.loop import _DTYPES, build_optimizer, lr_factor
@@ -866,17 +867,7 @@ def render_section(r: dict[str, Any]) -> str:
 
 def write_doc(r: dict[str, Any], doc: Path) -> None:
     """Replace (or append) the ``## GPU`` section of ``doc``; other sections stay as they are."""
-    header = "# Benchmarks\n\nEach figure is a ratio measured within one run (the machine is shared and noisy).\n"
-    text = doc.read_text() if doc.exists() else header
-    section = render_section(r)  # starts with "\n## GPU"
-    start = text.find(DOC_SECTION)
-    if start >= 0:
-        end = text.find("\n## ", start + 1)
-        text = text[:start] + section + (text[end:] if end >= 0 else "")
-    else:
-        text = text.rstrip("\n") + "\n" + section
-    doc.write_text(text)
-
+    replace_section(DOC_SECTION.removeprefix("\n## "), render_section(r), doc)
 
 if __name__ == "__main__":
     main()

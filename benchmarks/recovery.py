@@ -23,6 +23,7 @@ from pathlib import Path
 
 import psutil
 
+from benchmarks.report import replace_section
 from lepton_ray import Trainer, build_model, prepare
 
 
@@ -106,8 +107,6 @@ def main() -> None:
 
 
 def _write_table(r: dict) -> None:
-    doc = Path("docs/benchmarks.md")
-    text = doc.read_text() if doc.exists() else "# Benchmarks\n"
     section = (
         "\n## Recovery from a killed training worker\n\n"
         "`python -m benchmarks.recovery`: 2 CPU workers, MNIST subset, checkpoint every 10 steps, one worker "
@@ -119,13 +118,7 @@ def _write_table(r: dict) -> None:
         f"| **{r['wall_ratio']}** ({r['wall_s_with_kill']} s / {r['wall_s_uninterrupted']} s) "
         f"| {r['val_accuracy_with_kill']} / {r['val_accuracy_uninterrupted']} |\n"
     )
-    start = text.find("\n## Recovery from a killed")
-    if start >= 0:
-        end = text.find("\n## ", start + 1)
-        text = text[:start] + section + (text[end:] if end >= 0 else "")
-    else:
-        text += section
-    doc.write_text(text)
+    replace_section("Recovery from a killed", section)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from benchmarks.report import replace_section
 from lepton_ray import Trainer, build_model, prepare
 from lepton_ray.config import OptimConfig
 from lepton_ray.data import read_arrays
@@ -94,9 +95,6 @@ def main() -> None:
 
 
 def write_table(r: dict) -> None:
-    doc = Path("docs/benchmarks.md")
-    header = "# Benchmarks\n\nEach figure is a ratio measured within one run (the machine is shared and noisy).\n"
-    text = doc.read_text() if doc.exists() else header
     section = (
         "\n## Training overhead: `Trainer.fit` (1 worker) vs a plain PyTorch loop\n\n"
         "`python -m benchmarks.train_overhead`\n\n"
@@ -111,13 +109,7 @@ def write_table(r: dict) -> None:
         "tasks, the split coordinator and Ray's own processes, while the plain loop has the machine to "
         "itself. The per-step bookkeeping of the loop is off the critical path (no host syncs).\n"
     )
-    start = text.find("\n## Training overhead")
-    if start >= 0:
-        end = text.find("\n## ", start + 1)
-        text = text[:start] + section + (text[end:] if end >= 0 else "")
-    else:
-        text += section
-    doc.write_text(text)
+    replace_section("Training overhead", section)
 
 
 if __name__ == "__main__":
