@@ -109,6 +109,26 @@ def _decode(data: bytes, where: str, mode: str | None, size: tuple[int, int] | N
     return a[:, :, None] if a.ndim == 2 else a
 
 
+class _Decoder:
+    """Decodes PNG/JPEG bytes into the mode (L or RGB) and size of the first image it was given."""
+
+    def __init__(self) -> None:
+        self.mode: str | None = None
+        self.size: tuple[int, int] | None = None
+
+    def __call__(self, data: bytes, where: str) -> np.ndarray:
+        if self.mode is None:
+            from PIL import Image, UnidentifiedImageError
+
+            try:
+                with Image.open(io.BytesIO(data)) as first:
+                    self.mode = "L" if first.mode in ("L", "1", "I;16") else "RGB"
+                    self.size = first.size
+            except (UnidentifiedImageError, OSError, ValueError):
+                raise DataError(f"{where}: not a readable PNG or JPEG") from None
+        return _decode(data, where, self.mode, self.size)
+
+
 def _image_folder(path: Path, skip_bad: bool) -> Source:
     if not path.is_dir():
         raise DataError(f"image folder {path} does not exist")
@@ -119,20 +139,14 @@ def _image_folder(path: Path, skip_bad: bool) -> Source:
     if not classes:
         raise DataError(f"image folder {path} has no class sub-folders")
     splits: dict[str, Split] = {}
-    mode, size = None, None
+    decode = _Decoder()
     next_id = 0
     for split, d in split_dirs.items():
         images, labels, ids, skipped = [], [], [], []
         for label, cls in enumerate(classes):
             for f in sorted(p for p in (d / cls).glob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
                 try:
-                    if mode is None:
-                        from PIL import Image
-
-                        with Image.open(f) as first:
-                            mode = "L" if first.mode in ("L", "1", "I;16") else "RGB"
-                            size = first.size
-                    images.append(_decode(f.read_bytes(), str(f), mode, size))
+                    images.append(decode(f.read_bytes(), str(f)))
                 except DataError as exc:
                     if not skip_bad:
                         raise
@@ -155,7 +169,7 @@ def _parquet(path: Path, skip_bad: bool) -> Source:
     if not files or not files[0].exists():
         raise DataError(f"no Parquet files at {path}")
     images, labels, skipped = [], [], []
-    mode, size = None, None
+    decode = _Decoder()
     for f in files:
         t = pq.read_table(f)
         missing = {"image", "label"} - set(t.column_names)
@@ -168,10 +182,7 @@ def _parquet(path: Path, skip_bad: bool) -> Source:
                     raise DataError(f"{where}: missing label")
                 if not isinstance(img, bytes | bytearray):
                     raise DataError(f"{where}: image is not encoded bytes")
-                if mode is None:
-                    first = _decode(bytes(img), where, None, None)
-                    mode, size = ("L" if first.shape[2] == 1 else "RGB"), (first.shape[1], first.shape[0])
-                images.append(_decode(bytes(img), where, mode, size))
+                images.append(decode(bytes(img), where))
             except DataError as exc:
                 if not skip_bad:
                     raise

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-pytest.importorskip("ray")
-from lepton_ray.train.observe import eta_seconds, slowest_worker  # noqa: E402
+from lepton_ray.train.observe import eta_seconds, slowest_worker
 
 
 def test_slowest_worker_is_named_only_when_it_lags():
