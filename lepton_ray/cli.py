@@ -44,7 +44,7 @@ def cmd_data_prepare(a: argparse.Namespace) -> Any:
     from lepton_ray.data import prepare
 
     infos = prepare(a.source, a.dest, endpoint_url=a.endpoint_url, overwrite=a.overwrite, root=a.root,
-                    skip_bad=a.skip_bad)
+                    skip_bad=a.skip_bad, encoding=a.encoding)
     return {split: {"uri": i.uri, "rows": i.num_rows, "shape": list(i.shape), "classes": len(i.classes),
                     "skipped_rows": i.manifest.get("skipped_rows", 0)} for split, i in infos.items()}
 
@@ -61,7 +61,8 @@ def cmd_data_inspect(a: argparse.Namespace) -> Any:
     return {"uri": i.uri, "rows": i.num_rows, "shape": list(i.shape), "classes": list(i.classes),
             "class_counts": dict(zip(i.classes, m.get("class_counts", []), strict=False)),
             "mean": list(i.mean), "std": list(i.std), "shards": len(i.shards),
-            "schema": {"id": "int64", "image": f"binary (raw uint8 {'x'.join(map(str, i.shape))})", "label": "int64"},
+            "schema": {"id": "int64", "image": f"binary ({i.encoding} uint8 {'x'.join(map(str, i.shape))})",
+                       "label": "int64"},
             "source": m.get("source"), "created_at": m.get("created_at"),
             "skipped_rows": m.get("skipped_rows", 0), **({"grid": a.grid} if a.grid else {})}
 
@@ -78,6 +79,10 @@ def cmd_train(a: argparse.Namespace) -> Any:
                               "checkpoint_every_steps": a.checkpoint_every_steps,
                               "early_stopping_patience": a.early_stopping_patience,
                               "resume": a.resume or None}.items() if v is not None}
+    if a.augment is not None:
+        from lepton_ray.config import DataConfig
+
+        opts["data"] = DataConfig(augment=tuple(x for x in a.augment.split(",") if x))
     res = trainer.fit(model, info, a.val, batch_size=a.batch_size, epochs=a.epochs, endpoint_url=a.endpoint_url, **opts)
     return {k: v for k, v in res.items() if k != "history"}
 
@@ -137,11 +142,14 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="prepare and inspect datasets in object storage")
     dsub = data.add_subparsers(dest="data_command", required=True)
     prep = dsub.add_parser("prepare", help="write a dataset as Parquet shards + manifest")
-    prep.add_argument("source", help="mnist5k, torchvision:MNIST|FashionMNIST|CIFAR10 (with --root), imagefolder:PATH, parquet:PATH")
+    prep.add_argument("source", help="mnist5k, torchvision:MNIST|FashionMNIST|CIFAR10 (with --root), "
+                      "imagefolder:PATH|s3://..., parquet:PATH")
     prep.add_argument("dest", help="destination URI (path or s3://bucket/prefix)")
     prep.add_argument("--overwrite", action="store_true", help="rewrite even if already prepared")
     prep.add_argument("--root", default=None, help="folder a torchvision dataset was downloaded to")
     prep.add_argument("--skip-bad", action="store_true", help="leave out unreadable or mismatched images (counted)")
+    prep.add_argument("--encoding", choices=("raw", "png"), default="raw",
+                      help="store rows as raw pixels (fastest to read) or PNG (smaller; decoded by Ray Data workers)")
     prep.add_argument(*ep["flags"], **ep["kw"])
     prep.set_defaults(fn=cmd_data_prepare)
     insp = dsub.add_parser("inspect", help="schema, row count and class balance of a prepared dataset")
@@ -162,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--lr", type=float, default=None)
     tr.add_argument("--optimizer", choices=["sgd", "adamw"], default=None)
     tr.add_argument("--seed", type=int, default=None)
+    tr.add_argument("--augment", default=None, metavar="A,B",
+                    help="training augmentations: random_crop, hflip, rotate, affine, color_jitter ('' for none)")
     tr.add_argument("--max-failures", type=int, default=None)
     tr.add_argument("--placement-strategy", default="PACK", choices=["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"])
     tr.add_argument("--resources-per-worker", type=_json_dict, default=None,

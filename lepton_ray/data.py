@@ -25,7 +25,14 @@ import pyarrow.parquet as pq
 
 from lepton_ray import storage
 from lepton_ray.errors import DataError, StorageError
-from lepton_ray.transforms import Preprocessor, check_augment
+from lepton_ray.transforms import (
+    ENCODINGS,
+    Preprocessor,
+    check_augment,
+    decode_encoded,
+    decode_raw,
+    encode_png,
+)
 
 if TYPE_CHECKING:
     import ray.data
@@ -47,6 +54,7 @@ class DatasetInfo:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     shards: tuple[dict, ...] = ()
+    encoding: str = "raw"
     endpoint_url: str | None = None
     manifest: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -58,75 +66,137 @@ class DatasetInfo:
         return storage.resolve(self.uri, self.endpoint_url)
 
     def preprocessor(self, augment: tuple[str, ...] = (), seed: int | None = None) -> Preprocessor:
-        return Preprocessor(self.shape, self.mean, self.std, augment=augment, seed=seed)
+        return Preprocessor(self.shape, self.mean, self.std, augment=augment, seed=seed, encoding=self.encoding)
 
 
 # --- writing ---------------------------------------------------------------------------------
-def write_dataset(images: np.ndarray, labels: np.ndarray, dest: str | storage.Location, *,
-                  classes: list[str], ids: np.ndarray | None = None, endpoint_url: str | None = None,
-                  source: str = "", rows_per_shard: int | None = None, skipped: list[str] | None = None) -> DatasetInfo:
-    """Write (N, H, W, C) uint8 images and labels as a prepared dataset at ``dest``."""
-    loc = storage.resolve(dest, endpoint_url)
-    images = np.asarray(images)
-    if images.dtype != np.uint8 or images.ndim != 4:
-        raise DataError(f"images must be uint8 (N, H, W, C), got {images.dtype} {images.shape}")
-    labels = np.asarray(labels, dtype=np.int64)
-    n = len(images)
-    if len(labels) != n:
-        raise DataError(f"{n} images but {len(labels)} labels")
-    if n == 0:
-        raise DataError("refusing to write an empty dataset")
-    bad = np.flatnonzero((labels < 0) | (labels >= len(classes)))
-    if len(bad):
-        raise DataError(f"row {int(bad[0])}: label {int(labels[bad[0]])} is outside the {len(classes)} classes")
-    ids = np.arange(n, dtype=np.int64) if ids is None else np.asarray(ids, dtype=np.int64)
-    loc.ensure_writable()
+class DatasetWriter:
+    """Writes a prepared dataset shard by shard, so a dataset never has to fit in memory.
 
-    row_bytes = int(np.prod(images.shape[1:]))
-    if rows_per_shard is None:
-        rows_per_shard = max(1, min(TARGET_SHARD_BYTES // row_bytes, math.ceil(n / MIN_SHARDS)))
-    token = uuid.uuid4().hex[:8]
-    shards = []
-    for i, start in enumerate(range(0, n, rows_per_shard)):
-        sl = slice(start, start + rows_per_shard)
-        flat = images[sl].reshape(len(images[sl]), -1)
-        table = pa.table({
-            "id": pa.array(ids[sl]),
-            "image": pa.array([r.tobytes() for r in flat], type=pa.binary()),
-            "label": pa.array(labels[sl]),
-        })
+    ``add`` takes chunks of (N, H, W, C) uint8 images with labels (and ids); full shards go to
+    storage as they fill; ``commit`` writes the last shard and then the manifest, the commit point.
+    Statistics (class counts, channel mean/std) are accumulated as the chunks pass.
+    """
+
+    def __init__(self, dest: str | storage.Location, *, classes: list[str], endpoint_url: str | None = None,
+                 source: str = "", rows_per_shard: int | None = None, encoding: str = "raw"):
+        if encoding not in ENCODINGS:
+            raise DataError(f"unknown image encoding {encoding!r} (known: {', '.join(ENCODINGS)})")
+        self.loc = storage.resolve(dest, endpoint_url)
+        self.classes, self.source, self.encoding = list(classes), source, encoding
+        self.rows_per_shard = rows_per_shard
+        self.token = uuid.uuid4().hex[:8]
+        self.shards: list[dict] = []
+        self.shape: tuple[int, ...] | None = None
+        self.pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self.pending_rows = 0
+        self.num_rows = 0
+        self.counts = np.zeros(len(classes), np.int64)
+        self.sum = self.sumsq = None
+
+    def add(self, images: np.ndarray, labels: np.ndarray, ids: np.ndarray | None = None) -> None:
+        images = np.asarray(images)
+        if images.dtype != np.uint8 or images.ndim != 4:
+            raise DataError(f"images must be uint8 (N, H, W, C), got {images.dtype} {images.shape}")
+        labels = np.asarray(labels, dtype=np.int64)
+        n = len(images)
+        if len(labels) != n:
+            raise DataError(f"{n} images but {len(labels)} labels")
+        if self.shape is None:
+            self.shape = images.shape[1:]
+            if self.rows_per_shard is None:
+                self.rows_per_shard = max(1, TARGET_SHARD_BYTES // int(np.prod(self.shape)))
+            self.sum = np.zeros(self.shape[2], np.float64)
+            self.sumsq = np.zeros(self.shape[2], np.float64)
+        elif images.shape[1:] != self.shape:
+            raise DataError(f"row {self.num_rows}: image shape {images.shape[1:]} differs from the first rows' {self.shape}")
+        bad = np.flatnonzero((labels < 0) | (labels >= len(self.classes)))
+        if len(bad):
+            raise DataError(f"row {self.num_rows + int(bad[0])}: label {int(labels[bad[0]])} is outside the "
+                            f"{len(self.classes)} classes")
+        ids = np.arange(self.num_rows, self.num_rows + n, dtype=np.int64) if ids is None else np.asarray(ids, np.int64)
+        if self.num_rows == 0:  # checked only once the first rows are known to be good
+            self.loc.ensure_writable()
+        x = images.reshape(-1, self.shape[2]).astype(np.float64) / 255.0
+        self.sum += x.sum(axis=0)
+        self.sumsq += np.square(x).sum(axis=0)
+        self.counts += np.bincount(labels, minlength=len(self.classes))
+        self.num_rows += n
+        self.pending.append((images, labels, ids))
+        self.pending_rows += n
+        while self.pending_rows >= self.rows_per_shard:
+            self._flush(self.rows_per_shard)
+
+    def _flush(self, rows: int) -> None:
+        images, labels, ids = (np.concatenate(parts) for parts in zip(*self.pending, strict=True))
+        head, rest = slice(0, rows), slice(rows, None)
+        self.pending = [(images[rest], labels[rest], ids[rest])] if len(images) > rows else []
+        self.pending_rows = len(images) - rows
+        images = images[head]
+        rows_bytes = encode_png(images) if self.encoding == "png" else [r.tobytes() for r in images.reshape(len(images), -1)]
+        table = pa.table({"id": pa.array(ids[head]), "image": pa.array(rows_bytes, type=pa.binary()),
+                          "label": pa.array(labels[head])})
         buf = io.BytesIO()
         pq.write_table(table, buf, compression="zstd")
         data = buf.getvalue()
-        name = f"data/part-{i:05d}-{token}.parquet"
-        loc.join(name).write_bytes(data)
-        shards.append({"path": name, "rows": len(table), "bytes": len(data), "sha256": storage.sha256_bytes(data)})
+        name = f"data/part-{len(self.shards):05d}-{self.token}.parquet"
+        self.loc.join(name).write_bytes(data)
+        self.shards.append({"path": name, "rows": len(table), "bytes": len(data), "sha256": storage.sha256_bytes(data)})
 
-    x = images.astype(np.float64) / 255.0
-    manifest = {
-        "format": FORMAT,
-        "num_rows": n,
-        "shape": list(images.shape[1:]),
-        "classes": list(classes),
-        "class_counts": np.bincount(labels, minlength=len(classes)).tolist(),
-        "mean": x.mean(axis=(0, 1, 2)).round(6).tolist(),
-        "std": np.maximum(x.std(axis=(0, 1, 2)), 1e-6).round(6).tolist(),
-        "encoding": "raw",
-        "shards": shards,
-        "source": source,
-        "skipped_rows": len(skipped or []),
-        "skipped_examples": (skipped or [])[:10],
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "writer": f"lepton_ray {_version()}",
-    }
-    old = _read_manifest(loc) if loc.join(MANIFEST).exists() else None
-    loc.join(MANIFEST).write_json(manifest)  # the commit point
-    if old:  # shards of the previous version, now unreferenced
-        keep = {s["path"] for s in shards}
-        for s in old.get("shards", []):
-            if s["path"] not in keep:
-                loc.join(s["path"]).delete()
-    return _info(loc, manifest)
+    def commit(self, skipped: list[str] | None = None) -> DatasetInfo:
+        """Write the last shard, then the manifest (readers see the new version from here on)."""
+        if self.num_rows == 0:
+            raise DataError("refusing to write an empty dataset")
+        if self.pending_rows:
+            self._flush(self.pending_rows)
+        pixels = self.num_rows * self.shape[0] * self.shape[1]
+        mean = self.sum / pixels
+        std = np.sqrt(np.maximum(self.sumsq / pixels - mean**2, 0.0))
+        manifest = {
+            "format": FORMAT,
+            "num_rows": self.num_rows,
+            "shape": list(self.shape),
+            "classes": self.classes,
+            "class_counts": self.counts.tolist(),
+            "mean": mean.round(6).tolist(),
+            "std": np.maximum(std, 1e-6).round(6).tolist(),
+            "encoding": self.encoding,
+            "shards": self.shards,
+            "source": self.source,
+            "skipped_rows": len(skipped or []),
+            "skipped_examples": (skipped or [])[:10],
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "writer": f"lepton_ray {_version()}",
+        }
+        loc = self.loc
+        old = _read_manifest(loc) if loc.join(MANIFEST).exists() else None
+        loc.join(MANIFEST).write_json(manifest)  # the commit point
+        if old:  # shards of the previous version, now unreferenced
+            keep = {s["path"] for s in self.shards}
+            for s in old.get("shards", []):
+                if s["path"] not in keep:
+                    loc.join(s["path"]).delete()
+        return _info(loc, manifest)
+
+
+def write_dataset(images: np.ndarray, labels: np.ndarray, dest: str | storage.Location, *,
+                  classes: list[str], ids: np.ndarray | None = None, endpoint_url: str | None = None,
+                  source: str = "", rows_per_shard: int | None = None, skipped: list[str] | None = None,
+                  encoding: str = "raw") -> DatasetInfo:
+    """Write (N, H, W, C) uint8 images and labels as a prepared dataset at ``dest``.
+
+    Shards hold about 64 MiB of pixels each, and a dataset is split into at least 8 of them so
+    that Ray Data has blocks to spread over its workers.
+    """
+    n = len(images)
+    if rows_per_shard is None and n:
+        row_bytes = int(np.prod(np.shape(images)[1:]))
+        rows_per_shard = max(1, min(TARGET_SHARD_BYTES // max(row_bytes, 1), math.ceil(n / MIN_SHARDS)))
+    writer = DatasetWriter(dest, classes=classes, endpoint_url=endpoint_url, source=source,
+                           rows_per_shard=rows_per_shard, encoding=encoding)
+    if n:
+        writer.add(images, labels, ids)
+    return writer.commit(skipped)
 
 
 def _version() -> str:
@@ -168,14 +238,16 @@ BUILTIN_SOURCES = {"mnist5k": load_mnist5k}
 
 
 def prepare(source: str, dest: str, *, endpoint_url: str | None = None, overwrite: bool = False,
-            root: str | None = None, skip_bad: bool = False) -> dict[str, DatasetInfo]:
+            root: str | None = None, skip_bad: bool = False, encoding: str = "raw") -> dict[str, DatasetInfo]:
     """Prepare a dataset into object storage: ``dest/<split>/`` per split (see ``lepton_ray.sources``
     for the sources: ``mnist5k``, ``torchvision:NAME`` with ``root``, ``imagefolder:PATH``,
     ``parquet:PATH``).
 
     Idempotent: when ``dest`` already holds this source's splits they are left as they are and
     nothing is read (``overwrite=True`` rewrites them, atomically). With ``skip_bad``, unreadable
-    or mismatched images are left out and counted in the manifest (``skipped_rows``).
+    or mismatched images are left out and counted in the manifest (``skipped_rows``). ``encoding``
+    stores rows as raw pixels (fastest to read) or PNG (smaller for natural images; decoded by the
+    Ray Data CPU workers).
     """
     from lepton_ray import sources
 
@@ -192,11 +264,12 @@ def prepare(source: str, dest: str, *, endpoint_url: str | None = None, overwrit
                     existing[split] = _info(loc, m)
         if existing:
             return existing
-    src = sources.load(source, root=root, skip_bad=skip_bad)
+    src = sources.load(source, root=root, skip_bad=skip_bad, endpoint_url=endpoint_url)
     infos = {}
     for split, part in src.splits.items():
         infos[split] = write_dataset(part.images, part.labels, root_loc.join(split), classes=src.classes,
-                                     ids=part.ids, source=f"{src.name}/{split}", skipped=part.skipped)
+                                     ids=part.ids, source=f"{src.name}/{split}", skipped=part.skipped,
+                                     encoding=encoding)
     return infos
 
 
@@ -261,7 +334,8 @@ def _read_manifest(loc: storage.Location) -> dict:
 def _info(loc: storage.Location, m: dict) -> DatasetInfo:
     return DatasetInfo(uri=loc.uri, num_rows=int(m["num_rows"]), shape=tuple(m["shape"]),
                        classes=tuple(m["classes"]), mean=tuple(m["mean"]), std=tuple(m["std"]),
-                       shards=tuple(m["shards"]), endpoint_url=loc.endpoint_url, manifest=m)
+                       shards=tuple(m["shards"]), encoding=m.get("encoding", "raw"), endpoint_url=loc.endpoint_url,
+                       manifest=m)
 
 
 def open_dataset(uri: str, endpoint_url: str | None = None) -> DatasetInfo:
@@ -280,8 +354,10 @@ def read_arrays(info: DatasetInfo) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             raise DataError(f"shard {s['path']} of {info.uri} does not match its checksum")
         tables.append(pq.read_table(io.BytesIO(data)))
     t = pa.concat_tables(tables)
-    images = np.frombuffer(b"".join(t.column("image").to_pylist()), np.uint8).reshape(-1, *info.shape)
-    return images, t.column("label").to_numpy(), t.column("id").to_numpy()
+    ids = t.column("id").to_numpy()
+    rows = t.column("image").to_pylist()
+    images = decode_raw(rows, info.shape) if info.encoding == "raw" else decode_encoded(rows, info.shape, ids)
+    return images, t.column("label").to_numpy(), ids
 
 
 class KeepIds:

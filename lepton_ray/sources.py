@@ -3,8 +3,8 @@
 Each source yields, per split, ``(images (N, H, W, C) uint8, labels int64, ids int64)`` plus the
 class names. Sources: the built-in MNIST subset (``mnist5k``), a torchvision dataset already on
 local disk (``torchvision:MNIST`` / ``FashionMNIST`` / ``CIFAR10`` with ``root``), an image-folder
-tree (``imagefolder:PATH``, one sub-folder per class, PNG/JPEG; ``train/`` and ``test/`` or ``val/``
-sub-trees become splits), and existing Parquet (``parquet:PATH`` with ``image`` bytes and ``label``).
+tree (``imagefolder:PATH`` or ``imagefolder:s3://bucket/prefix``, one sub-folder per class,
+PNG/JPEG; ``train/`` and ``test/`` or ``val/`` sub-trees become splits), and existing Parquet (``parquet:PATH`` with ``image`` bytes and ``label``).
 
 Bad rows (unreadable images, a size unlike the first image's) raise :class:`DataError` naming the
 file or row, or with ``skip_bad`` are left out and counted.
@@ -13,14 +13,17 @@ file or row, or with ``skip_bad`` are left out and counted.
 from __future__ import annotations
 
 import io
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from lepton_ray import storage
 from lepton_ray.errors import DataError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+_READERS = 16
 
 
 @dataclass
@@ -45,14 +48,16 @@ def canonical(source: str) -> str:
     if source in data.BUILTIN_SOURCES:
         return f"builtin:{source}"
     kind, sep, arg = source.partition(":")
-    if sep and kind in ("imagefolder", "parquet"):
+    if sep and kind == "imagefolder":
+        return f"{kind}:{storage.resolve(arg).uri}"
+    if sep and kind == "parquet":
         return f"{kind}:{Path(arg).resolve()}"
     if not sep and Path(source).is_dir():
         return f"imagefolder:{Path(source).resolve()}"
     return source
 
 
-def load(source: str, *, root: str | None = None, skip_bad: bool = False) -> Source:
+def load(source: str, *, root: str | None = None, skip_bad: bool = False, endpoint_url: str | None = None) -> Source:
     """Resolve a source string (see the module docstring) and load it."""
     from lepton_ray import data
 
@@ -63,11 +68,11 @@ def load(source: str, *, root: str | None = None, skip_bad: bool = False) -> Sou
     if kind == "torchvision" and arg:
         return _torchvision(arg, root)
     if kind == "imagefolder" and arg:
-        return _image_folder(Path(arg), skip_bad)
+        return _image_folder(arg, skip_bad, endpoint_url)
     if kind == "parquet" and arg:
         return _parquet(Path(arg), skip_bad)
     if not _ and Path(source).is_dir():
-        return _image_folder(Path(source), skip_bad)
+        return _image_folder(source, skip_bad, endpoint_url)
     raise DataError(f"unknown dataset source {source!r} (built-in: {', '.join(data.BUILTIN_SOURCES)}; "
                     "or torchvision:NAME, imagefolder:PATH, parquet:PATH)")
 
@@ -129,37 +134,45 @@ class _Decoder:
         return _decode(data, where, self.mode, self.size)
 
 
-def _image_folder(path: Path, skip_bad: bool) -> Source:
-    if not path.is_dir():
-        raise DataError(f"image folder {path} does not exist")
-    split_dirs = {s: path / s for s in ("train", "test", "val") if (path / s).is_dir()}
+def _image_folder(uri: str, skip_bad: bool, endpoint_url: str | None) -> Source:
+    """An ImageNet-style tree, local or in object storage: ``[split/]class/image.png``."""
+    root = storage.resolve(uri, endpoint_url)
+    if not root.is_dir():
+        raise DataError(f"image folder {root.uri} does not exist")
+    names = root.listdir()
+    split_dirs = {s: root.join(s) for s in ("train", "test", "val") if s in names and root.join(s).is_dir()}
     if not split_dirs:
-        split_dirs = {"train": path}
-    classes = sorted(d.name for d in next(iter(split_dirs.values())).iterdir() if d.is_dir())
+        split_dirs = {"train": root}
+    first = next(iter(split_dirs.values()))
+    classes = [c for c in first.listdir() if first.join(c).is_dir()]
     if not classes:
-        raise DataError(f"image folder {path} has no class sub-folders")
+        raise DataError(f"image folder {root.uri} has no class sub-folders")
     splits: dict[str, Split] = {}
     decode = _Decoder()
     next_id = 0
-    for split, d in split_dirs.items():
-        images, labels, ids, skipped = [], [], [], []
-        for label, cls in enumerate(classes):
-            for f in sorted(p for p in (d / cls).glob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+    with ThreadPoolExecutor(_READERS) as pool:  # object stores answer many small reads in parallel
+        for split, d in split_dirs.items():
+            files, labels = [], []
+            for label, cls in enumerate(classes):
+                found = [d.join(cls, f) for f in d.join(cls).listdir() if Path(f).suffix.lower() in IMAGE_SUFFIXES]
+                files += found
+                labels += [label] * len(found)
+            images, kept, skipped = [], [], []
+            for f, label, data in zip(files, labels, pool.map(lambda f: f.read_bytes(), files), strict=True):
                 try:
-                    images.append(decode(f.read_bytes(), str(f)))
+                    images.append(decode(data, f.uri))
                 except DataError as exc:
                     if not skip_bad:
                         raise
                     skipped.append(str(exc))
                     continue
-                labels.append(label)
-                ids.append(next_id)
-                next_id += 1
-        if not images:
-            raise DataError(f"no readable images under {d}")
-        splits["test" if split == "val" else split] = Split(np.stack(images), np.asarray(labels, np.int64),
-                                                            np.asarray(ids, np.int64), skipped)
-    return Source(f"imagefolder:{path.resolve()}", splits, classes)
+                kept.append(label)
+            if not images:
+                raise DataError(f"no readable images under {d.uri}")
+            ids = np.arange(next_id, next_id + len(images), dtype=np.int64)
+            next_id += len(images)
+            splits["test" if split == "val" else split] = Split(np.stack(images), np.asarray(kept, np.int64), ids, skipped)
+    return Source(f"imagefolder:{root.uri}", splits, classes)
 
 
 def _parquet(path: Path, skip_bad: bool) -> Source:

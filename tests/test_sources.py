@@ -111,3 +111,41 @@ def test_inspect_writes_a_grid(folder, tmp_path):
     assert json.loads(r.stdout)["class_counts"] == {"cat": 3, "dog": 3}
     assert Image.open(grid).size[0] > 8 * 6
     assert open_dataset(str(tmp_path / "out" / "train")).num_rows == 6
+
+
+def test_image_folder_in_object_storage(folder, s3_server, s3_bucket, tmp_path):
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+    for f in sorted(folder.rglob("*.png")):
+        s3.put_object(Bucket=s3_bucket, Key=f"raw/pets/{f.relative_to(folder)}", Body=f.read_bytes())
+    infos = prepare(f"imagefolder:s3://{s3_bucket}/raw/pets", f"s3://{s3_bucket}/datasets/pets", endpoint_url=s3_server)
+    local = prepare(f"imagefolder:{folder}", str(tmp_path / "local"))
+    for split in ("train", "test"):
+        got, want = read_arrays(infos[split]), read_arrays(local[split])
+        for a, b in zip(got, want, strict=True):
+            np.testing.assert_array_equal(a, b)
+    assert infos["train"].manifest["source"] == f"imagefolder:s3://{s3_bucket}/raw/pets/train"
+    with pytest.raises(DataError, match="does not exist"):
+        prepare(f"imagefolder:s3://{s3_bucket}/raw/none", f"s3://{s3_bucket}/datasets/x", endpoint_url=s3_server)
+
+
+def test_png_encoded_dataset_round_trips(folder, tmp_path):
+    raw = prepare(f"imagefolder:{folder}", str(tmp_path / "raw"))["train"]
+    enc = prepare(f"imagefolder:{folder}", str(tmp_path / "png"), encoding="png")["train"]
+    assert enc.encoding == "png" and enc.manifest["encoding"] == "png" and raw.encoding == "raw"
+    for a, b in zip(read_arrays(enc), read_arrays(raw), strict=True):
+        np.testing.assert_array_equal(a, b)
+    # The Ray Data preprocessor decodes PNG rows into the same tensors as raw rows.
+    t = pq.read_table(tmp_path / "png" / "train" / enc.shards[0]["path"]).to_pydict()
+    batch = {k: np.array(v, dtype=object if k == "image" else np.int64) for k, v in t.items()}
+    assert batch["image"][0].startswith(b"\x89PNG")
+    images, _, ids = read_arrays(raw)
+    out = enc.preprocessor()(batch)
+    want = raw.preprocessor()({"image": images[np.searchsorted(ids, batch["id"])], "label": batch["label"]})
+    np.testing.assert_allclose(out["image"], want["image"])
+    batch["image"][0] = b"garbage"
+    with pytest.raises(ValueError, match=f"row id {batch['id'][0]}: image bytes do not decode"):
+        enc.preprocessor()(batch)
+    with pytest.raises(DataError, match="unknown image encoding 'jpeg2000'"):
+        prepare(f"imagefolder:{folder}", str(tmp_path / "bad"), encoding="jpeg2000")

@@ -8,11 +8,15 @@ import pytest
 from lepton_ray.transforms import (
     AUGMENTATIONS,
     Preprocessor,
+    affine,
     check_augment,
+    color_jitter,
     decode_raw,
     hflip,
     normalize,
+    random_affine,
     random_crop,
+    random_rotation,
 )
 
 
@@ -142,9 +146,9 @@ def test_normalize():
 def test_check_augment():
     assert check_augment(["random_crop", "hflip"]) == ("random_crop", "hflip")
     assert check_augment(()) == ()
-    with pytest.raises(ValueError, match="unknown augmentation 'rotate'"):
-        check_augment(["random_crop", "rotate"])
-    assert set(AUGMENTATIONS) == {"random_crop", "hflip"}
+    with pytest.raises(ValueError, match="unknown augmentation 'blur'"):
+        check_augment(["random_crop", "blur"])
+    assert set(AUGMENTATIONS) == {"random_crop", "hflip", "rotate", "affine", "color_jitter"}
 
 
 def test_preprocessor_rejects_unknown_augmentation():
@@ -152,7 +156,7 @@ def test_preprocessor_rejects_unknown_augmentation():
         Preprocessor((5, 7, 3), [0.5] * 3, [0.5] * 3, augment=("blur",))
 
 
-@pytest.mark.parametrize("augment", [(), ("random_crop", "hflip")])
+@pytest.mark.parametrize("augment", [(), ("random_crop", "hflip"), tuple(AUGMENTATIONS)])
 def test_preprocessor_output(augment):
     imgs = _images(n=8)
     batch = {
@@ -179,3 +183,80 @@ def test_preprocessor_without_ids():
     assert set(out) == {"image", "label"}
     assert out["label"].dtype == np.int64
     np.testing.assert_allclose(out["image"], imgs.transpose(0, 3, 1, 2) / 255.0, rtol=1e-6)
+
+
+def _warp(imgs, angle=0.0, zoom=1.0, sx=0.0, sy=0.0):
+    n = len(imgs)
+    return affine(imgs, np.full(n, angle), np.full(n, zoom), np.full(n, sx), np.full(n, sy))
+
+
+def test_affine_identity_and_exact_turns():
+    imgs = _images(n=4, h=6, w=6)
+    np.testing.assert_array_equal(_warp(imgs), imgs)
+    # A quarter turn counter-clockwise as displayed is numpy's rot90; a half turn flips both axes.
+    np.testing.assert_array_equal(_warp(imgs, np.pi / 2), np.rot90(imgs, axes=(1, 2)))
+    np.testing.assert_array_equal(_warp(imgs, np.pi), imgs[:, ::-1, ::-1])
+
+
+def test_affine_integer_shift_is_a_translation():
+    imgs = _images(n=3)
+    out = _warp(imgs, sx=2.0, sy=-1.0)  # right by 2, up by 1
+    for i in range(3):
+        np.testing.assert_array_equal(out[i], _translate(imgs[i], -1, 2))
+
+
+def test_affine_half_pixel_shift_interpolates():
+    img = np.array([[0, 100, 200, 50]], np.uint8).reshape(1, 1, 4, 1)
+    out = _warp(img, sx=0.5)
+    # Each output pixel averages the two source pixels it straddles; the left edge meets zero fill.
+    np.testing.assert_array_equal(out[0, 0, :, 0], [0, 50, 150, 125])
+
+
+def test_affine_zoom_out_leaves_a_zero_border():
+    imgs = np.full((2, 9, 9, 1), 200, np.uint8)
+    out = _warp(imgs, zoom=0.5)
+    assert (out[:, 0] == 0).all() and (out[:, :, -1] == 0).all()
+    assert (out[:, 4, 4] == 200).all()
+
+
+def test_random_rotation_and_affine_are_seeded_and_vary_per_image():
+    imgs = np.repeat(_images(n=1, h=12, w=12), 8, axis=0)
+    for fn in (random_rotation, random_affine):
+        a = fn(imgs, np.random.default_rng(5))
+        np.testing.assert_array_equal(a, fn(imgs, np.random.default_rng(5)))
+        assert a.shape == imgs.shape and a.dtype == np.uint8
+        assert len({a[i].tobytes() for i in range(8)}) == 8  # the same image, eight different draws
+    # Rotation keeps the centre pixel of an odd-sized image where it is.
+    odd = _images(n=4, h=9, w=9)
+    np.testing.assert_array_equal(random_rotation(odd, np.random.default_rng(0))[:, 4, 4], odd[:, 4, 4])
+
+
+def test_color_jitter():
+    imgs = _images(n=16, h=4, w=4, c=3)
+    np.testing.assert_array_equal(color_jitter(imgs, np.random.default_rng(0), 0, 0, 0), imgs)
+    out = color_jitter(imgs, np.random.default_rng(0))
+    assert out.shape == imgs.shape and out.dtype == np.uint8
+    np.testing.assert_array_equal(out, color_jitter(imgs, np.random.default_rng(0)))
+    assert not np.array_equal(out, imgs)
+    # A saturation factor of 0 leaves grey pixels: R == G == B up to rounding.
+    grey = color_jitter(imgs, _Const(0.0), brightness=0, contrast=0, saturation=1.0)
+    assert np.ptp(grey.astype(int), axis=3).max() <= 1
+    # Brightness factor 2 doubles (and clips) every pixel.
+    bright = color_jitter(imgs, _Const(2.0), brightness=1.0, contrast=0, saturation=0)
+    np.testing.assert_array_equal(bright, np.clip(imgs.astype(int) * 2, 0, 255))
+
+
+def test_color_jitter_greyscale_changes_brightness_and_contrast_only():
+    imgs = _images(n=4, c=1)
+    out = color_jitter(imgs, _Const(0.5), brightness=0.5, contrast=0, saturation=0.5)
+    np.testing.assert_array_equal(out, np.rint(imgs * 0.5).astype(np.uint8))
+
+
+class _Const:
+    """A generator whose non-degenerate uniform draws return one value (to pin a jitter factor)."""
+
+    def __init__(self, value: float):
+        self.value = value
+
+    def uniform(self, low, high, size):
+        return np.full(size, self.value if high > low else low)
