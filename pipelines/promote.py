@@ -1,0 +1,129 @@
+"""Promote a run's checkpoint to serving.
+
+    python -m pipelines.promote --config pipelines/configs/mnist.yaml                      # best checkpoint
+    python -m pipelines.promote --config pipelines/configs/mnist.yaml --set promote.deploy=true
+    python -m pipelines.promote --config ... --set promote.checkpoint=s3://bucket/runs/r/checkpoint_...  # roll back
+
+1. picks ``promote.checkpoint`` (``best`` or ``last`` of ``train.run_name``, or a URI) and verifies
+   it (manifest and checksums);
+2. with ``promote.min_accuracy``, evaluates it first and refuses (exit 1) below the bar;
+3. with ``promote.deploy``, deploys it with Ray Serve on the cluster (a running application of
+   the same name is rolled over to it);
+4. then, and only then, moves the pointer ``<store>/serving/<name>/current.json`` (checkpoint,
+   run, metrics, the previous checkpoint) and writes ``<store>/serving/<name>/config.yaml``, a
+   Serve config for ``serve deploy`` (also to ``promote.write_config`` when set).
+
+The pointer is the record of what serves; promoting an older checkpoint is the rollback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from pipelines import common
+from pipelines.common import PipelineConfig, PipelineFailure, find_checkpoint, log
+
+
+def serve_config_yaml(args: dict[str, Any], *, host: str, port: int) -> str:
+    """A Serve config file (the shape of ``serving/config.yaml``) for ``serve deploy``/``serve run``."""
+    import yaml
+
+    doc = {
+        "proxy_location": "HeadOnly",
+        "http_options": {"host": host, "port": port},
+        "applications": [
+            {
+                "name": args["name"],
+                "route_prefix": args["route_prefix"],
+                "import_path": "serving.app:app",
+                "args": args,
+            }
+        ],
+    }
+    return (
+        "# Written by pipelines.promote. Deploy it from the repository root: serve deploy <this file>\n"
+        + yaml.safe_dump(doc, sort_keys=False)
+    )
+
+
+def public(fields: dict[str, Any]) -> dict[str, Any]:
+    """Serve fields safe to write down: no tokens, secrets or passwords (those come from the
+    environment where the application runs)."""
+    return {
+        k: v for k, v in fields.items() if not any(s in k for s in ("token", "secret", "password"))
+    }
+
+
+def run(cfg: PipelineConfig) -> dict[str, Any]:
+    from lepton_ray import checkpoint, storage
+    from lepton_ray.config import to_dict
+    from lepton_ray.serve.config import ServeConfig
+
+    p = cfg.promote
+    uri = find_checkpoint(cfg, p.checkpoint)
+    files = checkpoint.verify(storage.resolve(uri, cfg.endpoint_url))
+    meta = json.loads(files[checkpoint.META])
+    serve = ServeConfig(checkpoint=uri, **{"endpoint_url": cfg.endpoint_url, **p.serve})
+    summary: dict[str, Any] = {
+        "checkpoint": uri,
+        "run": meta.get("run", {}).get("name"),
+        "metrics": {
+            k: v
+            for k, v in meta.get("metrics", {}).items()
+            if k in ("epoch", "step", "train_loss", "train_accuracy", "val_loss", "val_accuracy")
+        },
+    }
+    if p.min_accuracy is not None:
+        from pipelines.evaluate import evaluate
+
+        result = evaluate(cfg, which=uri)
+        summary["evaluation"] = {
+            k: result[k] for k in ("split", "rows", "accuracy", "loss", "written_to")
+        }
+        if result["accuracy"] < p.min_accuracy:
+            raise PipelineFailure(
+                f"not promoted: accuracy {result['accuracy']:.4f} on '{result['split']}' is below "
+                f"promote.min_accuracy {p.min_accuracy}"
+            )
+    if p.deploy:
+        from lepton_ray import deploy
+
+        fields = {k: v for k, v in to_dict(serve).items() if k != "checkpoint"}
+        summary["endpoint"] = deploy(uri, host=p.host, port=p.port, **fields)
+        log(f"[promote] serving {uri} at {summary['endpoint']}")
+
+    home = storage.resolve(f"{cfg.root}/serving/{serve.name}", cfg.endpoint_url)
+    pointer = home.join("current.json")
+    previous = pointer.read_json() if pointer.exists() else None
+    record = {
+        **summary,
+        "serve": public({k: v for k, v in to_dict(serve).items() if k != "checkpoint"}),
+        "promoted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "previous": previous["checkpoint"] if previous else None,
+    }
+    config_text = serve_config_yaml(public(to_dict(serve)), host=p.host, port=p.port)
+    home.join("config.yaml").write_bytes(config_text.encode())
+    pointer.write_json(record)  # last: the pointer moves only once everything else is in place
+    if p.write_config:
+        Path(p.write_config).expanduser().write_text(config_text)
+    log(
+        f"[promote] {serve.name} -> {uri}"
+        + (f" (was {record['previous']})" if record["previous"] else "")
+    )
+    return record | {
+        "pointer": pointer.uri,
+        "serve_config": [home.join("config.yaml").uri]
+        + ([p.write_config] if p.write_config else []),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    return common.main("promote", __doc__, run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""Pipelines: YAML configs onto the typed configs, overrides, one-line errors, and the four
+pipelines run in smoke mode on the S3 test server against the session's Ray cluster."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from lepton_ray.errors import ConfigError
+from pipelines.common import load_config, parse_override
+
+CONFIGS = sorted((Path(__file__).resolve().parent.parent / "pipelines" / "configs").glob("*.yaml"))
+MNIST = str(Path(__file__).resolve().parent.parent / "pipelines" / "configs" / "mnist.yaml")
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_loads_onto_the_typed_configs(path):
+    cfg = load_config(path)
+    assert cfg.train.run_name and cfg.dataset.source
+
+
+def test_yaml_sections_map_one_to_one_and_overrides_win(tmp_path):
+    cfg = load_config(
+        MNIST,
+        [
+            "train.epochs=3",
+            "train.optim.lr=0.05",
+            "train.scaling.num_workers=[1, 2]",
+            "model.kwargs.width=8",
+            "store=s3://b/p",
+            "promote.serve.max_replicas=4",
+        ],
+    )
+    assert (cfg.train.epochs, cfg.train.optim.lr, cfg.train.scaling.num_workers) == (
+        3,
+        0.05,
+        (1, 2),
+    )
+    assert cfg.model.kwargs == {"width": 8}
+    assert cfg.train.data.augment == ("random_crop",)
+    assert (cfg.dataset_uri, cfg.runs_uri) == ("s3://b/p/datasets/mnist5k", "s3://b/p/runs")
+    assert cfg.promote.serve["max_replicas"] == 4
+
+
+def test_smoke_test_shrinks_everything_but_what_was_overridden():
+    cfg = load_config(MNIST, ["train.epochs=2"], smoke_test=True)
+    assert cfg.smoke_test and cfg.train.epochs == 2 and cfg.train.scaling.num_workers == 1
+    assert cfg.dataset.limit_rows == 500 and cfg.dataset_uri.endswith("/datasets/mnist5k-smoke")
+    assert cfg.train.run_name == "mnist-cnn-smoke" and cfg.promote.min_accuracy == 0.0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["train.epoch=3"],
+            "unknown key 'train.epoch' in the overrides (known there: batch_size, epochs,",
+        ),
+        (["train.optim.lrr=1"], "unknown key 'train.optim.lrr'"),
+        (["promote.serve.replicas=2"], "unknown key 'promote.serve.replicas'"),
+        (["datasets.source=x"], "unknown key 'datasets'"),
+        (["train.epochs"], "override 'train.epochs' must look like key.path=value"),
+        (["train.epochs=0"], "TrainConfig.epochs must be > 0, got 0"),
+        (["train.scaling.placement_strategy=BOTH"], "ScalingConfig.placement_strategy must be"),
+        (
+            ["promote.serve.checkpoint=/x"],
+            "promote.serve.checkpoint is chosen by promote.checkpoint",
+        ),
+    ],
+)
+def test_bad_keys_and_values_are_named(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(MNIST, overrides)
+    assert message in str(err.value)
+
+
+def test_unknown_key_in_the_file_names_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  epochs: 2\n  optim:\n    learning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match=f"unknown key 'train.optim.learning_rate' in {bad}"):
+        load_config(bad)
+
+
+def test_override_values_are_yaml():
+    assert parse_override("a.b=3") == ("a.b", 3)
+    assert parse_override("a=[1, 2]") == ("a", [1, 2])
+    assert parse_override("a=null") == ("a", None)
+    assert parse_override("a=s3://bucket/x") == ("a", "s3://bucket/x")
+    assert parse_override("a=true") == ("a", True)
+
+
+def test_unknown_key_exits_2_with_one_line_on_stderr_before_ray_starts():
+    r = subprocess.run(
+        [sys.executable, "-m", "pipelines.train", "--config", MNIST, "--set", "train.epoch=3"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()]
+    assert r.stderr.startswith("pipelines.train: error: unknown key 'train.epoch' in the overrides")
+
+
+def run_pipeline(name: str, capsys, *args: str) -> tuple[int, dict]:
+    import importlib
+
+    code = importlib.import_module(f"pipelines.{name}").main(["--config", MNIST, *args])
+    out = capsys.readouterr().out
+    return code, (json.loads(out) if code == 0 else {})
+
+
+@pytest.mark.ray
+def test_prepare_train_evaluate_promote_in_smoke_mode_on_s3(
+    ray_session, s3_server, s3_bucket, serve_port, capsys
+):
+    import boto3
+    from ray import serve
+
+    store = ["--smoke-test", f"store=s3://{s3_bucket}/lepton", f"endpoint_url={s3_server}"]
+    code, data = run_pipeline("prepare_data", capsys, *store)
+    assert (
+        code == 0
+        and data["splits"]["train"]["rows"] == 500
+        and data["splits"]["test"]["rows"] == 500
+    )
+
+    code, res = run_pipeline("train", capsys, *store, "model.kwargs.width=8")
+    assert code == 0 and res["epochs"] == 1 and res["run_name"] == "mnist-cnn-smoke"
+    run = f"s3://{s3_bucket}/lepton/runs/mnist-cnn-smoke"
+    assert res["run"] == run and res["checkpoint"].startswith(run + "/checkpoint_epoch0001_")
+
+    code, ev = run_pipeline("evaluate", capsys, *store, "evaluate.checkpoint=last")
+    assert code == 0 and ev["checkpoint"] == res["checkpoint"] and ev["rows"] == 500
+    assert 0 <= ev["accuracy"] <= 1 and sorted(ev["per_class_accuracy"]) == [
+        str(i) for i in range(10)
+    ]
+
+    # A gate no checkpoint can meet: exit 1, and the pointer does not move.
+    code, _ = run_pipeline("promote", capsys, *store, "promote.min_accuracy=1.01")
+    assert code == 1
+    s3 = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket=s3_bucket, Prefix="lepton/")["Contents"]}
+    assert "lepton/serving/mnist/current.json" not in keys
+    assert any(k.startswith("lepton/runs/mnist-cnn-smoke/eval/") for k in keys)
+
+    serve.start(http_options={"host": "127.0.0.1", "port": serve_port})
+    try:
+        code, promoted = run_pipeline(
+            "promote", capsys, *store, "promote.deploy=true", "promote.serve.route_prefix=/promoted"
+        )
+        assert (
+            code == 0
+            and promoted["checkpoint"] == res["best_checkpoint"]
+            and promoted["previous"] is None
+        )
+        with urllib.request.urlopen(promoted["endpoint"] + "/v1/model", timeout=30) as r:
+            assert json.loads(r.read())["checkpoint"] == res["best_checkpoint"]
+    finally:
+        serve.delete("mnist")
+    pointer = json.loads(
+        s3.get_object(Bucket=s3_bucket, Key="lepton/serving/mnist/current.json")["Body"].read()
+    )
+    assert pointer["checkpoint"] == res["best_checkpoint"] and pointer["evaluation"]["rows"] == 500
+
+    # Promoting another checkpoint (a rollback, say) records what it replaced.
+    code, again = run_pipeline("promote", capsys, *store, f"promote.checkpoint={res['checkpoint']}")
+    assert code == 0 and again["previous"] == res["best_checkpoint"]
+    config = (
+        s3.get_object(Bucket=s3_bucket, Key="lepton/serving/mnist/config.yaml")["Body"]
+        .read()
+        .decode()
+    )
+    assert f"checkpoint: {res['checkpoint']}" in config and "import_path: serving.app:app" in config
