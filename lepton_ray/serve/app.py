@@ -1,62 +1,278 @@
-"""The Serve deployment: a FastAPI ingress in front of one model loaded from a checkpoint.
+"""The Serve application: an HTTP ingress in front of one (or, during a canary, two) model deployments.
 
-Thin glue: :class:`~lepton_ray.serve.runner.ModelRunner` decodes and validates each request on
-its own (a bad one gets a 4xx before it can join a batch), then ``@serve.batch`` groups valid
-requests into one model call. No ``from __future__ import annotations`` here: Serve pickles this
-class by value, and FastAPI must still resolve ``Request`` in the route signatures.
+    HTTP -> Ingress (FastAPI: auth, size limit, decode/validate, canary routing, retry, metrics)
+         -> ModelServer "<name>-model"  (@serve.batch -> one forward pass; autoscaled)
+         -> ModelServer "<name>-canary" (only while a canary is configured)
+
+Thin glue: decoding and validation are the pure functions of :mod:`lepton_ray.serve.codec`, so a
+bad request gets its 4xx in the ingress and never reaches a batch; the canary's verdict is
+:class:`lepton_ray.serve.canary.CanaryJudge`. A model call that fails (a replica died, the model
+raised) is retried once, on the stable version, before the client sees a 503.
+
+No ``from __future__ import annotations`` here: Serve pickles these classes by value, and FastAPI
+must still resolve ``Request`` in the route signatures.
 """
 
+import os
+import time
 from typing import Any
 
-from fastapi import FastAPI, Request
+import numpy as np
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
 
 from lepton_ray.serve.codec import RequestError
 
+OPEN_PATHS = ("/healthz", "/docs", "/openapi.json", "/docs/oauth2-redirect")
+LATENCY_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000]
+BATCH_SIZES = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
+PREDICT_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "instances": {
+                            "type": "array",
+                            "description": "pixel arrays 0-255, [H][W], [H][W][C] or flat",
+                        },
+                        "images": {
+                            "type": "array",
+                            "items": {"type": "string"},
+                            "description": "base64 PNG/JPEG",
+                        },
+                    },
+                }
+            },
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "file": {"type": "array", "items": {"type": "string", "format": "binary"}}
+                    },
+                }
+            },
+            "image/png": {"schema": {"type": "string", "format": "binary"}},
+            "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
 
-@serve.deployment(ray_actor_options={"num_cpus": 1})
-@serve.ingress()
+
+@serve.deployment
 class ModelServer:
-    """One replica: the model runner, the batching queue and the replica's FastAPI app."""
+    """One model replica: the checkpoint's model behind a batching queue (no HTTP of its own)."""
 
     def __init__(self, cfg: Any):
+        from ray.util import metrics
+
         from lepton_ray.serve.runner import ModelRunner
 
         self.runner = ModelRunner(cfg)
-        self.cfg = cfg
-        self.predict_batch.set_max_batch_size(cfg.max_batch_size)
-        self.predict_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+        self.predict.set_max_batch_size(cfg.max_batch_size)
+        self.predict.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+        self.tags = {"app": cfg.name, "version": self.runner.version}
+        self.batch_size = metrics.Histogram(
+            "lepton_serve_batch_size",
+            "Requests per model call",
+            boundaries=BATCH_SIZES,
+            tag_keys=("app", "version"),
+        )
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
+    async def predict(self, requests: list) -> list:
+        """(N_i, H, W, C) uint8 per request -> ``{"predictions", "model_version"}`` per request."""
+        self.batch_size.observe(len(requests), tags=self.tags)
+        return [
+            {"predictions": p, "model_version": self.runner.version}
+            for p in self.runner.predict_many(requests)
+        ]
+
+    def info(self) -> dict[str, Any]:
+        return self.runner.info()
+
+    def pid(self) -> int:
+        """The replica's process id (the failure tests kill it)."""
+        return os.getpid()
+
+
+@serve.deployment
+@serve.ingress()
+class Ingress:
+    """HTTP in front of the model deployments; holds no model, only the checkpoint's input spec."""
+
+    def __init__(self, cfg: Any, stable: Any, canary: Any = None, auth_token: Any = None):
+        from ray.util import metrics
+
+        from lepton_ray.serve.canary import CanaryJudge
+        from lepton_ray.serve.codec import InputSpec, read_checkpoint_meta
+
+        self.cfg, self.stable, self.canary, self.token = cfg, stable, canary, auth_token
+        meta, self.version = read_checkpoint_meta(cfg.checkpoint, cfg.endpoint_url)
+        self.spec = InputSpec.from_meta(meta)
+        self.canary_version = (
+            read_checkpoint_meta(cfg.canary_checkpoint, cfg.endpoint_url)[1] if canary else None
+        )
+        self.judge = (
+            CanaryJudge(cfg.canary_share, cfg.canary_min_requests, cfg.canary_tolerance)
+            if canary
+            else None
+        )
+        self.requests = metrics.Counter(
+            "lepton_serve_requests",
+            "HTTP requests by route and status code",
+            tag_keys=("app", "route", "code"),
+        )
+        self.latency = metrics.Histogram(
+            "lepton_serve_request_latency_ms",
+            "HTTP request latency (ms) in the ingress",
+            boundaries=LATENCY_MS,
+            tag_keys=("app", "route"),
+        )
+        self.model_calls = metrics.Counter(
+            "lepton_serve_model_calls",
+            "Model calls by version and outcome",
+            tag_keys=("app", "version", "outcome"),
+        )
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        # Built per replica, after __init__, so routes are bound to this replica's model.
-        api = FastAPI(title="lepton_ray model endpoint", version="1",
-                      description=f"Model {self.runner.version} from {self.cfg.checkpoint}")
+        # Built per replica, after __init__, so routes are bound to this replica's state.
+        api = FastAPI(
+            title="lepton_ray model endpoint",
+            version="1",
+            description=f"Model {self.version} from {self.cfg.checkpoint}",
+        )
 
         @api.exception_handler(RequestError)
         async def _request_error(_: Request, exc: RequestError) -> JSONResponse:
-            return JSONResponse({"error": str(exc)}, status_code=exc.status)
+            headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+            return JSONResponse({"error": str(exc)}, status_code=exc.status, headers=headers)
 
-        api.add_api_route("/v1/predict", self.predict, methods=["POST"],
-                          summary='Classify images: JSON {"instances": [...]} or {"images": [base64]}, or a PNG/JPEG body')
-        api.add_api_route("/healthz", self.healthz, methods=["GET"], summary="Ready once the model has loaded")
-        api.add_api_route("/v1/model", self.model_info, methods=["GET"],
-                          summary="Classes, input shape, version and training metrics")
+        @api.middleware("http")
+        async def _measure(request: Request, call_next: Any) -> Any:
+            start = time.perf_counter()
+            response = await call_next(request)
+            route = request.url.path.rsplit("/", 1)[-1] or "/"
+            tags = {"app": self.cfg.name, "route": route}
+            self.latency.observe((time.perf_counter() - start) * 1e3, tags=tags)
+            self.requests.inc(tags=tags | {"code": str(response.status_code)})
+            return response
+
+        auth = [Depends(self.authorize)]
+        api.add_api_route(
+            "/v1/predict",
+            self.predict,
+            methods=["POST"],
+            dependencies=auth,
+            openapi_extra=PREDICT_BODY,
+            summary='Classify images: JSON {"instances": [...]} or {"images": [base64]}, '
+            "multipart files, or a PNG/JPEG body",
+        )
+        api.add_api_route(
+            "/healthz", self.healthz, methods=["GET"], summary="Ready once the model has loaded"
+        )
+        api.add_api_route(
+            "/v1/model",
+            self.model_info,
+            methods=["GET"],
+            dependencies=auth,
+            summary="Classes, input shape, version, training metrics and the canary's state",
+        )
         return api
 
-    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
-    async def predict_batch(self, requests: list) -> list:
-        return self.runner.predict_many(requests)
+    async def authorize(self, request: Request) -> None:
+        import hmac
+
+        if self.token is None:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            given.strip().encode(), self.token.encode()
+        ):
+            raise RequestError(
+                401, "missing or wrong bearer token (send 'Authorization: Bearer <token>')"
+            )
 
     async def predict(self, request: Request) -> dict[str, Any]:
+        from lepton_ray.serve.codec import decode_body
+
+        body = await self._read_body(request)
+        ctype = request.headers.get("content-type", "").lower()
+        if ctype.startswith("multipart/form-data"):
+            images = await self._decode_multipart(request, body)
+        else:
+            images = decode_body(body, ctype, self.spec, self.cfg.max_images_per_request)
+        return await self._call_model(images)
+
+    async def _read_body(self, request: Request) -> bytes:
+        limit = self.cfg.max_request_bytes
         declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > self.cfg.max_request_bytes:
-            raise RequestError(413, f"request body of {declared} bytes exceeds the {self.cfg.max_request_bytes}-byte limit")
-        images = self.runner.decode(await request.body(), request.headers.get("content-type", ""))
-        return {"predictions": await self.predict_batch(images), "model_version": self.runner.version}
+        if declared.isdigit() and int(declared) > limit:
+            raise RequestError(
+                413, f"request body of {declared} bytes exceeds the {limit}-byte limit"
+            )
+        body = bytearray()
+        async for (
+            chunk
+        ) in request.stream():  # chunked bodies have no content-length: count as they come
+            body += chunk
+            if len(body) > limit:
+                raise RequestError(413, f"request body exceeds the {limit}-byte limit")
+        return bytes(body)
+
+    async def _decode_multipart(self, request: Request, body: bytes) -> np.ndarray:
+        from starlette.datastructures import UploadFile
+
+        from lepton_ray.serve.codec import decode_files
+
+        async def replay() -> dict[str, Any]:  # the body was already read (under the size limit)
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        try:
+            form = await Request(request.scope, replay).form(
+                max_files=self.cfg.max_images_per_request, max_fields=64
+            )
+            files = [await v.read() for _, v in form.multi_items() if isinstance(v, UploadFile)]
+        except Exception as exc:  # noqa: BLE001 - any parser failure is the client's malformed body
+            detail = getattr(exc, "detail", None) or str(exc) or type(exc).__name__
+            raise RequestError(400, f"malformed multipart body: {detail}") from None
+        return decode_files(files, self.spec, self.cfg.max_images_per_request)
+
+    async def _call_model(self, images: np.ndarray) -> dict[str, Any]:
+        version = self.judge.pick() if self.judge else "stable"
+        for attempt in range(2):
+            handle = self.canary if version == "canary" else self.stable
+            try:
+                answer = await handle.predict.remote(images)
+            except Exception as exc:  # noqa: BLE001 - a dead replica or a failing model: retry once on stable
+                self._record(version, False)
+                if attempt:
+                    raise RequestError(503, f"model unavailable: {type(exc).__name__}") from None
+                version = "stable"
+                continue
+            self._record(version, True)
+            return answer
+        raise AssertionError("unreachable")
+
+    def _record(self, version: str, ok: bool) -> None:
+        name = self.canary_version if version == "canary" else self.version
+        self.model_calls.inc(
+            tags={"app": self.cfg.name, "version": name, "outcome": "ok" if ok else "error"}
+        )
+        if self.judge is not None:
+            self.judge.record(version, ok)
 
     async def healthz(self) -> dict[str, Any]:
-        return {"status": "ok", "model_version": self.runner.version}
+        return {"status": "ok", "model_version": self.version}
 
     async def model_info(self) -> dict[str, Any]:
-        return self.runner.info()
+        info = await self.stable.info.remote()
+        if self.judge is not None:
+            info["canary"] = self.judge.report() | {
+                "model_version": self.canary_version,
+                "checkpoint": self.cfg.canary_checkpoint,
+            }
+        return info

@@ -1,7 +1,8 @@
 """Request decoding, validation and response shaping: pure functions, tested without Serve.
 
 Requests carry images as raw pixel values (0-255) in the dataset's layout, ``[H][W]`` or
-``[H][W][C]`` (or flat ``H*W*C``), or as base64-encoded PNG/JPEG. Every problem raises
+``[H][W][C]`` (or flat ``H*W*C``), as base64-encoded PNG/JPEG, as a raw PNG/JPEG body, or as
+multipart file uploads. Every problem raises
 :class:`RequestError` with an HTTP status before the request joins a batch, so one bad request
 never fails its batch-mates.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,20 +30,74 @@ class RequestError(Exception):
 class InputSpec:
     """What the model takes: image shape (H, W, C), normalisation and class names."""
 
-    def __init__(self, shape: Sequence[int], mean: Sequence[float], std: Sequence[float], classes: Sequence[str]):
+    def __init__(
+        self,
+        shape: Sequence[int],
+        mean: Sequence[float],
+        std: Sequence[float],
+        classes: Sequence[str],
+    ):
         self.shape = tuple(int(v) for v in shape)
         self.mean = np.asarray(mean, np.float32)
         self.std = np.asarray(std, np.float32)
         self.classes = list(classes)
 
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any]) -> InputSpec:
+        """The spec a checkpoint's ``lepton.json`` records."""
+        data = meta["data"]
+        return cls(data["shape"], data["mean"], data["std"], data["classes"])
+
+
+def read_checkpoint_meta(uri: str, endpoint_url: str | None = None) -> tuple[dict[str, Any], str]:
+    """(``lepton.json``, version) of a checkpoint, without loading its weights (nor torch).
+
+    The version is the first 12 hex digits of the weights' sha256, as the manifest records it.
+    """
+    from lepton_ray import storage
+
+    loc = storage.resolve(uri, endpoint_url)
+    manifest = loc.join("manifest.json").read_json()
+    return json.loads(loc.join("lepton.json").read_bytes()), manifest["files"]["model.safetensors"][
+        :12
+    ]
+
+
+def decode_body(body: bytes, content_type: str, spec: InputSpec, max_images: int) -> np.ndarray:
+    """A whole request body -> (N, H, W, C) uint8: one PNG/JPEG for ``image/*`` and
+    ``application/octet-stream``, JSON for anything else (curl's default form type included)."""
+    if not body:
+        raise RequestError(400, "empty request body")
+    if content_type.startswith(("image/", "application/octet-stream")):
+        return decode_image_bytes(body, spec)[None]
+    try:
+        payload = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        raise RequestError(400, "body is not valid JSON") from None
+    return decode_json(payload, spec, max_images)
+
+
+def decode_files(files: list[bytes], spec: InputSpec, max_images: int) -> np.ndarray:
+    """Uploaded image files (multipart parts) -> (N, H, W, C) uint8."""
+    if not files:
+        raise RequestError(400, "multipart body has no file parts: upload images as form files")
+    if len(files) > max_images:
+        raise RequestError(413, f"{len(files)} images in one request; the limit is {max_images}")
+    return np.stack([decode_image_bytes(data, spec, i) for i, data in enumerate(files)])
+
 
 def decode_json(payload: Any, spec: InputSpec, max_images: int) -> np.ndarray:
     """A JSON body -> (N, H, W, C) uint8. Accepts ``{"instances": [...]}`` or ``{"images": [b64, ...]}``."""
     if not isinstance(payload, dict):
-        raise RequestError(400, 'body must be a JSON object with "instances" (pixel arrays) or "images" (base64)')
+        raise RequestError(
+            400, 'body must be a JSON object with "instances" (pixel arrays) or "images" (base64)'
+        )
     keys = [k for k in ("instances", "images") if k in payload]
     if len(keys) != 1:
-        raise RequestError(400, 'body needs exactly one of "instances" (pixel arrays) or "images" (base64 PNG/JPEG)')
+        raise RequestError(
+            400,
+            'body needs exactly one of "instances" (pixel arrays) or "images" (base64 PNG/JPEG)',
+        )
     items = payload[keys[0]]
     if not isinstance(items, list):
         raise RequestError(400, f'"{keys[0]}" must be a list')
@@ -50,7 +106,9 @@ def decode_json(payload: Any, spec: InputSpec, max_images: int) -> np.ndarray:
     if len(items) > max_images:
         raise RequestError(413, f"{len(items)} images in one request; the limit is {max_images}")
     if keys[0] == "images":
-        return np.stack([decode_image_bytes(_b64(item, i), spec, i) for i, item in enumerate(items)])
+        return np.stack(
+            [decode_image_bytes(_b64(item, i), spec, i) for i, item in enumerate(items)]
+        )
     return decode_arrays(items, spec)
 
 
@@ -58,7 +116,9 @@ def _b64(item: Any, i: int) -> bytes:
     if not isinstance(item, str):
         raise RequestError(400, f"images[{i}] must be a base64 string")
     try:
-        return base64.b64decode(item.split(",", 1)[-1] if item.startswith("data:") else item, validate=True)
+        return base64.b64decode(
+            item.split(",", 1)[-1] if item.startswith("data:") else item, validate=True
+        )
     except (binascii.Error, ValueError):
         raise RequestError(400, f"images[{i}] is not valid base64") from None
 
@@ -68,15 +128,22 @@ def decode_arrays(items: list, spec: InputSpec) -> np.ndarray:
     h, w, c = spec.shape
     try:
         arr = np.asarray(items, dtype=np.float64)
-    except (ValueError, TypeError):
-        raise RequestError(422, f"instances must be numeric arrays of one shape, each {h}x{w}" + (f"x{c}" if c > 1 else "")) from None
+    except (ValueError, TypeError, OverflowError):
+        raise RequestError(
+            422,
+            f"instances must be numeric arrays of one shape, each {h}x{w}"
+            + (f"x{c}" if c > 1 else ""),
+        ) from None
     n = arr.shape[0]
     if arr.shape[1:] == (h, w) and c == 1:
         arr = arr[..., None]
     elif arr.shape[1:] == (h * w * c,):
         arr = arr.reshape(n, h, w, c)
     elif arr.shape[1:] != (h, w, c):
-        raise RequestError(422, f"each instance must have shape {(h, w, c) if c > 1 else (h, w)} (or {h * w * c} values), got {arr.shape[1:]}")
+        raise RequestError(
+            422,
+            f"each instance must have shape {(h, w, c) if c > 1 else (h, w)} (or {h * w * c} values), got {arr.shape[1:]}",
+        )
     if not np.isfinite(arr).all():
         raise RequestError(422, "instances contain NaN or infinite values")
     if arr.min() < 0 or arr.max() > 255:
@@ -85,18 +152,24 @@ def decode_arrays(items: list, spec: InputSpec) -> np.ndarray:
 
 
 def decode_image_bytes(data: bytes, spec: InputSpec, i: int = 0) -> np.ndarray:
-    """PNG/JPEG bytes -> (H, W, C) uint8 in the model's mode and size."""
-    from PIL import Image, UnidentifiedImageError
+    """PNG/JPEG bytes -> (H, W, C) uint8 in the model's mode and size.
+
+    The size is checked from the header before any pixel is decoded, so a small file that
+    inflates to a huge image (a decompression bomb) costs nothing.
+    """
+    from PIL import Image
 
     h, w, c = spec.shape
     try:
         img = Image.open(io.BytesIO(data))
-        img.load()
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+        size = img.size
+        if size == (w, h):
+            img.load()
+            img = img.convert("L" if c == 1 else "RGB")
+    except Exception:  # noqa: BLE001 - PIL raises many types (SyntaxError, struct.error, ...) on junk
         raise RequestError(415, f"image {i} is not a readable PNG or JPEG") from None
-    img = img.convert("L" if c == 1 else "RGB")
-    if img.size != (w, h):
-        raise RequestError(422, f"image {i} is {img.size[0]}x{img.size[1]}; the model takes {w}x{h}")
+    if size != (w, h):
+        raise RequestError(422, f"image {i} is {size[0]}x{size[1]}; the model takes {w}x{h}")
     a = np.asarray(img, dtype=np.uint8)
     return a[:, :, None] if a.ndim == 2 else a
 
@@ -116,7 +189,12 @@ def postprocess(logits: np.ndarray, classes: Sequence[str], k: int) -> list[dict
     k = min(k, p.shape[1])
     top = np.argsort(-p, axis=1)[:, :k]
     return [
-        {"class": classes[int(t[0])], "index": int(t[0]),
-         "top_k": [{"class": classes[int(j)], "probability": round(float(row[j]), 6)} for j in t]}
+        {
+            "class": classes[int(t[0])],
+            "index": int(t[0]),
+            "top_k": [
+                {"class": classes[int(j)], "probability": round(float(row[j]), 6)} for j in t
+            ],
+        }
         for row, t in zip(p, top, strict=True)
     ]

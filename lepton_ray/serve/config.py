@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from lepton_ray.errors import ConfigError
 
@@ -29,6 +29,8 @@ class ServeConfig:
     """How long load must stay high before adding replicas."""
     downscale_delay_s: float = 30.0
     """How long load must stay low before removing replicas."""
+    look_back_period_s: float = 30.0
+    """Window over which Serve averages the load it scales on."""
     max_batch_size: int = 64
     """Most images per model call (``@serve.batch``); 1 disables batching."""
     batch_wait_timeout_s: float = 0.005
@@ -43,6 +45,19 @@ class ServeConfig:
     """Put each replica's model on a GPU."""
     top_k: int = 3
     """How many class probabilities each answer lists."""
+    ingress_replicas: int = 1
+    """Replicas of the HTTP ingress (auth, limits, decoding, canary routing); it holds no model."""
+    auth_token: str | None = field(default=None, repr=False)
+    """Bearer token every route but /healthz and /docs requires (None: ``$LEPTON_SERVE_TOKEN`` where the
+    app is built, else no auth)."""
+    canary_checkpoint: str | None = None
+    """A second checkpoint that gets ``canary_share`` of the traffic until it is promoted or rolled back."""
+    canary_share: float = 0.1
+    """Share of predict requests sent to the canary (0-1)."""
+    canary_min_requests: int = 50
+    """Canary requests to see before the verdict: promote, or roll back if its error rate is higher."""
+    canary_tolerance: float = 0.0
+    """How much higher than the stable version's the canary's error rate may be and still be promoted."""
 
     def __post_init__(self) -> None:
         if not self.checkpoint:
@@ -50,9 +65,41 @@ class ServeConfig:
         if self.min_replicas < 0:
             raise ConfigError(f"ServeConfig.min_replicas must be >= 0, got {self.min_replicas}")
         if self.max_replicas < max(1, self.min_replicas):
-            raise ConfigError(f"ServeConfig.max_replicas must be >= max(1, min_replicas), got {self.max_replicas}")
-        for name in ("max_batch_size", "max_request_bytes", "max_images_per_request", "top_k"):
+            raise ConfigError(
+                f"ServeConfig.max_replicas must be >= max(1, min_replicas), got {self.max_replicas}"
+            )
+        for name in (
+            "max_batch_size",
+            "max_request_bytes",
+            "max_images_per_request",
+            "top_k",
+            "ingress_replicas",
+            "canary_min_requests",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"ServeConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.target_ongoing_requests <= 0:
-            raise ConfigError(f"ServeConfig.target_ongoing_requests must be > 0, got {self.target_ongoing_requests}")
+            raise ConfigError(
+                f"ServeConfig.target_ongoing_requests must be > 0, got {self.target_ongoing_requests}"
+            )
+        if not 0.0 <= self.canary_share <= 1.0:
+            raise ConfigError(
+                f"ServeConfig.canary_share must be in [0, 1], got {self.canary_share}"
+            )
+        if self.auth_token is not None and not self.auth_token.strip():
+            raise ConfigError("ServeConfig.auth_token must not be blank")
+
+    def model_only(self, checkpoint: str | None = None) -> ServeConfig:
+        """The fields a model replica uses (so changing auth or canary settings restarts no model)."""
+        keep = (
+            "endpoint_url",
+            "name",
+            "max_batch_size",
+            "batch_wait_timeout_s",
+            "num_cpus",
+            "use_gpu",
+            "top_k",
+        )
+        return ServeConfig(
+            checkpoint=checkpoint or self.checkpoint, **{k: getattr(self, k) for k in keep}
+        )

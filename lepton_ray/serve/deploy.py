@@ -3,6 +3,7 @@ for ``serve run`` / ``serve deploy`` from a config file."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from lepton_ray import checkpoint, storage
@@ -11,8 +12,13 @@ from lepton_ray.serve.config import ServeConfig
 
 
 def build_app(cfg: ServeConfig | dict[str, Any]) -> Any:
-    """The Serve application for ``cfg``; also the builder that ``serving/config.yaml`` names."""
-    from lepton_ray.serve.app import ModelServer
+    """The Serve application for ``cfg``; also the builder that ``serving/config.yaml`` names.
+
+    An ingress deployment ``<name>-ingress`` (HTTP; fixed ``ingress_replicas``) in front of the
+    autoscaled model deployment ``<name>-model`` and, when ``canary_checkpoint`` is set,
+    ``<name>-canary`` with the same scaling settings.
+    """
+    from lepton_ray.serve.app import Ingress, ModelServer
 
     if isinstance(cfg, dict):
         cfg = from_dict(ServeConfig, cfg)
@@ -23,13 +29,32 @@ def build_app(cfg: ServeConfig | dict[str, Any]) -> Any:
         "target_ongoing_requests": cfg.target_ongoing_requests,
         "upscale_delay_s": cfg.upscale_delay_s,
         "downscale_delay_s": cfg.downscale_delay_s,
+        "look_back_period_s": cfg.look_back_period_s,
     }
-    return ModelServer.options(
-        name=f"{cfg.name}-model",
-        autoscaling_config=autoscaling,
-        ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": 1 if cfg.use_gpu else 0},
-        max_ongoing_requests=max(cfg.max_batch_size * 2, int(cfg.target_ongoing_requests * 2)),
-    ).bind(cfg)
+    if (
+        cfg.look_back_period_s < 20
+    ):  # replicas report load every 10 s by default: at least twice a window
+        autoscaling["metrics_interval_s"] = cfg.look_back_period_s / 2
+
+    def model(checkpoint: str, role: str) -> Any:
+        return ModelServer.options(
+            name=f"{cfg.name}-{role}",
+            autoscaling_config=autoscaling,
+            ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": 1 if cfg.use_gpu else 0},
+            max_ongoing_requests=max(cfg.max_batch_size * 2, int(cfg.target_ongoing_requests * 2)),
+        ).bind(cfg.model_only(checkpoint))
+
+    canary = model(cfg.canary_checkpoint, "canary") if cfg.canary_checkpoint else None
+    token = cfg.auth_token or os.environ.get("LEPTON_SERVE_TOKEN") or None
+    return Ingress.options(
+        name=f"{cfg.name}-ingress",
+        num_replicas=cfg.ingress_replicas,
+        ray_actor_options={"num_cpus": 0.1},
+        # The ingress only decodes and awaits the model: let it hold every request the models can.
+        max_ongoing_requests=4
+        * cfg.max_replicas
+        * max(cfg.max_batch_size, int(cfg.target_ongoing_requests)),
+    ).bind(cfg, model(cfg.checkpoint, "model"), canary, token)
 
 
 def deploy(checkpoint_uri: str, *, host: str = "127.0.0.1", port: int = 8000, **kwargs: Any) -> str:
@@ -46,7 +71,8 @@ def deploy(checkpoint_uri: str, *, host: str = "127.0.0.1", port: int = 8000, **
     from lepton_ray.runtime import ensure_ray
 
     cfg = ServeConfig(checkpoint=checkpoint_uri, **kwargs)
-    checkpoint.verify(storage.resolve(cfg.checkpoint, cfg.endpoint_url))
+    for uri in filter(None, (cfg.checkpoint, cfg.canary_checkpoint)):
+        checkpoint.verify(storage.resolve(uri, cfg.endpoint_url))
     ensure_ray()
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(cfg), name=cfg.name, route_prefix=cfg.route_prefix)
@@ -56,4 +82,3 @@ def deploy(checkpoint_uri: str, *, host: str = "127.0.0.1", port: int = 8000, **
     http = _get_global_client().http_config
     host = "127.0.0.1" if http.host in ("0.0.0.0", "::") else http.host
     return f"http://{host}:{http.port}{cfg.route_prefix.rstrip('/')}"
-

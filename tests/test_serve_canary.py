@@ -1,0 +1,77 @@
+"""Pure tier: the canary judge (routing share and verdict) and the serving config's new fields."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from lepton_ray.errors import ConfigError
+from lepton_ray.serve import ServeConfig
+from lepton_ray.serve.canary import CanaryJudge
+
+
+def judge(**kw) -> CanaryJudge:
+    return CanaryJudge(**{"share": 0.25, "min_requests": 20, "rng": random.Random(0)} | kw)
+
+
+def test_trial_sends_about_the_configured_share_to_the_canary():
+    j = judge()
+    picks = [j.pick() for _ in range(4000)]
+    assert 0.22 < picks.count("canary") / len(picks) < 0.28
+
+
+def test_a_canary_as_good_as_stable_is_promoted_after_min_requests():
+    j = judge()
+    for _ in range(100):
+        j.record("stable", True)
+    for i in range(20):
+        assert j.state == "trial", i
+        j.record("canary", True)
+    assert j.state == "promoted"
+    assert {j.pick() for _ in range(50)} == {"canary"}
+
+
+def test_a_canary_that_fails_more_than_stable_is_rolled_back():
+    j = judge()
+    for i in range(100):
+        j.record("stable", i % 50 != 0)  # 2% errors
+    for i in range(20):
+        j.record("canary", i % 10 != 0)  # 10% errors
+    assert j.state == "rolled_back"
+    assert {j.pick() for _ in range(50)} == {"stable"}
+    assert j.report()["canary"] == {"requests": 20, "errors": 2, "error_rate": 0.1}
+
+
+def test_tolerance_and_a_decided_verdict_is_final():
+    j = judge(tolerance=0.1)
+    for i in range(20):
+        j.record("canary", i % 10 != 0)  # 10% <= 0% + 10%
+    assert j.state == "promoted"
+    for _ in range(50):
+        j.record("canary", False)
+    assert j.state == "promoted"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"canary_share": 1.5}, "canary_share must be in \\[0, 1\\]"),
+        ({"canary_min_requests": 0}, "canary_min_requests must be >= 1"),
+        ({"ingress_replicas": 0}, "ingress_replicas must be >= 1"),
+        ({"auth_token": " "}, "auth_token must not be blank"),
+    ],
+)
+def test_bad_serve_config_names_the_field(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        ServeConfig(checkpoint="/x", **kwargs)
+
+
+def test_the_token_stays_out_of_the_config_repr_and_the_model_config():
+    cfg = ServeConfig(
+        checkpoint="/x", auth_token="hunter2", canary_checkpoint="/y", max_batch_size=8
+    )
+    assert "hunter2" not in repr(cfg)
+    model = cfg.model_only("/y")
+    assert model.checkpoint == "/y" and model.auth_token is None and model.canary_checkpoint is None
+    assert model.max_batch_size == 8
