@@ -1,0 +1,204 @@
+"""Ray tier: the endpoint under live traffic — autoscaling up and down, a killed replica, a model
+update and canary rollouts (promote, and roll back a checkpoint that cannot take the input).
+
+One application ("ops") for the whole module; each test deploys the configuration it needs
+(``serve.run`` with an unchanged configuration is a no-op). Nothing here is timed: waits are for
+states (replica counts, versions, verdicts), with generous deadlines.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+
+import pytest
+
+from lepton_ray.data import load_mnist5k
+from tests.test_serve_http import make_checkpoint
+
+pytestmark = pytest.mark.ray
+
+APP = "ops"
+# Small replicas (2 cores on the test machine) and short delays, so scaling happens in seconds.
+SCALING = {
+    "name": APP,
+    "route_prefix": "/ops",
+    "min_replicas": 1,
+    "max_replicas": 2,
+    "num_cpus": 0.25,
+    "target_ongoing_requests": 1,
+    "upscale_delay_s": 0.5,
+    "downscale_delay_s": 2.0,
+    "look_back_period_s": 2.0,
+    "max_batch_size": 8,
+}
+
+
+class Load:
+    """Threads that POST the same good request back to back until stopped; every answer is kept."""
+
+    def __init__(self, url: str, threads: int):
+        self.url, self.results, self._stop = url + "/v1/predict", [], threading.Event()
+        self.body = {"instances": load_mnist5k()["test"][0][:1, :, :, 0].tolist()}
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+
+    def _run(self) -> None:
+        import httpx
+
+        with httpx.Client(timeout=120) as client:
+            while not self._stop.is_set():
+                try:
+                    r = client.post(self.url, json=self.body)
+                    self.results.append((r.status_code, r.json().get("model_version") or r.text))
+                except httpx.HTTPError as exc:
+                    self.results.append((0, repr(exc)))
+
+    @property
+    def failures(self) -> list:
+        return [r for r in self.results if r[0] != 200]
+
+    def __enter__(self) -> Load:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=120)
+
+
+def wait_for(what: str, check: Callable[[], bool], timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.25)
+
+
+def running_replicas(deployment: str = f"{APP}-model") -> int:
+    from ray import serve
+
+    app = serve.status().applications.get(APP)
+    if app is None or deployment not in app.deployments:
+        return 0
+    return app.deployments[deployment].replica_states.get("RUNNING", 0)
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("serve-ops")
+    return {
+        "a": make_checkpoint(root / "a", seed=1),
+        "b": make_checkpoint(root / "b", seed=2),
+        "rgb": make_checkpoint(root / "rgb", seed=3, in_channels=3),
+    }
+
+
+@pytest.fixture(scope="module")
+def ops(ray_session, serve_port, ckpts):
+    """``deploy(checkpoint, **overrides)`` on the module's app -> (url, model version)."""
+    from ray import serve
+
+    from lepton_ray import deploy
+    from lepton_ray.serve.codec import read_checkpoint_meta
+
+    def _deploy(checkpoint: str, **overrides) -> tuple[str, str]:
+        url = deploy(checkpoint, port=serve_port, **(SCALING | overrides))
+        return url, read_checkpoint_meta(checkpoint)[1]
+
+    yield _deploy
+    serve.delete(APP)
+
+
+def replica_pid(handle) -> int | None:
+    """The pid of the model replica that answers this call (None while none can)."""
+    try:
+        return handle.pid.remote().result(timeout_s=30)
+    except Exception:  # noqa: BLE001 - routed to the replica just killed, or none running yet
+        return None
+
+
+def model_info(url: str) -> dict:
+    import httpx
+
+    return httpx.get(url + "/v1/model", timeout=60).json()
+
+
+def test_replicas_scale_up_under_load_and_back_down_after(ops, ckpts):
+    url, version = ops(ckpts["a"])
+    assert running_replicas() == 1
+    with Load(url, threads=12) as load:
+        wait_for("a second replica under load", lambda: running_replicas() == 2)
+    assert not load.failures and {v for _, v in load.results} == {version}
+    wait_for("scaling back to one replica", lambda: running_replicas() == 1)
+
+
+def test_a_killed_replica_is_replaced_and_service_recovers(ops, ckpts):
+    from ray import serve
+
+    url, version = ops(ckpts["a"])
+    handle = serve.get_deployment_handle(f"{APP}-model", app_name=APP)
+    with Load(url, threads=4) as load:
+        wait_for("traffic", lambda: len(load.results) >= 20)
+        pid = replica_pid(handle)
+        os.kill(pid, signal.SIGKILL)
+        killed_at = len(load.results)
+        wait_for("a replacement replica", lambda: replica_pid(handle) not in (None, pid))
+        wait_for("answers after the replacement", lambda: len(load.results) >= killed_at + 20)
+    failed = load.failures
+    print(
+        f"killed replica {pid}: {len(failed)} of {len(load.results)} requests failed"
+    )  # recorded in the log
+    # The ingress retries a call that died with its replica, so a client sees at most its own
+    # in-flight request fail (4 client threads); and everything after the replacement succeeds.
+    assert len(failed) <= 4, failed
+    assert all(status == 200 for status, _ in load.results[-10:])
+
+
+def test_a_new_checkpoint_replaces_the_old_without_a_failed_request(ops, ckpts):
+    url, old = ops(ckpts["a"])
+    with Load(url, threads=4) as load:
+        wait_for("traffic", lambda: len(load.results) >= 20)
+        _, new = ops(ckpts["b"])  # returns once Serve has rolled every deployment
+        n = len(load.results)
+        wait_for("answers from the new version", lambda: len(load.results) >= n + 20)
+    assert old != new
+    assert not load.failures, load.failures[:5]
+    versions = [v for _, v in load.results]
+    assert versions[0] == old and set(versions[-10:]) == {new}
+
+
+def test_canary_as_good_as_stable_is_promoted(ops, ckpts):
+    url, stable = ops(
+        ckpts["a"], canary_checkpoint=ckpts["b"], canary_share=0.5, canary_min_requests=10
+    )
+    canary = model_info(url)["canary"]["model_version"]
+    with Load(url, threads=2) as load:
+        wait_for("the verdict", lambda: model_info(url)["canary"]["state"] != "trial")
+        n = len(load.results)
+        wait_for("answers after the verdict", lambda: len(load.results) >= n + 10)
+    report = model_info(url)["canary"]
+    assert report["state"] == "promoted" and report["canary"]["errors"] == 0, report
+    assert not load.failures
+    versions = [v for _, v in load.results]
+    assert stable in versions[:n] and canary in versions[:n]  # traffic was split during the trial
+    assert set(versions[-10:]) == {canary}  # and all of it goes to the canary once promoted
+
+
+def test_canary_that_fails_is_rolled_back_and_users_see_no_error(ops, ckpts):
+    # A checkpoint for 3-channel images cannot take the stable model's 1-channel input: every call fails.
+    url, stable = ops(
+        ckpts["b"], canary_checkpoint=ckpts["rgb"], canary_share=0.5, canary_min_requests=10
+    )
+    with Load(url, threads=2) as load:
+        wait_for("the verdict", lambda: model_info(url)["canary"]["state"] != "trial")
+        n = len(load.results)
+        wait_for("answers after the verdict", lambda: len(load.results) >= n + 10)
+    report = model_info(url)["canary"]
+    assert report["state"] == "rolled_back" and report["canary"]["error_rate"] == 1.0, report
+    assert report["stable"]["error_rate"] == 0.0
+    assert not load.failures, load.failures[:5]  # each failed canary call was retried on stable
+    assert {v for _, v in load.results} == {stable}
