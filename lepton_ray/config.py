@@ -25,6 +25,9 @@ class DataConfig:
     """Reshuffle the training set globally every epoch."""
     preprocess_batch_size: int = 1024
     """Rows per ``map_batches`` call on the CPU preprocessing workers (bigger: less per-call overhead)."""
+    deterministic: bool = True
+    """Hand batches to the workers in a fixed order, so a run is reproducible given its seed and
+    worker count (Ray Data's ``preserve_order``). False lets a fast block overtake a slow one."""
 
     def __post_init__(self) -> None:
         from lepton_ray.transforms import check_augment

@@ -153,7 +153,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             mine = sampling.remainder_split(read_ids(spec.train_info), resume_consumed, seed=cfg.seed,
                                             epoch=epoch, world=world)[rank]
             steps = len(mine) // batching.worker_batch(cfg.batch_size, world, 0)
-            batches = read_ray(spec.train_info, augment=cfg.data.augment, keep_ids=mine,
+            batches = read_ray(spec.train_info, augment=cfg.data.augment, keep_ids=mine, augment_seed=cfg.seed + epoch,
                                batch_size=cfg.data.preprocess_batch_size).iter_torch_batches(
                 batch_size=local_batch, prefetch_batches=2, dtypes=_DTYPES,
                 local_shuffle_buffer_size=min(len(mine), 8 * local_batch) or None,

@@ -135,7 +135,7 @@ def fit(model: nn.Module, train_dataset: Any, val_dataset: Any, cfg: TrainConfig
             callbacks=[RunObserver(run.uri, cfg.endpoint_url)],
         ),
         datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        dataset_config=_dataset_config(cfg),
     )
     started = time.perf_counter()
     bar = ProgressBar(board, total_steps) if cfg.progress_bar else contextlib.nullcontext()
@@ -151,6 +151,15 @@ def fit(model: nn.Module, train_dataset: Any, val_dataset: Any, cfg: TrainConfig
     return _results(result, run, time.perf_counter() - started, cfg.epochs)
 
 
+def _dataset_config(cfg: TrainConfig) -> Any:
+    """Only the training set is split between workers (each validates on all of it)."""
+    import ray.train
+
+    options = ray.train.DataConfig.default_ingest_options()
+    options.preserve_order = cfg.data.deterministic
+    return ray.train.DataConfig(datasets_to_split=["train"], execution_options={"train": options})
+
+
 @dataclasses.dataclass
 class _Source:
     info: DatasetInfo
@@ -158,12 +167,13 @@ class _Source:
 
     def ray(self, augment: tuple[str, ...], *, shuffle: bool, seed: int | None, batch_size: int) -> Any:
         if self.ray_ds is None:
-            return read_ray(self.info, augment=augment, shuffle=shuffle, shuffle_seed=seed, batch_size=batch_size)
+            return read_ray(self.info, augment=augment, shuffle=shuffle, shuffle_seed=seed, batch_size=batch_size,
+                            augment_seed=seed)
         from ray.data import RandomSeedConfig
 
         reseed = None if seed is None else RandomSeedConfig(seed=seed, reseed_after_execution=True)
         ds = self.ray_ds.random_shuffle(seed=reseed) if shuffle else self.ray_ds
-        return ds.map_batches(self.info.preprocessor(augment), batch_format="numpy", batch_size=batch_size)
+        return ds.map_batches(self.info.preprocessor(augment, seed), batch_format="numpy", batch_size=batch_size)
 
 
 def _source(dataset: Any, run: storage.Location, split: str, endpoint_url: str | None) -> _Source:

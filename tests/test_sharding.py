@@ -1,0 +1,63 @@
+"""Ray Train's dataset sharding as lepton_ray uses it: every sample once per epoch, on any number
+of workers; a fresh order every epoch; the same run again given the seed and worker count.
+
+The workers record the ids of every batch they train (``record_sample_ids``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lepton_ray import Trainer, build_model
+from lepton_ray.data import load_mnist5k, write_dataset
+from tests.test_resume import sample_logs
+
+pytestmark = pytest.mark.ray
+
+ROWS, BATCH, EPOCHS = 360, 36, 2  # 360 = 10 global batches: nothing is left over with 1, 2 or 3 workers
+
+
+@pytest.fixture(scope="module")
+def digits_360(tmp_path_factory):
+    x, y, ids = load_mnist5k()["train"]
+    sel = np.sort(np.random.default_rng(1).choice(len(x), ROWS, replace=False))
+    return write_dataset(x[sel], y[sel], tmp_path_factory.mktemp("d360"), classes=[str(i) for i in range(10)],
+                         ids=ids[sel], rows_per_shard=45)
+
+
+def _run(digits, tmp_path, workers: int, name: str, seed: int = 0) -> dict[tuple[int, int, int], list[int]]:
+    """Train briefly; returns the ids each rank trained at each (epoch, step)."""
+    model = build_model("cnn", in_channels=1, num_classes=10, width=4)
+    res = Trainer(workers).fit(model, digits, batch_size=BATCH, epochs=EPOCHS, storage=str(tmp_path), run_name=name,
+                               record_sample_ids=True, seed=seed, progress_bar=False)
+    assert res["epochs"] == EPOCHS
+    steps: dict[tuple[int, int, int], list[int]] = {}
+    for key, log in sample_logs(tmp_path / name).items():
+        rank = int(key.split("-")[0].removeprefix("rank"))
+        for s in log:
+            steps[(s["epoch"], s["step"], rank)] = s["ids"]
+    return steps
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_every_sample_once_per_epoch(ray_session, digits_360, tmp_path, workers):
+    steps = _run(digits_360, tmp_path, workers, f"shard{workers}")
+    all_ids = set(_ids(digits_360))
+    orders = []
+    for epoch in range(1, EPOCHS + 1):
+        mine = {r: [i for (e, _, rank), ids in sorted(steps.items()) if e == epoch and rank == r for i in ids]
+                for r in range(workers)}
+        seen = [i for r in range(workers) for i in mine[r]]
+        assert len(seen) == ROWS and set(seen) == all_ids, f"epoch {epoch}: not every sample exactly once"
+        assert all(len(ids) == BATCH // workers for (e, _, _), ids in steps.items() if e == epoch)
+        orders.append(seen)
+    assert orders[0] != orders[1], "the training set was not reshuffled between epochs"
+    if workers == 2:  # the same seed and worker count: the same batches on the same ranks
+        assert _run(digits_360, tmp_path, workers, "shard2-again") == steps
+
+
+def _ids(info) -> list[int]:
+    from lepton_ray.data import read_ids
+
+    return read_ids(info).tolist()
