@@ -43,7 +43,7 @@ from lepton_ray.errors import ConfigError, LeptonError
         (lambda: OptimConfig(optimizer="adam"), "OptimConfig.optimizer"),
         (lambda: OptimConfig(schedule="step"), "OptimConfig.schedule"),
         (lambda: OptimConfig(warmup_fraction=1.0), "OptimConfig.warmup_fraction"),
-        (lambda: DataConfig(augment=("random_crop", "rotate")), "DataConfig.augment"),
+        (lambda: DataConfig(augment=("random_crop", "sharpen")), "DataConfig.augment"),
         (lambda: DataConfig(preprocess_batch_size=0), "DataConfig.preprocess_batch_size"),
     ],
 )
@@ -56,8 +56,8 @@ def test_invalid_fields_raise_config_error_naming_the_field(build, field):
 
 
 def test_unknown_augmentation_names_it():
-    with pytest.raises(ConfigError, match="DataConfig.augment: unknown augmentation 'rotate'"):
-        DataConfig(augment=["rotate"])
+    with pytest.raises(ConfigError, match="DataConfig.augment: unknown augmentation 'sharpen'"):
+        DataConfig(augment=["sharpen"])
 
 
 def test_valid_scaling_forms():
