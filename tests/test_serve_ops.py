@@ -171,16 +171,21 @@ def test_a_new_checkpoint_replaces_the_old_without_a_failed_request(ops, ckpts):
     assert versions[0] == old and set(versions[-10:]) == {new}
 
 
+def traffic_until_the_verdict(url: str) -> tuple[Load, int, dict]:
+    """Traffic until the canary is judged, and 10 answers more: (load, answers before, report)."""
+    with Load(url, threads=2) as load:
+        wait_for("the verdict", lambda: model_info(url)["canary"]["state"] != "trial")
+        n = len(load.results)
+        wait_for("answers after the verdict", lambda: len(load.results) >= n + 10)
+    return load, n, model_info(url)["canary"]
+
+
 def test_canary_as_good_as_stable_is_promoted(ops, ckpts):
     url, stable = ops(
         ckpts["a"], canary_checkpoint=ckpts["b"], canary_share=0.5, canary_min_requests=10
     )
     canary = model_info(url)["canary"]["model_version"]
-    with Load(url, threads=2) as load:
-        wait_for("the verdict", lambda: model_info(url)["canary"]["state"] != "trial")
-        n = len(load.results)
-        wait_for("answers after the verdict", lambda: len(load.results) >= n + 10)
-    report = model_info(url)["canary"]
+    load, n, report = traffic_until_the_verdict(url)
     assert report["state"] == "promoted" and report["canary"]["errors"] == 0, report
     assert not load.failures
     versions = [v for _, v in load.results]
@@ -193,11 +198,7 @@ def test_canary_that_fails_is_rolled_back_and_users_see_no_error(ops, ckpts):
     url, stable = ops(
         ckpts["b"], canary_checkpoint=ckpts["rgb"], canary_share=0.5, canary_min_requests=10
     )
-    with Load(url, threads=2) as load:
-        wait_for("the verdict", lambda: model_info(url)["canary"]["state"] != "trial")
-        n = len(load.results)
-        wait_for("answers after the verdict", lambda: len(load.results) >= n + 10)
-    report = model_info(url)["canary"]
+    load, _, report = traffic_until_the_verdict(url)
     assert report["state"] == "rolled_back" and report["canary"]["error_rate"] == 1.0, report
     assert report["stable"]["error_rate"] == 0.0
     assert not load.failures, load.failures[:5]  # each failed canary call was retried on stable
