@@ -5,6 +5,8 @@
     lepton-ray train --data ./store/datasets/mnist5k/train --val ./store/datasets/mnist5k/test
     lepton-ray serve ./store/runs/RUN/checkpoint_epoch0015_step0000600
     lepton-ray predict http://127.0.0.1:8000 digit.png
+    lepton-ray submit --max-retries 2 -- python -m pipelines.train --config pipelines/configs/mnist.yaml
+    lepton-ray bench train_overhead --epochs 2
 
 Heavy imports (torch, Ray) happen inside the commands, so ``--help`` is instant. Exit codes:
 0 success, 2 a usage or input error (message on stderr), 1 an unexpected failure.
@@ -93,7 +95,9 @@ def cmd_serve(a: argparse.Namespace) -> Any:
     from lepton_ray import deploy
 
     url = deploy(a.checkpoint, host=a.host, port=a.port, endpoint_url=a.endpoint_url,
-                 min_replicas=a.min_replicas, max_replicas=a.max_replicas, max_batch_size=a.max_batch_size)
+                 min_replicas=a.min_replicas, max_replicas=a.max_replicas, max_batch_size=a.max_batch_size,
+                 num_cpus=a.num_cpus, max_request_bytes=a.max_request_bytes, canary_checkpoint=a.canary,
+                 canary_share=a.canary_share, canary_min_requests=a.canary_min_requests)
     print(json.dumps({"endpoint": url, "predict": f"{url}/v1/predict"}), flush=True)
     if a.detach:
         return None
@@ -128,6 +132,65 @@ def cmd_predict(a: argparse.Namespace) -> Any:
         raise _UsageError(f"HTTP {exc.code}: {exc.read().decode(errors='replace')}") from None
     except urllib.error.URLError as exc:
         raise _UsageError(f"cannot reach {a.url}: {exc.reason}") from None
+
+
+def cmd_submit(a: argparse.Namespace) -> Any:
+    from lepton_ray.jobs import submit
+
+    entrypoint = a.entrypoint[1:] if a.entrypoint[:1] == ["--"] else a.entrypoint
+    if not entrypoint:
+        raise _UsageError("no entrypoint: put the command after --, e.g. -- python -m pipelines.train --config ...")
+    env = dict(a.runtime_env_json or {})
+    pairs = dict(kv.split("=", 1) for kv in a.env)
+    if pairs:
+        env["env_vars"] = {**env.get("env_vars", {}), **pairs}
+    outcome = submit(entrypoint, address=a.address, max_retries=a.max_retries, working_dir=a.working_dir or None,
+                     runtime_env=env, run_name=a.run_name, follow_logs=not a.no_logs)
+    return _Exit(outcome.to_dict(), 0 if outcome.succeeded else 1)
+
+
+def _benchmarks_dir() -> Any:
+    from pathlib import Path
+
+    for root in (Path.cwd(), Path(__file__).resolve().parent.parent):
+        if (root / "benchmarks" / "__init__.py").is_file():
+            return root / "benchmarks"
+    raise _UsageError("no benchmarks/ folder here or next to the lepton_ray package (run from the repository root)")
+
+
+def benchmark_names(folder: Any) -> dict[str, str]:
+    """Benchmark scripts in ``folder`` by name, with the first line of each docstring (not imported)."""
+    import ast
+
+    out = {}
+    for f in sorted(folder.glob("*.py")):
+        tree = ast.parse(f.read_text())
+        if f.stem.startswith("_") or not any(getattr(n, "name", None) == "main" for n in tree.body):
+            continue
+        doc = (ast.get_docstring(tree) or "").strip().splitlines()
+        out[f.stem] = doc[0] if doc else ""
+    return out
+
+
+def cmd_bench(a: argparse.Namespace) -> Any:
+    import subprocess
+
+    folder = _benchmarks_dir()
+    names = benchmark_names(folder)
+    if not a.name or a.name == "list":
+        return names
+    if a.name not in names:
+        raise _UsageError(f"unknown benchmark '{a.name}' (known: {', '.join(names)})")
+    args = a.args[1:] if a.args[:1] == ["--"] else a.args
+    code = subprocess.call([sys.executable, "-m", f"benchmarks.{a.name}", *args], cwd=folder.parent)
+    return _Exit(None, 0 if code == 0 else (2 if code == 2 else 1))
+
+
+class _Exit:
+    """A command's output plus the exit code it asks for."""
+
+    def __init__(self, out: Any, code: int):
+        self.out, self.code = out, code
 
 
 class _UsageError(Exception):
@@ -184,13 +247,20 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument(*ep["flags"], **ep["kw"])
     tr.set_defaults(fn=cmd_train)
 
-    sv = sub.add_parser("serve", help="deploy a checkpoint as an HTTP endpoint with Ray Serve")
+    sv = sub.add_parser("serve", help="deploy a checkpoint as an HTTP endpoint with Ray Serve",
+                        epilog="Set LEPTON_SERVE_TOKEN to require 'Authorization: Bearer <token>'.")
     sv.add_argument("checkpoint", help="checkpoint URI")
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--min-replicas", type=int, default=1)
     sv.add_argument("--max-replicas", type=int, default=2)
-    sv.add_argument("--max-batch-size", type=int, default=64)
+    sv.add_argument("--max-batch-size", type=int, default=64, help="1 disables batching")
+    sv.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per model replica")
+    sv.add_argument("--max-request-bytes", type=int, default=8 << 20, help="larger bodies get 413")
+    sv.add_argument("--canary", default=None, metavar="CHECKPOINT",
+                    help="send --canary-share of the traffic to this checkpoint; promote or roll back on its own")
+    sv.add_argument("--canary-share", type=float, default=0.1)
+    sv.add_argument("--canary-min-requests", type=int, default=50, help="canary requests before the verdict")
     sv.add_argument("--detach", action="store_true", help="return once deployed (the Ray cluster keeps serving)")
     sv.add_argument(*ep["flags"], **ep["kw"])
     sv.set_defaults(fn=cmd_serve)
@@ -199,7 +269,38 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("url", help="endpoint base URL, e.g. http://127.0.0.1:8000")
     pr.add_argument("files", nargs="+")
     pr.set_defaults(fn=cmd_predict)
+
+    sb = sub.add_parser("submit", help="run a command as a Ray job; resubmit it (resuming its run) when it fails",
+                        description="Submit ENTRYPOINT as a Ray job through the dashboard's job API, follow its logs, "
+                        "and resubmit it when it FAILED, up to --max-retries times: every attempt trains the same "
+                        "run, and retries resume it from its last checkpoint (LEPTON_RUN_NAME, LEPTON_RESUME=1 in the "
+                        "job's environment). An entrypoint exiting with 2 (bad input) is not retried. Prints the "
+                        "attempts as JSON; exit 0 when the job succeeded, 1 when it failed, 2 on a usage error.")
+    sb.add_argument("--address", default=None,
+                    help="dashboard URL (default $RAY_API_SERVER_ADDRESS, $RAY_ADDRESS if http(s), else http://127.0.0.1:8265)")
+    sb.add_argument("--max-retries", type=int, default=2, help="resubmissions after a failed attempt (default 2)")
+    sb.add_argument("--working-dir", default=".", help="uploaded once and used by every attempt (default .); '' for none")
+    sb.add_argument("--runtime-env-json", type=_json_dict, default=None, help="Ray runtime_env as JSON")
+    sb.add_argument("--env", action="append", default=[], type=_key_value, metavar="KEY=VALUE",
+                    help="environment variable for the job (repeatable)")
+    sb.add_argument("--run-name", default=None, help="run name for every attempt when the config names none")
+    sb.add_argument("--no-logs", action="store_true", help="do not stream the job's logs")
+    sb.add_argument("entrypoint", nargs=argparse.REMAINDER, help="-- then the command, e.g. -- python -m pipelines.train ...")
+    sb.set_defaults(fn=cmd_submit)
+
+    bn = sub.add_parser("bench", help="run a benchmark from benchmarks/ by name (no name: list them)",
+                        description="Run benchmarks/NAME.py (python -m benchmarks.NAME) from the repository root; "
+                        "arguments after the name go to the benchmark. Without a name, list the benchmarks.")
+    bn.add_argument("name", nargs="?", default=None, help="e.g. train_overhead, recovery, gpu")
+    bn.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the benchmark, e.g. --epochs 2")
+    bn.set_defaults(fn=cmd_bench)
     return p
+
+
+def _key_value(text: str) -> str:
+    if "=" not in text or not text.split("=", 1)[0]:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -216,9 +317,12 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - one line, not a stack trace
         print(f"lepton-ray: unexpected error: {type(exc).__name__}: {one_line(exc)}", file=sys.stderr)
         return 1
+    code = 0
+    if isinstance(out, _Exit):
+        out, code = out.out, out.code
     if out is not None:
         print(json.dumps(out, indent=2, default=str))
-    return 0
+    return code
 
 
 if __name__ == "__main__":
