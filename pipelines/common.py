@@ -196,9 +196,12 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not sep or not key.strip():
         raise ConfigError(f"override {text!r} must look like key.path=value")
     try:
-        return key.strip(), yaml.safe_load(value) if value.strip() else None
+        parsed = yaml.safe_load(value) if value.strip() else None
     except yaml.YAMLError:
-        return key.strip(), value
+        parsed = value
+    if isinstance(parsed, int | float) and ":" in value:  # YAML 1.1 reads 2:1:0 as a base-60 number
+        parsed = value
+    return key.strip(), parsed
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[tuple[str, Any]]) -> dict[str, Any]:

@@ -32,14 +32,54 @@ def test_quickstart_runs_top_to_bottom(ray_session, serve_port, tmp_path, monkey
     monkeypatch.setenv("LEPTON_STORE", str(tmp_path / "store"))
     monkeypatch.setenv("LEPTON_QUICKSTART_EPOCHS", "2")
     nb = nbformat.read(NOTEBOOKS / "quickstart.ipynb", as_version=4)
-    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    NotebookClient(
+        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    ).execute()
 
     outputs = {i: c.get("outputs", []) for i, c in enumerate(nb.cells) if c.cell_type == "code"}
     assert all(o.get("output_type") != "error" for outs in outputs.values() for o in outs)
     # the augmentation grid and the curves render as images
-    images = [o for outs in outputs.values() for o in outs if {"image/png", "image/jpeg"} & set(o.get("data", {}))]
+    images = [
+        o
+        for outs in outputs.values()
+        for o in outs
+        if {"image/png", "image/jpeg"} & set(o.get("data", {}))
+    ]
     assert len(images) >= 2
     served = next(c for c in nb.cells if c.source.startswith("served = evaluate"))
-    text = next(o for o in served.outputs if o["output_type"] == "execute_result")["data"]["text/plain"]
+    text = next(o for o in served.outputs if o["output_type"] == "execute_result")["data"][
+        "text/plain"
+    ]
     accuracy = float(text.split("'accuracy': ")[1].split(",")[0])
     assert accuracy > 0.8, text  # two epochs: a sanity bound, the demo test asserts >= 98%
+
+
+def test_explore_dataset_runs_top_to_bottom_on_s3(s3_server, s3_bucket, tmp_path, monkeypatch):
+    import numpy as np
+
+    from lepton_ray.data import load_mnist5k, write_dataset
+
+    x, y, ids = load_mnist5k()["train"]
+    keep = np.sort(np.random.default_rng(0).choice(len(x), 600, replace=False))
+    uri = f"s3://{s3_bucket}/datasets/digits/train"
+    write_dataset(
+        x[keep],
+        y[keep],
+        uri,
+        classes=[str(i) for i in range(10)],
+        ids=ids[keep],
+        endpoint_url=s3_server,
+    )
+    monkeypatch.setenv("LEPTON_DATASET", uri)
+    monkeypatch.setenv("LEPTON_S3_ENDPOINT", s3_server)
+    nb = nbformat.read(NOTEBOOKS / "explore_dataset.ipynb", as_version=4)
+    NotebookClient(
+        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    ).execute()
+
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert all(o.get("output_type") != "error" for o in outputs)
+    # class-balance and shard-size charts, the augmentation grid and the per-class grid
+    assert sum(1 for o in outputs if {"image/png", "image/jpeg"} & set(o.get("data", {}))) >= 4
+    text = "\n".join(o.get("data", {}).get("text/plain", "") + o.get("text", "") for o in outputs)
+    assert uri in text and "600" in text and "largest / smallest class" in text

@@ -92,6 +92,7 @@ def test_override_values_are_yaml():
     assert parse_override("a=null") == ("a", None)
     assert parse_override("a=s3://bucket/x") == ("a", "s3://bucket/x")
     assert parse_override("a=true") == ("a", True)
+    assert parse_override("train.fault_injection=2:1:0") == ("train.fault_injection", "2:1:0")
 
 
 def test_unknown_key_exits_2_with_one_line_on_stderr_before_ray_starts():
