@@ -45,6 +45,8 @@ class ServeConfig:
     """Put each replica's model on a GPU."""
     top_k: int = 3
     """How many class probabilities each answer lists."""
+    access_log: bool = True
+    """Log every HTTP request (Serve's access log) in the ingress."""
     ingress_replicas: int = 1
     """Replicas of the HTTP ingress (auth, limits, decoding, canary routing); it holds no model."""
     auth_token: str | None = field(default=None, repr=False)

@@ -41,7 +41,12 @@ def build_app(cfg: ServeConfig | dict[str, Any]) -> Any:
             name=f"{cfg.name}-{role}",
             autoscaling_config=autoscaling,
             ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": 1 if cfg.use_gpu else 0},
-            max_ongoing_requests=max(cfg.max_batch_size * 2, int(cfg.target_ongoing_requests * 2)),
+            # Room to queue inside the replica: when every replica is full, Serve's router backs off
+            # and retries, which at high concurrency costs far more than waiting in the replica.
+            max_ongoing_requests=max(
+                cfg.max_batch_size * 2, int(cfg.target_ongoing_requests * 4), 64
+            ),
+            logging_config={"enable_access_log": False},  # the ingress logs each HTTP request once
         ).bind(cfg.model_only(checkpoint))
 
     canary = model(cfg.canary_checkpoint, "canary") if cfg.canary_checkpoint else None
@@ -50,10 +55,9 @@ def build_app(cfg: ServeConfig | dict[str, Any]) -> Any:
         name=f"{cfg.name}-ingress",
         num_replicas=cfg.ingress_replicas,
         ray_actor_options={"num_cpus": 0.1},
+        logging_config={"enable_access_log": cfg.access_log},
         # The ingress only decodes and awaits the model: let it hold every request the models can.
-        max_ongoing_requests=4
-        * cfg.max_replicas
-        * max(cfg.max_batch_size, int(cfg.target_ongoing_requests)),
+        max_ongoing_requests=max(256, 4 * cfg.max_replicas * max(cfg.max_batch_size, 64)),
     ).bind(cfg, model(cfg.checkpoint, "model"), canary, token)
 
 
