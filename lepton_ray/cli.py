@@ -46,7 +46,7 @@ def cmd_data_prepare(a: argparse.Namespace) -> Any:
     from lepton_ray.data import prepare
 
     infos = prepare(a.source, a.dest, endpoint_url=a.endpoint_url, overwrite=a.overwrite, root=a.root,
-                    skip_bad=a.skip_bad, encoding=a.encoding)
+                    skip_bad=a.skip_bad, encoding=a.encoding, rows_per_shard=a.rows_per_shard)
     return {split: {"uri": i.uri, "rows": i.num_rows, "shape": list(i.shape), "classes": len(i.classes),
                     "skipped_rows": i.manifest.get("skipped_rows", 0)} for split, i in infos.items()}
 
@@ -213,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--skip-bad", action="store_true", help="leave out unreadable or mismatched images (counted)")
     prep.add_argument("--encoding", choices=("raw", "png"), default="raw",
                       help="store rows as raw pixels (fastest to read) or PNG (smaller; decoded by Ray Data workers)")
+    prep.add_argument("--rows-per-shard", type=int, default=None,
+                      help="rows per Parquet shard (default: ~64 MiB of pixels, at least 8 shards)")
     prep.add_argument(*ep["flags"], **ep["kw"])
     prep.set_defaults(fn=cmd_data_prepare)
     insp = dsub.add_parser("inspect", help="schema, row count and class balance of a prepared dataset")

@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from lepton_ray.errors import ConfigError
 
+SHUFFLES = ("auto", "global", "files", "none")
 PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
 
 
@@ -21,8 +22,14 @@ class DataConfig:
 
     augment: tuple[str, ...] = ("random_crop",)
     """Augmentations applied to training batches, by name (see ``lepton_ray.transforms``)."""
-    shuffle: bool = True
-    """Reshuffle the training set globally every epoch."""
+    shuffle: bool | Literal["auto", "global", "files", "none"] = "auto"
+    """How the training set is reshuffled every epoch: ``global`` (Ray Data's all-to-all
+    ``random_shuffle``: the whole epoch passes through the object store), ``files`` (shard order
+    shuffled per epoch plus a local buffer of ``shuffle_buffer_rows`` in each worker: streams with
+    bounded memory), ``none``, or ``auto`` (``global`` while the dataset takes at most a quarter
+    of the cluster's object store, else ``files``). ``True`` means ``auto``."""
+    shuffle_buffer_rows: int = 4096
+    """Rows each worker mixes locally when ``shuffle`` is ``files``."""
     preprocess_batch_size: int = 1024
     """Rows per ``map_batches`` call on the CPU preprocessing workers (bigger: less per-call overhead)."""
     deterministic: bool = True
@@ -37,6 +44,11 @@ class DataConfig:
         except ValueError as exc:
             raise ConfigError(f"DataConfig.augment: {exc}") from None
         _positive(self, "preprocess_batch_size")
+        _positive(self, "shuffle_buffer_rows")
+        shuffle = {True: "auto", False: "none"}.get(self.shuffle, self.shuffle)
+        if shuffle not in SHUFFLES:
+            raise ConfigError(f"DataConfig.shuffle: {self.shuffle!r} is not one of {', '.join(SHUFFLES)}")
+        object.__setattr__(self, "shuffle", shuffle)
 
 
 @dataclass(kw_only=True, frozen=True)

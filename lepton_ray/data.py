@@ -65,8 +65,10 @@ class DatasetInfo:
     def location(self) -> storage.Location:
         return storage.resolve(self.uri, self.endpoint_url)
 
-    def preprocessor(self, augment: tuple[str, ...] = (), seed: int | None = None) -> Preprocessor:
-        return Preprocessor(self.shape, self.mean, self.std, augment=augment, seed=seed, encoding=self.encoding)
+    def preprocessor(self, augment: tuple[str, ...] = (), seed: int | None = None,
+                     normalize: bool = True) -> Preprocessor:
+        return Preprocessor(self.shape, self.mean, self.std, augment=augment, seed=seed, encoding=self.encoding,
+                            normalize=normalize)
 
 
 # --- writing ---------------------------------------------------------------------------------
@@ -179,19 +181,20 @@ class DatasetWriter:
         return _info(loc, manifest)
 
 
+def shard_rows(num_rows: int, shape: tuple[int, ...]) -> int:
+    """Rows per shard: about 64 MiB of pixels, and at least 8 shards so that Ray Data has blocks
+    to spread over its workers."""
+    return max(1, min(TARGET_SHARD_BYTES // max(int(np.prod(shape)), 1), math.ceil(num_rows / MIN_SHARDS)))
+
+
 def write_dataset(images: np.ndarray, labels: np.ndarray, dest: str | storage.Location, *,
                   classes: list[str], ids: np.ndarray | None = None, endpoint_url: str | None = None,
                   source: str = "", rows_per_shard: int | None = None, skipped: list[str] | None = None,
                   encoding: str = "raw") -> DatasetInfo:
-    """Write (N, H, W, C) uint8 images and labels as a prepared dataset at ``dest``.
-
-    Shards hold about 64 MiB of pixels each, and a dataset is split into at least 8 of them so
-    that Ray Data has blocks to spread over its workers.
-    """
+    """Write (N, H, W, C) uint8 images and labels as a prepared dataset at ``dest``."""
     n = len(images)
     if rows_per_shard is None and n:
-        row_bytes = int(np.prod(np.shape(images)[1:]))
-        rows_per_shard = max(1, min(TARGET_SHARD_BYTES // max(row_bytes, 1), math.ceil(n / MIN_SHARDS)))
+        rows_per_shard = shard_rows(n, np.shape(images)[1:])
     writer = DatasetWriter(dest, classes=classes, endpoint_url=endpoint_url, source=source,
                            rows_per_shard=rows_per_shard, encoding=encoding)
     if n:
@@ -238,7 +241,8 @@ BUILTIN_SOURCES = {"mnist5k": load_mnist5k}
 
 
 def prepare(source: str, dest: str, *, endpoint_url: str | None = None, overwrite: bool = False,
-            root: str | None = None, skip_bad: bool = False, encoding: str = "raw") -> dict[str, DatasetInfo]:
+            root: str | None = None, skip_bad: bool = False, encoding: str = "raw",
+            rows_per_shard: int | None = None) -> dict[str, DatasetInfo]:
     """Prepare a dataset into object storage: ``dest/<split>/`` per split (see ``lepton_ray.sources``
     for the sources: ``mnist5k``, ``torchvision:NAME`` with ``root``, ``imagefolder:PATH``,
     ``parquet:PATH``).
@@ -247,7 +251,8 @@ def prepare(source: str, dest: str, *, endpoint_url: str | None = None, overwrit
     nothing is read (``overwrite=True`` rewrites them, atomically). With ``skip_bad``, unreadable
     or mismatched images are left out and counted in the manifest (``skipped_rows``). ``encoding``
     stores rows as raw pixels (fastest to read) or PNG (smaller for natural images; decoded by the
-    Ray Data CPU workers).
+    Ray Data CPU workers). ``rows_per_shard`` overrides the default shard size (about 64 MiB of
+    pixels, at least 8 shards); smaller shards stream with less memory in flight.
     """
     from lepton_ray import sources
 
@@ -267,9 +272,16 @@ def prepare(source: str, dest: str, *, endpoint_url: str | None = None, overwrit
     src = sources.load(source, root=root, skip_bad=skip_bad, endpoint_url=endpoint_url)
     infos = {}
     for split, part in src.splits.items():
-        infos[split] = write_dataset(part.images, part.labels, root_loc.join(split), classes=src.classes,
-                                     ids=part.ids, source=f"{src.name}/{split}", skipped=part.skipped,
-                                     encoding=encoding)
+        writer = None
+        for images, labels, ids in part.chunks():
+            if writer is None:
+                writer = DatasetWriter(root_loc.join(split), classes=src.classes, source=f"{src.name}/{split}",
+                                       rows_per_shard=rows_per_shard or shard_rows(part.num_rows, images.shape[1:]),
+                                       encoding=encoding)
+            writer.add(images, labels, ids)
+        if writer is None:
+            raise DataError(f"the {split} split of {source} is empty")
+        infos[split] = writer.commit(part.skipped)
     return infos
 
 
@@ -380,17 +392,24 @@ def read_ids(info: DatasetInfo) -> np.ndarray:
 
 
 def read_ray(info: DatasetInfo, *, augment: tuple[str, ...] = (), shuffle_seed: int | None = None,
-             shuffle: bool = False, batch_size: int = 256, augment_seed: int | None = None,
-             keep_ids: np.ndarray | None = None) -> ray.data.Dataset:
-    """A Ray Dataset of preprocessed rows (``image`` float32 CHW, ``label``, ``id``).
+             shuffle: bool | str = False, batch_size: int = 256, augment_seed: int | None = None,
+             keep_ids: np.ndarray | None = None, normalize: bool = True) -> ray.data.Dataset:
+    """A Ray Dataset of preprocessed rows (``image`` float32 CHW, ``label``, ``id``; with
+    ``normalize=False`` the images stay uint8 CHW, to be normalised where they are consumed).
 
-    ``shuffle`` reshuffles globally on every execution (i.e. every epoch), reproducibly from
-    ``shuffle_seed``. ``keep_ids`` keeps only those rows (filtered before decoding). Decoding and
-    augmentation run in ``map_batches`` on CPU workers.
+    ``shuffle`` reshuffles on every execution (i.e. every epoch), reproducibly from
+    ``shuffle_seed``: ``"global"`` (or True) shuffles all rows through the object store;
+    ``"files"`` only shuffles the order of the shards, so the dataset streams with bounded memory
+    (pair it with a local shuffle buffer where the batches are consumed). ``keep_ids`` keeps only
+    those rows (filtered before decoding). Decoding and augmentation run in ``map_batches`` on CPU
+    workers.
     """
     import ray.data
-    from ray.data import DataContext, RandomSeedConfig
+    from ray.data import DataContext, FileShuffleConfig, RandomSeedConfig
 
+    mode = {True: "global", False: "none"}.get(shuffle, shuffle)
+    if mode not in ("global", "files", "none"):
+        raise DataError(f"unknown shuffle {shuffle!r} (global, files or none)")
     loc = info.location()
     paths = [loc.join(s["path"]).path for s in info.shards]
     # Ray 2.60's V2 Parquet reader starts fresh footer-reader actors on every execution, i.e.
@@ -398,14 +417,23 @@ def read_ray(info: DatasetInfo, *, augment: tuple[str, ...] = (), shuffle_seed: 
     # counts are in our manifest already, so the V1 reader (plain read tasks) is all we need.
     ctx = DataContext.get_current()
     previous, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
+    files = FileShuffleConfig(seed=shuffle_seed, reseed_after_execution=True) if mode == "files" else None
     try:
-        ds = ray.data.read_parquet(paths, filesystem=loc.fs, columns=["id", "image", "label"])
+        ds = ray.data.read_parquet(paths, filesystem=loc.fs, columns=["id", "image", "label"], shuffle=files)
     finally:
         ctx.use_datasource_v2 = previous
     if keep_ids is not None:
         ds = ds.map_batches(KeepIds(keep_ids), batch_format="numpy")
-    if shuffle:
+    if mode == "global":
         seed = None if shuffle_seed is None else RandomSeedConfig(seed=shuffle_seed, reseed_after_execution=True)
         ds = ds.random_shuffle(seed=seed)
-    return ds.map_batches(info.preprocessor(check_augment(augment), augment_seed),
+    return ds.map_batches(info.preprocessor(check_augment(augment), augment_seed, normalize),
                           batch_format="numpy", batch_size=batch_size)
+
+
+def shuffle_mode(info: DatasetInfo, requested: str, object_store_bytes: float) -> str:
+    """Resolve ``auto``: a global shuffle while the dataset takes at most a quarter of the object
+    store (it passes through it whole every epoch), else shard-order shuffling that streams."""
+    if requested != "auto":
+        return requested
+    return "global" if info.num_rows * int(np.prod(info.shape)) <= object_store_bytes / 4 else "files"

@@ -13,6 +13,8 @@ file or row, or with ``skip_bad`` are left out and counted.
 from __future__ import annotations
 
 import io
+import re
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,11 +35,32 @@ class Split:
     ids: np.ndarray
     skipped: list[str] = field(default_factory=list)
 
+    @property
+    def num_rows(self) -> int:
+        return len(self.images)
+
+    def chunks(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        yield self.images, self.labels, self.ids
+
+
+@dataclass
+class StreamedSplit:
+    """A split made chunk by chunk as it is written (for datasets larger than memory)."""
+
+    num_rows: int
+    make: Callable[[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]]  # rows [start, stop)
+    chunk_rows: int = 8192
+    skipped: list[str] = field(default_factory=list)
+
+    def chunks(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        for start in range(0, self.num_rows, self.chunk_rows):
+            yield self.make(start, min(self.num_rows, start + self.chunk_rows))
+
 
 @dataclass
 class Source:
     name: str
-    splits: dict[str, Split]
+    splits: dict[str, Split | StreamedSplit]
     classes: list[str]
 
 
@@ -67,6 +90,8 @@ def load(source: str, *, root: str | None = None, skip_bad: bool = False, endpoi
     kind, _, arg = source.partition(":")
     if kind == "torchvision" and arg:
         return _torchvision(arg, root)
+    if kind == "synthetic" and arg:
+        return _synthetic(arg)
     if kind == "imagefolder" and arg:
         return _image_folder(arg, skip_bad, endpoint_url)
     if kind == "parquet" and arg:
@@ -74,7 +99,7 @@ def load(source: str, *, root: str | None = None, skip_bad: bool = False, endpoi
     if not _ and Path(source).is_dir():
         return _image_folder(source, skip_bad, endpoint_url)
     raise DataError(f"unknown dataset source {source!r} (built-in: {', '.join(data.BUILTIN_SOURCES)}; "
-                    "or torchvision:NAME, imagefolder:PATH, parquet:PATH)")
+                    "or torchvision:NAME, imagefolder:PATH, parquet:PATH, synthetic:ROWS:HxWxC)")
 
 
 def _torchvision(name: str, root: str | None) -> Source:
@@ -206,3 +231,36 @@ def _parquet(path: Path, skip_bad: bool) -> Source:
     index = {n: i for i, n in enumerate(names)}
     y = np.asarray([index[str(v)] for v in labels], np.int64)
     return Source(f"parquet:{path.resolve()}", {"train": Split(np.stack(images), y, np.arange(len(y), dtype=np.int64), skipped)}, names)
+
+
+_SYNTHETIC = re.compile(r"(\d+):(\d+)x(\d+)x([13])(?::(\d+))?$")
+
+
+def _synthetic(spec: str) -> Source:
+    """``synthetic:ROWS:HxWxC[:CLASSES]``: generated images, streamed (any size, bounded memory).
+
+    Each class has its own random template; an image is its class's template plus noise, so a
+    model can learn it. Rows are reproducible (seeded per chunk). The test split has a tenth as
+    many rows (at most 10,000)."""
+    m = _SYNTHETIC.match(spec)
+    if not m:
+        raise DataError(f"bad synthetic source {spec!r}: expected ROWS:HxWxC[:CLASSES], e.g. synthetic:100000:32x32x3")
+    rows, h, w, c = (int(g) for g in m.groups()[:4])
+    classes = int(m.group(5) or 10)
+    if rows < 1 or classes < 1 or h < 1 or w < 1:
+        raise DataError(f"bad synthetic source {spec!r}: rows, sizes and classes must be positive")
+    templates = np.random.default_rng(0).integers(0, 256, (classes, h, w, c), dtype=np.uint8)
+
+    def maker(split_seed: int, first_id: int) -> Callable[[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        def make(start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            rng = np.random.default_rng([split_seed, start])
+            labels = rng.integers(0, classes, stop - start)
+            noise = rng.integers(0, 128, (stop - start, h, w, c), dtype=np.uint8)
+            images = templates[labels] // 2 + noise
+            return images, labels, np.arange(first_id + start, first_id + stop, dtype=np.int64)
+
+        return make
+
+    test_rows = max(1, min(rows // 10, 10_000))
+    splits = {"train": StreamedSplit(rows, maker(1, 0)), "test": StreamedSplit(test_rows, maker(2, rows))}
+    return Source(f"synthetic:{spec}", splits, [str(i) for i in range(classes)])

@@ -86,7 +86,7 @@ def test_from_dict_nested():
     )
     assert cfg.optim.optimizer == "sgd"  # defaults fill the rest
     assert isinstance(cfg.data, DataConfig) and cfg.data.augment == ("random_crop", "hflip")
-    assert cfg.data.shuffle is False
+    assert cfg.data.shuffle == "none"  # False is "none"
     assert isinstance(cfg.scaling, ScalingConfig) and cfg.scaling.num_workers == (1, 4)
     assert cfg.scaling.resources_per_worker == {"CPU": 2}
     assert (cfg.batch_size, cfg.epochs) == (64, 3)
@@ -218,3 +218,10 @@ def test_judge_maximises_accuracy_and_falls_back_to_train_loss_without_validatio
     assert improved and improved2 and best["value"] == 0.6
     _, _, best = _judge(TrainConfig(), {"epoch": 1, "train_loss": 0.3}, None)  # no val_loss reported
     assert best["metric"] == "train_loss"
+
+
+def test_shuffle_modes():
+    assert DataConfig().shuffle == "auto" and DataConfig(shuffle=True).shuffle == "auto"
+    assert DataConfig(shuffle="files").shuffle == "files"
+    with pytest.raises(ConfigError, match="DataConfig.shuffle: 'sometimes' is not one of auto, global, files, none"):
+        DataConfig(shuffle="sometimes")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lepton_ray import Trainer, build_model
+from lepton_ray import DataConfig, Trainer, build_model
 from lepton_ray.data import load_mnist5k, write_dataset
 from tests.test_resume import sample_logs
 
@@ -26,11 +26,12 @@ def digits_360(tmp_path_factory):
                          ids=ids[sel], rows_per_shard=45)
 
 
-def _run(digits, tmp_path, workers: int, name: str, seed: int = 0) -> dict[tuple[int, int, int], list[int]]:
+def _run(digits, tmp_path, workers: int, name: str, shuffle: str) -> dict[tuple[int, int, int], list[int]]:
     """Train briefly; returns the ids each rank trained at each (epoch, step)."""
     model = build_model("cnn", in_channels=1, num_classes=10, width=4)
     res = Trainer(workers).fit(model, digits, batch_size=BATCH, epochs=EPOCHS, storage=str(tmp_path), run_name=name,
-                               record_sample_ids=True, seed=seed, progress_bar=False)
+                               record_sample_ids=True, seed=0, progress_bar=False,
+                               data=DataConfig(shuffle=shuffle, shuffle_buffer_rows=64))
     assert res["epochs"] == EPOCHS
     steps: dict[tuple[int, int, int], list[int]] = {}
     for key, log in sample_logs(tmp_path / name).items():
@@ -40,9 +41,11 @@ def _run(digits, tmp_path, workers: int, name: str, seed: int = 0) -> dict[tuple
     return steps
 
 
-@pytest.mark.parametrize("workers", [1, 2, 3])
-def test_every_sample_once_per_epoch(ray_session, digits_360, tmp_path, workers):
-    steps = _run(digits_360, tmp_path, workers, f"shard{workers}")
+# A global shuffle (what ``auto`` picks for a dataset this small) and the streaming one (shard
+# order + a local buffer, for datasets bigger than the object store).
+@pytest.mark.parametrize(("workers", "shuffle"), [(1, "global"), (2, "global"), (3, "files")])
+def test_every_sample_once_per_epoch(ray_session, digits_360, tmp_path, workers, shuffle):
+    steps = _run(digits_360, tmp_path, workers, f"shard{workers}", shuffle)
     all_ids = set(_ids(digits_360))
     orders = []
     for epoch in range(1, EPOCHS + 1):
@@ -54,7 +57,7 @@ def test_every_sample_once_per_epoch(ray_session, digits_360, tmp_path, workers)
         orders.append(seen)
     assert orders[0] != orders[1], "the training set was not reshuffled between epochs"
     if workers == 2:  # the same seed and worker count: the same batches on the same ranks
-        assert _run(digits_360, tmp_path, workers, "shard2-again") == steps
+        assert _run(digits_360, tmp_path, workers, "shard2-again", shuffle) == steps
 
 
 def _ids(info) -> list[int]:

@@ -260,3 +260,19 @@ class _Const:
 
     def uniform(self, low, high, size):
         return np.full(size, self.value if high > low else low)
+
+
+def test_uint8_rows_normalised_on_the_device_match_cpu_normalisation():
+    """Training gets uint8 rows (``normalize=False``) and normalises on its device: same numbers."""
+    import torch
+
+    from lepton_ray.train.loop import _Pixels
+
+    imgs = _images(n=8)
+    batch = {"image": imgs, "label": np.arange(8) % 3}
+    mean, std = [0.2, 0.4, 0.6], [0.3, 0.2, 0.1]
+    rows = Preprocessor((5, 7, 3), mean, std, normalize=False)(batch)["image"]
+    assert rows.dtype == np.uint8 and rows.shape == (8, 3, 5, 7)
+    on_device = _Pixels(mean, std, torch.device("cpu"), use_cuda=False)(torch.from_numpy(rows))
+    np.testing.assert_allclose(on_device.numpy(), Preprocessor((5, 7, 3), mean, std)(batch)["image"], rtol=1e-5,
+                               atol=1e-5)

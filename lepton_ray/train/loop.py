@@ -46,9 +46,29 @@ class RunSpec:
     endpoint_url: str | None = None
     train_info: DatasetInfo | None = None  # a prepared dataset: enables sample-exact resume
     board: Any = None  # ProgressBoard actor handle (driver progress bar), or None
+    local_shuffle_rows: int = 0  # a local shuffle buffer per worker (shard-order shuffling), or 0
 
 
-_DTYPES = {"image": torch.float32, "label": torch.int64, "id": torch.int64}
+# Images travel from the Ray Data workers as uint8 (a quarter of the bytes of float32) and are
+# normalised on the worker's device (see ``_Pixels``); their dtype is left as it comes.
+_DTYPES = {"label": torch.int64, "id": torch.int64}
+
+
+class _Pixels:
+    """uint8 (N, C, H, W) batch -> normalised float32 on ``device``, channels-last on CUDA."""
+
+    def __init__(self, mean: list[float], std: list[float], device: torch.device, use_cuda: bool):
+        m, s = torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
+        self.scale = (1.0 / (255.0 * s)).view(1, -1, 1, 1).to(device)
+        self.shift = (-m / s).view(1, -1, 1, 1).to(device)
+        self.move = {"non_blocking": True, "memory_format": torch.channels_last} if use_cuda else {}
+        self.device = device
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.to(self.device, **self.move)
+        if x.dtype == torch.uint8:
+            return x.float().mul_(self.scale).add_(self.shift)  # in place: keeps x's memory layout
+        return x.float()  # already normalised (float rows)
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
@@ -140,7 +160,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val") if spec.has_val else None
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_cuda else contextlib.nullcontext()
-    to_device = {"non_blocking": True, "memory_format": torch.channels_last} if use_cuda else {}
+    pixels = _Pixels(spec.meta["data"]["mean"], spec.meta["data"]["std"], device, use_cuda)
     fault = sampling.parse_fault(cfg.fault_injection) if not state else None  # first attempt only
     sample_log = _SampleLog(spec, rank) if cfg.record_sample_ids else None
     steps_run = 0  # optimizer steps taken by this worker group (for the driver's pace and ETA)
@@ -154,6 +174,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                             epoch=epoch, world=world)[rank]
             steps = len(mine) // batching.worker_batch(cfg.batch_size, world, 0)
             batches = read_ray(spec.train_info, augment=cfg.data.augment, keep_ids=mine, augment_seed=cfg.seed + epoch,
+                               normalize=False,
                                batch_size=cfg.data.preprocess_batch_size).iter_torch_batches(
                 batch_size=local_batch, prefetch_batches=2, dtypes=_DTYPES,
                 local_shuffle_buffer_size=min(len(mine), 8 * local_batch) or None,
@@ -164,7 +185,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         else:
             steps = full_steps
             batches = train_shard.iter_torch_batches(batch_size=local_batch, prefetch_batches=2, dtypes=_DTYPES,
-                                                     pin_memory=use_cuda)
+                                                     pin_memory=use_cuda,
+                                                     local_shuffle_buffer_size=spec.local_shuffle_rows or None,
+                                                     local_shuffle_seed=cfg.seed + epoch)
             consumed = []
         pending: list[torch.Tensor] = []  # ids this worker trained since the last checkpoint
         done, wait, fwd, trained = 0, 0.0, 0.0, 0
@@ -176,7 +199,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             wait += time.perf_counter() - tw
             if batch is None:
                 break
-            x = batch["image"].to(device, **to_device)
+            x = pixels(batch["image"])
             y = batch["label"].to(device, non_blocking=True)
             if len(y) != local_batch:
                 raise TrainingError(f"worker {rank} got a batch of {len(y)} rows, expected {local_batch}")
@@ -235,7 +258,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             pass
         train_time = time.perf_counter() - t0
 
-        val = _evaluate(unwrap(model), val_shard, device, to_device, autocast) if val_shard else None
+        val = _evaluate(unwrap(model), val_shard, device, pixels, autocast) if val_shard else None
         _all_reduce(sums)
         metrics = _metrics(epoch + 1, scheduler, sums, trained * world, train_time, wait, world)
         metrics["epoch_time_s"] = time.perf_counter() - t0
@@ -319,13 +342,13 @@ class _SampleLog:
 
 
 @torch.no_grad()
-def _evaluate(model: nn.Module, shard: Any, device: torch.device, to_device: dict, autocast: Any) -> tuple[float, float]:
+def _evaluate(model: nn.Module, shard: Any, device: torch.device, pixels: _Pixels, autocast: Any) -> tuple[float, float]:
     """Validation over the full validation set (every worker sees all of it; results agree)."""
     was_training = model.training
     model.eval()
     loss_sum, correct, n = 0.0, 0, 0
     for batch in shard.iter_torch_batches(batch_size=512, dtypes=_DTYPES):
-        x = batch["image"].to(device, **to_device)
+        x = pixels(batch["image"])
         y = batch["label"].to(device)
         with autocast:
             logits = model(x)

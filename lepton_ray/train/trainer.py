@@ -18,7 +18,7 @@ from torch import nn
 
 from lepton_ray import checkpoint, storage
 from lepton_ray.config import DataConfig, OptimConfig, ScalingConfig, TrainConfig, to_dict
-from lepton_ray.data import DatasetInfo, from_torch, open_dataset, read_ray
+from lepton_ray.data import DatasetInfo, from_torch, open_dataset, read_ray, shuffle_mode
 from lepton_ray.errors import ConfigError, DataError, LeptonError, TrainingError, one_line
 from lepton_ray.models import spec_of
 from lepton_ray.runtime import ensure_ray
@@ -93,11 +93,14 @@ def fit(model: nn.Module, train_dataset: Any, val_dataset: Any, cfg: TrainConfig
     if cfg.batch_size > info.num_rows:
         raise ConfigError(f"batch_size {cfg.batch_size} is larger than the {info.num_rows} training rows")
 
-    datasets = {"train": train_src.ray(cfg.data.augment, shuffle=cfg.data.shuffle, seed=cfg.seed,
+    import ray
+
+    shuffle = shuffle_mode(info, cfg.data.shuffle, ray.cluster_resources().get("object_store_memory", 0.0))
+    datasets = {"train": train_src.ray(cfg.data.augment, shuffle=shuffle, seed=cfg.seed,
                                        batch_size=cfg.data.preprocess_batch_size)}
     if val_src is not None:
         # Not augmented, so the same every epoch: preprocess once and keep it in the object store.
-        datasets["val"] = val_src.ray((), shuffle=False, seed=None,
+        datasets["val"] = val_src.ray((), shuffle="none", seed=None,
                                       batch_size=cfg.data.preprocess_batch_size).materialize()
 
     meta = {
@@ -113,7 +116,8 @@ def fit(model: nn.Module, train_dataset: Any, val_dataset: Any, cfg: TrainConfig
                           "resuming mid-epoch relies on its stable row ids")
     spec = RunSpec(cfg=cfg, model=model.cpu(), meta=meta, num_train_rows=info.num_rows,
                    has_val=val_src is not None, run_uri=run.uri, endpoint_url=cfg.endpoint_url,
-                   train_info=info if train_src.ray_ds is None else None)
+                   train_info=info if train_src.ray_ds is None else None,
+                   local_shuffle_rows=cfg.data.shuffle_buffer_rows if shuffle == "files" else 0)
 
     import ray.train
 
@@ -165,15 +169,18 @@ class _Source:
     info: DatasetInfo
     ray_ds: Any = None  # a user's Ray Dataset, used as it is
 
-    def ray(self, augment: tuple[str, ...], *, shuffle: bool, seed: int | None, batch_size: int) -> Any:
+    def ray(self, augment: tuple[str, ...], *, shuffle: str, seed: int | None, batch_size: int) -> Any:
         if self.ray_ds is None:
             return read_ray(self.info, augment=augment, shuffle=shuffle, shuffle_seed=seed, batch_size=batch_size,
-                            augment_seed=seed)
+                            augment_seed=seed, normalize=False)
         from ray.data import RandomSeedConfig
 
+        # A user's Ray Dataset has no shards of ours to reorder: "files" shuffles its blocks.
         reseed = None if seed is None else RandomSeedConfig(seed=seed, reseed_after_execution=True)
-        ds = self.ray_ds.random_shuffle(seed=reseed) if shuffle else self.ray_ds
-        return ds.map_batches(self.info.preprocessor(augment, seed), batch_format="numpy", batch_size=batch_size)
+        ds = {"global": lambda d: d.random_shuffle(seed=reseed), "files": lambda d: d.randomize_block_order(seed=seed),
+              "none": lambda d: d}[shuffle](self.ray_ds)
+        return ds.map_batches(self.info.preprocessor(augment, seed, normalize=False), batch_format="numpy",
+                              batch_size=batch_size)
 
 
 def _source(dataset: Any, run: storage.Location, split: str, endpoint_url: str | None) -> _Source:
