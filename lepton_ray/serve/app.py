@@ -82,7 +82,7 @@ class ModelServer:
             tag_keys=("app", "version"),
         )
 
-    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.0)
     async def predict(self, requests: list) -> list:
         """(N_i, H, W, C) uint8 per request -> ``{"predictions", "model_version"}`` per request."""
         self.batch_size.observe(len(requests), tags=self.tags)

@@ -32,9 +32,10 @@ class ServeConfig:
     look_back_period_s: float = 30.0
     """Window over which Serve averages the load it scales on."""
     max_batch_size: int = 64
-    """Most images per model call (``@serve.batch``); 1 disables batching."""
-    batch_wait_timeout_s: float = 0.005
-    """How long a batch waits to fill."""
+    """Most requests per model call (``@serve.batch``); 1 disables batching."""
+    batch_wait_timeout_s: float = 0.0
+    """How long a batch waits to fill once its first request is in. 0: take what is queued when the
+    model is free; batches still form under load, and a lone request waits for nothing."""
     max_request_bytes: int = 8 << 20
     """Largest request body; bigger ones get 413."""
     max_images_per_request: int = 256
