@@ -1,4 +1,5 @@
-"""Pure tier: the canary judge (routing share and verdict) and the serving config's new fields."""
+"""Pure tier: the canary judge (routing share and verdict), the serving config's new fields and the
+serve command's input errors (no Ray started)."""
 
 from __future__ import annotations
 
@@ -75,3 +76,18 @@ def test_the_token_stays_out_of_the_config_repr_and_the_model_config():
     model = cfg.model_only("/y")
     assert model.checkpoint == "/y" and model.auth_token is None and model.canary_checkpoint is None
     assert model.max_batch_size == 8
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (["/nowhere/ckpt"], "no complete checkpoint at /nowhere/ckpt"),
+        (["/x", "--canary-share", "2"], "canary_share must be in [0, 1], got 2.0"),
+    ],
+)
+def test_cli_serve_mistakes_exit_2_with_one_line_before_ray_starts(capsys, args, match):
+    from lepton_ray.cli import main
+
+    assert main(["serve", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and match in err, err
