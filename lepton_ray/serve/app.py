@@ -13,6 +13,7 @@ No ``from __future__ import annotations`` here: Serve pickles these classes by v
 must still resolve ``Request`` in the route signatures.
 """
 
+import asyncio
 import os
 import time
 from typing import Any
@@ -111,6 +112,7 @@ class Ingress:
         from lepton_ray.serve.codec import InputSpec, read_checkpoint_meta
 
         self.cfg, self.stable, self.canary, self.token = cfg, stable, canary, auth_token
+        self.model_ready = False
         meta, self.version = read_checkpoint_meta(cfg.checkpoint, cfg.endpoint_url)
         self.spec = InputSpec.from_meta(meta)
         self.canary_version = (
@@ -254,6 +256,7 @@ class Ingress:
                 version = "stable"
                 continue
             self._record(version, True)
+            self.model_ready = True
             return answer
         raise AssertionError("unreachable")
 
@@ -265,7 +268,17 @@ class Ingress:
         if self.judge is not None:
             self.judge.record(version, ok)
 
-    async def healthz(self) -> dict[str, Any]:
+    async def healthz(self) -> Any:
+        # Ready once a model replica has answered; asked at most until then, so that probes do not
+        # keep a deployment that scaled to zero awake.
+        if not self.model_ready:
+            try:
+                await asyncio.wait_for(self.stable.info.remote(), timeout=5)
+                self.model_ready = True
+            except Exception:  # noqa: BLE001 - not loaded yet (or failing to load)
+                return JSONResponse(
+                    {"status": "loading", "model_version": self.version}, status_code=503
+                )
         return {"status": "ok", "model_version": self.version}
 
     async def model_info(self) -> dict[str, Any]:
