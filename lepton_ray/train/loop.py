@@ -49,9 +49,10 @@ class RunSpec:
     local_shuffle_rows: int = 0  # a local shuffle buffer per worker (shard-order shuffling), or 0
 
 
-# Images travel from the Ray Data workers as uint8 (a quarter of the bytes of float32) and are
-# normalised on the worker's device (see ``_Pixels``); their dtype is left as it comes.
-_DTYPES = {"label": torch.int64, "id": torch.int64}
+# Images travel from the Ray Data workers as uint8 (a quarter of the bytes of float32; every
+# dataset this loop reads is made with ``normalize=False``) and are normalised on the worker's
+# device (see ``_Pixels``).
+_DTYPES = {"image": torch.uint8, "label": torch.int64, "id": torch.int64}
 
 
 class _Pixels:
@@ -66,9 +67,7 @@ class _Pixels:
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         x = images.to(self.device, **self.move)
-        if x.dtype == torch.uint8:
-            return x.float().mul_(self.scale).add_(self.shift)  # in place: keeps x's memory layout
-        return x.float()  # already normalised (float rows)
+        return x.float().mul_(self.scale).add_(self.shift)  # in place: keeps x's memory layout
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
