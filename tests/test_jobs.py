@@ -8,6 +8,7 @@ down with it), never with ``ray stop``, which would stop every Ray instance on t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
@@ -31,9 +33,11 @@ CONFIG = "pipelines/configs/mnist.yaml"
 SMOKE = ["--smoke-test", "model.kwargs.width=8"]
 
 
-def run_cmd(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
-    """A command from the repository root, as a user would type it (no auth on the loopback head)."""
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+def run_cmd(
+    *args: str, timeout: float = 180, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """A command from the repository root, as a user would type it (by default without a token)."""
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", **(env or {})}
     return subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
 
 
@@ -49,14 +53,19 @@ def _kill_leftovers(marker: str) -> None:
             pass
 
 
-@pytest.fixture(scope="module")
-def head():
-    """A head node on loopback: yields the dashboard URL."""
+@contextlib.contextmanager
+def head_node(**auth: str):
+    """A head node on loopback: yields the dashboard URL. ``auth``: RAY_AUTH_* settings (default disabled)."""
     temp = tempfile.mkdtemp(
         prefix="lrj", dir="/tmp"
     )  # short: Ray's socket paths have a length limit
     dash = free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "disabled",
+        **auth,
+        "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
+    }
     env.pop("RAY_ADDRESS", None)
     ports = {
         f"--{name}": free_port()
@@ -97,9 +106,10 @@ def head():
                     "ray start exited: " + (Path(temp) / "ray-start.log").read_text()[-2000:]
                 )
             try:
-                with urllib.request.urlopen(f"{url}/api/version", timeout=2) as r:
-                    if r.status == 200:
-                        break
+                with urllib.request.urlopen(f"{url}/api/version", timeout=2):
+                    break
+            except urllib.error.HTTPError:  # 401 with token auth: up, and guarded
+                break
             except OSError:
                 pass
             if time.monotonic() > deadline:
@@ -115,6 +125,12 @@ def head():
         _kill_leftovers(temp)
         log.close()
         shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def head():
+    with head_node() as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -354,3 +370,25 @@ def test_retry_policy_and_entrypoint_quoting(monkeypatch):
         resolve_address(None) == "http://head:8265"
         and resolve_address("http://x:1") == "http://x:1"
     )
+
+
+@pytest.mark.ray
+@pytest.mark.e2e
+def test_a_token_auth_cluster_takes_jobs_only_with_its_token(tmp_path):
+    token = uuid.uuid4().hex
+    with head_node(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token) as url:
+        submit = [str(BIN / "lepton-ray"), "submit", "--address", url, "--working-dir", ""]
+        job = [
+            "--",
+            "python",
+            "-c",
+            "import ray; ray.init(); print('CPUs', ray.cluster_resources()['CPU'])",
+        ]
+        r = run_cmd(*submit, *job)  # the client's RAY_AUTH_MODE is disabled: no token sent
+        assert r.returncode == 2 and "Missing authentication token" in r.stderr
+        wrong = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "not-the-token", "HOME": str(tmp_path)}
+        r = run_cmd(*submit, *job, env=wrong)
+        assert r.returncode == 2 and "Invalid authentication token" in r.stderr
+        r = run_cmd(*submit, *job, env={"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token})
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert json.loads(r.stdout)["status"] == "SUCCEEDED" and "CPUs 3.0" in r.stderr
