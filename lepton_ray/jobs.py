@@ -138,7 +138,13 @@ def submit(
         except Exception as exc:  # noqa: BLE001 - Ray raises RuntimeError for HTTP errors
             raise JobError(f"the cluster at {address} refused the job: {one_line(exc)}") from None
         log(f"attempt {n}/{max_retries + 1}: {attempt.submission_id} (run '{run_name}')")
-        _wait(client, attempt, follow_logs, poll_s, output)
+        try:
+            _wait(client, attempt, follow_logs, poll_s, output)
+        except KeyboardInterrupt:
+            log(
+                f"no longer following; the job keeps running (ray job stop {attempt.submission_id})"
+            )
+            raise
         attempt.seconds = round(time.monotonic() - started, 1)
         outcome.status = attempt.status
         log(

@@ -27,7 +27,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from lepton_ray.config import TrainConfig, from_dict
 from lepton_ray.errors import ConfigError, LeptonError, TrainingError, one_line
@@ -51,6 +51,8 @@ class DatasetSpec:
     """Leave out unreadable or mismatched images (counted in the manifest) instead of failing."""
     limit_rows: int | None = None
     """Keep at most this many rows per split (a seeded random subset)."""
+    encoding: Literal["raw", "png"] = "raw"
+    """Rows as raw pixels (fastest to read) or PNG (smaller for natural images)."""
     train_split: str = "train"
     """The split to train on."""
     val_split: str | None = "test"
@@ -65,6 +67,8 @@ class DatasetSpec:
             raise ConfigError(
                 f"dataset.limit_rows must be a whole number > 0, got {self.limit_rows!r}"
             )
+        if self.encoding not in ("raw", "png"):
+            raise ConfigError(f"dataset.encoding must be raw or png, got {self.encoding!r}")
 
 
 @dataclass(kw_only=True, frozen=True)

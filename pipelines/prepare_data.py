@@ -10,6 +10,7 @@ split is a seeded random subset of that many rows.
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -26,8 +27,9 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
             d.source,
             cfg.dataset_uri,
             endpoint_url=cfg.endpoint_url,
-            root=d.root,
+            root=download_root(cfg),
             skip_bad=d.skip_bad,
+            encoding=d.encoding,
         )
     else:
         infos = prepare_subset(cfg)
@@ -50,6 +52,11 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
     }
 
 
+def download_root(cfg: PipelineConfig) -> str | None:
+    """``dataset.root`` with ``~`` expanded (a torchvision download folder)."""
+    return os.path.expanduser(cfg.dataset.root) if cfg.dataset.root else None
+
+
 def prepare_subset(cfg: PipelineConfig) -> dict[str, Any]:
     """``dataset.limit_rows`` rows per split (seeded), written once per source and limit."""
     import numpy as np
@@ -58,7 +65,7 @@ def prepare_subset(cfg: PipelineConfig) -> dict[str, Any]:
     from lepton_ray.data import open_dataset, write_dataset
 
     d = cfg.dataset
-    tag = f"{sources.canonical(d.source)}[limit={d.limit_rows}]"
+    tag = f"{sources.canonical(d.source)}[limit={d.limit_rows},{d.encoding}]"
     root = storage.resolve(cfg.dataset_uri, cfg.endpoint_url)
     existing = {}
     for split in root.listdir():
@@ -68,7 +75,9 @@ def prepare_subset(cfg: PipelineConfig) -> dict[str, Any]:
                 existing[split] = info
     if existing:
         return existing
-    src = sources.load(d.source, root=d.root, skip_bad=d.skip_bad)
+    src = sources.load(
+        d.source, root=download_root(cfg), skip_bad=d.skip_bad, endpoint_url=cfg.endpoint_url
+    )
     infos = {}
     for split, part in src.splits.items():
         n = len(part.labels)
@@ -81,6 +90,7 @@ def prepare_subset(cfg: PipelineConfig) -> dict[str, Any]:
             ids=part.ids[keep],
             source=f"{tag}/{split}",
             skipped=part.skipped,
+            encoding=d.encoding,
         )
     return infos
 
