@@ -1,0 +1,186 @@
+"""Benchmark: images/s of the Ray Data decode + augment pipeline vs a PyTorch ``DataLoader``.
+
+Same data (a prepared dataset of synthetic 32x32x3 images, CIFAR-sized, raw uint8 rows in Parquet),
+same transforms (decode, random crop with 2-pixel padding, horizontal flip, colour jitter,
+normalise to float32 NCHW), same batch size, same number of CPU processes doing the work, and the
+same consumer (the main process iterating torch batches). Measured in one run:
+
+- ``ray_data``: ``lepton_ray.data.read_ray`` (vectorised transforms over whole batches in
+  ``map_batches`` tasks) on a local Ray with ``--cpus`` CPUs, ``iter_torch_batches``.
+- ``ray_data_uint8``: the same, but rows stay uint8 until the consumer normalises them (what
+  ``Trainer.fit`` does, on the training device).
+- ``dataloader``: what a PyTorch user writes: a map-style ``Dataset`` over the same rows (held in
+  memory), torchvision ``transforms.v2`` per image, ``DataLoader(num_workers=--cpus, shuffle=True)``.
+- ``dataloader_batched``: the DataLoader again, but calling our vectorised transforms once per
+  batch (a batch sampler): where the speed comes from, the transforms or Ray Data.
+
+Each pipeline runs ``--epochs`` epochs; the first is warm-up (process start-up) and is left out.
+
+    python -m benchmarks.data_pipeline [--rows 50000] [--epochs 3] [--cpus 2]
+
+Writes ``data_pipeline.json`` and a section of ``docs/benchmarks.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks.report import replace_section
+from lepton_ray.data import DatasetInfo, prepare, read_arrays, read_ray
+
+AUGMENT = ("random_crop", "hflip", "color_jitter")
+BATCH = 256
+
+
+def _epochs(make_iter, epochs: int) -> list[float]:
+    """Images/s of each epoch; ``make_iter()`` returns a fresh iterator over torch batches."""
+    rates = []
+    for _ in range(epochs):
+        n, t0 = 0, time.perf_counter()
+        for batch in make_iter():
+            images = batch["image"] if isinstance(batch, dict) else batch[0]
+            assert images.dtype == torch.float32 and images.shape[1:] == (3, 32, 32)
+            n += len(images)
+        rates.append(n / (time.perf_counter() - t0))
+    return rates
+
+
+def ray_data(info: DatasetInfo, epochs: int, cpus: int) -> dict[str, list[float]]:
+    """Float rows (like the DataLoader's), and uint8 rows normalised by the consumer (what
+    ``Trainer.fit`` does: a quarter of the bytes cross the object store)."""
+    import ray
+
+    from lepton_ray.train.loop import _Pixels
+
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    out = {}
+    pixels = _Pixels(info.mean, info.std, torch.device("cpu"), use_cuda=False)
+    try:
+        for name, normalize in (("ray_data", True), ("ray_data_uint8", False)):
+            ds = read_ray(info, augment=AUGMENT, shuffle="files", shuffle_seed=0, augment_seed=0, batch_size=1024,
+                          normalize=normalize)
+            dtypes = {"image": torch.float32 if normalize else torch.uint8, "label": torch.int64, "id": torch.int64}
+
+            def batches(ds=ds, dtypes=dtypes, normalize=normalize):
+                for b in ds.iter_torch_batches(batch_size=BATCH, dtypes=dtypes):
+                    yield b if normalize else {**b, "image": pixels(b["image"])}
+
+            out[name] = _epochs(batches, epochs)
+        return out
+    finally:
+        ray.shutdown()
+
+
+class RowDataset(torch.utils.data.Dataset):
+    """Per-image decode + torchvision transforms: the usual PyTorch input pipeline."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, mean, std):
+        import torchvision.transforms.v2 as T
+
+        self.rows = [im.tobytes() for im in images]  # raw bytes per row, as stored
+        self.shape, self.labels = images.shape[1:], labels
+        self.transform = T.Compose([
+            T.RandomCrop(32, padding=2), T.RandomHorizontalFlip(), T.ColorJitter(0.3, 0.3, 0.3),
+            T.ToDtype(torch.float32, scale=True), T.Normalize(list(mean), list(std)),
+        ])
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        img = torch.frombuffer(bytearray(self.rows[i]), dtype=torch.uint8).view(*self.shape).permute(2, 0, 1)
+        return self.transform(img), int(self.labels[i])
+
+
+class BatchDataset(torch.utils.data.Dataset):
+    """The same rows, but transformed a whole batch at a time with lepton_ray's vectorised code."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, info: DatasetInfo):
+        self.rows = np.array([im.tobytes() for im in images], dtype=object)
+        self.labels = labels
+        self.pre = info.preprocessor(AUGMENT, seed=0)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, idx: list[int]):
+        out = self.pre({"image": self.rows[idx], "label": self.labels[idx], "id": np.asarray(idx)})
+        return torch.from_numpy(out["image"]), torch.from_numpy(out["label"])
+
+
+def dataloader(info: DatasetInfo, epochs: int, cpus: int, batched: bool) -> list[float]:
+    images, labels, _ = read_arrays(info)
+    common = {"num_workers": cpus, "persistent_workers": False}
+    if batched:
+        ds = BatchDataset(images, labels, info)
+        sampler = torch.utils.data.BatchSampler(torch.utils.data.RandomSampler(ds), BATCH, drop_last=False)
+        loader = torch.utils.data.DataLoader(ds, sampler=sampler, batch_size=None, **common)
+    else:
+        ds = RowDataset(images, labels, info.mean, info.std)
+        loader = torch.utils.data.DataLoader(ds, batch_size=BATCH, shuffle=True, **common)
+    return _epochs(lambda: iter(loader), epochs)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rows", type=int, default=50_000)
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--cpus", type=int, default=2)
+    ap.add_argument("--out", default="benchmarks/results")
+    a = ap.parse_args()
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory(prefix="lepton-pipe-") as tmp:
+        info = prepare(f"synthetic:{a.rows}:32x32x3", tmp)["train"]
+        runs = {
+            **ray_data(info, a.epochs, a.cpus),
+            "dataloader": dataloader(info, a.epochs, a.cpus, batched=False),
+            "dataloader_batched": dataloader(info, a.epochs, a.cpus, batched=True),
+        }
+    steady = {k: float(np.mean(v[1:])) for k, v in runs.items()}
+    result = {
+        "rows": a.rows, "epochs": a.epochs, "cpus": a.cpus, "batch": BATCH, "augment": list(AUGMENT),
+        "images_per_s": {k: round(v) for k, v in steady.items()},
+        "per_epoch": {k: [round(x) for x in v] for k, v in runs.items()},
+        "ratio_ray_data_vs_dataloader": round(steady["ray_data"] / steady["dataloader"], 2),
+        "ratio_ray_data_vs_dataloader_batched": round(steady["ray_data"] / steady["dataloader_batched"], 2),
+        "ratio_ray_data_uint8_vs_dataloader": round(steady["ray_data_uint8"] / steady["dataloader"], 2),
+        "machine": platform.platform(), "os_cpus": os.cpu_count(),
+    }
+    print(json.dumps(result, indent=2))
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "data_pipeline.json").write_text(json.dumps(result, indent=2) + "\n")
+    ips = result["images_per_s"]
+    replace_section("Ray Data pipeline vs DataLoader", (
+        "\n## Ray Data pipeline vs DataLoader (`benchmarks/data_pipeline.py`)\n\n"
+        f"Images/s delivered as float32 NCHW torch batches of {BATCH} to the main process: decode, random crop "
+        f"(padding 2), horizontal flip, colour jitter, normalise; {a.rows:,} synthetic 32x32x3 rows; {a.cpus} CPU "
+        f"processes doing the work in each; mean of epochs 2..{a.epochs} (epoch 1 is warm-up). Goal: Ray Data "
+        "≥ 1.2× the DataLoader.\n\n"
+        "| pipeline | images/s | Ray Data ÷ this |\n| --- | --- | --- |\n"
+        f"| Ray Data, vectorised transforms in `map_batches` | {ips['ray_data']:,} | 1.00 |\n"
+        f"| Ray Data, uint8 rows normalised by the consumer (as `Trainer.fit` reads) | {ips['ray_data_uint8']:,} | "
+        f"{round(ips['ray_data'] / ips['ray_data_uint8'], 2)} |\n"
+        f"| DataLoader, torchvision v2 per image | {ips['dataloader']:,} | "
+        f"**{result['ratio_ray_data_vs_dataloader']}** |\n"
+        f"| DataLoader, lepton_ray's vectorised transforms per batch | {ips['dataloader_batched']:,} | "
+        f"{result['ratio_ray_data_vs_dataloader_batched']} |\n\n"
+        "The gain over the DataLoader comes from the vectorised transforms, not from Ray Data: the same "
+        "transforms in a DataLoader (last row) are faster still on 2 CPUs, where Ray Data's per-block costs "
+        "(object-store puts and gets, task scheduling, Ray's own processes sharing the two cores) weigh most. "
+        "What Ray Data adds is not measured here: preprocessing on CPU nodes other than the GPU nodes, "
+        "streaming from object storage with bounded memory (section above), and per-epoch global shuffles.\n"
+    ))
+
+
+if __name__ == "__main__":
+    main()
