@@ -44,6 +44,8 @@ class ServeConfig:
     """CPUs per replica."""
     use_gpu: bool = False
     """Put each replica's model on a GPU."""
+    gpus_per_replica: float = 1.0
+    """GPUs each model replica reserves with ``use_gpu`` (a fraction lets replicas share one GPU)."""
     top_k: int = 3
     """How many class probabilities each answer lists."""
     access_log: bool = True
@@ -85,6 +87,8 @@ class ServeConfig:
             raise ConfigError(
                 f"ServeConfig.target_ongoing_requests must be > 0, got {self.target_ongoing_requests}"
             )
+        if not 0.0 < self.gpus_per_replica <= 1.0:
+            raise ConfigError(f"ServeConfig.gpus_per_replica must be in (0, 1], got {self.gpus_per_replica}")
         if not 0.0 <= self.canary_share <= 1.0:
             raise ConfigError(
                 f"ServeConfig.canary_share must be in [0, 1], got {self.canary_share}"
@@ -101,6 +105,7 @@ class ServeConfig:
             "batch_wait_timeout_s",
             "num_cpus",
             "use_gpu",
+            "gpus_per_replica",
             "top_k",
         )
         return ServeConfig(

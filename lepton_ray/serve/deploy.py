@@ -40,7 +40,7 @@ def build_app(cfg: ServeConfig | dict[str, Any]) -> Any:
         return ModelServer.options(
             name=f"{cfg.name}-{role}",
             autoscaling_config=autoscaling,
-            ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": 1 if cfg.use_gpu else 0},
+            ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.gpus_per_replica if cfg.use_gpu else 0},
             # Room to queue inside the replica: when every replica is full, Serve's router backs off
             # and retries, which at high concurrency costs far more than waiting in the replica.
             max_ongoing_requests=max(
