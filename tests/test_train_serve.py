@@ -63,6 +63,7 @@ def test_fit_returns_the_results_users_expect(small_run):
     assert math.isfinite(r["train_loss"]) and 0 < r["train_loss"] < 2.5
     assert r["val_accuracy"] > 0.3  # two short epochs: well above chance (0.1)
     assert r["samples_per_second"] > 0
+    assert r["data_skipped_rows"] == 0  # rows left out by `prepare --skip-bad` are reported with the run
     assert [h["epoch"] for h in r["history"]] == [1, 2]
     assert all(h["world_size"] == 2 for h in r["history"])
     # 1000 rows, global batch 50, 2 workers -> 20 steps per epoch, whatever the world size

@@ -106,7 +106,8 @@ def fit(model: nn.Module, train_dataset: Any, val_dataset: Any, cfg: TrainConfig
     meta = {
         "model": spec_of(model),
         "data": {"shape": list(info.shape), "mean": list(info.mean), "std": list(info.std),
-                 "classes": list(info.classes), "train_uri": info.uri},
+                 "classes": list(info.classes), "train_uri": info.uri,
+                 "skipped_rows": int(info.manifest.get("skipped_rows", 0))},
         "config": to_dict(cfg),
         "run": {"name": run_name, "uri": run.uri},
         **checkpoint.provenance(),
@@ -152,7 +153,9 @@ def fit(model: nn.Module, train_dataset: Any, val_dataset: Any, cfg: TrainConfig
         raise TrainingError(f"training run '{run_name}' failed: {_root_cause(exc)}") from None
     if result.error is not None:
         raise TrainingError(f"training run '{run_name}' failed: {_root_cause(result.error)}")
-    return _results(result, run, time.perf_counter() - started, cfg.epochs)
+    out = _results(result, run, time.perf_counter() - started, cfg.epochs)
+    out["data_skipped_rows"] = meta["data"]["skipped_rows"]  # bad rows left out when the data was prepared
+    return out
 
 
 def _dataset_config(cfg: TrainConfig) -> Any:
