@@ -432,7 +432,7 @@ def hardware(gpu: bool) -> dict[str, Any]:
 
 
 # --- main ----------------------------------------------------------------------------------------
-PARTS = ("plain", "bookkeeping", "trainer", "pipeline", "blocks", "progress", "mnist", "serve")
+PARTS = ("plain", "bookkeeping", "trainer", "files", "pipeline", "blocks", "progress", "mnist", "serve")
 DEFAULT_PARTS = ("plain", "trainer", "pipeline", "mnist", "serve")
 
 
@@ -540,7 +540,7 @@ def main() -> None:
             log(f"plain loop + {mode} bookkeeping: {R['bookkeeping'][mode]}")
     save()
 
-    need_ray = parts & {"trainer", "pipeline", "blocks", "progress"}
+    need_ray = parts & {"trainer", "files", "pipeline", "blocks", "progress"}
     synth = info = None
     aug = ("random_crop", "hflip")
     runs = store / "runs"
@@ -551,7 +551,7 @@ def main() -> None:
         ensure_ray()
         log(f"ray up: {ray.cluster_resources()}")
         synth = ray.data.range(rows, override_num_blocks=16).map_batches(_random_images, batch_format="numpy").materialize()
-    if parts & {"trainer", "pipeline", "blocks"}:
+    if parts & {"trainer", "files", "pipeline", "blocks"}:
         images, labels = realish_images(rows)
         info = write_dataset(images, labels, str(store / "data" / "realish"), classes=[str(i) for i in range(10)],
                              source="benchmarks.gpu realish")
@@ -578,6 +578,13 @@ def main() -> None:
     if "trainer" in parts:
         fit_case("trainer_synthetic", synth, DataConfig(augment=(), shuffle=False), synth_label)
         fit_case("trainer_augmented", info, DataConfig(augment=aug, shuffle=True), aug_label)
+    if "files" in parts:  # (b) without the per-epoch all-to-all shuffle
+        files_label = "same Parquet dataset, shard-order shuffle + 8,192-row local buffer (shuffle='files')"
+        fit_case("trainer_augmented_files", info, DataConfig(augment=aug, shuffle="files", shuffle_buffer_rows=8192),
+                 files_label)
+        fit_case("trainer_augmented_files_bs4096", info,
+                 DataConfig(augment=aug, shuffle="files", shuffle_buffer_rows=8192, preprocess_batch_size=4096),
+                 files_label + ", preprocess_batch_size=4096")
 
     # (b) the input pipeline alone ------------------------------------------------------------
     def pipeline_cases(cases: list[tuple[str, Any, dict]], key: str, min_left: float) -> None:
