@@ -41,9 +41,11 @@ class StoreSampler:
 
     @staticmethod
     def sample() -> tuple[int, int]:
+        import ray
         from ray._private.internal_api import memory_summary
 
-        text = memory_summary(stats_only=True)
+        # This cluster's address: other Ray instances may run on the same machine.
+        text = memory_summary(address=ray.get_runtime_context().gcs_address, stats_only=True)
         used = re.search(r"Plasma memory usage (\d+) MiB", text)
         spilled = re.search(r"Spilled (\d+) MiB", text)
         return int(used.group(1)) if used else 0, int(spilled.group(1)) if spilled else 0
