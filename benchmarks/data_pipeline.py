@@ -29,12 +29,11 @@ import os
 import platform
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from benchmarks.report import replace_section
+from benchmarks.report import replace_section, save_result
 from lepton_ray.data import DatasetInfo, prepare, read_arrays, read_ray
 
 AUGMENT = ("random_crop", "hflip", "color_jitter")
@@ -156,9 +155,7 @@ def main() -> None:
         "machine": platform.platform(), "os_cpus": os.cpu_count(),
     }
     print(json.dumps(result, indent=2))
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "data_pipeline.json").write_text(json.dumps(result, indent=2) + "\n")
+    save_result(a.out, "data_pipeline.json", result)
     ips = result["images_per_s"]
     replace_section("Ray Data pipeline vs DataLoader", (
         "\n## Ray Data pipeline vs DataLoader (`benchmarks/data_pipeline.py`)\n\n"

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import psutil
 
-from benchmarks.report import replace_section
+from benchmarks.report import replace_section, save_result
 from lepton_ray import Trainer, build_model, prepare
 
 
@@ -99,9 +99,7 @@ def main() -> None:
         "val_accuracy_with_kill": round(res["val_accuracy"], 4),
         "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "recovery.json").write_text(json.dumps(result, indent=2))
+    save_result(args.out, "recovery.json", result)
     _write_table(result)
     print(json.dumps(result, indent=2))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 DOC = Path("docs/benchmarks.md")
@@ -23,3 +24,11 @@ def replace_section(heading: str, section: str, doc: Path = DOC) -> None:
         text = text.rstrip("\n") + "\n" + section
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text(text)
+
+
+def save_result(out: str | Path, name: str, result: dict) -> Path:
+    """Write ``result`` as ``<out>/<name>`` (pretty JSON); returns the path."""
+    path = Path(out) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    return path

@@ -38,7 +38,7 @@ import numpy as np
 from fastapi import FastAPI, Request  # module level: FastAPI resolves the route's annotations here
 from fastapi.responses import JSONResponse
 
-from benchmarks.report import replace_section
+from benchmarks.report import replace_section, save_result
 
 LEVELS = (1, 16, 64)
 
@@ -229,9 +229,7 @@ def main() -> None:
         "goals": {"batched_over_unbatched_rps_at_64": ">= 3", "p50_overhead_ms_at_1": "<= 5"},
         "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / ("serve_gpu.json" if args.use_gpu else "serve.json")).write_text(json.dumps(result, indent=2) + "\n")
+    save_result(args.out, "serve_gpu.json" if args.use_gpu else "serve.json", result)
     write_section(result, gpu=args.use_gpu)
     print(
         json.dumps(

@@ -23,11 +23,10 @@ import resource
 import tempfile
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 
-from benchmarks.report import replace_section
+from benchmarks.report import replace_section, save_result
 from lepton_ray.data import prepare, read_ray
 
 
@@ -137,9 +136,7 @@ def main() -> None:
         r = run(a.rows, a.shape, a.object_store_mb, a.rows_per_shard, a.dataset_dir or tmp)
     print(json.dumps(r))
     if not a.no_report:
-        out = Path(a.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "streaming.json").write_text(json.dumps(r, indent=2) + "\n")
+        save_result(a.out, "streaming.json", r)
         replace_section("Streaming a dataset larger than the object store", section(r))
 
 

@@ -17,13 +17,12 @@ import json
 import platform
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from benchmarks.report import replace_section
+from benchmarks.report import replace_section, save_result
 from lepton_ray import Trainer, build_model, prepare
 from lepton_ray.config import OptimConfig
 from lepton_ray.data import read_arrays
@@ -87,9 +86,7 @@ def main() -> None:
         "per_epoch": {"plain": [round(r, 1) for r in plain], "trainer": [round(r, 1) for r in ray_rates]},
         "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "train_overhead.json").write_text(json.dumps(result, indent=2))
+    save_result(args.out, "train_overhead.json", result)
     write_table(result)
     print(json.dumps(result, indent=2))
 

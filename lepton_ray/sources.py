@@ -139,6 +139,18 @@ def _decode(data: bytes, where: str, mode: str | None, size: tuple[int, int] | N
     return a[:, :, None] if a.ndim == 2 else a
 
 
+def _row_or_skip(read: Callable[[], np.ndarray], skip_bad: bool, skipped: list[str]) -> np.ndarray | None:
+    """``read()`` one row; a bad row (:class:`DataError`) raises, or with ``skip_bad`` is counted in
+    ``skipped`` and gives None."""
+    try:
+        return read()
+    except DataError as exc:
+        if not skip_bad:
+            raise
+        skipped.append(str(exc))
+        return None
+
+
 class _Decoder:
     """Decodes PNG/JPEG bytes into the mode (L or RGB) and size of the first image it was given."""
 
@@ -184,14 +196,10 @@ def _image_folder(uri: str, skip_bad: bool, endpoint_url: str | None) -> Source:
                 labels += [label] * len(found)
             images, kept, skipped = [], [], []
             for f, label, data in zip(files, labels, pool.map(lambda f: f.read_bytes(), files), strict=True):
-                try:
-                    images.append(decode(data, f.uri))
-                except DataError as exc:
-                    if not skip_bad:
-                        raise
-                    skipped.append(str(exc))
-                    continue
-                kept.append(label)
+                img = _row_or_skip(lambda data=data, f=f: decode(data, f.uri), skip_bad, skipped)
+                if img is not None:
+                    images.append(img)
+                    kept.append(label)
             if not images:
                 raise DataError(f"no readable images under {d.uri}")
             ids = np.arange(next_id, next_id + len(images), dtype=np.int64)
@@ -215,18 +223,18 @@ def _parquet(path: Path, skip_bad: bool) -> Source:
             raise DataError(f"{f}: missing column(s) {sorted(missing)} (need 'image' bytes and 'label')")
         for row, (img, label) in enumerate(zip(t.column("image").to_pylist(), t.column("label").to_pylist(), strict=True)):
             where = f"{f.name} row {row}"
-            try:
+
+            def parse(img=img, label=label, where=where) -> np.ndarray:
                 if label is None:
                     raise DataError(f"{where}: missing label")
                 if not isinstance(img, bytes | bytearray):
                     raise DataError(f"{where}: image is not encoded bytes")
-                images.append(decode(bytes(img), where))
-            except DataError as exc:
-                if not skip_bad:
-                    raise
-                skipped.append(str(exc))
-                continue
-            labels.append(label)
+                return decode(bytes(img), where)
+
+            decoded = _row_or_skip(parse, skip_bad, skipped)
+            if decoded is not None:
+                images.append(decoded)
+                labels.append(label)
     names = sorted({str(v) for v in labels}, key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else 0, s))
     index = {n: i for i, n in enumerate(names)}
     y = np.asarray([index[str(v)] for v in labels], np.int64)

@@ -98,8 +98,8 @@ class RunObserver(UserCallback):
 
                 plt.close(fig)
                 run.join("curves.png").upload_file(f"{tmp}/curves.png")
-        except ImportError:
-            pass
+        except ImportError:  # matplotlib is a dependency, but a cluster image may lack it: the plot is optional
+            return
 
     def _tensorboard(self, m: dict[str, Any], run: storage.Location) -> None:
         try:
