@@ -1,6 +1,11 @@
 """Ray tier: the endpoint under live traffic — autoscaling up and down, a killed replica, a model
 update and canary rollouts (promote, and roll back a checkpoint that cannot take the input).
 
+Scaling and the killed replica are checked in both layouts: one hop (the model in the HTTP
+replica ``ops-ingress``, the default) and two hops (``one_hop=False``: the model in ``ops-model``
+behind the ingress). The canary always runs two hops; switching to it from one hop is a rolling
+update of the same ingress deployment.
+
 One application ("ops") for the whole module; each test deploys the configuration it needs
 (``serve.run`` with an unchanged configuration is a no-op). Nothing here is timed: waits are for
 states (replica counts, versions, verdicts), with generous deadlines.
@@ -78,7 +83,12 @@ def wait_for(what: str, check: Callable[[], bool], timeout: float = 90) -> None:
         time.sleep(0.25)
 
 
-def running_replicas(deployment: str = f"{APP}-model") -> int:
+# The deployment that holds the model in each layout.
+MODEL_DEPLOYMENT = {True: f"{APP}-ingress", False: f"{APP}-model"}
+LAYOUTS = [pytest.param(True, id="one-hop"), pytest.param(False, id="two-hops")]
+
+
+def running_replicas(deployment: str) -> int:
     from ray import serve
 
     app = serve.status().applications.get(APP)
@@ -127,20 +137,27 @@ def model_info(url: str) -> dict:
     return httpx.get(url + "/v1/model", timeout=60).json()
 
 
-def test_replicas_scale_up_under_load_and_back_down_after(ops, ckpts):
-    url, version = ops(ckpts["a"])
-    assert running_replicas() == 1
-    with Load(url, threads=12) as load:
-        wait_for("a second replica under load", lambda: running_replicas() == 2)
-    assert not load.failures and {v for _, v in load.results} == {version}
-    wait_for("scaling back to one replica", lambda: running_replicas() == 1)
-
-
-def test_a_killed_replica_is_replaced_and_service_recovers(ops, ckpts):
+@pytest.mark.parametrize("one_hop", LAYOUTS)
+def test_replicas_scale_up_under_load_and_back_down_after(ops, ckpts, one_hop):
     from ray import serve
 
-    url, version = ops(ckpts["a"])
-    handle = serve.get_deployment_handle(f"{APP}-model", app_name=APP)
+    url, version = ops(ckpts["a"], one_hop=one_hop)
+    deployments = set(serve.status().applications[APP].deployments)
+    assert deployments == ({f"{APP}-ingress"} if one_hop else {f"{APP}-ingress", f"{APP}-model"})
+    model = MODEL_DEPLOYMENT[one_hop]
+    assert running_replicas(model) == 1
+    with Load(url, threads=12) as load:
+        wait_for("a second replica under load", lambda: running_replicas(model) == 2)
+    assert not load.failures and {v for _, v in load.results} == {version}
+    wait_for("scaling back to one replica", lambda: running_replicas(model) == 1)
+
+
+@pytest.mark.parametrize("one_hop", LAYOUTS)
+def test_a_killed_replica_is_replaced_and_service_recovers(ops, ckpts, one_hop):
+    from ray import serve
+
+    url, version = ops(ckpts["a"], one_hop=one_hop)
+    handle = serve.get_deployment_handle(MODEL_DEPLOYMENT[one_hop], app_name=APP)
     with Load(url, threads=4) as load:
         wait_for("traffic", lambda: len(load.results) >= 20)
         pid = replica_pid(handle)
@@ -152,7 +169,8 @@ def test_a_killed_replica_is_replaced_and_service_recovers(ops, ckpts):
     print(
         f"killed replica {pid}: {len(failed)} of {len(load.results)} requests failed"
     )  # recorded in the log
-    # The ingress retries a call that died with its replica, so a client sees at most its own
+    # Two hops: the ingress retries a call that died with its replica. One hop: the killed replica
+    # was the HTTP replica, so the requests it held fail. Either way a client sees at most its own
     # in-flight request fail (4 client threads); and everything after the replacement succeeds.
     assert len(failed) <= 4, failed
     assert all(status == 200 for status, _ in load.results[-10:])

@@ -1,8 +1,15 @@
-"""The Serve application: an HTTP ingress in front of one (or, during a canary, two) model deployments.
+"""The Serve application: an HTTP ingress that holds the model itself (one hop, the default), or
+sits in front of one (or, during a canary, two) model deployments (two hops).
 
-    HTTP -> Ingress (FastAPI: auth, size limit, decode/validate, canary routing, retry, metrics)
-         -> ModelServer "<name>-model"  (@serve.batch -> one forward pass; autoscaled)
-         -> ModelServer "<name>-canary" (only while a canary is configured)
+    one hop:  HTTP -> Ingress "<name>-ingress" (FastAPI ... + ModelCore: @serve.batch; autoscaled)
+    two hops: HTTP -> Ingress "<name>-ingress" (FastAPI: auth, size limit, decode/validate, canary
+                      routing, retry, metrics)
+                   -> ModelServer "<name>-model"  (@serve.batch -> one forward pass; autoscaled)
+                   -> ModelServer "<name>-canary" (only while a canary is configured)
+
+Each hop between Serve processes costs a few ms of CPU per request, so without a canary the
+model runs in the ingress replica; the request handling is the same code either way, only
+:meth:`Ingress._ask` differs (a method call, or a call through a deployment handle).
 
 Thin glue: decoding and validation are the pure functions of :mod:`lepton_ray.serve.codec`, so a
 bad request gets its 4xx in the ingress and never reaches a batch; the canary's verdict is
@@ -63,9 +70,9 @@ PREDICT_BODY = {
 }
 
 
-@serve.deployment
-class ModelServer:
-    """One model replica: the checkpoint's model behind a batching queue (no HTTP of its own)."""
+class ModelCore:
+    """The checkpoint's model behind a batching queue (no HTTP of its own): the body of a
+    ``ModelServer`` replica, or held by the ingress replica itself in one-hop mode."""
 
     def __init__(self, cfg: Any):
         from ray.util import metrics
@@ -92,7 +99,7 @@ class ModelServer:
             for p in self.runner.predict_many(requests)
         ]
 
-    def info(self) -> dict[str, Any]:
+    async def info(self) -> dict[str, Any]:
         return self.runner.info()
 
     def pid(self) -> int:
@@ -100,19 +107,28 @@ class ModelServer:
         return os.getpid()
 
 
+ModelServer = serve.deployment(ModelCore, name="ModelServer")
+"""A model replica of the two-hop layout (``<name>-model``, ``<name>-canary``)."""
+
+
 @serve.deployment
 @serve.ingress()
 class Ingress:
-    """HTTP in front of the model deployments; holds no model, only the checkpoint's input spec."""
+    """HTTP in front of the model: ``stable`` (and ``canary``) are deployment handles (two hops),
+    or ``stable`` is None and this replica loads the model itself (one hop, no canary)."""
 
-    def __init__(self, cfg: Any, stable: Any, canary: Any = None, auth_token: Any = None):
+    def __init__(self, cfg: Any, stable: Any = None, canary: Any = None, auth_token: Any = None):
         from ray.util import metrics
 
         from lepton_ray.serve.canary import CanaryJudge
         from lepton_ray.serve.codec import InputSpec, read_checkpoint_meta
 
+        if stable is None and canary is not None:
+            raise ValueError("a canary needs the two-hop layout (a stable model deployment)")
+        # One hop: the model is loaded here, so the replica is ready once __init__ returns.
+        self.model_ready = stable is None
+        stable = ModelCore(cfg.model_only()) if stable is None else stable
         self.cfg, self.stable, self.canary, self.token = cfg, stable, canary, auth_token
-        self.model_ready = False
         meta, self.version = read_checkpoint_meta(cfg.checkpoint, cfg.endpoint_url)
         self.spec = InputSpec.from_meta(meta)
         self.canary_version = (
@@ -246,9 +262,9 @@ class Ingress:
     async def _call_model(self, images: np.ndarray) -> dict[str, Any]:
         version = self.judge.pick() if self.judge else "stable"
         for attempt in range(2):
-            handle = self.canary if version == "canary" else self.stable
+            target = self.canary if version == "canary" else self.stable
             try:
-                answer = await handle.predict.remote(images)
+                answer = await self._ask(target, "predict", images)
             except Exception as exc:  # noqa: BLE001 - a dead replica or a failing model: retry once on stable
                 self._record(version, False)
                 if attempt:
@@ -259,6 +275,17 @@ class Ingress:
             self.model_ready = True
             return answer
         raise AssertionError("unreachable")
+
+    @staticmethod
+    async def _ask(target: Any, method: str, *args: Any) -> Any:
+        """Call ``method`` on the model: in this replica (one hop) or through its handle."""
+        if isinstance(target, ModelCore):
+            return await getattr(target, method)(*args)
+        return await getattr(target, method).remote(*args)
+
+    def pid(self) -> int:
+        """The replica's process id (the failure tests kill it)."""
+        return os.getpid()
 
     def _record(self, version: str, ok: bool) -> None:
         name = self.canary_version if version == "canary" else self.version
@@ -273,7 +300,7 @@ class Ingress:
         # keep a deployment that scaled to zero awake.
         if not self.model_ready:
             try:
-                await asyncio.wait_for(self.stable.info.remote(), timeout=5)
+                await asyncio.wait_for(self._ask(self.stable, "info"), timeout=5)
                 self.model_ready = True
             except Exception:  # noqa: BLE001 - not loaded yet (or failing to load)
                 return JSONResponse(
@@ -282,7 +309,7 @@ class Ingress:
         return {"status": "ok", "model_version": self.version}
 
     async def model_info(self) -> dict[str, Any]:
-        info = await self.stable.info.remote()
+        info = await self._ask(self.stable, "info")
         if self.judge is not None:
             info["canary"] = self.judge.report() | {
                 "model_version": self.canary_version,

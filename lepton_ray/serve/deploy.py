@@ -14,9 +14,12 @@ from lepton_ray.serve.config import ServeConfig
 def build_app(cfg: ServeConfig | dict[str, Any]) -> Any:
     """The Serve application for ``cfg``; also the builder that ``serving/config.yaml`` names.
 
-    An ingress deployment ``<name>-ingress`` (HTTP; fixed ``ingress_replicas``) in front of the
-    autoscaled model deployment ``<name>-model`` and, when ``canary_checkpoint`` is set,
-    ``<name>-canary`` with the same scaling settings.
+    One hop (``one_hop`` and no ``canary_checkpoint``, the default): one autoscaled deployment
+    ``<name>-ingress`` whose replicas take HTTP and run the model, with the model's resources.
+    Two hops: an ingress deployment ``<name>-ingress`` (HTTP; fixed ``ingress_replicas``) in front
+    of the autoscaled model deployment ``<name>-model`` and, when ``canary_checkpoint`` is set,
+    ``<name>-canary`` with the same scaling settings. Both keep the ingress's name, so switching
+    between them (adding or ending a canary) is a rolling update of the same HTTP deployment.
     """
     from lepton_ray.serve.app import Ingress, ModelServer
 
@@ -36,21 +39,34 @@ def build_app(cfg: ServeConfig | dict[str, Any]) -> Any:
     ):  # replicas report load every 10 s by default: at least twice a window
         autoscaling["metrics_interval_s"] = cfg.look_back_period_s / 2
 
+    model_options = {
+        "autoscaling_config": autoscaling,
+        "ray_actor_options": {
+            "num_cpus": cfg.num_cpus,
+            "num_gpus": cfg.gpus_per_replica if cfg.use_gpu else 0,
+        },
+        # Room to queue inside the replica: when every replica is full, Serve's router backs off
+        # and retries, which at high concurrency costs far more than waiting in the replica.
+        "max_ongoing_requests": max(
+            cfg.max_batch_size * 2, int(cfg.target_ongoing_requests * 4), 64
+        ),
+    }
+    token = cfg.auth_token or os.environ.get("LEPTON_SERVE_TOKEN") or None
+    if cfg.one_hop and not cfg.canary_checkpoint:
+        return Ingress.options(
+            name=f"{cfg.name}-ingress",
+            logging_config={"enable_access_log": cfg.access_log},
+            **model_options,
+        ).bind(cfg, None, None, token)
+
     def model(checkpoint: str, role: str) -> Any:
         return ModelServer.options(
             name=f"{cfg.name}-{role}",
-            autoscaling_config=autoscaling,
-            ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.gpus_per_replica if cfg.use_gpu else 0},
-            # Room to queue inside the replica: when every replica is full, Serve's router backs off
-            # and retries, which at high concurrency costs far more than waiting in the replica.
-            max_ongoing_requests=max(
-                cfg.max_batch_size * 2, int(cfg.target_ongoing_requests * 4), 64
-            ),
             logging_config={"enable_access_log": False},  # the ingress logs each HTTP request once
+            **model_options,
         ).bind(cfg.model_only(checkpoint))
 
     canary = model(cfg.canary_checkpoint, "canary") if cfg.canary_checkpoint else None
-    token = cfg.auth_token or os.environ.get("LEPTON_SERVE_TOKEN") or None
     return Ingress.options(
         name=f"{cfg.name}-ingress",
         num_replicas=cfg.ingress_replicas,
