@@ -93,7 +93,9 @@ class ServeConfig:
                 f"ServeConfig.target_ongoing_requests must be > 0, got {self.target_ongoing_requests}"
             )
         if not 0.0 < self.gpus_per_replica <= 1.0:
-            raise ConfigError(f"ServeConfig.gpus_per_replica must be in (0, 1], got {self.gpus_per_replica}")
+            raise ConfigError(
+                f"ServeConfig.gpus_per_replica must be in (0, 1], got {self.gpus_per_replica}"
+            )
         if not 0.0 <= self.canary_share <= 1.0:
             raise ConfigError(
                 f"ServeConfig.canary_share must be in [0, 1], got {self.canary_share}"
