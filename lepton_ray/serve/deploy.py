@@ -14,8 +14,8 @@ from lepton_ray.serve.config import ServeConfig
 def build_app(cfg: ServeConfig | dict[str, Any]) -> Any:
     """The Serve application for ``cfg``; also the builder that ``serving/config.yaml`` names.
 
-    One hop (``one_hop`` and no ``canary_checkpoint``, the default): one autoscaled deployment
-    ``<name>-ingress`` whose replicas take HTTP and run the model, with the model's resources.
+    One hop (``cfg.uses_one_hop``, the default): one autoscaled deployment ``<name>-ingress``
+    whose replicas take HTTP and run the model, with the model's resources.
     Two hops: an ingress deployment ``<name>-ingress`` (HTTP; fixed ``ingress_replicas``) in front
     of the autoscaled model deployment ``<name>-model`` and, when ``canary_checkpoint`` is set,
     ``<name>-canary`` with the same scaling settings. Both keep the ingress's name, so switching
@@ -52,7 +52,7 @@ def build_app(cfg: ServeConfig | dict[str, Any]) -> Any:
         ),
     }
     token = cfg.auth_token or os.environ.get("LEPTON_SERVE_TOKEN") or None
-    if cfg.one_hop and not cfg.canary_checkpoint:
+    if cfg.uses_one_hop:
         return Ingress.options(
             name=f"{cfg.name}-ingress",
             logging_config={"enable_access_log": cfg.access_log},
@@ -115,6 +115,44 @@ def enable_haproxy() -> None:
     os.environ.update(HAPROXY_ENV)
     for k, v in HAPROXY_DEFAULTS.items():
         os.environ.setdefault(k, v)
+
+
+def haproxy_replicas_up(app: str) -> list[str]:
+    """The ingress replicas of ``app`` that HAProxy on this node sends requests to directly.
+
+    Until HAProxy's health checks mark a new replica UP, it sends that application's requests
+    through Serve's fallback proxy instead (slower, never failed); this says when that is over.
+    """
+    import csv
+    import glob
+    import io
+    import socket
+
+    from ray.serve._private.constants import RAY_SERVE_HAPROXY_SOCKET_PATH
+
+    up = []
+    for path in glob.glob(
+        os.path.join(os.path.dirname(RAY_SERVE_HAPROXY_SOCKET_PATH), "*", "admin.sock")
+    ):
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+                client.settimeout(5.0)
+                client.connect(path)
+                client.sendall(b"show stat\n")
+                data = b""
+                while chunk := client.recv(65536):
+                    data += chunk
+        except OSError:
+            continue  # a socket left by an HAProxy process that is gone
+        rows = csv.DictReader(io.StringIO(data.decode(errors="replace").lstrip("# ")))
+        up += [
+            r["svname"]
+            for r in rows
+            if r.get("pxname") == f"http-{app}"
+            and r.get("svname", "").startswith("SERVE_REPLICA")
+            and r.get("status") == "UP"
+        ]
+    return up
 
 
 def deploy(
