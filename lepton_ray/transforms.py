@@ -1,8 +1,9 @@
 """Vectorised image transforms over whole batches (numpy, NHWC uint8 in, NCHW float32 out).
 
-These run inside Ray Data ``map_batches`` on CPU workers, never in the training loop. Each
-augmentation is a pure function ``(images, rng) -> images`` over the whole batch: no per-image
-Python loop.
+These run inside Ray Data ``map_batches`` on CPU workers. Each augmentation is a pure function
+``(images, rng) -> images`` over the whole batch: no per-image Python loop. Their torch twins in
+:mod:`lepton_ray.device_transforms` run in the training loop instead, on its device
+(``DataConfig.augment_on``).
 """
 
 from __future__ import annotations
