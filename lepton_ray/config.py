@@ -32,6 +32,19 @@ class DataConfig:
     """Rows each worker mixes locally when ``shuffle`` is ``files``."""
     preprocess_batch_size: int = 1024
     """Rows per ``map_batches`` call on the CPU preprocessing workers (bigger: less per-call overhead)."""
+    augment_on: Literal["auto", "cpu", "device"] = "auto"
+    """Where ``augment`` runs: ``cpu`` (Ray Data's CPU workers, in ``map_batches``), ``device`` (the
+    training loop, on the worker's GPU or CPU, with :mod:`lepton_ray.device_transforms`), or ``auto``
+    (``device`` when training on GPUs, whose CPU cores cannot augment as fast as a GPU trains; else
+    ``cpu``)."""
+    cache: Literal["auto", "off", "device"] = "auto"
+    """``device``: each worker reads the whole training set once (decoded, unaugmented uint8) into
+    its device's memory and draws every epoch from it, augmenting there
+    (:mod:`lepton_ray.train.device_cache`); no Ray Data work per epoch. ``off``: stream every epoch
+    through Ray Data. ``auto``: ``device`` when training on GPUs, the set takes at most
+    ``cache_max_bytes`` and ``augment_on`` is not ``cpu``; else ``off``."""
+    cache_max_bytes: int = 4 << 30
+    """The largest training set (decoded bytes) that ``cache="auto"`` keeps on each GPU."""
     deterministic: bool = True
     """Hand batches to the workers in a fixed order, so a run is reproducible given its seed and
     worker count (Ray Data's ``preserve_order``). False lets a fast block overtake a slow one."""
@@ -49,6 +62,24 @@ class DataConfig:
         if shuffle not in SHUFFLES:
             raise ConfigError(f"DataConfig.shuffle: {self.shuffle!r} is not one of {', '.join(SHUFFLES)}")
         object.__setattr__(self, "shuffle", shuffle)
+        if self.augment_on not in ("auto", "cpu", "device"):
+            raise ConfigError(f"DataConfig.augment_on: {self.augment_on!r} is not one of auto, cpu, device")
+        if self.cache not in ("auto", "off", "device"):
+            raise ConfigError(f"DataConfig.cache: {self.cache!r} is not one of auto, off, device")
+        if self.cache == "device" and self.augment_on == "cpu" and self.augment:
+            raise ConfigError("DataConfig: cache='device' augments on the device; it cannot be combined with "
+                              "augment_on='cpu'")
+        _positive(self, "cache_max_bytes")
+
+    def caches_on_device(self, use_gpu: bool, dataset_bytes: int) -> bool:
+        """Whether each worker keeps the training set on its device (resolves ``cache="auto"``)."""
+        if self.cache != "auto":
+            return self.cache == "device"
+        return use_gpu and self.augment_on != "cpu" and dataset_bytes <= self.cache_max_bytes
+
+    def augments_on_device(self, use_gpu: bool, cached: bool = False) -> bool:
+        """Whether the training loop, not Ray Data, applies ``augment`` (resolves ``auto``)."""
+        return bool(self.augment) and (cached or self.augment_on == "device" or (self.augment_on == "auto" and use_gpu))
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -58,7 +89,10 @@ class ScalingConfig:
     num_workers: int | tuple[int, int] | Literal["auto"] = 2
     """An int, a ``(min, max)`` range for elastic training, or ``"auto"``."""
     use_gpu: bool = False
-    """One GPU per worker (NCCL); otherwise CPU workers (gloo)."""
+    """GPU workers (one GPU each unless ``resources_per_worker`` says a share); otherwise CPU workers."""
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    """The collective backend: ``auto`` picks NCCL for workers with a whole GPU each and gloo for CPU
+    workers and for workers sharing a GPU (``{"GPU": 0.5}``; NCCL refuses two ranks on one device)."""
     resources_per_worker: dict[str, float] | None = None
     """Ray resources per worker, e.g. ``{"CPU": 2, "GPU": 1, "memory": 4e9}``."""
     placement_strategy: PlacementStrategy = "PACK"
@@ -81,8 +115,17 @@ class ScalingConfig:
             raise ConfigError(f"ScalingConfig.num_workers must be >= 1, got {nw}")
         elif isinstance(nw, tuple) and not (1 <= nw[0] <= nw[1]):
             raise ConfigError(f"ScalingConfig.num_workers range must satisfy 1 <= min <= max, got {nw}")
+        if self.backend not in ("auto", "nccl", "gloo"):
+            raise ConfigError(f"ScalingConfig.backend must be auto, nccl or gloo, got {self.backend!r}")
         if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
             raise ConfigError(f"ScalingConfig.placement_strategy must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD, got {self.placement_strategy!r}")
+
+    def process_group_backend(self) -> str:
+        """The backend ``auto`` resolves to (see ``backend``)."""
+        if self.backend != "auto":
+            return self.backend
+        gpus = (self.resources_per_worker or {}).get("GPU", 1)
+        return "nccl" if self.use_gpu and gpus >= 1 else "gloo"
 
 
 @dataclass(kw_only=True, frozen=True)

@@ -225,3 +225,14 @@ def test_shuffle_modes():
     assert DataConfig(shuffle="files").shuffle == "files"
     with pytest.raises(ConfigError, match="DataConfig.shuffle: 'sometimes' is not one of auto, global, files, none"):
         DataConfig(shuffle="sometimes")
+
+
+def test_collective_backend_follows_the_device_and_gpu_sharing():
+    assert ScalingConfig().process_group_backend() == "gloo"
+    assert ScalingConfig(use_gpu=True).process_group_backend() == "nccl"
+    assert ScalingConfig(use_gpu=True, resources_per_worker={"GPU": 2}).process_group_backend() == "nccl"
+    # two workers on one GPU: NCCL refuses two ranks on one device, gloo does not
+    assert ScalingConfig(use_gpu=True, resources_per_worker={"GPU": 0.5}).process_group_backend() == "gloo"
+    assert ScalingConfig(use_gpu=True, backend="gloo").process_group_backend() == "gloo"
+    with pytest.raises(ConfigError, match="ScalingConfig.backend must be auto, nccl or gloo, got 'mpi'"):
+        ScalingConfig(backend="mpi")

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lepton_ray import Trainer, build_model
+from lepton_ray import DataConfig, Trainer, build_model
 from lepton_ray.data import load_mnist5k, write_dataset
 from lepton_ray.errors import ConfigError, TrainingError
 
@@ -59,9 +59,15 @@ def digits_1200(tmp_path_factory):
     return write_dataset(x[sel], y[sel], tmp_path_factory.mktemp("d1200"), classes=[str(i) for i in range(10)], ids=ids[sel])
 
 
-def test_resume_with_a_different_world_size_is_sample_exact(ray_session, digits_1200, tmp_path):
+# Both ways a worker gets its data: streamed through Ray Data every epoch (augmented in the loop,
+# augment_on="device", on the CPU here: the resumed epoch's own read included), and the device cache
+# (the whole set on each worker's device; the default on GPUs). Which samples are trained does not
+# depend on where they are augmented.
+@pytest.mark.parametrize("data", [DataConfig(augment=("random_crop", "hflip"), augment_on="device"),
+                                  DataConfig(cache="device")], ids=["streamed", "device-cache"])
+def test_resume_with_a_different_world_size_is_sample_exact(ray_session, digits_1200, tmp_path, data):
     common = dict(batch_size=60, epochs=2, storage=str(tmp_path), run_name="resize", checkpoint_every_steps=5,
-                  record_sample_ids=True, lr=0.05)
+                  record_sample_ids=True, lr=0.05, data=data)
     model = build_model("cnn", in_channels=1, num_classes=10, width=8)
     # Attempt 1: 2 workers; rank 1 fails at epoch 1, step 13 (last checkpoint: step 10), no retries.
     with pytest.raises(TrainingError, match="injected fault at epoch 1 step 13 on rank 1"):

@@ -31,7 +31,7 @@ def _run(digits, tmp_path, workers: int, name: str, shuffle: str) -> dict[tuple[
     model = build_model("cnn", in_channels=1, num_classes=10, width=4)
     res = Trainer(workers).fit(model, digits, batch_size=BATCH, epochs=EPOCHS, storage=str(tmp_path), run_name=name,
                                record_sample_ids=True, seed=0, progress_bar=False,
-                               data=DataConfig(shuffle=shuffle, shuffle_buffer_rows=64))
+                               data=_data(shuffle))
     assert res["epochs"] == EPOCHS
     steps: dict[tuple[int, int, int], list[int]] = {}
     for key, log in sample_logs(tmp_path / name).items():
@@ -41,9 +41,16 @@ def _run(digits, tmp_path, workers: int, name: str, shuffle: str) -> dict[tuple[
     return steps
 
 
-# A global shuffle (what ``auto`` picks for a dataset this small) and the streaming one (shard
-# order + a local buffer, for datasets bigger than the object store).
-@pytest.mark.parametrize(("workers", "shuffle"), [(1, "global"), (2, "global"), (3, "files")])
+def _data(shuffle: str) -> DataConfig:
+    if shuffle == "cache":  # each worker holds the whole set on its device and draws every epoch there
+        return DataConfig(cache="device", augment=("random_crop", "hflip"))
+    return DataConfig(shuffle=shuffle, shuffle_buffer_rows=64)
+
+
+# A global shuffle (what ``auto`` picks for a dataset this small), the streaming one (shard order +
+# a local buffer, for datasets bigger than the object store) and the device cache (the default on
+# GPUs for datasets that fit; forced here on the CPU).
+@pytest.mark.parametrize(("workers", "shuffle"), [(1, "global"), (2, "global"), (3, "files"), (2, "cache")])
 def test_every_sample_once_per_epoch(ray_session, digits_360, tmp_path, workers, shuffle):
     steps = _run(digits_360, tmp_path, workers, f"shard{workers}", shuffle)
     all_ids = set(_ids(digits_360))
@@ -56,7 +63,16 @@ def test_every_sample_once_per_epoch(ray_session, digits_360, tmp_path, workers,
         assert all(len(ids) == BATCH // workers for (e, _, _), ids in steps.items() if e == epoch)
         orders.append(seen)
     assert orders[0] != orders[1], "the training set was not reshuffled between epochs"
-    if workers == 2:  # the same seed and worker count: the same batches on the same ranks
+    if shuffle == "cache":  # a global batch is one slice of the epoch's permutation, split over the ranks
+        from lepton_ray.train.device_cache import epoch_order
+
+        ids = np.sort(_ids(digits_360))
+        for epoch in range(1, EPOCHS + 1):
+            expected = ids[epoch_order(ROWS, 0, epoch - 1)].reshape(-1, BATCH)
+            for step, batch in enumerate(expected):
+                got = steps[(epoch, (epoch - 1) * len(expected) + step + 1, 0)] + steps[(epoch, (epoch - 1) * len(expected) + step + 1, 1)]
+                assert got == batch.tolist()
+    if workers == 2 and shuffle == "global":  # the same seed and worker count: the same batches on the same ranks
         assert _run(digits_360, tmp_path, workers, "shard2-again", shuffle) == steps
 
 

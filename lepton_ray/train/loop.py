@@ -28,9 +28,11 @@ from torch import nn
 from lepton_ray import checkpoint, storage
 from lepton_ray.config import OptimConfig, TrainConfig
 from lepton_ray.data import DatasetInfo, read_ids, read_ray
+from lepton_ray.device_transforms import Augmenter
 from lepton_ray.errors import TrainingError
 from lepton_ray.models import unwrap
 from lepton_ray.train import batching, sampling
+from lepton_ray.train.device_cache import DeviceCache
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,8 @@ class RunSpec:
     train_info: DatasetInfo | None = None  # a prepared dataset: enables sample-exact resume
     board: Any = None  # ProgressBoard actor handle (driver progress bar), or None
     local_shuffle_rows: int = 0  # a local shuffle buffer per worker (shard-order shuffling), or 0
+    device_augment: tuple[str, ...] = ()  # augmentations the loop applies on its device (not Ray Data)
+    cache: bool = False  # every worker holds the whole training set on its device (DeviceCache)
 
 
 # Images travel from the Ray Data workers as uint8 (a quarter of the bytes of float32; every
@@ -56,18 +60,22 @@ _DTYPES = {"image": torch.uint8, "label": torch.int64, "id": torch.int64}
 
 
 class _Pixels:
-    """uint8 (N, C, H, W) batch -> normalised float32 on ``device``, channels-last on CUDA."""
+    """uint8 (N, C, H, W) batch -> (augmented on the device, if asked) normalised float32 on
+    ``device``, channels-last on CUDA."""
 
     def __init__(self, mean: list[float], std: list[float], device: torch.device, use_cuda: bool):
         m, s = torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
         self.scale = (1.0 / (255.0 * s)).view(1, -1, 1, 1).to(device)
         self.shift = (-m / s).view(1, -1, 1, 1).to(device)
-        self.move = {"non_blocking": True, "memory_format": torch.channels_last} if use_cuda else {}
+        self.layout = torch.channels_last if use_cuda else torch.contiguous_format
+        self.move = {"non_blocking": True, "memory_format": self.layout} if use_cuda else {}
         self.device = device
 
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.to(self.device, **self.move)
-        return x.float().mul_(self.scale).add_(self.shift)  # in place: keeps x's memory layout
+    def __call__(self, images: torch.Tensor, augment: Augmenter | None = None) -> torch.Tensor:
+        x = images.to(self.device, **self.move).float()
+        if augment is not None:
+            x = augment(x).contiguous(memory_format=self.layout)
+        return x.mul_(self.scale).add_(self.shift)  # in place: keeps x's memory layout
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
@@ -157,9 +165,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         raise TrainingError(f"{spec.num_train_rows} training rows are too few for a global batch of {cfg.batch_size}")
 
     train_shard = ray.train.get_dataset_shard("train")
+    cache = DeviceCache(train_shard.iter_torch_batches(batch_size=4096, dtypes=_DTYPES), device) if spec.cache else None
     val_shard = ray.train.get_dataset_shard("val") if spec.has_val else None
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_cuda else contextlib.nullcontext()
     pixels = _Pixels(spec.meta["data"]["mean"], spec.meta["data"]["std"], device, use_cuda)
+    augment = Augmenter(spec.device_augment, device, cfg.seed, rank) if spec.device_augment else None
+    cpu_augment = () if spec.device_augment else cfg.data.augment  # Ray Data's share of the work
     fault = sampling.parse_fault(cfg.fault_injection) if not state else None  # first attempt only
     sample_log = _SampleLog(spec, rank) if cfg.record_sample_ids else None
     steps_run = 0  # optimizer steps taken by this worker group (for the driver's pace and ETA)
@@ -168,26 +179,31 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         model.train()
         t0 = time.perf_counter()
         sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss * n, correct, n
-        if resume_consumed is not None and epoch == start_epoch:
+        if augment is not None:
+            augment.start_epoch(epoch)
+        resuming = resume_consumed is not None and epoch == start_epoch
+        if cache is not None:
+            steps, batches = cache.epoch(seed=cfg.seed, epoch=epoch, global_batch=cfg.batch_size, world=world,
+                                         rank=rank, max_steps=nominal, exclude_ids=resume_consumed if resuming else None)
+        elif resuming:
             mine = sampling.remainder_split(read_ids(spec.train_info), resume_consumed, seed=cfg.seed,
                                             epoch=epoch, world=world)[rank]
             steps = len(mine) // batching.worker_batch(cfg.batch_size, world, 0)
-            batches = read_ray(spec.train_info, augment=cfg.data.augment, keep_ids=mine, augment_seed=cfg.seed + epoch,
+            batches = read_ray(spec.train_info, augment=cpu_augment, keep_ids=mine, augment_seed=cfg.seed + epoch,
                                normalize=False,
                                batch_size=cfg.data.preprocess_batch_size).iter_torch_batches(
                 batch_size=local_batch, prefetch_batches=2, dtypes=_DTYPES,
                 local_shuffle_buffer_size=min(len(mine), 8 * local_batch) or None,
                 local_shuffle_seed=cfg.seed + epoch)
-            consumed = [resume_consumed]
-            if rank == 0:  # the restored sums are global already: count them once
-                sums += resume_sums.to(device)
         else:
             steps = full_steps
             batches = train_shard.iter_torch_batches(batch_size=local_batch, prefetch_batches=2, dtypes=_DTYPES,
                                                      pin_memory=use_cuda,
                                                      local_shuffle_buffer_size=spec.local_shuffle_rows or None,
                                                      local_shuffle_seed=cfg.seed + epoch)
-            consumed = []
+        consumed = [resume_consumed] if resuming else []
+        if resuming and rank == 0:  # the restored sums are global already: count them once
+            sums += resume_sums.to(device)
         pending: list[torch.Tensor] = []  # ids this worker trained since the last checkpoint
         done, wait, fwd, trained = 0, 0.0, 0.0, 0
         progress_every = cfg.progress_every_steps or max(1, steps // 10)
@@ -198,7 +214,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             wait += time.perf_counter() - tw
             if batch is None:
                 break
-            x = pixels(batch["image"])
+            x = pixels(batch["image"], augment)
             y = batch["label"].to(device, non_blocking=True)
             if len(y) != local_batch:
                 raise TrainingError(f"worker {rank} got a batch of {len(y)} rows, expected {local_batch}")

@@ -13,6 +13,7 @@ import time
 import uuid
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -75,7 +76,7 @@ class Trainer:
 def fit(model: nn.Module, train_dataset: Any, val_dataset: Any, cfg: TrainConfig) -> dict[str, Any]:
     """Run one training job described by ``cfg``; see :class:`Trainer`."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     ensure_ray()
     run_name = cfg.run_name or f"run-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
@@ -96,7 +97,11 @@ def fit(model: nn.Module, train_dataset: Any, val_dataset: Any, cfg: TrainConfig
     import ray
 
     shuffle = shuffle_mode(info, cfg.data.shuffle, ray.cluster_resources().get("object_store_memory", 0.0))
-    datasets = {"train": train_src.ray(cfg.data.augment, shuffle=shuffle, seed=cfg.seed,
+    cached = cfg.data.caches_on_device(cfg.scaling.use_gpu, info.num_rows * int(np.prod(info.shape)))
+    if cached:  # read once, whole and in id order, by every worker: no shuffle, no split
+        shuffle = "none"
+    on_device = cfg.data.augments_on_device(cfg.scaling.use_gpu, cached)
+    datasets = {"train": train_src.ray(() if on_device else cfg.data.augment, shuffle=shuffle, seed=cfg.seed,
                                        batch_size=cfg.data.preprocess_batch_size)}
     if val_src is not None:
         # Not augmented, so the same every epoch: preprocess once and keep it in the object store.
@@ -118,7 +123,8 @@ def fit(model: nn.Module, train_dataset: Any, val_dataset: Any, cfg: TrainConfig
     spec = RunSpec(cfg=cfg, model=model.cpu(), meta=meta, num_train_rows=info.num_rows,
                    has_val=val_src is not None, run_uri=run.uri, endpoint_url=cfg.endpoint_url,
                    train_info=info if train_src.ray_ds is None else None,
-                   local_shuffle_rows=cfg.data.shuffle_buffer_rows if shuffle == "files" else 0)
+                   local_shuffle_rows=cfg.data.shuffle_buffer_rows if shuffle == "files" else 0,
+                   device_augment=cfg.data.augment if on_device else (), cache=cached)
 
     import ray.train
 
@@ -133,6 +139,7 @@ def fit(model: nn.Module, train_dataset: Any, val_dataset: Any, cfg: TrainConfig
         train_loop_per_worker,
         train_loop_config={"spec": spec},
         scaling_config=ray.train.ScalingConfig(**ray_scaling),
+        torch_config=TorchConfig(backend=cfg.scaling.process_group_backend()),
         run_config=RunConfig(
             name=run_name, storage_path=root.path, storage_filesystem=root.fs,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
@@ -140,7 +147,7 @@ def fit(model: nn.Module, train_dataset: Any, val_dataset: Any, cfg: TrainConfig
             callbacks=[RunObserver(run.uri, cfg.endpoint_url)],
         ),
         datasets=datasets,
-        dataset_config=_dataset_config(cfg),
+        dataset_config=_dataset_config(cfg, split_train=not cached),
     )
     started = time.perf_counter()
     bar = ProgressBar(board, total_steps) if cfg.progress_bar else contextlib.nullcontext()
@@ -158,13 +165,15 @@ def fit(model: nn.Module, train_dataset: Any, val_dataset: Any, cfg: TrainConfig
     return out
 
 
-def _dataset_config(cfg: TrainConfig) -> Any:
-    """Only the training set is split between workers (each validates on all of it)."""
+def _dataset_config(cfg: TrainConfig, split_train: bool = True) -> Any:
+    """Only the training set is split between workers (each validates on all of it), and not even
+    that when every worker caches all of it on its device."""
     import ray.train
 
     options = ray.train.DataConfig.default_ingest_options()
     options.preserve_order = cfg.data.deterministic
-    return ray.train.DataConfig(datasets_to_split=["train"], execution_options={"train": options})
+    return ray.train.DataConfig(datasets_to_split=["train"] if split_train else [],
+                                execution_options={"train": options})
 
 
 @dataclasses.dataclass
