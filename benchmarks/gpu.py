@@ -3,12 +3,14 @@
 One command measures, each in one run (so ratios are within-run):
 
 (a) samples/s of ``Trainer(1, use_gpu=True).fit`` on an in-memory Ray Dataset of random uint8
-    32x32x3 images (``augment=()``, no shuffle) vs a plain PyTorch loop on the same model with
+    32x32x3 images (``augment=()``; held in GPU memory by the device cache, the default there, and
+    streamed through Ray Data every epoch, ``cache="off"``) vs a plain PyTorch loop on the same model with
     synthetic data already on the GPU: ResNet-18 (``build_model("resnet18")``) at 3x32x32, global
     batch 512, bf16 autocast, channels-last, SGD (the library's own optimizer and schedule);
 (b) the same Trainer on a prepared (Parquet) dataset of structured synthetic images through the Ray
-    Data pipeline with a global shuffle and ``random_crop`` + ``hflip`` on the CPU cores, with the
-    loop's ``data_wait_s``; plus the input pipeline alone (Ray Data -> ``iter_torch_batches`` -> GPU,
+    Data pipeline with a global shuffle and ``random_crop`` + ``hflip``: cached on the GPU and augmented
+    there (the default), and streamed every epoch with the augmentation on the CPU cores
+    (``augment_on="cpu"``) or on the GPU (``augment_on="device"``), with the loop's ``data_wait_s``; plus the input pipeline alone (Ray Data -> ``iter_torch_batches`` -> GPU,
     no model) to show what it can feed;
 (c) wall time to >= 98% test accuracy on the built-in MNIST subset from the command line
     (``lepton-ray data prepare mnist5k`` then ``lepton-ray train --use-gpu --workers 1``), Ray
@@ -432,7 +434,7 @@ def hardware(gpu: bool) -> dict[str, Any]:
 
 
 # --- main ----------------------------------------------------------------------------------------
-PARTS = ("plain", "bookkeeping", "trainer", "files", "pipeline", "blocks", "progress", "mnist", "serve")
+PARTS = ("plain", "bookkeeping", "trainer", "files", "shared", "pipeline", "blocks", "progress", "mnist", "serve")
 DEFAULT_PARTS = ("plain", "trainer", "pipeline", "mnist", "serve")
 
 
@@ -540,7 +542,7 @@ def main() -> None:
             log(f"plain loop + {mode} bookkeeping: {R['bookkeeping'][mode]}")
     save()
 
-    need_ray = parts & {"trainer", "files", "pipeline", "blocks", "progress"}
+    need_ray = parts & {"trainer", "files", "shared", "pipeline", "blocks", "progress"}
     synth = info = None
     aug = ("random_crop", "hflip")
     runs = store / "runs"
@@ -551,7 +553,7 @@ def main() -> None:
         ensure_ray()
         log(f"ray up: {ray.cluster_resources()}")
         synth = ray.data.range(rows, override_num_blocks=16).map_batches(_random_images, batch_format="numpy").materialize()
-    if parts & {"trainer", "files", "pipeline", "blocks"}:
+    if parts & {"trainer", "files", "shared", "pipeline", "blocks"}:
         images, labels = realish_images(rows)
         info = write_dataset(images, labels, str(store / "data" / "realish"), classes=[str(i) for i in range(10)],
                              source="benchmarks.gpu realish")
@@ -559,8 +561,9 @@ def main() -> None:
 
     common = {"storage": str(runs), "checkpoint_every_epochs": epochs, "keep_checkpoints": 1}
 
-    def fit_case(key: str, dataset: Any, data: DataConfig, label: str, **extra: Any) -> None:
-        trainer = Trainer(1, use_gpu=gpu)
+    def fit_case(key: str, dataset: Any, data: DataConfig, label: str, workers: int = 1,
+                 resources: dict[str, float] | None = None, **extra: Any) -> None:
+        trainer = Trainer(workers, use_gpu=gpu, resources_per_worker=resources)
         try:
             res = trainer.fit(build_model(args.model, in_channels=3, num_classes=10), dataset, batch_size=batch,
                               epochs=epochs, data=data, run_name=key, **common, **extra)
@@ -573,18 +576,37 @@ def main() -> None:
 
     # (a) and (b): the Trainer ------------------------------------------------------------------
     synth_label = "in-memory Ray Dataset, random uint8 32x32x3, augment=(), shuffle=False"
-    aug_label = ("prepared Parquet dataset (local store), global shuffle + random_crop + hflip + normalise in "
-                 "Ray Data map_batches on the CPUs")
+    aug_label = ("prepared Parquet dataset (local store), global shuffle + random_crop + hflip in "
+                 "Ray Data map_batches on the CPUs (augment_on='cpu')")
+    dev_label = ("same Parquet dataset and global shuffle streamed through Ray Data every epoch (cache='off'); "
+                 "random_crop + hflip in the training loop on the GPU (augment_on='device')")
+    cache_label = ("read once by Ray Data into the worker's GPU memory, a new permutation every epoch there, "
+                   "crop + flip on the GPU (cache='device': the default on GPUs for a set this size)")
     if "trainer" in parts:
-        fit_case("trainer_synthetic", synth, DataConfig(augment=(), shuffle=False), synth_label)
-        fit_case("trainer_augmented", info, DataConfig(augment=aug, shuffle=True), aug_label)
+        fit_case("trainer_synthetic", synth, DataConfig(augment=(), shuffle=True), "same random images, " + cache_label)
+        fit_case("trainer_synthetic_streamed", synth, DataConfig(augment=(), shuffle=False, cache="off"),
+                 synth_label + ", streamed through Ray Data every epoch (cache='off')")
+        fit_case("trainer_augmented", info, DataConfig(augment=aug, shuffle=True), "prepared Parquet dataset, " + cache_label)
+        fit_case("trainer_augmented_streamed_device", info,
+                 DataConfig(augment=aug, shuffle=True, augment_on="device", cache="off"), dev_label)
+        fit_case("trainer_augmented_streamed_cpu", info, DataConfig(augment=aug, shuffle=True, augment_on="cpu"),
+                 aug_label)
     if "files" in parts:  # (b) without the per-epoch all-to-all shuffle
         files_label = "same Parquet dataset, shard-order shuffle + 8,192-row local buffer (shuffle='files')"
-        fit_case("trainer_augmented_files", info, DataConfig(augment=aug, shuffle="files", shuffle_buffer_rows=8192),
-                 files_label)
+        fit_case("trainer_augmented_files", info,
+                 DataConfig(augment=aug, shuffle="files", shuffle_buffer_rows=8192, augment_on="cpu"), files_label)
         fit_case("trainer_augmented_files_bs4096", info,
-                 DataConfig(augment=aug, shuffle="files", shuffle_buffer_rows=8192, preprocess_batch_size=4096),
+                 DataConfig(augment=aug, shuffle="files", shuffle_buffer_rows=8192, preprocess_batch_size=4096,
+                            augment_on="cpu"),
                  files_label + ", preprocess_batch_size=4096")
+        fit_case("trainer_augmented_files_device", info,
+                 DataConfig(augment=aug, shuffle="files", shuffle_buffer_rows=8192, augment_on="device", cache="off"),
+                 files_label + ", crop + flip on the GPU (augment_on='device')")
+
+    if "shared" in parts and gpu:  # two workers on one GPU (half each): DDP over gloo, the multi-worker paths
+        fit_case("trainer_two_workers_one_gpu", info, DataConfig(augment=aug, shuffle=True),
+                 "Parquet, device cache, crop + flip on the GPU; 2 workers x 0.5 GPU each (gloo)",
+                 workers=2, resources={"GPU": 0.5, "CPU": 1})
 
     # (b) the input pipeline alone ------------------------------------------------------------
     def pipeline_cases(cases: list[tuple[str, Any, dict]], key: str, min_left: float) -> None:
@@ -634,7 +656,8 @@ def main() -> None:
             fit_case("trainer_synthetic_bs2048", synth, DataConfig(augment=(), shuffle=False, preprocess_batch_size=2048),
                      synth_label + ", preprocess_batch_size=2048")
         if time_left() > 110:
-            fit_case("trainer_augmented_bs2048", info, DataConfig(augment=aug, shuffle=True, preprocess_batch_size=2048),
+            fit_case("trainer_augmented_bs2048", info, DataConfig(augment=aug, shuffle=True, preprocess_batch_size=2048,
+                                                             augment_on="cpu"),
                      aug_label + ", preprocess_batch_size=2048")
     if "progress" in parts:
         # The driver progress bar (TrainConfig.progress_bar, fed by ProgressBoard actor calls from the
@@ -736,7 +759,10 @@ def _fmt(v: Any, nd: int = 1) -> str:
 
 
 TRAINER_KEYS = ("trainer_synthetic", "trainer_synthetic_no_progress", "trainer_synthetic_bs2048",
-                "trainer_synthetic_no_progress_bs2048", "trainer_augmented", "trainer_augmented_bs2048")
+                "trainer_synthetic_no_progress_bs2048", "trainer_augmented", "trainer_augmented_bs2048",
+                "trainer_synthetic_streamed", "trainer_augmented_streamed_device", "trainer_augmented_streamed_cpu",
+                "trainer_augmented_files", "trainer_augmented_files_bs4096", "trainer_augmented_files_device",
+                "trainer_two_workers_one_gpu")
 PIPELINE_NAMES = {
     "synthetic_float32": "in-memory dataset, normalise to float32 NCHW on CPU (the input of the synthetic Trainer rows)",
     "synthetic_float32_bs256": "in-memory dataset, normalise to float32 NCHW on CPU (again, in this run)",
