@@ -81,10 +81,13 @@ def cmd_train(a: argparse.Namespace) -> Any:
                               "checkpoint_every_steps": a.checkpoint_every_steps,
                               "early_stopping_patience": a.early_stopping_patience,
                               "resume": a.resume or None}.items() if v is not None}
+    data = {k: v for k, v in {"augment_on": a.augment_on, "cache": a.cache}.items() if v is not None}
     if a.augment is not None:
+        data["augment"] = tuple(x for x in a.augment.split(",") if x)
+    if data:
         from lepton_ray.config import DataConfig
 
-        opts["data"] = DataConfig(augment=tuple(x for x in a.augment.split(",") if x))
+        opts["data"] = DataConfig(**data)
     res = trainer.fit(model, info, a.val, batch_size=a.batch_size, epochs=a.epochs, endpoint_url=a.endpoint_url, **opts)
     return {k: v for k, v in res.items() if k != "history"}
 
@@ -237,6 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--seed", type=int, default=None)
     tr.add_argument("--augment", default=None, metavar="A,B",
                     help="training augmentations: random_crop, hflip, rotate, affine, color_jitter ('' for none)")
+    tr.add_argument("--augment-on", choices=["auto", "cpu", "device"], default=None,
+                    help="augment in Ray Data's CPU workers or in the loop on the training device (auto: device on GPUs)")
+    tr.add_argument("--cache", choices=["auto", "off", "device"], default=None,
+                    help="keep the training set in each worker's device memory (auto: on GPUs, sets up to 4 GiB)")
     tr.add_argument("--max-failures", type=int, default=None)
     tr.add_argument("--placement-strategy", default="PACK", choices=["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"])
     tr.add_argument("--resources-per-worker", type=_json_dict, default=None,

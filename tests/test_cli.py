@@ -54,3 +54,8 @@ def test_errors_are_one_line_on_stderr_with_exit_2(args, message):
 def test_bad_worker_spec_is_a_usage_error():
     r = run_cli("train", "--data", "x", "--workers", "two")
     assert r.returncode == 2 and "--workers takes N, MIN,MAX or auto" in r.stderr
+
+
+def test_bad_cache_choice_is_a_usage_error():
+    r = run_cli("train", "--data", "x", "--cache", "gpu")
+    assert r.returncode == 2 and "--cache: invalid choice: 'gpu'" in r.stderr
