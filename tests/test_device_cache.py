@@ -87,3 +87,22 @@ def test_cache_resolution():
         DataConfig(cache="device", augment_on="cpu")
     with pytest.raises(ConfigError, match="DataConfig.cache: 'gpu' is not one of auto, off, device"):
         DataConfig(cache="gpu")
+
+
+def test_validation_from_the_cache_equals_validation_from_batches():
+    import contextlib
+
+    from lepton_ray.models import build_model
+    from lepton_ray.train.loop import _evaluate, _Pixels
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    images = torch.from_numpy(rng.integers(0, 256, (300, 1, 28, 28), dtype=np.uint8))
+    labels, ids = torch.from_numpy(rng.integers(0, 10, 300)), torch.arange(300)
+    batches = [{"image": images[i:i + 128], "label": labels[i:i + 128], "id": ids[i:i + 128]} for i in range(0, 300, 128)]
+    model = build_model("cnn", in_channels=1, num_classes=10, width=4)
+    pixels = _Pixels([0.13], [0.31], CPU, use_cuda=False)
+    cache = DeviceCache(reversed(batches), CPU)
+    streamed = _evaluate(model, batches, CPU, pixels, contextlib.nullcontext())
+    cached = _evaluate(model, cache.chunks(64), CPU, pixels, contextlib.nullcontext())
+    assert cached == pytest.approx(streamed, rel=1e-5)

@@ -29,10 +29,12 @@ def digits_360(tmp_path_factory):
 def _run(digits, tmp_path, workers: int, name: str, shuffle: str) -> dict[tuple[int, int, int], list[int]]:
     """Train briefly; returns the ids each rank trained at each (epoch, step)."""
     model = build_model("cnn", in_channels=1, num_classes=10, width=4)
-    res = Trainer(workers).fit(model, digits, batch_size=BATCH, epochs=EPOCHS, storage=str(tmp_path), run_name=name,
+    val = digits if shuffle == "cache" else None  # cached with the training set (any prepared set will do here)
+    res = Trainer(workers).fit(model, digits, val, batch_size=BATCH, epochs=EPOCHS, storage=str(tmp_path), run_name=name,
                                record_sample_ids=True, seed=0, progress_bar=False,
                                data=_data(shuffle))
     assert res["epochs"] == EPOCHS
+    assert (val is None) == ("val_accuracy" not in res)
     steps: dict[tuple[int, int, int], list[int]] = {}
     for key, log in sample_logs(tmp_path / name).items():
         rank = int(key.split("-")[0].removeprefix("rank"))

@@ -50,6 +50,11 @@ class DeviceCache:
     def nbytes(self) -> int:
         return self.images.numel() * self.images.element_size()
 
+    def chunks(self, size: int) -> Iterator[dict[str, torch.Tensor]]:
+        """All rows in id order, ``size`` at a time (for validation)."""
+        for i in range(0, len(self), size):
+            yield {"image": self.images[i:i + size], "label": self.labels[i:i + size], "id": self.ids[i:i + size]}
+
     def epoch(self, *, seed: int, epoch: int, global_batch: int, world: int, rank: int, max_steps: int,
               exclude_ids: np.ndarray | None = None) -> tuple[int, Iterator[dict[str, torch.Tensor]]]:
         """(steps, batches) of this rank for ``epoch``: its slice of each global batch of the epoch's

@@ -167,6 +167,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     cache = DeviceCache(train_shard.iter_torch_batches(batch_size=4096, dtypes=_DTYPES), device) if spec.cache else None
     val_shard = ray.train.get_dataset_shard("val") if spec.has_val else None
+    # The validation set is cached with the training set: then no Ray Data execution per epoch at all.
+    val_cache = DeviceCache(val_shard.iter_torch_batches(batch_size=4096, dtypes=_DTYPES), device) \
+        if val_shard is not None and spec.cache else None
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_cuda else contextlib.nullcontext()
     pixels = _Pixels(spec.meta["data"]["mean"], spec.meta["data"]["std"], device, use_cuda)
     augment = Augmenter(spec.device_augment, device, cfg.seed, rank) if spec.device_augment else None
@@ -273,7 +276,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             pass
         train_time = time.perf_counter() - t0
 
-        val = _evaluate(unwrap(model), val_shard, device, pixels, autocast) if val_shard else None
+        val = None
+        if val_shard is not None:
+            val_batches = val_cache.chunks(512) if val_cache else val_shard.iter_torch_batches(batch_size=512,
+                                                                                                dtypes=_DTYPES)
+            val = _evaluate(unwrap(model), val_batches, device, pixels, autocast)
         _all_reduce(sums)
         metrics = _metrics(epoch + 1, scheduler, sums, trained * world, train_time, wait, world)
         metrics["epoch_time_s"] = time.perf_counter() - t0
@@ -357,12 +364,12 @@ class _SampleLog:
 
 
 @torch.no_grad()
-def _evaluate(model: nn.Module, shard: Any, device: torch.device, pixels: _Pixels, autocast: Any) -> tuple[float, float]:
+def _evaluate(model: nn.Module, batches: Any, device: torch.device, pixels: _Pixels, autocast: Any) -> tuple[float, float]:
     """Validation over the full validation set (every worker sees all of it; results agree)."""
     was_training = model.training
     model.eval()
     loss_sum, correct, n = 0.0, 0, 0
-    for batch in shard.iter_torch_batches(batch_size=512, dtypes=_DTYPES):
+    for batch in batches:
         x = pixels(batch["image"])
         y = batch["label"].to(device)
         with autocast:
