@@ -57,9 +57,15 @@ class Load:
             while not self._stop.is_set():
                 try:
                     r = client.post(self.url, json=self.body)
-                    self.results.append((r.status_code, r.json().get("model_version") or r.text))
                 except httpx.HTTPError as exc:
                     self.results.append((0, repr(exc)))
+                    continue
+                try:
+                    self.results.append((r.status_code, r.json().get("model_version") or r.text))
+                except ValueError:  # not JSON: an error page from a proxy in front of the endpoint
+                    self.results.append(
+                        (r.status_code if r.status_code != 200 else 0, r.text[:200])
+                    )
 
     @property
     def failures(self) -> list:
@@ -167,7 +173,7 @@ def test_a_killed_replica_is_replaced_and_service_recovers(ops, ckpts, one_hop):
         wait_for("answers after the replacement", lambda: len(load.results) >= killed_at + 20)
     failed = load.failures
     print(
-        f"killed replica {pid}: {len(failed)} of {len(load.results)} requests failed"
+        f"killed replica {pid}: {len(failed)} of {len(load.results)} requests failed {failed[:2]}"
     )  # recorded in the log
     # Two hops: the ingress retries a call that died with its replica. One hop: the killed replica
     # was the HTTP replica, so the requests it held fail. Either way a client sees at most its own
