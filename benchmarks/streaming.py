@@ -72,7 +72,7 @@ def run(rows: int, shape: str, object_store_mb: int, rows_per_shard: int | None,
     t0 = time.perf_counter()
     info = prepare(f"synthetic:{rows}:{shape}", dataset_dir, rows_per_shard=rows_per_shard)["train"]
     prepare_s = time.perf_counter() - t0
-    pixels_mib = info.num_rows * int(np.prod(info.shape)) / 2**20
+    pixels_mib = info.pixel_bytes / 2**20
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, 4), object_store_memory=object_store_mb << 20,
              include_dashboard=False, log_to_driver=False)
     try:

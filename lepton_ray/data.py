@@ -62,6 +62,11 @@ class DatasetInfo:
     def num_classes(self) -> int:
         return len(self.classes)
 
+    @property
+    def pixel_bytes(self) -> int:
+        """The decoded (uint8) size of all the images: what a shuffle or a cache holds."""
+        return self.num_rows * int(np.prod(self.shape))
+
     def location(self) -> storage.Location:
         return storage.resolve(self.uri, self.endpoint_url)
 
@@ -436,4 +441,4 @@ def shuffle_mode(info: DatasetInfo, requested: str, object_store_bytes: float) -
     store (it passes through it whole every epoch), else shard-order shuffling that streams."""
     if requested != "auto":
         return requested
-    return "global" if info.num_rows * int(np.prod(info.shape)) <= object_store_bytes / 4 else "files"
+    return "global" if info.pixel_bytes <= object_store_bytes / 4 else "files"

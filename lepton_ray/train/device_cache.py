@@ -50,10 +50,14 @@ class DeviceCache:
     def nbytes(self) -> int:
         return self.images.numel() * self.images.element_size()
 
+    def take(self, rows: torch.Tensor | slice) -> dict[str, torch.Tensor]:
+        """A batch of the given row positions: image, label and id of each."""
+        return {"image": self.images[rows], "label": self.labels[rows], "id": self.ids[rows]}
+
     def chunks(self, size: int) -> Iterator[dict[str, torch.Tensor]]:
         """All rows in id order, ``size`` at a time (for validation)."""
         for i in range(0, len(self), size):
-            yield {"image": self.images[i:i + size], "label": self.labels[i:i + size], "id": self.ids[i:i + size]}
+            yield self.take(slice(i, i + size))
 
     def epoch(self, *, seed: int, epoch: int, global_batch: int, world: int, rank: int, max_steps: int,
               exclude_ids: np.ndarray | None = None) -> tuple[int, Iterator[dict[str, torch.Tensor]]]:
@@ -69,11 +73,7 @@ class DeviceCache:
         index = torch.from_numpy(order[:steps * global_batch].reshape(steps, global_batch)[:, start:start + size].copy())
         index = index.to(self.device)
 
-        def batches() -> Iterator[dict[str, torch.Tensor]]:
-            for idx in index:
-                yield {"image": self.images[idx], "label": self.labels[idx], "id": self.ids[idx]}
-
-        return steps, batches()
+        return steps, (self.take(idx) for idx in index)
 
 
 def epoch_order(rows: int, seed: int, epoch: int) -> np.ndarray:

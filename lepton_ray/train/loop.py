@@ -165,11 +165,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         raise TrainingError(f"{spec.num_train_rows} training rows are too few for a global batch of {cfg.batch_size}")
 
     train_shard = ray.train.get_dataset_shard("train")
-    cache = DeviceCache(train_shard.iter_torch_batches(batch_size=4096, dtypes=_DTYPES), device) if spec.cache else None
     val_shard = ray.train.get_dataset_shard("val") if spec.has_val else None
     # The validation set is cached with the training set: then no Ray Data execution per epoch at all.
-    val_cache = DeviceCache(val_shard.iter_torch_batches(batch_size=4096, dtypes=_DTYPES), device) \
-        if val_shard is not None and spec.cache else None
+    cache, val_cache = (DeviceCache(s.iter_torch_batches(batch_size=4096, dtypes=_DTYPES), device)
+                        if spec.cache and s is not None else None for s in (train_shard, val_shard))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_cuda else contextlib.nullcontext()
     pixels = _Pixels(spec.meta["data"]["mean"], spec.meta["data"]["std"], device, use_cuda)
     augment = Augmenter(spec.device_augment, device, cfg.seed, rank) if spec.device_augment else None

@@ -13,7 +13,6 @@ import time
 import uuid
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -97,7 +96,7 @@ def fit(model: nn.Module, train_dataset: Any, val_dataset: Any, cfg: TrainConfig
     import ray
 
     shuffle = shuffle_mode(info, cfg.data.shuffle, ray.cluster_resources().get("object_store_memory", 0.0))
-    cached = cfg.data.caches_on_device(cfg.scaling.use_gpu, info.num_rows * int(np.prod(info.shape)))
+    cached = cfg.data.caches_on_device(cfg.scaling.use_gpu, info.pixel_bytes)
     if cached:  # read once, whole and in id order, by every worker: no shuffle, no split
         shuffle = "none"
     on_device = cfg.data.augments_on_device(cfg.scaling.use_gpu, cached)
