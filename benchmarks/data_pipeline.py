@@ -62,7 +62,7 @@ def ray_data(info: DatasetInfo, epochs: int, cpus: int) -> dict[str, list[float]
 
     ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     out = {}
-    pixels = _Pixels(info.mean, info.std, torch.device("cpu"), use_cuda=False)
+    pixels = _Pixels(info.mean, info.std, torch.device("cpu"), torch.channels_last)
     try:
         for name, normalize in (("ray_data", True), ("ray_data_uint8", False)):
             ds = read_ray(info, augment=AUGMENT, shuffle="files", shuffle_seed=0, augment_seed=0, batch_size=1024,

@@ -30,7 +30,7 @@ from torch import nn
 
 from lepton_ray import storage
 from lepton_ray.errors import LeptonError, StorageError
-from lepton_ray.models import from_spec, unwrap
+from lepton_ray.models import from_spec, memory_format, unwrap
 
 WEIGHTS, STATE, META, MANIFEST = "model.safetensors", "train_state.pt", "lepton.json", "manifest.json"
 
@@ -91,7 +91,7 @@ def load_model(uri: str | storage.Location, endpoint_url: str | None = None,
     state = st_load(files[WEIGHTS])
     state = {k.removeprefix("module."): v for k, v in state.items()}
     model.load_state_dict(state)
-    return model.to(map_location).eval(), meta
+    return model.to(map_location, memory_format=memory_format(meta)).eval(), meta
 
 
 def load_train_state(loc: storage.Location) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:

@@ -7,6 +7,7 @@ registered architecture, or ``{"class": "pkg.module:Class", "kwargs": {...}}`` f
 
 from __future__ import annotations
 
+import copy
 import importlib
 from collections.abc import Callable
 from typing import Any
@@ -105,3 +106,29 @@ def unwrap(model: nn.Module) -> nn.Module:
             model = model.module
         else:
             return model
+
+
+# Memory layout a model runs in, recorded in its checkpoints (``lepton.json``: "memory_format").
+# Channels-last (NHWC memory) is the faster layout for convnets on both CPUs (oneDNN: the ``cnn``
+# trains ~1.3x and serves batches ~1.7x faster here than in NCHW) and GPUs (tensor cores).
+MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
+
+
+def preferred_memory_format(model: nn.Module, shape: tuple[int, int, int]) -> str:
+    """"channels_last" for a model with conv weights that runs on channels-last images of
+    ``shape`` (H, W, C), else "contiguous" (a model that ``.view()``s its feature maps cannot)."""
+    if not any(p.ndim == 4 for p in model.parameters()):
+        return "contiguous"
+    h, w, c = shape
+    probe = copy.deepcopy(model).to(memory_format=torch.channels_last).eval()
+    try:
+        with torch.no_grad():
+            probe(torch.zeros(2, c, h, w).contiguous(memory_format=torch.channels_last))
+    except Exception:
+        return "contiguous"
+    return "channels_last"
+
+
+def memory_format(meta: dict[str, Any]) -> torch.memory_format:
+    """The layout a checkpoint's model runs in (NCHW for checkpoints that do not say)."""
+    return MEMORY_FORMATS[meta.get("memory_format", "contiguous")]

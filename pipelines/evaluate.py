@@ -44,7 +44,7 @@ def evaluate(cfg: PipelineConfig, which: str | None = None) -> dict[str, Any]:
             f"{info.uri} ({info.shape}, {info.num_classes} classes) does not match the checkpoint's "
             f"data ({tuple(data['shape'])}, {len(data['classes'])} classes)"
         )
-    spec = InputSpec(data["shape"], data["mean"], data["std"], data["classes"])
+    spec = InputSpec.from_meta(meta)
     k = len(spec.classes)
     confusion = np.zeros((k, k), np.int64)
     loss_sum, started = 0.0, time.perf_counter()

@@ -19,7 +19,15 @@ from lepton_ray.checkpoint import (
     write_local,
 )
 from lepton_ray.errors import LeptonError
-from lepton_ray.models import ConvNet, build_model, from_spec, spec_of, unwrap
+from lepton_ray.models import (
+    ConvNet,
+    build_model,
+    from_spec,
+    preferred_memory_format,
+    spec_of,
+    unwrap,
+)
+from lepton_ray.serve.codec import InputSpec, to_model_input
 
 
 class TinyNet(nn.Module):
@@ -235,6 +243,44 @@ def test_spec_errors():
         from_spec({"class": "no_such_module:Net"})
     with pytest.raises(ValueError, match="cannot import model class"):
         from_spec({"class": f"{__name__}:Missing"})
+
+
+class FlattensFeatureMaps(nn.Module):
+    """A classic LeNet-style head: ``.view()`` on conv features, which channels-last memory refuses."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4 * 8 * 8, 10)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.fc(y.view(y.size(0), -1))
+
+
+def test_memory_format_choice():
+    assert preferred_memory_format(build_model("cnn", in_channels=3, num_classes=10, width=4), (8, 8, 3)) == "channels_last"
+    assert preferred_memory_format(FlattensFeatureMaps(), (8, 8, 3)) == "contiguous"
+    assert preferred_memory_format(nn.Sequential(nn.Flatten(), nn.Linear(192, 10)), (8, 8, 3)) == "contiguous"
+    model = FlattensFeatureMaps()
+    preferred_memory_format(model, (8, 8, 3))  # probes a copy: the user's model keeps its layout
+    assert model.conv.weight.is_contiguous()
+
+
+def test_channels_last_checkpoint_serves_the_same_answers(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("cnn", in_channels=3, num_classes=10, width=8).eval()
+    data = {"shape": [8, 8, 3], "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3], "classes": list("abcdefghij")}
+    meta = {"model": spec_of(model), "data": data, "memory_format": "channels_last"}
+    loc = publish(write_local(tmp_path / "local", model, meta), storage.resolve(tmp_path / "published"))
+    loaded, meta = load_model(loc.uri)
+    assert loaded.features[1][0].weight.is_contiguous(memory_format=torch.channels_last)
+    images = torch.randint(0, 256, (4, 8, 8, 3), dtype=torch.uint8).numpy()
+    x = torch.from_numpy(to_model_input(images, InputSpec.from_meta(meta)))
+    assert x.is_contiguous(memory_format=torch.channels_last)  # the NHWC request array itself
+    plain = torch.from_numpy(to_model_input(images, InputSpec.from_meta({"data": data})))
+    assert plain.is_contiguous()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(plain), rtol=1e-4, atol=1e-4)
 
 
 def test_unwrap():

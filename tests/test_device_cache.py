@@ -101,7 +101,7 @@ def test_validation_from_the_cache_equals_validation_from_batches():
     labels, ids = torch.from_numpy(rng.integers(0, 10, 300)), torch.arange(300)
     batches = [{"image": images[i:i + 128], "label": labels[i:i + 128], "id": ids[i:i + 128]} for i in range(0, 300, 128)]
     model = build_model("cnn", in_channels=1, num_classes=10, width=4)
-    pixels = _Pixels([0.13], [0.31], CPU, use_cuda=False)
+    pixels = _Pixels([0.13], [0.31], CPU, torch.contiguous_format)
     cache = DeviceCache(reversed(batches), CPU)
     streamed = _evaluate(model, batches, CPU, pixels, contextlib.nullcontext())
     cached = _evaluate(model, cache.chunks(64), CPU, pixels, contextlib.nullcontext())

@@ -86,6 +86,9 @@ def test_checkpoint_is_pickle_free_and_reloads(small_run):
     model, meta = load_model(trainer.train_results["checkpoint"])
     assert meta["model"] == {"name": "cnn", "kwargs": {"in_channels": 1, "num_classes": 10, "width": 16}}
     assert meta["data"]["classes"] == [str(i) for i in range(10)]
+    # a convnet trains and serves in channels-last memory (oneDNN's fast layout on CPUs as on GPUs)
+    assert meta["memory_format"] == "channels_last"
+    assert model.features[1][0].weight.is_contiguous(memory_format=torch.channels_last)
     assert meta["versions"]["torch"] == torch.__version__.split("+")[0] or meta["versions"]["torch"]
     assert "AWS_SECRET_ACCESS_KEY" not in json.dumps(meta) and "lepton-test-secret" not in json.dumps(meta)
     out = model(torch.zeros(3, 1, 28, 28))

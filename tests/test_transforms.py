@@ -273,6 +273,6 @@ def test_uint8_rows_normalised_on_the_device_match_cpu_normalisation():
     mean, std = [0.2, 0.4, 0.6], [0.3, 0.2, 0.1]
     rows = Preprocessor((5, 7, 3), mean, std, normalize=False)(batch)["image"]
     assert rows.dtype == np.uint8 and rows.shape == (8, 3, 5, 7)
-    on_device = _Pixels(mean, std, torch.device("cpu"), use_cuda=False)(torch.from_numpy(rows))
+    on_device = _Pixels(mean, std, torch.device("cpu"), torch.channels_last)(torch.from_numpy(rows))
     np.testing.assert_allclose(on_device.numpy(), Preprocessor((5, 7, 3), mean, std)(batch)["image"], rtol=1e-5,
                                atol=1e-5)

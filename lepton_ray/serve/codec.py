@@ -28,7 +28,8 @@ class RequestError(Exception):
 
 
 class InputSpec:
-    """What the model takes: image shape (H, W, C), normalisation and class names."""
+    """What the model takes: image shape (H, W, C), normalisation, class names, and whether it
+    runs on channels-last (NHWC) memory."""
 
     def __init__(
         self,
@@ -36,17 +37,20 @@ class InputSpec:
         mean: Sequence[float],
         std: Sequence[float],
         classes: Sequence[str],
+        channels_last: bool = False,
     ):
         self.shape = tuple(int(v) for v in shape)
         self.mean = np.asarray(mean, np.float32)
         self.std = np.asarray(std, np.float32)
         self.classes = list(classes)
+        self.channels_last = channels_last
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any]) -> InputSpec:
         """The spec a checkpoint's ``lepton.json`` records."""
         data = meta["data"]
-        return cls(data["shape"], data["mean"], data["std"], data["classes"])
+        return cls(data["shape"], data["mean"], data["std"], data["classes"],
+                   meta.get("memory_format") == "channels_last")
 
 
 def read_checkpoint_meta(uri: str, endpoint_url: str | None = None) -> tuple[dict[str, Any], str]:
@@ -175,10 +179,12 @@ def decode_image_bytes(data: bytes, spec: InputSpec, i: int = 0) -> np.ndarray:
 
 
 def to_model_input(images: np.ndarray, spec: InputSpec) -> np.ndarray:
-    """(N, H, W, C) uint8 -> (N, C, H, W) float32, normalised as in training."""
+    """(N, H, W, C) uint8 -> (N, C, H, W) float32, normalised as in training, in the model's
+    memory layout (channels-last is the NHWC array itself: no copy)."""
     x = images.astype(np.float32) * (1.0 / 255.0)
     x = (x - spec.mean) / spec.std
-    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+    x = x.transpose(0, 3, 1, 2)
+    return x if spec.channels_last else np.ascontiguousarray(x)
 
 
 def postprocess(logits: np.ndarray, classes: Sequence[str], k: int) -> list[dict[str, Any]]:

@@ -20,7 +20,7 @@ from lepton_ray import checkpoint, storage
 from lepton_ray.config import DataConfig, OptimConfig, ScalingConfig, TrainConfig, to_dict
 from lepton_ray.data import DatasetInfo, from_torch, open_dataset, read_ray, shuffle_mode
 from lepton_ray.errors import ConfigError, DataError, LeptonError, TrainingError, one_line
-from lepton_ray.models import spec_of
+from lepton_ray.models import preferred_memory_format, spec_of
 from lepton_ray.runtime import ensure_ray
 from lepton_ray.train import batching
 from lepton_ray.train.loop import RunSpec, train_loop_per_worker
@@ -109,6 +109,7 @@ def fit(model: nn.Module, train_dataset: Any, val_dataset: Any, cfg: TrainConfig
 
     meta = {
         "model": spec_of(model),
+        "memory_format": preferred_memory_format(model, info.shape),
         "data": {"shape": list(info.shape), "mean": list(info.mean), "std": list(info.std),
                  "classes": list(info.classes), "train_uri": info.uri,
                  "skipped_rows": int(info.manifest.get("skipped_rows", 0))},
