@@ -27,4 +27,4 @@ def ensure_ray(address: str | None = None, *, min_cpus: int = 4, **kwargs: Any) 
     if address and address != "local":
         ray.init(address=address, log_to_driver=True, **kwargs)
         return
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, min_cpus), include_dashboard=False, **kwargs)
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, min_cpus), include_dashboard=True, **kwargs)
