@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+_LOCAL_TRAIN_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+
 
 def ensure_ray(address: str | None = None, *, min_cpus: int = 4, **kwargs: Any) -> None:
     """Initialise Ray once.
@@ -27,4 +29,9 @@ def ensure_ray(address: str | None = None, *, min_cpus: int = 4, **kwargs: Any) 
     if address and address != "local":
         ray.init(address=address, log_to_driver=True, **kwargs)
         return
+    # A local instance has no nodes to be preempted, and its controller can poll its own workers
+    # often: Ray Train's defaults (a preemption-watcher actor; a 2 s health check, which is also how
+    # late a finished fit returns) are made for clusters.
+    for var, value in _LOCAL_TRAIN_ENV.items():
+        os.environ.setdefault(var, value)
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, min_cpus), include_dashboard=True, **kwargs)
