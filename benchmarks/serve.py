@@ -403,15 +403,17 @@ the servers; figures move by up to 2x between runs, ratios within a run hold bet
   hops, ingress deployment -> model deployment, (a) - (c) was +12 ms). Behind Serve's proxy a
   request still crosses the proxy actor: an empty deployment costs ~5.5 ms p50 over HTTP here,
   hence ~8-13 ms over (c). Behind HAProxy (direct ingress: HAProxy -> an HTTP server inside the
-  replica) an empty deployment costs ~1.3 ms, and the endpoint 1.4-2.9 ms over (c) in every run.
+  replica) an empty deployment costs ~1.3 ms, and the endpoint 0.4-4.5 ms over (c) in six runs.
 - Batching can win only what the model saves by running images together, on top of the HTTP and
-  JSON work that every request pays alone. With one torch thread the cnn costs 1.04 ms for one
-  image and 0.67 ms per image in a batch of 64 (1.55x); ResNet-18 at 32x32 17 ms and ~10.5 ms
+  JSON work that every request pays alone. With one torch thread the cnn costs 0.82 ms for one
+  image and 0.49 ms per image in a batch of 64 (1.68x; in NCHW memory, before the model ran
+  channels-last, 1.08 and 0.84 ms); ResNet-18 at 32x32 17 ms and ~10.5 ms
   (1.6x; its section below: the batched endpoint answers ~1.5x the requests/s of (c), which runs
   one image per call, and (a)/(b) is ~1.7x behind HAProxy). What the cnn's (a)/(b) shows above
   that is Serve's per-call cost (the batch queue, the model call's fixed work), which an
   unbatched endpoint pays per request. Four runs on 2026-11-29 behind HAProxy gave 1.98x, 3.2x,
-  2.02x and 2.33x (the 3.2x run had a slow (b)); behind Serve's proxy 1.56-2.37x. So 3x is not
+  2.02x and 2.33x (the 3.2x run had a slow (b)), and two more with the model in channels-last
+  memory 2.55x and 2.72x; behind Serve's proxy 1.56-2.37x. So 3x is not
   reliably reached on this CPU; on a GPU a batch of 64 costs about what one image costs
   (`--use-gpu`). Running the forward pass in a worker thread (`asyncio.to_thread`) was tried and
   made the batched endpoint slower here (smaller batches, GIL contention), so the model runs on
