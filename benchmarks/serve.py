@@ -418,6 +418,14 @@ the servers; figures move by up to 2x between runs, ratios within a run hold bet
   (`--use-gpu`). Running the forward pass in a worker thread (`asyncio.to_thread`) was tried and
   made the batched endpoint slower here (smaller batches, GIL contention), so the model runs on
   the replica's event loop.
+- Ray's throughput-optimized mode (`RAY_SERVE_THROUGHPUT_OPTIMIZED=1`, which Ray's docs pair with
+  HAProxy), one run each: on 2 CPUs behind HAProxy (a) 530 and (b) 322 requests/s at c=64 (1.65x;
+  p50 +3.4 ms), against 363 and 133 without it in the run above; on the H200 (resnet18) (a) 313 and
+  (b) 214 (1.46x), against 392 and 137 without it. It trims Serve's own per-request work (access
+  log lines to stderr, the separate user-code thread), which an unbatched endpoint pays per
+  request, so (a)/(b) falls toward what the model itself saves by batching (1.68x for the cnn on
+  one CPU thread). Not set by lepton_ray (the batched endpoint was slower with it on the H200);
+  results in `serve_throughput_optimized.json` and `serve_resnet18_gpu_throughput_optimized.json`.
 """
 
 

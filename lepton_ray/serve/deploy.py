@@ -81,13 +81,10 @@ def build_app(cfg: ServeConfig | dict[str, Any]) -> Any:
 # forwards each request straight to an HTTP server inside an ingress replica ("direct ingress"),
 # instead of through Serve's Python proxy actor. Read by Ray's processes when they start.
 HAPROXY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"}
-# Set only where the environment does not say otherwise:
-# - a replica being replaced keeps answering this long after HAProxy stops sending it requests
-#   (Ray's default of 30 s is for load balancers on other machines; HAProxy here reloads in <1 s);
-# - Ray's throughput-optimized mode, which its docs pair with HAProxy (access logs buffered and kept
-#   out of stderr, gRPC between replicas, user code on the replica's own event loop): on 2 CPUs it
-#   raised the batched endpoint's requests/s by ~15-40% and the unbatched one's by ~40-90%.
-HAPROXY_DEFAULTS = {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+# A replica being replaced keeps answering this long after HAProxy stops sending it requests
+# (Ray's default of 30 s is for load balancers on other machines; HAProxy here reloads in <1 s).
+# Set only where the environment does not say otherwise.
+HAPROXY_DEFAULTS = {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5"}
 
 
 def enable_haproxy() -> None:
