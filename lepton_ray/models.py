@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -124,7 +125,11 @@ def preferred_memory_format(model: nn.Module, shape: tuple[int, int, int]) -> st
     try:
         with torch.no_grad():
             probe(torch.zeros(2, c, h, w).contiguous(memory_format=torch.channels_last))
-    except Exception:
+    except Exception as exc:  # noqa: BLE001 - any failure means: keep NCHW
+        reason = " ".join(str(exc).split())[:200]
+        warnings.warn(f"{type(model).__name__} trains in NCHW memory: its forward fails on channels-last input "
+                      f"({reason}); with .reshape() or torch.flatten() in place of .view() it could run "
+                      "channels-last, ~1.3x faster for convnets on CPU", stacklevel=2)
         return "contiguous"
     return "channels_last"
 
