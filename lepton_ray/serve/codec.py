@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import orjson
 
 
 class RequestError(Exception):
@@ -75,10 +76,21 @@ def decode_body(body: bytes, content_type: str, spec: InputSpec, max_images: int
     if content_type.startswith(("image/", "application/octet-stream")):
         return decode_image_bytes(body, spec)[None]
     try:
-        payload = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
-        raise RequestError(400, "body is not valid JSON") from None
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        # orjson is strict JSON; the standard library also reads NaN/Infinity (which Python's
+        # json.dumps writes), so that they get the clearer 422 below rather than a parse error.
+        try:
+            payload = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+            raise RequestError(400, "body is not valid JSON") from None
     return decode_json(payload, spec, max_images)
+
+
+def encode(answer: Any) -> bytes:
+    """A response body: JSON, as bytes (orjson: several times faster than the standard library
+    on the per-request path)."""
+    return orjson.dumps(answer)
 
 
 def decode_files(files: list[bytes], spec: InputSpec, max_images: int) -> np.ndarray:
