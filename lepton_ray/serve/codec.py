@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import orjson
 
+from lepton_ray.serve.pixel_json import read_pixel_arrays
+
 
 class RequestError(Exception):
     """A bad request: ``status`` (4xx) and a one-line message."""
@@ -75,6 +77,9 @@ def decode_body(body: bytes, content_type: str, spec: InputSpec, max_images: int
         raise RequestError(400, "empty request body")
     if content_type.startswith(("image/", "application/octet-stream")):
         return decode_image_bytes(body, spec)[None]
+    fast = read_pixel_arrays(body, spec.shape, max_images)  # the common body, without Python lists
+    if fast is not None:
+        return fast
     try:
         payload = orjson.loads(body)
     except orjson.JSONDecodeError:
