@@ -392,6 +392,8 @@ def write_section(r: dict, gpu: bool = False, suffix: str = "") -> None:
     )
     if not gpu and r["model"] == "cnn":
         section += "\n" + CPU_NOTES
+    if gpu and r["model"] == "resnet18":
+        section += "\n" + GPU_NOTES
     replace_section(heading, section)
 
 
@@ -399,33 +401,47 @@ CPU_NOTES = """\
 What the numbers say on this machine (2 CPU cores shared by the client threads, Ray's processes and
 the servers; figures move by up to 2x between runs, ratios within a run hold better):
 
-- Both ingresses run the endpoint in one hop (the model in the HTTP replica; with the former two
-  hops, ingress deployment -> model deployment, (a) - (c) was +12 ms). Behind Serve's proxy a
-  request still crosses the proxy actor: an empty deployment costs ~5.5 ms p50 over HTTP here,
-  hence ~8-13 ms over (c). Behind HAProxy (direct ingress: HAProxy -> an HTTP server inside the
-  replica) an empty deployment costs ~1.3 ms, and the endpoint 0.4-4.5 ms over (c) in six runs.
-- Batching can win only what the model saves by running images together, on top of the HTTP and
-  JSON work that every request pays alone. With one torch thread the cnn costs 0.82 ms for one
-  image and 0.49 ms per image in a batch of 64 (1.68x; in NCHW memory, before the model ran
-  channels-last, 1.08 and 0.84 ms); ResNet-18 at 32x32 17 ms and ~10.5 ms
-  (1.6x; its section below: the batched endpoint answers ~1.5x the requests/s of (c), which runs
-  one image per call, and (a)/(b) is ~1.7x behind HAProxy). What the cnn's (a)/(b) shows above
-  that is Serve's per-call cost (the batch queue, the model call's fixed work), which an
-  unbatched endpoint pays per request. Four runs on 2026-11-29 behind HAProxy gave 1.98x, 3.2x,
-  2.02x and 2.33x (the 3.2x run had a slow (b)), and two more with the model in channels-last
-  memory 2.55x and 2.72x; behind Serve's proxy 1.56-2.37x. So 3x is not
-  reliably reached on this CPU; on a GPU a batch of 64 costs about what one image costs
-  (`--use-gpu`). Running the forward pass in a worker thread (`asyncio.to_thread`) was tried and
-  made the batched endpoint slower here (smaller batches, GIL contention), so the model runs on
-  the replica's event loop.
+- Both ingresses run the endpoint in one hop (the model in the HTTP replica). Behind Serve's proxy
+  a request still crosses the proxy actor: an empty deployment costs ~5.5 ms p50 over HTTP here,
+  hence ~8-15 ms over (c), and at concurrency 64 the proxy caps both endpoints (~225 requests/s
+  here). Behind HAProxy (direct ingress: HAProxy -> an HTTP server inside the replica) an empty
+  deployment costs ~1.3 ms, and the endpoint 0.4-4.5 ms over (c) in eight runs.
+- (a)/(b) on a CPU is bounded by what the model saves by running images together: with one torch
+  thread the cnn costs 0.82 ms for one image and 0.49 ms per image in a batch of 64 (1.68x);
+  ResNet-18 at 32x32 17 ms and ~10.5 ms (1.6x). The per-request path is now cheap enough that
+  the unbatched endpoint pays little besides the model, so behind HAProxy (a)/(b) sits at that
+  bound (1.66x above). Its request path: JSON pixel arrays read straight from the body's bytes
+  into uint8 (`lepton_ray/serve/pixel_json.py`, 0.12 ms for a 32x32x3 image against 0.36 ms
+  through a JSON parser and numpy), other JSON parsed and every answer written with orjson, the
+  request metrics in a plain ASGI middleware. Runs before those changes gave 2.0-3.2x behind
+  HAProxy: in them the unbatched endpoint paid several ms more per request than the batched one
+  beyond the model ((b) 133 requests/s then, 355 in the run above; the machine is shared, so part
+  of that is load). On a GPU a
+  batch of 64 costs about what one image costs, and there the goals are met (section "Serving
+  resnet18 on a GPU" below: 3.42x and +1.74 ms behind HAProxy). Running the forward pass in a
+  worker thread (`asyncio.to_thread`) was tried and made the batched endpoint slower here
+  (smaller batches, GIL contention), so the model runs on the replica's event loop.
 - Ray's throughput-optimized mode (`RAY_SERVE_THROUGHPUT_OPTIMIZED=1`, which Ray's docs pair with
-  HAProxy), one run each: on 2 CPUs behind HAProxy (a) 530 and (b) 322 requests/s at c=64 (1.65x;
-  p50 +3.4 ms), against 363 and 133 without it in the run above; on the H200 (resnet18) (a) 313 and
-  (b) 214 (1.46x), against 392 and 137 without it. It trims Serve's own per-request work (access
-  log lines to stderr, the separate user-code thread), which an unbatched endpoint pays per
-  request, so (a)/(b) falls toward what the model itself saves by batching (1.68x for the cnn on
-  one CPU thread). Not set by lepton_ray (the batched endpoint was slower with it on the H200);
-  results in `serve_throughput_optimized.json` and `serve_resnet18_gpu_throughput_optimized.json`.
+  HAProxy), measured before the request-path changes above, one run each: on 2 CPUs behind
+  HAProxy (a) 530 and (b) 322 requests/s at c=64 (1.65x; p50 +3.4 ms), against 363 and 133
+  without it in the run of that day; on the H200 (resnet18) (a) 313 and (b) 214 (1.46x), against
+  392 and 137 without it. It trims Serve's own per-request work (access log lines to stderr, the
+  separate user-code thread). Not set by lepton_ray (the batched endpoint was slower with it on
+  the H200); results in `serve_throughput_optimized.json` and
+  `serve_resnet18_gpu_throughput_optimized.json`.
+"""
+
+GPU_NOTES = """\
+On the GPU a batch costs about what one image costs, so what (a)/(b) shows is how much CPU work
+each request takes in the replica's one process: the batched endpoint spends it on HTTP and
+decoding, the unbatched one also on a model call per request. Cutting the per-request path is
+what met the goal: 2.86x before (the JSON body parsed by the standard library, then turned into
+numpy), 2.47x with orjson alone (`serve_resnet18_gpu_orjson_only.json`: it sped up (b) more than
+(a)), 3.42x with the pixel arrays read straight from the body's bytes. In a separate profiling run
+of the batched endpoint at concurrency 64 (py-spy, 200 Hz, same machine) its model calls took
+~40 requests each on average; decoding was ~27% of the replica's samples and the forward pass
+~14%, the rest Serve's and Starlette's per-request machinery (HTTP server, request wrappers,
+access log, metrics).
 """
 
 
