@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load as st_load
@@ -282,6 +283,38 @@ def test_channels_last_checkpoint_serves_the_same_answers(tmp_path):
     assert plain.is_contiguous()
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(plain), rtol=1e-4, atol=1e-4)
+
+
+
+def test_padded_batches_give_the_answers_of_exact_ones(tmp_path):
+    """GPU replicas pad each batch to one of a few sizes (cuDNN plans per shape); the padding
+    must not change any answer, and the model must only ever see those sizes."""
+    from lepton_ray.serve import ServeConfig
+    from lepton_ray.serve.runner import ModelRunner, batch_buckets
+
+    torch.manual_seed(0)
+    model = build_model("cnn", in_channels=3, num_classes=10, width=8).eval()
+    data = {"shape": [8, 8, 3], "mean": [0.5] * 3, "std": [0.25] * 3, "classes": list("abcdefghij")}
+    meta = {"model": spec_of(model), "data": data, "memory_format": "channels_last"}
+    loc = publish(write_local(tmp_path / "local", model, meta), storage.resolve(tmp_path / "published"))
+    runner = ModelRunner(ServeConfig(checkpoint=loc.uri, max_batch_size=16, top_k=10))
+    assert runner.batch_sizes is None  # on a CPU: exact sizes
+    seen = []
+    runner.model.register_forward_pre_hook(lambda _, args: seen.append(len(args[0])))
+    rng = np.random.default_rng(0)
+    requests = [rng.integers(0, 256, (k, 8, 8, 3), dtype=np.uint8) for k in (1, 2, 6, 3)]
+    exact = runner.predict_many(requests)
+    runner.batch_sizes = batch_buckets(16)
+    assert runner.batch_sizes == (1, 2, 4, 8, 16)
+    padded = [runner.predict_many(requests), runner.predict_many(requests[:2]), runner.predict_many(requests * 2)]
+    assert seen == [12, 16, 4, 32]  # 12 images exact; then 12 -> 16, 3 -> 4, 24 -> 32 (2 x 16)
+    for got, want in ((padded[0], exact), (padded[1], exact[:2]), (padded[2], exact * 2)):
+        got, want = [a for r in got for a in r], [a for r in want for a in r]
+        assert [a["class"] for a in got] == [a["class"] for a in want]
+        for a, b in zip(got, want, strict=True):  # other kernels for other shapes: float noise
+            assert [t["class"] for t in a["top_k"]] == [t["class"] for t in b["top_k"]]
+            probs = [t["probability"] for t in a["top_k"]]
+            assert probs == pytest.approx([t["probability"] for t in b["top_k"]], abs=1e-5)
 
 
 def test_unwrap():
