@@ -416,11 +416,11 @@ the servers; figures move by up to 2x between runs, ratios within a run hold bet
   request metrics in a plain ASGI middleware. Runs before those changes gave 2.0-3.2x behind
   HAProxy: in them the unbatched endpoint paid several ms more per request than the batched one
   beyond the model ((b) 133 requests/s then, 355 in the run above; the machine is shared, so part
-  of that is load). On a GPU a
-  batch of 64 costs about what one image costs, and there the goals are met (section "Serving
-  resnet18 on a GPU" below: 3.42x and +1.74 ms behind HAProxy). Running the forward pass in a
-  worker thread (`asyncio.to_thread`) was tried and made the batched endpoint slower here
-  (smaller batches, GIL contention), so the model runs on the replica's event loop.
+  of that is load). On a GPU a batch of 64 costs about what one image costs, and there the goals
+  are met behind HAProxy (section "Serving resnet18 on a GPU" below: 3.01x and +1.94 ms; 2.72-3.49x
+  in five runs). Running the forward pass in a worker thread (`asyncio.to_thread`) was tried and
+  made the batched endpoint slower here (smaller batches, GIL contention), so the model runs on
+  the replica's event loop.
 - Ray's throughput-optimized mode (`RAY_SERVE_THROUGHPUT_OPTIMIZED=1`, which Ray's docs pair with
   HAProxy), measured before the request-path changes above, one run each: on 2 CPUs behind
   HAProxy (a) 530 and (b) 322 requests/s at c=64 (1.65x; p50 +3.4 ms), against 363 and 133
@@ -432,16 +432,31 @@ the servers; figures move by up to 2x between runs, ratios within a run hold bet
 """
 
 GPU_NOTES = """\
-On the GPU a batch costs about what one image costs, so what (a)/(b) shows is how much CPU work
-each request takes in the replica's one process: the batched endpoint spends it on HTTP and
-decoding, the unbatched one also on a model call per request. Cutting the per-request path is
-what met the goal: 2.86x before (the JSON body parsed by the standard library, then turned into
-numpy), 2.47x with orjson alone (`serve_resnet18_gpu_orjson_only.json`: it sped up (b) more than
-(a)), 3.42x with the pixel arrays read straight from the body's bytes. In a separate profiling run
-of the batched endpoint at concurrency 64 (py-spy, 200 Hz, same machine) its model calls took
-~40 requests each on average; decoding was ~27% of the replica's samples and the forward pass
-~14%, the rest Serve's and Starlette's per-request machinery (HTTP server, request wrappers,
-access log, metrics).
+On the GPU a batch costs about what one image costs (2.5-2.7 ms for any batch from 1 to 64 here:
+launching ResNet-18's kernels from one CPU thread), so (a)/(b) shows how much CPU work each
+request takes in the replica's one process: the batched endpoint spends it on HTTP and decoding,
+the unbatched one on that plus a model call per request. Runs on this machine, behind HAProxy,
+(a)/(b) at concurrency 64 / p50 added at concurrency 1 (all results in
+`serve_resnet18_gpu_reruns.json` and `serve_resnet18_gpu_orjson_only.json`):
+
+| request path | runs |
+| --- | --- |
+| JSON parsed by the standard library, then numpy (before 2026-11-29 17:00 UTC) | 2.86x / +1.85 ms |
+| orjson, metrics in a plain ASGI middleware | 2.47x / +1.43 ms (it sped up (b) more than (a)) |
+| + pixel arrays read straight from the body's bytes | 3.42x / +1.74, 2.72x / +1.23, 2.95x / +1.16 ms |
+| + GPU batches padded to sizes run at load time (the code measured above) | 3.01x / +1.94, 3.49x / +0.72 ms |
+
+So the goals are met with the opt-in HAProxy ingress, narrowly for (a)/(b): 3 of the 5 runs with
+the byte reader, both with the final code (the H200 machines lent differ from call to call: (a)
+ran at 626-753 requests/s). Behind Serve's proxy the proxy actor caps both endpoints (~230-275
+requests/s) and adds ~8-10 ms. The padding: a forward pass at a batch size the replica has not run
+before took 33-68 ms on the H200 (cuDNN picks its kernels per shape) against 2.5-2.7 ms after, and
+under load the batched endpoint met dozens of new sizes; a GPU replica now pads every batch to 1,
+2, 4 or a multiple of 8 images and runs each of those sizes once while it loads (11 sizes for
+max_batch_size 64). A py-spy profile of the batched endpoint at concurrency 64 (before the
+padding) had ~40 requests per model call, decoding ~27% of the replica's samples and the forward
+pass ~14%; the rest is Serve's and Starlette's per-request machinery (HTTP server, request
+wrappers, access log, metrics).
 """
 
 
