@@ -72,8 +72,8 @@ PREDICT_BODY = {
 
 class _Measure:
     """Counts every HTTP request by route and status, and its latency: a plain ASGI middleware
-    (Starlette's ``@app.middleware("http")`` runs each request through an extra task and stream,
-    which cost ~5% of a replica's CPU under load)."""
+    (Starlette's ``@app.middleware("http")`` runs each request through an extra task and memory
+    stream, paid on every request of a CPU-bound replica)."""
 
     def __init__(self, app: Any, ingress: "Ingress"):
         self.app, self.ingress = app, ingress
