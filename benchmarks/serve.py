@@ -446,6 +446,9 @@ the unbatched one on that plus a model call per request. Runs on this machine, b
 | + pixel arrays read straight from the body's bytes | 3.42x / +1.74, 2.72x / +1.23, 2.95x / +1.16 ms |
 | + GPU batches padded to sizes run at load time (the code measured above) | 3.01x / +1.94, 3.49x / +0.72 ms |
 
+(All before HAProxy's retry of requests whose replica closed without answering became lepton_ray's
+default; on 2 CPUs the benchmark with and without it, back to back, showed no slowdown.)
+
 So the goals are met with the opt-in HAProxy ingress, narrowly for (a)/(b): 3 of the 5 runs with
 the byte reader, both with the final code (the H200 machines lent differ from call to call: (a)
 ran at 626-753 requests/s). Behind Serve's proxy the proxy actor caps both endpoints (~230-275
