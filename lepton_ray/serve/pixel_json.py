@@ -2,12 +2,12 @@
 into a uint8 array with a few vectorised passes over its bytes.
 
 Parsing such a body into Python lists (``json.loads``, even orjson) and then into numpy costs
-~0.3 ms for one 32x32x3 image, a fifth of a GPU replica's time per request under load. This
-path builds no Python objects. It takes only bodies it can read exactly (plain non-negative integers
-with no leading zeros, at most 255, arranged as a regular array in one of the layouts
-:func:`lepton_ray.serve.codec.decode_arrays` accepts), and it returns what that general path returns for them.
-Anything else, valid or not, gets ``None`` and goes the general way, which gives every error
-its message.
+~0.36 ms for one 32x32x3 image, about a fifth of a GPU replica's time per request under load;
+this path takes ~0.12 ms and builds no Python objects. It takes only bodies it can read exactly:
+plain non-negative integers with no leading zeros, at most 255, arranged as a regular array in
+one of the layouts :func:`lepton_ray.serve.codec.decode_arrays` accepts; for those it returns
+what that general path returns. Anything else, valid or not, gets ``None`` and goes the general
+way, which gives every error its message.
 """
 
 from __future__ import annotations
