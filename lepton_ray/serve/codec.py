@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from lepton_ray.serve.pixel_json import read_pixel_arrays
+from lepton_ray.serve.pixel_json import instance_layouts, read_pixel_arrays
 
 
 class RequestError(Exception):
@@ -155,16 +155,12 @@ def decode_arrays(items: list, spec: InputSpec) -> np.ndarray:
             f"instances must be numeric arrays of one shape, each {h}x{w}"
             + (f"x{c}" if c > 1 else ""),
         ) from None
-    n = arr.shape[0]
-    if arr.shape[1:] == (h, w) and c == 1:
-        arr = arr[..., None]
-    elif arr.shape[1:] == (h * w * c,):
-        arr = arr.reshape(n, h, w, c)
-    elif arr.shape[1:] != (h, w, c):
+    if arr.shape[1:] not in instance_layouts(spec.shape):
         raise RequestError(
             422,
             f"each instance must have shape {(h, w, c) if c > 1 else (h, w)} (or {h * w * c} values), got {arr.shape[1:]}",
         )
+    arr = arr.reshape(len(arr), h, w, c)
     if not np.isfinite(arr).all():
         raise RequestError(422, "instances contain NaN or infinite values")
     if arr.min() < 0 or arr.max() > 255:

@@ -69,10 +69,16 @@ def read_pixel_arrays(
     if values.max() > 255:
         return None
     n = count // (h * w * c)
-    layouts = [(h, w, c), (h * w * c,)] + ([(h, w)] if c == 1 else [])
-    if not any(skeleton == _skeleton((n, *layout)) for layout in layouts):
+    if not any(skeleton == _skeleton((n, *layout)) for layout in instance_layouts(shape)):
         return None  # ragged, or another shape: the general path says what is wrong
     return values.astype(np.uint8).reshape(n, h, w, c)
+
+
+def instance_layouts(shape: tuple[int, int, int]) -> list[tuple[int, ...]]:
+    """The shapes one instance may take for images of ``shape`` = (H, W, C): [H][W][C], flat
+    H*W*C values, or [H][W] when C is 1."""
+    h, w, c = shape
+    return [(h, w, c), (h * w * c,)] + ([(h, w)] if c == 1 else [])
 
 
 def _splits_a_number(region: bytes) -> bool:
