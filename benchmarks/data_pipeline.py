@@ -65,9 +65,20 @@ def ray_data(info: DatasetInfo, epochs: int, cpus: int) -> dict[str, list[float]
     pixels = _Pixels(info.mean, info.std, torch.device("cpu"), torch.channels_last)
     try:
         for name, normalize in (("ray_data", True), ("ray_data_uint8", False)):
-            ds = read_ray(info, augment=AUGMENT, shuffle="files", shuffle_seed=0, augment_seed=0, batch_size=1024,
-                          normalize=normalize)
-            dtypes = {"image": torch.float32 if normalize else torch.uint8, "label": torch.int64, "id": torch.int64}
+            ds = read_ray(
+                info,
+                augment=AUGMENT,
+                shuffle="files",
+                shuffle_seed=0,
+                augment_seed=0,
+                batch_size=1024,
+                normalize=normalize,
+            )
+            dtypes = {
+                "image": torch.float32 if normalize else torch.uint8,
+                "label": torch.int64,
+                "id": torch.int64,
+            }
 
             def batches(ds=ds, dtypes=dtypes, normalize=normalize):
                 for b in ds.iter_torch_batches(batch_size=BATCH, dtypes=dtypes):
@@ -87,16 +98,25 @@ class RowDataset(torch.utils.data.Dataset):
 
         self.rows = [im.tobytes() for im in images]  # raw bytes per row, as stored
         self.shape, self.labels = images.shape[1:], labels
-        self.transform = T.Compose([
-            T.RandomCrop(32, padding=2), T.RandomHorizontalFlip(), T.ColorJitter(0.3, 0.3, 0.3),
-            T.ToDtype(torch.float32, scale=True), T.Normalize(list(mean), list(std)),
-        ])
+        self.transform = T.Compose(
+            [
+                T.RandomCrop(32, padding=2),
+                T.RandomHorizontalFlip(),
+                T.ColorJitter(0.3, 0.3, 0.3),
+                T.ToDtype(torch.float32, scale=True),
+                T.Normalize(list(mean), list(std)),
+            ]
+        )
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, i: int):
-        img = torch.frombuffer(bytearray(self.rows[i]), dtype=torch.uint8).view(*self.shape).permute(2, 0, 1)
+        img = (
+            torch.frombuffer(bytearray(self.rows[i]), dtype=torch.uint8)
+            .view(*self.shape)
+            .permute(2, 0, 1)
+        )
         return self.transform(img), int(self.labels[i])
 
 
@@ -121,7 +141,9 @@ def dataloader(info: DatasetInfo, epochs: int, cpus: int, batched: bool) -> list
     common = {"num_workers": cpus, "persistent_workers": False}
     if batched:
         ds = BatchDataset(images, labels, info)
-        sampler = torch.utils.data.BatchSampler(torch.utils.data.RandomSampler(ds), BATCH, drop_last=False)
+        sampler = torch.utils.data.BatchSampler(
+            torch.utils.data.RandomSampler(ds), BATCH, drop_last=False
+        )
         loader = torch.utils.data.DataLoader(ds, sampler=sampler, batch_size=None, **common)
     else:
         ds = RowDataset(images, labels, info.mean, info.std)
@@ -146,37 +168,49 @@ def main() -> None:
         }
     steady = {k: float(np.mean(v[1:])) for k, v in runs.items()}
     result = {
-        "rows": a.rows, "epochs": a.epochs, "cpus": a.cpus, "batch": BATCH, "augment": list(AUGMENT),
+        "rows": a.rows,
+        "epochs": a.epochs,
+        "cpus": a.cpus,
+        "batch": BATCH,
+        "augment": list(AUGMENT),
         "images_per_s": {k: round(v) for k, v in steady.items()},
         "per_epoch": {k: [round(x) for x in v] for k, v in runs.items()},
         "ratio_ray_data_vs_dataloader": round(steady["ray_data"] / steady["dataloader"], 2),
-        "ratio_ray_data_vs_dataloader_batched": round(steady["ray_data"] / steady["dataloader_batched"], 2),
-        "ratio_ray_data_uint8_vs_dataloader": round(steady["ray_data_uint8"] / steady["dataloader"], 2),
-        "machine": platform.platform(), "os_cpus": os.cpu_count(),
+        "ratio_ray_data_vs_dataloader_batched": round(
+            steady["ray_data"] / steady["dataloader_batched"], 2
+        ),
+        "ratio_ray_data_uint8_vs_dataloader": round(
+            steady["ray_data_uint8"] / steady["dataloader"], 2
+        ),
+        "machine": platform.platform(),
+        "os_cpus": os.cpu_count(),
     }
     print(json.dumps(result, indent=2))
     save_result(a.out, "data_pipeline.json", result)
     ips = result["images_per_s"]
-    replace_section("Ray Data pipeline vs DataLoader", (
-        "\n## Ray Data pipeline vs DataLoader (`benchmarks/data_pipeline.py`)\n\n"
-        f"Images/s delivered as float32 NCHW torch batches of {BATCH} to the main process: decode, random crop "
-        f"(padding 2), horizontal flip, colour jitter, normalise; {a.rows:,} synthetic 32x32x3 rows; {a.cpus} CPU "
-        f"processes doing the work in each; mean of epochs 2..{a.epochs} (epoch 1 is warm-up). Goal: Ray Data "
-        "≥ 1.2× the DataLoader.\n\n"
-        "| pipeline | images/s | Ray Data ÷ this |\n| --- | --- | --- |\n"
-        f"| Ray Data, vectorised transforms in `map_batches` | {ips['ray_data']:,} | 1.00 |\n"
-        f"| Ray Data, uint8 rows normalised by the consumer (as `Trainer.fit` reads) | {ips['ray_data_uint8']:,} | "
-        f"{round(ips['ray_data'] / ips['ray_data_uint8'], 2)} |\n"
-        f"| DataLoader, torchvision v2 per image | {ips['dataloader']:,} | "
-        f"**{result['ratio_ray_data_vs_dataloader']}** |\n"
-        f"| DataLoader, lepton_ray's vectorised transforms per batch | {ips['dataloader_batched']:,} | "
-        f"{result['ratio_ray_data_vs_dataloader_batched']} |\n\n"
-        "The gain over the DataLoader comes from the vectorised transforms, not from Ray Data: the same "
-        "transforms in a DataLoader (last row) are faster still on 2 CPUs, where Ray Data's per-block costs "
-        "(object-store puts and gets, task scheduling, Ray's own processes sharing the two cores) weigh most. "
-        "What Ray Data adds is not measured here: preprocessing on CPU nodes other than the GPU nodes, "
-        "streaming from object storage with bounded memory (section above), and per-epoch global shuffles.\n"
-    ))
+    replace_section(
+        "Ray Data pipeline vs DataLoader",
+        (
+            "\n## Ray Data pipeline vs DataLoader (`benchmarks/data_pipeline.py`)\n\n"
+            f"Images/s delivered as float32 NCHW torch batches of {BATCH} to the main process: decode, random crop "
+            f"(padding 2), horizontal flip, colour jitter, normalise; {a.rows:,} synthetic 32x32x3 rows; {a.cpus} CPU "
+            f"processes doing the work in each; mean of epochs 2..{a.epochs} (epoch 1 is warm-up). Goal: Ray Data "
+            "≥ 1.2× the DataLoader.\n\n"
+            "| pipeline | images/s | Ray Data ÷ this |\n| --- | --- | --- |\n"
+            f"| Ray Data, vectorised transforms in `map_batches` | {ips['ray_data']:,} | 1.00 |\n"
+            f"| Ray Data, uint8 rows normalised by the consumer (as `Trainer.fit` reads) | {ips['ray_data_uint8']:,} | "
+            f"{round(ips['ray_data'] / ips['ray_data_uint8'], 2)} |\n"
+            f"| DataLoader, torchvision v2 per image | {ips['dataloader']:,} | "
+            f"**{result['ratio_ray_data_vs_dataloader']}** |\n"
+            f"| DataLoader, lepton_ray's vectorised transforms per batch | {ips['dataloader_batched']:,} | "
+            f"{result['ratio_ray_data_vs_dataloader_batched']} |\n\n"
+            "The gain over the DataLoader comes from the vectorised transforms, not from Ray Data: the same "
+            "transforms in a DataLoader (last row) are faster still on 2 CPUs, where Ray Data's per-block costs "
+            "(object-store puts and gets, task scheduling, Ray's own processes sharing the two cores) weigh most. "
+            "What Ray Data adds is not measured here: preprocessing on CPU nodes other than the GPU nodes, "
+            "streaming from object storage with bounded memory (section above), and per-epoch global shuffles.\n"
+        ),
+    )
 
 
 if __name__ == "__main__":

@@ -68,8 +68,16 @@ def log(msg: str) -> None:
 
 
 # --- (a) the plain PyTorch loop ----------------------------------------------------------------
-def plain_loop(model_name: str, rows: int, batch: int, epochs: int, device: torch.device, *,
-               cudnn_benchmark: bool = False, bookkeeping: str = "none") -> list[float]:
+def plain_loop(
+    model_name: str,
+    rows: int,
+    batch: int,
+    epochs: int,
+    device: torch.device,
+    *,
+    cudnn_benchmark: bool = False,
+    bookkeeping: str = "none",
+) -> list[float]:
     """What a user writes by hand, with the data already on the device; samples/s per epoch.
 
     ``bookkeeping`` adds the per-step work of the library's loop (lepton_ray/train/loop.py) to
@@ -92,7 +100,11 @@ def plain_loop(model_name: str, rows: int, batch: int, epochs: int, device: torc
     x_all = torch.randn(steps * batch, 3, 32, 32, device=device).contiguous(memory_format=fmt)
     y_all = torch.randint(0, 10, (steps * batch,), device=device)
     ids_all = torch.arange(steps * batch, device=device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if cuda
+        else torch.autocast("cpu", enabled=False)
+    )
     rates = []
     for _ in range(epochs):
         sums = torch.zeros(3, dtype=torch.float64, device=device)
@@ -109,11 +121,21 @@ def plain_loop(model_name: str, rows: int, batch: int, epochs: int, device: torc
                 loss = F.cross_entropy(logits, y)
             loss.backward()
             if bookkeeping == "library":
-                sums += torch.stack([loss.detach().double() * batch, (logits.argmax(1) == y).sum().double(),
-                                     torch.tensor(float(batch), dtype=torch.float64, device=device)])
+                sums += torch.stack(
+                    [
+                        loss.detach().double() * batch,
+                        (logits.argmax(1) == y).sum().double(),
+                        torch.tensor(float(batch), dtype=torch.float64, device=device),
+                    ]
+                )
             elif bookkeeping == "no_sync":
-                sums += torch.stack([loss.detach().double() * batch, (logits.argmax(1) == y).sum().double(),
-                                     torch.full((), float(batch), dtype=torch.float64, device=device)])
+                sums += torch.stack(
+                    [
+                        loss.detach().double() * batch,
+                        (logits.argmax(1) == y).sum().double(),
+                        torch.full((), float(batch), dtype=torch.float64, device=device),
+                    ]
+                )
             opt.step()
             sched.step()
             if bookkeeping == "library":
@@ -168,11 +190,24 @@ class AugmentOnlyUint8:
         rng = np.random.default_rng()
         for name in self.augment:
             images = AUGMENTATIONS[name](images, rng)
-        return {"image": np.ascontiguousarray(images), "label": np.asarray(batch["label"], dtype=np.int64)}
+        return {
+            "image": np.ascontiguousarray(images),
+            "label": np.asarray(batch["label"], dtype=np.int64),
+        }
 
 
-def pipeline_rate(ds: Any, batch: int, device: torch.device, epochs: int, *, pin_memory: bool = False,
-                  uint8: bool = False, mean: Any = None, std: Any = None, prefetch: int = 2) -> list[float]:
+def pipeline_rate(
+    ds: Any,
+    batch: int,
+    device: torch.device,
+    epochs: int,
+    *,
+    pin_memory: bool = False,
+    uint8: bool = False,
+    mean: Any = None,
+    std: Any = None,
+    prefetch: int = 2,
+) -> list[float]:
     """Ray Data -> iter_torch_batches -> device, as the training loop consumes it, but no model."""
     cuda = device.type == "cuda"
     rates = []
@@ -184,8 +219,14 @@ def pipeline_rate(ds: Any, batch: int, device: torch.device, epochs: int, *, pin
         t0 = time.perf_counter()
         # Ray's default collate looks every column up in a dtypes dict: name them all.
         dtypes = {"image": torch.uint8, "label": torch.int64} if uint8 else _DTYPES
-        for b in ds.iter_torch_batches(batch_size=batch, prefetch_batches=prefetch, dtypes=dtypes, device=str(device),
-                                       pin_memory=pin_memory and cuda, drop_last=True):
+        for b in ds.iter_torch_batches(
+            batch_size=batch,
+            prefetch_batches=prefetch,
+            dtypes=dtypes,
+            device=str(device),
+            pin_memory=pin_memory and cuda,
+            drop_last=True,
+        ):
             x = b["image"]
             if uint8:
                 x = (x.permute(0, 3, 1, 2).float() - m) / sd
@@ -202,13 +243,17 @@ def _mean_after_warmup(values: list[float]) -> float:
     return float(np.mean(vals)) if vals else float("nan")
 
 
-def trainer_summary(res: dict[str, Any], plain_sps: float, samples_per_epoch: int) -> dict[str, Any]:
+def trainer_summary(
+    res: dict[str, Any], plain_sps: float, samples_per_epoch: int
+) -> dict[str, Any]:
     """samples/s (mean over epochs after the first) and the share of train time spent waiting for data."""
     hist = res["history"]
     measured = hist[1:] if len(hist) > 1 else hist
     sps = float(np.mean([h["samples_per_second"] for h in measured]))
     # The loop reports samples / train time (validation and checkpointing excluded).
-    wait_share = float(np.mean([h["data_wait_s"] * h["samples_per_second"] / samples_per_epoch for h in measured]))
+    wait_share = float(
+        np.mean([h["data_wait_s"] * h["samples_per_second"] / samples_per_epoch for h in measured])
+    )
     epoch_times = [h["epoch_time_s"] for h in hist]
     return {
         "samples_per_s": round(sps, 1),
@@ -234,7 +279,12 @@ def run_cli(args: list[str], logf: Path, timeout: float) -> tuple[int, str, floa
             p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=f, text=True, timeout=timeout)
             out, rc = p.stdout, p.returncode
         except subprocess.TimeoutExpired as exc:
-            out, rc = (exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else (exc.stdout or ""), 124
+            out, rc = (
+                (exc.stdout or b"").decode()
+                if isinstance(exc.stdout, bytes)
+                else (exc.stdout or ""),
+                124,
+            )
         wall = time.perf_counter() - t0
         f.write(out)
         f.write(f"\n# exit {rc}, wall {wall:.1f} s\n")
@@ -257,10 +307,27 @@ def find_checkpoint(runs: Path, run_name: str) -> str | None:
     return str(cks[-1].parent) if cks else None
 
 
-def mnist_run(dest: Path, runs: Path, epochs: int, gpu: bool, logf: Path, timeout: float) -> dict[str, Any]:
+def mnist_run(
+    dest: Path, runs: Path, epochs: int, gpu: bool, logf: Path, timeout: float
+) -> dict[str, Any]:
     name = f"mnist-e{epochs}"
-    argv = ["train", "--data", f"{dest}/train", "--val", f"{dest}/test", "--workers", "1", "--epochs", str(epochs),
-            "--batch-size", "100", "--storage", str(runs), "--run-name", name] + (["--use-gpu"] if gpu else [])
+    argv = [
+        "train",
+        "--data",
+        f"{dest}/train",
+        "--val",
+        f"{dest}/test",
+        "--workers",
+        "1",
+        "--epochs",
+        str(epochs),
+        "--batch-size",
+        "100",
+        "--storage",
+        str(runs),
+        "--run-name",
+        name,
+    ] + (["--use-gpu"] if gpu else [])
     rc, out, wall = run_cli(argv, logf, timeout)
     res = last_json(out) or {}
     ckpt = res.get("checkpoint") or find_checkpoint(runs, name)
@@ -270,7 +337,8 @@ def mnist_run(dest: Path, runs: Path, epochs: int, gpu: bool, logf: Path, timeou
     accs = [h.get("val_accuracy") for h in history]
     first = next((h["epoch"] for h in history if (h.get("val_accuracy") or 0) >= 0.98), None)
     return {
-        "command": "lepton-ray " + " ".join(argv).replace(str(dest), "DIR").replace(str(runs), "RUNS"),
+        "command": "lepton-ray "
+        + " ".join(argv).replace(str(dest), "DIR").replace(str(runs), "RUNS"),
         "exit_code": rc,
         "epochs": epochs,
         "train_wall_s": round(wall, 1),
@@ -306,9 +374,20 @@ print(json.dumps({"cuda_visible": torch.cuda.is_available(), "param_devices": so
 
 def cpu_load_check(ckpt: str) -> dict[str, Any]:
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
-    p = subprocess.run([sys.executable, "-c", CPU_LOAD_CHECK, ckpt], capture_output=True, text=True, env=env, timeout=120)
+    p = subprocess.run(
+        [sys.executable, "-c", CPU_LOAD_CHECK, ckpt],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     if p.returncode != 0:
-        return {"ok": False, "error": p.stderr.strip().splitlines()[-1] if p.stderr.strip() else f"exit {p.returncode}"}
+        return {
+            "ok": False,
+            "error": p.stderr.strip().splitlines()[-1]
+            if p.stderr.strip()
+            else f"exit {p.returncode}",
+        }
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
@@ -320,12 +399,16 @@ def free_port() -> int:
 
 
 def post(url: str, body: bytes, timeout: float = 60.0) -> dict[str, Any]:
-    req = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        url, data=body, method="POST", headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(req, timeout=timeout) as r:
         return json.loads(r.read())
 
 
-def load_level(url: str, bodies: list[bytes], labels: list[list[int]], concurrency: int, total: int) -> dict[str, Any]:
+def load_level(
+    url: str, bodies: list[bytes], labels: list[list[int]], concurrency: int, total: int
+) -> dict[str, Any]:
     """``total`` requests from ``concurrency`` threads (each sends its share back to back)."""
     per = max(1, total // concurrency)
     lat: list[list[float]] = [[] for _ in range(concurrency)]
@@ -374,7 +457,13 @@ def load_level(url: str, bodies: list[bytes], labels: list[list[int]], concurren
     }
 
 
-def serve_bench(ckpt: str, test_uri: str, gpu: bool, levels: list[tuple[int, int]], batch_level: tuple[int, int] | None) -> dict[str, Any]:
+def serve_bench(
+    ckpt: str,
+    test_uri: str,
+    gpu: bool,
+    levels: list[tuple[int, int]],
+    batch_level: tuple[int, int] | None,
+) -> dict[str, Any]:
     import lepton_ray
     from lepton_ray.data import open_dataset, read_arrays
 
@@ -389,18 +478,30 @@ def serve_bench(ckpt: str, test_uri: str, gpu: bool, levels: list[tuple[int, int
     log(f"serving {url} (deploy {deploy_s:.1f} s)")
     predict = url + "/v1/predict"
     warm = load_level(predict, one, one_labels, 4, 64)
-    out: dict[str, Any] = {"deploy_s": round(deploy_s, 1), "warmup": warm, "levels": [],
-                           "request": "POST /v1/predict, JSON {\"instances\": [28x28 pixel list]}, one MNIST test digit per request",
-                           "replica": {"use_gpu": gpu, "max_batch_size": 64, "batch_wait_timeout_s": 0.005, "replicas": 1},
-                           "model_version": info.get("model_version")}
+    out: dict[str, Any] = {
+        "deploy_s": round(deploy_s, 1),
+        "warmup": warm,
+        "levels": [],
+        "request": 'POST /v1/predict, JSON {"instances": [28x28 pixel list]}, one MNIST test digit per request',
+        "replica": {
+            "use_gpu": gpu,
+            "max_batch_size": 64,
+            "batch_wait_timeout_s": 0.005,
+            "replicas": 1,
+        },
+        "model_version": info.get("model_version"),
+    }
     for c, n in levels:
         r = load_level(predict, one, one_labels, c, n)
         log(f"serve c={c}: {r}")
         out["levels"].append(r)
     if batch_level:
         c, n = batch_level
-        big = [json.dumps({"instances": images[i:i + 64, :, :, 0].tolist()}).encode() for i in range(0, 512, 64)]
-        big_labels = [[int(y) for y in labels[i:i + 64]] for i in range(0, 512, 64)]
+        big = [
+            json.dumps({"instances": images[i : i + 64, :, :, 0].tolist()}).encode()
+            for i in range(0, 512, 64)
+        ]
+        big_labels = [[int(y) for y in labels[i : i + 64]] for i in range(0, 512, 64)]
         r = load_level(predict, big, big_labels, c, n)
         r["images_per_request"] = 64
         log(f"serve batched c={c}: {r}")
@@ -415,26 +516,54 @@ def serve_bench(ckpt: str, test_uri: str, gpu: bool, levels: list[tuple[int, int
 def hardware(gpu: bool) -> dict[str, Any]:
     import ray
 
-    hw: dict[str, Any] = {"cpu_cores": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
-                          "torch": torch.__version__, "ray": ray.__version__}
+    hw: dict[str, Any] = {
+        "cpu_cores": os.cpu_count(),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "ray": ray.__version__,
+    }
     if gpu:
         p = torch.cuda.get_device_properties(0)
-        hw.update(gpu=p.name, gpu_memory_gib=round(p.total_memory / 2**30, 1), cuda=torch.version.cuda,
-                  multiprocessors=p.multi_processor_count)
+        hw.update(
+            gpu=p.name,
+            gpu_memory_gib=round(p.total_memory / 2**30, 1),
+            cuda=torch.version.cuda,
+            multiprocessors=p.multi_processor_count,
+        )
         try:
-            q = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                               capture_output=True, text=True, timeout=20)
+            q = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=20,
+            )
             hw["driver"] = q.stdout.strip()
         except (OSError, subprocess.SubprocessError):
             pass
-        hw["summary"] = f"1x {p.name} ({hw['gpu_memory_gib']} GiB), {os.cpu_count()} CPU cores, torch {torch.__version__}, Ray {ray.__version__}"
+        hw["summary"] = (
+            f"1x {p.name} ({hw['gpu_memory_gib']} GiB), {os.cpu_count()} CPU cores, torch {torch.__version__}, Ray {ray.__version__}"
+        )
     else:
-        hw["summary"] = f"CPU only ({os.cpu_count()} cores), torch {torch.__version__}, Ray {ray.__version__}"
+        hw["summary"] = (
+            f"CPU only ({os.cpu_count()} cores), torch {torch.__version__}, Ray {ray.__version__}"
+        )
     return hw
 
 
 # --- main ----------------------------------------------------------------------------------------
-PARTS = ("plain", "bookkeeping", "trainer", "files", "shared", "pipeline", "blocks", "progress", "mnist", "serve")
+PARTS = (
+    "plain",
+    "bookkeeping",
+    "trainer",
+    "files",
+    "shared",
+    "pipeline",
+    "blocks",
+    "progress",
+    "mnist",
+    "serve",
+)
 DEFAULT_PARTS = ("plain", "trainer", "pipeline", "mnist", "serve")
 
 
@@ -443,27 +572,55 @@ def code_fingerprint() -> dict[str, str]:
     import hashlib
 
     root = Path(__file__).resolve().parent.parent / "lepton_ray"
-    names = ("train/loop.py", "train/trainer.py", "data.py", "transforms.py", "serve/app.py", "serve/runner.py")
-    return {n: hashlib.sha256((root / n).read_bytes()).hexdigest()[:12] for n in names if (root / n).exists()}
+    names = (
+        "train/loop.py",
+        "train/trainer.py",
+        "data.py",
+        "transforms.py",
+        "serve/app.py",
+        "serve/runner.py",
+    )
+    return {
+        n: hashlib.sha256((root / n).read_bytes()).hexdigest()[:12]
+        for n in names
+        if (root / n).exists()
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="benchmarks/results")
-    ap.add_argument("--quick", action="store_true", help="tiny sizes: a wiring check, not a measurement")
-    ap.add_argument("--parts", default=",".join(DEFAULT_PARTS),
-                    help=f"comma-separated subset of {','.join(PARTS)} (default {','.join(DEFAULT_PARTS)}; "
-                         "bookkeeping, blocks and progress are diagnostics)")
-    ap.add_argument("--result-name", default=None, help="result file name (default gpu.json / gpu_quick.json)")
-    ap.add_argument("--model", default="resnet18", help="architecture for (a) and (b) (cnn for a CPU smoke)")
+    ap.add_argument(
+        "--quick", action="store_true", help="tiny sizes: a wiring check, not a measurement"
+    )
+    ap.add_argument(
+        "--parts",
+        default=",".join(DEFAULT_PARTS),
+        help=f"comma-separated subset of {','.join(PARTS)} (default {','.join(DEFAULT_PARTS)}; "
+        "bookkeeping, blocks and progress are diagnostics)",
+    )
+    ap.add_argument(
+        "--result-name", default=None, help="result file name (default gpu.json / gpu_quick.json)"
+    )
+    ap.add_argument(
+        "--model", default="resnet18", help="architecture for (a) and (b) (cnn for a CPU smoke)"
+    )
     ap.add_argument("--rows", type=int, default=None, help="training rows per epoch for (a)/(b)")
     ap.add_argument("--batch-size", type=int, default=None, help="global batch for (a)/(b)")
-    ap.add_argument("--epochs", type=int, default=None, help="epochs for (a)/(b); the first is warm-up")
+    ap.add_argument(
+        "--epochs", type=int, default=None, help="epochs for (a)/(b); the first is warm-up"
+    )
     ap.add_argument("--mnist-epochs", type=int, default=None)
-    ap.add_argument("--short-mnist-epochs", type=int, default=None, help="a second, shorter CLI run (0: none)")
-    ap.add_argument("--budget-s", type=float, default=540.0, help="skip optional steps past this much wall time")
+    ap.add_argument(
+        "--short-mnist-epochs", type=int, default=None, help="a second, shorter CLI run (0: none)"
+    )
+    ap.add_argument(
+        "--budget-s", type=float, default=540.0, help="skip optional steps past this much wall time"
+    )
     ap.add_argument("--docs", default="docs/benchmarks.md")
-    ap.add_argument("--render", default=None, help="only write the docs section from this result JSON")
+    ap.add_argument(
+        "--render", default=None, help="only write the docs section from this result JSON"
+    )
     args = ap.parse_args()
 
     if args.render:
@@ -474,7 +631,9 @@ def main() -> None:
     if unknown:
         ap.error(f"unknown part(s) {sorted(unknown)}; choose from {PARTS}")
 
-    os.environ.pop("RAY_ADDRESS", None)  # always a fresh local instance, never someone else's cluster
+    os.environ.pop(
+        "RAY_ADDRESS", None
+    )  # always a fresh local instance, never someone else's cluster
     os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")  # no per-request access log lines
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     gpu = torch.cuda.is_available()
@@ -484,7 +643,9 @@ def main() -> None:
     batch = args.batch_size or (64 if q and not gpu else 512)
     epochs = args.epochs or (2 if q else 4)
     mnist_epochs = args.mnist_epochs or (1 if q else 15)
-    short_epochs = args.short_mnist_epochs if args.short_mnist_epochs is not None else (0 if q else 6)
+    short_epochs = (
+        args.short_mnist_epochs if args.short_mnist_epochs is not None else (0 if q else 6)
+    )
     if q:
         levels = [(1, 8), (16, 32), (64, 64)] if gpu else [(1, 4), (4, 8)]
         batch_level = (2, 4)
@@ -504,9 +665,17 @@ def main() -> None:
         "parts": sorted(parts),
         "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "code": code_fingerprint(),
-        "setup": {"model": args.model, "input": "3x32x32", "global_batch": batch, "rows_per_epoch": samples,
-                  "epochs": epochs, "epochs_measured": max(1, epochs - 1), "precision": "bf16 autocast" if gpu else "fp32",
-                  "memory_format": "channels_last" if gpu else "contiguous", "optimizer": "SGD (nesterov 0.9, wd 5e-4), onecycle"},
+        "setup": {
+            "model": args.model,
+            "input": "3x32x32",
+            "global_batch": batch,
+            "rows_per_epoch": samples,
+            "epochs": epochs,
+            "epochs_measured": max(1, epochs - 1),
+            "precision": "bf16 autocast" if gpu else "fp32",
+            "memory_format": "channels_last" if gpu else "contiguous",
+            "optimizer": "SGD (nesterov 0.9, wd 5e-4), onecycle",
+        },
         "notes": [],
     }
 
@@ -519,7 +688,9 @@ def main() -> None:
     import ray
 
     R["hardware"] = hardware(gpu)
-    log(f"hardware: {R['hardware']['summary']}; rows {rows}, batch {batch}, epochs {epochs}; parts {sorted(parts)}")
+    log(
+        f"hardware: {R['hardware']['summary']}; rows {rows}, batch {batch}, epochs {epochs}; parts {sorted(parts)}"
+    )
     save()
 
     # (a) plain loop ------------------------------------------------------------------------------
@@ -529,16 +700,21 @@ def main() -> None:
     log(f"plain loop: {R['plain']}")
     if "plain" in parts and gpu and time_left() > 420:
         bench = plain_loop(args.model, rows, batch, epochs, device, cudnn_benchmark=True)
-        R["plain_cudnn_benchmark"] = {"samples_per_s": round(_mean_after_warmup(bench), 1),
-                                      "per_epoch": [round(r, 1) for r in bench]}
+        R["plain_cudnn_benchmark"] = {
+            "samples_per_s": round(_mean_after_warmup(bench), 1),
+            "per_epoch": [round(r, 1) for r in bench],
+        }
         log(f"plain loop + cudnn.benchmark: {R['plain_cudnn_benchmark']}")
     if "bookkeeping" in parts:
         R["bookkeeping"] = {}
         for mode in ("library", "no_sync"):
             rates = plain_loop(args.model, rows, batch, epochs, device, bookkeeping=mode)
             sps = _mean_after_warmup(rates)
-            R["bookkeeping"][mode] = {"samples_per_s": round(sps, 1), "ratio_vs_plain": round(sps / plain_sps, 3),
-                                      "per_epoch": [round(r, 1) for r in rates]}
+            R["bookkeeping"][mode] = {
+                "samples_per_s": round(sps, 1),
+                "ratio_vs_plain": round(sps / plain_sps, 3),
+                "per_epoch": [round(r, 1) for r in rates],
+            }
             log(f"plain loop + {mode} bookkeeping: {R['bookkeeping'][mode]}")
     save()
 
@@ -552,23 +728,51 @@ def main() -> None:
 
         ensure_ray()
         log(f"ray up: {ray.cluster_resources()}")
-        synth = ray.data.range(rows, override_num_blocks=16).map_batches(_random_images, batch_format="numpy").materialize()
+        synth = (
+            ray.data.range(rows, override_num_blocks=16)
+            .map_batches(_random_images, batch_format="numpy")
+            .materialize()
+        )
     if parts & {"trainer", "files", "shared", "pipeline", "blocks"}:
         images, labels = realish_images(rows)
-        info = write_dataset(images, labels, str(store / "data" / "realish"), classes=[str(i) for i in range(10)],
-                             source="benchmarks.gpu realish")
+        info = write_dataset(
+            images,
+            labels,
+            str(store / "data" / "realish"),
+            classes=[str(i) for i in range(10)],
+            source="benchmarks.gpu realish",
+        )
         del images, labels
 
     common = {"storage": str(runs), "checkpoint_every_epochs": epochs, "keep_checkpoints": 1}
 
-    def fit_case(key: str, dataset: Any, data: DataConfig, label: str, workers: int = 1,
-                 resources: dict[str, float] | None = None, **extra: Any) -> None:
+    def fit_case(
+        key: str,
+        dataset: Any,
+        data: DataConfig,
+        label: str,
+        workers: int = 1,
+        resources: dict[str, float] | None = None,
+        **extra: Any,
+    ) -> None:
         trainer = Trainer(workers, use_gpu=gpu, resources_per_worker=resources)
         try:
-            res = trainer.fit(build_model(args.model, in_channels=3, num_classes=10), dataset, batch_size=batch,
-                              epochs=epochs, data=data, run_name=key, **common, **extra)
-            R[key] = {"input": label, "preprocess_batch_size": data.preprocess_batch_size, **extra,
-                      **trainer_summary(res, plain_sps, samples)}
+            res = trainer.fit(
+                build_model(args.model, in_channels=3, num_classes=10),
+                dataset,
+                batch_size=batch,
+                epochs=epochs,
+                data=data,
+                run_name=key,
+                **common,
+                **extra,
+            )
+            R[key] = {
+                "input": label,
+                "preprocess_batch_size": data.preprocess_batch_size,
+                **extra,
+                **trainer_summary(res, plain_sps, samples),
+            }
         except Exception as exc:  # noqa: BLE001 - record and go on to the other measurements
             R[key] = {"input": label, "error": f"{type(exc).__name__}: {exc}"}
         log(f"{key}: {R[key]}")
@@ -576,37 +780,95 @@ def main() -> None:
 
     # (a) and (b): the Trainer ------------------------------------------------------------------
     synth_label = "in-memory Ray Dataset, random uint8 32x32x3, augment=(), shuffle=False"
-    aug_label = ("prepared Parquet dataset (local store), global shuffle + random_crop + hflip in "
-                 "Ray Data map_batches on the CPUs (augment_on='cpu')")
-    dev_label = ("same Parquet dataset and global shuffle streamed through Ray Data every epoch (cache='off'); "
-                 "random_crop + hflip in the training loop on the GPU (augment_on='device')")
-    cache_label = ("read once by Ray Data into the worker's GPU memory, a new permutation every epoch there, "
-                   "crop + flip on the GPU (cache='device': the default on GPUs for a set this size)")
+    aug_label = (
+        "prepared Parquet dataset (local store), global shuffle + random_crop + hflip in "
+        "Ray Data map_batches on the CPUs (augment_on='cpu')"
+    )
+    dev_label = (
+        "same Parquet dataset and global shuffle streamed through Ray Data every epoch (cache='off'); "
+        "random_crop + hflip in the training loop on the GPU (augment_on='device')"
+    )
+    cache_label = (
+        "read once by Ray Data into the worker's GPU memory, a new permutation every epoch there, "
+        "crop + flip on the GPU (cache='device': the default on GPUs for a set this size)"
+    )
     if "trainer" in parts:
-        fit_case("trainer_synthetic", synth, DataConfig(augment=(), shuffle=True), "same random images, " + cache_label)
-        fit_case("trainer_synthetic_streamed", synth, DataConfig(augment=(), shuffle=False, cache="off"),
-                 synth_label + ", streamed through Ray Data every epoch (cache='off')")
-        fit_case("trainer_augmented", info, DataConfig(augment=aug, shuffle=True), "prepared Parquet dataset, " + cache_label)
-        fit_case("trainer_augmented_streamed_device", info,
-                 DataConfig(augment=aug, shuffle=True, augment_on="device", cache="off"), dev_label)
-        fit_case("trainer_augmented_streamed_cpu", info, DataConfig(augment=aug, shuffle=True, augment_on="cpu"),
-                 aug_label)
+        fit_case(
+            "trainer_synthetic",
+            synth,
+            DataConfig(augment=(), shuffle=True),
+            "same random images, " + cache_label,
+        )
+        fit_case(
+            "trainer_synthetic_streamed",
+            synth,
+            DataConfig(augment=(), shuffle=False, cache="off"),
+            synth_label + ", streamed through Ray Data every epoch (cache='off')",
+        )
+        fit_case(
+            "trainer_augmented",
+            info,
+            DataConfig(augment=aug, shuffle=True),
+            "prepared Parquet dataset, " + cache_label,
+        )
+        fit_case(
+            "trainer_augmented_streamed_device",
+            info,
+            DataConfig(augment=aug, shuffle=True, augment_on="device", cache="off"),
+            dev_label,
+        )
+        fit_case(
+            "trainer_augmented_streamed_cpu",
+            info,
+            DataConfig(augment=aug, shuffle=True, augment_on="cpu"),
+            aug_label,
+        )
     if "files" in parts:  # (b) without the per-epoch all-to-all shuffle
-        files_label = "same Parquet dataset, shard-order shuffle + 8,192-row local buffer (shuffle='files')"
-        fit_case("trainer_augmented_files", info,
-                 DataConfig(augment=aug, shuffle="files", shuffle_buffer_rows=8192, augment_on="cpu"), files_label)
-        fit_case("trainer_augmented_files_bs4096", info,
-                 DataConfig(augment=aug, shuffle="files", shuffle_buffer_rows=8192, preprocess_batch_size=4096,
-                            augment_on="cpu"),
-                 files_label + ", preprocess_batch_size=4096")
-        fit_case("trainer_augmented_files_device", info,
-                 DataConfig(augment=aug, shuffle="files", shuffle_buffer_rows=8192, augment_on="device", cache="off"),
-                 files_label + ", crop + flip on the GPU (augment_on='device')")
+        files_label = (
+            "same Parquet dataset, shard-order shuffle + 8,192-row local buffer (shuffle='files')"
+        )
+        fit_case(
+            "trainer_augmented_files",
+            info,
+            DataConfig(augment=aug, shuffle="files", shuffle_buffer_rows=8192, augment_on="cpu"),
+            files_label,
+        )
+        fit_case(
+            "trainer_augmented_files_bs4096",
+            info,
+            DataConfig(
+                augment=aug,
+                shuffle="files",
+                shuffle_buffer_rows=8192,
+                preprocess_batch_size=4096,
+                augment_on="cpu",
+            ),
+            files_label + ", preprocess_batch_size=4096",
+        )
+        fit_case(
+            "trainer_augmented_files_device",
+            info,
+            DataConfig(
+                augment=aug,
+                shuffle="files",
+                shuffle_buffer_rows=8192,
+                augment_on="device",
+                cache="off",
+            ),
+            files_label + ", crop + flip on the GPU (augment_on='device')",
+        )
 
-    if "shared" in parts and gpu:  # two workers on one GPU (half each): DDP over gloo, the multi-worker paths
-        fit_case("trainer_two_workers_one_gpu", info, DataConfig(augment=aug, shuffle=True),
-                 "Parquet, device cache, crop + flip on the GPU; 2 workers x 0.5 GPU each (gloo)",
-                 workers=2, resources={"GPU": 0.5, "CPU": 1})
+    if (
+        "shared" in parts and gpu
+    ):  # two workers on one GPU (half each): DDP over gloo, the multi-worker paths
+        fit_case(
+            "trainer_two_workers_one_gpu",
+            info,
+            DataConfig(augment=aug, shuffle=True),
+            "Parquet, device cache, crop + flip on the GPU; 2 workers x 0.5 GPU each (gloo)",
+            workers=2,
+            resources={"GPU": 0.5, "CPU": 1},
+        )
 
     # (b) the input pipeline alone ------------------------------------------------------------
     def pipeline_cases(cases: list[tuple[str, Any, dict]], key: str, min_left: float) -> None:
@@ -617,7 +879,10 @@ def main() -> None:
                 continue
             try:
                 rates = pipeline_rate(make(), batch, device, 1 if q else 2, **kw)
-                diag[name] = {"samples_per_s": round(rates[-1], 1), "per_epoch": [round(r, 1) for r in rates]}
+                diag[name] = {
+                    "samples_per_s": round(rates[-1], 1),
+                    "per_epoch": [round(r, 1) for r in rates],
+                }
             except Exception as exc:  # noqa: BLE001
                 diag[name] = {"error": f"{type(exc).__name__}: {exc}"}
             log(f"{key} {name}: {diag[name]}")
@@ -636,29 +901,47 @@ def main() -> None:
             return read_ray(info, augment=aug, shuffle=True, shuffle_seed=0, batch_size=bs)
 
     if "pipeline" in parts and time_left() > 260:
-        pipeline_cases([
-            ("synthetic_float32", lambda: synth_pre(256), {}),
-            ("augmented_float32", lambda: aug_pre(256), {}),
-            ("augmented_float32_pinned", lambda: aug_pre(256), {"pin_memory": True}),
-            ("augmented_uint8_pinned_gpu_normalise", lambda: _uint8_pipeline(info, aug),
-             {"pin_memory": True, "uint8": True, "mean": info.mean, "std": info.std}),
-        ], "pipeline_only", 240)
+        pipeline_cases(
+            [
+                ("synthetic_float32", lambda: synth_pre(256), {}),
+                ("augmented_float32", lambda: aug_pre(256), {}),
+                ("augmented_float32_pinned", lambda: aug_pre(256), {"pin_memory": True}),
+                (
+                    "augmented_uint8_pinned_gpu_normalise",
+                    lambda: _uint8_pipeline(info, aug),
+                    {"pin_memory": True, "uint8": True, "mean": info.mean, "std": info.std},
+                ),
+            ],
+            "pipeline_only",
+            240,
+        )
     if "blocks" in parts:
         # The same pipelines with bigger map_batches blocks (DataConfig.preprocess_batch_size) and a
         # deeper prefetch: does the consumer's per-batch overhead, not the CPU work, set the pace?
-        pipeline_cases([
-            ("synthetic_float32_bs256", lambda: synth_pre(256), {}),
-            ("synthetic_float32_bs2048", lambda: synth_pre(2048), {}),
-            ("synthetic_float32_bs2048_prefetch8", lambda: synth_pre(2048), {"prefetch": 8}),
-            ("augmented_float32_bs2048", lambda: aug_pre(2048), {}),
-        ], "pipeline_blocks", 150)
+        pipeline_cases(
+            [
+                ("synthetic_float32_bs256", lambda: synth_pre(256), {}),
+                ("synthetic_float32_bs2048", lambda: synth_pre(2048), {}),
+                ("synthetic_float32_bs2048_prefetch8", lambda: synth_pre(2048), {"prefetch": 8}),
+                ("augmented_float32_bs2048", lambda: aug_pre(2048), {}),
+            ],
+            "pipeline_blocks",
+            150,
+        )
         if time_left() > 110:
-            fit_case("trainer_synthetic_bs2048", synth, DataConfig(augment=(), shuffle=False, preprocess_batch_size=2048),
-                     synth_label + ", preprocess_batch_size=2048")
+            fit_case(
+                "trainer_synthetic_bs2048",
+                synth,
+                DataConfig(augment=(), shuffle=False, preprocess_batch_size=2048),
+                synth_label + ", preprocess_batch_size=2048",
+            )
         if time_left() > 110:
-            fit_case("trainer_augmented_bs2048", info, DataConfig(augment=aug, shuffle=True, preprocess_batch_size=2048,
-                                                             augment_on="cpu"),
-                     aug_label + ", preprocess_batch_size=2048")
+            fit_case(
+                "trainer_augmented_bs2048",
+                info,
+                DataConfig(augment=aug, shuffle=True, preprocess_batch_size=2048, augment_on="cpu"),
+                aug_label + ", preprocess_batch_size=2048",
+            )
     if "progress" in parts:
         # The driver progress bar (TrainConfig.progress_bar, fed by ProgressBoard actor calls from the
         # loop) off, to price it; then with bigger map_batches blocks as well.
@@ -666,17 +949,34 @@ def main() -> None:
 
         from lepton_ray.config import TrainConfig
 
-        off = {"progress_bar": False} if "progress_bar" in {f.name for f in dataclasses.fields(TrainConfig)} else {}
-        fit_case("trainer_synthetic_no_progress", synth, DataConfig(augment=(), shuffle=False),
-                 synth_label + ", progress bar off", **off)
-        pipeline_cases([
-            ("synthetic_float32_bs256", lambda: synth_pre(256), {}),
-            ("synthetic_float32_bs2048", lambda: synth_pre(2048), {}),
-        ], "pipeline_blocks", 60)
+        off = (
+            {"progress_bar": False}
+            if "progress_bar" in {f.name for f in dataclasses.fields(TrainConfig)}
+            else {}
+        )
+        fit_case(
+            "trainer_synthetic_no_progress",
+            synth,
+            DataConfig(augment=(), shuffle=False),
+            synth_label + ", progress bar off",
+            **off,
+        )
+        pipeline_cases(
+            [
+                ("synthetic_float32_bs256", lambda: synth_pre(256), {}),
+                ("synthetic_float32_bs2048", lambda: synth_pre(2048), {}),
+            ],
+            "pipeline_blocks",
+            60,
+        )
         if time_left() > 60:
-            fit_case("trainer_synthetic_no_progress_bs2048", synth,
-                     DataConfig(augment=(), shuffle=False, preprocess_batch_size=2048),
-                     synth_label + ", progress bar off, preprocess_batch_size=2048", **off)
+            fit_case(
+                "trainer_synthetic_no_progress_bs2048",
+                synth,
+                DataConfig(augment=(), shuffle=False, preprocess_batch_size=2048),
+                synth_label + ", progress bar off, preprocess_batch_size=2048",
+                **off,
+            )
     if need_ray:
         ray.shutdown()
 
@@ -719,7 +1019,9 @@ def main() -> None:
         reached = [r for r in R["mnist"]["runs"] if (r.get("val_accuracy") or 0) >= 0.98]
         if reached:
             best = min(reached, key=lambda r: r["train_wall_s"])
-            R["mnist"]["time_to_98_s"] = round(R["mnist"]["prepare_wall_s"] + best["train_wall_s"], 1)
+            R["mnist"]["time_to_98_s"] = round(
+                R["mnist"]["prepare_wall_s"] + best["train_wall_s"], 1
+            )
             R["mnist"]["time_to_98_run_epochs"] = best["epochs"]
     R["elapsed_s"] = round(time.perf_counter() - T0, 1)
     save()
@@ -739,12 +1041,17 @@ def _uint8_pipeline(info: Any, aug: tuple[str, ...]) -> Any:
     ctx = DataContext.get_current()
     prev, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
     try:
-        ds = ray.data.read_parquet([loc.join(s["path"]).path for s in info.shards], filesystem=loc.fs,
-                                   columns=["id", "image", "label"])
+        ds = ray.data.read_parquet(
+            [loc.join(s["path"]).path for s in info.shards],
+            filesystem=loc.fs,
+            columns=["id", "image", "label"],
+        )
     finally:
         ctx.use_datasource_v2 = prev
     ds = ds.random_shuffle(seed=RandomSeedConfig(seed=0, reseed_after_execution=True))
-    return ds.map_batches(AugmentOnlyUint8(tuple(info.shape), aug), batch_format="numpy", batch_size=256)
+    return ds.map_batches(
+        AugmentOnlyUint8(tuple(info.shape), aug), batch_format="numpy", batch_size=256
+    )
 
 
 # --- docs --------------------------------------------------------------------------------------
@@ -758,11 +1065,21 @@ def _fmt(v: Any, nd: int = 1) -> str:
     return str(v)
 
 
-TRAINER_KEYS = ("trainer_synthetic", "trainer_synthetic_no_progress", "trainer_synthetic_bs2048",
-                "trainer_synthetic_no_progress_bs2048", "trainer_augmented", "trainer_augmented_bs2048",
-                "trainer_synthetic_streamed", "trainer_augmented_streamed_device", "trainer_augmented_streamed_cpu",
-                "trainer_augmented_files", "trainer_augmented_files_bs4096", "trainer_augmented_files_device",
-                "trainer_two_workers_one_gpu")
+TRAINER_KEYS = (
+    "trainer_synthetic",
+    "trainer_synthetic_no_progress",
+    "trainer_synthetic_bs2048",
+    "trainer_synthetic_no_progress_bs2048",
+    "trainer_augmented",
+    "trainer_augmented_bs2048",
+    "trainer_synthetic_streamed",
+    "trainer_augmented_streamed_device",
+    "trainer_augmented_streamed_cpu",
+    "trainer_augmented_files",
+    "trainer_augmented_files_bs4096",
+    "trainer_augmented_files_device",
+    "trainer_two_workers_one_gpu",
+)
 PIPELINE_NAMES = {
     "synthetic_float32": "in-memory dataset, normalise to float32 NCHW on CPU (the input of the synthetic Trainer rows)",
     "synthetic_float32_bs256": "in-memory dataset, normalise to float32 NCHW on CPU (again, in this run)",
@@ -784,14 +1101,22 @@ def _training_rows(r: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _pipeline_table(lines: list[str], cases: dict[str, Any], plain: float | None) -> None:
-    lines += ["| pipeline | samples/s (last epoch) | vs plain loop, same run |", "| --- | --- | --- |"]
+    lines += [
+        "| pipeline | samples/s (last epoch) | vs plain loop, same run |",
+        "| --- | --- | --- |",
+    ]
     for k, v in cases.items():
         val = v.get("samples_per_s")
         if val:
-            lines.append(f"| {PIPELINE_NAMES.get(k, k)} | {_fmt(val)} | {val / plain:.2f} |" if plain else
-                         f"| {PIPELINE_NAMES.get(k, k)} | {_fmt(val)} | – |")
+            lines.append(
+                f"| {PIPELINE_NAMES.get(k, k)} | {_fmt(val)} | {val / plain:.2f} |"
+                if plain
+                else f"| {PIPELINE_NAMES.get(k, k)} | {_fmt(val)} | – |"
+            )
         else:
-            lines.append(f"| {PIPELINE_NAMES.get(k, k)} | failed: {str(v.get('error', ''))[:100]} | |")
+            lines.append(
+                f"| {PIPELINE_NAMES.get(k, k)} | failed: {str(v.get('error', ''))[:100]} | |"
+            )
 
 
 def render_section(r: dict[str, Any]) -> str:
@@ -807,12 +1132,17 @@ def render_section(r: dict[str, Any]) -> str:
         + ". One run each, so noisy: every ratio is taken against the plain loop of the same run.\n",
     ]
     if runs:
-        lines += ["The figures come from " + str(len(runs)) + " runs of the script (the training loop in "
-                  "`lepton_ray/train/loop.py` was being changed between them; `code` in the JSON names each version):\n",
-                  "| run | measured | loop.py | plain loop samples/s | what it measured |", "| --- | --- | --- | --- | --- |"]
+        lines += [
+            "The figures come from " + str(len(runs)) + " runs of the script (the training loop in "
+            "`lepton_ray/train/loop.py` was being changed between them; `code` in the JSON names each version):\n",
+            "| run | measured | loop.py | plain loop samples/s | what it measured |",
+            "| --- | --- | --- | --- | --- |",
+        ]
         for name, meta in runs.items():
-            lines.append(f"| {name} | {meta.get('measured_at')} | {meta.get('loop')} | {_fmt(meta.get('plain_samples_per_s'))} "
-                         f"| {meta.get('what')} |")
+            lines.append(
+                f"| {name} | {meta.get('measured_at')} | {meta.get('loop')} | {_fmt(meta.get('plain_samples_per_s'))} "
+                f"| {meta.get('what')} |"
+            )
         lines.append("")
     lines += [
         f"### Training throughput: {s.get('model')} at {s.get('input')}, global batch {s.get('global_batch')}, "
@@ -826,73 +1156,113 @@ def render_section(r: dict[str, Any]) -> str:
     ]
     if "plain_cudnn_benchmark" in r:
         b = r["plain_cudnn_benchmark"]["samples_per_s"]
-        lines.append(f"| plain loop + `cudnn.benchmark=True` | same | {'full' if runs else '–'} | {_fmt(b)} | {b / plain:.2f} | – | – |")
+        lines.append(
+            f"| plain loop + `cudnn.benchmark=True` | same | {'full' if runs else '–'} | {_fmt(b)} | {b / plain:.2f} | – | – |"
+        )
     bk = r.get("bookkeeping")
     if bk:
-        for mode, text in (("library", "plain loop + the library loop's per-step bookkeeping (2 host-device syncs a step)"),
-                           ("no_sync", "plain loop + the same bookkeeping without syncs")):
+        for mode, text in (
+            (
+                "library",
+                "plain loop + the library loop's per-step bookkeeping (2 host-device syncs a step)",
+            ),
+            ("no_sync", "plain loop + the same bookkeeping without syncs"),
+        ):
             if mode in bk:
-                lines.append(f"| {text} | same | {bk.get('run', '–')} | {_fmt(bk[mode]['samples_per_s'])} "
-                             f"| {bk[mode]['ratio_vs_plain']:.2f} | – | – |")
+                lines.append(
+                    f"| {text} | same | {bk.get('run', '–')} | {_fmt(bk[mode]['samples_per_s'])} "
+                    f"| {bk[mode]['ratio_vs_plain']:.2f} | – | – |"
+                )
     for t in _training_rows(r):
         label = "`Trainer(1, use_gpu=True).fit`"
         if "error" in t:
-            lines.append(f"| {label} | {t.get('input', t.get('key'))} | {t.get('run', '–')} | failed: {t['error'][:90]} | | | |")
+            lines.append(
+                f"| {label} | {t.get('input', t.get('key'))} | {t.get('run', '–')} | failed: {t['error'][:90]} | | | |"
+            )
             continue
-        lines.append(f"| {label} | {t['input']} | {t.get('run', '–')} | {_fmt(t['samples_per_s'])} "
-                     f"| **{t['ratio_vs_plain']:.2f}** | {t['data_wait_share']:.0%} "
-                     f"| {_fmt(t['fit_wall_s'])} ({_fmt(t['fixed_cost_s'])}) |")
+        lines.append(
+            f"| {label} | {t['input']} | {t.get('run', '–')} | {_fmt(t['samples_per_s'])} "
+            f"| **{t['ratio_vs_plain']:.2f}** | {t['data_wait_share']:.0%} "
+            f"| {_fmt(t['fit_wall_s'])} ({_fmt(t['fixed_cost_s'])}) |"
+        )
     if r.get("training_notes"):
         lines += ["", *[f"- {n}" for n in r["training_notes"]]]
     po, pb = r.get("pipeline_only"), r.get("pipeline_blocks")
     if po or pb:
-        lines += ["", "Input pipeline alone: Ray Data -> `iter_torch_batches(batch_size=512, prefetch_batches=2)` -> GPU, "
-                  "no model, in the driver (all CPUs available to Ray Data):\n"]
+        lines += [
+            "",
+            "Input pipeline alone: Ray Data -> `iter_torch_batches(batch_size=512, prefetch_batches=2)` -> GPU, "
+            "no model, in the driver (all CPUs available to Ray Data):\n",
+        ]
         if po:
             _pipeline_table(lines, po, plain)
         if pb:
             lines += ["", f"Run `{pb.get('run', '–')}`:\n" if runs else ""]
-            _pipeline_table(lines, {k: v for k, v in pb.items() if isinstance(v, dict)}, pb.get("plain_same_run", plain))
+            _pipeline_table(
+                lines,
+                {k: v for k, v in pb.items() if isinstance(v, dict)},
+                pb.get("plain_same_run", plain),
+            )
     m = r.get("mnist")
     if m:
-        lines += ["", "### Time to >= 98% test accuracy: built-in MNIST subset (4,000 train / 1,000 test), command line\n",
-                  f"`lepton-ray data prepare mnist5k DIR` ({_fmt(m.get('prepare_wall_s'))} s), then "
-                  "`lepton-ray train --data DIR/train --val DIR/test --use-gpu --workers 1 --batch-size 100 --epochs N` "
-                  "(the `cnn` model), wall clock of each command, Ray start-up included"
-                  + (f" (run `{m['run']}`)" if m.get("run") else "") + ".\n",
-                  "| epochs | train command wall s | of which fit() s | test accuracy | first epoch >= 98% | epoch time s (median) |",
-                  "| --- | --- | --- | --- | --- | --- |"]
+        lines += [
+            "",
+            "### Time to >= 98% test accuracy: built-in MNIST subset (4,000 train / 1,000 test), command line\n",
+            f"`lepton-ray data prepare mnist5k DIR` ({_fmt(m.get('prepare_wall_s'))} s), then "
+            "`lepton-ray train --data DIR/train --val DIR/test --use-gpu --workers 1 --batch-size 100 --epochs N` "
+            "(the `cnn` model), wall clock of each command, Ray start-up included"
+            + (f" (run `{m['run']}`)" if m.get("run") else "")
+            + ".\n",
+            "| epochs | train command wall s | of which fit() s | test accuracy | first epoch >= 98% | epoch time s (median) |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
         for run in m["runs"]:
             et = run.get("epoch_time_s") or []
-            lines.append(f"| {run['epochs']} | {_fmt(run['train_wall_s'])} | {_fmt(run.get('fit_wall_s'))} "
-                         f"| {_fmt(run.get('val_accuracy'), 4)} | {_fmt(run.get('first_epoch_at_98'))} "
-                         f"| {_fmt(float(np.median(et)), 2) if et else '–'} |")
+            lines.append(
+                f"| {run['epochs']} | {_fmt(run['train_wall_s'])} | {_fmt(run.get('fit_wall_s'))} "
+                f"| {_fmt(run.get('val_accuracy'), 4)} | {_fmt(run.get('first_epoch_at_98'))} "
+                f"| {_fmt(float(np.median(et)), 2) if et else '–'} |"
+            )
         if m.get("time_to_98_s") is not None:
-            lines.append(f"\nTime to >= 98%: **{m['time_to_98_s']} s** (prepare + train, {m['time_to_98_run_epochs']} epochs).")
+            lines.append(
+                f"\nTime to >= 98%: **{m['time_to_98_s']} s** (prepare + train, {m['time_to_98_run_epochs']} epochs)."
+            )
         ck = r.get("checkpoint_on_cpu")
         if ck:
-            lines.append(f"\nThe GPU-trained checkpoint loads in a process that sees no GPU (`CUDA_VISIBLE_DEVICES=`): "
-                         f"{'yes, weights and optimizer state on the CPU' if ck.get('ok') else 'no — ' + str(ck.get('error'))}.")
+            lines.append(
+                f"\nThe GPU-trained checkpoint loads in a process that sees no GPU (`CUDA_VISIBLE_DEVICES=`): "
+                f"{'yes, weights and optimizer state on the CPU' if ck.get('ok') else 'no — ' + str(ck.get('error'))}."
+            )
     sv = r.get("serve")
     if sv:
-        lines += ["", "### Serving: `lepton_ray.deploy(checkpoint, use_gpu=True)`, one GPU replica\n"]
+        lines += [
+            "",
+            "### Serving: `lepton_ray.deploy(checkpoint, use_gpu=True)`, one GPU replica\n",
+        ]
         if "error" in sv:
             lines.append(f"Failed: {sv['error']}")
         else:
-            lines += [f"{sv['request']}; `@serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)`, "
-                      "`max_replicas=1`; client: Python threads with `urllib` in the benchmark process on the same "
-                      f"machine, each sending its share back to back. Deploy took {sv['deploy_s']} s"
-                      + (f" (run `{sv['run']}`)" if sv.get("run") else "") + ".\n",
-                      "| concurrency | requests | requests/s | p50 ms | p99 ms | errors | accuracy over HTTP |",
-                      "| --- | --- | --- | --- | --- | --- | --- |"]
+            lines += [
+                f"{sv['request']}; `@serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)`, "
+                "`max_replicas=1`; client: Python threads with `urllib` in the benchmark process on the same "
+                f"machine, each sending its share back to back. Deploy took {sv['deploy_s']} s"
+                + (f" (run `{sv['run']}`)" if sv.get("run") else "")
+                + ".\n",
+                "| concurrency | requests | requests/s | p50 ms | p99 ms | errors | accuracy over HTTP |",
+                "| --- | --- | --- | --- | --- | --- | --- |",
+            ]
             for lv in sv["levels"]:
-                lines.append(f"| {lv['concurrency']} | {lv['requests']} | {_fmt(lv['requests_per_s'])} | {_fmt(lv['p50_ms'])} "
-                             f"| {_fmt(lv['p99_ms'])} | {lv['errors']} | {_fmt(lv['accuracy'], 3)} |")
+                lines.append(
+                    f"| {lv['concurrency']} | {lv['requests']} | {_fmt(lv['requests_per_s'])} | {_fmt(lv['p50_ms'])} "
+                    f"| {_fmt(lv['p99_ms'])} | {lv['errors']} | {_fmt(lv['accuracy'], 3)} |"
+                )
             b = sv.get("batched")
             if b:
-                lines.append(f"\nWith 64 digits per request at concurrency {b['concurrency']}: {_fmt(b['requests_per_s'])} "
-                             f"requests/s = {_fmt(b['images_per_s'])} images/s (p50 {_fmt(b['p50_ms'])} ms, "
-                             f"p99 {_fmt(b['p99_ms'])} ms).")
+                lines.append(
+                    f"\nWith 64 digits per request at concurrency {b['concurrency']}: {_fmt(b['requests_per_s'])} "
+                    f"requests/s = {_fmt(b['images_per_s'])} images/s (p50 {_fmt(b['p50_ms'])} ms, "
+                    f"p99 {_fmt(b['p99_ms'])} ms)."
+                )
     if r.get("analysis"):
         lines += ["", "### What limits it\n", *[f"- {a}" for a in r["analysis"]]]
     return "\n".join(lines) + "\n"
@@ -901,6 +1271,7 @@ def render_section(r: dict[str, Any]) -> str:
 def write_doc(r: dict[str, Any], doc: Path) -> None:
     """Replace (or append) the ``## GPU`` section of ``doc``; other sections stay as they are."""
     replace_section(DOC_SECTION.removeprefix("\n## "), render_section(r), doc)
+
 
 if __name__ == "__main__":
     main()

@@ -45,16 +45,30 @@ def main() -> None:
 
     plain("plain_0")
     ensure_ray()
-    synth = ray.data.range(rows, override_num_blocks=16).map_batches(_random_images, batch_format="numpy").materialize()
+    synth = (
+        ray.data.range(rows, override_num_blocks=16)
+        .map_batches(_random_images, batch_format="numpy")
+        .materialize()
+    )
     for i in (1, 2):
         res = Trainer(1, use_gpu=dev.type == "cuda").fit(
-            build_model("resnet18", in_channels=3, num_classes=10), synth, batch_size=batch, epochs=epochs,
-            data=DataConfig(augment=(), shuffle=True), storage=f"/tmp/lepton-gpu-alternate/{i}",
-            checkpoint_every_epochs=epochs, keep_checkpoints=1, progress_bar=False)
-        result[f"trainer_{i}"] = summary = trainer_summary(res, result[f"plain_{i - 1}"]["samples_per_s"],
-                                                            (rows // batch) * batch)
+            build_model("resnet18", in_channels=3, num_classes=10),
+            synth,
+            batch_size=batch,
+            epochs=epochs,
+            data=DataConfig(augment=(), shuffle=True),
+            storage=f"/tmp/lepton-gpu-alternate/{i}",
+            checkpoint_every_epochs=epochs,
+            keep_checkpoints=1,
+            progress_bar=False,
+        )
+        result[f"trainer_{i}"] = summary = trainer_summary(
+            res, result[f"plain_{i - 1}"]["samples_per_s"], (rows // batch) * batch
+        )
         plain(f"plain_{i}")
-        both = (result[f"plain_{i - 1}"]["samples_per_s"] + result[f"plain_{i}"]["samples_per_s"]) / 2
+        both = (
+            result[f"plain_{i - 1}"]["samples_per_s"] + result[f"plain_{i}"]["samples_per_s"]
+        ) / 2
         summary["ratio_vs_adjacent_plains"] = round(summary["samples_per_s"] / both, 3)
         save()
     print(json.dumps(result, indent=1))

@@ -38,9 +38,19 @@ def _committed_step(run: Path) -> int:
 
 def _train(data: dict, root: str, name: str, epochs: int):
     t0 = time.perf_counter()
-    res = Trainer(2).fit(build_model("cnn", in_channels=1, num_classes=10), data["train"], data["test"],
-                         batch_size=100, epochs=epochs, storage=root, run_name=name,
-                         checkpoint_every_steps=10, record_sample_ids=True, max_failures=2, progress_bar=False)
+    res = Trainer(2).fit(
+        build_model("cnn", in_channels=1, num_classes=10),
+        data["train"],
+        data["test"],
+        batch_size=100,
+        epochs=epochs,
+        storage=root,
+        run_name=name,
+        checkpoint_every_steps=10,
+        record_sample_ids=True,
+        max_failures=2,
+        progress_bar=False,
+    )
     return res, time.perf_counter() - t0
 
 
@@ -62,8 +72,11 @@ def main() -> None:
         while not kill and time.time() < deadline:
             step = _committed_step(run)
             if step >= args.kill_after_step:
-                pids = sorted(p.pid for p in psutil.process_iter(["cmdline"])
-                              if (p.info["cmdline"] or [""])[0].startswith("ray::RayTrainWorker"))
+                pids = sorted(
+                    p.pid
+                    for p in psutil.process_iter(["cmdline"])
+                    if (p.info["cmdline"] or [""])[0].startswith("ray::RayTrainWorker")
+                )
                 kill.update(t=time.time(), step=step, pid=pids[-1])
                 os.kill(pids[-1], signal.SIGKILL)
                 return
@@ -91,7 +104,9 @@ def main() -> None:
         "seconds_kill_to_training_resumed": round(resumed_at - kill["t"], 2),
         "committed_step_at_kill": kill["step"],
         "restored_step": resume_step,
-        "steps_redone_at_most": 10 + kill["step"] - resume_step,  # < one checkpoint interval past it
+        "steps_redone_at_most": 10
+        + kill["step"]
+        - resume_step,  # < one checkpoint interval past it
         "wall_s_uninterrupted": round(base_wall, 1),
         "wall_s_with_kill": round(wall, 1),
         "wall_ratio": round(wall / base_wall, 3),

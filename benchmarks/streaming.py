@@ -52,7 +52,10 @@ class StoreSampler:
     def _run(self) -> None:
         while not self._stop.is_set():
             used, spilled = self.sample()
-            self.peak_mib, self.spilled_mib = max(self.peak_mib, used), max(self.spilled_mib, spilled)
+            self.peak_mib, self.spilled_mib = (
+                max(self.peak_mib, used),
+                max(self.spilled_mib, spilled),
+            )
             self._stop.wait(self.every_s)
 
     def __enter__(self) -> StoreSampler:
@@ -66,22 +69,37 @@ class StoreSampler:
         self.peak_mib, self.spilled_mib = max(self.peak_mib, used), max(self.spilled_mib, spilled)
 
 
-def run(rows: int, shape: str, object_store_mb: int, rows_per_shard: int | None, dataset_dir: str) -> dict:
+def run(
+    rows: int, shape: str, object_store_mb: int, rows_per_shard: int | None, dataset_dir: str
+) -> dict:
     import ray
 
     t0 = time.perf_counter()
     info = prepare(f"synthetic:{rows}:{shape}", dataset_dir, rows_per_shard=rows_per_shard)["train"]
     prepare_s = time.perf_counter() - t0
     pixels_mib = info.pixel_bytes / 2**20
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, 4), object_store_memory=object_store_mb << 20,
-             include_dashboard=False, log_to_driver=False)
+    ray.init(
+        address="local",
+        num_cpus=max(os.cpu_count() or 1, 4),
+        object_store_memory=object_store_mb << 20,
+        include_dashboard=False,
+        log_to_driver=False,
+    )
     try:
-        ds = read_ray(info, shuffle="files", shuffle_seed=0, augment=("random_crop", "hflip"), batch_size=1024,
-                      normalize=False)
+        ds = read_ray(
+            info,
+            shuffle="files",
+            shuffle_seed=0,
+            augment=("random_crop", "hflip"),
+            batch_size=1024,
+            normalize=False,
+        )
         seen = np.zeros(info.num_rows, np.int32)
         t0 = time.perf_counter()
         with StoreSampler() as store:
-            for batch in ds.iter_batches(batch_size=256, local_shuffle_buffer_size=4096, local_shuffle_seed=0):
+            for batch in ds.iter_batches(
+                batch_size=256, local_shuffle_buffer_size=4096, local_shuffle_seed=0
+            ):
                 np.add.at(seen, batch["id"], 1)
         epoch_s = time.perf_counter() - t0
     finally:
@@ -128,9 +146,15 @@ def main() -> None:
     ap.add_argument("--shape", default="32x32x3")
     ap.add_argument("--object-store-mb", type=int, default=1024)
     ap.add_argument("--rows-per-shard", type=int, default=None)
-    ap.add_argument("--dataset-dir", default=None, help="where to write the dataset (default: a temporary folder)")
+    ap.add_argument(
+        "--dataset-dir",
+        default=None,
+        help="where to write the dataset (default: a temporary folder)",
+    )
     ap.add_argument("--out", default="benchmarks/results")
-    ap.add_argument("--no-report", action="store_true", help="print the JSON only (what the tests use)")
+    ap.add_argument(
+        "--no-report", action="store_true", help="print the JSON only (what the tests use)"
+    )
     a = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="lepton-stream-") as tmp:
         r = run(a.rows, a.shape, a.object_store_mb, a.rows_per_shard, a.dataset_dir or tmp)

@@ -32,7 +32,9 @@ from lepton_ray.data import read_arrays
 from lepton_ray.train.loop import build_optimizer, lr_factor
 
 
-def plain_loop(info, epochs: int, batch: int, layout: torch.memory_format = torch.channels_last) -> list[float]:
+def plain_loop(
+    info, epochs: int, batch: int, layout: torch.memory_format = torch.channels_last
+) -> list[float]:
     """The loop a user would write by hand; returns samples/s per epoch."""
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -49,9 +51,11 @@ def plain_loop(info, epochs: int, batch: int, layout: torch.memory_format = torc
         t0 = time.perf_counter()
         order = rng.permutation(len(images))
         for s in range(steps):
-            idx = order[s * batch:(s + 1) * batch]
+            idx = order[s * batch : (s + 1) * batch]
             b = pre({"image": images[idx], "label": labels[idx]})
-            x = torch.from_numpy(b["image"]).clone(memory_format=layout)  # strides set even for 1 channel
+            x = torch.from_numpy(b["image"]).clone(
+                memory_format=layout
+            )  # strides set even for 1 channel
             loss = F.cross_entropy(model(x), torch.from_numpy(b["label"]))
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -77,8 +81,13 @@ def main() -> None:
     rates = {}
     for name, data in (("streamed", DataConfig()), ("cached", DataConfig(cache="device"))):
         trainer = Trainer(1, storage=f"{store}/runs")
-        res = trainer.fit(build_model("cnn", in_channels=1, num_classes=10), info, batch_size=args.batch_size,
-                          epochs=args.epochs, data=data)
+        res = trainer.fit(
+            build_model("cnn", in_channels=1, num_classes=10),
+            info,
+            batch_size=args.batch_size,
+            epochs=args.epochs,
+            data=data,
+        )
         rates[name] = [h["samples_per_second"] for h in res["history"]]
     ray_rates = rates["streamed"]
     ray_sps = float(np.mean(ray_rates[1:]))
@@ -87,7 +96,7 @@ def main() -> None:
         "benchmark": "train_overhead",
         "what": "Trainer.fit (1 Ray Train worker, Ray Data input) vs plain PyTorch loop, samples/s",
         "hardware": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads in driver, "
-                    f"1 thread per side, CPU only",
+        f"1 thread per side, CPU only",
         "epochs_measured": args.epochs - 1,
         "plain_samples_per_s": round(plain_sps, 1),
         "plain_nchw_samples_per_s": round(nchw_sps, 1),
@@ -96,9 +105,12 @@ def main() -> None:
         "trainer_cached_samples_per_s": round(cached_sps, 1),
         "ratio_cached": round(cached_sps / plain_sps, 3),
         "goal": ">= 0.90 on CPU",
-        "per_epoch": {"plain": [round(r, 1) for r in plain], "plain_nchw": [round(r, 1) for r in nchw],
-                      "trainer": [round(r, 1) for r in ray_rates],
-                      "trainer_cached": [round(r, 1) for r in rates["cached"]]},
+        "per_epoch": {
+            "plain": [round(r, 1) for r in plain],
+            "plain_nchw": [round(r, 1) for r in nchw],
+            "trainer": [round(r, 1) for r in ray_rates],
+            "trainer_cached": [round(r, 1) for r in rates["cached"]],
+        },
         "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     save_result(args.out, "train_overhead.json", result)
@@ -111,7 +123,7 @@ def write_table(r: dict) -> None:
         "\n## Training overhead: `Trainer.fit` (1 worker) vs a plain PyTorch loop\n\n"
         "`python -m benchmarks.train_overhead`\n\n"
         "| measured | hardware | plain loop samples/s | Trainer.fit samples/s, streamed (ratio) "
-        "| Trainer.fit samples/s, `cache=\"device\"` (ratio) | plain loop in NCHW samples/s | goal |\n"
+        '| Trainer.fit samples/s, `cache="device"` (ratio) | plain loop in NCHW samples/s | goal |\n'
         "| --- | --- | --- | --- | --- | --- | --- |\n"
         f"| {r['measured_at']} | {r['hardware']} | {r['plain_samples_per_s']} | {r['trainer_samples_per_s']} "
         f"(**{r['ratio']}**) | {r.get('trainer_cached_samples_per_s', '–')} (**{r.get('ratio_cached', '–')}**) "

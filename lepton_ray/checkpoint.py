@@ -32,15 +32,24 @@ from lepton_ray import storage
 from lepton_ray.errors import LeptonError, StorageError
 from lepton_ray.models import from_spec, memory_format, unwrap
 
-WEIGHTS, STATE, META, MANIFEST = "model.safetensors", "train_state.pt", "lepton.json", "manifest.json"
+WEIGHTS, STATE, META, MANIFEST = (
+    "model.safetensors",
+    "train_state.pt",
+    "lepton.json",
+    "manifest.json",
+)
 
 
 class CheckpointError(LeptonError):
     """A checkpoint is missing, incomplete or corrupt."""
 
 
-def write_local(directory: str | os.PathLike, model: nn.Module, meta: dict[str, Any],
-                train_state: dict[str, Any] | None = None) -> Path:
+def write_local(
+    directory: str | os.PathLike,
+    model: nn.Module,
+    meta: dict[str, Any],
+    train_state: dict[str, Any] | None = None,
+) -> Path:
     """Write a checkpoint's files (all but the manifest) into a local folder."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
@@ -76,13 +85,16 @@ def verify(loc: storage.Location) -> dict[str, bytes]:
     for name, digest in manifest["files"].items():
         data = loc.join(name).read_bytes()
         if storage.sha256_bytes(data) != digest:
-            raise CheckpointError(f"checkpoint {loc.uri} is corrupt: {name} does not match its checksum")
+            raise CheckpointError(
+                f"checkpoint {loc.uri} is corrupt: {name} does not match its checksum"
+            )
         contents[name] = data
     return contents
 
 
-def load_model(uri: str | storage.Location, endpoint_url: str | None = None,
-               map_location: str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+def load_model(
+    uri: str | storage.Location, endpoint_url: str | None = None, map_location: str = "cpu"
+) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the model from a checkpoint: architecture from its spec, weights from safetensors."""
     loc = storage.resolve(uri, endpoint_url)
     files = verify(loc)
@@ -94,11 +106,17 @@ def load_model(uri: str | storage.Location, endpoint_url: str | None = None,
     return model.to(map_location, memory_format=memory_format(meta)).eval(), meta
 
 
-def load_train_state(loc: storage.Location) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+def load_train_state(
+    loc: storage.Location,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
     """(weights, train_state, meta) of a checkpoint, verified, for resuming a run."""
     files = verify(loc)
     weights = st_load(files[WEIGHTS])
-    state = torch.load(io.BytesIO(files[STATE]), map_location="cpu", weights_only=True) if STATE in files else {}
+    state = (
+        torch.load(io.BytesIO(files[STATE]), map_location="cpu", weights_only=True)
+        if STATE in files
+        else {}
+    )
     return weights, state, json.loads(files[META])
 
 
@@ -113,8 +131,13 @@ def provenance() -> dict[str, Any]:
         except PackageNotFoundError:
             pass
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )
         sha = out.stdout.strip() if out.returncode == 0 and len(out.stdout.strip()) == 40 else None
     except (OSError, subprocess.SubprocessError):
         sha = None

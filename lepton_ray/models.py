@@ -30,7 +30,9 @@ def register(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn
 
 
 def _conv_bn(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
+    )
 
 
 @register("cnn")
@@ -41,15 +43,26 @@ class ConvNet(nn.Module):
     Trained 15 epochs on the built-in 4,000 MNIST digits it scores ~98.5% on the 1,000 held out.
     """
 
-    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 32, dropout: float = 0.1):
+    def __init__(
+        self, in_channels: int = 1, num_classes: int = 10, width: int = 32, dropout: float = 0.1
+    ):
         super().__init__()
         w = width
         self.features = nn.Sequential(
-            _conv_bn(in_channels, w), _conv_bn(w, w), nn.MaxPool2d(2),  # (B, w, H/2, W/2)
-            _conv_bn(w, 2 * w), _conv_bn(2 * w, 2 * w), nn.MaxPool2d(2),  # (B, 2w, H/4, W/4)
+            _conv_bn(in_channels, w),
+            _conv_bn(w, w),
+            nn.MaxPool2d(2),  # (B, w, H/2, W/2)
+            _conv_bn(w, 2 * w),
+            _conv_bn(2 * w, 2 * w),
+            nn.MaxPool2d(2),  # (B, 2w, H/4, W/4)
             _conv_bn(2 * w, 4 * w),
         )
-        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(4 * w, num_classes))
+        self.head = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Dropout(dropout),
+            nn.Linear(4 * w, num_classes),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
@@ -116,7 +129,7 @@ MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.cont
 
 
 def preferred_memory_format(model: nn.Module, shape: tuple[int, int, int]) -> str:
-    """"channels_last" for a model with conv weights that runs on channels-last images of
+    """ "channels_last" for a model with conv weights that runs on channels-last images of
     ``shape`` (H, W, C), else "contiguous" (a model that ``.view()``s its feature maps cannot)."""
     if not any(p.ndim == 4 for p in model.parameters()):
         return "contiguous"
@@ -127,9 +140,12 @@ def preferred_memory_format(model: nn.Module, shape: tuple[int, int, int]) -> st
             probe(torch.zeros(2, c, h, w).contiguous(memory_format=torch.channels_last))
     except Exception as exc:  # noqa: BLE001 - any failure means: keep NCHW
         reason = " ".join(str(exc).split())[:200]
-        warnings.warn(f"{type(model).__name__} trains in NCHW memory: its forward fails on channels-last input "
-                      f"({reason}); with .reshape() or torch.flatten() in place of .view() it could run "
-                      "channels-last, ~1.3x faster for convnets on CPU", stacklevel=2)
+        warnings.warn(
+            f"{type(model).__name__} trains in NCHW memory: its forward fails on channels-last input "
+            f"({reason}); with .reshape() or torch.flatten() in place of .view() it could run "
+            "channels-last, ~1.3x faster for convnets on CPU",
+            stacklevel=2,
+        )
         return "contiguous"
     return "channels_last"
 

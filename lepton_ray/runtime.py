@@ -5,7 +5,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
-_LOCAL_TRAIN_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+_LOCAL_TRAIN_ENV = {
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+}
 
 
 def ensure_ray(address: str | None = None, *, min_cpus: int = 4, **kwargs: Any) -> None:
@@ -34,4 +37,9 @@ def ensure_ray(address: str | None = None, *, min_cpus: int = 4, **kwargs: Any) 
     # late a finished fit returns) are made for clusters.
     for var, value in _LOCAL_TRAIN_ENV.items():
         os.environ.setdefault(var, value)
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, min_cpus), include_dashboard=True, **kwargs)
+    ray.init(
+        address="local",
+        num_cpus=max(os.cpu_count() or 1, min_cpus),
+        include_dashboard=True,
+        **kwargs,
+    )

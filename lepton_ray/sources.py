@@ -80,13 +80,17 @@ def canonical(source: str) -> str:
     return source
 
 
-def load(source: str, *, root: str | None = None, skip_bad: bool = False, endpoint_url: str | None = None) -> Source:
+def load(
+    source: str, *, root: str | None = None, skip_bad: bool = False, endpoint_url: str | None = None
+) -> Source:
     """Resolve a source string (see the module docstring) and load it."""
     from lepton_ray import data
 
     if source in data.BUILTIN_SOURCES:
         raw = data.BUILTIN_SOURCES[source]()
-        return Source(f"builtin:{source}", {k: Split(*v) for k, v in raw.items()}, [str(i) for i in range(10)])
+        return Source(
+            f"builtin:{source}", {k: Split(*v) for k, v in raw.items()}, [str(i) for i in range(10)]
+        )
     kind, _, arg = source.partition(":")
     if kind == "torchvision" and arg:
         return _torchvision(arg, root)
@@ -98,8 +102,10 @@ def load(source: str, *, root: str | None = None, skip_bad: bool = False, endpoi
         return _parquet(Path(arg), skip_bad)
     if not _ and Path(source).is_dir():
         return _image_folder(source, skip_bad, endpoint_url)
-    raise DataError(f"unknown dataset source {source!r} (built-in: {', '.join(data.BUILTIN_SOURCES)}; "
-                    "or torchvision:NAME, imagefolder:PATH, parquet:PATH, synthetic:ROWS:HxWxC)")
+    raise DataError(
+        f"unknown dataset source {source!r} (built-in: {', '.join(data.BUILTIN_SOURCES)}; "
+        "or torchvision:NAME, imagefolder:PATH, parquet:PATH, synthetic:ROWS:HxWxC)"
+    )
 
 
 def _torchvision(name: str, root: str | None) -> Source:
@@ -107,7 +113,9 @@ def _torchvision(name: str, root: str | None) -> Source:
 
     cls = getattr(torchvision.datasets, name, None)
     if cls is None or name not in ("MNIST", "FashionMNIST", "KMNIST", "CIFAR10", "CIFAR100"):
-        raise DataError(f"unsupported torchvision dataset {name!r} (MNIST, FashionMNIST, KMNIST, CIFAR10, CIFAR100)")
+        raise DataError(
+            f"unsupported torchvision dataset {name!r} (MNIST, FashionMNIST, KMNIST, CIFAR10, CIFAR100)"
+        )
     if not root:
         raise DataError(f"torchvision:{name} needs --root, the folder it was downloaded to")
     splits, classes = {}, []
@@ -115,10 +123,16 @@ def _torchvision(name: str, root: str | None) -> Source:
         try:
             ds = cls(root, train=split == "train", download=False)
         except RuntimeError as exc:
-            raise DataError(f"torchvision {name} not found under {root} ({exc}); download it there first") from None
+            raise DataError(
+                f"torchvision {name} not found under {root} ({exc}); download it there first"
+            ) from None
         data = np.asarray(ds.data)
         images = data[..., None] if data.ndim == 3 else data  # MNIST-like (N, H, W) -> (N, H, W, 1)
-        splits[split] = Split(images.astype(np.uint8), np.asarray(ds.targets, np.int64), np.arange(len(images), dtype=np.int64))
+        splits[split] = Split(
+            images.astype(np.uint8),
+            np.asarray(ds.targets, np.int64),
+            np.arange(len(images), dtype=np.int64),
+        )
         classes = [str(c) for c in ds.classes]
     return Source(f"torchvision:{name}", splits, classes)
 
@@ -134,12 +148,16 @@ def _decode(data: bytes, where: str, mode: str | None, size: tuple[int, int] | N
     if mode:
         img = img.convert(mode)
     if size and img.size != size:
-        raise DataError(f"{where}: image is {img.size[0]}x{img.size[1]}, the first image is {size[0]}x{size[1]}")
+        raise DataError(
+            f"{where}: image is {img.size[0]}x{img.size[1]}, the first image is {size[0]}x{size[1]}"
+        )
     a = np.asarray(img, np.uint8)
     return a[:, :, None] if a.ndim == 2 else a
 
 
-def _row_or_skip(read: Callable[[], np.ndarray], skip_bad: bool, skipped: list[str]) -> np.ndarray | None:
+def _row_or_skip(
+    read: Callable[[], np.ndarray], skip_bad: bool, skipped: list[str]
+) -> np.ndarray | None:
     """``read()`` one row; a bad row (:class:`DataError`) raises, or with ``skip_bad`` is counted in
     ``skipped`` and gives None."""
     try:
@@ -177,7 +195,9 @@ def _image_folder(uri: str, skip_bad: bool, endpoint_url: str | None) -> Source:
     if not root.is_dir():
         raise DataError(f"image folder {root.uri} does not exist")
     names = root.listdir()
-    split_dirs = {s: root.join(s) for s in ("train", "test", "val") if s in names and root.join(s).is_dir()}
+    split_dirs = {
+        s: root.join(s) for s in ("train", "test", "val") if s in names and root.join(s).is_dir()
+    }
     if not split_dirs:
         split_dirs = {"train": root}
     first = next(iter(split_dirs.values()))
@@ -191,11 +211,17 @@ def _image_folder(uri: str, skip_bad: bool, endpoint_url: str | None) -> Source:
         for split, d in split_dirs.items():
             files, labels = [], []
             for label, cls in enumerate(classes):
-                found = [d.join(cls, f) for f in d.join(cls).listdir() if Path(f).suffix.lower() in IMAGE_SUFFIXES]
+                found = [
+                    d.join(cls, f)
+                    for f in d.join(cls).listdir()
+                    if Path(f).suffix.lower() in IMAGE_SUFFIXES
+                ]
                 files += found
                 labels += [label] * len(found)
             images, kept, skipped = [], [], []
-            for f, label, data in zip(files, labels, pool.map(lambda f: f.read_bytes(), files), strict=True):
+            for f, label, data in zip(
+                files, labels, pool.map(lambda f: f.read_bytes(), files), strict=True
+            ):
                 img = _row_or_skip(lambda data=data, f=f: decode(data, f.uri), skip_bad, skipped)
                 if img is not None:
                     images.append(img)
@@ -204,7 +230,9 @@ def _image_folder(uri: str, skip_bad: bool, endpoint_url: str | None) -> Source:
                 raise DataError(f"no readable images under {d.uri}")
             ids = np.arange(next_id, next_id + len(images), dtype=np.int64)
             next_id += len(images)
-            splits["test" if split == "val" else split] = Split(np.stack(images), np.asarray(kept, np.int64), ids, skipped)
+            splits["test" if split == "val" else split] = Split(
+                np.stack(images), np.asarray(kept, np.int64), ids, skipped
+            )
     return Source(f"imagefolder:{root.uri}", splits, classes)
 
 
@@ -220,8 +248,12 @@ def _parquet(path: Path, skip_bad: bool) -> Source:
         t = pq.read_table(f)
         missing = {"image", "label"} - set(t.column_names)
         if missing:
-            raise DataError(f"{f}: missing column(s) {sorted(missing)} (need 'image' bytes and 'label')")
-        for row, (img, label) in enumerate(zip(t.column("image").to_pylist(), t.column("label").to_pylist(), strict=True)):
+            raise DataError(
+                f"{f}: missing column(s) {sorted(missing)} (need 'image' bytes and 'label')"
+            )
+        for row, (img, label) in enumerate(
+            zip(t.column("image").to_pylist(), t.column("label").to_pylist(), strict=True)
+        ):
             where = f"{f.name} row {row}"
 
             def parse(img=img, label=label, where=where) -> np.ndarray:
@@ -235,10 +267,16 @@ def _parquet(path: Path, skip_bad: bool) -> Source:
             if decoded is not None:
                 images.append(decoded)
                 labels.append(label)
-    names = sorted({str(v) for v in labels}, key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else 0, s))
+    names = sorted(
+        {str(v) for v in labels}, key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else 0, s)
+    )
     index = {n: i for i, n in enumerate(names)}
     y = np.asarray([index[str(v)] for v in labels], np.int64)
-    return Source(f"parquet:{path.resolve()}", {"train": Split(np.stack(images), y, np.arange(len(y), dtype=np.int64), skipped)}, names)
+    return Source(
+        f"parquet:{path.resolve()}",
+        {"train": Split(np.stack(images), y, np.arange(len(y), dtype=np.int64), skipped)},
+        names,
+    )
 
 
 _SYNTHETIC = re.compile(r"(\d+):(\d+)x(\d+)x([13])(?::(\d+))?$")
@@ -252,14 +290,18 @@ def _synthetic(spec: str) -> Source:
     many rows (at most 10,000)."""
     m = _SYNTHETIC.match(spec)
     if not m:
-        raise DataError(f"bad synthetic source {spec!r}: expected ROWS:HxWxC[:CLASSES], e.g. synthetic:100000:32x32x3")
+        raise DataError(
+            f"bad synthetic source {spec!r}: expected ROWS:HxWxC[:CLASSES], e.g. synthetic:100000:32x32x3"
+        )
     rows, h, w, c = (int(g) for g in m.groups()[:4])
     classes = int(m.group(5) or 10)
     if rows < 1 or classes < 1 or h < 1 or w < 1:
         raise DataError(f"bad synthetic source {spec!r}: rows, sizes and classes must be positive")
     templates = np.random.default_rng(0).integers(0, 256, (classes, h, w, c), dtype=np.uint8)
 
-    def maker(split_seed: int, first_id: int) -> Callable[[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    def maker(
+        split_seed: int, first_id: int
+    ) -> Callable[[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]]:
         def make(start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             rng = np.random.default_rng([split_seed, start])
             labels = rng.integers(0, classes, stop - start)
@@ -270,5 +312,8 @@ def _synthetic(spec: str) -> Source:
         return make
 
     test_rows = max(1, min(rows // 10, 10_000))
-    splits = {"train": StreamedSplit(rows, maker(1, 0)), "test": StreamedSplit(test_rows, maker(2, rows))}
+    splits = {
+        "train": StreamedSplit(rows, maker(1, 0)),
+        "test": StreamedSplit(test_rows, maker(2, rows)),
+    }
     return Source(f"synthetic:{spec}", splits, [str(i) for i in range(classes)])

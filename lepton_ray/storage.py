@@ -38,7 +38,9 @@ def default_store() -> str:
 
 def endpoint_from_env(endpoint_url: str | None = None) -> str | None:
     """The S3 endpoint to use: the argument, else ``LEPTON_S3_ENDPOINT``, else ``AWS_ENDPOINT_URL``."""
-    return endpoint_url or os.environ.get(ENDPOINT_ENV) or os.environ.get("AWS_ENDPOINT_URL") or None
+    return (
+        endpoint_url or os.environ.get(ENDPOINT_ENV) or os.environ.get("AWS_ENDPOINT_URL") or None
+    )
 
 
 @dataclass(frozen=True)
@@ -167,12 +169,16 @@ def resolve(uri: str | os.PathLike | Location, endpoint_url: str | None = None) 
         local = parsed.path if parsed.scheme == "file" else uri
         path = str(Path(local).expanduser().resolve())
         return Location(pafs.LocalFileSystem(), path, path, None)
-    raise StorageError(f"unsupported storage URI scheme '{parsed.scheme}://' in {uri!r} (use a path or s3://)")
+    raise StorageError(
+        f"unsupported storage URI scheme '{parsed.scheme}://' in {uri!r} (use a path or s3://)"
+    )
 
 
 def _s3_filesystem(endpoint: str | None) -> pafs.S3FileSystem:
     kwargs: dict[str, Any] = {
-        "region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+        "region": os.environ.get("AWS_REGION")
+        or os.environ.get("AWS_DEFAULT_REGION")
+        or "us-east-1",
         "connect_timeout": float(os.environ.get("LEPTON_S3_CONNECT_TIMEOUT", "5")),
         "request_timeout": float(os.environ.get("LEPTON_S3_REQUEST_TIMEOUT", "60")),
         # A few retries for real networks; an unreachable endpoint still fails within seconds.
@@ -217,18 +223,47 @@ def explain(exc: BaseException, loc: Location) -> StorageError:
     bucket = loc.path.split("/", 1)[0] if loc.is_s3 else ""
     if "no_such_bucket" in low or "nosuchbucket" in low or "bucket does not exist" in low:
         return StorageError(f"bucket '{bucket}' does not exist ({_where(loc)})")
-    if any(s in low for s in ("invalid_access_key", "invalidaccesskeyid", "signature_does_not_match",
-                              "signaturedoesnotmatch", "access_denied", "accessdenied", "forbidden",
-                              "http response code: 403")):
+    if any(
+        s in low
+        for s in (
+            "invalid_access_key",
+            "invalidaccesskeyid",
+            "signature_does_not_match",
+            "signaturedoesnotmatch",
+            "access_denied",
+            "accessdenied",
+            "forbidden",
+            "http response code: 403",
+        )
+    ):
         return StorageError(
             f"access denied to {loc.uri}: the S3 credentials were rejected "
             "(check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)"
         )
-    if any(s in low for s in ("network_connection", "couldn't connect", "could not connect",
-                              "connection refused", "curl error", "timeout", "timed out",
-                              "unable to connect", "failed to connect", "resolve host")):
-        return StorageError(f"cannot reach the S3 endpoint {loc.endpoint_url or 'of AWS'} for {loc.uri}")
-    if isinstance(exc, FileNotFoundError) or "not found" in low or "no such file" in low or "path does not exist" in low:
+    if any(
+        s in low
+        for s in (
+            "network_connection",
+            "couldn't connect",
+            "could not connect",
+            "connection refused",
+            "curl error",
+            "timeout",
+            "timed out",
+            "unable to connect",
+            "failed to connect",
+            "resolve host",
+        )
+    ):
+        return StorageError(
+            f"cannot reach the S3 endpoint {loc.endpoint_url or 'of AWS'} for {loc.uri}"
+        )
+    if (
+        isinstance(exc, FileNotFoundError)
+        or "not found" in low
+        or "no such file" in low
+        or "path does not exist" in low
+    ):
         if loc.is_s3 and not _bucket_exists(loc):
             return StorageError(f"bucket '{bucket}' does not exist ({_where(loc)})")
         return StorageError(f"not found: {loc.uri}")

@@ -25,12 +25,15 @@ def decode_raw(images: Sequence[bytes] | np.ndarray, shape: Sequence[int]) -> np
     buf = b"".join(bytes(b) for b in images)
     n = len(images)
     if len(buf) != n * h * w * c:
-        raise ValueError(f"image bytes do not match shape {tuple(shape)}: {len(buf)} bytes for {n} rows")
+        raise ValueError(
+            f"image bytes do not match shape {tuple(shape)}: {len(buf)} bytes for {n} rows"
+        )
     return np.frombuffer(buf, dtype=np.uint8).reshape(n, h, w, c)
 
 
-def decode_encoded(images: Sequence[bytes] | np.ndarray, shape: Sequence[int],
-                   ids: Sequence[int] | None = None) -> np.ndarray:
+def decode_encoded(
+    images: Sequence[bytes] | np.ndarray, shape: Sequence[int], ids: Sequence[int] | None = None
+) -> np.ndarray:
     """PNG/JPEG bytes per row -> (N, H, W, C) uint8 in the given shape (C=1: greyscale, 3: RGB).
 
     Image decoding is per image by nature (PIL releases the GIL while it decodes); everything
@@ -46,9 +49,13 @@ def decode_encoded(images: Sequence[bytes] | np.ndarray, shape: Sequence[int],
             with Image.open(io.BytesIO(data)) as img:
                 a = np.asarray(img.convert(mode) if img.mode != mode else img, np.uint8)
         except Exception as exc:  # PIL raises many types for corrupt bytes
-            raise ValueError(f"row id {_row_id(ids, i)}: image bytes do not decode ({type(exc).__name__})") from None
+            raise ValueError(
+                f"row id {_row_id(ids, i)}: image bytes do not decode ({type(exc).__name__})"
+            ) from None
         if a.shape[:2] != (h, w):
-            raise ValueError(f"row id {_row_id(ids, i)}: image is {a.shape[1]}x{a.shape[0]}, the dataset's is {w}x{h}")
+            raise ValueError(
+                f"row id {_row_id(ids, i)}: image is {a.shape[1]}x{a.shape[0]}, the dataset's is {w}x{h}"
+            )
         out[i] = a.reshape(h, w, c)
     return out
 
@@ -88,22 +95,39 @@ def hflip(images: np.ndarray, rng: np.random.Generator, p: float = 0.5) -> np.nd
     return out
 
 
-def random_affine(images: np.ndarray, rng: np.random.Generator, degrees: float = 10.0, translate: float = 0.1,
-                  scale: tuple[float, float] = (0.9, 1.1)) -> np.ndarray:
+def random_affine(
+    images: np.ndarray,
+    rng: np.random.Generator,
+    degrees: float = 10.0,
+    translate: float = 0.1,
+    scale: tuple[float, float] = (0.9, 1.1),
+) -> np.ndarray:
     """Rotate by up to ``degrees``, shift by up to ``translate`` of the size and zoom within ``scale``,
     each image by its own random amounts."""
     n, h, w, _ = images.shape
-    return affine(images, angle=np.deg2rad(rng.uniform(-degrees, degrees, n)), zoom=rng.uniform(scale[0], scale[1], n),
-                  shift_x=rng.uniform(-translate, translate, n) * w, shift_y=rng.uniform(-translate, translate, n) * h)
+    return affine(
+        images,
+        angle=np.deg2rad(rng.uniform(-degrees, degrees, n)),
+        zoom=rng.uniform(scale[0], scale[1], n),
+        shift_x=rng.uniform(-translate, translate, n) * w,
+        shift_y=rng.uniform(-translate, translate, n) * h,
+    )
 
 
-def affine(images: np.ndarray, angle: np.ndarray, zoom: np.ndarray, shift_x: np.ndarray,
-           shift_y: np.ndarray) -> np.ndarray:
+def affine(
+    images: np.ndarray,
+    angle: np.ndarray,
+    zoom: np.ndarray,
+    shift_x: np.ndarray,
+    shift_y: np.ndarray,
+) -> np.ndarray:
     """Rotate each image by ``angle`` radians (counter-clockwise as displayed) and zoom it about its
     centre, then shift it by (``shift_x``, ``shift_y``) pixels; bilinear, zero fill. Parameters are
     per image, shape (N,); one inverse map serves the whole batch."""
     n, h, w, _ = images.shape
-    angle, zoom, tx, ty = (np.asarray(v, np.float32).reshape(n, 1) for v in (angle, zoom, shift_x, shift_y))
+    angle, zoom, tx, ty = (
+        np.asarray(v, np.float32).reshape(n, 1) for v in (angle, zoom, shift_x, shift_y)
+    )
     cy, cx = (h - 1) / 2.0, (w - 1) / 2.0
     yy, xx = np.divmod(np.arange(h * w, dtype=np.float32), np.float32(w))
     # Output pixel -> source pixel: undo the shift, then the rotation and zoom about the centre.
@@ -112,7 +136,9 @@ def affine(images: np.ndarray, angle: np.ndarray, zoom: np.ndarray, shift_x: np.
     return _bilinear(images, cos * dx - sin * dy + cx, sin * dx + cos * dy + cy)
 
 
-def random_rotation(images: np.ndarray, rng: np.random.Generator, degrees: float = 15.0) -> np.ndarray:
+def random_rotation(
+    images: np.ndarray, rng: np.random.Generator, degrees: float = 15.0
+) -> np.ndarray:
     """Rotate each image by a random angle in ``[-degrees, degrees]`` about its centre."""
     return random_affine(images, rng, degrees=degrees, translate=0.0, scale=(1.0, 1.0))
 
@@ -121,14 +147,21 @@ def _bilinear(images: np.ndarray, sx: np.ndarray, sy: np.ndarray) -> np.ndarray:
     """Sample (N, H, W, C) uint8 images at source coordinates (N, H*W); outside is zero."""
     n, h, w, c = images.shape
     # One extra zero pixel per image: out-of-image taps read it instead of being masked.
-    flat = np.concatenate([images.reshape(n, h * w, c), np.zeros((n, 1, c), np.uint8)], axis=1).reshape(-1, c)
+    flat = np.concatenate(
+        [images.reshape(n, h * w, c), np.zeros((n, 1, c), np.uint8)], axis=1
+    ).reshape(-1, c)
     sx, sy = sx.astype(np.float32), sy.astype(np.float32)
     x0, y0 = np.floor(sx), np.floor(sy)
     fx, fy = sx - x0, sy - y0
     x0, y0 = x0.astype(np.int32), y0.astype(np.int32)
     base = (np.arange(n, dtype=np.int32) * (h * w + 1))[:, None]
     out = np.zeros((n * h * w, c), np.float32)
-    for oy, ox, weight in ((0, 0, (1 - fy) * (1 - fx)), (0, 1, (1 - fy) * fx), (1, 0, fy * (1 - fx)), (1, 1, fy * fx)):
+    for oy, ox, weight in (
+        (0, 0, (1 - fy) * (1 - fx)),
+        (0, 1, (1 - fy) * fx),
+        (1, 0, fy * (1 - fx)),
+        (1, 1, fy * fx),
+    ):
         yi, xi = y0 + oy, x0 + ox
         inside = (yi >= 0) & (yi < h) & (xi >= 0) & (xi < w)
         idx = base + np.where(inside, yi * w + xi, h * w)
@@ -139,8 +172,13 @@ def _bilinear(images: np.ndarray, sx: np.ndarray, sy: np.ndarray) -> np.ndarray:
 _LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 
 
-def color_jitter(images: np.ndarray, rng: np.random.Generator, brightness: float = 0.3, contrast: float = 0.3,
-                 saturation: float = 0.3) -> np.ndarray:
+def color_jitter(
+    images: np.ndarray,
+    rng: np.random.Generator,
+    brightness: float = 0.3,
+    contrast: float = 0.3,
+    saturation: float = 0.3,
+) -> np.ndarray:
     """Scale brightness, contrast and (RGB only) saturation of each image by random factors in
     ``[1 - x, 1 + x]``, clipping after each step as torchvision's ``ColorJitter`` does.
     Greyscale images get brightness and contrast."""
@@ -202,9 +240,16 @@ class Preprocessor:
     whoever consumes them normalises (the training loop does it on its device).
     """
 
-    def __init__(self, shape: Sequence[int], mean: Sequence[float], std: Sequence[float],
-                 augment: Sequence[str] = (), seed: int | None = None, encoding: str = "raw",
-                 normalize: bool = True):
+    def __init__(
+        self,
+        shape: Sequence[int],
+        mean: Sequence[float],
+        std: Sequence[float],
+        augment: Sequence[str] = (),
+        seed: int | None = None,
+        encoding: str = "raw",
+        normalize: bool = True,
+    ):
         if encoding not in ENCODINGS:
             raise ValueError(f"unknown image encoding {encoding!r} (known: {', '.join(ENCODINGS)})")
         self.shape = tuple(shape)
@@ -225,7 +270,9 @@ class Preprocessor:
             # A fresh stream per batch; seeded runs mix the seed with the rows' ids so the same
             # rows get the same augmentation whatever worker or block they land in.
             ids = np.asarray(batch.get("id", np.arange(len(images))), dtype=np.int64)
-            entropy = None if self.seed is None else [self.seed, int(ids.sum()) & 0xFFFFFFFF, len(ids)]
+            entropy = (
+                None if self.seed is None else [self.seed, int(ids.sum()) & 0xFFFFFFFF, len(ids)]
+            )
             rng = np.random.default_rng(entropy)
             for name in self.augment:
                 images = AUGMENTATIONS[name](images, rng)

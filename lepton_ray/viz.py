@@ -17,12 +17,17 @@ def image_grid(images: np.ndarray, cols: int = 8, scale: int = 3, pad: int = 2) 
     canvas = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 255, np.uint8)
     for i, img in enumerate(images):
         r, k = divmod(i, cols)
-        canvas[pad + r * (h + pad):pad + r * (h + pad) + h, pad + k * (w + pad):pad + k * (w + pad) + w] = img
+        canvas[
+            pad + r * (h + pad) : pad + r * (h + pad) + h,
+            pad + k * (w + pad) : pad + k * (w + pad) + w,
+        ] = img
     pil = Image.fromarray(canvas[:, :, 0] if c == 1 else canvas)
     return pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST)
 
 
-def augmentation_grid(info: Any, augment: Sequence[str] = ("random_crop",), n: int = 16, seed: int = 0) -> Any:
+def augmentation_grid(
+    info: Any, augment: Sequence[str] = ("random_crop",), n: int = 16, seed: int = 0
+) -> Any:
     """Top row(s): ``n`` samples as stored; bottom row(s): the same samples after ``augment``."""
     from lepton_ray.data import read_arrays
     from lepton_ray.transforms import AUGMENTATIONS, check_augment

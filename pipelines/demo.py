@@ -20,8 +20,17 @@ from typing import Any
 from lepton_ray.errors import LeptonError, one_line
 
 
-def run(store: str, *, endpoint_url: str | None = None, epochs: int = 15, workers: int = 2,
-        batch_size: int = 100, port: int = 8000, keep_serving: bool = False, log=print) -> dict[str, Any]:
+def run(
+    store: str,
+    *,
+    endpoint_url: str | None = None,
+    epochs: int = 15,
+    workers: int = 2,
+    batch_size: int = 100,
+    port: int = 8000,
+    keep_serving: bool = False,
+    log=print,
+) -> dict[str, Any]:
     """Run the demo end to end and return its summary (also used by the tests)."""
     from ray import serve
 
@@ -39,18 +48,29 @@ def run(store: str, *, endpoint_url: str | None = None, epochs: int = 15, worker
 
     trainer = Trainer(workers)
     model = build_model("cnn", in_channels=train.shape[2], num_classes=train.num_classes)
-    results = trainer.fit(model, train, test, batch_size=batch_size, epochs=epochs,
-                          storage=f"{store}/runs", endpoint_url=endpoint_url)
+    results = trainer.fit(
+        model,
+        train,
+        test,
+        batch_size=batch_size,
+        epochs=epochs,
+        storage=f"{store}/runs",
+        endpoint_url=endpoint_url,
+    )
     for h in results["history"]:
-        log(f"[train] epoch {h['epoch']:>2}  loss {h['train_loss']:.4f}  acc {h['train_accuracy']:.4f}  "
-            f"val_acc {h.get('val_accuracy', float('nan')):.4f}  {h['samples_per_second']:.0f} samples/s")
+        log(
+            f"[train] epoch {h['epoch']:>2}  loss {h['train_loss']:.4f}  acc {h['train_accuracy']:.4f}  "
+            f"val_acc {h.get('val_accuracy', float('nan')):.4f}  {h['samples_per_second']:.0f} samples/s"
+        )
     log(f"[train] checkpoint {results['checkpoint']}")
 
     url = deploy(results["checkpoint"], port=port, endpoint_url=endpoint_url)
     log(f"[serve] {url}/v1/predict")
     images, labels, _ = read_arrays(test)
     served = evaluate(url, images, labels, list(test.classes))
-    log(f"[http] accuracy {served['accuracy']:.4f} ({served['correct']}/{served['total']} in {served['requests']} requests)")
+    log(
+        f"[http] accuracy {served['accuracy']:.4f} ({served['correct']}/{served['total']} in {served['requests']} requests)"
+    )
     if not keep_serving:
         serve.shutdown()
     summary = {
@@ -65,20 +85,38 @@ def run(store: str, *, endpoint_url: str | None = None, epochs: int = 15, worker
 def main(argv: list[str] | None = None) -> int:
     from lepton_ray.storage import default_store
 
-    p = argparse.ArgumentParser(prog="python -m pipelines.demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--store", default=None, help="object store root (path or s3://bucket/prefix); default $LEPTON_STORE or ~/.lepton_ray/store")
-    p.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint (else $LEPTON_S3_ENDPOINT)")
+    p = argparse.ArgumentParser(
+        prog="python -m pipelines.demo", description=__doc__.split("\n\n")[0]
+    )
+    p.add_argument(
+        "--store",
+        default=None,
+        help="object store root (path or s3://bucket/prefix); default $LEPTON_STORE or ~/.lepton_ray/store",
+    )
+    p.add_argument(
+        "--endpoint-url", default=None, help="S3-compatible endpoint (else $LEPTON_S3_ENDPOINT)"
+    )
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=100, help="global batch")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--keep-serving", action="store_true", help="leave the endpoint up (Ctrl-C to stop)")
-    p.add_argument("--smoke-test", action="store_true", help="1 epoch: checks the wiring, not the accuracy")
+    p.add_argument(
+        "--keep-serving", action="store_true", help="leave the endpoint up (Ctrl-C to stop)"
+    )
+    p.add_argument(
+        "--smoke-test", action="store_true", help="1 epoch: checks the wiring, not the accuracy"
+    )
     args = p.parse_args(argv)
     try:
-        summary = run(args.store or default_store(), endpoint_url=args.endpoint_url,
-                      epochs=1 if args.smoke_test else args.epochs, workers=args.workers,
-                      batch_size=args.batch_size, port=args.port, keep_serving=args.keep_serving)
+        summary = run(
+            args.store or default_store(),
+            endpoint_url=args.endpoint_url,
+            epochs=1 if args.smoke_test else args.epochs,
+            workers=args.workers,
+            batch_size=args.batch_size,
+            port=args.port,
+            keep_serving=args.keep_serving,
+        )
     except LeptonError as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2

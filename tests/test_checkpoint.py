@@ -259,10 +259,21 @@ class FlattensFeatureMaps(nn.Module):
 
 
 def test_memory_format_choice():
-    assert preferred_memory_format(build_model("cnn", in_channels=3, num_classes=10, width=4), (8, 8, 3)) == "channels_last"
-    with pytest.warns(UserWarning, match="FlattensFeatureMaps trains in NCHW memory: its forward fails on channels-last"):
+    assert (
+        preferred_memory_format(
+            build_model("cnn", in_channels=3, num_classes=10, width=4), (8, 8, 3)
+        )
+        == "channels_last"
+    )
+    with pytest.warns(
+        UserWarning,
+        match="FlattensFeatureMaps trains in NCHW memory: its forward fails on channels-last",
+    ):
         assert preferred_memory_format(FlattensFeatureMaps(), (8, 8, 3)) == "contiguous"
-    assert preferred_memory_format(nn.Sequential(nn.Flatten(), nn.Linear(192, 10)), (8, 8, 3)) == "contiguous"
+    assert (
+        preferred_memory_format(nn.Sequential(nn.Flatten(), nn.Linear(192, 10)), (8, 8, 3))
+        == "contiguous"
+    )
     model = build_model("cnn", in_channels=3, num_classes=10, width=4)
     preferred_memory_format(model, (8, 8, 3))  # probes a copy: the user's model keeps its layout
     assert model.features[1][0].weight.is_contiguous()
@@ -271,9 +282,16 @@ def test_memory_format_choice():
 def test_channels_last_checkpoint_serves_the_same_answers(tmp_path):
     torch.manual_seed(0)
     model = build_model("cnn", in_channels=3, num_classes=10, width=8).eval()
-    data = {"shape": [8, 8, 3], "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3], "classes": list("abcdefghij")}
+    data = {
+        "shape": [8, 8, 3],
+        "mean": [0.5, 0.4, 0.3],
+        "std": [0.2, 0.25, 0.3],
+        "classes": list("abcdefghij"),
+    }
     meta = {"model": spec_of(model), "data": data, "memory_format": "channels_last"}
-    loc = publish(write_local(tmp_path / "local", model, meta), storage.resolve(tmp_path / "published"))
+    loc = publish(
+        write_local(tmp_path / "local", model, meta), storage.resolve(tmp_path / "published")
+    )
     loaded, meta = load_model(loc.uri)
     assert loaded.features[1][0].weight.is_contiguous(memory_format=torch.channels_last)
     images = torch.randint(0, 256, (4, 8, 8, 3), dtype=torch.uint8).numpy()
@@ -283,7 +301,6 @@ def test_channels_last_checkpoint_serves_the_same_answers(tmp_path):
     assert plain.is_contiguous()
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(plain), rtol=1e-4, atol=1e-4)
-
 
 
 def test_padded_batches_give_the_answers_of_exact_ones(tmp_path):
@@ -296,7 +313,9 @@ def test_padded_batches_give_the_answers_of_exact_ones(tmp_path):
     model = build_model("cnn", in_channels=3, num_classes=10, width=8).eval()
     data = {"shape": [8, 8, 3], "mean": [0.5] * 3, "std": [0.25] * 3, "classes": list("abcdefghij")}
     meta = {"model": spec_of(model), "data": data, "memory_format": "channels_last"}
-    loc = publish(write_local(tmp_path / "local", model, meta), storage.resolve(tmp_path / "published"))
+    loc = publish(
+        write_local(tmp_path / "local", model, meta), storage.resolve(tmp_path / "published")
+    )
     runner = ModelRunner(ServeConfig(checkpoint=loc.uri, max_batch_size=16, top_k=10))
     assert runner.batch_sizes is None  # on a CPU: exact sizes
     seen = []
@@ -306,7 +325,11 @@ def test_padded_batches_give_the_answers_of_exact_ones(tmp_path):
     exact = runner.predict_many(requests)
     runner.batch_sizes = batch_buckets(16)
     assert runner.batch_sizes == (1, 2, 4, 8, 16)
-    padded = [runner.predict_many(requests), runner.predict_many(requests[:2]), runner.predict_many(requests * 2)]
+    padded = [
+        runner.predict_many(requests),
+        runner.predict_many(requests[:2]),
+        runner.predict_many(requests * 2),
+    ]
     assert seen == [12, 16, 4, 32]  # 12 images exact; then 12 -> 16, 3 -> 4, 24 -> 32 (2 x 16)
     for got, want in ((padded[0], exact), (padded[1], exact[:2]), (padded[2], exact * 2)):
         got, want = [a for r in got for a in r], [a for r in want for a in r]

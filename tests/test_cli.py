@@ -10,7 +10,9 @@ import pytest
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lepton_ray.cli", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "lepton_ray.cli", *args], capture_output=True, text=True, timeout=120
+    )
 
 
 def test_help_imports_neither_torch_nor_ray():

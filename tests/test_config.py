@@ -203,7 +203,9 @@ def test_judge_tracks_the_best_and_stops_after_patience():
     best = None
     decisions = []
     for epoch, loss in enumerate([1.0, 0.8, 0.9, 0.85, 0.7], start=1):
-        improved, stop, best = _judge(cfg, {"epoch": epoch, "val_loss": loss, "train_loss": 0.0}, best)
+        improved, stop, best = _judge(
+            cfg, {"epoch": epoch, "val_loss": loss, "train_loss": 0.0}, best
+        )
         decisions.append((improved, stop))
     assert decisions[:4] == [(True, False), (True, False), (False, False), (False, True)]
     assert best == {"metric": "val_loss", "value": 0.7, "epoch": 5}
@@ -213,26 +215,42 @@ def test_judge_maximises_accuracy_and_falls_back_to_train_loss_without_validatio
     from lepton_ray.config import TrainConfig
     from lepton_ray.train.loop import _judge
 
-    improved, _, best = _judge(TrainConfig(monitor="val_accuracy"), {"epoch": 1, "val_accuracy": 0.5}, None)
-    improved2, _, best = _judge(TrainConfig(monitor="val_accuracy"), {"epoch": 2, "val_accuracy": 0.6}, best)
+    improved, _, best = _judge(
+        TrainConfig(monitor="val_accuracy"), {"epoch": 1, "val_accuracy": 0.5}, None
+    )
+    improved2, _, best = _judge(
+        TrainConfig(monitor="val_accuracy"), {"epoch": 2, "val_accuracy": 0.6}, best
+    )
     assert improved and improved2 and best["value"] == 0.6
-    _, _, best = _judge(TrainConfig(), {"epoch": 1, "train_loss": 0.3}, None)  # no val_loss reported
+    _, _, best = _judge(
+        TrainConfig(), {"epoch": 1, "train_loss": 0.3}, None
+    )  # no val_loss reported
     assert best["metric"] == "train_loss"
 
 
 def test_shuffle_modes():
     assert DataConfig().shuffle == "auto" and DataConfig(shuffle=True).shuffle == "auto"
     assert DataConfig(shuffle="files").shuffle == "files"
-    with pytest.raises(ConfigError, match="DataConfig.shuffle: 'sometimes' is not one of auto, global, files, none"):
+    with pytest.raises(
+        ConfigError, match="DataConfig.shuffle: 'sometimes' is not one of auto, global, files, none"
+    ):
         DataConfig(shuffle="sometimes")
 
 
 def test_collective_backend_follows_the_device_and_gpu_sharing():
     assert ScalingConfig().process_group_backend() == "gloo"
     assert ScalingConfig(use_gpu=True).process_group_backend() == "nccl"
-    assert ScalingConfig(use_gpu=True, resources_per_worker={"GPU": 2}).process_group_backend() == "nccl"
+    assert (
+        ScalingConfig(use_gpu=True, resources_per_worker={"GPU": 2}).process_group_backend()
+        == "nccl"
+    )
     # two workers on one GPU: NCCL refuses two ranks on one device, gloo does not
-    assert ScalingConfig(use_gpu=True, resources_per_worker={"GPU": 0.5}).process_group_backend() == "gloo"
+    assert (
+        ScalingConfig(use_gpu=True, resources_per_worker={"GPU": 0.5}).process_group_backend()
+        == "gloo"
+    )
     assert ScalingConfig(use_gpu=True, backend="gloo").process_group_backend() == "gloo"
-    with pytest.raises(ConfigError, match="ScalingConfig.backend must be auto, nccl or gloo, got 'mpi'"):
+    with pytest.raises(
+        ConfigError, match="ScalingConfig.backend must be auto, nccl or gloo, got 'mpi'"
+    ):
         ScalingConfig(backend="mpi")

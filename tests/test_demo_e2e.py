@@ -8,12 +8,20 @@ import pytest
 pytestmark = [pytest.mark.ray, pytest.mark.e2e]
 
 
-def test_demo_trains_serves_and_reaches_98_percent_over_http(ray_session, s3_server, s3_bucket, serve_port):
+def test_demo_trains_serves_and_reaches_98_percent_over_http(
+    ray_session, s3_server, s3_bucket, serve_port
+):
     from pipelines.demo import run
 
     lines: list[str] = []
-    summary = run(f"s3://{s3_bucket}/lepton", endpoint_url=s3_server, epochs=15, workers=2,
-                  port=serve_port, log=lines.append)
+    summary = run(
+        f"s3://{s3_bucket}/lepton",
+        endpoint_url=s3_server,
+        epochs=15,
+        workers=2,
+        port=serve_port,
+        log=lines.append,
+    )
     res = summary["train_results"]
     assert res["epochs"] == 15
     assert res["checkpoint"].startswith(f"s3://{s3_bucket}/lepton/runs/")

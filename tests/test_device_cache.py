@@ -16,12 +16,19 @@ ROWS, BATCH = 103, 10  # 10 full global batches and a 3-row tail
 
 
 def make_cache(rows: int = ROWS, blocks: int = 4, with_ids: bool = True) -> DeviceCache:
-    ids = np.random.default_rng(0).permutation(np.arange(1000, 1000 + rows))  # delivered out of order
+    ids = np.random.default_rng(0).permutation(
+        np.arange(1000, 1000 + rows)
+    )  # delivered out of order
     parts = np.array_split(np.arange(rows), blocks)
     batches = []
     for p in parts:
-        b = {"image": torch.from_numpy((ids[p] % 251).astype(np.uint8)).view(-1, 1, 1, 1).expand(-1, 1, 2, 2).clone(),
-             "label": torch.from_numpy(ids[p] % 10)}
+        b = {
+            "image": torch.from_numpy((ids[p] % 251).astype(np.uint8))
+            .view(-1, 1, 1, 1)
+            .expand(-1, 1, 2, 2)
+            .clone(),
+            "label": torch.from_numpy(ids[p] % 10),
+        }
         if with_ids:
             b["id"] = torch.from_numpy(ids[p])
         batches.append(b)
@@ -32,12 +39,21 @@ def plan(cache: DeviceCache, world: int, epoch: int = 0, exclude=None) -> list[l
     """The global batches of an epoch, assembled from every rank's slices, as lists of ids."""
     per_rank = []
     for rank in range(world):
-        steps, batches = cache.epoch(seed=3, epoch=epoch, global_batch=BATCH, world=world, rank=rank, max_steps=100,
-                                     exclude_ids=exclude)
+        steps, batches = cache.epoch(
+            seed=3,
+            epoch=epoch,
+            global_batch=BATCH,
+            world=world,
+            rank=rank,
+            max_steps=100,
+            exclude_ids=exclude,
+        )
         got = list(batches)
         assert len(got) == steps
         for b in got:  # rows stay together: image, label and id of one sample
-            assert torch.equal(b["label"], b["id"] % 10) and torch.equal(b["image"][:, 0, 0, 0], (b["id"] % 251).to(torch.uint8))
+            assert torch.equal(b["label"], b["id"] % 10) and torch.equal(
+                b["image"][:, 0, 0, 0], (b["id"] % 251).to(torch.uint8)
+            )
         per_rank.append([b["id"].tolist() for b in got])
     return [sum((per_rank[r][s] for r in range(world)), []) for s in range(len(per_rank[0]))]
 
@@ -66,7 +82,9 @@ def test_a_resumed_epoch_continues_without_the_consumed_samples():
     rest_ids = [i for b in rest for i in b]
     assert not set(rest_ids) & set(consumed.tolist())
     assert len(rest_ids) == len(set(rest_ids))
-    assert ROWS - len(consumed) - len(rest_ids) < BATCH  # only a tail smaller than one batch is left
+    assert (
+        ROWS - len(consumed) - len(rest_ids) < BATCH
+    )  # only a tail smaller than one batch is left
 
 
 def test_rows_without_ids_are_numbered():
@@ -85,7 +103,9 @@ def test_cache_resolution():
     assert DataConfig(augment_on="cpu").augments_on_device(use_gpu=False, cached=True)
     with pytest.raises(ConfigError, match="cache='device' augments on the device"):
         DataConfig(cache="device", augment_on="cpu")
-    with pytest.raises(ConfigError, match="DataConfig.cache: 'gpu' is not one of auto, off, device"):
+    with pytest.raises(
+        ConfigError, match="DataConfig.cache: 'gpu' is not one of auto, off, device"
+    ):
         DataConfig(cache="gpu")
 
 
@@ -99,7 +119,10 @@ def test_validation_from_the_cache_equals_validation_from_batches():
     rng = np.random.default_rng(0)
     images = torch.from_numpy(rng.integers(0, 256, (300, 1, 28, 28), dtype=np.uint8))
     labels, ids = torch.from_numpy(rng.integers(0, 10, 300)), torch.arange(300)
-    batches = [{"image": images[i:i + 128], "label": labels[i:i + 128], "id": ids[i:i + 128]} for i in range(0, 300, 128)]
+    batches = [
+        {"image": images[i : i + 128], "label": labels[i : i + 128], "id": ids[i : i + 128]}
+        for i in range(0, 300, 128)
+    ]
     model = build_model("cnn", in_channels=1, num_classes=10, width=4)
     pixels = _Pixels([0.13], [0.31], CPU, torch.contiguous_format)
     cache = DeviceCache(reversed(batches), CPU)

@@ -45,12 +45,19 @@ def gen(seed: int = 7) -> torch.Generator:
 
 
 def test_random_crop_is_a_zero_filled_translation_within_the_padding():
-    x = np.arange(1, 5 * 9 * 9 + 1, dtype=np.int64).reshape(5, 9, 9, 1)  # every pixel unique and non-zero
+    x = np.arange(1, 5 * 9 * 9 + 1, dtype=np.int64).reshape(
+        5, 9, 9, 1
+    )  # every pixel unique and non-zero
     out = to_numpy(dt.random_crop(to_torch(x), gen(), padding=2)).astype(np.int64)
     shifts = set()
     for i in range(5):
         padded = np.pad(x[i], ((2, 2), (2, 2), (0, 0)))
-        hits = [(oy, ox) for oy in range(5) for ox in range(5) if np.array_equal(padded[oy:oy + 9, ox:ox + 9], out[i])]
+        hits = [
+            (oy, ox)
+            for oy in range(5)
+            for ox in range(5)
+            if np.array_equal(padded[oy : oy + 9, ox : ox + 9], out[i])
+        ]
         assert len(hits) == 1, f"image {i} is not a crop of its padded self"
         shifts.add(hits[0])
     assert len(shifts) > 1  # offsets are per image
@@ -63,29 +70,50 @@ def test_hflip_mirrors_a_share_of_the_batch():
     kept = [bool(torch.equal(out[i], x[i])) for i in range(64)]
     assert all(f or k for f, k in zip(flipped, kept, strict=True))
     assert 16 < sum(flipped) < 48
-    assert torch.equal(dt.hflip(x, gen(), p=1.0), x.flip(3)) and torch.equal(dt.hflip(x, gen(), p=0.0), x)
+    assert torch.equal(dt.hflip(x, gen(), p=1.0), x.flip(3)) and torch.equal(
+        dt.hflip(x, gen(), p=0.0), x
+    )
 
 
 @pytest.mark.parametrize("c", [1, 3])
 def test_random_affine_matches_the_numpy_version(c):
     x = images(16, c, h=14, w=11)
     ref_gen = gen()
-    draws = [dt._uniform(16, lo, hi, ref_gen, torch.device("cpu")).numpy()
-             for lo, hi in ((-10.0, 10.0), (0.9, 1.1), (-0.1, 0.1), (-0.1, 0.1))]
+    draws = [
+        dt._uniform(16, lo, hi, ref_gen, torch.device("cpu")).numpy()
+        for lo, hi in ((-10.0, 10.0), (0.9, 1.1), (-0.1, 0.1), (-0.1, 0.1))
+    ]
     out = to_numpy(dt.random_affine(to_torch(x), gen()))
     ref = nt.random_affine(x, Replay(draws)).astype(np.float32)
     diff = np.abs(out - ref)
-    assert np.mean(diff > 1.0) < 0.002, f"{np.mean(diff > 1.0):.4f} of pixels differ by more than rounding"
+    assert np.mean(diff > 1.0) < 0.002, (
+        f"{np.mean(diff > 1.0):.4f} of pixels differ by more than rounding"
+    )
 
 
 def test_affine_quarter_turn_and_integer_shift_are_exact():
     x = images(2, 3, h=9, w=9)
-    quarter = dt.affine(to_torch(x), angle=torch.full((2,), np.pi / 2), zoom=torch.ones(2),
-                        shift_x=torch.zeros(2), shift_y=torch.zeros(2))
-    assert np.allclose(to_numpy(quarter), nt.affine(x, np.full(2, np.pi / 2), np.ones(2), np.zeros(2), np.zeros(2)),
-                       atol=1e-3)
-    shifted = to_numpy(dt.affine(to_torch(x), angle=torch.zeros(2), zoom=torch.ones(2),
-                                 shift_x=torch.full((2,), 2.0), shift_y=torch.full((2,), -1.0)))
+    quarter = dt.affine(
+        to_torch(x),
+        angle=torch.full((2,), np.pi / 2),
+        zoom=torch.ones(2),
+        shift_x=torch.zeros(2),
+        shift_y=torch.zeros(2),
+    )
+    assert np.allclose(
+        to_numpy(quarter),
+        nt.affine(x, np.full(2, np.pi / 2), np.ones(2), np.zeros(2), np.zeros(2)),
+        atol=1e-3,
+    )
+    shifted = to_numpy(
+        dt.affine(
+            to_torch(x),
+            angle=torch.zeros(2),
+            zoom=torch.ones(2),
+            shift_x=torch.full((2,), 2.0),
+            shift_y=torch.full((2,), -1.0),
+        )
+    )
     expected = np.zeros_like(x)
     expected[:, :8, 2:] = x[:, 1:, :7]
     assert np.allclose(shifted, expected, atol=1e-3)
@@ -95,7 +123,10 @@ def test_affine_quarter_turn_and_integer_shift_are_exact():
 def test_color_jitter_matches_the_numpy_version(c):
     x = images(16, c)
     ref_gen = gen()
-    draws = [dt._uniform(16, 0.7, 1.3, ref_gen, torch.device("cpu")).numpy().astype(np.float32) for _ in range(3 if c == 3 else 2)]
+    draws = [
+        dt._uniform(16, 0.7, 1.3, ref_gen, torch.device("cpu")).numpy().astype(np.float32)
+        for _ in range(3 if c == 3 else 2)
+    ]
     out = to_numpy(dt.color_jitter(to_torch(x), gen()))
     ref = nt.color_jitter(x, Replay([d.reshape(-1) for d in draws])).astype(np.float32)
     assert np.max(np.abs(out - ref)) <= 1.0 + 1e-3  # numpy rounds to uint8 after each step
@@ -123,5 +154,7 @@ def test_augment_on_is_resolved_from_the_device():
     assert DataConfig(augment_on="device").augments_on_device(use_gpu=False)
     assert not DataConfig(augment_on="cpu").augments_on_device(use_gpu=True)
     assert not DataConfig(augment=(), augment_on="device").augments_on_device(use_gpu=True)
-    with pytest.raises(ConfigError, match="DataConfig.augment_on: 'gpu' is not one of auto, cpu, device"):
+    with pytest.raises(
+        ConfigError, match="DataConfig.augment_on: 'gpu' is not one of auto, cpu, device"
+    ):
         DataConfig(augment_on="gpu")

@@ -30,7 +30,11 @@ def _wait_for(predicate, timeout: float, what: str) -> None:
 
 
 def _latest_step(run: Path) -> int:
-    steps = [int(m.group(1)) for p in run.glob("checkpoint_epoch*") if (m := re.search(r"_step(\d+)$", p.name))]
+    steps = [
+        int(m.group(1))
+        for p in run.glob("checkpoint_epoch*")
+        if (m := re.search(r"_step(\d+)$", p.name))
+    ]
     return max(steps, default=0)
 
 
@@ -42,7 +46,9 @@ def test_grows_when_a_node_joins_and_shrinks_when_it_leaves(tmp_path):
 
     if ray.is_initialized():
         ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 3, "resources": {"slot": 1}})
+    cluster = Cluster(
+        initialize_head=True, head_node_args={"num_cpus": 3, "resources": {"slot": 1}}
+    )
     try:
         ensure_ray(address=cluster.address)
         data = prepare("mnist5k", str(tmp_path / "data"))
@@ -51,11 +57,22 @@ def test_grows_when_a_node_joins_and_shrinks_when_it_leaves(tmp_path):
 
         def train() -> None:
             try:
-                out["res"] = Trainer((1, 2), resources_per_worker={"CPU": 1, "slot": 1},
-                                     elastic_resize_monitor_interval_s=2).fit(
-                    build_model("cnn", in_channels=1, num_classes=10, width=8), data["train"],
-                    batch_size=100, epochs=6, storage=str(tmp_path / "runs"), run_name="elastic",
-                    checkpoint_every_steps=10, record_sample_ids=True, max_failures=4, progress_bar=False)
+                out["res"] = Trainer(
+                    (1, 2),
+                    resources_per_worker={"CPU": 1, "slot": 1},
+                    elastic_resize_monitor_interval_s=2,
+                ).fit(
+                    build_model("cnn", in_channels=1, num_classes=10, width=8),
+                    data["train"],
+                    batch_size=100,
+                    epochs=6,
+                    storage=str(tmp_path / "runs"),
+                    run_name="elastic",
+                    checkpoint_every_steps=10,
+                    record_sample_ids=True,
+                    max_failures=4,
+                    progress_bar=False,
+                )
             except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
                 out["error"] = exc
 
@@ -63,7 +80,11 @@ def test_grows_when_a_node_joins_and_shrinks_when_it_leaves(tmp_path):
         t.start()
         _wait_for(lambda: _latest_step(run) >= 20, 240, "training on one worker")
         node = cluster.add_node(num_cpus=1, resources={"slot": 1})  # main thread, as Ray requires
-        _wait_for(lambda: len(list((run / "sample_ids").glob("rank1-*"))) > 0, 240, "the run to grow to 2 workers")
+        _wait_for(
+            lambda: len(list((run / "sample_ids").glob("rank1-*"))) > 0,
+            240,
+            "the run to grow to 2 workers",
+        )
         grown_at = _latest_step(run)
         _wait_for(lambda: _latest_step(run) >= grown_at + 30, 240, "progress on 2 workers")
         cluster.remove_node(node)  # the second worker's node leaves: the run must shrink and go on

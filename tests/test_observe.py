@@ -30,7 +30,23 @@ def test_progress_board_summarises_the_workers(ray_session):
     board = ProgressBoard.remote(100)
     assert ray.get(board.summary.remote()) == {}
     for rank, wait in ((0, 0.1), (1, 0.1), (2, 3.0)):
-        board.update.remote(rank, {"epoch": 1, "step": 10, "world_size": 3, "samples_per_second": 50.0,
-                                   "rank": rank, "fwd_s": 1.0, "data_wait_s": wait, "steps_since_start": 10})
+        board.update.remote(
+            rank,
+            {
+                "epoch": 1,
+                "step": 10,
+                "world_size": 3,
+                "samples_per_second": 50.0,
+                "rank": rank,
+                "fwd_s": 1.0,
+                "data_wait_s": wait,
+                "steps_since_start": 10,
+            },
+        )
     s = ray.get(board.summary.remote())
-    assert s["step"] == 10 and s["total_steps"] == 100 and s["slowest_worker"] == 2 and s["eta_s"] is not None
+    assert (
+        s["step"] == 10
+        and s["total_steps"] == 100
+        and s["slowest_worker"] == 2
+        and s["eta_s"] is not None
+    )

@@ -10,7 +10,11 @@ CPU4 = {"CPU": 4.0, "memory": 8e9}
 def test_bundle_defaults_and_overrides():
     assert worker_bundle(False, None) == {"CPU": 1.0}
     assert worker_bundle(True, None) == {"CPU": 1.0, "GPU": 1.0}
-    assert worker_bundle(True, {"CPU": 2, "GPU": 0.5, "accel": 1}) == {"CPU": 2.0, "GPU": 0.5, "accel": 1.0}
+    assert worker_bundle(True, {"CPU": 2, "GPU": 0.5, "accel": 1}) == {
+        "CPU": 2.0,
+        "GPU": 0.5,
+        "accel": 1.0,
+    }
 
 
 def test_fits():
@@ -22,16 +26,29 @@ def test_fits():
 
 def test_missing_gpu_is_named():
     msg = unschedulable_reason([CPU4], worker_bundle(True, None), 2, "PACK")
-    assert msg == "cannot place 2 training workers of {1 CPU, 1 GPU}: the cluster has 0 GPU in all, 2 needed"
+    assert (
+        msg
+        == "cannot place 2 training workers of {1 CPU, 1 GPU}: the cluster has 0 GPU in all, 2 needed"
+    )
 
 
 def test_missing_custom_resource_and_oversized_bundle():
-    assert "0 special in all" in unschedulable_reason([CPU4], {"CPU": 1.0, "special": 1.0}, 1, "PACK")
-    assert "no single node has {3 CPU}" in unschedulable_reason([{"CPU": 2.0}, {"CPU": 2.0}], {"CPU": 3.0}, 1, "PACK")
-    assert "hold only 2" in unschedulable_reason([{"CPU": 3.0}, {"CPU": 3.0}], {"CPU": 2.0}, 3, "PACK")
+    assert "0 special in all" in unschedulable_reason(
+        [CPU4], {"CPU": 1.0, "special": 1.0}, 1, "PACK"
+    )
+    assert "no single node has {3 CPU}" in unschedulable_reason(
+        [{"CPU": 2.0}, {"CPU": 2.0}], {"CPU": 3.0}, 1, "PACK"
+    )
+    assert "hold only 2" in unschedulable_reason(
+        [{"CPU": 3.0}, {"CPU": 3.0}], {"CPU": 2.0}, 3, "PACK"
+    )
 
 
 def test_strict_strategies():
     two = [CPU4, CPU4]
-    assert "STRICT_PACK: no single node holds all" in unschedulable_reason(two, {"CPU": 2.0}, 3, "STRICT_PACK")
-    assert "STRICT_SPREAD: only 2 nodes" in unschedulable_reason(two, {"CPU": 1.0}, 3, "STRICT_SPREAD")
+    assert "STRICT_PACK: no single node holds all" in unschedulable_reason(
+        two, {"CPU": 2.0}, 3, "STRICT_PACK"
+    )
+    assert "STRICT_SPREAD: only 2 nodes" in unschedulable_reason(
+        two, {"CPU": 1.0}, 3, "STRICT_SPREAD"
+    )

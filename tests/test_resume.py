@@ -33,8 +33,15 @@ def sample_logs(run: Path) -> dict[str, list[dict]]:
     return out
 
 
-def assert_sample_exact(run: Path, first: list[str], resumed: list[str], resume_step: int, steps_per_epoch: int,
-                        rows: int, global_batch: int) -> tuple[np.ndarray, np.ndarray]:
+def assert_sample_exact(
+    run: Path,
+    first: list[str],
+    resumed: list[str],
+    resume_step: int,
+    steps_per_epoch: int,
+    rows: int,
+    global_batch: int,
+) -> tuple[np.ndarray, np.ndarray]:
     """The epoch interrupted after global step ``resume_step`` (the checkpoint the run restored) was
     finished on exactly the samples not consumed by then, each once.
 
@@ -42,13 +49,24 @@ def assert_sample_exact(run: Path, first: list[str], resumed: list[str], resume_
     """
     epoch = resume_step // steps_per_epoch + 1
     logs = sample_logs(run)
-    before = [np.asarray(s["ids"]) for k in first for s in logs[k] if s["epoch"] == epoch and s["step"] <= resume_step]
+    before = [
+        np.asarray(s["ids"])
+        for k in first
+        for s in logs[k]
+        if s["epoch"] == epoch and s["step"] <= resume_step
+    ]
     consumed = np.concatenate(before)
-    after = np.concatenate([np.asarray(s["ids"]) for k in resumed for s in logs[k] if s["epoch"] == epoch])
-    assert len(np.unique(consumed)) == len(consumed) == (resume_step % steps_per_epoch) * global_batch
+    after = np.concatenate(
+        [np.asarray(s["ids"]) for k in resumed for s in logs[k] if s["epoch"] == epoch]
+    )
+    assert (
+        len(np.unique(consumed)) == len(consumed) == (resume_step % steps_per_epoch) * global_batch
+    )
     assert len(np.unique(after)) == len(after), "a sample was trained twice after the resume"
     assert not np.intersect1d(after, consumed).size, "a consumed sample was trained again"
-    assert rows - len(consumed) - len(after) < global_batch  # only a tail smaller than one batch is left
+    assert (
+        rows - len(consumed) - len(after) < global_batch
+    )  # only a tail smaller than one batch is left
     return consumed, after
 
 
@@ -56,18 +74,37 @@ def assert_sample_exact(run: Path, first: list[str], resumed: list[str], resume_
 def digits_1200(tmp_path_factory):
     x, y, ids = load_mnist5k()["train"]
     sel = np.sort(np.random.default_rng(0).choice(len(x), 1200, replace=False))
-    return write_dataset(x[sel], y[sel], tmp_path_factory.mktemp("d1200"), classes=[str(i) for i in range(10)], ids=ids[sel])
+    return write_dataset(
+        x[sel],
+        y[sel],
+        tmp_path_factory.mktemp("d1200"),
+        classes=[str(i) for i in range(10)],
+        ids=ids[sel],
+    )
 
 
 # Both ways a worker gets its data: streamed through Ray Data every epoch (augmented in the loop,
 # augment_on="device", on the CPU here: the resumed epoch's own read included), and the device cache
 # (the whole set on each worker's device; the default on GPUs). Which samples are trained does not
 # depend on where they are augmented.
-@pytest.mark.parametrize("data", [DataConfig(augment=("random_crop", "hflip"), augment_on="device"),
-                                  DataConfig(cache="device")], ids=["streamed", "device-cache"])
-def test_resume_with_a_different_world_size_is_sample_exact(ray_session, digits_1200, tmp_path, data):
-    common = dict(batch_size=60, epochs=2, storage=str(tmp_path), run_name="resize", checkpoint_every_steps=5,
-                  record_sample_ids=True, lr=0.05, data=data)
+@pytest.mark.parametrize(
+    "data",
+    [DataConfig(augment=("random_crop", "hflip"), augment_on="device"), DataConfig(cache="device")],
+    ids=["streamed", "device-cache"],
+)
+def test_resume_with_a_different_world_size_is_sample_exact(
+    ray_session, digits_1200, tmp_path, data
+):
+    common = dict(
+        batch_size=60,
+        epochs=2,
+        storage=str(tmp_path),
+        run_name="resize",
+        checkpoint_every_steps=5,
+        record_sample_ids=True,
+        lr=0.05,
+        data=data,
+    )
     model = build_model("cnn", in_channels=1, num_classes=10, width=8)
     # Attempt 1: 2 workers; rank 1 fails at epoch 1, step 13 (last checkpoint: step 10), no retries.
     with pytest.raises(TrainingError, match="injected fault at epoch 1 step 13 on rank 1"):
@@ -82,9 +119,12 @@ def test_resume_with_a_different_world_size_is_sample_exact(ray_session, digits_
     assert res["epochs"] == 2 and [h["world_size"] for h in res["history"]] == [3, 3]
     new = sorted(set(sample_logs(run)) - first)
     assert len(new) == 3
-    consumed, after = assert_sample_exact(run, sorted(first), new, resume_step=10, steps_per_epoch=20,
-                                          rows=1200, global_batch=60)
-    assert len(consumed) == 600 and len(after) == 600  # 10 steps x 60, then 600 rows / 3 workers / 20 each
+    consumed, after = assert_sample_exact(
+        run, sorted(first), new, resume_step=10, steps_per_epoch=20, rows=1200, global_batch=60
+    )
+    assert (
+        len(consumed) == 600 and len(after) == 600
+    )  # 10 steps x 60, then 600 rows / 3 workers / 20 each
     assert res["history"][-1]["step"] == 10 + 10 + 20
 
 
@@ -111,8 +151,11 @@ def test_killed_worker_process_is_replaced_and_the_run_finishes(ray_session, tmp
         while time.time() < deadline and not killed:
             # Ray has committed a mid-epoch checkpoint of epoch 2 (steps 41-80): kill one worker now.
             if committed_step() in (50, 60):
-                pids = sorted(p.pid for p in psutil.process_iter(["cmdline"])
-                              if (p.info["cmdline"] or [""])[0].startswith("ray::RayTrainWorker"))
+                pids = sorted(
+                    p.pid
+                    for p in psutil.process_iter(["cmdline"])
+                    if (p.info["cmdline"] or [""])[0].startswith("ray::RayTrainWorker")
+                )
                 os.kill(pids[-1], signal.SIGKILL)
                 killed.append(pids[-1])
                 return
@@ -120,9 +163,18 @@ def test_killed_worker_process_is_replaced_and_the_run_finishes(ray_session, tmp
 
     killer = threading.Thread(target=kill_when_mid_epoch_2, daemon=True)
     killer.start()
-    res = Trainer(2).fit(build_model("cnn", in_channels=1, num_classes=10), data["train"], data["test"],
-                         batch_size=100, epochs=4, storage=str(tmp_path / "runs"), run_name="killed",
-                         checkpoint_every_steps=10, record_sample_ids=True, max_failures=2)
+    res = Trainer(2).fit(
+        build_model("cnn", in_channels=1, num_classes=10),
+        data["train"],
+        data["test"],
+        batch_size=100,
+        epochs=4,
+        storage=str(tmp_path / "runs"),
+        run_name="killed",
+        checkpoint_every_steps=10,
+        record_sample_ids=True,
+        max_failures=2,
+    )
     killer.join(timeout=5)
     assert killed, "the worker was never killed"
     assert res["epochs"] == 4 and res["history"][-1]["step"] == 160
@@ -134,5 +186,11 @@ def test_killed_worker_process_is_replaced_and_the_run_finishes(ray_session, tmp
     original = sorted(k for k, steps in logs.items() if steps[0]["step"] == 1)
     assert len(restarted) == 2 and len(original) == 2, {k: v[0]["step"] for k, v in logs.items()}
     resume_step = logs[restarted[0]][0]["step"] - 1
-    assert resume_step in (50, 60, 70)  # the mid-epoch checkpoint of epoch 2 Ray had committed at the kill
-    assert_sample_exact(run, original, restarted, resume_step, steps_per_epoch=40, rows=4000, global_batch=100)
+    assert resume_step in (
+        50,
+        60,
+        70,
+    )  # the mid-epoch checkpoint of epoch 2 Ray had committed at the kill
+    assert_sample_exact(
+        run, original, restarted, resume_step, steps_per_epoch=40, rows=4000, global_batch=100
+    )

@@ -23,7 +23,10 @@ def test_remainder_is_the_complement_split_evenly(world):
 def test_remainder_is_reproducible_and_depends_on_epoch_and_seed():
     ids, consumed = np.arange(100), np.arange(10)
     a = remainder_split(ids, consumed, seed=0, epoch=1, world=2)
-    assert all(np.array_equal(x, y) for x, y in zip(a, remainder_split(ids, consumed, seed=0, epoch=1, world=2), strict=True))
+    assert all(
+        np.array_equal(x, y)
+        for x, y in zip(a, remainder_split(ids, consumed, seed=0, epoch=1, world=2), strict=True)
+    )
     assert not np.array_equal(a[0], remainder_split(ids, consumed, seed=0, epoch=2, world=2)[0])
     assert not np.array_equal(a[0], remainder_split(ids, consumed, seed=1, epoch=1, world=2)[0])
 

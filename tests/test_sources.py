@@ -44,7 +44,9 @@ def test_image_folder_with_splits(folder, tmp_path):
     images, labels, _ = read_arrays(train)
     assert sorted(labels.tolist()) == [0, 0, 0, 1, 1, 1]
     assert images[labels == 1].min() >= 200  # the dog images
-    again = prepare(str(folder), str(tmp_path / "out"))  # a bare folder path is the same source: nothing rewritten
+    again = prepare(
+        str(folder), str(tmp_path / "out")
+    )  # a bare folder path is the same source: nothing rewritten
     assert again["train"].shards == train.shards
 
 
@@ -73,12 +75,16 @@ def test_parquet_bad_rows(tmp_path):
     _parquet(tmp_path / "bad.parquet", [(png(1), 1), (png(2), None), (b"junk", 2)])
     with pytest.raises(DataError, match="bad.parquet row 1: missing label"):
         prepare(f"parquet:{tmp_path / 'bad.parquet'}", str(tmp_path / "o1"))
-    info = prepare(f"parquet:{tmp_path / 'bad.parquet'}", str(tmp_path / "o2"), skip_bad=True)["train"]
+    info = prepare(f"parquet:{tmp_path / 'bad.parquet'}", str(tmp_path / "o2"), skip_bad=True)[
+        "train"
+    ]
     assert info.num_rows == 1 and info.manifest["skipped_rows"] == 2
 
 
 def _idx(path, arr, magic):
-    path.write_bytes(struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in arr.shape) + arr.tobytes())
+    path.write_bytes(
+        struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in arr.shape) + arr.tobytes()
+    )
 
 
 def test_torchvision_mnist_from_local_disk(tmp_path):
@@ -86,10 +92,18 @@ def test_torchvision_mnist_from_local_disk(tmp_path):
     raw.mkdir(parents=True)
     rng = np.random.default_rng(0)
     for prefix, n in (("train", 20), ("t10k", 10)):
-        _idx(raw / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), 2051)
+        _idx(
+            raw / f"{prefix}-images-idx3-ubyte",
+            rng.integers(0, 256, (n, 28, 28), dtype=np.uint8),
+            2051,
+        )
         _idx(raw / f"{prefix}-labels-idx1-ubyte", (np.arange(n) % 10).astype(np.uint8), 2049)
     infos = prepare("torchvision:MNIST", str(tmp_path / "out"), root=str(tmp_path / "tv"))
-    assert infos["train"].num_rows == 20 and infos["test"].num_rows == 10 and infos["train"].shape == (28, 28, 1)
+    assert (
+        infos["train"].num_rows == 20
+        and infos["test"].num_rows == 10
+        and infos["train"].shape == (28, 28, 1)
+    )
     assert infos["train"].classes[0].startswith("0")
 
 
@@ -105,8 +119,23 @@ def test_torchvision_errors(tmp_path):
 def test_inspect_writes_a_grid(folder, tmp_path):
     prepare(f"imagefolder:{folder}", str(tmp_path / "out"))
     grid = tmp_path / "grid.png"
-    r = subprocess.run([sys.executable, "-m", "lepton_ray.cli", "data", "inspect", str(tmp_path / "out" / "train"),
-                        "--grid", str(grid), "--augment", "random_crop,hflip"], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lepton_ray.cli",
+            "data",
+            "inspect",
+            str(tmp_path / "out" / "train"),
+            "--grid",
+            str(grid),
+            "--augment",
+            "random_crop,hflip",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["class_counts"] == {"cat": 3, "dog": 3}
     assert Image.open(grid).size[0] > 8 * 6
@@ -118,8 +147,14 @@ def test_image_folder_in_object_storage(folder, s3_server, s3_bucket, tmp_path):
 
     s3 = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
     for f in sorted(folder.rglob("*.png")):
-        s3.put_object(Bucket=s3_bucket, Key=f"raw/pets/{f.relative_to(folder)}", Body=f.read_bytes())
-    infos = prepare(f"imagefolder:s3://{s3_bucket}/raw/pets", f"s3://{s3_bucket}/datasets/pets", endpoint_url=s3_server)
+        s3.put_object(
+            Bucket=s3_bucket, Key=f"raw/pets/{f.relative_to(folder)}", Body=f.read_bytes()
+        )
+    infos = prepare(
+        f"imagefolder:s3://{s3_bucket}/raw/pets",
+        f"s3://{s3_bucket}/datasets/pets",
+        endpoint_url=s3_server,
+    )
     local = prepare(f"imagefolder:{folder}", str(tmp_path / "local"))
     for split in ("train", "test"):
         got, want = read_arrays(infos[split]), read_arrays(local[split])
@@ -127,7 +162,11 @@ def test_image_folder_in_object_storage(folder, s3_server, s3_bucket, tmp_path):
             np.testing.assert_array_equal(a, b)
     assert infos["train"].manifest["source"] == f"imagefolder:s3://{s3_bucket}/raw/pets/train"
     with pytest.raises(DataError, match="does not exist"):
-        prepare(f"imagefolder:s3://{s3_bucket}/raw/none", f"s3://{s3_bucket}/datasets/x", endpoint_url=s3_server)
+        prepare(
+            f"imagefolder:s3://{s3_bucket}/raw/none",
+            f"s3://{s3_bucket}/datasets/x",
+            endpoint_url=s3_server,
+        )
 
 
 def test_png_encoded_dataset_round_trips(folder, tmp_path):
@@ -142,7 +181,9 @@ def test_png_encoded_dataset_round_trips(folder, tmp_path):
     assert batch["image"][0].startswith(b"\x89PNG")
     images, _, ids = read_arrays(raw)
     out = enc.preprocessor()(batch)
-    want = raw.preprocessor()({"image": images[np.searchsorted(ids, batch["id"])], "label": batch["label"]})
+    want = raw.preprocessor()(
+        {"image": images[np.searchsorted(ids, batch["id"])], "label": batch["label"]}
+    )
     np.testing.assert_allclose(out["image"], want["image"])
     batch["image"][0] = b"garbage"
     with pytest.raises(ValueError, match=f"row id {batch['id'][0]}: image bytes do not decode"):

@@ -20,17 +20,36 @@ ROWS = 80_000  # 32x32x3: 234 MiB of pixels, streamed through an 80 MiB object s
 
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
-    return prepare(f"synthetic:{ROWS}:32x32x3", str(tmp_path_factory.mktemp("synth")), rows_per_shard=2000)["train"]
+    return prepare(
+        f"synthetic:{ROWS}:32x32x3", str(tmp_path_factory.mktemp("synth")), rows_per_shard=2000
+    )["train"]
 
 
 @pytest.mark.ray
 def test_an_epoch_larger_than_the_object_store_streams(synthetic, tmp_path):
     """``benchmarks/streaming.py`` at a small size, in its own Ray (the object store must be
     smaller than the data, so it cannot be the session's): every row once, nothing spilled."""
-    r = subprocess.run([sys.executable, "-m", "benchmarks.streaming", "--rows", str(ROWS), "--object-store-mb", "80",
-                        "--rows-per-shard", "2000", "--dataset-dir", str(Path(synthetic.uri).parent), "--no-report"],
-                       capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[1],
-                       env={**os.environ, "RAY_ADDRESS": ""})
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.streaming",
+            "--rows",
+            str(ROWS),
+            "--object-store-mb",
+            "80",
+            "--rows-per-shard",
+            "2000",
+            "--dataset-dir",
+            str(Path(synthetic.uri).parent),
+            "--no-report",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=Path(__file__).parents[1],
+        env={**os.environ, "RAY_ADDRESS": ""},
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads(r.stdout.strip().splitlines()[-1])
     assert result["rows"] == ROWS and result["dataset_to_store_ratio"] > 2.5
@@ -52,7 +71,11 @@ def test_synthetic_source_is_reproducible_and_learnable(tmp_path):
 
     a = prepare("synthetic:300:8x8x1:3", str(tmp_path / "a"))
     b = prepare("synthetic:300:8x8x1:3", str(tmp_path / "b"))
-    assert a["train"].num_rows == 300 and a["test"].num_rows == 30 and a["train"].classes == ("0", "1", "2")
+    assert (
+        a["train"].num_rows == 300
+        and a["test"].num_rows == 30
+        and a["train"].classes == ("0", "1", "2")
+    )
     xa, ya, ia = read_arrays(a["train"])
     xb, yb, ib = read_arrays(b["train"])
     np.testing.assert_array_equal(xa, xb)

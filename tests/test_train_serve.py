@@ -35,7 +35,9 @@ class DigitsTensorDataset(torch.utils.data.Dataset):
         return len(self.images)
 
     def __getitem__(self, i: int):
-        return torch.from_numpy(self.images[i]).permute(2, 0, 1).float() / 255.0, int(self.labels[i])
+        return torch.from_numpy(self.images[i]).permute(2, 0, 1).float() / 255.0, int(
+            self.labels[i]
+        )
 
 
 @pytest.fixture(scope="module")
@@ -57,13 +59,23 @@ def small_run(ray_session, tmp_path_factory):
 def test_fit_returns_the_results_users_expect(small_run):
     trainer, root = small_run
     r = trainer.train_results
-    for key in ("train_loss", "train_accuracy", "epochs", "samples_per_second", "checkpoint", "val_loss", "val_accuracy"):
+    for key in (
+        "train_loss",
+        "train_accuracy",
+        "epochs",
+        "samples_per_second",
+        "checkpoint",
+        "val_loss",
+        "val_accuracy",
+    ):
         assert key in r, key
     assert r["epochs"] == 2
     assert math.isfinite(r["train_loss"]) and 0 < r["train_loss"] < 2.5
     assert r["val_accuracy"] > 0.3  # two short epochs: well above chance (0.1)
     assert r["samples_per_second"] > 0
-    assert r["data_skipped_rows"] == 0  # rows left out by `prepare --skip-bad` are reported with the run
+    assert (
+        r["data_skipped_rows"] == 0
+    )  # rows left out by `prepare --skip-bad` are reported with the run
     assert [h["epoch"] for h in r["history"]] == [1, 2]
     assert all(h["world_size"] == 2 for h in r["history"])
     # 1000 rows, global batch 50, 2 workers -> 20 steps per epoch, whatever the world size
@@ -78,19 +90,28 @@ def test_fit_returns_the_results_users_expect(small_run):
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     model, meta = load_model(r["best_checkpoint"])
-    assert meta["epoch"] == r["best"]["epoch"] and r["stopped_early"] is False and r["world_size_changes"] == []
+    assert (
+        meta["epoch"] == r["best"]["epoch"]
+        and r["stopped_early"] is False
+        and r["world_size_changes"] == []
+    )
 
 
 def test_checkpoint_is_pickle_free_and_reloads(small_run):
     trainer, _ = small_run
     model, meta = load_model(trainer.train_results["checkpoint"])
-    assert meta["model"] == {"name": "cnn", "kwargs": {"in_channels": 1, "num_classes": 10, "width": 16}}
+    assert meta["model"] == {
+        "name": "cnn",
+        "kwargs": {"in_channels": 1, "num_classes": 10, "width": 16},
+    }
     assert meta["data"]["classes"] == [str(i) for i in range(10)]
     # a convnet trains and serves in channels-last memory (oneDNN's fast layout on CPUs as on GPUs)
     assert meta["memory_format"] == "channels_last"
     assert model.features[1][0].weight.is_contiguous(memory_format=torch.channels_last)
     assert meta["versions"]["torch"] == torch.__version__.split("+")[0] or meta["versions"]["torch"]
-    assert "AWS_SECRET_ACCESS_KEY" not in json.dumps(meta) and "lepton-test-secret" not in json.dumps(meta)
+    assert "AWS_SECRET_ACCESS_KEY" not in json.dumps(
+        meta
+    ) and "lepton-test-secret" not in json.dumps(meta)
     out = model(torch.zeros(3, 1, 28, 28))
     assert out.shape == (3, 10)
 
@@ -101,7 +122,9 @@ def test_trainer_accepts_a_ray_dataset_and_a_positional_worker_count(ray_session
     x, y, _ = load_mnist5k()["train"]
     ds = ray.data.from_items([{"image": x[i], "label": int(y[i])} for i in range(0, 4000, 10)])
     trainer = Trainer(1, storage=str(tmp_path))
-    res = trainer.fit(build_model("cnn", in_channels=1, num_classes=10, width=8), ds, batch_size=40, epochs=1)
+    res = trainer.fit(
+        build_model("cnn", in_channels=1, num_classes=10, width=8), ds, batch_size=40, epochs=1
+    )
     assert res["epochs"] == 1 and res["history"][0]["step"] == 10 and "val_accuracy" not in res
 
 
@@ -117,33 +140,51 @@ def test_bad_fit_arguments_fail_fast(ray_session, tmp_path, kwargs, error, match
     info = prepare("mnist5k", str(tmp_path / "d"))["test"]
     args = {"batch_size": 100, "epochs": 1, **kwargs}
     with pytest.raises(error, match=match):
-        Trainer(2, storage=str(tmp_path)).fit(build_model("cnn", num_classes=10, in_channels=1), info, **args)
+        Trainer(2, storage=str(tmp_path)).fit(
+            build_model("cnn", num_classes=10, in_channels=1), info, **args
+        )
 
 
 @pytest.mark.parametrize(
     ("trainer", "match"),
     [
-        (lambda: Trainer(2, use_gpu=True), "cannot place 2 training workers of {1 CPU, 1 GPU}: the cluster has 0 GPU"),
+        (
+            lambda: Trainer(2, use_gpu=True),
+            "cannot place 2 training workers of {1 CPU, 1 GPU}: the cluster has 0 GPU",
+        ),
         (lambda: Trainer(1, resources_per_worker={"CPU": 1, "tpu_v9": 1}), "0 tpu_v9 in all"),
         (lambda: Trainer(2, placement_strategy="STRICT_SPREAD"), "STRICT_SPREAD: only 1 node"),
-        (lambda: Trainer((3, 9), resources_per_worker={"CPU": 2}), "the cluster has 4 CPU in all, 6 needed"),
+        (
+            lambda: Trainer((3, 9), resources_per_worker={"CPU": 2}),
+            "the cluster has 4 CPU in all, 6 needed",
+        ),
     ],
 )
-def test_impossible_placement_fails_fast_naming_what_is_missing(ray_session, tmp_path, trainer, match):
+def test_impossible_placement_fails_fast_naming_what_is_missing(
+    ray_session, tmp_path, trainer, match
+):
     info = prepare("mnist5k", str(tmp_path / "d"))["test"]
-    with pytest.raises(ConfigError, match=re.escape(match)):  # raised before Ray Train starts waiting
+    with pytest.raises(
+        ConfigError, match=re.escape(match)
+    ):  # raised before Ray Train starts waiting
         trainer().fit(build_model("cnn", in_channels=1), info, storage=str(tmp_path), epochs=1)
 
 
 def test_model_output_must_match_the_classes(ray_session, tmp_path):
     info = prepare("mnist5k", str(tmp_path / "d"))["test"]
-    with pytest.raises(DataError, match="outputs \\(7,\\) per image but the dataset has 10 classes"):
-        Trainer(2, storage=str(tmp_path)).fit(build_model("cnn", in_channels=1, num_classes=7), info.uri)
+    with pytest.raises(
+        DataError, match="outputs \\(7,\\) per image but the dataset has 10 classes"
+    ):
+        Trainer(2, storage=str(tmp_path)).fit(
+            build_model("cnn", in_channels=1, num_classes=7), info.uri
+        )
 
 
 def test_missing_dataset_uri_is_one_clear_error(ray_session, tmp_path):
     with pytest.raises(DataError, match="no prepared dataset at .*nowhere"):
-        Trainer(2, storage=str(tmp_path)).fit(build_model("cnn", in_channels=1), str(tmp_path / "nowhere"))
+        Trainer(2, storage=str(tmp_path)).fit(
+            build_model("cnn", in_channels=1), str(tmp_path / "nowhere")
+        )
 
 
 def test_s3_errors_name_the_problem(ray_session, s3_server, s3_bucket, tmp_path):
@@ -151,9 +192,13 @@ def test_s3_errors_name_the_problem(ray_session, s3_server, s3_bucket, tmp_path)
 
     model = build_model("cnn", in_channels=1)
     with pytest.raises(StorageError, match="bucket 'no-such-bucket-x' does not exist"):
-        Trainer(2, storage=str(tmp_path)).fit(model, "s3://no-such-bucket-x/data", endpoint_url=s3_server)
+        Trainer(2, storage=str(tmp_path)).fit(
+            model, "s3://no-such-bucket-x/data", endpoint_url=s3_server
+        )
     with pytest.raises(DataError, match=f"no prepared dataset at s3://{s3_bucket}/missing"):
-        Trainer(2, storage=str(tmp_path)).fit(model, f"s3://{s3_bucket}/missing", endpoint_url=s3_server)
+        Trainer(2, storage=str(tmp_path)).fit(
+            model, f"s3://{s3_bucket}/missing", endpoint_url=s3_server
+        )
     dead = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(StorageError, match="cannot reach the S3 endpoint"):
         Trainer(2, storage=str(tmp_path)).fit(model, f"s3://{s3_bucket}/data", endpoint_url=dead)
@@ -166,14 +211,22 @@ def endpoint(small_run, serve_port):
 
     from lepton_ray import deploy
 
-    url = deploy(small_run[0].train_results["checkpoint"], port=serve_port, name="test-small", route_prefix="/small",
-                 max_request_bytes=200_000, max_replicas=1)
+    url = deploy(
+        small_run[0].train_results["checkpoint"],
+        port=serve_port,
+        name="test-small",
+        route_prefix="/small",
+        max_request_bytes=200_000,
+        max_replicas=1,
+    )
     yield url
     serve.delete("test-small")
 
 
 def _post(url: str, body: bytes, ctype: str = "application/json") -> tuple[int, dict]:
-    req = urllib.request.Request(url + "/v1/predict", data=body, method="POST", headers={"Content-Type": ctype})
+    req = urllib.request.Request(
+        url + "/v1/predict", data=body, method="POST", headers={"Content-Type": ctype}
+    )
     try:
         with urllib.request.urlopen(req, timeout=60) as r:
             return r.status, json.loads(r.read())
@@ -201,14 +254,36 @@ def test_endpoint_answers_and_describes_itself(endpoint, small_run, tmp_path):
         (b"{not json", "application/json", 400, "not valid JSON"),
         (b'{"instances": []}', "application/json", 400, "empty"),
         (json.dumps({"instances": [[1, 2, 3]]}).encode(), "application/json", 422, "shape"),
-        (json.dumps({"instances": [[[float("nan")] * 28] * 28]}).encode(), "application/json", 422, "NaN"),
-        (json.dumps({"instances": [[["a"] * 28] * 28]}).encode(), "application/json", 422, "numeric"),
-        (json.dumps({"images": ["aGVsbG8="]}).encode(), "application/json", 415, "not a readable PNG"),
+        (
+            json.dumps({"instances": [[[float("nan")] * 28] * 28]}).encode(),
+            "application/json",
+            422,
+            "NaN",
+        ),
+        (
+            json.dumps({"instances": [[["a"] * 28] * 28]}).encode(),
+            "application/json",
+            422,
+            "numeric",
+        ),
+        (
+            json.dumps({"images": ["aGVsbG8="]}).encode(),
+            "application/json",
+            415,
+            "not a readable PNG",
+        ),
         (b"\x89PNG not really", "image/png", 415, "not a readable PNG"),
-        (json.dumps({"instances": [[[0] * 784]] * 100}).encode(), "application/json", 413, "exceeds"),
+        (
+            json.dumps({"instances": [[[0] * 784]] * 100}).encode(),
+            "application/json",
+            413,
+            "exceeds",
+        ),
     ],
 )
-def test_bad_requests_get_a_4xx_json_error_and_do_not_poison_the_replica(endpoint, body, ctype, status, match):
+def test_bad_requests_get_a_4xx_json_error_and_do_not_poison_the_replica(
+    endpoint, body, ctype, status, match
+):
     got, answer = _post(endpoint, body, ctype)
     assert got == status and match in answer["error"], answer
     x, _, _ = load_mnist5k()["test"]
@@ -235,7 +310,11 @@ def test_read_arrays_matches_the_source(tmp_path):
     images, labels, ids = read_arrays(info)
     x, y, i = load_mnist5k()["test"]
     order = np.argsort(ids)
-    assert np.array_equal(images[order], x) and np.array_equal(labels[order], y) and np.array_equal(ids[order], i)
+    assert (
+        np.array_equal(images[order], x)
+        and np.array_equal(labels[order], y)
+        and np.array_equal(ids[order], i)
+    )
 
 
 def test_worker_count_spellings():

@@ -228,7 +228,9 @@ def test_random_rotation_and_affine_are_seeded_and_vary_per_image():
         assert len({a[i].tobytes() for i in range(8)}) == 8  # the same image, eight different draws
     # Rotation keeps the centre pixel of an odd-sized image where it is.
     odd = _images(n=4, h=9, w=9)
-    np.testing.assert_array_equal(random_rotation(odd, np.random.default_rng(0))[:, 4, 4], odd[:, 4, 4])
+    np.testing.assert_array_equal(
+        random_rotation(odd, np.random.default_rng(0))[:, 4, 4], odd[:, 4, 4]
+    )
 
 
 def test_color_jitter():
@@ -274,5 +276,6 @@ def test_uint8_rows_normalised_on_the_device_match_cpu_normalisation():
     rows = Preprocessor((5, 7, 3), mean, std, normalize=False)(batch)["image"]
     assert rows.dtype == np.uint8 and rows.shape == (8, 3, 5, 7)
     on_device = _Pixels(mean, std, torch.device("cpu"), torch.channels_last)(torch.from_numpy(rows))
-    np.testing.assert_allclose(on_device.numpy(), Preprocessor((5, 7, 3), mean, std)(batch)["image"], rtol=1e-5,
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        on_device.numpy(), Preprocessor((5, 7, 3), mean, std)(batch)["image"], rtol=1e-5, atol=1e-5
+    )

@@ -52,8 +52,13 @@ class InputSpec:
     def from_meta(cls, meta: dict[str, Any]) -> InputSpec:
         """The spec a checkpoint's ``lepton.json`` records."""
         data = meta["data"]
-        return cls(data["shape"], data["mean"], data["std"], data["classes"],
-                   meta.get("memory_format") == "channels_last")
+        return cls(
+            data["shape"],
+            data["mean"],
+            data["std"],
+            data["classes"],
+            meta.get("memory_format") == "channels_last",
+        )
 
 
 def read_checkpoint_meta(uri: str, endpoint_url: str | None = None) -> tuple[dict[str, Any], str]:

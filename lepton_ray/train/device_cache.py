@@ -33,7 +33,9 @@ class DeviceCache:
             ids.append(b["id"] if "id" in b else None)
         if not images:
             raise ValueError("the training set is empty: nothing to cache")
-        if any(i is None for i in ids):  # a user's Ray Dataset without ids: number rows as they came
+        if any(
+            i is None for i in ids
+        ):  # a user's Ray Dataset without ids: number rows as they came
             id_all = torch.arange(sum(len(x) for x in labels), dtype=torch.int64)
         else:
             id_all = torch.cat(ids).to(torch.int64).cpu()
@@ -59,8 +61,17 @@ class DeviceCache:
         for i in range(0, len(self), size):
             yield self.take(slice(i, i + size))
 
-    def epoch(self, *, seed: int, epoch: int, global_batch: int, world: int, rank: int, max_steps: int,
-              exclude_ids: np.ndarray | None = None) -> tuple[int, Iterator[dict[str, torch.Tensor]]]:
+    def epoch(
+        self,
+        *,
+        seed: int,
+        epoch: int,
+        global_batch: int,
+        world: int,
+        rank: int,
+        max_steps: int,
+        exclude_ids: np.ndarray | None = None,
+    ) -> tuple[int, Iterator[dict[str, torch.Tensor]]]:
         """(steps, batches) of this rank for ``epoch``: its slice of each global batch of the epoch's
         permutation, less ``exclude_ids`` (the samples a resumed epoch had consumed already)."""
         order = epoch_order(len(self), seed, epoch)
@@ -70,7 +81,11 @@ class DeviceCache:
         steps = min(len(order) // global_batch, max_steps)
         start = sum(batching.worker_batch(global_batch, world, r) for r in range(rank))
         size = batching.worker_batch(global_batch, world, rank)
-        index = torch.from_numpy(order[:steps * global_batch].reshape(steps, global_batch)[:, start:start + size].copy())
+        index = torch.from_numpy(
+            order[: steps * global_batch]
+            .reshape(steps, global_batch)[:, start : start + size]
+            .copy()
+        )
         index = index.to(self.device)
 
         return steps, (self.take(idx) for idx in index)

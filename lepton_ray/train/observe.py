@@ -29,7 +29,10 @@ LAG_FACTOR = 1.25  # a worker lags when its compute + input wait exceeds the med
 
 def slowest_worker(per_worker: list[dict[str, Any]]) -> int | None:
     """The rank whose forward compute plus input wait stands out (> LAG_FACTOR x the median), if any."""
-    scores = [(m.get("fwd_s", 0.0) + m.get("data_wait_s", 0.0), m.get("rank", i)) for i, m in enumerate(per_worker)]
+    scores = [
+        (m.get("fwd_s", 0.0) + m.get("data_wait_s", 0.0), m.get("rank", i))
+        for i, m in enumerate(per_worker)
+    ]
     if len(scores) < 2:
         return None
     median = statistics.median(s for s, _ in scores)
@@ -56,7 +59,10 @@ class ProgressBoard:
 
     def update(self, rank: int, state: dict[str, Any]) -> None:
         if self.started is None:  # pace counts from the first report (a resumed run starts mid-way)
-            self.started, self.first_step = time.time(), state["step"] - state.get("steps_since_start", 0)
+            self.started, self.first_step = (
+                time.time(),
+                state["step"] - state.get("steps_since_start", 0),
+            )
         if state.get("world_size") and state["world_size"] != len(self.workers):
             self.workers = {r: w for r, w in self.workers.items() if r < state["world_size"]}
         self.workers[rank] = state
@@ -66,9 +72,14 @@ class ProgressBoard:
             return {}
         lead = self.workers[0]
         elapsed = time.time() - (self.started or time.time())
-        return {**lead, "total_steps": self.total_steps,
-                "eta_s": eta_seconds(lead["step"] - self.first_step, self.total_steps - self.first_step, elapsed),
-                "slowest_worker": slowest_worker([self.workers[r] for r in sorted(self.workers)])}
+        return {
+            **lead,
+            "total_steps": self.total_steps,
+            "eta_s": eta_seconds(
+                lead["step"] - self.first_step, self.total_steps - self.first_step, elapsed
+            ),
+            "slowest_worker": slowest_worker([self.workers[r] for r in sorted(self.workers)]),
+        }
 
 
 class RunObserver(UserCallback):
@@ -79,7 +90,9 @@ class RunObserver(UserCallback):
         self._tb_dir: str | None = None
         self._writer: Any = None
 
-    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+    def after_report(
+        self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any
+    ) -> None:
         if metrics and metrics[0].get("epoch_end"):
             self._record_epoch(metrics[0])
 
@@ -87,7 +100,9 @@ class RunObserver(UserCallback):
         run = storage.resolve(self.run_uri, self.endpoint_url)
         history = [json.loads(line) for line in _read_lines(run.join("metrics.jsonl"))]
         history = [h for h in history if h["epoch"] < m["epoch"]] + [_plain(m)]
-        run.join("metrics.jsonl").write_bytes(("\n".join(json.dumps(h) for h in history) + "\n").encode())
+        run.join("metrics.jsonl").write_bytes(
+            ("\n".join(json.dumps(h) for h in history) + "\n").encode()
+        )
         self._tensorboard(m, run)
         try:
             from lepton_ray.viz import plot_history
@@ -98,7 +113,9 @@ class RunObserver(UserCallback):
 
                 plt.close(fig)
                 run.join("curves.png").upload_file(f"{tmp}/curves.png")
-        except ImportError:  # matplotlib is a dependency, but a cluster image may lack it: the plot is optional
+        except (
+            ImportError
+        ):  # matplotlib is a dependency, but a cluster image may lack it: the plot is optional
             return
 
     def _tensorboard(self, m: dict[str, Any], run: storage.Location) -> None:
@@ -109,7 +126,15 @@ class RunObserver(UserCallback):
         if self._writer is None:
             self._tb_dir = tempfile.mkdtemp(prefix="lepton-tb-")
             self._writer = SummaryWriter(self._tb_dir)
-        for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "samples_per_second", "lr", "world_size"):
+        for key in (
+            "train_loss",
+            "train_accuracy",
+            "val_loss",
+            "val_accuracy",
+            "samples_per_second",
+            "lr",
+            "world_size",
+        ):
             if key in m:
                 self._writer.add_scalar(key, m[key], m["epoch"])
         self._writer.flush()
@@ -122,7 +147,9 @@ def _read_lines(loc: storage.Location) -> list[str]:
 
 
 def _plain(m: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in m.items() if k not in ("epoch_end", "rank", "fwd_s", "steps_since_start")}
+    return {
+        k: v for k, v in m.items() if k not in ("epoch_end", "rank", "fwd_s", "steps_since_start")
+    }
 
 
 class ProgressBar:
@@ -168,7 +195,9 @@ class ProgressBar:
                 bar.refresh()
                 note = s.get("slowest_worker")
                 if note is not None and note != last_note:
-                    bar.write(f"[lepton_ray] worker {note} is lagging (compute + input wait > {LAG_FACTOR}x the median)")
+                    bar.write(
+                        f"[lepton_ray] worker {note} is lagging (compute + input wait > {LAG_FACTOR}x the median)"
+                    )
                 last_note = note
         finally:
             bar.close()

@@ -6,7 +6,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 
-def worker_bundle(use_gpu: bool, resources_per_worker: Mapping[str, float] | None) -> dict[str, float]:
+def worker_bundle(
+    use_gpu: bool, resources_per_worker: Mapping[str, float] | None
+) -> dict[str, float]:
     """The resources one worker asks for (Ray Train's defaults: 1 CPU, plus 1 GPU with use_gpu)."""
     bundle = {"CPU": 1.0}
     if use_gpu:
@@ -23,8 +25,9 @@ def _fmt(x: float) -> str:
     return f"{x:g}"
 
 
-def unschedulable_reason(nodes: Sequence[Mapping[str, float]], bundle: Mapping[str, float], workers: int,
-                         strategy: str) -> str | None:
+def unschedulable_reason(
+    nodes: Sequence[Mapping[str, float]], bundle: Mapping[str, float], workers: int, strategy: str
+) -> str | None:
     """Why ``workers`` bundles can never be placed on ``nodes`` (total resources per node), or None.
 
     Checks what no amount of waiting fixes on a fixed cluster: a resource the cluster lacks in
@@ -35,7 +38,9 @@ def unschedulable_reason(nodes: Sequence[Mapping[str, float]], bundle: Mapping[s
     for key, per in bundle.items():
         total = sum(n.get(key, 0.0) for n in nodes)
         if total < per * workers:
-            return f"{head}: the cluster has {_fmt(total)} {key} in all, {_fmt(per * workers)} needed"
+            return (
+                f"{head}: the cluster has {_fmt(total)} {key} in all, {_fmt(per * workers)} needed"
+            )
     if not any(_fits(n, bundle) for n in nodes):
         return f"{head}: no single node has {{{want}}}"
     if strategy == "STRICT_PACK" and not any(_fits(n, bundle, workers) for n in nodes):

@@ -12,7 +12,9 @@ from __future__ import annotations
 import numpy as np
 
 
-def remainder_split(all_ids: np.ndarray, consumed: np.ndarray, *, seed: int, epoch: int, world: int) -> list[np.ndarray]:
+def remainder_split(
+    all_ids: np.ndarray, consumed: np.ndarray, *, seed: int, epoch: int, world: int
+) -> list[np.ndarray]:
     """The ids not yet consumed this epoch, shuffled and split into ``world`` equal parts.
 
     Equal parts keep every worker on the same number of steps (DDP's collectives need it); the
@@ -22,7 +24,7 @@ def remainder_split(all_ids: np.ndarray, consumed: np.ndarray, *, seed: int, epo
     rng = np.random.default_rng([seed, epoch, 0x5EED])
     remaining = rng.permutation(remaining)
     per = len(remaining) // world
-    return [np.sort(remaining[r * per:(r + 1) * per]) for r in range(world)]
+    return [np.sort(remaining[r * per : (r + 1) * per]) for r in range(world)]
 
 
 def parse_fault(spec: str | None) -> tuple[int, int, int] | None:
@@ -34,4 +36,3 @@ def parse_fault(spec: str | None) -> tuple[int, int, int] | None:
     except ValueError:
         raise ValueError(f"fault_injection must look like EPOCH:STEP:RANK, got {spec!r}") from None
     return epoch, step, rank
-

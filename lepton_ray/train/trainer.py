@@ -1,8 +1,8 @@
 """``Trainer``: the one-call API over Ray Train.
 
-    trainer = Trainer(num_workers=2)
-    trainer.fit(model, train_dataset, batch_size=100, epochs=10)
-    trainer.train_results  # {'train_loss': ..., 'train_accuracy': ..., 'checkpoint': 's3://...'}
+trainer = Trainer(num_workers=2)
+trainer.fit(model, train_dataset, batch_size=100, epochs=10)
+trainer.train_results  # {'train_loss': ..., 'train_accuracy': ..., 'checkpoint': 's3://...'}
 """
 
 from __future__ import annotations
@@ -48,9 +48,18 @@ class Trainer:
         self.train_results: dict[str, Any] = {}
         self.result: Any = None
 
-    def fit(self, model: nn.Module, train_dataset: Any, val_dataset: Any = None, *,
-            batch_size: int = 100, epochs: int = 10, endpoint_url: str | None = None,
-            data: DataConfig | None = None, **kwargs: Any) -> dict[str, Any]:
+    def fit(
+        self,
+        model: nn.Module,
+        train_dataset: Any,
+        val_dataset: Any = None,
+        *,
+        batch_size: int = 100,
+        epochs: int = 10,
+        endpoint_url: str | None = None,
+        data: DataConfig | None = None,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
         """Train ``model`` on ``train_dataset`` and return (and keep) ``train_results``.
 
         Datasets may be a prepared-dataset URI, a :class:`DatasetInfo`, a
@@ -66,8 +75,14 @@ class Trainer:
         optim = OptimConfig(**{k: v for k, v in opts.items() if k in _OPTIM_FIELDS})
         if endpoint_url is not None:
             opts["endpoint_url"] = endpoint_url
-        cfg = TrainConfig(batch_size=batch_size, epochs=epochs, optim=optim, data=data or DataConfig(),
-                          scaling=self.scaling, **{k: v for k, v in opts.items() if k in _TRAIN_FIELDS})
+        cfg = TrainConfig(
+            batch_size=batch_size,
+            epochs=epochs,
+            optim=optim,
+            data=data or DataConfig(),
+            scaling=self.scaling,
+            **{k: v for k, v in opts.items() if k in _TRAIN_FIELDS},
+        )
         self.train_results = fit(model, train_dataset, val_dataset, cfg)
         return self.train_results
 
@@ -83,48 +98,78 @@ def fit(model: nn.Module, train_dataset: Any, val_dataset: Any, cfg: TrainConfig
     root.ensure_writable()
     run = root.join(run_name)
     if run.exists() and run.listdir() and not cfg.resume:
-        raise ConfigError(f"run '{run_name}' already exists at {run.uri}: pass resume=True (--resume) to "
-                          "continue it from its last checkpoint, or choose another run_name")
+        raise ConfigError(
+            f"run '{run_name}' already exists at {run.uri}: pass resume=True (--resume) to "
+            "continue it from its last checkpoint, or choose another run_name"
+        )
 
     train_src = _source(train_dataset, run, "train", cfg.endpoint_url)
-    val_src = _source(val_dataset, run, "val", cfg.endpoint_url) if val_dataset is not None else None
+    val_src = (
+        _source(val_dataset, run, "val", cfg.endpoint_url) if val_dataset is not None else None
+    )
     info = train_src.info
     _check_model(model, info)
     if cfg.batch_size > info.num_rows:
-        raise ConfigError(f"batch_size {cfg.batch_size} is larger than the {info.num_rows} training rows")
+        raise ConfigError(
+            f"batch_size {cfg.batch_size} is larger than the {info.num_rows} training rows"
+        )
 
     import ray
 
-    shuffle = shuffle_mode(info, cfg.data.shuffle, ray.cluster_resources().get("object_store_memory", 0.0))
+    shuffle = shuffle_mode(
+        info, cfg.data.shuffle, ray.cluster_resources().get("object_store_memory", 0.0)
+    )
     cached = cfg.data.caches_on_device(cfg.scaling.use_gpu, info.pixel_bytes)
     if cached:  # read once, whole and in id order, by every worker: no shuffle, no split
         shuffle = "none"
     on_device = cfg.data.augments_on_device(cfg.scaling.use_gpu, cached)
-    datasets = {"train": train_src.ray(() if on_device else cfg.data.augment, shuffle=shuffle, seed=cfg.seed,
-                                       batch_size=cfg.data.preprocess_batch_size)}
+    datasets = {
+        "train": train_src.ray(
+            () if on_device else cfg.data.augment,
+            shuffle=shuffle,
+            seed=cfg.seed,
+            batch_size=cfg.data.preprocess_batch_size,
+        )
+    }
     if val_src is not None:
         # Not augmented, so the same every epoch: preprocess once and keep it in the object store.
-        datasets["val"] = val_src.ray((), shuffle="none", seed=None,
-                                      batch_size=cfg.data.preprocess_batch_size).materialize()
+        datasets["val"] = val_src.ray(
+            (), shuffle="none", seed=None, batch_size=cfg.data.preprocess_batch_size
+        ).materialize()
 
     meta = {
         "model": spec_of(model),
         "memory_format": preferred_memory_format(model, info.shape),
-        "data": {"shape": list(info.shape), "mean": list(info.mean), "std": list(info.std),
-                 "classes": list(info.classes), "train_uri": info.uri,
-                 "skipped_rows": int(info.manifest.get("skipped_rows", 0))},
+        "data": {
+            "shape": list(info.shape),
+            "mean": list(info.mean),
+            "std": list(info.std),
+            "classes": list(info.classes),
+            "train_uri": info.uri,
+            "skipped_rows": int(info.manifest.get("skipped_rows", 0)),
+        },
         "config": to_dict(cfg),
         "run": {"name": run_name, "uri": run.uri},
         **checkpoint.provenance(),
     }
     if cfg.checkpoint_every_steps and train_src.ray_ds is not None:
-        raise ConfigError("checkpoint_every_steps needs a prepared dataset (a URI, DatasetInfo or torch Dataset): "
-                          "resuming mid-epoch relies on its stable row ids")
-    spec = RunSpec(cfg=cfg, model=model.cpu(), meta=meta, num_train_rows=info.num_rows,
-                   has_val=val_src is not None, run_uri=run.uri, endpoint_url=cfg.endpoint_url,
-                   train_info=info if train_src.ray_ds is None else None,
-                   local_shuffle_rows=cfg.data.shuffle_buffer_rows if shuffle == "files" else 0,
-                   device_augment=cfg.data.augment if on_device else (), cache=cached)
+        raise ConfigError(
+            "checkpoint_every_steps needs a prepared dataset (a URI, DatasetInfo or torch Dataset): "
+            "resuming mid-epoch relies on its stable row ids"
+        )
+    spec = RunSpec(
+        cfg=cfg,
+        model=model.cpu(),
+        meta=meta,
+        num_train_rows=info.num_rows,
+        has_val=val_src is not None,
+        run_uri=run.uri,
+        endpoint_url=cfg.endpoint_url,
+        train_info=info if train_src.ray_ds is None else None,
+        local_shuffle_rows=cfg.data.shuffle_buffer_rows if shuffle == "files" else 0,
+        device_augment=cfg.data.augment if on_device else (),
+        cache=cached,
+    )
 
     import ray.train
 
@@ -141,7 +186,9 @@ def fit(model: nn.Module, train_dataset: Any, val_dataset: Any, cfg: TrainConfig
         scaling_config=ray.train.ScalingConfig(**ray_scaling),
         torch_config=TorchConfig(backend=cfg.scaling.process_group_backend()),
         run_config=RunConfig(
-            name=run_name, storage_path=root.path, storage_filesystem=root.fs,
+            name=run_name,
+            storage_path=root.path,
+            storage_filesystem=root.fs,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
             callbacks=[RunObserver(run.uri, cfg.endpoint_url)],
@@ -161,7 +208,9 @@ def fit(model: nn.Module, train_dataset: Any, val_dataset: Any, cfg: TrainConfig
     if result.error is not None:
         raise TrainingError(f"training run '{run_name}' failed: {_root_cause(result.error)}")
     out = _results(result, run, time.perf_counter() - started, cfg.epochs)
-    out["data_skipped_rows"] = meta["data"]["skipped_rows"]  # bad rows left out when the data was prepared
+    out["data_skipped_rows"] = meta["data"][
+        "skipped_rows"
+    ]  # bad rows left out when the data was prepared
     return out
 
 
@@ -172,8 +221,9 @@ def _dataset_config(cfg: TrainConfig, split_train: bool = True) -> Any:
 
     options = ray.train.DataConfig.default_ingest_options()
     options.preserve_order = cfg.data.deterministic
-    return ray.train.DataConfig(datasets_to_split=["train"] if split_train else [],
-                                execution_options={"train": options})
+    return ray.train.DataConfig(
+        datasets_to_split=["train"] if split_train else [], execution_options={"train": options}
+    )
 
 
 @dataclasses.dataclass
@@ -181,18 +231,33 @@ class _Source:
     info: DatasetInfo
     ray_ds: Any = None  # a user's Ray Dataset, used as it is
 
-    def ray(self, augment: tuple[str, ...], *, shuffle: str, seed: int | None, batch_size: int) -> Any:
+    def ray(
+        self, augment: tuple[str, ...], *, shuffle: str, seed: int | None, batch_size: int
+    ) -> Any:
         if self.ray_ds is None:
-            return read_ray(self.info, augment=augment, shuffle=shuffle, shuffle_seed=seed, batch_size=batch_size,
-                            augment_seed=seed, normalize=False)
+            return read_ray(
+                self.info,
+                augment=augment,
+                shuffle=shuffle,
+                shuffle_seed=seed,
+                batch_size=batch_size,
+                augment_seed=seed,
+                normalize=False,
+            )
         from ray.data import RandomSeedConfig
 
         # A user's Ray Dataset has no shards of ours to reorder: "files" shuffles its blocks.
         reseed = None if seed is None else RandomSeedConfig(seed=seed, reseed_after_execution=True)
-        ds = {"global": lambda d: d.random_shuffle(seed=reseed), "files": lambda d: d.randomize_block_order(seed=seed),
-              "none": lambda d: d}[shuffle](self.ray_ds)
-        return ds.map_batches(self.info.preprocessor(augment, seed, normalize=False), batch_format="numpy",
-                              batch_size=batch_size)
+        ds = {
+            "global": lambda d: d.random_shuffle(seed=reseed),
+            "files": lambda d: d.randomize_block_order(seed=seed),
+            "none": lambda d: d,
+        }[shuffle](self.ray_ds)
+        return ds.map_batches(
+            self.info.preprocessor(augment, seed, normalize=False),
+            batch_format="numpy",
+            batch_size=batch_size,
+        )
 
 
 def _source(dataset: Any, run: storage.Location, split: str, endpoint_url: str | None) -> _Source:
@@ -204,8 +269,10 @@ def _source(dataset: Any, run: storage.Location, split: str, endpoint_url: str |
         return _Source(_ray_dataset_info(dataset, split), dataset)
     if isinstance(dataset, torch.utils.data.Dataset):
         return _Source(from_torch(dataset, run.join("data", split)))
-    raise DataError(f"unsupported {split} dataset type {type(dataset).__name__}: use a prepared-dataset URI, "
-                    "a torch Dataset or a Ray Dataset")
+    raise DataError(
+        f"unsupported {split} dataset type {type(dataset).__name__}: use a prepared-dataset URI, "
+        "a torch Dataset or a Ray Dataset"
+    )
 
 
 def _ray_dataset_info(ds: Any, split: str) -> DatasetInfo:
@@ -214,18 +281,29 @@ def _ray_dataset_info(ds: Any, split: str) -> DatasetInfo:
 
     cols = set(ds.columns() or [])
     if not {"image", "label"} <= cols:
-        raise DataError(f"the {split} Ray Dataset needs 'image' and 'label' columns, has {sorted(cols)}")
+        raise DataError(
+            f"the {split} Ray Dataset needs 'image' and 'label' columns, has {sorted(cols)}"
+        )
     sample = ds.take_batch(2048, batch_format="numpy")
     images = np.asarray(sample["image"])
     if images.dtype != np.uint8 or images.ndim not in (3, 4):
-        raise DataError(f"the {split} Ray Dataset's images must be uint8 HW or HWC arrays, got {images.dtype} {images.shape}")
+        raise DataError(
+            f"the {split} Ray Dataset's images must be uint8 HW or HWC arrays, got {images.dtype} {images.shape}"
+        )
     if images.ndim == 3:
-        raise DataError(f"the {split} Ray Dataset's images must have a channel axis (H, W, C), got {images.shape[1:]}")
+        raise DataError(
+            f"the {split} Ray Dataset's images must have a channel axis (H, W, C), got {images.shape[1:]}"
+        )
     x = images.astype(np.float64) / 255.0
     n_classes = int(ds.max("label")) + 1
-    return DatasetInfo(uri=f"ray-dataset:{split}", num_rows=ds.count(), shape=tuple(images.shape[1:]),
-                       classes=tuple(str(i) for i in range(n_classes)), mean=tuple(x.mean(axis=(0, 1, 2))),
-                       std=tuple(np.maximum(x.std(axis=(0, 1, 2)), 1e-6)))
+    return DatasetInfo(
+        uri=f"ray-dataset:{split}",
+        num_rows=ds.count(),
+        shape=tuple(images.shape[1:]),
+        classes=tuple(str(i) for i in range(n_classes)),
+        mean=tuple(x.mean(axis=(0, 1, 2))),
+        std=tuple(np.maximum(x.std(axis=(0, 1, 2)), 1e-6)),
+    )
 
 
 def _check_model(model: nn.Module, info: DatasetInfo) -> None:
@@ -237,12 +315,16 @@ def _check_model(model: nn.Module, info: DatasetInfo) -> None:
         with torch.no_grad():
             out = model(probe)
     except Exception as exc:
-        raise DataError(f"the model cannot take the dataset's images of shape {(c, h, w)}: {one_line(exc)}") from None
+        raise DataError(
+            f"the model cannot take the dataset's images of shape {(c, h, w)}: {one_line(exc)}"
+        ) from None
     finally:
         model.train(was_training)
     if out.ndim != 2 or out.shape[1] != info.num_classes:
-        raise DataError(f"the model outputs {tuple(out.shape[1:])} per image but the dataset has "
-                        f"{info.num_classes} classes")
+        raise DataError(
+            f"the model outputs {tuple(out.shape[1:])} per image but the dataset has "
+            f"{info.num_classes} classes"
+        )
 
 
 def _ray_scaling(s: ScalingConfig) -> dict[str, Any]:
@@ -273,7 +355,9 @@ def _check_placement(s: ScalingConfig, num_workers: int | tuple[int, int]) -> No
         return
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     least = num_workers if isinstance(num_workers, int) else num_workers[0]
-    reason = unschedulable_reason(nodes, worker_bundle(s.use_gpu, s.resources_per_worker), least, s.placement_strategy)
+    reason = unschedulable_reason(
+        nodes, worker_bundle(s.use_gpu, s.resources_per_worker), least, s.placement_strategy
+    )
     if reason:
         raise ConfigError(f"{reason} (set wait_for_resources=True if an autoscaler will add nodes)")
 
@@ -309,7 +393,9 @@ def _results(result: Any, run: storage.Location, elapsed: float, cfg_epochs: int
         "train_loss": last.get("train_loss"),
         "train_accuracy": last.get("train_accuracy"),
         "epochs": last.get("epoch"),
-        "samples_per_second": (sum(h["samples_per_second"] for h in history) / len(history)) if history else None,
+        "samples_per_second": (sum(h["samples_per_second"] for h in history) / len(history))
+        if history
+        else None,
         "checkpoint": ckpt_uri,
         "best_checkpoint": best["uri"] if best else None,
         "best": {k: best[k] for k in ("metric", "value", "epoch")} if best else None,
