@@ -119,3 +119,59 @@ def test_nan_bodies_still_get_the_422_that_names_them():
     with pytest.raises(RequestError, match="NaN") as err:
         decode_body(body, "application/json", SPECS[1], MAX_IMAGES)
     assert err.value.status == 422
+
+
+@pytest.mark.parametrize(
+    "instances",
+    [
+        [[[True, 2, 3], [4, 5, 6], [7, 8, 9], [10, 11, 12]]],  # read as 1 by numpy
+        [[[0, 2, 3], [4, 5, 6], [7, 8, 9], [10, 11, False]]],  # read as 0
+        [[True] * 12],  # flat layout
+    ],
+)
+def test_json_booleans_are_not_pixels_on_either_path(instances):
+    body = json.dumps({"instances": instances}).encode()
+    assert read_pixel_arrays(body, SPECS[1].shape, MAX_IMAGES) is None
+    with pytest.raises(RequestError, match="not true/false") as err:
+        decode_body(body, "application/json", SPECS[1], MAX_IMAGES)
+    assert err.value.status == 422
+
+
+def _image_bytes(fmt: str, shape: tuple[int, int, int]) -> bytes:
+    import io
+
+    from PIL import Image
+
+    h, w, _ = shape
+    buf = io.BytesIO()
+    Image.fromarray(np.arange(h * w, dtype=np.uint8).reshape(h, w)).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "BMP", "TIFF", "WEBP"])
+def test_images_other_than_png_and_jpeg_are_refused_with_415(fmt):
+    import base64
+
+    data = _image_bytes(fmt, SPECS[1].shape)
+    for body, ctype in (
+        (data, "image/png"),
+        (json.dumps({"images": [base64.b64encode(data).decode()]}).encode(), "application/json"),
+    ):
+        with pytest.raises(RequestError, match="not a readable PNG or JPEG") as err:
+            decode_body(body, ctype, SPECS[1], MAX_IMAGES)
+        assert err.value.status == 415
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_png_and_jpeg_of_the_right_size_are_read(fmt):
+    image = decode_body(_image_bytes(fmt, SPECS[1].shape), "image/png", SPECS[1], MAX_IMAGES)
+    assert image.shape == (1, *SPECS[1].shape) and image.dtype == np.uint8
+
+
+def test_too_many_images_is_413_in_every_format():
+    from lepton_ray.serve.codec import decode_files
+
+    png = _image_bytes("PNG", SPECS[1].shape)
+    with pytest.raises(RequestError) as err:
+        decode_files([png] * (MAX_IMAGES + 1), SPECS[1], MAX_IMAGES)
+    assert err.value.status == 413 and f"the limit is {MAX_IMAGES}" in str(err.value)

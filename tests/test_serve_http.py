@@ -64,6 +64,13 @@ def png(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def gif() -> bytes:
+    """A 28x28 GIF: the right size, a format the endpoint does not take."""
+    buf = io.BytesIO()
+    Image.new("L", (28, 28)).save(buf, format="GIF")
+    return buf.getvalue()
+
+
 @pytest.fixture(scope="module")
 def digits() -> np.ndarray:
     return load_mnist5k()["test"][0][:8]
@@ -127,7 +134,9 @@ NO_FILES = b'--zz\r\nContent-Disposition: form-data; name="note"\r\n\r\nhi\r\n--
     [
         ([], 400, "no file parts"),
         ([("file", ("x.txt", b"hello", "text/plain"))], 415, "not a readable PNG"),
-        ([("file", (f"{i}.png", b"x", "image/png")) for i in range(5)], 400, "Too many files"),
+        ([("file", (f"{i}.png", b"x", "image/png")) for i in range(5)], 413, "the limit is 4"),
+        ([("file", (f"{i}.png", b"x", "image/png")) for i in range(50)], 413, "the limit is 4"),
+        ([("file", ("a.gif", gif(), "image/gif"))], 415, "not a readable PNG or JPEG"),
     ],
 )
 def test_bad_multipart_uploads_get_a_4xx_json_error(client, served, digits, files, status, match):
@@ -180,6 +189,33 @@ def test_bodies_over_the_limit_get_413_declared_or_chunked(client, served, digit
     resp = conn.getresponse()
     assert resp.status == 413 and "exceeds" in json.loads(resp.read())["error"]
     conn.close()
+    assert_good_request_answered(client, served, digits)
+
+
+def test_oversized_headers_get_431_json_before_the_body_is_read(client, served, digits):
+    r = client.post(
+        "/v1/predict",
+        json={"instances": digits[:1, :, :, 0].tolist()},
+        headers={"X-Padding": "a" * (4 << 20)},  # 4 MB: answered 200 before headers were bounded
+    )
+    assert r.status_code == 431 and "16384-byte limit" in r.json()["error"], r.text[:300]
+    assert_good_request_answered(client, served, digits)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [("get", "/nope", 404), ("get", "/v1/predict", 405), ("delete", "/v1/model", 405)],
+)
+def test_router_errors_are_json_of_the_same_shape(client, method, path, status):
+    r = client.request(method.upper(), path)
+    assert r.status_code == status and list(r.json()) == ["error"], r.text
+
+
+def test_json_booleans_are_not_pixels(client, served, digits):
+    instance = digits[0, :, :, 0].tolist()
+    instance[0][0] = True
+    r = client.post("/v1/predict", json={"instances": [instance]})
+    assert r.status_code == 422 and "not true/false" in r.json()["error"], r.text
     assert_good_request_answered(client, served, digits)
 
 

@@ -2,8 +2,8 @@
 sits in front of one (or, during a canary, two) model deployments (two hops).
 
     one hop:  HTTP -> Ingress "<name>-ingress" (FastAPI ... + ModelCore: @serve.batch; autoscaled)
-    two hops: HTTP -> Ingress "<name>-ingress" (FastAPI: auth, size limit, decode/validate, canary
-                      routing, retry, metrics)
+    two hops: HTTP -> Ingress "<name>-ingress" (FastAPI: header and body limits, auth,
+                      decode/validate, canary routing, retry, metrics)
                    -> ModelServer "<name>-model"  (@serve.batch -> one forward pass; autoscaled)
                    -> ModelServer "<name>-canary" (only while a canary is configured)
 
@@ -14,7 +14,11 @@ model runs in the ingress replica; the request handling is the same code either 
 Thin glue: decoding and validation are the pure functions of :mod:`lepton_ray.serve.codec`, so a
 bad request gets its 4xx in the ingress and never reaches a batch; the canary's verdict is
 :class:`lepton_ray.serve.canary.CanaryJudge`. A model call that fails (a replica died, the model
-raised) is retried once, on the stable version, before the client sees a 503.
+raised) is retried once, on the stable version, before the client sees a 503 with ``Retry-After``.
+Every error the app answers is JSON of one shape, ``{"error": "<one line>"}``
+(:func:`error_response`), 404, 405, 422 and 500 included; what Serve's own proxy answers before
+the app is reached (a route prefix nobody serves, a replica killed with requests in flight in the
+one-hop layout) is Serve's.
 
 No ``from __future__ import annotations`` here: Serve pickles these classes by value, and FastAPI
 must still resolve ``Request`` in the route signatures.
@@ -35,6 +39,12 @@ from lepton_ray.serve.codec import RequestError
 OPEN_PATHS = ("/healthz", "/docs", "/openapi.json", "/docs/oauth2-redirect")
 LATENCY_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000]
 BATCH_SIZES = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
+MAX_HEADER_BYTES = 16 << 10
+"""Request headers larger than this in total (names, values, separators) get a 431. Browsers and
+HTTP clients send under 2 KiB; nginx's and HAProxy's default buffers stop near 8-16 KiB, and
+Serve's own proxy sets no limit at all (a 4 MB header was read and answered)."""
+RETRY_AFTER_S = 1
+"""What a 503 tells the client to wait: a replacement replica is usually routable within seconds."""
 PREDICT_BODY = {
     "requestBody": {
         "required": True,
@@ -70,9 +80,49 @@ PREDICT_BODY = {
 }
 
 
+def error_response(
+    status: int, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    """The one shape of every error the endpoint answers: ``{"error": "<one line>"}``."""
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def add_error_handlers(api: FastAPI) -> None:
+    """Every error as :func:`error_response`: ours (:class:`RequestError`), the router's 404/405
+    (``{"detail"}`` by default), FastAPI's request validation (a list of dicts by default) and
+    anything unexpected (a plain-text 500 by default)."""
+    from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException
+
+    @api.exception_handler(RequestError)
+    async def _request_error(_: Request, exc: RequestError) -> JSONResponse:
+        return error_response(exc.status, str(exc), exc.headers)
+
+    @api.exception_handler(HTTPException)
+    async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        if exc.status_code == 404:
+            message = f"no route {request.url.path} (POST .../v1/predict, GET .../v1/model)"
+        elif exc.status_code == 405:
+            message = f"{request.method} is not allowed on {request.url.path}"
+        return error_response(exc.status_code, message, getattr(exc, "headers", None))
+
+    @api.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = (exc.errors() or [{}])[0]
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        return error_response(422, f"invalid request: {where} {first.get('msg', '')}".strip())
+
+    @api.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        # Starlette logs the traceback after this answer; the client learns only the type.
+        return error_response(500, f"internal error ({type(exc).__name__})")
+
+
 class _Measure:
-    """Counts every HTTP request by route and status, and its latency: a plain ASGI middleware
-    (Starlette's ``@app.middleware("http")`` runs each request through an extra task and memory
+    """Answers 431 to oversized headers (before any route, auth or body reading), and counts every
+    HTTP request by route and status, and its latency: a plain ASGI middleware (Starlette's
+    ``@app.middleware("http")`` runs each request through an extra task and memory
     stream, paid on every request of a CPU-bound replica)."""
 
     def __init__(self, app: Any, ingress: "Ingress"):
@@ -83,6 +133,15 @@ class _Measure:
             await self.app(scope, receive, send)
             return
         start, status = time.perf_counter(), 500
+        header_bytes = sum(len(k) + len(v) + 4 for k, v in scope["headers"])  # "k: v\r\n"
+        if header_bytes > MAX_HEADER_BYTES:
+            # Before the app (and the body) is touched: no route, no auth, no decoding for it.
+            app = error_response(
+                431,
+                f"request headers of {header_bytes} bytes exceed the {MAX_HEADER_BYTES}-byte limit",
+            )
+        else:
+            app = self.app
 
         async def send_status(message: dict) -> None:
             nonlocal status
@@ -91,7 +150,7 @@ class _Measure:
             await send(message)
 
         try:
-            await self.app(scope, receive, send_status)
+            await app(scope, receive, send_status)
         finally:
             ingress = self.ingress
             tags = {"app": ingress.cfg.name, "route": scope["path"].rsplit("/", 1)[-1] or "/"}
@@ -193,11 +252,7 @@ class Ingress:
             description=f"Model {self.version} from {self.cfg.checkpoint}",
         )
 
-        @api.exception_handler(RequestError)
-        async def _request_error(_: Request, exc: RequestError) -> JSONResponse:
-            headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-            return JSONResponse({"error": str(exc)}, status_code=exc.status, headers=headers)
-
+        add_error_handlers(api)
         api.add_middleware(_Measure, ingress=self)
         auth = [Depends(self.authorize)]
         api.add_api_route(
@@ -231,7 +286,9 @@ class Ingress:
             given.strip().encode(), self.token.encode()
         ):
             raise RequestError(
-                401, "missing or wrong bearer token (send 'Authorization: Bearer <token>')"
+                401,
+                "missing or wrong bearer token (send 'Authorization: Bearer <token>')",
+                {"WWW-Authenticate": "Bearer"},
             )
 
     async def predict(self, request: Request) -> Response:
@@ -264,21 +321,25 @@ class Ingress:
 
     async def _decode_multipart(self, request: Request, body: bytes) -> np.ndarray:
         from starlette.datastructures import UploadFile
+        from starlette.formparsers import MultiPartParser
 
-        from lepton_ray.serve.codec import decode_files
+        from lepton_ray.serve.codec import decode_files, too_many_images
 
-        async def replay() -> dict[str, Any]:  # the body was already read (under the size limit)
-            return {"type": "http.request", "body": body, "more_body": False}
+        async def replay() -> Any:  # the body was already read (under the size limit)
+            yield body
 
+        limit = self.cfg.max_images_per_request
+        parser = MultiPartParser(request.headers, replay(), max_files=limit, max_fields=64)
         try:
-            form = await Request(request.scope, replay).form(
-                max_files=self.cfg.max_images_per_request, max_fields=64
-            )
+            form = await parser.parse()
             files = [await v.read() for _, v in form.multi_items() if isinstance(v, UploadFile)]
         except Exception as exc:  # noqa: BLE001 - any parser failure is the client's malformed body
+            # The parser stops at the first file past the limit: the same 413 as a JSON body's.
+            if parser._current_files > limit:
+                raise too_many_images(f"more than {limit}", limit) from None
             detail = getattr(exc, "detail", None) or str(exc) or type(exc).__name__
             raise RequestError(400, f"malformed multipart body: {detail}") from None
-        return decode_files(files, self.spec, self.cfg.max_images_per_request)
+        return decode_files(files, self.spec, limit)
 
     async def _call_model(self, images: np.ndarray) -> dict[str, Any]:
         version = self.judge.pick() if self.judge else "stable"
@@ -289,7 +350,11 @@ class Ingress:
             except Exception as exc:  # noqa: BLE001 - a dead replica or a failing model: retry once on stable
                 self._record(version, False)
                 if attempt:
-                    raise RequestError(503, f"model unavailable: {type(exc).__name__}") from None
+                    raise RequestError(
+                        503,
+                        f"model unavailable, retry shortly: {type(exc).__name__}",
+                        {"Retry-After": str(RETRY_AFTER_S)},
+                    ) from None
                 version = "stable"
                 continue
             self._record(version, True)
