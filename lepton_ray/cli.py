@@ -226,6 +226,7 @@ def cmd_submit(a: argparse.Namespace) -> Any:
         runtime_env=env,
         run_name=a.run_name,
         follow_logs=not a.no_logs,
+        retry_delay_s=a.retry_delay,
     )
     return _Exit(outcome.to_dict(), 0 if outcome.succeeded else 1)
 
@@ -450,6 +451,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=2,
         help="resubmissions after a failed attempt (default 2)",
+    )
+    sb.add_argument(
+        "--retry-delay",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="wait before the first resubmission, doubled each time up to 60 s, with jitter "
+        "(default 5; 0: no wait)",
     )
     sb.add_argument(
         "--working-dir",

@@ -18,8 +18,9 @@ import os
 import sys
 from typing import Any
 
+from lepton_ray.config import PipelineConfig
 from pipelines import common
-from pipelines.common import ATTEMPT_ENV, PipelineConfig, log, run_name_and_resume
+from pipelines.common import ATTEMPT_ENV, log, run_name_and_resume
 
 
 def run(cfg: PipelineConfig) -> dict[str, Any]:
@@ -47,6 +48,7 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
         **cfg.model.kwargs,
     )
     attempt = os.environ.get(ATTEMPT_ENV)
+    log(f"LEPTON_RUN_NAME={name}")  # machine-readable: lepton-ray submit reports the run trained
     log(
         f"[train] run '{name}' at {run_loc.uri}"
         + (" (resuming)" if resume else "")

@@ -24,7 +24,15 @@ from pathlib import Path
 
 import pytest
 
-from lepton_ray.jobs import Attempt, entrypoint_string, resolve_address, should_retry
+from lepton_ray import jobs
+from lepton_ray.jobs import (
+    Attempt,
+    entrypoint_string,
+    read_job_report,
+    resolve_address,
+    retry_delay,
+    should_retry,
+)
 from tests.conftest import free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -258,6 +266,7 @@ def test_lepton_ray_submit_resubmits_a_failed_job_which_resumes_its_run(
         "train.record_sample_ids=true",
     ]
     submit = [str(BIN / "lepton-ray"), "submit", "--address", head, "--max-retries", "2"]
+    submit += ["--retry-delay", "0"]
     env = f"LEPTON_S3_ENDPOINT={s3_server}"
     r = run_cmd(
         *submit,
@@ -276,6 +285,8 @@ def test_lepton_ray_submit_resubmits_a_failed_job_which_resumes_its_run(
         ("SUCCEEDED", 0),
     ], logs
     assert "injected fault at epoch 2 step 1 on rank 0" in out["attempts"][0]["message"], logs
+    # The config fixes train.run_name: that is the run trained, and the one reported.
+    assert out["run_name"] == "healed" and out["attempts"][1]["run_name"] == "healed", out
     assert "[train] run 'healed'" in r.stderr and "(resuming), attempt 2" in r.stderr, logs
 
     run = "lepton/runs/healed/"
@@ -392,3 +403,129 @@ def test_a_token_auth_cluster_takes_jobs_only_with_its_token(tmp_path):
         r = run_cmd(*submit, *job, env={"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token})
         assert r.returncode == 0, r.stderr[-3000:]
         assert json.loads(r.stdout)["status"] == "SUCCEEDED" and "CPUs 3.0" in r.stderr
+
+
+def test_retry_delay_doubles_from_the_base_up_to_the_cap_with_jitter_in_the_upper_half():
+    nominal = [5, 10, 20, 40, 60, 60, 60]
+    assert [retry_delay(n, jitter=1.0) for n in range(1, 8)] == nominal
+    assert [retry_delay(n, jitter=0.0) for n in range(1, 8)] == [v / 2 for v in nominal]
+    assert retry_delay(3, jitter=0.5) == 15.0
+    draws = [retry_delay(2) for _ in range(200)]
+    assert all(5.0 <= d <= 10.0 for d in draws) and len(set(draws)) > 100  # jittered
+    assert retry_delay(10_000, jitter=1.0) == 60.0  # no overflow far past the cap
+    assert retry_delay(4, base_s=0) == 0.0  # --retry-delay 0: no wait (tests)
+    assert retry_delay(1, base_s=1, cap_s=30, jitter=1.0) == 1.0
+    for bad in ((0, 5.0, 60.0), (1, -1.0, 60.0), (1, 5.0, -1.0)):
+        with pytest.raises(ValueError):
+            retry_delay(*bad)
+
+
+LOGS = """[lepton-ray] something
+LEPTON_RUN_NAME=mnist-cnn
+[train] run 'mnist-cnn' at s3://b/runs/mnist-cnn
+"""
+NO_TORCH = """Traceback (most recent call last):
+  File "/tmp/ray/session/runtime_resources/pipelines/train.py", line 3, in <module>
+    import torch
+ModuleNotFoundError: No module named 'torch'
+"""
+
+
+def test_the_job_report_names_the_run_trained_and_a_missing_module():
+    assert read_job_report(LOGS) == ("mnist-cnn", None)
+    assert read_job_report(LOGS + "LEPTON_RUN_NAME=second\n") == ("second", None)  # the last
+    assert read_job_report("") == (None, None)
+    assert read_job_report("x LEPTON_RUN_NAME=quoted-mid-line\n") == (None, None)
+    assert read_job_report(NO_TORCH) == (None, "torch")
+    assert read_job_report(NO_TORCH.replace("'torch'", "'lepton_ray.cli'"))[1] == "lepton_ray"
+    assert read_job_report(NO_TORCH.replace("'torch'", "'torchvision'"))[1] is None
+    assert read_job_report(NO_TORCH.replace("'torch'", "'yaml'"))[1] is None  # the user's own
+
+
+class FakeJobs:
+    """A JobSubmissionClient that plays back one (status, exit code, logs) per submission."""
+
+    def __init__(self, script: list[tuple[str, int, str]]):
+        self.script, self.submitted = list(script), []
+
+    def submit_job(self, *, entrypoint, submission_id, runtime_env, metadata):
+        self.submitted.append(
+            {"id": submission_id, "env": runtime_env["env_vars"], "meta": metadata}
+        )
+
+    def get_job_info(self, submission_id):
+        status, code, _ = self.script[len(self.submitted) - 1]
+        return type(
+            "Info", (), {"status": status, "message": f"exit {code}", "driver_exit_code": code}
+        )
+
+    def get_job_logs(self, submission_id):
+        return self.script[len(self.submitted) - 1][2]
+
+    async def tail_job_logs(self, submission_id):
+        yield self.get_job_logs(submission_id)
+
+
+def fake_submit(monkeypatch, script, **kwargs):
+    client, waits, out = FakeJobs(script), [], []
+    monkeypatch.setattr(jobs, "_client", lambda address: client)
+    outcome = jobs.submit(
+        ["python", "-m", "pipelines.train"],
+        address="http://fake:8265",
+        log=out.append,
+        output=open(os.devnull, "w"),  # noqa: SIM115 - closed with the process
+        sleep=waits.append,
+        poll_s=0,
+        **kwargs,
+    )
+    return outcome, client.submitted, waits, out
+
+
+@pytest.mark.parametrize("follow_logs", [True, False])
+def test_submit_waits_between_retries_and_reports_the_run_the_job_trained(monkeypatch, follow_logs):
+    script = [("FAILED", 1, "boom\n"), ("FAILED", 1, LOGS), ("SUCCEEDED", 0, LOGS)]
+    outcome, submitted, waits, _ = fake_submit(
+        monkeypatch, script, max_retries=3, run_name="chosen", follow_logs=follow_logs
+    )
+    assert outcome.succeeded and [a.status for a in outcome.attempts] == [s for s, _, _ in script]
+    assert outcome.run_name == "mnist-cnn"  # what the job said, not what was chosen
+    assert outcome.attempts[0].run_name is None and outcome.attempts[2].run_name == "mnist-cnn"
+    assert len(waits) == 2 and 2.5 <= waits[0] <= 5 and 5 <= waits[1] <= 10
+    assert [s["env"]["LEPTON_RUN_NAME"] for s in submitted] == ["chosen"] * 3
+    assert [s["env"].get("LEPTON_RESUME") for s in submitted] == [None, "1", "1"]
+    bin_dir = os.path.dirname(os.path.abspath(sys.executable))
+    assert all(s["env"]["PATH"] == f"{bin_dir}:${{PATH}}" for s in submitted)
+
+
+def test_a_user_set_path_is_kept_and_retry_delay_zero_does_not_wait(monkeypatch):
+    script = [("FAILED", 1, ""), ("SUCCEEDED", 0, "")]
+    outcome, submitted, waits, _ = fake_submit(
+        monkeypatch,
+        script,
+        max_retries=1,
+        retry_delay_s=0,
+        runtime_env={"env_vars": {"PATH": "/opt/env/bin"}},
+    )
+    assert outcome.succeeded and waits == [0.0]
+    assert outcome.run_name.startswith("lepton-")  # the job said nothing: the name chosen
+    assert [s["env"]["PATH"] for s in submitted] == ["/opt/env/bin"] * 2
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "logs"),
+    [("FAILED", 2, "config error\n"), ("FAILED", 1, NO_TORCH), ("STOPPED", None, "")],
+)
+def test_deterministic_failures_are_never_resubmitted(monkeypatch, status, code, logs):
+    outcome, submitted, waits, out = fake_submit(
+        monkeypatch, [(status, code, logs)] * 3, max_retries=2
+    )
+    assert len(submitted) == 1 and waits == [] and outcome.status == status
+    if "torch" in logs:
+        assert outcome.attempts[0].missing_module == "torch"
+        line = [m for m in out if m.startswith("attempt 1: FAILED")][0]
+        assert "the job's python cannot import torch" in line and "\n" not in line
+
+
+def test_a_negative_retry_delay_is_refused(monkeypatch):
+    with pytest.raises(jobs.JobError, match="retry_delay must be >= 0"):
+        fake_submit(monkeypatch, [("SUCCEEDED", 0, "")], retry_delay_s=-1)
