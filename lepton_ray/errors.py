@@ -12,8 +12,17 @@ class StorageError(LeptonError):
     endpoint, rejected credentials."""
 
 
+class NotFoundError(StorageError):
+    """The object or folder asked for does not exist (its bucket does). Callers that treat a
+    missing object as "not there yet" catch this type, never the message text."""
+
+
 class ConfigError(LeptonError, ValueError):
     """A configuration value is invalid; the message names the field."""
+
+
+class CheckpointError(LeptonError):
+    """A checkpoint is missing, incomplete, corrupt, or names code it may not run."""
 
 
 class DataError(LeptonError):

@@ -6,12 +6,21 @@ writes through that pair, so Ray Data, Ray Train and Serve all see the same stor
 
 S3-compatible endpoints (MinIO, moto, Ceph, R2) come from the ``endpoint_url`` argument, else
 ``LEPTON_S3_ENDPOINT``, else ``AWS_ENDPOINT_URL``; pyarrow ignores the latter on its own, so it is
-passed as ``endpoint_override`` here. Credentials come from the standard AWS variables or the
-default chain and never appear in messages or saved configs.
+passed as ``endpoint_override`` here.
+
+Credentials are never given to the filesystem object: pyarrow's ``S3FileSystem`` pickles explicit
+keys, and Ray pickles the filesystem into every Ray Data and Ray Train task. Built without them,
+the AWS SDK's default chain (environment, ``~/.aws`` files, the instance's role) resolves them in
+each process that uses the filesystem, so they never travel, and never appear in messages.
+
+Names read from storage metadata (manifests, pointers) become paths only through
+:meth:`Location.join`, which refuses any part that would leave the location; a delete never leaves
+the location it is called on.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -24,7 +33,7 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
-from lepton_ray.errors import StorageError
+from lepton_ray.errors import NotFoundError, StorageError
 
 DEFAULT_STORE_ENV = "LEPTON_STORE"
 ENDPOINT_ENV = "LEPTON_S3_ENDPOINT"
@@ -57,13 +66,73 @@ class Location:
     uri: str
     endpoint_url: str | None = None
 
+    @classmethod
+    def from_filesystem(
+        cls, fs: pafs.FileSystem, path: str, endpoint_url: str | None = None
+    ) -> Location:
+        """The location of ``path`` on ``fs``, e.g. a Ray Train checkpoint's
+        ``(checkpoint.filesystem, checkpoint.path)``: ``s3://bucket/key`` on S3, the absolute path
+        on a local disk. ``endpoint_url`` is the S3 endpoint ``fs`` talks to (kept so that the
+        location can be resolved again elsewhere)."""
+        if fs.type_name == "s3":
+            key = path.strip("/")
+            if not key:
+                raise StorageError("empty S3 path (expected bucket/key)")
+            return cls(fs, key, f"s3://{key}", endpoint_url)
+        if fs.type_name == "local":
+            local = posixpath.normpath(path)
+            if not posixpath.isabs(local):
+                raise StorageError(f"local path {path!r} is not absolute")
+            return cls(fs, local, local, None)
+        raise StorageError(
+            f"unsupported filesystem '{fs.type_name}' for {path!r} (lepton_ray stores on local "
+            "disks and S3)"
+        )
+
     @property
     def is_s3(self) -> bool:
-        return self.uri.startswith("s3://")
+        """Whether this location is on S3 (decided by the filesystem, not by the text)."""
+        return self.fs.type_name == "s3"
+
+    @property
+    def name(self) -> str:
+        """The last part of the path (a checkpoint's folder name, a file's name)."""
+        return posixpath.basename(self.path.rstrip("/"))
+
+    @property
+    def parent(self) -> Location:
+        """The folder this location is in."""
+        path, uri = (
+            posixpath.dirname(self.path.rstrip("/")),
+            posixpath.dirname(self.uri.rstrip("/")),
+        )
+        if not path or path == self.path or (self.is_s3 and "/" not in self.path):
+            raise StorageError(f"{self.uri} has no parent folder")
+        return Location(self.fs, path, uri, self.endpoint_url)
 
     def join(self, *parts: str) -> Location:
-        """The location of a child path."""
-        sub = posixpath.join(*parts)
+        """The location of a child path; ``parts`` may hold ``/``-separated segments.
+
+        Refuses (one-line :class:`StorageError`) any part that is empty, absolute, or holds
+        ``.``, ``..``, a backslash or a NUL: names read from manifests and pointers reach the
+        filesystem only through here, so nothing can point outside this location.
+        """
+        segments: list[str] = []
+        for part in parts:
+            if not isinstance(part, str):
+                raise StorageError(f"path part {part!r} under {self.uri} is not a string")
+            if part.startswith("/"):
+                raise StorageError(f"refusing absolute path {part!r} under {self.uri}")
+            for seg in part.split("/"):
+                if seg in ("", ".", "..") or "\\" in seg or "\x00" in seg:
+                    raise StorageError(
+                        f"refusing path {part!r} under {self.uri}: it must be plain names "
+                        "separated by '/' (no empty, '.' or '..' parts, no backslashes)"
+                    )
+                segments.append(seg)
+        if not segments:
+            raise StorageError(f"no path to join under {self.uri}")
+        sub = "/".join(segments)
         return Location(
             self.fs,
             posixpath.join(self.path, sub),
@@ -101,20 +170,20 @@ class Location:
         """Write an object so that readers see either the old or the new content.
 
         On S3 a single PUT is atomic. On a local disk the bytes go to a temporary sibling that is
-        renamed over the target.
+        fsynced, renamed over the target, and the folder fsynced after: once this returns, the
+        object survives a crash, so a manifest written after it never publishes a missing file.
         """
+        if self.is_s3:
 
-        def write() -> None:
-            parent = posixpath.dirname(self.path)
-            if not self.is_s3 and parent:
-                self.fs.create_dir(parent, recursive=True)
-            target = self.path if self.is_s3 else f"{self.path}.tmp-{uuid.uuid4().hex[:8]}"
-            with self.fs.open_output_stream(target) as f:
-                f.write(data)
-            if target != self.path:
-                self.fs.move(target, self.path)
+            def put() -> None:
+                with self.fs.open_output_stream(self.path) as f:
+                    f.write(data)
 
-        _call(write, self)
+            _call(put, self)
+        elif self.fs.type_name == "local":
+            _call(lambda: _write_local_durably(self.path, data), self)
+        else:
+            raise StorageError(f"cannot write to filesystem '{self.fs.type_name}' at {self.uri}")
 
     def write_json(self, obj: Any) -> None:
         self.write_bytes(json.dumps(obj, indent=2, sort_keys=True).encode())
@@ -126,9 +195,20 @@ class Location:
         return hashlib.sha256(data).hexdigest()
 
     def delete(self) -> None:
-        """Delete this object or directory tree; a missing one is fine."""
+        """Delete this object or directory tree; a missing one is fine.
+
+        Only what is at or below this location goes: a symbolic link is removed, never followed,
+        and the root of a disk or a whole bucket is refused.
+        """
+        if (self.is_s3 and "/" not in self.path.strip("/")) or posixpath.dirname(
+            self.path
+        ) == self.path:
+            raise StorageError(f"refusing to delete {self.uri}: it is a bucket or disk root")
 
         def rm() -> None:
+            if self.fs.type_name == "local" and os.path.islink(self.path):
+                os.unlink(self.path)
+                return
             info = self.fs.get_file_info(self.path)
             if info.type == pafs.FileType.Directory:
                 self.fs.delete_dir(self.path)
@@ -164,6 +244,8 @@ def resolve(uri: str | os.PathLike | Location, endpoint_url: str | None = None) 
             raise StorageError(f"S3 URI has no bucket: {uri!r} (expected s3://bucket/prefix)")
         endpoint = endpoint_from_env(endpoint_url)
         path = (parsed.netloc + "/" + parsed.path.lstrip("/")).rstrip("/")
+        if any(seg in (".", "..") for seg in path.split("/")):
+            raise StorageError(f"S3 URI {uri!r} has '.' or '..' parts (S3 keys are not paths)")
         return Location(_s3_filesystem(endpoint), path, f"s3://{path}", endpoint)
     if parsed.scheme in ("", "file"):
         local = parsed.path if parsed.scheme == "file" else uri
@@ -192,13 +274,32 @@ def _s3_filesystem(endpoint: str | None) -> pafs.S3FileSystem:
         kwargs["scheme"] = ep.scheme or "http"
         kwargs["allow_bucket_creation"] = True
         kwargs["allow_bucket_deletion"] = True
-    key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
-    if key and secret:
-        kwargs["access_key"] = key
-        kwargs["secret_key"] = secret
-        if os.environ.get("AWS_SESSION_TOKEN"):
-            kwargs["session_token"] = os.environ["AWS_SESSION_TOKEN"]
+    # No access_key/secret_key here: explicit keys would be pickled with the filesystem into
+    # every Ray task. The SDK's default chain reads AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY /
+    # AWS_SESSION_TOKEN, ~/.aws and the instance role in whichever process uses it.
     return pafs.S3FileSystem(**kwargs)
+
+
+def _write_local_durably(path: str, data: bytes) -> None:
+    """Temporary sibling, fsync, rename over ``path``, fsync the folder (POSIX durability)."""
+    parent = os.path.dirname(path) or "."
+    os.makedirs(parent, exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fd = os.open(parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def redact(text: str) -> str:
@@ -266,7 +367,7 @@ def explain(exc: BaseException, loc: Location) -> StorageError:
     ):
         if loc.is_s3 and not _bucket_exists(loc):
             return StorageError(f"bucket '{bucket}' does not exist ({_where(loc)})")
-        return StorageError(f"not found: {loc.uri}")
+        return NotFoundError(f"not found: {loc.uri}")
     if isinstance(exc, PermissionError):
         return StorageError(f"permission denied: {loc.uri}")
     first = msg.strip().splitlines()[0] if msg.strip() else type(exc).__name__

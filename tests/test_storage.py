@@ -11,7 +11,7 @@ import pyarrow.fs as pafs
 import pytest
 
 from lepton_ray import storage
-from lepton_ray.errors import StorageError
+from lepton_ray.errors import NotFoundError, StorageError
 from lepton_ray.storage import Location, explain, redact, resolve
 
 SECRET = os.environ["AWS_SECRET_ACCESS_KEY"]
@@ -76,8 +76,119 @@ def test_write_json_is_stable(tmp_path):
 
 
 def test_local_missing_file_is_not_found(tmp_path):
-    with pytest.raises(StorageError, match=f"^not found: {tmp_path.resolve()}/nope$"):
+    with pytest.raises(NotFoundError, match=f"^not found: {tmp_path.resolve()}/nope$"):
         resolve(tmp_path / "nope").read_bytes()
+    assert issubclass(NotFoundError, StorageError)  # callers that catch StorageError still do
+
+
+def test_local_write_fsyncs_the_file_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", "dir" if os.path.isdir(f"/proc/self/fd/{fd}") else "file"))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", os.path.basename(dst)))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    resolve(tmp_path / "d" / "obj").write_bytes(b"durable")
+    assert events == [("fsync", "file"), ("replace", "obj"), ("fsync", "dir")]
+    assert (tmp_path / "d" / "obj").read_bytes() == b"durable" and _no_tmp_files(tmp_path)
+
+
+def test_failed_local_write_leaves_the_old_object_and_no_temp_file(tmp_path, monkeypatch):
+    loc = resolve(tmp_path / "obj")
+    loc.write_bytes(b"old")
+
+    def broken(fd):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(os, "fsync", broken)
+    with pytest.raises(StorageError, match=f"^storage error at {loc.uri}: No space left"):
+        loc.write_bytes(b"new")
+    assert loc.read_bytes() == b"old" and _no_tmp_files(tmp_path)
+
+
+# --- no path escapes -------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "parts",
+    [
+        ("..",),
+        ("../victim",),
+        ("a/../../victim",),
+        ("a", ".."),
+        ("/etc/passwd",),
+        ("",),
+        ("a//b",),
+        ("a/",),
+        (".",),
+        ("a\\..\\b",),
+        ("a\x00b",),
+        (),
+    ],
+)
+def test_join_refuses_parts_that_would_escape(parts, tmp_path):
+    root = resolve(tmp_path / "store")
+    with pytest.raises(StorageError, match="refusing|no path to join") as info:
+        root.join(*parts)
+    assert "\n" not in str(info.value) and root.uri in str(info.value)
+
+
+def test_join_refuses_escapes_on_s3_too():
+    root = resolve("s3://bucket/runs", endpoint_url="http://127.0.0.1:1")
+    with pytest.raises(StorageError, match="refusing path '../datasets' under s3://bucket/runs"):
+        root.join("../datasets")
+    with pytest.raises(StorageError, match="has '.' or '..' parts"):
+        resolve("s3://bucket/runs/../datasets", endpoint_url="http://127.0.0.1:1")
+
+
+def test_delete_never_leaves_its_location(tmp_path):
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep.txt").write_text("precious")
+    root = resolve(tmp_path / "store")
+    root.join("a/b").write_bytes(b"x")
+    (tmp_path / "store" / "link").symlink_to(victim, target_is_directory=True)
+    (tmp_path / "store" / "a" / "inner").symlink_to(victim, target_is_directory=True)
+    root.join("link").delete()  # the link goes, not what it points to
+    assert not (tmp_path / "store" / "link").exists() and (victim / "keep.txt").exists()
+    root.delete()  # a tree holding a link to a folder outside it
+    assert not (tmp_path / "store").exists() and (victim / "keep.txt").read_text() == "precious"
+    with pytest.raises(StorageError, match="^refusing to delete /: it is a bucket or disk root$"):
+        resolve("/").delete()
+    with pytest.raises(StorageError, match="refusing to delete s3://bucket: it is a bucket"):
+        resolve("s3://bucket", endpoint_url="http://127.0.0.1:1").delete()
+
+
+# --- (filesystem, path) -> Location ----------------------------------------------------------
+def test_from_filesystem_local(tmp_path):
+    loc = Location.from_filesystem(pafs.LocalFileSystem(), f"{tmp_path}/a/../b")
+    assert loc.path == loc.uri == f"{tmp_path}/b" and not loc.is_s3
+    with pytest.raises(StorageError, match="is not absolute"):
+        Location.from_filesystem(pafs.LocalFileSystem(), "relative/x")
+
+
+def test_from_filesystem_s3_gives_an_s3_uri(s3_server):
+    fs = resolve("s3://bucket/x", endpoint_url=s3_server).fs
+    loc = Location.from_filesystem(fs, "bucket/runs/r/checkpoint_epoch0001_step0000010", s3_server)
+    assert loc.is_s3 and loc.uri == "s3://bucket/runs/r/checkpoint_epoch0001_step0000010"
+    assert loc.endpoint_url == s3_server
+    assert loc.join("manifest.json").uri == loc.uri + "/manifest.json"
+    assert loc.parent.uri == "s3://bucket/runs/r" and loc.name.startswith("checkpoint_epoch")
+
+
+def test_from_filesystem_refuses_other_filesystems(tmp_path):
+    sub = pafs.SubTreeFileSystem(str(tmp_path), pafs.LocalFileSystem())
+    with pytest.raises(StorageError, match="unsupported filesystem 'subtree'"):
+        Location.from_filesystem(sub, "x")
+
+
+def test_is_s3_follows_the_filesystem_not_the_text(tmp_path):
+    assert not Location(pafs.LocalFileSystem(), str(tmp_path), "s3://looks/like/s3").is_s3
 
 
 def test_ensure_writable_creates_local_folder(tmp_path):
@@ -155,7 +266,7 @@ def test_s3_write_read_listdir_delete(s3_server, s3_bucket):
 def test_s3_missing_object(s3_server, s3_bucket):
     loc = resolve(f"s3://{s3_bucket}/no/such/key", endpoint_url=s3_server)
     assert not loc.exists()
-    with pytest.raises(StorageError) as info:
+    with pytest.raises(NotFoundError) as info:
         loc.read_bytes()
     assert str(info.value) == f"not found: s3://{s3_bucket}/no/such/key"
 
@@ -165,8 +276,9 @@ def test_s3_missing_bucket(s3_server):
     loc = resolve(f"s3://{bucket}/x/y", endpoint_url=s3_server)
     with pytest.raises(StorageError, match=f"bucket '{bucket}' does not exist"):
         loc.ensure_writable()
-    with pytest.raises(StorageError, match=f"bucket '{bucket}' does not exist"):
+    with pytest.raises(StorageError, match=f"bucket '{bucket}' does not exist") as info:
         loc.read_bytes()
+    assert not isinstance(info.value, NotFoundError)  # a missing bucket is a setup mistake
 
 
 def test_s3_unreachable_endpoint(monkeypatch):
@@ -222,7 +334,7 @@ def test_redact_removes_secret_values(monkeypatch):
 def test_explain_never_leaks_the_secret(monkeypatch, tmp_path):
     secret = "very-secret-value-789"
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
-    s3 = Location(pafs.LocalFileSystem(), "bucket/key", "s3://bucket/key", "http://127.0.0.1:1")
+    s3 = resolve("s3://bucket/key", endpoint_url="http://127.0.0.1:1")  # never contacted
     local = resolve(tmp_path / "f")
     for exc, loc in [
         (OSError(f"weird failure signing with {secret}"), s3),
@@ -236,7 +348,7 @@ def test_explain_never_leaks_the_secret(monkeypatch, tmp_path):
 
 
 def test_explain_classifies_errors(tmp_path):
-    s3 = Location(pafs.LocalFileSystem(), "bucket/key", "s3://bucket/key", "http://ep:1")
+    s3 = resolve("s3://bucket/key", endpoint_url="http://ep:1")  # never contacted
     assert (
         str(explain(OSError("AWS Error NO_SUCH_BUCKET"), s3))
         == "bucket 'bucket' does not exist (s3://bucket/key via http://ep:1)"
@@ -319,3 +431,62 @@ def test_s3_rejected_credentials(which, moto_auth, s3_server, monkeypatch):
         assert msg.startswith(f"access denied to s3://{bucket}/denied.txt"), msg
         assert "AWS_SECRET_ACCESS_KEY" in msg  # tells the user what to check ...
         assert bad_secret not in msg and secret not in msg  # ... without the value
+
+
+# --- credentials never travel ----------------------------------------------------------------
+PLANTED = {
+    "AWS_ACCESS_KEY_ID": "AKIAPLANTEDQ7X2LEPTON",
+    "AWS_SECRET_ACCESS_KEY": "planted/Secret+Value+9f3e7c1a2b",
+    "AWS_SESSION_TOKEN": "planted-session-token-5d8e",
+}
+
+
+def _pickled(*objs) -> list[bytes]:
+    import pickle
+
+    import ray.cloudpickle
+
+    return [dump(o) for o in objs for dump in (pickle.dumps, ray.cloudpickle.dumps)]
+
+
+def test_pickled_s3_location_and_filesystem_carry_no_credentials(s3_server, s3_bucket, monkeypatch):
+    """Ray pickles the filesystem into every Ray Data / Ray Train task: no key may ride along."""
+    import pickle
+
+    for name, value in PLANTED.items():
+        monkeypatch.setenv(name, value)
+    loc = resolve(f"s3://{s3_bucket}/creds/obj.bin", endpoint_url=s3_server)
+    loc.write_bytes(b"written with the planted key")  # the SDK has resolved the credentials
+    for blob in _pickled(loc, loc.fs, loc.parent):
+        for value in PLANTED.values():
+            assert value.encode() not in blob
+    # Unpickled, it finds the credentials again where it runs (here: the environment).
+    restored = pickle.loads(pickle.dumps(loc))
+    assert restored.is_s3 and restored.uri == loc.uri
+    assert restored.read_bytes() == b"written with the planted key"
+    restored.parent.join("second.bin").write_bytes(b"and again")
+    assert loc.parent.join("second.bin").read_bytes() == b"and again"
+
+
+@pytest.mark.ray
+def test_a_ray_task_reads_and_writes_s3_with_the_credentials_of_its_own_process(
+    ray_session, s3_server, s3_bucket
+):
+    import ray
+
+    loc = resolve(f"s3://{s3_bucket}/task", endpoint_url=s3_server)
+    loc.join("in.txt").write_bytes(b"from the driver")
+
+    @ray.remote(num_cpus=0)
+    def copy(where: Location) -> int:
+        data = where.join("in.txt").read_bytes()
+        where.join("out.txt").write_bytes(data + b", through a task")
+        return os.getpid()
+
+    import ray.cloudpickle
+
+    for blob in [*_pickled(loc), ray.cloudpickle.dumps(copy)]:
+        assert os.environ["AWS_SECRET_ACCESS_KEY"].encode() not in blob
+        assert os.environ["AWS_ACCESS_KEY_ID"].encode() not in blob
+    assert ray.get(copy.remote(loc)) != os.getpid()
+    assert loc.join("out.txt").read_bytes() == b"from the driver, through a task"
