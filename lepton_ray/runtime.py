@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from typing import Any
 
 _LOCAL_TRAIN_ENV = {
@@ -16,7 +18,9 @@ def ensure_ray(address: str | None = None, *, min_cpus: int = 4, **kwargs: Any) 
 
     Inside ``ray job submit`` (or with ``RAY_ADDRESS`` set) this attaches to that cluster. Started
     locally, it reserves at least ``min_cpus`` logical CPUs so that training workers and the Ray
-    Data preprocessing tasks that feed them can run side by side on a small machine.
+    Data preprocessing tasks that feed them can run side by side on a small machine, and every
+    one of its processes listens on 127.0.0.1 only (GCS, raylet, object manager, workers,
+    dashboard, metrics): nothing on the network can reach it.
     """
     import ray
     from ray.data import DataContext
@@ -37,9 +41,52 @@ def ensure_ray(address: str | None = None, *, min_cpus: int = 4, **kwargs: Any) 
     # late a finished fit returns) are made for clusters.
     for var, value in _LOCAL_TRAIN_ENV.items():
         os.environ.setdefault(var, value)
-    ray.init(
-        address="local",
-        num_cpus=max(os.cpu_count() or 1, min_cpus),
-        include_dashboard=True,
-        **kwargs,
-    )
+    kwargs.setdefault("_node_ip_address", LOOPBACK)
+    kwargs.setdefault("dashboard_host", LOOPBACK)
+    with _loopback_node():
+        ray.init(
+            address="local",
+            num_cpus=max(os.cpu_count() or 1, min_cpus),
+            include_dashboard=True,
+            **kwargs,
+        )
+
+
+LOOPBACK = "127.0.0.1"
+
+
+@contextlib.contextmanager
+def _loopback_node() -> Iterator[None]:
+    """Let a local instance keep 127.0.0.1 as its node address, so that nothing it runs listens
+    on another interface: a local instance is for this machine alone.
+
+    Ray's GCS, raylet, object manager and worker gRPC servers listen on 127.0.0.1 only when the
+    node address is exactly 127.0.0.1, else on every interface; but ``ray.init`` replaces a
+    loopback ``_node_ip_address`` with the machine's routable address unless Ray runs in its
+    single-machine mode (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, read when Ray is imported).
+    This switches that mode on while the instance starts; afterwards Ray takes the node address
+    from the running node. Checked from the listening sockets in tests/test_runtime_ports.py.
+    """
+    from ray._private import ray_constants
+
+    saved = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
+
+
+def running_cluster_address() -> str | None:
+    """The cluster a command may attach to: ``$RAY_ADDRESS``, else the one ``ray start`` last
+    started on this machine (Ray's ``ray_current_cluster`` file); None when there is none.
+
+    Ray instances that a ``ray.init()`` started inside some other process do not count: they end
+    with that process.
+    """
+    from ray._private.utils import read_ray_address
+
+    address = os.environ.get("RAY_ADDRESS")
+    if address and address != "local":
+        return address
+    return read_ray_address(None) or None
