@@ -11,6 +11,16 @@ A checkpoint is a folder::
 
 A reader trusts a checkpoint only when ``manifest.json`` exists and every checksum matches, so a
 crash mid-upload never leaves a checkpoint that looks complete.
+
+Metadata without weights: :func:`read_meta` and :func:`version` (and :func:`describe`, both at
+once) read only ``manifest.json`` and ``lepton.json`` (checked against its checksum), and this
+module imports torch and safetensors only inside the functions that handle tensors, so Serve's
+ingress, ``deploy`` on the driver and the pipelines learn what a checkpoint is without downloading
+its weights or importing torch. The version of a checkpoint is the first 12 hex digits of its
+weights' sha256: two checkpoints with the same weights have the same version, wherever they are.
+
+Loading builds the architecture the spec names only when :mod:`lepton_ray.trust` allows it (a
+registered name, or a class from a trusted module), checked before the weights are downloaded.
 """
 
 from __future__ import annotations
@@ -18,19 +28,37 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import subprocess
 import time
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from lepton_ray import storage
-from lepton_ray.errors import LeptonError, StorageError
-from lepton_ray.models import from_spec, memory_format, unwrap
+from lepton_ray.errors import CheckpointError, NotFoundError
+from lepton_ray.trust import check_spec
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+__all__ = [
+    "CheckpointError",
+    "Described",
+    "Loaded",
+    "describe",
+    "load_checkpoint",
+    "load_model",
+    "load_train_state",
+    "publish",
+    "read_manifest",
+    "read_meta",
+    "verify",
+    "version",
+    "write_local",
+]
 
 WEIGHTS, STATE, META, MANIFEST = (
     "model.safetensors",
@@ -38,10 +66,26 @@ WEIGHTS, STATE, META, MANIFEST = (
     "lepton.json",
     "manifest.json",
 )
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_FILE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
-class CheckpointError(LeptonError):
-    """A checkpoint is missing, incomplete or corrupt."""
+@dataclass(frozen=True)
+class Described:
+    """What a checkpoint is, read from its manifest and metadata only."""
+
+    location: storage.Location
+    meta: dict[str, Any]
+    version: str
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """A loaded checkpoint: the model (eval mode, on its device), ``lepton.json`` and the version."""
+
+    model: nn.Module
+    meta: dict[str, Any]
+    version: str
 
 
 def write_local(
@@ -51,6 +95,11 @@ def write_local(
     train_state: dict[str, Any] | None = None,
 ) -> Path:
     """Write a checkpoint's files (all but the manifest) into a local folder."""
+    import torch
+    from safetensors.torch import save as st_save
+
+    from lepton_ray.models import unwrap
+
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous() for k, v in unwrap(model).state_dict().items()}
@@ -64,7 +113,8 @@ def write_local(
 
 
 def publish(local_dir: str | os.PathLike, dest: storage.Location) -> storage.Location:
-    """Upload a local checkpoint folder: every file first, then ``manifest.json``."""
+    """Upload a local checkpoint folder: every file first (each durable before the next step),
+    then ``manifest.json``, the commit point."""
     files = {}
     for p in sorted(Path(local_dir).iterdir()):
         if p.is_file() and p.name != MANIFEST:
@@ -73,43 +123,127 @@ def publish(local_dir: str | os.PathLike, dest: storage.Location) -> storage.Loc
     return dest
 
 
-def verify(loc: storage.Location) -> dict[str, bytes]:
-    """Read and check a checkpoint; returns the contents of its files by name."""
+def read_manifest(loc: storage.Location) -> dict[str, Any]:
+    """A checkpoint's manifest, checked to be well formed: ``{"files": {name: sha256}}`` with
+    plain file names (a manifest is data: it cannot point outside its folder)."""
     try:
         manifest = loc.join(MANIFEST).read_json()
-    except StorageError as exc:
-        if str(exc).startswith("not found"):
-            raise CheckpointError(f"no complete checkpoint at {loc.uri} (no {MANIFEST})") from None
-        raise
-    contents = {}
-    for name, digest in manifest["files"].items():
-        data = loc.join(name).read_bytes()
-        if storage.sha256_bytes(data) != digest:
+    except NotFoundError:
+        raise CheckpointError(f"no complete checkpoint at {loc.uri} (no {MANIFEST})") from None
+    except ValueError:
+        raise CheckpointError(f"checkpoint {loc.uri} is corrupt: {MANIFEST} is not JSON") from None
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or WEIGHTS not in files or META not in files:
+        raise CheckpointError(
+            f"checkpoint {loc.uri} is corrupt: {MANIFEST} does not list {WEIGHTS} and {META}"
+        )
+    for name, digest in files.items():
+        if (
+            not _FILE.fullmatch(name)
+            or not isinstance(digest, str)
+            or not _SHA256.fullmatch(digest)
+        ):
             raise CheckpointError(
-                f"checkpoint {loc.uri} is corrupt: {name} does not match its checksum"
+                f"checkpoint {loc.uri} is corrupt: {MANIFEST} lists {name!r} with a bad name or "
+                "checksum"
             )
-        contents[name] = data
-    return contents
+    return manifest
+
+
+def _read_checked(loc: storage.Location, manifest: dict[str, Any], name: str) -> bytes:
+    data = loc.join(name).read_bytes()
+    if storage.sha256_bytes(data) != manifest["files"][name]:
+        raise CheckpointError(
+            f"checkpoint {loc.uri} is corrupt: {name} does not match its checksum"
+        )
+    return data
+
+
+def _version(manifest: dict[str, Any]) -> str:
+    return manifest["files"][WEIGHTS][:12]
+
+
+def describe(uri: str | storage.Location, endpoint_url: str | None = None) -> Described:
+    """(location, ``lepton.json``, version) of a checkpoint from its manifest and metadata only:
+    no weights read, no torch imported. ``lepton.json`` is checked against its checksum."""
+    loc = storage.resolve(uri, endpoint_url)
+    manifest, meta = _head(loc)
+    return Described(loc, meta, _version(manifest))
+
+
+def _head(loc: storage.Location) -> tuple[dict[str, Any], dict[str, Any]]:
+    manifest = read_manifest(loc)
+    try:
+        meta = json.loads(_read_checked(loc, manifest, META))
+    except ValueError:
+        raise CheckpointError(f"checkpoint {loc.uri} is corrupt: {META} is not JSON") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"checkpoint {loc.uri} is corrupt: {META} is not a JSON object")
+    return manifest, meta
+
+
+def read_meta(uri: str | storage.Location, endpoint_url: str | None = None) -> dict[str, Any]:
+    """A checkpoint's ``lepton.json`` (spec, data, metrics, config), verified, without weights."""
+    return describe(uri, endpoint_url).meta
+
+
+def version(uri: str | storage.Location, endpoint_url: str | None = None) -> str:
+    """A checkpoint's version (12 hex digits of its weights' sha256), from the manifest alone."""
+    return _version(read_manifest(storage.resolve(uri, endpoint_url)))
+
+
+def verify(loc: storage.Location) -> dict[str, bytes]:
+    """Read and check a checkpoint; returns the contents of its files by name."""
+    manifest = read_manifest(loc)
+    return {name: _read_checked(loc, manifest, name) for name in manifest["files"]}
+
+
+def load_checkpoint(
+    uri: str | storage.Location,
+    endpoint_url: str | None = None,
+    map_location: str = "cpu",
+    trusted_modules: Iterable[str] | str | None = (),
+) -> Loaded:
+    """Rebuild the model from a checkpoint, reading each file once: the manifest, then
+    ``lepton.json`` (whose spec is checked against :mod:`lepton_ray.trust` before the weights are
+    even downloaded), then the weights, every file checked against its checksum.
+
+    ``trusted_modules`` names the modules (exact or dotted prefix) a user's ``nn.Module`` class
+    may come from, added to ``$LEPTON_TRUSTED_MODULES``; registered architectures need none.
+    """
+    from safetensors.torch import load as st_load
+
+    from lepton_ray.models import from_spec, memory_format
+
+    loc = storage.resolve(uri, endpoint_url)
+    manifest, meta = _head(loc)
+    check_spec(meta.get("model"), trusted_modules)
+    weights = _read_checked(loc, manifest, WEIGHTS)
+    model = from_spec(meta["model"], trusted_modules)
+    state = {k.removeprefix("module."): v for k, v in st_load(weights).items()}
+    model.load_state_dict(state)
+    model = model.to(map_location, memory_format=memory_format(meta)).eval()
+    return Loaded(model, meta, _version(manifest))
 
 
 def load_model(
-    uri: str | storage.Location, endpoint_url: str | None = None, map_location: str = "cpu"
+    uri: str | storage.Location,
+    endpoint_url: str | None = None,
+    map_location: str = "cpu",
+    trusted_modules: Iterable[str] | str | None = (),
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the model from a checkpoint: architecture from its spec, weights from safetensors."""
-    loc = storage.resolve(uri, endpoint_url)
-    files = verify(loc)
-    meta = json.loads(files[META])
-    model = from_spec(meta["model"])
-    state = st_load(files[WEIGHTS])
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    model.load_state_dict(state)
-    return model.to(map_location, memory_format=memory_format(meta)).eval(), meta
+    """(model, ``lepton.json``) of a checkpoint: :func:`load_checkpoint` without the version."""
+    loaded = load_checkpoint(uri, endpoint_url, map_location, trusted_modules)
+    return loaded.model, loaded.meta
 
 
 def load_train_state(
     loc: storage.Location,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
     """(weights, train_state, meta) of a checkpoint, verified, for resuming a run."""
+    import torch
+    from safetensors.torch import load as st_load
+
     files = verify(loc)
     weights = st_load(files[WEIGHTS])
     state = (

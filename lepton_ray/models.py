@@ -3,6 +3,10 @@
 A checkpoint stores a *spec*, never pickled code: ``{"name": "cnn", "kwargs": {...}}`` for a
 registered architecture, or ``{"class": "pkg.module:Class", "kwargs": {...}}`` for a user's own
 ``nn.Module`` that is importable where the model is served. Weights travel as safetensors.
+
+A spec is data written by whoever wrote the checkpoint: :func:`from_spec` builds only registered
+architectures, or ``nn.Module`` classes from modules the operator trusts, with JSON kwargs; see
+:mod:`lepton_ray.trust` for the rule, checked before anything is imported.
 """
 
 from __future__ import annotations
@@ -10,11 +14,14 @@ from __future__ import annotations
 import copy
 import importlib
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import nn
+
+from lepton_ray.errors import CheckpointError, ConfigError
+from lepton_ray.trust import check_spec
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
@@ -82,7 +89,7 @@ def resnet18(in_channels: int = 3, num_classes: int = 10) -> nn.Module:
 def build_model(name: str, **kwargs: Any) -> nn.Module:
     """Build a registered architecture and remember its spec on the module."""
     if name not in _REGISTRY:
-        raise ValueError(f"unknown model '{name}' (registered: {', '.join(sorted(_REGISTRY))})")
+        raise ConfigError(f"unknown model '{name}' (registered: {', '.join(sorted(_REGISTRY))})")
     model = _REGISTRY[name](**kwargs)
     model.lepton_spec = {"name": name, "kwargs": dict(kwargs)}  # type: ignore[attr-defined]
     return model
@@ -97,18 +104,29 @@ def spec_of(model: nn.Module) -> dict[str, Any]:
     return {"class": f"{cls.__module__}:{cls.__qualname__}", "kwargs": {}}
 
 
-def from_spec(spec: dict[str, Any]) -> nn.Module:
-    """Rebuild an architecture (random weights) from a spec written by :func:`spec_of`."""
-    if "name" in spec:
-        return build_model(spec["name"], **spec.get("kwargs", {}))
-    module_name, _, qualname = spec["class"].partition(":")
+def from_spec(spec: dict[str, Any], trusted_modules: Iterable[str] | str | None = ()) -> nn.Module:
+    """Rebuild an architecture (random weights) from a spec written by :func:`spec_of`.
+
+    Refuses, in one line and before any import, a spec that is neither a registered name nor a
+    class from a trusted module (``trusted_modules``, ``$LEPTON_TRUSTED_MODULES``; see
+    :mod:`lepton_ray.trust`), or whose kwargs are not JSON scalars and lists; after the import,
+    a class that is not an ``nn.Module`` subclass is refused before it is called.
+    """
+    module_name, qualname = check_spec(spec, trusted_modules)
+    kwargs = spec.get("kwargs", {})
+    if qualname is None:
+        return build_model(spec["name"], **kwargs)
     try:
         obj: Any = importlib.import_module(module_name)
         for part in qualname.split("."):
             obj = getattr(obj, part)
     except (ImportError, AttributeError) as exc:
-        raise ValueError(f"cannot import model class {spec['class']!r}: {exc}") from None
-    return obj(**spec.get("kwargs", {}))
+        raise CheckpointError(f"cannot import model class {spec['class']!r}: {exc}") from None
+    if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
+        raise CheckpointError(
+            f"refusing model class {spec['class']!r}: it is not an nn.Module subclass"
+        )
+    return obj(**kwargs)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -19,7 +19,7 @@ from lepton_ray.checkpoint import (
     verify,
     write_local,
 )
-from lepton_ray.errors import LeptonError
+from lepton_ray.errors import ConfigError, LeptonError
 from lepton_ray.models import (
     ConvNet,
     build_model,
@@ -186,7 +186,7 @@ def test_module_prefixed_weights_still_load(tmp_path):
     keys = st_load((local / checkpoint.WEIGHTS).read_bytes()).keys()
     assert keys and all(k.startswith("module.") for k in keys)
     loc = publish(local, storage.resolve(tmp_path / "published"))
-    loaded, _ = load_model(loc)
+    loaded, _ = load_model(loc, trusted_modules=[__name__])
     x = torch.randn(3, 4)
     with torch.no_grad():
         assert torch.equal(loaded(x), inner(x))
@@ -229,21 +229,22 @@ def test_spec_of_registered_models():
 def test_spec_of_user_models():
     spec = spec_of(TinyNet())
     assert spec == {"class": f"{__name__}:TinyNet", "kwargs": {}}
-    assert isinstance(from_spec(spec), TinyNet)
-    assert (
-        from_spec({"class": f"{__name__}:TinyNet", "kwargs": {"hidden": 9}}).fc1.out_features == 9
-    )
+    assert isinstance(from_spec(spec, trusted_modules=[__name__]), TinyNet)
+    nine = {"class": f"{__name__}:TinyNet", "kwargs": {"hidden": 9}}
+    assert from_spec(nine, trusted_modules=[__name__]).fc1.out_features == 9
+    with pytest.raises(CheckpointError, match=f"module '{__name__}' is not trusted"):
+        from_spec(spec)  # a user's class needs the operator's word
 
 
 def test_spec_errors():
-    with pytest.raises(ValueError, match="unknown model 'vgg99'"):
+    with pytest.raises(ConfigError, match="unknown model 'vgg99'"):
         build_model("vgg99")
-    with pytest.raises(ValueError, match="unknown model"):
+    with pytest.raises(ConfigError, match="unknown model"):
         from_spec({"name": "vgg99"})
-    with pytest.raises(ValueError, match="cannot import model class 'no_such_module:Net'"):
-        from_spec({"class": "no_such_module:Net"})
-    with pytest.raises(ValueError, match="cannot import model class"):
-        from_spec({"class": f"{__name__}:Missing"})
+    with pytest.raises(CheckpointError, match="cannot import model class 'no_such_module:Net'"):
+        from_spec({"class": "no_such_module:Net"}, trusted_modules=["no_such_module"])
+    with pytest.raises(CheckpointError, match="cannot import model class"):
+        from_spec({"class": f"{__name__}:Missing"}, trusted_modules=[__name__])
 
 
 class FlattensFeatureMaps(nn.Module):
@@ -363,7 +364,9 @@ def test_real_ddp_model_is_saved_unwrapped(tmp_path):
     assert not any(
         k.startswith("module.") for k in st_load((local / checkpoint.WEIGHTS).read_bytes())
     )
-    loaded, _ = load_model(publish(local, storage.resolve(tmp_path / "published")))
+    loaded, _ = load_model(
+        publish(local, storage.resolve(tmp_path / "published")), trusted_modules=[__name__]
+    )
     x = torch.randn(2, 4)
     with torch.no_grad():
         assert torch.equal(loaded(x), inner(x))
