@@ -18,7 +18,7 @@ _EXPORTS = {
     "OptimConfig": "lepton_ray.config",
     "DataConfig": "lepton_ray.config",
     "ScalingConfig": "lepton_ray.config",
-    "ServeConfig": "lepton_ray.serve.config",
+    "ServeConfig": "lepton_ray.config",
     "prepare": "lepton_ray.data",
     "open_dataset": "lepton_ray.data",
     "read_ray": "lepton_ray.data",

@@ -99,50 +99,70 @@ def cmd_data_inspect(a: argparse.Namespace) -> Any:
     }
 
 
+# ``lepton-ray train`` flags that mirror a config field: dest -> dotted key in the pipeline YAML.
+# Each defaults to None ("the config's value"); its --help shows the config class's default.
+_TRAIN_FLAGS = {
+    "model": "model.name",
+    "workers": "train.scaling.num_workers",
+    "use_gpu": "train.scaling.use_gpu",
+    "epochs": "train.epochs",
+    "batch_size": "train.batch_size",
+    "lr": "train.optim.lr",
+    "optimizer": "train.optim.optimizer",
+    "seed": "train.seed",
+    "augment": "train.data.augment",
+    "augment_on": "train.data.augment_on",
+    "cache": "train.data.cache",
+    "max_failures": "train.max_failures",
+    "placement_strategy": "train.scaling.placement_strategy",
+    "resources_per_worker": "train.scaling.resources_per_worker",
+    "checkpoint_every_steps": "train.checkpoint_every_steps",
+    "early_stopping_patience": "train.early_stopping_patience",
+    "storage": "train.storage",
+    "run_name": "train.run_name",
+    "resume": "train.resume",
+    "endpoint_url": "endpoint_url",
+}
+
+
+def train_config(a: argparse.Namespace) -> Any:
+    """The :class:`~lepton_ray.config.PipelineConfig` a ``lepton-ray train`` command line asks
+    for: ``--config`` (or the defaults), then ``--set`` overrides, then the flags given."""
+    from lepton_ray.config import load_config
+
+    flags = [
+        (_TRAIN_FLAGS[d], v) for d, v in vars(a).items() if d in _TRAIN_FLAGS and v is not None
+    ]
+    return load_config(a.config, [*a.sets, *flags])
+
+
 def cmd_train(a: argparse.Namespace) -> Any:
-    from lepton_ray import Trainer, build_model, open_dataset
+    import dataclasses
 
-    info = open_dataset(a.data, a.endpoint_url)
-    model = build_model(a.model, in_channels=info.shape[2], num_classes=info.num_classes)
-    trainer = Trainer(
-        a.workers,
-        use_gpu=a.use_gpu,
-        placement_strategy=a.placement_strategy,
-        resources_per_worker=a.resources_per_worker,
-    )
-    opts = {
-        k: v
-        for k, v in {
-            "lr": a.lr,
-            "optimizer": a.optimizer,
-            "run_name": a.run_name,
-            "storage": a.storage,
-            "max_failures": a.max_failures,
-            "seed": a.seed,
-            "checkpoint_every_steps": a.checkpoint_every_steps,
-            "early_stopping_patience": a.early_stopping_patience,
-            "resume": a.resume or None,
-        }.items()
-        if v is not None
-    }
-    data = {
-        k: v for k, v in {"augment_on": a.augment_on, "cache": a.cache}.items() if v is not None
-    }
-    if a.augment is not None:
-        data["augment"] = tuple(x for x in a.augment.split(",") if x)
-    if data:
-        from lepton_ray.config import DataConfig
+    from lepton_ray import build_model, fit, open_dataset
 
-        opts["data"] = DataConfig(**data)
-    res = trainer.fit(
-        model,
-        info,
-        a.val,
-        batch_size=a.batch_size,
-        epochs=a.epochs,
-        endpoint_url=a.endpoint_url,
-        **opts,
+    cfg = train_config(a)
+    if a.data:
+        train_uri, val_uri = a.data, a.val
+    elif a.config:
+        d = cfg.dataset
+        train_uri = f"{cfg.dataset_uri}/{d.train_split}"
+        val_uri = a.val or (f"{cfg.dataset_uri}/{d.val_split}" if d.val_split else None)
+    else:
+        raise _UsageError("which data? pass --data URI, or --config FILE with a dataset section")
+    info = open_dataset(train_uri, cfg.endpoint_url)
+    model = build_model(
+        cfg.model.name,
+        in_channels=info.shape[2],
+        num_classes=info.num_classes,
+        **cfg.model.kwargs,
     )
+    tcfg = dataclasses.replace(
+        cfg.train,
+        storage=cfg.runs_uri,
+        endpoint_url=cfg.train.endpoint_url or cfg.endpoint_url,
+    )
+    res = fit(model, info, val_uri, tcfg)
     return {k: v for k, v in res.items() if k != "history"}
 
 
@@ -150,7 +170,22 @@ def cmd_serve(a: argparse.Namespace) -> Any:
     import time
 
     from lepton_ray import deploy
+    from lepton_ray.runtime import ensure_ray, running_cluster_address
 
+    if a.detach:
+        # The endpoint must outlive this command: only a cluster started apart from it does.
+        address = running_cluster_address()
+        if address is None:
+            raise _UsageError(
+                "--detach needs a running Ray cluster (ray start --head, or RAY_ADDRESS); "
+                "without one the endpoint would stop with this command: drop --detach"
+            )
+        try:
+            ensure_ray(address)
+        except ConnectionError as exc:
+            raise _UsageError(
+                f"--detach: cannot reach the Ray cluster at {address}: {exc}"
+            ) from None
     url = deploy(
         a.checkpoint,
         host=a.host,
@@ -281,6 +316,70 @@ class _UsageError(Exception):
     pass
 
 
+# ``lepton-ray serve`` flags that mirror a ServeConfig field: dest -> field.
+_SERVE_FLAGS = {
+    "min_replicas": "min_replicas",
+    "max_replicas": "max_replicas",
+    "max_batch_size": "max_batch_size",
+    "num_cpus": "num_cpus",
+    "max_request_bytes": "max_request_bytes",
+    "canary": "canary_checkpoint",
+    "canary_share": "canary_share",
+    "canary_min_requests": "canary_min_requests",
+    "endpoint_url": "endpoint_url",
+}
+
+
+def _config_flags(
+    parser: argparse.ArgumentParser, table: dict[str, str], *, defaults: bool = False
+) -> Any:
+    """``flag("--epochs")``: add a flag that mirrors the config field ``table`` names for it.
+
+    Its type, choices (a ``Literal``) and on/off form (a ``bool``: ``--use-gpu/--no-use-gpu``) come
+    from the field's annotation, its help from the field's docstring plus the config's default.
+    The parser's default is None ("keep the config's value"), or with ``defaults`` the config
+    class's default itself; never a number restated here.
+    """
+    import dataclasses
+    import types
+    import typing
+
+    from lepton_ray.config import PipelineConfig, ServeConfig
+    from lepton_ray.config.docs import field_docs, markdown, value_text
+    from lepton_ray.config.schema import _hints, range_text
+
+    def field_of(key: str) -> tuple[type, dataclasses.Field]:
+        cls: Any = ServeConfig if table is _SERVE_FLAGS else PipelineConfig
+        *parents, name = key.split(".")
+        for part in parents:
+            cls = _hints(cls)[part]
+        return cls, {f.name: f for f in dataclasses.fields(cls)}[name]
+
+    def flag(name: str, help_extra: str = "", **kw: Any) -> None:
+        dest = name[2:].replace("-", "_")
+        cls, f = field_of(table[dest])
+        tp = _hints(cls)[f.name]
+        union = typing.get_origin(tp) in (typing.Union, types.UnionType)
+        arms = [t for t in typing.get_args(tp) if t is not type(None)] if union else [tp]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        literal = [t for t in arms if typing.get_origin(t) is typing.Literal]
+        if "type" not in kw:
+            if tp is bool:
+                kw["action"] = argparse.BooleanOptionalAction
+            elif literal:
+                kw["choices"] = typing.get_args(literal[0])
+            else:
+                kw["type"] = next((t for t in arms if t in (int, float)), str)
+        doc = markdown(field_docs(cls).get(f.name, "")).replace("`", "").replace("%", "%%")
+        limits = range_text(f.metadata)
+        text = f"{doc}{' Must be ' + limits + '.' if limits else ''}"
+        text += f" ({help_extra}; " if help_extra else " ("
+        text += f"default: {value_text(default)}, {cls.__name__}.{f.name})"
+        parser.add_argument(name, dest=dest, default=default if defaults else None, help=text, **kw)
+
+    return flag
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="lepton-ray", description="Elastic PyTorch training and serving on Ray."
@@ -337,59 +436,47 @@ def build_parser() -> argparse.ArgumentParser:
     insp.add_argument(*ep["flags"], **ep["kw"])
     insp.set_defaults(fn=cmd_data_inspect)
 
-    tr = sub.add_parser("train", help="train a model with Ray Train (prints train_results as JSON)")
-    tr.add_argument("--data", required=True, help="prepared training dataset URI")
+    tr = sub.add_parser(
+        "train",
+        help="train a model with Ray Train (prints train_results as JSON)",
+        description="Train on a prepared dataset. With --config, the pipeline YAML's dataset, "
+        "model and train sections; --set KEY=VALUE and the flags below override it. A flag left "
+        "out keeps the config's value (the default shown is the config class's).",
+    )
+    tr.add_argument("--config", default=None, metavar="FILE", help="pipeline YAML")
+    tr.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.optim.momentum=0.8 (repeatable)",
+    )
+    tr.add_argument(
+        "--data", default=None, help="prepared training dataset URI (default: from --config)"
+    )
     tr.add_argument("--val", default=None, help="prepared validation dataset URI")
-    tr.add_argument("--model", default="cnn", help="registered architecture (cnn, resnet18)")
-    tr.add_argument("--workers", type=_workers, default=2, help="N, MIN,MAX (elastic) or auto")
-    tr.add_argument("--use-gpu", action="store_true")
-    tr.add_argument("--epochs", type=int, default=15)
-    tr.add_argument("--batch-size", type=int, default=100, help="global batch")
-    tr.add_argument("--lr", type=float, default=None)
-    tr.add_argument("--optimizer", choices=["sgd", "adamw"], default=None)
-    tr.add_argument("--seed", type=int, default=None)
-    tr.add_argument(
-        "--augment",
-        default=None,
-        metavar="A,B",
-        help="training augmentations: random_crop, hflip, rotate, affine, color_jitter ('' for none)",
-    )
-    tr.add_argument(
-        "--augment-on",
-        choices=["auto", "cpu", "device"],
-        default=None,
-        help="augment in Ray Data's CPU workers or in the loop on the training device (auto: device on GPUs)",
-    )
-    tr.add_argument(
-        "--cache",
-        choices=["auto", "off", "device"],
-        default=None,
-        help="keep the training set in each worker's device memory (auto: on GPUs, sets up to 4 GiB)",
-    )
-    tr.add_argument("--max-failures", type=int, default=None)
-    tr.add_argument(
-        "--placement-strategy",
-        default="PACK",
-        choices=["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"],
-    )
-    tr.add_argument(
-        "--resources-per-worker",
-        type=_json_dict,
-        default=None,
-        help='JSON, e.g. \'{"CPU": 2, "GPU": 1, "memory": 4e9}\'',
-    )
-    tr.add_argument(
-        "--checkpoint-every-steps", type=int, default=None, help="also checkpoint mid-epoch"
-    )
-    tr.add_argument("--early-stopping-patience", type=int, default=None)
-    tr.add_argument(
-        "--storage", default=None, help="runs root (path or s3://); default $LEPTON_STORE/runs"
-    )
-    tr.add_argument("--run-name", default=None)
-    tr.add_argument(
-        "--resume", action="store_true", help="continue --run-name from its last checkpoint"
-    )
-    tr.add_argument(*ep["flags"], **ep["kw"])
+    flag = _config_flags(tr, _TRAIN_FLAGS)
+    flag("--model", metavar="NAME")
+    flag("--workers", type=_workers, metavar="N|MIN,MAX|auto")
+    flag("--use-gpu")
+    flag("--epochs")
+    flag("--batch-size")
+    flag("--lr")
+    flag("--optimizer")
+    flag("--seed")
+    flag("--augment", type=str, metavar="A,B", help_extra="'' for none")
+    flag("--augment-on")
+    flag("--cache")
+    flag("--max-failures")
+    flag("--placement-strategy")
+    flag("--resources-per-worker", type=_json_dict, metavar="JSON")
+    flag("--checkpoint-every-steps")
+    flag("--early-stopping-patience")
+    flag("--storage", metavar="URI")
+    flag("--run-name")
+    flag("--resume")
+    flag("--endpoint-url", metavar="URL")
     tr.set_defaults(fn=cmd_train)
 
     sv = sub.add_parser(
@@ -400,31 +487,26 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("checkpoint", help="checkpoint URI")
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
-    sv.add_argument("--min-replicas", type=int, default=1)
-    sv.add_argument("--max-replicas", type=int, default=2)
-    sv.add_argument("--max-batch-size", type=int, default=64, help="1 disables batching")
-    sv.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per model replica")
+    # Defaults are ServeConfig's own values (cmd_serve passes every one to deploy).
+    flag = _config_flags(sv, _SERVE_FLAGS, defaults=True)
+    flag("--min-replicas")
+    flag("--max-replicas")
+    flag("--max-batch-size")
+    flag("--num-cpus")
     sv.add_argument(
         "--haproxy",
         action="store_true",
         help="serve HTTP through Ray Serve's HAProxy ingress (opt-in, a few ms less per request; "
         "needs the 'haproxy' extra; same as LEPTON_SERVE_HAPROXY=1)",
     )
-    sv.add_argument("--max-request-bytes", type=int, default=8 << 20, help="larger bodies get 413")
-    sv.add_argument(
-        "--canary",
-        default=None,
-        metavar="CHECKPOINT",
-        help="send --canary-share of the traffic to this checkpoint; promote or roll back on its own",
-    )
-    sv.add_argument("--canary-share", type=float, default=0.1)
-    sv.add_argument(
-        "--canary-min-requests", type=int, default=50, help="canary requests before the verdict"
-    )
+    flag("--max-request-bytes")
+    flag("--canary", metavar="CHECKPOINT")
+    flag("--canary-share")
+    flag("--canary-min-requests")
     sv.add_argument(
         "--detach", action="store_true", help="return once deployed (the Ray cluster keeps serving)"
     )
-    sv.add_argument(*ep["flags"], **ep["kw"])
+    flag("--endpoint-url", metavar="URL")
     sv.set_defaults(fn=cmd_serve)
 
     pr = sub.add_parser("predict", help="classify PNG/JPEG files with a running endpoint")

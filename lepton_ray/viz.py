@@ -1,8 +1,4 @@
-"""Pictures for people: sample grids (before/after augmentation) and training curves.
-
-The grids need only Pillow; the curves need matplotlib, an optional extra
-(``pip install 'lepton_ray[viz]'``).
-"""
+"""Pictures for people: sample grids (before/after augmentation) and training curves."""
 
 from __future__ import annotations
 
@@ -34,7 +30,7 @@ def augmentation_grid(
 ) -> Any:
     """Top row(s): ``n`` samples as stored; bottom row(s): the same samples after ``augment``."""
     from lepton_ray.data import read_arrays
-    from lepton_ray.data.transforms import AUGMENTATIONS, check_augment
+    from lepton_ray.transforms import AUGMENTATIONS, check_augment
 
     images, _, _ = read_arrays(info)
     n = min(n, len(images))
@@ -48,10 +44,7 @@ def augmentation_grid(
 
 def plot_history(history: list[dict], path: str | None = None) -> Any:
     """Loss and accuracy per epoch (train and, when present, validation); saved as PNG if ``path``."""
-    try:
-        import matplotlib.pyplot as plt  # headless machines fall back to Agg by themselves
-    except ImportError:
-        raise ImportError("plot_history needs matplotlib: pip install 'lepton_ray[viz]'") from None
+    import matplotlib.pyplot as plt  # headless machines fall back to Agg by themselves
 
     epochs = [h["epoch"] for h in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.2))

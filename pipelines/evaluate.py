@@ -17,8 +17,9 @@ import sys
 import time
 from typing import Any
 
+from lepton_ray.config import PipelineConfig
 from pipelines import common
-from pipelines.common import PipelineConfig, find_checkpoint, log
+from pipelines.common import find_checkpoint, log
 
 
 def evaluate(cfg: PipelineConfig, which: str | None = None) -> dict[str, Any]:

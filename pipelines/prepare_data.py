@@ -14,8 +14,9 @@ import os
 import sys
 from typing import Any
 
+from lepton_ray.config import PipelineConfig
 from pipelines import common
-from pipelines.common import PipelineConfig, log
+from pipelines.common import log
 
 
 def run(cfg: PipelineConfig) -> dict[str, Any]:

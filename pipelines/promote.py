@@ -24,8 +24,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lepton_ray.config import PipelineConfig
 from pipelines import common
-from pipelines.common import PipelineConfig, PipelineFailure, find_checkpoint, log
+from pipelines.common import PipelineFailure, find_checkpoint, log
 
 
 def serve_config_yaml(args: dict[str, Any], *, host: str, port: int) -> str:
@@ -50,24 +51,15 @@ def serve_config_yaml(args: dict[str, Any], *, host: str, port: int) -> str:
     )
 
 
-def public(fields: dict[str, Any]) -> dict[str, Any]:
-    """Serve fields safe to write down: no tokens, secrets or passwords (those come from the
-    environment where the application runs)."""
-    return {
-        k: v for k, v in fields.items() if not any(s in k for s in ("token", "secret", "password"))
-    }
-
-
 def run(cfg: PipelineConfig) -> dict[str, Any]:
     from lepton_ray import checkpoint, storage
     from lepton_ray.config import to_dict
-    from lepton_ray.serve.config import ServeConfig
 
     p = cfg.promote
     uri = find_checkpoint(cfg, p.checkpoint)
     files = checkpoint.verify(storage.resolve(uri, cfg.endpoint_url))
     meta = json.loads(files[checkpoint.META])
-    serve = ServeConfig(checkpoint=uri, **{"endpoint_url": cfg.endpoint_url, **p.serve})
+    serve = p.serve_config(uri, endpoint_url=cfg.endpoint_url)
     summary: dict[str, Any] = {
         "checkpoint": uri,
         "run": meta.get("run", {}).get("name"),
@@ -92,7 +84,9 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
     if p.deploy:
         from lepton_ray import deploy
 
+        # to_dict leaves secrets out (they are never written); the token goes to deploy as is.
         fields = {k: v for k, v in to_dict(serve).items() if k != "checkpoint"}
+        fields["auth_token"] = serve.auth_token
         summary["endpoint"] = deploy(uri, host=p.host, port=p.port, **fields)
         log(f"[promote] serving {uri} at {summary['endpoint']}")
 
@@ -101,11 +95,11 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
     previous = pointer.read_json() if pointer.exists() else None
     record = {
         **summary,
-        "serve": public({k: v for k, v in to_dict(serve).items() if k != "checkpoint"}),
+        "serve": {k: v for k, v in to_dict(serve).items() if k != "checkpoint"},
         "promoted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "previous": previous["checkpoint"] if previous else None,
     }
-    config_text = serve_config_yaml(public(to_dict(serve)), host=p.host, port=p.port)
+    config_text = serve_config_yaml(to_dict(serve), host=p.host, port=p.port)
     home.join("config.yaml").write_bytes(config_text.encode())
     pointer.write_json(record)  # last: the pointer moves only once everything else is in place
     if p.write_config:

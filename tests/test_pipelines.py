@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from lepton_ray.config import load_config, parse_override
 from lepton_ray.errors import ConfigError
-from pipelines.common import load_config, parse_override
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "pipelines" / "configs").glob("*.yaml"))
 MNIST = str(Path(__file__).resolve().parent.parent / "pipelines" / "configs" / "mnist.yaml")
@@ -65,11 +65,14 @@ def test_smoke_test_shrinks_everything_but_what_was_overridden():
         (["promote.serve.replicas=2"], "unknown key 'promote.serve.replicas'"),
         (["datasets.source=x"], "unknown key 'datasets'"),
         (["train.epochs"], "override 'train.epochs' must look like key.path=value"),
-        (["train.epochs=0"], "TrainConfig.epochs must be > 0, got 0"),
-        (["train.scaling.placement_strategy=BOTH"], "ScalingConfig.placement_strategy must be"),
+        (["train.epochs=0"], "train.epochs: must be >= 1, got 0"),
+        (
+            ["train.scaling.placement_strategy=BOTH"],
+            "train.scaling.placement_strategy: expected one of PACK, SPREAD,",
+        ),
         (
             ["promote.serve.checkpoint=/x"],
-            "promote.serve.checkpoint is chosen by promote.checkpoint",
+            "promote.serve.checkpoint: is chosen by promote.checkpoint",
         ),
     ],
 )

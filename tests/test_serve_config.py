@@ -57,10 +57,16 @@ def test_tolerance_and_a_decided_verdict_is_final():
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"canary_share": 1.5}, "canary_share must be in \\[0, 1\\]"),
-        ({"canary_min_requests": 0}, "canary_min_requests must be >= 1"),
-        ({"ingress_replicas": 0}, "ingress_replicas must be >= 1"),
-        ({"auth_token": " "}, "auth_token must not be blank"),
+        ({"canary_share": 1.5}, "^ServeConfig.canary_share: must be in \\[0, 1\\], got 1.5$"),
+        ({"canary_min_requests": 0}, "^ServeConfig.canary_min_requests: must be >= 1, got 0$"),
+        ({"ingress_replicas": 0}, "^ServeConfig.ingress_replicas: must be >= 1, got 0$"),
+        ({"auth_token": " "}, "^ServeConfig.auth_token: must not be blank$"),
+        ({"max_replicas": 1, "min_replicas": 2}, "^ServeConfig.max_replicas: must be >= min_repl"),
+        ({"name": "../x"}, "^ServeConfig.name: must be a plain name"),
+        ({"route_prefix": "api"}, "^ServeConfig.route_prefix: must start with '/', got 'api'$"),
+        ({"gpus_per_replica": 0}, "^ServeConfig.gpus_per_replica: must be in \\(0, 1\\], got 0$"),
+        ({"use_gpu": "yes"}, "^ServeConfig.use_gpu: expected true or false, got 'yes'$"),
+        ({"trusted_modules": [1]}, "^ServeConfig.trusted_modules\\[0\\]: expected a string"),
     ],
 )
 def test_bad_serve_config_names_the_field(kwargs, match):
@@ -78,11 +84,24 @@ def test_the_token_stays_out_of_the_config_repr_and_the_model_config():
     assert model.max_batch_size == 8
 
 
+def test_the_token_is_never_serialised_and_trusted_modules_reach_the_model_replica():
+    from lepton_ray.config import from_dict, to_dict
+
+    cfg = ServeConfig(checkpoint="/x", auth_token="hunter2", trusted_modules="acme.models, acme.x")
+    assert cfg.trusted_modules == ("acme.models", "acme.x")  # a string is a comma-separated list
+    assert "auth_token" not in to_dict(cfg) and "hunter2" not in repr(to_dict(cfg))
+    assert from_dict(ServeConfig, to_dict(cfg)) == ServeConfig(
+        checkpoint="/x", trusted_modules=("acme.models", "acme.x")
+    )
+    assert cfg.model_only().trusted_modules == ("acme.models", "acme.x")
+    assert ServeConfig(checkpoint="/x").trusted_modules == ()  # only registered architectures
+
+
 @pytest.mark.parametrize(
     ("args", "match"),
     [
         (["/nowhere/ckpt"], "no complete checkpoint at /nowhere/ckpt"),
-        (["/x", "--canary-share", "2"], "canary_share must be in [0, 1], got 2.0"),
+        (["/x", "--canary-share", "2"], "ServeConfig.canary_share: must be in [0, 1], got 2"),
     ],
 )
 def test_cli_serve_mistakes_exit_2_with_one_line_before_ray_starts(args, match):

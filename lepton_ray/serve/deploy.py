@@ -7,8 +7,7 @@ import os
 from typing import Any
 
 from lepton_ray import checkpoint, storage
-from lepton_ray.config import from_dict
-from lepton_ray.serve.config import ServeConfig
+from lepton_ray.config import ServeConfig, from_dict
 
 
 def build_app(cfg: ServeConfig | dict[str, Any]) -> Any:

