@@ -167,6 +167,7 @@ def cmd_train(a: argparse.Namespace) -> Any:
 
 
 def cmd_serve(a: argparse.Namespace) -> Any:
+    import signal
     import time
 
     from lepton_ray import deploy
@@ -204,13 +205,25 @@ def cmd_serve(a: argparse.Namespace) -> Any:
     print(json.dumps({"endpoint": url, "predict": f"{url}/v1/predict"}), flush=True)
     if a.detach:
         return None
+
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    # SIGTERM (systemd, docker stop, kill) stops the endpoint as Ctrl-C does. Ray's own handler,
+    # installed by ray.init, kills the node's processes under the running driver instead.
+    signal.signal(signal.SIGTERM, stop)
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
+        import ray
         from ray import serve
 
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second signal must not cut this short
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        print("lepton-ray: stopping the endpoint", file=sys.stderr, flush=True)
         serve.shutdown()
+        ray.shutdown()
     return None
 
 
