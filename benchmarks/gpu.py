@@ -184,7 +184,7 @@ class AugmentOnlyUint8:
         self.shape, self.augment = shape, augment
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
-        from lepton_ray.transforms import AUGMENTATIONS, decode_raw
+        from lepton_ray.data.transforms import AUGMENTATIONS, decode_raw
 
         images = decode_raw(batch["image"], self.shape)
         rng = np.random.default_rng()

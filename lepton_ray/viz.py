@@ -1,4 +1,8 @@
-"""Pictures for people: sample grids (before/after augmentation) and training curves."""
+"""Pictures for people: sample grids (before/after augmentation) and training curves.
+
+The grids need only Pillow; the curves need matplotlib, an optional extra
+(``pip install 'lepton_ray[viz]'``).
+"""
 
 from __future__ import annotations
 
@@ -30,7 +34,7 @@ def augmentation_grid(
 ) -> Any:
     """Top row(s): ``n`` samples as stored; bottom row(s): the same samples after ``augment``."""
     from lepton_ray.data import read_arrays
-    from lepton_ray.transforms import AUGMENTATIONS, check_augment
+    from lepton_ray.data.transforms import AUGMENTATIONS, check_augment
 
     images, _, _ = read_arrays(info)
     n = min(n, len(images))
@@ -44,7 +48,10 @@ def augmentation_grid(
 
 def plot_history(history: list[dict], path: str | None = None) -> Any:
     """Loss and accuracy per epoch (train and, when present, validation); saved as PNG if ``path``."""
-    import matplotlib.pyplot as plt  # headless machines fall back to Agg by themselves
+    try:
+        import matplotlib.pyplot as plt  # headless machines fall back to Agg by themselves
+    except ImportError:
+        raise ImportError("plot_history needs matplotlib: pip install 'lepton_ray[viz]'") from None
 
     epochs = [h["epoch"] for h in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.2))

