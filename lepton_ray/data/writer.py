@@ -1,0 +1,379 @@
+"""Writing prepared datasets: shard by shard, the manifest last.
+
+The writer cuts rows into Parquet shards of about 64 MiB of pixels, uploads each as it fills, and
+writes the manifest (:mod:`lepton_ray.data.dataset`) last: a reader that finds a manifest finds
+complete shards. A rewrite writes new shard names, swaps the manifest, then deletes the previous
+version's shards, only those its manifest lists inside the dataset's own folder (a tampered
+manifest cannot make it delete anything else).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from lepton_ray import storage
+from lepton_ray.data import sources
+from lepton_ray.data.dataset import (
+    FORMAT,
+    MANIFEST,
+    DatasetInfo,
+    check_name,
+    info_from_manifest,
+    read_manifest,
+    shard_location,
+)
+from lepton_ray.data.transforms import ENCODINGS, encode_png
+from lepton_ray.errors import DataError, LeptonError
+
+TARGET_SHARD_BYTES = 64 << 20
+MIN_SHARDS = 8
+
+
+# --- writing ---------------------------------------------------------------------------------
+class DatasetWriter:
+    """Writes a prepared dataset shard by shard, so a dataset never has to fit in memory.
+
+    ``add`` takes chunks of (N, H, W, C) uint8 images with labels (and ids); full shards go to
+    storage as they fill; ``commit`` writes the last shard and then the manifest, the commit point.
+    Statistics (class counts, channel mean/std) are accumulated as the chunks pass.
+    """
+
+    def __init__(
+        self,
+        dest: str | storage.Location,
+        *,
+        classes: list[str],
+        endpoint_url: str | None = None,
+        source: str = "",
+        rows_per_shard: int | None = None,
+        encoding: str = "raw",
+    ):
+        if encoding not in ENCODINGS:
+            raise DataError(f"unknown image encoding {encoding!r} (known: {', '.join(ENCODINGS)})")
+        self.loc = storage.resolve(dest, endpoint_url)
+        self.classes, self.source, self.encoding = list(classes), source, encoding
+        self.rows_per_shard = rows_per_shard
+        self.token = uuid.uuid4().hex[:8]
+        self.shards: list[dict] = []
+        self.shape: tuple[int, ...] | None = None
+        self.pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self.pending_rows = 0
+        self.num_rows = 0
+        self.counts = np.zeros(len(classes), np.int64)
+        self.sum = self.sumsq = None
+
+    def add(self, images: np.ndarray, labels: np.ndarray, ids: np.ndarray | None = None) -> None:
+        images = np.asarray(images)
+        if images.dtype != np.uint8 or images.ndim != 4:
+            raise DataError(f"images must be uint8 (N, H, W, C), got {images.dtype} {images.shape}")
+        labels = np.asarray(labels, dtype=np.int64)
+        n = len(images)
+        if len(labels) != n:
+            raise DataError(f"{n} images but {len(labels)} labels")
+        if self.shape is None:
+            self.shape = images.shape[1:]
+            if self.rows_per_shard is None:
+                self.rows_per_shard = max(1, TARGET_SHARD_BYTES // int(np.prod(self.shape)))
+            self.sum = np.zeros(self.shape[2], np.float64)
+            self.sumsq = np.zeros(self.shape[2], np.float64)
+        elif images.shape[1:] != self.shape:
+            raise DataError(
+                f"row {self.num_rows}: image shape {images.shape[1:]} differs from the first rows' {self.shape}"
+            )
+        bad = np.flatnonzero((labels < 0) | (labels >= len(self.classes)))
+        if len(bad):
+            raise DataError(
+                f"row {self.num_rows + int(bad[0])}: label {int(labels[bad[0]])} is outside the "
+                f"{len(self.classes)} classes"
+            )
+        ids = (
+            np.arange(self.num_rows, self.num_rows + n, dtype=np.int64)
+            if ids is None
+            else np.asarray(ids, np.int64)
+        )
+        if self.num_rows == 0:  # checked only once the first rows are known to be good
+            self.loc.ensure_writable()
+        x = images.reshape(-1, self.shape[2]).astype(np.float64) / 255.0
+        self.sum += x.sum(axis=0)
+        self.sumsq += np.square(x).sum(axis=0)
+        self.counts += np.bincount(labels, minlength=len(self.classes))
+        self.num_rows += n
+        self.pending.append((images, labels, ids))
+        self.pending_rows += n
+        while self.pending_rows >= self.rows_per_shard:
+            self._flush(self.rows_per_shard)
+
+    def _flush(self, rows: int) -> None:
+        images, labels, ids = (np.concatenate(parts) for parts in zip(*self.pending, strict=True))
+        head, rest = slice(0, rows), slice(rows, None)
+        self.pending = [(images[rest], labels[rest], ids[rest])] if len(images) > rows else []
+        self.pending_rows = len(images) - rows
+        images = images[head]
+        rows_bytes = (
+            encode_png(images)
+            if self.encoding == "png"
+            else [r.tobytes() for r in images.reshape(len(images), -1)]
+        )
+        table = pa.table(
+            {
+                "id": pa.array(ids[head]),
+                "image": pa.array(rows_bytes, type=pa.binary()),
+                "label": pa.array(labels[head]),
+            }
+        )
+        buf = io.BytesIO()
+        pq.write_table(table, buf, compression="zstd")
+        data = buf.getvalue()
+        name = f"data/part-{len(self.shards):05d}-{self.token}.parquet"
+        self.loc.join(name).write_bytes(data)
+        self.shards.append(
+            {
+                "path": name,
+                "rows": len(table),
+                "bytes": len(data),
+                "sha256": storage.sha256_bytes(data),
+            }
+        )
+
+    def commit(self, skipped: list[str] | None = None) -> DatasetInfo:
+        """Write the last shard, then the manifest (readers see the new version from here on)."""
+        if self.num_rows == 0:
+            raise DataError("refusing to write an empty dataset")
+        if self.pending_rows:
+            self._flush(self.pending_rows)
+        pixels = self.num_rows * self.shape[0] * self.shape[1]
+        mean = self.sum / pixels
+        std = np.sqrt(np.maximum(self.sumsq / pixels - mean**2, 0.0))
+        manifest = {
+            "format": FORMAT,
+            "num_rows": self.num_rows,
+            "shape": list(self.shape),
+            "classes": self.classes,
+            "class_counts": self.counts.tolist(),
+            "mean": mean.round(6).tolist(),
+            "std": np.maximum(std, 1e-6).round(6).tolist(),
+            "encoding": self.encoding,
+            "shards": self.shards,
+            "source": self.source,
+            "skipped_rows": len(skipped or []),
+            "skipped_examples": (skipped or [])[:10],
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "writer": f"lepton_ray {_version()}",
+        }
+        loc = self.loc
+        old = _previous_shards(loc)
+        loc.join(MANIFEST).write_json(manifest)  # the commit point
+        keep = {s["path"] for s in self.shards}
+        for shard in old:  # the previous version's shards, now unreferenced
+            if shard.path not in keep:
+                shard.loc.delete()
+        return info_from_manifest(loc, manifest)
+
+
+@dataclass(frozen=True)
+class _OldShard:
+    path: str
+    loc: storage.Location
+
+
+def _previous_shards(loc: storage.Location) -> list[_OldShard]:
+    """The shards the dataset's current manifest lists inside ``loc``, to delete once the new
+    manifest is in place. A manifest that cannot be read, or a shard path that leaves the folder,
+    is ignored: a rewrite never deletes on a tampered manifest's word."""
+    if not loc.join(MANIFEST).exists():
+        return []
+    try:
+        shards = loc.join(MANIFEST).read_json().get("shards", [])
+    except (LeptonError, ValueError, AttributeError):
+        return []
+    where = f"{loc.uri.rstrip('/')}/{MANIFEST}"
+    out = []
+    for s in shards if isinstance(shards, list) else []:
+        try:
+            path = s["path"]
+            out.append(_OldShard(path, shard_location(loc, path, where)))
+        except (LeptonError, TypeError, KeyError):
+            continue
+    return out
+
+
+def shard_rows(num_rows: int, shape: tuple[int, ...]) -> int:
+    """Rows per shard: about 64 MiB of pixels, and at least 8 shards so that Ray Data has blocks
+    to spread over its workers."""
+    return max(
+        1, min(TARGET_SHARD_BYTES // max(int(np.prod(shape)), 1), math.ceil(num_rows / MIN_SHARDS))
+    )
+
+
+def write_dataset(
+    images: np.ndarray,
+    labels: np.ndarray,
+    dest: str | storage.Location,
+    *,
+    classes: list[str],
+    ids: np.ndarray | None = None,
+    endpoint_url: str | None = None,
+    source: str = "",
+    rows_per_shard: int | None = None,
+    skipped: list[str] | None = None,
+    encoding: str = "raw",
+) -> DatasetInfo:
+    """Write (N, H, W, C) uint8 images and labels as a prepared dataset at ``dest``."""
+    n = len(images)
+    if rows_per_shard is None and n:
+        rows_per_shard = shard_rows(n, np.shape(images)[1:])
+    writer = DatasetWriter(
+        dest,
+        classes=classes,
+        endpoint_url=endpoint_url,
+        source=source,
+        rows_per_shard=rows_per_shard,
+        encoding=encoding,
+    )
+    if n:
+        writer.add(images, labels, ids)
+    return writer.commit(skipped)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lepton_ray")
+    except PackageNotFoundError:
+        return "dev"
+
+
+def prepare(
+    source: str,
+    dest: str,
+    *,
+    endpoint_url: str | None = None,
+    overwrite: bool = False,
+    root: str | None = None,
+    skip_bad: bool = False,
+    encoding: str = "raw",
+    rows_per_shard: int | None = None,
+) -> dict[str, DatasetInfo]:
+    """Prepare a dataset into object storage: ``dest/<split>/`` per split (see :mod:`lepton_ray.data.sources`
+    for the sources: ``mnist5k``, ``torchvision:NAME`` with ``root``, ``imagefolder:PATH``,
+    ``parquet:PATH``).
+
+    Idempotent: when ``dest`` already holds this source's splits they are left as they are and
+    nothing is read (``overwrite=True`` rewrites them, atomically). With ``skip_bad``, unreadable
+    or mismatched images are left out and counted in the manifest (``skipped_rows``). ``encoding``
+    stores rows as raw pixels (fastest to read) or PNG (smaller for natural images; decoded by the
+    Ray Data CPU workers). ``rows_per_shard`` overrides the default shard size (about 64 MiB of
+    pixels, at least 8 shards); smaller shards stream with less memory in flight.
+    """
+    tag = sources.canonical(source)
+    root_loc = storage.resolve(dest, endpoint_url)
+    root_loc.ensure_writable()
+    if not overwrite:
+        existing = {}
+        for split in root_loc.listdir():
+            if not _is_name(split):  # not a folder prepare could have written
+                continue
+            loc = root_loc.join(split)
+            if loc.join(MANIFEST).exists():
+                m = read_manifest(loc)
+                if m.get("source") == f"{tag}/{split}":
+                    existing[split] = info_from_manifest(loc, m)
+        if existing:
+            return existing
+    src = sources.load(source, root=root, skip_bad=skip_bad, endpoint_url=endpoint_url)
+    infos = {}
+    for split, part in src.splits.items():
+        check_name(split, "split")
+        writer = None
+        for images, labels, ids in part.chunks():
+            if writer is None:
+                writer = DatasetWriter(
+                    root_loc.join(split),
+                    classes=src.classes,
+                    source=f"{src.name}/{split}",
+                    rows_per_shard=rows_per_shard or shard_rows(part.num_rows, images.shape[1:]),
+                    encoding=encoding,
+                )
+            writer.add(images, labels, ids)
+        if writer is None:
+            raise DataError(f"the {split} split of {source} is empty")
+        infos[split] = writer.commit(part.skipped)
+    return infos
+
+
+def _is_name(name: str) -> bool:
+    try:
+        check_name(name, "split")
+    except DataError:
+        return False
+    return True
+
+
+def from_torch(
+    dataset: Any,
+    dest: str | storage.Location,
+    *,
+    endpoint_url: str | None = None,
+    classes: list[str] | None = None,
+) -> DatasetInfo:
+    """Write a map-style ``torch.utils.data.Dataset`` of (image, label) as a prepared dataset.
+
+    Images may be PIL images, HWC/CHW uint8 arrays or CHW float tensors in [0, 1].
+    """
+    n = len(dataset)
+    if n == 0:
+        raise DataError("the torch dataset is empty")
+    images, labels = [], []
+    for i in range(n):
+        img, label = dataset[i]
+        images.append(_to_hwc_uint8(img, i))
+        labels.append(int(label))
+    first = images[0].shape
+    for i, im in enumerate(images):
+        if im.shape != first:
+            raise DataError(f"row {i}: image shape {im.shape} differs from the first row's {first}")
+    labels_arr = np.asarray(labels, dtype=np.int64)
+    if classes is None:
+        classes = list(
+            getattr(dataset, "classes", None) or [str(c) for c in range(int(labels_arr.max()) + 1)]
+        )
+    return write_dataset(
+        np.stack(images),
+        labels_arr,
+        dest,
+        classes=[str(c) for c in classes],
+        endpoint_url=endpoint_url,
+        source=f"torch:{type(dataset).__name__}",
+    )
+
+
+def _to_hwc_uint8(img: Any, row: int) -> np.ndarray:
+    import torch
+
+    if hasattr(img, "convert") and hasattr(img, "size"):  # PIL
+        a = np.asarray(img)
+    elif isinstance(img, torch.Tensor):
+        a = img.detach().cpu().numpy()
+        if a.dtype != np.uint8:
+            a = np.clip(np.rint(a * 255.0), 0, 255).astype(np.uint8)
+        if a.ndim == 3 and a.shape[0] in (1, 3) and a.shape[2] not in (1, 3):
+            a = a.transpose(1, 2, 0)
+    else:
+        a = np.asarray(img)
+    if a.ndim == 2:
+        a = a[:, :, None]
+    if a.ndim != 3 or a.dtype != np.uint8:
+        raise DataError(
+            f"row {row}: cannot use image of type {type(img).__name__} {a.dtype} {a.shape}"
+        )
+    return np.ascontiguousarray(a)
