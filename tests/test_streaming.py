@@ -87,3 +87,65 @@ def test_synthetic_source_is_reproducible_and_learnable(tmp_path):
     assert (pred == ya).mean() > 0.9
     with pytest.raises(DataError, match="bad synthetic source '12:8x8x2'"):
         prepare("synthetic:12:8x8x2", str(tmp_path / "c"))
+
+
+@pytest.mark.ray
+def test_read_ray_augments_each_row_by_seed_epoch_and_id(ray_session, tmp_path):
+    """Through Ray Data (blocks, tasks, a global shuffle) a row gets exactly the augmentation the
+    Preprocessor gives it alone, and another one the next epoch."""
+    from lepton_ray.data import read_arrays, read_ray
+    from lepton_ray.data.transforms import Preprocessor
+
+    info = prepare("synthetic:240:8x8x3:2", str(tmp_path / "s"), rows_per_shard=40)["train"]
+    images, labels, ids = read_arrays(info)
+    augment = ("random_crop", "hflip")
+
+    def epoch(e: int) -> dict[int, np.ndarray]:
+        ds = read_ray(
+            info,
+            augment=augment,
+            augment_seed=7,
+            epoch=e,
+            shuffle="global",
+            shuffle_seed=e,
+            normalize=False,
+            batch_size=32,
+        )
+        rows = ds.take_all()
+        return {int(r["id"]): np.asarray(r["image"]) for r in rows}
+
+    def alone(e: int) -> np.ndarray:
+        pre = Preprocessor(info.shape, info.mean, info.std, augment, 7, normalize=False, epoch=e)
+        return pre({"image": images, "label": labels, "id": ids})["image"]
+
+    for e in (0, 1):
+        got, want = epoch(e), alone(e)
+        assert sorted(got) == sorted(ids.tolist())
+        for i, row_id in enumerate(ids.tolist()):
+            np.testing.assert_array_equal(got[row_id], want[i])
+    changed = (alone(0) != alone(1)).reshape(len(ids), -1).any(axis=1)
+    assert changed.mean() > 0.8
+
+
+@pytest.mark.ray
+def test_describe_ray_dataset(ray_session):
+    import ray.data
+
+    from lepton_ray.data import describe_ray_dataset
+    from lepton_ray.errors import DataError
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (50, 6, 5, 3), dtype=np.uint8)
+    ds = ray.data.from_numpy(images).map_batches(
+        lambda b: {"image": b["data"], "label": np.arange(len(b["data"])) % 4}
+    )
+    info = describe_ray_dataset(ds, "train")
+    assert info.num_rows == 50 and info.shape == (6, 5, 3) and info.num_classes == 4
+    np.testing.assert_allclose(info.mean, (images / 255.0).mean(axis=(0, 1, 2)))
+    with pytest.raises(DataError, match=r"the val Ray Dataset needs 'image' and 'label' columns"):
+        describe_ray_dataset(ray.data.from_numpy(images), "val")
+    grey = ray.data.from_numpy(images[..., 0]).map_batches(
+        lambda b: {"image": b["data"], "label": np.zeros(len(b["data"]), np.int64)}
+    )
+    with pytest.raises(DataError, match="must have a channel axis"):
+        describe_ray_dataset(grey, "train")
