@@ -1,5 +1,8 @@
 """Benchmark: images/s of the Ray Data decode + augment pipeline vs a PyTorch ``DataLoader``.
 
+Claim: ``lepton_ray.data.read_ray`` delivers >= 1.2x the images/s of the ``DataLoader`` a PyTorch
+user writes, on the same CPUs. Meant for a CPU machine (measured on 2 shared cores).
+
 Same data (a prepared dataset of synthetic 32x32x3 images, CIFAR-sized, raw uint8 rows in Parquet),
 same transforms (decode, random crop with 2-pixel padding, horizontal flip, colour jitter,
 normalise to float32 NCHW), same batch size, same number of CPU processes doing the work, and the
@@ -8,33 +11,39 @@ same consumer (the main process iterating torch batches). Measured in one run:
 - ``ray_data``: ``lepton_ray.data.read_ray`` (vectorised transforms over whole batches in
   ``map_batches`` tasks) on a local Ray with ``--cpus`` CPUs, ``iter_torch_batches``.
 - ``ray_data_uint8``: the same, but rows stay uint8 until the consumer normalises them (what
-  ``Trainer.fit`` does, on the training device).
+  ``Trainer.fit`` does, on the training device, with ``lepton_ray.train.step.Pixels``).
 - ``dataloader``: what a PyTorch user writes: a map-style ``Dataset`` over the same rows (held in
   memory), torchvision ``transforms.v2`` per image, ``DataLoader(num_workers=--cpus, shuffle=True)``.
 - ``dataloader_batched``: the DataLoader again, but calling our vectorised transforms once per
   batch (a batch sampler): where the speed comes from, the transforms or Ray Data.
 
 Each pipeline runs ``--epochs`` epochs; the first is warm-up (process start-up) and is left out.
+Not measured here: preprocessing on other nodes than the GPU's, streaming from object storage
+(``benchmarks/streaming.py``), per-epoch global shuffles.
 
-    python -m benchmarks.data_pipeline [--rows 50000] [--epochs 3] [--cpus 2]
-
-Writes ``data_pipeline.json`` and a section of ``docs/benchmarks.md``.
+    python -m benchmarks.data_pipeline [--rows 50000] [--epochs 3] [--cpus 2] [--no-doc]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import tempfile
 import time
+from typing import Any
 
 import numpy as np
 import torch
 
-from benchmarks.report import replace_section, save_result
+from benchmarks import harness
+from benchmarks.harness import Goal, fmt, table
 from lepton_ray.data import DatasetInfo, prepare, read_arrays, read_ray
+
+KEY = "data_pipeline"
+GOALS = [
+    Goal(
+        "Ray Data ÷ DataLoader (torchvision per image) >= 1.2", "ray_data_vs_dataloader", ">=", 1.2
+    )
+]
 
 AUGMENT = ("random_crop", "hflip", "color_jitter")
 BATCH = 256
@@ -58,11 +67,11 @@ def ray_data(info: DatasetInfo, epochs: int, cpus: int) -> dict[str, list[float]
     ``Trainer.fit`` does: a quarter of the bytes cross the object store)."""
     import ray
 
-    from lepton_ray.train.loop import _Pixels
+    from lepton_ray.train.step import BATCH_DTYPES, Pixels
 
     ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     out = {}
-    pixels = _Pixels(info.mean, info.std, torch.device("cpu"), torch.channels_last)
+    pixels = Pixels(info.mean, info.std, torch.device("cpu"), torch.channels_last)
     try:
         for name, normalize in (("ray_data", True), ("ray_data_uint8", False)):
             ds = read_ray(
@@ -74,11 +83,7 @@ def ray_data(info: DatasetInfo, epochs: int, cpus: int) -> dict[str, list[float]
                 batch_size=1024,
                 normalize=normalize,
             )
-            dtypes = {
-                "image": torch.float32 if normalize else torch.uint8,
-                "label": torch.int64,
-                "id": torch.int64,
-            }
+            dtypes = {**BATCH_DTYPES, "image": torch.float32} if normalize else BATCH_DTYPES
 
             def batches(ds=ds, dtypes=dtypes, normalize=normalize):
                 for b in ds.iter_torch_batches(batch_size=BATCH, dtypes=dtypes):
@@ -151,14 +156,11 @@ def dataloader(info: DatasetInfo, epochs: int, cpus: int, batched: bool) -> list
     return _epochs(lambda: iter(loader), epochs)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rows", type=int, default=50_000)
-    ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--cpus", type=int, default=2)
-    ap.add_argument("--out", default="benchmarks/results")
-    a = ap.parse_args()
+def run(a: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(1)
+    r = harness.record(
+        KEY, rows=a.rows, epochs=a.epochs, cpus=a.cpus, batch=BATCH, augment=list(AUGMENT)
+    )
     with tempfile.TemporaryDirectory(prefix="lepton-pipe-") as tmp:
         info = prepare(f"synthetic:{a.rows}:32x32x3", tmp)["train"]
         runs = {
@@ -166,51 +168,50 @@ def main() -> None:
             "dataloader": dataloader(info, a.epochs, a.cpus, batched=False),
             "dataloader_batched": dataloader(info, a.epochs, a.cpus, batched=True),
         }
-    steady = {k: float(np.mean(v[1:])) for k, v in runs.items()}
-    result = {
-        "rows": a.rows,
-        "epochs": a.epochs,
-        "cpus": a.cpus,
-        "batch": BATCH,
-        "augment": list(AUGMENT),
-        "images_per_s": {k: round(v) for k, v in steady.items()},
-        "per_epoch": {k: [round(x) for x in v] for k, v in runs.items()},
-        "ratio_ray_data_vs_dataloader": round(steady["ray_data"] / steady["dataloader"], 2),
-        "ratio_ray_data_vs_dataloader_batched": round(
-            steady["ray_data"] / steady["dataloader_batched"], 2
-        ),
-        "ratio_ray_data_uint8_vs_dataloader": round(
-            steady["ray_data_uint8"] / steady["dataloader"], 2
-        ),
-        "machine": platform.platform(),
-        "os_cpus": os.cpu_count(),
+    r["images_per_s"] = {k: round(harness.mean_after_warmup(v)) for k, v in runs.items()}
+    r["per_epoch"] = {k: [round(x) for x in v] for k, v in runs.items()}
+    return r
+
+
+def metrics(r: dict[str, Any]) -> dict[str, float]:
+    ips = r["images_per_s"]
+    return {f"ray_data_vs_{k}": ips["ray_data"] / v for k, v in ips.items() if k != "ray_data"}
+
+
+def render(r: dict[str, Any], key: str) -> str:
+    ips, m = r["images_per_s"], metrics(r)
+    names = {
+        "ray_data": "Ray Data, vectorised transforms in `map_batches`",
+        "ray_data_uint8": "Ray Data, uint8 rows normalised by the consumer (as `Trainer.fit` reads)",
+        "dataloader": "DataLoader, torchvision v2 per image",
+        "dataloader_batched": "DataLoader, lepton_ray's vectorised transforms per batch",
     }
-    print(json.dumps(result, indent=2))
-    save_result(a.out, "data_pipeline.json", result)
-    ips = result["images_per_s"]
-    replace_section(
-        "Ray Data pipeline vs DataLoader",
-        (
-            "\n## Ray Data pipeline vs DataLoader (`benchmarks/data_pipeline.py`)\n\n"
-            f"Images/s delivered as float32 NCHW torch batches of {BATCH} to the main process: decode, random crop "
-            f"(padding 2), horizontal flip, colour jitter, normalise; {a.rows:,} synthetic 32x32x3 rows; {a.cpus} CPU "
-            f"processes doing the work in each; mean of epochs 2..{a.epochs} (epoch 1 is warm-up). Goal: Ray Data "
-            "≥ 1.2× the DataLoader.\n\n"
-            "| pipeline | images/s | Ray Data ÷ this |\n| --- | --- | --- |\n"
-            f"| Ray Data, vectorised transforms in `map_batches` | {ips['ray_data']:,} | 1.00 |\n"
-            f"| Ray Data, uint8 rows normalised by the consumer (as `Trainer.fit` reads) | {ips['ray_data_uint8']:,} | "
-            f"{round(ips['ray_data'] / ips['ray_data_uint8'], 2)} |\n"
-            f"| DataLoader, torchvision v2 per image | {ips['dataloader']:,} | "
-            f"**{result['ratio_ray_data_vs_dataloader']}** |\n"
-            f"| DataLoader, lepton_ray's vectorised transforms per batch | {ips['dataloader_batched']:,} | "
-            f"{result['ratio_ray_data_vs_dataloader_batched']} |\n\n"
-            "The gain over the DataLoader comes from the vectorised transforms, not from Ray Data: the same "
-            "transforms in a DataLoader (last row) are faster still on 2 CPUs, where Ray Data's per-block costs "
-            "(object-store puts and gets, task scheduling, Ray's own processes sharing the two cores) weigh most. "
-            "What Ray Data adds is not measured here: preprocessing on CPU nodes other than the GPU nodes, "
-            "streaming from object storage with bounded memory (section above), and per-epoch global shuffles.\n"
-        ),
+    rows = [
+        [names[k], v, "1.00" if k == "ray_data" else f"{m[f'ray_data_vs_{k}']:.2f}"]
+        for k, v in ips.items()
+    ]
+    hw = r.get("hardware") or f"{r.get('os_cpus')} CPUs, {r.get('machine')}"
+    return (
+        "## Ray Data pipeline vs DataLoader\n\n"
+        f"{harness.provenance({**r, 'hardware': hw}, key)} Images/s delivered as float32 NCHW torch "
+        f"batches of {r['batch']} to the main process: decode, random crop (padding 2), horizontal "
+        f"flip, colour jitter, normalise; {fmt(r['rows'])} synthetic 32x32x3 rows; {r['cpus']} CPU "
+        f"processes doing the work in each; mean of epochs 2..{r['epochs']}.\n\n"
+        + table(["pipeline", "images/s", "Ray Data ÷ this"], rows)
+        + "\n\n"
+        + harness.goal_lines(GOALS, m)
+        + "\n"
     )
+
+
+def add_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--rows", type=int, default=50_000)
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--cpus", type=int, default=2)
+
+
+def main(argv: list[str] | None = None) -> None:
+    harness.main_for(__doc__, KEY, add_args, run, render, argv)
 
 
 if __name__ == "__main__":

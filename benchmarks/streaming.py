@@ -1,33 +1,42 @@
 """Benchmark: one epoch of a dataset larger than Ray's object store, streamed with bounded memory.
 
+Claim: training can read a dataset several times larger than Ray's object store in one pass, each
+row exactly once, nothing spilled to disk and the store never over capacity. Meant for a CPU
+machine (measured on 2 shared cores).
+
 Generates ``synthetic:ROWS:HxWxC`` (3 GB of pixels by default: 1,000,000 images of 32x32x3) as a
 prepared dataset, starts a local Ray whose object store is a third of that, and reads one epoch
 the way the trainer does: shard order shuffled, random crop + flip on the Ray Data CPU workers,
 uint8 rows, a local shuffle buffer where they are consumed. Samples the object store while it
 runs and reports the peak, what was spilled to disk, the driver's peak RSS and rows/s.
 
-    python -m benchmarks.streaming [--rows 1000000] [--object-store-mb 1024] [--out benchmarks/results]
+    python -m benchmarks.streaming [--rows 1000000] [--object-store-mb 1024] [--no-doc]
 
 The test suite runs the same code at a small size (``--rows 80000 --object-store-mb 80
---no-report``). Writes ``streaming.json`` and a section of ``docs/benchmarks.md``.
+--no-report``: the JSON on stdout's last line, nothing written).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import re
 import resource
 import tempfile
 import threading
-import time
+from typing import Any
 
 import numpy as np
 
-from benchmarks.report import replace_section, save_result
-from lepton_ray.data import prepare, read_ray
+from benchmarks import harness
+from benchmarks.harness import Goal, fmt, table
+
+KEY = "streaming"
+GOALS = [
+    Goal("every row seen exactly once", "every_row_once", "==", True),
+    Goal("nothing spilled to disk (MiB)", "spilled_mib", "<=", 0),
+    Goal("peak object-store use ÷ its capacity <= 1", "peak_store_fraction", "<=", 1.0),
+]
 
 
 class StoreSampler:
@@ -69,79 +78,94 @@ class StoreSampler:
         self.peak_mib, self.spilled_mib = max(self.peak_mib, used), max(self.spilled_mib, spilled)
 
 
-def run(
-    rows: int, shape: str, object_store_mb: int, rows_per_shard: int | None, dataset_dir: str
-) -> dict:
+def run(args: argparse.Namespace) -> dict[str, Any]:
     import ray
 
-    t0 = time.perf_counter()
-    info = prepare(f"synthetic:{rows}:{shape}", dataset_dir, rows_per_shard=rows_per_shard)["train"]
-    prepare_s = time.perf_counter() - t0
-    pixels_mib = info.pixel_bytes / 2**20
-    ray.init(
-        address="local",
-        num_cpus=max(os.cpu_count() or 1, 4),
-        object_store_memory=object_store_mb << 20,
-        include_dashboard=False,
-        log_to_driver=False,
-    )
-    try:
-        ds = read_ray(
-            info,
-            shuffle="files",
-            shuffle_seed=0,
-            augment=("random_crop", "hflip"),
-            batch_size=1024,
-            normalize=False,
+    from lepton_ray.data import prepare, read_ray
+
+    r = harness.record(KEY)
+    with tempfile.TemporaryDirectory(prefix="lepton-stream-") as tmp:
+        source = f"synthetic:{args.rows}:{args.shape}"
+        info, prepare_s = harness.timed(
+            prepare, source, args.dataset_dir or tmp, rows_per_shard=args.rows_per_shard
         )
-        seen = np.zeros(info.num_rows, np.int32)
-        t0 = time.perf_counter()
-        with StoreSampler() as store:
-            for batch in ds.iter_batches(
-                batch_size=256, local_shuffle_buffer_size=4096, local_shuffle_seed=0
-            ):
-                np.add.at(seen, batch["id"], 1)
-        epoch_s = time.perf_counter() - t0
-    finally:
-        ray.shutdown()
-    return {
-        "rows": info.num_rows,
-        "shape": list(info.shape),
-        "shards": len(info.shards),
-        "dataset_pixels_mib": round(pixels_mib, 1),
-        "object_store_mib": object_store_mb,
-        "dataset_to_store_ratio": round(pixels_mib / object_store_mb, 2),
-        "every_row_once": bool((seen == 1).all()),
-        "peak_object_store_mib": store.peak_mib,
-        "spilled_mib": store.spilled_mib,
-        "driver_peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "epoch_s": round(epoch_s, 1),
-        "rows_per_s": round(info.num_rows / epoch_s),
-        "prepare_s": round(prepare_s, 1),
-        "cpus": os.cpu_count(),
-        "machine": platform.platform(),
-    }
+        info = info["train"]
+        ray.init(
+            address="local",
+            num_cpus=max(os.cpu_count() or 1, 4),
+            object_store_memory=args.object_store_mb << 20,
+            include_dashboard=False,
+            log_to_driver=False,
+        )
+        try:
+            ds = read_ray(
+                info,
+                shuffle="files",
+                shuffle_seed=0,
+                augment=("random_crop", "hflip"),
+                batch_size=1024,
+                normalize=False,
+            )
+            seen = np.zeros(info.num_rows, np.int32)
+            with StoreSampler() as store, harness.Timer() as t:
+                for batch in ds.iter_batches(
+                    batch_size=256, local_shuffle_buffer_size=4096, local_shuffle_seed=0
+                ):
+                    np.add.at(seen, batch["id"], 1)
+        finally:
+            ray.shutdown()
+    pixels_mib = info.pixel_bytes / 2**20
+    r.update(
+        rows=info.num_rows,
+        shape=list(info.shape),
+        shards=len(info.shards),
+        dataset_pixels_mib=round(pixels_mib, 1),
+        object_store_mib=args.object_store_mb,
+        dataset_to_store_ratio=round(pixels_mib / args.object_store_mb, 2),
+        every_row_once=bool((seen == 1).all()),
+        peak_object_store_mib=store.peak_mib,
+        spilled_mib=store.spilled_mib,
+        driver_peak_rss_mib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        epoch_s=round(t.seconds, 1),
+        rows_per_s=round(info.num_rows / t.seconds),
+        prepare_s=round(prepare_s, 1),
+        cpus=os.cpu_count(),
+    )
+    return r
 
 
-def section(r: dict) -> str:
+def metrics(r: dict[str, Any]) -> dict[str, Any]:
+    return {**r, "peak_store_fraction": r["peak_object_store_mib"] / r["object_store_mib"]}
+
+
+def render(r: dict[str, Any], key: str) -> str:
+    rows = [
+        ["every row seen exactly once", fmt(r["every_row_once"])],
+        [
+            "peak object-store use",
+            f"{r['peak_object_store_mib']} MiB of {r['object_store_mib']} MiB",
+        ],
+        ["spilled to disk", f"{r['spilled_mib']} MiB"],
+        ["driver peak RSS", f"{r['driver_peak_rss_mib']} MiB"],
+        ["epoch time / throughput", f"{r['epoch_s']} s / {fmt(r['rows_per_s'])} rows/s"],
+    ]
+    hw = r.get("hardware") or f"{r.get('cpus')} CPUs, {r.get('machine')}"
     return (
-        "\n## Streaming a dataset larger than the object store (`benchmarks/streaming.py`)\n\n"
-        f"One epoch of {r['rows']:,} synthetic {'x'.join(map(str, r['shape']))} images "
-        f"({r['dataset_pixels_mib'] / 1024:.2f} GiB of pixels in {r['shards']} Parquet shards) through a local Ray "
-        f"whose object store holds {r['object_store_mib']} MiB ({r['dataset_to_store_ratio']}x smaller than the "
-        f"data), read as training reads it: shard order shuffled, crop + flip on the Ray Data CPU workers, uint8 "
-        f"rows, a 4,096-row local shuffle buffer. {r['cpus']} CPUs.\n\n"
-        "| measure | value |\n| --- | --- |\n"
-        f"| every row seen exactly once | {'yes' if r['every_row_once'] else '**no**'} |\n"
-        f"| peak object-store use | {r['peak_object_store_mib']} MiB of {r['object_store_mib']} MiB |\n"
-        f"| spilled to disk | {r['spilled_mib']} MiB |\n"
-        f"| driver peak RSS | {r['driver_peak_rss_mib']} MiB |\n"
-        f"| epoch time / throughput | {r['epoch_s']} s / {r['rows_per_s']:,} rows/s |\n"
+        "## Streaming a dataset larger than the object store\n\n"
+        f"{harness.provenance({**r, 'hardware': hw}, key)} One epoch of {fmt(r['rows'])} synthetic "
+        f"{'x'.join(map(str, r['shape']))} images ({r['dataset_pixels_mib'] / 1024:.2f} GiB of pixels in "
+        f"{r['shards']} Parquet shards) through a local Ray whose object store holds "
+        f"{r['object_store_mib']} MiB ({r['dataset_to_store_ratio']}x less than the data), read as "
+        "training reads it: shard order shuffled, crop + flip on the Ray Data CPU workers, uint8 rows, "
+        "a 4,096-row local shuffle buffer.\n\n"
+        + table(["measure", "value"], rows)
+        + "\n\n"
+        + harness.goal_lines(GOALS, metrics(r))
+        + "\n"
     )
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--shape", default="32x32x3")
     ap.add_argument("--object-store-mb", type=int, default=1024)
@@ -151,17 +175,10 @@ def main() -> None:
         default=None,
         help="where to write the dataset (default: a temporary folder)",
     )
-    ap.add_argument("--out", default="benchmarks/results")
-    ap.add_argument(
-        "--no-report", action="store_true", help="print the JSON only (what the tests use)"
-    )
-    a = ap.parse_args()
-    with tempfile.TemporaryDirectory(prefix="lepton-stream-") as tmp:
-        r = run(a.rows, a.shape, a.object_store_mb, a.rows_per_shard, a.dataset_dir or tmp)
-    print(json.dumps(r))
-    if not a.no_report:
-        save_result(a.out, "streaming.json", r)
-        replace_section("Streaming a dataset larger than the object store", section(r))
+
+
+def main(argv: list[str] | None = None) -> None:
+    harness.main_for(__doc__, KEY, add_args, run, render, argv)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,158 @@
+"""Shared by the GPU benchmarks: the plain PyTorch loop they compare against, the synthetic data,
+and the Trainer's figures in the same units.
+
+The plain loop is the fair baseline: the same model, global batch, optimizer and schedule (the
+library's own ``build_optimizer``/``lr_factor``), bf16 autocast and channels-last memory as the
+Trainer on a GPU, with its data already on the device, so it measures the model's pace alone.
+Samples/s is the mean over the epochs after the first (warm-up); every clock stops after the GPU
+has finished (:class:`benchmarks.harness.Timer`).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.harness import Timer, mean_after_warmup
+
+AUGMENT = ("random_crop", "hflip")
+
+
+def device() -> Any:
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def plain_loop(
+    model_name: str,
+    rows: int,
+    batch: int,
+    epochs: int,
+    dev: Any,
+    *,
+    cudnn_benchmark: bool = False,
+) -> list[float]:
+    """What a user writes by hand, data already on ``dev``; samples/s per epoch."""
+    import torch
+    import torch.nn.functional as F
+
+    from lepton_ray import build_model
+    from lepton_ray.config import OptimConfig
+    from lepton_ray.train.step import build_optimizer, lr_factor
+
+    cuda = dev.type == "cuda"
+    prev, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, cudnn_benchmark
+    torch.manual_seed(0)
+    fmt = torch.channels_last if cuda else torch.contiguous_format
+    model = build_model(model_name, in_channels=3, num_classes=10).to(dev, memory_format=fmt)
+    cfg = OptimConfig()
+    opt = build_optimizer(model, cfg)
+    steps = rows // batch
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps * epochs, cfg))
+    x_all = torch.randn(steps * batch, 3, 32, 32, device=dev).contiguous(memory_format=fmt)
+    y_all = torch.randint(0, 10, (steps * batch,), device=dev)
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda)
+    rates = []
+    for _ in range(epochs):
+        with Timer(dev) as t:
+            for s in range(steps):
+                x, y = x_all[s * batch : (s + 1) * batch], y_all[s * batch : (s + 1) * batch]
+                opt.zero_grad(set_to_none=True)
+                with autocast:
+                    loss = F.cross_entropy(model(x), y)
+                loss.backward()
+                opt.step()
+                sched.step()
+        rates.append(steps * batch / t.seconds)
+    del model, opt, x_all, y_all
+    if cuda:
+        torch.cuda.empty_cache()
+    torch.backends.cudnn.benchmark = prev
+    return rates
+
+
+def plain_summary(rates: list[float]) -> dict[str, Any]:
+    return {
+        "samples_per_s": round(mean_after_warmup(rates), 1),
+        "per_epoch": [round(r, 1) for r in rates],
+    }
+
+
+def random_images(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``map_batches`` over ``ray.data.range``: random uint8 32x32x3 images, labels id % 10."""
+    ids = np.asarray(batch["id"], dtype=np.int64)
+    rng = np.random.default_rng(int(ids[0]))
+    return {"image": rng.integers(0, 256, (len(ids), 32, 32, 3), dtype=np.uint8), "label": ids % 10}
+
+
+def synthetic_ray_dataset(rows: int) -> Any:
+    """An in-memory Ray Dataset of random images (no ``id`` column, as a user's would be)."""
+    import ray
+
+    from lepton_ray.runtime import ensure_ray
+
+    ensure_ray()
+    ds = ray.data.range(rows, override_num_blocks=16)
+    return ds.map_batches(random_images, batch_format="numpy").materialize()
+
+
+def realish_images(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Class-structured images: a blocky colour pattern per class plus per-image noise (learnable)."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n, dtype=np.int64) % 10
+    rng.shuffle(labels)
+    protos = rng.integers(0, 256, (10, 4, 4, 3)).astype(np.int16)
+    protos = np.repeat(np.repeat(protos, 8, axis=1), 8, axis=2)  # (10, 32, 32, 3)
+    images = np.empty((n, 32, 32, 3), np.uint8)
+    for s in range(0, n, 8192):
+        sl = slice(s, min(n, s + 8192))
+        noise = rng.integers(-60, 61, (sl.stop - sl.start, 32, 32, 3), dtype=np.int16)
+        images[sl] = np.clip(protos[labels[sl]] + noise, 0, 255).astype(np.uint8)
+    return images, labels
+
+
+def prepared_dataset(rows: int, store: str | Path | None = None) -> Any:
+    """``rows`` structured images written as a prepared (Parquet) dataset; its DatasetInfo."""
+    from lepton_ray.data import write_dataset
+
+    store = Path(store or tempfile.mkdtemp(prefix="lepton-gpu-bench-"))
+    images, labels = realish_images(rows)
+    return write_dataset(
+        images,
+        labels,
+        str(store / "data" / "realish"),
+        classes=[str(i) for i in range(10)],
+        source="benchmarks realish",
+    )
+
+
+def trainer_summary(res: dict[str, Any], samples_per_epoch: int) -> dict[str, Any]:
+    """A ``fit`` result in the plain loop's units: samples/s after the first epoch, and the share
+    of training time spent waiting for data (the loop's ``data_wait_s``)."""
+    hist = res["history"]
+    measured = hist[1:] if len(hist) > 1 else hist
+    sps = float(np.mean([h["samples_per_second"] for h in measured]))
+    # The loop reports samples / train time (validation and checkpointing excluded).
+    wait = [h["data_wait_s"] * h["samples_per_second"] / samples_per_epoch for h in measured]
+    epoch_times = [h["epoch_time_s"] for h in hist]
+    return {
+        "samples_per_s": round(sps, 1),
+        "data_wait_share": round(float(np.mean(wait)), 3),
+        "per_epoch_samples_per_s": [round(h["samples_per_second"], 1) for h in hist],
+        "per_epoch_data_wait_s": [round(h["data_wait_s"], 2) for h in hist],
+        "per_epoch_time_s": [round(t, 2) for t in epoch_times],
+        "fit_wall_s": round(res["wall_time_s"], 1),
+        "fixed_cost_s": round(res["wall_time_s"] - sum(epoch_times), 1),
+        "final_train_accuracy": res.get("train_accuracy"),
+    }
+
+
+def quiet_ray() -> None:
+    """A fresh local Ray of this process, never someone else's cluster; no progress bars."""
+    os.environ.pop("RAY_ADDRESS", None)
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")

@@ -1,0 +1,283 @@
+"""The doc section of a GPU result, whichever of its parts the run measured.
+
+One renderer for ``gpu_train``, ``gpu_pipeline`` and ``time_to_accuracy`` results and for the older
+``benchmarks/gpu.py`` results kept in ``benchmarks/results/gpu*.json`` (that script ran all parts at
+once, and one merged file, ``gpu.json``, lists three of its runs). Every ratio is recomputed here
+from the samples/s of the same run; the goals are :data:`GOALS`.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+from benchmarks import harness
+from benchmarks.harness import Goal, fmt, table
+
+# The Trainer cases the goals are about: (a) synthetic data, (b) the augmented Parquet set.
+GOALS = {
+    "trainer_synthetic": Goal(
+        "(a) Trainer ÷ plain loop on random images >= 0.97", "ratio", ">=", 0.97
+    ),
+    "trainer_augmented": Goal(
+        "(b) Trainer ÷ plain loop, Parquet + crop + flip >= 0.90", "ratio", ">=", 0.90
+    ),
+}
+PIPELINES = {
+    "synthetic_float32": "in-memory dataset, normalised to float32 NCHW on the CPUs",
+    "synthetic_float32_bs256": "in-memory dataset, normalised to float32 NCHW on the CPUs",
+    "synthetic_float32_bs2048": "the same, `preprocess_batch_size=2048`",
+    "synthetic_float32_bs2048_prefetch8": "the same, and `prefetch_batches=8`",
+    "augmented_float32": "Parquet, global shuffle, crop + flip + normalise to float32 on the CPUs",
+    "augmented_float32_pinned": "the same, `pin_memory=True`",
+    "augmented_float32_bs2048": "the same, `preprocess_batch_size=2048`",
+    "augmented_uint8_pinned_gpu_normalise": "Parquet, shuffle, crop + flip; uint8 rows, pinned, "
+    "normalised on the GPU",
+}
+
+
+def _plain(r: dict[str, Any]) -> float | None:
+    return (r.get("plain") or {}).get("samples_per_s")
+
+
+def training_rows(r: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per Trainer measurement, each with the plain loop of its own run."""
+    if r.get("training"):  # gpu.json: rows of several runs, merged
+        return [dict(t, plain=t.get("plain_same_run")) for t in r["training"]]
+    return [
+        {**v, "key": k, "plain": _plain(r)}
+        for k, v in r.items()
+        if k.startswith("trainer_") and isinstance(v, dict)
+    ]
+
+
+def _training(r: dict[str, Any]) -> list[str]:
+    s, plain = r.get("setup", {}), _plain(r)
+    out = [
+        f"### Training: {s.get('model')} at {s.get('input')}, global batch "
+        f"{fmt(s.get('global_batch'))}, {s.get('precision')}, {s.get('memory_format')}; "
+        f"{fmt(s.get('rows_per_epoch'))} rows per epoch\n",
+        "samples/s: mean over the epochs after the first; ÷ plain: against the plain loop (data "
+        "already on the GPU) of the same run; data wait: share of the loop's training time spent "
+        "waiting for a batch; fixed cost: `fit()` wall time minus its epochs.\n",
+    ]
+    rows: list[list[Any]] = [
+        ["plain PyTorch loop", "tensors already on the GPU", "", plain, "1.00"]
+    ]
+    if "plain_cudnn_benchmark" in r:
+        sps = r["plain_cudnn_benchmark"]["samples_per_s"]
+        rows.append(["plain loop, `cudnn.benchmark=True`", "same", "", sps, f"{sps / plain:.2f}"])
+    bk = r.get("bookkeeping") or {}
+    for mode, what in (
+        ("library", "plain loop + the loop's per-step bookkeeping of that day (2 syncs a step)"),
+        ("no_sync", "plain loop + the same bookkeeping without syncs"),
+    ):
+        if mode in bk:
+            sps = bk[mode]["samples_per_s"]
+            base = bk.get("plain_same_run") or plain
+            rows.append([what, "same", bk.get("run", ""), sps, f"{sps / base:.2f}"])
+    rows = [row + ["–", "–"] for row in rows]
+    goal_lines = []
+    for t in training_rows(r):
+        label, run = t.get("input", t["key"]), t.get("run", "")
+        where = f" [{label}" + (f"; run `{run}`" if run else "") + "]"
+        if "error" in t:
+            rows.append(["`Trainer.fit`", label, run, f"failed: {t['error'][:90]}", "", "", ""])
+            if t["key"] in GOALS:
+                goal_lines.append(GOALS[t["key"]].line({}) + where)
+            continue
+        ratio = t["samples_per_s"] / t["plain"]
+        rows.append(
+            [
+                "`Trainer.fit`" + (" (2 workers)" if "two_workers" in t["key"] else ""),
+                label,
+                run,
+                t["samples_per_s"],
+                f"**{ratio:.2f}**",
+                f"{t['data_wait_share']:.0%}",
+                f"{fmt(t['fit_wall_s'])} ({fmt(t['fixed_cost_s'])})",
+            ]
+        )
+        if t["key"] in GOALS:
+            goal_lines.append(GOALS[t["key"]].line({"ratio": ratio}) + where)
+    headers = ["side", "input", "run", "samples/s", "÷ plain", "data wait", "fit() s (fixed s)"]
+    if not any(row[2] for row in rows):  # one run: no run column
+        headers.pop(2)
+        rows = [row[:2] + row[3:] for row in rows]
+    out.append(table(headers, rows))
+    return out + ([""] + goal_lines if goal_lines else [])
+
+
+def _pipelines(r: dict[str, Any]) -> list[str]:
+    out: list[str] = []
+    for part in ("pipeline_only", "pipeline_blocks"):
+        cases = {k: v for k, v in (r.get(part) or {}).items() if isinstance(v, dict)}
+        if not cases:
+            continue
+        plain = (r.get(part) or {}).get("plain_same_run") or _plain(r)
+        run = (r.get(part) or {}).get("run")
+        rows: list[list[Any]] = [["plain loop (the GPU's pace, for scale)", plain, "1.00"]]
+        for k, v in cases.items():
+            sps = v.get("samples_per_s")
+            ratio = f"{sps / plain:.2f}" if sps and plain else "–"
+            rows.append(
+                [PIPELINES.get(k, k), sps if sps else f"failed: {str(v.get('error'))[:90]}", ratio]
+            )
+        out += [
+            "",
+            "### Input pipeline alone: Ray Data -> `iter_torch_batches` -> GPU, no model"
+            + (f" (run `{run}`)" if run else "")
+            + "\n",
+            table(["pipeline", "samples/s (last epoch)", "÷ plain loop, same run"], rows),
+        ]
+    return out
+
+
+def _mnist(r: dict[str, Any]) -> list[str]:
+    m = r.get("mnist")
+    if not m:
+        return []
+    rows = []
+    for run in m["runs"]:
+        et = run.get("epoch_time_s") or []
+        rows.append(
+            [
+                run["epochs"],
+                run["train_wall_s"],
+                run.get("fit_wall_s"),
+                fmt(run.get("val_accuracy"), 4),
+                run.get("first_epoch_at_98"),
+                fmt(statistics.median(et), 2) if et else "–",
+            ]
+        )
+    reached = [x for x in m["runs"] if (x.get("val_accuracy") or 0) >= 0.98]
+    out = [
+        "",
+        "### Time to >= 98% test accuracy: built-in MNIST subset from the command line"
+        + (f" (run `{m['run']}`)" if m.get("run") else "")
+        + "\n",
+        f"`lepton-ray data prepare mnist5k DIR` ({fmt(m.get('prepare_wall_s'))} s), then `lepton-ray train "
+        "--data DIR/train --val DIR/test --use-gpu --workers 1 --batch-size 100 --epochs N` (the `cnn`); "
+        "wall clock of each command, Ray start-up included.\n",
+        table(
+            [
+                "epochs",
+                "train command s",
+                "of which fit() s",
+                "test accuracy",
+                "first epoch >= 98%",
+                "median epoch s",
+            ],
+            rows,
+        ),
+    ]
+    if reached:
+        best = min(reached, key=lambda x: x["train_wall_s"])
+        total = (m.get("prepare_wall_s") or 0) + best["train_wall_s"]
+        out.append(
+            f"\nFastest run ending at >= 98%: {fmt(total)} s, prepare + train ({best['epochs']} epochs)."
+        )
+    else:
+        out.append("\nNo run ended at >= 98% test accuracy.")
+    ck = r.get("checkpoint_on_cpu")
+    if ck:
+        ok = "yes" if ck.get("ok") else f"no ({ck.get('error')})"
+        out.append(
+            f"\nThe checkpoint loads in a process that sees no GPU (`CUDA_VISIBLE_DEVICES=`): {ok}."
+        )
+    return out
+
+
+def _serve(r: dict[str, Any]) -> list[str]:
+    """Part (d) of the old ``benchmarks/gpu.py`` (now ``benchmarks/serve.py --use-gpu``)."""
+    sv = r.get("serve")
+    if not sv or "levels" not in sv:
+        return []
+    rows = [
+        [
+            x["concurrency"],
+            x["requests"],
+            x["requests_per_s"],
+            x["p50_ms"],
+            x["p99_ms"],
+            x["errors"],
+            fmt(x["accuracy"], 3),
+        ]
+        for x in sv["levels"]
+    ]
+    out = [
+        "",
+        "### Serving the trained checkpoint: `deploy(checkpoint, use_gpu=True)`, one replica\n",
+        f"{sv['request']}; `@serve.batch(max_batch_size=64)`; client threads with `urllib` in the benchmark "
+        f"process. Deploy took {sv['deploy_s']} s. No baseline was run beside it (see the serve sections).\n",
+        table(
+            [
+                "concurrency",
+                "requests",
+                "requests/s",
+                "p50 ms",
+                "p99 ms",
+                "errors",
+                "accuracy over HTTP",
+            ],
+            rows,
+        ),
+    ]
+    b = sv.get("batched")
+    if b:
+        out.append(
+            f"\n64 digits per request at concurrency {b['concurrency']}: {fmt(b['requests_per_s'])} requests/s, "
+            f"{fmt(b['images_per_s'])} images/s (p50 {fmt(b['p50_ms'])} ms, p99 {fmt(b['p99_ms'])} ms)."
+        )
+    return out
+
+
+def _runs(r: dict[str, Any]) -> list[str]:
+    runs = r.get("runs") or {}
+    if not runs:
+        return []
+    rows = [
+        [
+            n,
+            f"`{m.get('file')}`",
+            m.get("measured_at"),
+            m.get("loop"),
+            m.get("plain_samples_per_s"),
+            m.get("what"),
+        ]
+        for n, m in runs.items()
+    ]
+    return [
+        f"Merged from {len(runs)} runs of `benchmarks/gpu.py` (the loop changed between them):\n",
+        table(
+            [
+                "run",
+                "its own JSON",
+                "measured",
+                "loop.py",
+                "plain loop samples/s",
+                "what it measured",
+            ],
+            rows,
+        ),
+        "",
+    ]
+
+
+def render(r: dict[str, Any], key: str) -> str:
+    parts = [
+        name
+        for name, present in (
+            ("training throughput", bool(training_rows(r))),
+            ("input pipeline", bool(r.get("pipeline_only") or r.get("pipeline_blocks"))),
+            ("time to accuracy", bool(r.get("mnist"))),
+            ("serving", bool(r.get("serve"))),
+        )
+        if present
+    ]
+    head = [
+        f"## GPU, {r.get('measured_at')}: {', '.join(parts) or 'plain loop only'} (`{key}`)\n",
+        harness.provenance(r, key) + "\n",
+    ]
+    body = _runs(r) + (_training(r) if training_rows(r) else [])
+    return "\n".join(head + body + _pipelines(r) + _mnist(r) + _serve(r)) + "\n"

@@ -1,0 +1,433 @@
+"""What every benchmark shares: the clock, the hardware record, the result JSON and its section of
+``docs/benchmarks.md``.
+
+A benchmark is a short module over this one: ``run(args) -> dict`` measures (its numbers, rounded,
+in a flat JSON-able dict), and ``render(result) -> str`` turns such a dict back into markdown. The
+doc is only ever written from a result, so a figure in it always has a JSON behind it, and every
+goal sentence is computed from that JSON: a goal is data (:class:`Goal`), and "met"/"not met" is
+its comparison with the run's value, never typed. Re-rendering an old result (``--render FILE``)
+gives the same section it gave when it was measured.
+
+Fairness, which the clock helps with: ratios are taken within one run (the machines are shared and
+noisy), and a clock that stops while the GPU still has queued work measures the launch, not the
+work, so :class:`Timer` synchronises CUDA before it reads the time.
+
+The doc holds one section per result file, between ``<!-- bench:KEY -->`` and
+``<!-- /bench:KEY -->`` (KEY is the result's file stem); a run replaces its own section only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import operator
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+DOC = ROOT / "docs" / "benchmarks.md"
+DOC_HEADER = "# Benchmarks\n"
+
+# --- the clock ---------------------------------------------------------------------------------
+
+
+def sync(device: Any = None) -> None:
+    """Wait for the GPU's queued work when ``device`` is (or defaults to) a CUDA device in use."""
+    torch = sys.modules.get("torch")  # a benchmark that never imported torch never used a GPU
+    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return
+    if device is None or torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Timer:
+    """``with Timer() as t: ...`` then ``t.seconds``; CUDA is synchronised at both ends.
+
+    Synchronising at the start keeps work queued before the block out of it; at the end it keeps
+    the block's own queued work in.
+    """
+
+    def __init__(self, device: Any = None):
+        self.device, self.seconds = device, float("nan")
+
+    def __enter__(self) -> Timer:
+        sync(self.device)
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        sync(self.device)
+        self.seconds = time.perf_counter() - self._t0
+
+
+def timed(
+    fn: Callable[..., Any], *args: Any, device: Any = None, **kwargs: Any
+) -> tuple[Any, float]:
+    """``fn(*args, **kwargs)`` and the seconds it took (GPU work included)."""
+    with Timer(device) as t:
+        out = fn(*args, **kwargs)
+    return out, t.seconds
+
+
+def mean_after_warmup(values: list[float]) -> float:
+    """Mean of all but the first value (the warm-up epoch: allocator, cuDNN, Ray start-up)."""
+    vals = values[1:] if len(values) > 1 else values
+    return sum(vals) / len(vals) if vals else float("nan")
+
+
+# --- the hardware record -----------------------------------------------------------------------
+HARDWARE_KEYS = (
+    "cpu_model",
+    "cpu_cores",
+    "memory_gib",
+    "gpu",
+    "gpu_memory_gib",
+    "cuda",
+    "python",
+    "torch",
+    "ray",
+    "lepton_ray",
+    "git_sha",
+    "date",
+)
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _memory_gib() -> float | None:
+    try:
+        return round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _version(module: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(module)
+    except PackageNotFoundError:
+        return None
+
+
+def git_sha() -> str | None:
+    """The commit measured, with ``+dirty`` when the working tree differs from it."""
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    except OSError:
+        return None
+    return (sha + ("+dirty" if dirty else "")) or None
+
+
+def hardware() -> dict[str, Any]:
+    """CPU, memory, GPU (when torch sees one), library versions, git SHA and date of this run."""
+    hw: dict[str, Any] = dict.fromkeys(HARDWARE_KEYS)
+    hw.update(
+        cpu_model=_cpu_model(),
+        cpu_cores=os.cpu_count(),
+        memory_gib=_memory_gib(),
+        python=platform.python_version(),
+        torch=_version("torch"),
+        ray=_version("ray"),
+        lepton_ray=_version("lepton-ray") or _version("lepton_ray"),
+        git_sha=git_sha(),
+        date=now(),
+    )
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        hw.update(
+            gpu=f"{torch.cuda.device_count()}x {p.name}",
+            gpu_memory_gib=round(p.total_memory / 2**30, 1),
+            cuda=torch.version.cuda,
+        )
+    return hw
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+
+
+def hardware_summary(hw: Any) -> str:
+    """One line for a doc; older results kept the hardware as a string or a ``summary`` key."""
+    if not hw:
+        return "hardware not recorded"
+    if isinstance(hw, str):
+        return hw
+    if hw.get("summary"):
+        return hw["summary"]
+    parts = [f"{hw.get('cpu_model')} ({hw.get('cpu_cores')} cores)"]
+    if hw.get("memory_gib"):
+        parts.append(f"{hw['memory_gib']} GiB")
+    parts.append(f"{hw['gpu']} ({hw.get('gpu_memory_gib')} GiB)" if hw.get("gpu") else "no GPU")
+    parts.append(f"torch {hw.get('torch')}, Ray {hw.get('ray')}")
+    if hw.get("git_sha"):
+        parts.append(f"lepton_ray at {hw['git_sha']}")
+    return ", ".join(parts)
+
+
+# --- goals -------------------------------------------------------------------------------------
+_OPS: dict[str, Callable[[Any, Any], bool]] = {
+    ">=": operator.ge,
+    "<=": operator.le,
+    ">": operator.gt,
+    "<": operator.lt,
+    "==": operator.eq,
+}
+
+
+@dataclass(frozen=True)
+class Goal:
+    """A target on one of a run's metrics; whether it is met is computed, never written.
+
+    ``metric`` is a dotted path into the metrics a benchmark computes from its result
+    (``"by_ingress.haproxy.p50_added_ms"``).
+    """
+
+    text: str
+    metric: str
+    op: str
+    target: float | bool
+
+    def __post_init__(self) -> None:
+        if self.op not in _OPS:
+            raise ValueError(f"Goal op must be one of {sorted(_OPS)}, not {self.op!r}")
+
+    def value(self, metrics: Mapping[str, Any]) -> Any:
+        node: Any = metrics
+        for part in self.metric.split("."):
+            if not isinstance(node, Mapping) or part not in node:
+                return None
+            node = node[part]
+        return node
+
+    def met(self, metrics: Mapping[str, Any]) -> bool | None:
+        """True/False from the value; None when the run did not measure it."""
+        v = self.value(metrics)
+        return None if v is None else bool(_OPS[self.op](v, self.target))
+
+    def line(self, metrics: Mapping[str, Any]) -> str:
+        v, met = self.value(metrics), self.met(metrics)
+        if met is None:
+            return f"- Goal {self.text}: not measured in this run."
+        verdict = "**met**" if met else "**not met**"
+        return f"- Goal {self.text}: {verdict} ({self.metric} = {fmt(v, 3)})."
+
+
+def goal_lines(goals: list[Goal], metrics: Mapping[str, Any]) -> str:
+    return "\n".join(g.line(metrics) for g in goals)
+
+
+# --- markdown ----------------------------------------------------------------------------------
+def fmt(v: Any, digits: int = 1) -> str:
+    """A number as a doc shows it: thousands separated, ``–`` for nothing."""
+    if v is None:
+        return "–"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:,.{digits}f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+def table(headers: list[str], rows: list[list[Any]]) -> str:
+    cells = [[c if isinstance(c, str) else fmt(c) for c in row] for row in rows]
+    lines = ["| " + " | ".join(headers) + " |", "|" + " --- |" * len(headers)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in cells])
+
+
+def provenance(result: Mapping[str, Any], key: str, benchmark: str | None = None) -> str:
+    """The line under a heading: how it was run, when, on what, and which JSON holds it.
+
+    ``benchmark`` names the module for results that do not record it.
+    """
+    hw = result.get("hardware")
+    when = result.get("measured_at") or (hw.get("date") if isinstance(hw, dict) else None)
+    if not when:
+        when = f"date not recorded (the JSON was committed {_committed(key) or 'later'})"
+    name = result.get("benchmark") or benchmark or key
+    command = f"`{result.get('command') or f'python -m benchmarks.{name}'}`"
+    if not result.get("command") and not (ROOT / "benchmarks" / f"{name}.py").exists():
+        command += " (a script since split up)"
+    return (
+        f"{command}, measured {when} on {hardware_summary(result.get('hardware'))}; "
+        f"results: `benchmarks/results/{key}.json`."
+    )
+
+
+def _committed(key: str) -> str | None:
+    try:
+        out = subprocess.run(
+            [
+                "git",
+                "log",
+                "--format=%cs",
+                "--diff-filter=A",
+                "--",
+                f"benchmarks/results/{key}.json",
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        ).stdout.split()
+    except OSError:
+        return None
+    return out[-1] if out else None
+
+
+# --- files -------------------------------------------------------------------------------------
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_result(result: Mapping[str, Any], key: str, out: str | Path = RESULTS) -> Path:
+    """``<out>/<key>.json``, written whole or not at all."""
+    path = Path(out) / f"{key}.json"
+    _write_atomic(path, json.dumps(result, indent=1, default=str) + "\n")
+    return path
+
+
+def load_result(path: str | Path) -> dict[str, Any]:
+    return json.loads(Path(path).read_text())
+
+
+def begin_marker(key: str) -> str:
+    return f"<!-- bench:{key} -->"
+
+
+def end_marker(key: str) -> str:
+    return f"<!-- /bench:{key} -->"
+
+
+def replace_section(text: str, key: str, section: str) -> str:
+    """``text`` with the section between ``key``'s markers replaced (appended when absent)."""
+    begin, end = begin_marker(key), end_marker(key)
+    block = f"{begin}\n{section.strip()}\n{end}"
+    i = text.find(begin)
+    if i < 0:
+        return text.rstrip("\n") + "\n\n" + block + "\n"
+    j = text.find(end, i)
+    if j < 0:
+        raise ValueError(f"{begin} has no {end} after it")
+    return text[:i] + block + text[j + len(end) :]
+
+
+def write_section(key: str, section: str, doc: Path = DOC) -> None:
+    text = doc.read_text() if doc.exists() else DOC_HEADER
+    _write_atomic(doc, replace_section(text, key, section))
+
+
+# --- the command line --------------------------------------------------------------------------
+def parser(doc: str, key: str) -> argparse.ArgumentParser:
+    """A benchmark's parser: its docstring as help, plus where results go."""
+    ap = argparse.ArgumentParser(
+        prog=f"python -m benchmarks.{key}",
+        description=doc,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument(
+        "--out",
+        default=None,
+        help="write the result JSON here instead (the committed doc is then left alone)",
+    )
+    ap.add_argument(
+        "--no-doc",
+        "--no-report",
+        dest="no_doc",
+        action="store_true",
+        help="touch neither benchmarks/results/ nor docs/benchmarks.md; print the JSON only",
+    )
+    ap.add_argument("--key", default=key, help=f"result file stem and doc section (default {key})")
+    ap.add_argument(
+        "--render",
+        metavar="JSON",
+        default=None,
+        help="measure nothing: write the doc section of an existing result file",
+    )
+    return ap
+
+
+def record(benchmark: str, **setup: Any) -> dict[str, Any]:
+    """The head of a result: what ran, how, when and on what."""
+    argv = " ".join(sys.argv[1:])
+    return {
+        "benchmark": benchmark,
+        "command": f"python -m benchmarks.{benchmark}" + (f" {argv}" if argv else ""),
+        "measured_at": now(),
+        "hardware": hardware(),
+        **setup,
+    }
+
+
+def finish(
+    args: argparse.Namespace, result: dict[str, Any], render: Callable[[dict, str], str]
+) -> None:
+    """Print the result (its last line is the JSON on one line), then save it and its section."""
+    if args.out is not None:
+        print(f"result: {save_result(result, args.key, args.out)} (doc left alone)")
+    elif not args.no_doc:
+        save_result(result, args.key)
+        write_section(args.key, render(result, args.key))
+        print(f"result: {RESULTS / (args.key + '.json')}; section {args.key} of {DOC}")
+    print(json.dumps(result, default=str))
+
+
+def render_only(args: argparse.Namespace, render: Callable[[dict, str], str]) -> None:
+    """``--render FILE``: the section of a result measured before, from its JSON alone."""
+    key = Path(args.render).stem if args.key == args.default_key else args.key
+    write_section(key, render(load_result(args.render), key))
+    print(f"section {key} of {DOC} rendered from {args.render}")
+
+
+def main_for(
+    doc: str,
+    key: str,
+    add_args: Callable[[argparse.ArgumentParser], None],
+    run: Callable[[argparse.Namespace], dict[str, Any]],
+    render: Callable[[dict, str], str],
+    argv: list[str] | None = None,
+) -> None:
+    """The whole of a benchmark's ``main``: parse, then measure and report, or only render."""
+    ap = parser(doc, key)
+    add_args(ap)
+    args = ap.parse_args(argv)
+    args.default_key = key
+    if args.render:
+        render_only(args, render)
+        return
+    finish(args, run(args), render)

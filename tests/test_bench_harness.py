@@ -1,0 +1,147 @@
+"""The benchmark harness, without Ray or a GPU: goal sentences come from the numbers, a run
+replaces only its own doc section, results round-trip through JSON, and the committed doc is
+exactly what the committed results render to (no figure or verdict typed by hand in a section)."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from benchmarks import harness
+from benchmarks.harness import Goal
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+    ("op", "target", "value", "met"),
+    [
+        (">=", 0.90, 0.954, True),
+        (">=", 0.90, 0.899, False),
+        (">=", 0.97, 0.968, False),  # 0.968 shows as "0.97" when rounded; the goal is still not met
+        ("<=", 5, 1.94, True),
+        ("<=", 5, 8.26, False),
+        ("==", True, True, True),
+        ("==", True, False, False),
+    ],
+)
+def test_goal_verdict_follows_the_value(op, target, value, met):
+    goal = Goal("x", "m", op, target)
+    assert goal.met({"m": value}) is met
+    line = goal.line({"m": value})
+    assert ("**met**" in line) is met and ("**not met**" in line) is (not met)
+
+
+def test_goal_reads_dotted_metrics_and_says_when_a_run_did_not_measure_it():
+    goal = Goal("p50 added <= 5 ms", "haproxy.p50_added_ms_at_1", "<=", 5)
+    assert goal.line({"haproxy": {"p50_added_ms_at_1": 1.03}}) == (
+        "- Goal p50 added <= 5 ms: **met** (haproxy.p50_added_ms_at_1 = 1.030)."
+    )
+    assert goal.met({"proxy": {}}) is None
+    assert "not measured in this run" in goal.line({})
+    with pytest.raises(ValueError, match="op must be one of"):
+        Goal("x", "m", "=>", 1)
+
+
+def test_a_section_is_replaced_between_its_markers_and_nothing_else_changes():
+    text = "# Benchmarks\n\nhand-written intro\n\n"
+    text = harness.replace_section(text, "a", "## A\n\nold a")
+    text = harness.replace_section(text, "b", "## B\n\nold b")
+    text += "\nhand-written tail\n"
+    new = harness.replace_section(text, "a", "## A\n\nnew a\n")
+    assert new == text.replace("old a", "new a")
+    assert harness.replace_section(new, "a", "## A\n\nnew a") == new  # idempotent
+    appended = harness.replace_section(new, "c", "## C")
+    assert appended.startswith(new.rstrip("\n")) and appended.endswith("<!-- /bench:c -->\n")
+    with pytest.raises(ValueError, match="no <!-- /bench:a -->"):
+        harness.replace_section("<!-- bench:a -->\n## A\n", "a", "## A")
+
+
+def test_write_section_keeps_the_other_sections(tmp_path):
+    doc = tmp_path / "benchmarks.md"
+    harness.write_section("a", "## A\n\n1", doc)
+    harness.write_section("b", "## B\n\n2", doc)
+    harness.write_section("a", "## A\n\n3", doc)
+    text = doc.read_text()
+    assert text.startswith(harness.DOC_HEADER) and "## B\n\n2" in text and "## A\n\n3" in text
+    assert text.index("bench:a") < text.index("bench:b") and "## A\n\n1" not in text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["benchmarks.md"]  # no temp file left
+
+
+def test_result_json_round_trips_atomically(tmp_path):
+    result = {"benchmark": "x", "ratio": 0.908, "per_epoch": {"plain": [1.5, 2.0]}, "ok": True}
+    path = harness.save_result(result, "x", tmp_path)
+    assert path == tmp_path / "x.json" and harness.load_result(path) == result
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.json"]
+
+
+def test_the_hardware_record_names_machine_versions_and_commit():
+    hw = harness.hardware()
+    assert set(hw) == set(harness.HARDWARE_KEYS)
+    assert hw["cpu_cores"] >= 1 and hw["torch"] and hw["ray"] and hw["date"].endswith("UTC")
+    summary = harness.hardware_summary(hw)
+    assert f"({hw['cpu_cores']} cores)" in summary and f"torch {hw['torch']}" in summary
+    assert harness.hardware_summary("x86_64, 2 CPUs") == "x86_64, 2 CPUs"  # older results
+
+
+def test_timed_returns_the_result_and_a_duration():
+    out, seconds = harness.timed(sum, [1, 2, 3])
+    assert out == 6 and 0 <= seconds < float("inf")
+
+
+# Which benchmark renders each committed result (older results name no benchmark, or
+# ``benchmarks/gpu.py``, since split up).
+def _renderer(key: str, result: dict) -> str:
+    if key == "gpu_a_rerun":
+        return "gpu_alternate"
+    if key.startswith("gpu"):
+        return "gpu_train"  # one renderer for every GPU part (benchmarks/_gpu_report.py)
+    if key.startswith("serve"):
+        return "serve"
+    return result.get("benchmark") or key
+
+
+def _doc_sections() -> dict[str, str]:
+    text = (ROOT / "docs" / "benchmarks.md").read_text()
+    out = {}
+    for m in re.finditer(r"<!-- bench:(\w+) -->\n(.*?)<!-- /bench:\1 -->", text, re.DOTALL):
+        assert m[1] not in out, f"section {m[1]} appears twice"
+        out[m[1]] = m[2].strip()
+    return out
+
+
+def test_the_committed_doc_is_what_the_committed_results_render_to():
+    sections = _doc_sections()
+    results = sorted(p.stem for p in (ROOT / "benchmarks" / "results").glob("*.json"))
+    # Run files merged into gpu.json are rendered through it.
+    merged = {
+        r["file"].removesuffix(".json")
+        for r in json.loads((ROOT / "benchmarks" / "results" / "gpu.json").read_text())[
+            "runs"
+        ].values()
+    }
+    assert set(sections) == set(results) - merged
+    for key, body in sections.items():
+        result = harness.load_result(ROOT / "benchmarks" / "results" / f"{key}.json")
+        module = importlib.import_module(f"benchmarks.{_renderer(key, result)}")
+        assert module.render(result, key).strip() == body, f"section {key} is stale"
+
+
+def test_bench_lists_the_benchmarks_and_not_their_helpers():
+    from lepton_ray.cli import benchmark_names
+
+    assert set(benchmark_names(ROOT / "benchmarks")) == {
+        "data_pipeline",
+        "gpu_alternate",
+        "gpu_pipeline",
+        "gpu_train",
+        "recovery",
+        "serve",
+        "streaming",
+        "time_to_accuracy",
+        "train_overhead",
+    }
