@@ -10,6 +10,7 @@ import torch
 from lepton_ray.config import DataConfig
 from lepton_ray.errors import ConfigError
 from lepton_ray.train.device_cache import DeviceCache
+from lepton_ray.train.feed import CachedFeed, Plan
 
 CPU = torch.device("cpu")
 ROWS, BATCH = 103, 10  # 10 full global batches and a 3-row tail
@@ -39,17 +40,9 @@ def plan(cache: DeviceCache, world: int, epoch: int = 0, exclude=None) -> list[l
     """The global batches of an epoch, assembled from every rank's slices, as lists of ids."""
     per_rank = []
     for rank in range(world):
-        steps, batches = cache.epoch(
-            seed=3,
-            epoch=epoch,
-            global_batch=BATCH,
-            world=world,
-            rank=rank,
-            max_steps=100,
-            exclude_ids=exclude,
-        )
+        batches = CachedFeed(cache, Plan(3, BATCH, world, rank, "shuffled")).epoch(epoch, exclude)
         got = list(batches)
-        assert len(got) == steps
+        assert len(got) == batches.steps
         for b in got:  # rows stay together: image, label and id of one sample
             assert torch.equal(b["label"], b["id"] % 10) and torch.equal(
                 b["image"][:, 0, 0, 0], (b["id"] % 251).to(torch.uint8)
@@ -101,10 +94,10 @@ def test_cache_resolution():
     assert DataConfig(cache="device").caches_on_device(use_gpu=False, dataset_bytes=big)
     assert not DataConfig(cache="off").caches_on_device(use_gpu=True, dataset_bytes=small)
     assert DataConfig(augment_on="cpu").augments_on_device(use_gpu=False, cached=True)
-    with pytest.raises(ConfigError, match="cache='device' augments on the device"):
+    with pytest.raises(ConfigError, match="DataConfig.cache: 'device' augments on the device"):
         DataConfig(cache="device", augment_on="cpu")
     with pytest.raises(
-        ConfigError, match="DataConfig.cache: 'gpu' is not one of auto, off, device"
+        ConfigError, match="DataConfig.cache: expected one of auto, off, device, got 'gpu'"
     ):
         DataConfig(cache="gpu")
 
@@ -113,7 +106,7 @@ def test_validation_from_the_cache_equals_validation_from_batches():
     import contextlib
 
     from lepton_ray.models import build_model
-    from lepton_ray.train.loop import _evaluate, _Pixels
+    from lepton_ray.train.step import Pixels, evaluate
 
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
@@ -124,8 +117,8 @@ def test_validation_from_the_cache_equals_validation_from_batches():
         for i in range(0, 300, 128)
     ]
     model = build_model("cnn", in_channels=1, num_classes=10, width=4)
-    pixels = _Pixels([0.13], [0.31], CPU, torch.contiguous_format)
+    pixels = Pixels([0.13], [0.31], CPU, torch.contiguous_format)
     cache = DeviceCache(reversed(batches), CPU)
-    streamed = _evaluate(model, batches, CPU, pixels, contextlib.nullcontext())
-    cached = _evaluate(model, cache.chunks(64), CPU, pixels, contextlib.nullcontext())
+    streamed = evaluate(model, batches, pixels, contextlib.nullcontext())
+    cached = evaluate(model, cache.chunks(64), pixels, contextlib.nullcontext())
     assert cached == pytest.approx(streamed, rel=1e-5)

@@ -105,11 +105,18 @@ def test_every_sample_once_per_epoch(ray_session, digits_360, tmp_path, workers,
     if (
         shuffle == "cache"
     ):  # a global batch is one slice of the epoch's permutation, split over the ranks
-        from lepton_ray.train.device_cache import epoch_order
+        from lepton_ray.train.sampling import shuffled_plan
 
-        ids = np.sort(_ids(digits_360))
         for epoch in range(1, EPOCHS + 1):
-            expected = ids[epoch_order(ROWS, 0, epoch - 1)].reshape(-1, BATCH)
+            plan = shuffled_plan(
+                [np.asarray(_ids(digits_360))],
+                seed=0,
+                epoch=epoch - 1,
+                global_batch=BATCH,
+                world=1,
+                rank=0,
+            )
+            expected = plan.ids.reshape(-1, BATCH)
             for step, batch in enumerate(expected):
                 got = (
                     steps[(epoch, (epoch - 1) * len(expected) + step + 1, 0)]

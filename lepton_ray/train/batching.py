@@ -37,11 +37,13 @@ def loss_scale(global_batch: int, world_size: int, local_batch: int) -> float:
 
 
 def steps_per_epoch(num_rows: int, global_batch: int, world_size: int) -> int:
-    """Optimizer steps every worker takes in one epoch.
+    """Optimizer steps every worker takes in one epoch of a user's Ray Dataset, which Ray Train
+    splits equally (``num_rows // world_size`` rows each; a prepared dataset is planned exactly
+    instead, see :mod:`lepton_ray.train.sampling`).
 
-    Ray Train's dataset sharding gives each worker ``num_rows // world_size`` rows (an equal
-    split); the worker with the largest share of the batch must not run out, so the count is set
-    by it. Every worker takes the same number of steps, which DDP's collectives require.
+    The worker with the largest share of the batch must not run out, so the count is set by it:
+    e.g. 4,000 rows, B = 100 on 3 workers: 1,333 rows each, 34 per step for worker 0: 39 steps,
+    not 40. Every worker takes the same number of steps, which DDP's collectives require.
     """
     rows = num_rows // world_size
     return rows // worker_batch(global_batch, world_size, 0)

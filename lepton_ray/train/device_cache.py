@@ -6,20 +6,18 @@ delivers 14k-28k/s). A dataset of that kind is small (CIFAR-10 is 150 MB as uint
 reads it once through Ray Data, decoded and unaugmented, keeps it on its device, and draws every
 epoch from it: augmentation then runs on the device too.
 
-Every epoch is one permutation of all rows from (seed, epoch), cut into global batches; worker
-``r`` takes its slice of each (``batching.worker_batch``). So a global batch holds the same samples
-whatever the number of workers, every sample is trained once per epoch, and a resumed epoch (any
-world size) continues the same permutation without the samples already consumed.
+Each epoch is drawn from the cache in the order of the epoch plan (:mod:`lepton_ray.train.sampling`,
+``shuffled_plan``, by :class:`lepton_ray.train.feed.CachedFeed`): one permutation of all rows from
+(seed, epoch), cut into global batches, worker ``r`` taking its slice of each. So a global batch
+holds the same samples whatever the number of workers, every sample is trained once per epoch, and
+a resumed epoch (any world size) continues the same permutation without the samples consumed.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 
-import numpy as np
 import torch
-
-from lepton_ray.train import batching
 
 
 class DeviceCache:
@@ -60,37 +58,3 @@ class DeviceCache:
         """All rows in id order, ``size`` at a time (for validation)."""
         for i in range(0, len(self), size):
             yield self.take(slice(i, i + size))
-
-    def epoch(
-        self,
-        *,
-        seed: int,
-        epoch: int,
-        global_batch: int,
-        world: int,
-        rank: int,
-        max_steps: int,
-        exclude_ids: np.ndarray | None = None,
-    ) -> tuple[int, Iterator[dict[str, torch.Tensor]]]:
-        """(steps, batches) of this rank for ``epoch``: its slice of each global batch of the epoch's
-        permutation, less ``exclude_ids`` (the samples a resumed epoch had consumed already)."""
-        order = epoch_order(len(self), seed, epoch)
-        if exclude_ids is not None and len(exclude_ids):
-            keep = ~np.isin(self.ids.cpu().numpy()[order], np.asarray(exclude_ids, np.int64))
-            order = order[keep]
-        steps = min(len(order) // global_batch, max_steps)
-        start = sum(batching.worker_batch(global_batch, world, r) for r in range(rank))
-        size = batching.worker_batch(global_batch, world, rank)
-        index = torch.from_numpy(
-            order[: steps * global_batch]
-            .reshape(steps, global_batch)[:, start : start + size]
-            .copy()
-        )
-        index = index.to(self.device)
-
-        return steps, (self.take(idx) for idx in index)
-
-
-def epoch_order(rows: int, seed: int, epoch: int) -> np.ndarray:
-    """The permutation of row positions (in id order) that ``epoch`` trains in."""
-    return np.random.default_rng([seed, epoch, 0xCAC4E]).permutation(rows)

@@ -47,6 +47,47 @@ def eta_seconds(done_steps: int, total_steps: int, elapsed_s: float) -> float | 
     return max(0, total_steps - done_steps) * elapsed_s / done_steps
 
 
+class WorkerProgress:
+    """A worker's side of the progress bar: about ten updates per epoch (or every
+    ``every_steps``) to the :class:`ProgressBoard`, fire and forget (no barrier)."""
+
+    def __init__(self, board: Any, rank: int, world: int, every_steps: int | None):
+        self.board, self.rank, self.world, self.every = board, rank, world, every_steps
+        self.steps_before = 0  # steps this worker group took in earlier epochs
+        self.epoch, self.steps, self.t0 = 0, 0, 0.0
+
+    def start_epoch(self, epoch: int, steps: int, t0: float) -> None:
+        self.steps_before += self.steps if self.epoch else 0
+        self.epoch, self.steps, self.t0 = epoch, steps, t0
+        self.period = self.every or max(1, steps // 10)
+
+    def timing(self, step: Any, batches: Any, done: int) -> dict[str, Any]:
+        """What the driver uses to name a lagging worker and to pace the ETA."""
+        return {
+            "rank": self.rank,
+            "fwd_s": step.fwd_s,
+            "data_wait_s": batches.wait_s,
+            "steps_since_start": self.steps_before + done,
+        }
+
+    def update(self, step: Any, sums: Any, i: int, timing: dict[str, Any]) -> None:
+        last = i == self.steps - 1
+        if self.board is None or not ((i + 1) % self.period == 0 or last):
+            return
+        samples = (i + 1) * step.cfg.batch_size
+        self.board.update.remote(
+            self.rank,
+            {
+                "epoch": self.epoch,
+                "step": step.global_step,
+                "world_size": self.world,
+                "samples_per_second": samples / max(time.perf_counter() - self.t0, 1e-9),
+                "train_loss": float(sums[0] / sums[2]) if last else None,
+            }
+            | timing,
+        )
+
+
 @ray.remote(num_cpus=0)
 class ProgressBoard:
     """Latest position of every worker; the driver reads a summary."""
@@ -97,12 +138,12 @@ class RunObserver(UserCallback):
             self._record_epoch(metrics[0])
 
     def _record_epoch(self, m: dict[str, Any]) -> None:
-        run = storage.resolve(self.run_uri, self.endpoint_url)
-        history = [json.loads(line) for line in _read_lines(run.join("metrics.jsonl"))]
+        from lepton_ray.runs import RunLayout
+
+        run = RunLayout(storage.resolve(self.run_uri, self.endpoint_url))
+        history = [json.loads(line) for line in _read_lines(run.metrics)]
         history = [h for h in history if h["epoch"] < m["epoch"]] + [_plain(m)]
-        run.join("metrics.jsonl").write_bytes(
-            ("\n".join(json.dumps(h) for h in history) + "\n").encode()
-        )
+        run.metrics.write_bytes(("\n".join(json.dumps(h) for h in history) + "\n").encode())
         self._tensorboard(m, run)
         try:
             from lepton_ray.viz import plot_history
@@ -112,13 +153,13 @@ class RunObserver(UserCallback):
                 import matplotlib.pyplot as plt
 
                 plt.close(fig)
-                run.join("curves.png").upload_file(f"{tmp}/curves.png")
+                run.curves.upload_file(f"{tmp}/curves.png")
         except (
             ImportError
         ):  # matplotlib is a dependency, but a cluster image may lack it: the plot is optional
             return
 
-    def _tensorboard(self, m: dict[str, Any], run: storage.Location) -> None:
+    def _tensorboard(self, m: dict[str, Any], run: Any) -> None:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
@@ -139,7 +180,7 @@ class RunObserver(UserCallback):
                 self._writer.add_scalar(key, m[key], m["epoch"])
         self._writer.flush()
         for f in Path(self._tb_dir).iterdir():
-            run.join("tensorboard", f.name).upload_file(f)
+            run.tensorboard.join(f.name).upload_file(f)
 
 
 def _read_lines(loc: storage.Location) -> list[str]:

@@ -26,12 +26,19 @@ def _fmt(x: float) -> str:
 
 
 def unschedulable_reason(
-    nodes: Sequence[Mapping[str, float]], bundle: Mapping[str, float], workers: int, strategy: str
+    nodes: Sequence[Mapping[str, float]],
+    bundle: Mapping[str, float],
+    workers: int,
+    strategy: str,
+    data_cpus: float = 0.0,
 ) -> str | None:
     """Why ``workers`` bundles can never be placed on ``nodes`` (total resources per node), or None.
 
     Checks what no amount of waiting fixes on a fixed cluster: a resource the cluster lacks in
-    total, a bundle bigger than any node, and the STRICT_ strategies' node constraints.
+    total, a bundle bigger than any node, the STRICT_ strategies' node constraints, and
+    ``data_cpus`` CPUs left over for Ray Data's read and preprocessing tasks, without which the
+    workers would be placed and then wait for their first batch forever (on a 2-CPU head, two
+    1-CPU workers take every CPU).
     """
     want = ", ".join(f"{_fmt(v)} {k}" for k, v in bundle.items())
     head = f"cannot place {workers} training worker{'s' if workers != 1 else ''} of {{{want}}}"
@@ -53,4 +60,12 @@ def unschedulable_reason(
         capacity = sum(min(int(n.get(k, 0.0) // v) for k, v in bundle.items()) for n in nodes)
         if capacity < workers:
             return f"{head}: the nodes can hold only {capacity} such workers"
+    cpus = sum(n.get("CPU", 0.0) for n in nodes)
+    left = cpus - bundle.get("CPU", 0.0) * workers
+    if data_cpus and left < data_cpus:
+        return (
+            f"{head}: they take {_fmt(cpus - left)} of the cluster's {_fmt(cpus)} CPUs and Ray Data "
+            f"needs {_fmt(data_cpus)} more to read and preprocess their data (use fewer workers, "
+            f"resources_per_worker={{'CPU': 0.5}}, or a cluster with more CPUs)"
+        )
     return None

@@ -17,17 +17,24 @@ import torch
 from torch import nn
 
 from lepton_ray import checkpoint, storage
-from lepton_ray.config import DataConfig, OptimConfig, ScalingConfig, TrainConfig, to_dict
-from lepton_ray.data import DatasetInfo, from_torch, open_dataset, read_ray, shuffle_mode
+from lepton_ray.config import DataConfig, ScalingConfig, TrainConfig, build_train_config, to_dict
+from lepton_ray.data import (
+    DatasetInfo,
+    describe_ray_dataset,
+    from_torch,
+    open_dataset,
+    read_ray,
+    shuffle_mode,
+)
 from lepton_ray.errors import ConfigError, DataError, LeptonError, TrainingError, one_line
 from lepton_ray.models import preferred_memory_format, spec_of
 from lepton_ray.runtime import ensure_ray
 from lepton_ray.train import batching
 from lepton_ray.train.loop import RunSpec, train_loop_per_worker
 
-_OPTIM_FIELDS = {f.name for f in dataclasses.fields(OptimConfig)}
-_TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)} - {"optim", "data", "scaling"}
 _SCALING_FIELDS = {f.name for f in dataclasses.fields(ScalingConfig)}
+# The epoch plan's order for each DataConfig.shuffle (see lepton_ray.train.sampling).
+_ORDERS = {"global": "shuffled", "files": "sequential", "none": "sequential-unshuffled"}
 
 
 class Trainer:
@@ -37,6 +44,10 @@ class Trainer:
     positionally (``Trainer(4)``). Other keyword arguments are fields of :class:`ScalingConfig`
     (``use_gpu``, ``resources_per_worker``, ``placement_strategy``, ...) or defaults for
     :meth:`fit` (``storage``, ``endpoint_url``, ``run_name``, ``max_failures``, ...).
+
+        trainer = Trainer(num_workers=(2, 8), use_gpu=True)
+        trainer.fit(model, "s3://bucket/datasets/cifar10/train", batch_size=512, epochs=30)
+        trainer.train_results["checkpoint"]  # 's3://bucket/runs/run-.../checkpoint_epoch0030_...'
     """
 
     def __init__(self, num_workers: int | tuple[int, int] | str = 2, **kwargs: Any):
@@ -46,7 +57,6 @@ class Trainer:
         self.scaling = ScalingConfig(num_workers=num_workers, **scaling)
         self.defaults = kwargs
         self.train_results: dict[str, Any] = {}
-        self.result: Any = None
 
     def fit(
         self,
@@ -62,26 +72,26 @@ class Trainer:
     ) -> dict[str, Any]:
         """Train ``model`` on ``train_dataset`` and return (and keep) ``train_results``.
 
-        Datasets may be a prepared-dataset URI, a :class:`DatasetInfo`, a
-        ``torch.utils.data.Dataset`` of (image, label) or a Ray Dataset with ``image``/``label``
-        columns. Keyword arguments are :class:`TrainConfig` / :class:`OptimConfig` fields.
+        Args:
+            model: any ``nn.Module`` mapping (N, C, H, W) images to (N, classes) logits.
+            train_dataset: a prepared-dataset URI, a :class:`DatasetInfo`, a
+                ``torch.utils.data.Dataset`` of (image, label) or a Ray Dataset with
+                ``image``/``label`` columns.
+            val_dataset: the same kinds, validated on after every epoch (optional).
+            batch_size: the global batch, summed over the workers, whatever their number.
+            epochs: passes over the training set.
+            endpoint_url: S3-compatible endpoint for s3:// URIs.
+            data: the input pipeline (:class:`DataConfig`).
+            **kwargs: :class:`TrainConfig` and :class:`OptimConfig` fields (``lr``,
+                ``run_name``, ``checkpoint_every_steps``, ...).
         """
         opts = {**self.defaults, **kwargs}
-        unknown = sorted(set(opts) - _TRAIN_FIELDS - _OPTIM_FIELDS)
-        if unknown:
-            raise ConfigError(f"unknown fit() argument '{unknown[0]}'")
-        if not isinstance(model, nn.Module):
-            raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        optim = OptimConfig(**{k: v for k, v in opts.items() if k in _OPTIM_FIELDS})
         if endpoint_url is not None:
             opts["endpoint_url"] = endpoint_url
-        cfg = TrainConfig(
-            batch_size=batch_size,
-            epochs=epochs,
-            optim=optim,
-            data=data or DataConfig(),
-            scaling=self.scaling,
-            **{k: v for k, v in opts.items() if k in _TRAIN_FIELDS},
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        cfg = build_train_config(
+            scaling=self.scaling, data=data, batch_size=batch_size, epochs=epochs, **opts
         )
         self.train_results = fit(model, train_dataset, val_dataset, cfg)
         return self.train_results
@@ -89,54 +99,74 @@ class Trainer:
 
 def fit(model: nn.Module, train_dataset: Any, val_dataset: Any, cfg: TrainConfig) -> dict[str, Any]:
     """Run one training job described by ``cfg``; see :class:`Trainer`."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from lepton_ray.runs import RunLayout, validate_name
 
-    ensure_ray()
     run_name = cfg.run_name or f"run-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    validate_name("run", run_name)
     root = storage.resolve(cfg.storage or storage.default_store() + "/runs", cfg.endpoint_url)
+    # Everything that can be checked without Ray is checked before Ray starts.
+    train_src = _source(train_dataset, "train", cfg.endpoint_url)
+    val_src = _source(val_dataset, "val", cfg.endpoint_url) if val_dataset is not None else None
     root.ensure_writable()
-    run = root.join(run_name)
-    if run.exists() and run.listdir() and not cfg.resume:
+    run = RunLayout(root.join(run_name))
+    if run.latest() is not None and not cfg.resume:
         raise ConfigError(
             f"run '{run_name}' already exists at {run.uri}: pass resume=True (--resume) to "
             "continue it from its last checkpoint, or choose another run_name"
         )
-
-    train_src = _source(train_dataset, run, "train", cfg.endpoint_url)
-    val_src = (
-        _source(val_dataset, run, "val", cfg.endpoint_url) if val_dataset is not None else None
-    )
+    if cfg.checkpoint_every_steps and train_src.needs_ray:
+        raise ConfigError(
+            "checkpoint_every_steps needs a prepared dataset (a URI, DatasetInfo or torch Dataset): "
+            "resuming mid-epoch relies on its stable row ids"
+        )
+    ensure_ray()
+    train_src.resolve(run, "train")
+    if val_src is not None:
+        val_src.resolve(run, "val")
     info = train_src.info
     _check_model(model, info)
     if cfg.batch_size > info.num_rows:
         raise ConfigError(
             f"batch_size {cfg.batch_size} is larger than the {info.num_rows} training rows"
         )
+    return _run(model, cfg, root, run, train_src, val_src)
 
+
+def _run(
+    model: nn.Module,
+    cfg: TrainConfig,
+    root: storage.Location,
+    run: Any,
+    train_src: _Source,
+    val_src: _Source | None,
+) -> dict[str, Any]:
+    """Plan the input pipeline, start Ray Train, wait, collect the results."""
     import ray
+    import ray.train
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
 
+    from lepton_ray.train.observe import ProgressBar, ProgressBoard, RunObserver
+
+    info = train_src.info
     shuffle = shuffle_mode(
         info, cfg.data.shuffle, ray.cluster_resources().get("object_store_memory", 0.0)
     )
     cached = cfg.data.caches_on_device(cfg.scaling.use_gpu, info.pixel_bytes)
-    if cached:  # read once, whole and in id order, by every worker: no shuffle, no split
-        shuffle = "none"
     on_device = cfg.data.augments_on_device(cfg.scaling.use_gpu, cached)
-    datasets = {
-        "train": train_src.ray(
+    datasets = {}
+    if train_src.ray_ds is not None:  # a user's Ray Dataset: Ray Train splits it between workers
+        datasets["train"] = train_src.ray(
             () if on_device else cfg.data.augment,
             shuffle=shuffle,
             seed=cfg.seed,
             batch_size=cfg.data.preprocess_batch_size,
         )
-    }
     if val_src is not None:
         # Not augmented, so the same every epoch: preprocess once and keep it in the object store.
         datasets["val"] = val_src.ray(
             (), shuffle="none", seed=None, batch_size=cfg.data.preprocess_batch_size
         ).materialize()
-
     meta = {
         "model": spec_of(model),
         "memory_format": preferred_memory_format(model, info.shape),
@@ -149,14 +179,13 @@ def fit(model: nn.Module, train_dataset: Any, val_dataset: Any, cfg: TrainConfig
             "skipped_rows": int(info.manifest.get("skipped_rows", 0)),
         },
         "config": to_dict(cfg),
-        "run": {"name": run_name, "uri": run.uri},
+        "run": {"name": run.name, "uri": run.uri},
         **checkpoint.provenance(),
     }
-    if cfg.checkpoint_every_steps and train_src.ray_ds is not None:
-        raise ConfigError(
-            "checkpoint_every_steps needs a prepared dataset (a URI, DatasetInfo or torch Dataset): "
-            "resuming mid-epoch relies on its stable row ids"
-        )
+    ray_scaling = _ray_scaling(cfg.scaling)
+    _check_placement(cfg.scaling, ray_scaling["num_workers"])
+    total_steps = batching.nominal_steps_per_epoch(info.num_rows, cfg.batch_size) * cfg.epochs
+    board = ProgressBoard.remote(total_steps) if cfg.progress_bar else None
     spec = RunSpec(
         cfg=cfg,
         model=model.cpu(),
@@ -165,28 +194,21 @@ def fit(model: nn.Module, train_dataset: Any, val_dataset: Any, cfg: TrainConfig
         has_val=val_src is not None,
         run_uri=run.uri,
         endpoint_url=cfg.endpoint_url,
-        train_info=info if train_src.ray_ds is None else None,
-        local_shuffle_rows=cfg.data.shuffle_buffer_rows if shuffle == "files" else 0,
+        train_info=None if train_src.ray_ds is not None else info,
+        board=board,
+        order=_ORDERS[shuffle],
         device_augment=cfg.data.augment if on_device else (),
         cache=cached,
     )
-
-    import ray.train
-
-    ray_scaling = _ray_scaling(cfg.scaling)
-    _check_placement(cfg.scaling, ray_scaling["num_workers"])
-    from lepton_ray.train.observe import ProgressBar, ProgressBoard, RunObserver
-
-    total_steps = batching.nominal_steps_per_epoch(info.num_rows, cfg.batch_size) * cfg.epochs
-    board = ProgressBoard.remote(total_steps) if cfg.progress_bar else None
-    spec = dataclasses.replace(spec, board=board)
+    options = ray.train.DataConfig.default_ingest_options()
+    options.preserve_order = cfg.data.deterministic
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"spec": spec},
         scaling_config=ray.train.ScalingConfig(**ray_scaling),
         torch_config=TorchConfig(backend=cfg.scaling.process_group_backend()),
         run_config=RunConfig(
-            name=run_name,
+            name=run.name,
             storage_path=root.path,
             storage_filesystem=root.fs,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
@@ -194,7 +216,11 @@ def fit(model: nn.Module, train_dataset: Any, val_dataset: Any, cfg: TrainConfig
             callbacks=[RunObserver(run.uri, cfg.endpoint_url)],
         ),
         datasets=datasets,
-        dataset_config=_dataset_config(cfg, split_train=not cached),
+        # Only a user's Ray Dataset is split by Ray Train; every worker validates on all of "val".
+        dataset_config=ray.train.DataConfig(
+            datasets_to_split=["train"] if "train" in datasets else [],
+            execution_options={k: options for k in datasets},
+        ),
     )
     started = time.perf_counter()
     bar = ProgressBar(board, total_steps) if cfg.progress_bar else contextlib.nullcontext()
@@ -204,32 +230,36 @@ def fit(model: nn.Module, train_dataset: Any, val_dataset: Any, cfg: TrainConfig
     except LeptonError:
         raise
     except Exception as exc:  # Ray wraps worker errors; surface the root cause in one line
-        raise TrainingError(f"training run '{run_name}' failed: {_root_cause(exc)}") from None
+        raise TrainingError(f"training run '{run.name}' failed: {_root_cause(exc)}") from None
     if result.error is not None:
-        raise TrainingError(f"training run '{run_name}' failed: {_root_cause(result.error)}")
+        raise TrainingError(f"training run '{run.name}' failed: {_root_cause(result.error)}")
     out = _results(result, run, time.perf_counter() - started, cfg.epochs)
-    out["data_skipped_rows"] = meta["data"][
-        "skipped_rows"
-    ]  # bad rows left out when the data was prepared
+    out["data_skipped_rows"] = meta["data"]["skipped_rows"]  # left out when the data was prepared
     return out
-
-
-def _dataset_config(cfg: TrainConfig, split_train: bool = True) -> Any:
-    """Only the training set is split between workers (each validates on all of it), and not even
-    that when every worker caches all of it on its device."""
-    import ray.train
-
-    options = ray.train.DataConfig.default_ingest_options()
-    options.preserve_order = cfg.data.deterministic
-    return ray.train.DataConfig(
-        datasets_to_split=["train"] if split_train else [], execution_options={"train": options}
-    )
 
 
 @dataclasses.dataclass
 class _Source:
-    info: DatasetInfo
-    ray_ds: Any = None  # a user's Ray Dataset, used as it is
+    """A training or validation dataset as given: resolved to a :class:`DatasetInfo`, either a
+    prepared dataset (``ray_ds`` None) or a user's Ray Dataset used as it is."""
+
+    given: Any
+    endpoint_url: str | None
+    info: DatasetInfo | None = None
+    ray_ds: Any = None
+
+    @property
+    def needs_ray(self) -> bool:
+        return type(self.given).__module__.startswith("ray.data")
+
+    def resolve(self, run: Any, split: str) -> None:
+        """What needs Ray or writes into the run: a Ray Dataset described, a torch one uploaded."""
+        if self.info is not None:
+            return
+        if self.needs_ray:
+            self.info, self.ray_ds = describe_ray_dataset(self.given, split), self.given
+        else:  # a torch Dataset, written into the run's folder as a prepared dataset
+            self.info = from_torch(self.given, run.data(split))
 
     def ray(
         self, augment: tuple[str, ...], *, shuffle: str, seed: int | None, batch_size: int
@@ -260,49 +290,19 @@ class _Source:
         )
 
 
-def _source(dataset: Any, run: storage.Location, split: str, endpoint_url: str | None) -> _Source:
+def _source(dataset: Any, split: str, endpoint_url: str | None) -> _Source:
+    """Check what can be checked before Ray starts: a URI's manifest, the dataset's type."""
     if isinstance(dataset, DatasetInfo):
-        return _Source(dataset)
+        return _Source(dataset, endpoint_url, dataset)
     if isinstance(dataset, str):
-        return _Source(open_dataset(dataset, endpoint_url))
-    if type(dataset).__module__.startswith("ray.data"):
-        return _Source(_ray_dataset_info(dataset, split), dataset)
-    if isinstance(dataset, torch.utils.data.Dataset):
-        return _Source(from_torch(dataset, run.join("data", split)))
+        return _Source(dataset, endpoint_url, open_dataset(dataset, endpoint_url))
+    if type(dataset).__module__.startswith("ray.data") or isinstance(
+        dataset, torch.utils.data.Dataset
+    ):
+        return _Source(dataset, endpoint_url)
     raise DataError(
         f"unsupported {split} dataset type {type(dataset).__name__}: use a prepared-dataset URI, "
         "a torch Dataset or a Ray Dataset"
-    )
-
-
-def _ray_dataset_info(ds: Any, split: str) -> DatasetInfo:
-    """Shape, classes and channel statistics of a Ray Dataset with ``image`` (uint8 HWC) and ``label``."""
-    import numpy as np
-
-    cols = set(ds.columns() or [])
-    if not {"image", "label"} <= cols:
-        raise DataError(
-            f"the {split} Ray Dataset needs 'image' and 'label' columns, has {sorted(cols)}"
-        )
-    sample = ds.take_batch(2048, batch_format="numpy")
-    images = np.asarray(sample["image"])
-    if images.dtype != np.uint8 or images.ndim not in (3, 4):
-        raise DataError(
-            f"the {split} Ray Dataset's images must be uint8 HW or HWC arrays, got {images.dtype} {images.shape}"
-        )
-    if images.ndim == 3:
-        raise DataError(
-            f"the {split} Ray Dataset's images must have a channel axis (H, W, C), got {images.shape[1:]}"
-        )
-    x = images.astype(np.float64) / 255.0
-    n_classes = int(ds.max("label")) + 1
-    return DatasetInfo(
-        uri=f"ray-dataset:{split}",
-        num_rows=ds.count(),
-        shape=tuple(images.shape[1:]),
-        classes=tuple(str(i) for i in range(n_classes)),
-        mean=tuple(x.mean(axis=(0, 1, 2))),
-        std=tuple(np.maximum(x.std(axis=(0, 1, 2)), 1e-6)),
     )
 
 
@@ -346,7 +346,8 @@ def _ray_scaling(s: ScalingConfig) -> dict[str, Any]:
 
 
 def _check_placement(s: ScalingConfig, num_workers: int | tuple[int, int]) -> None:
-    """Fail in a second, naming what is missing, when the cluster can never place the workers."""
+    """Fail in a second, naming what is missing, when the cluster can never place the workers,
+    or place them and leave no CPU for Ray Data to feed them (which would wait forever)."""
     import ray
 
     from lepton_ray.train.placement import unschedulable_reason, worker_bundle
@@ -356,7 +357,11 @@ def _check_placement(s: ScalingConfig, num_workers: int | tuple[int, int]) -> No
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     least = num_workers if isinstance(num_workers, int) else num_workers[0]
     reason = unschedulable_reason(
-        nodes, worker_bundle(s.use_gpu, s.resources_per_worker), least, s.placement_strategy
+        nodes,
+        worker_bundle(s.use_gpu, s.resources_per_worker),
+        least,
+        s.placement_strategy,
+        data_cpus=1.0,
     )
     if reason:
         raise ConfigError(f"{reason} (set wait_for_resources=True if an autoscaler will add nodes)")
@@ -376,19 +381,17 @@ def _root_cause(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {storage.redact(one_line(exc))}"
 
 
-def _uri_of(run: storage.Location, fs_path: str) -> str:
-    return f"s3://{fs_path}" if run.is_s3 else fs_path
-
-
-def _results(result: Any, run: storage.Location, elapsed: float, cfg_epochs: int) -> dict[str, Any]:
-    ckpt_uri = _uri_of(run, result.checkpoint.path) if result.checkpoint else None
-    history: list[dict] = []
-    meta: dict[str, Any] = {}
-    if ckpt_uri:
-        _, _, meta = checkpoint.load_train_state(storage.resolve(ckpt_uri, run.endpoint_url))
-        history = meta.get("history", [])
+def _results(result: Any, run: Any, elapsed: float, cfg_epochs: int) -> dict[str, Any]:
+    """``train_results``: the history from the last checkpoint's metadata (not its weights)."""
+    ckpt = None
+    if result.checkpoint is not None:
+        ckpt = storage.Location.from_filesystem(
+            result.checkpoint.filesystem, result.checkpoint.path, run.root.endpoint_url
+        )
+    meta = checkpoint.read_meta(ckpt) if ckpt is not None else {}
+    history = meta.get("history", [])
     last = history[-1] if history else dict(result.metrics or {})
-    best = run.join("best.json").read_json() if run.join("best.json").exists() else None
+    best = run.read_best()
     out = {
         "train_loss": last.get("train_loss"),
         "train_accuracy": last.get("train_accuracy"),
@@ -396,7 +399,7 @@ def _results(result: Any, run: storage.Location, elapsed: float, cfg_epochs: int
         "samples_per_second": (sum(h["samples_per_second"] for h in history) / len(history))
         if history
         else None,
-        "checkpoint": ckpt_uri,
+        "checkpoint": ckpt.uri if ckpt is not None else None,
         "best_checkpoint": best["uri"] if best else None,
         "best": {k: best[k] for k in ("metric", "value", "epoch")} if best else None,
         "stopped_early": bool(last.get("epoch")) and last.get("epoch") < cfg_epochs,

@@ -1,0 +1,152 @@
+"""What a worker saves and restores: checkpoints through Ray Train, the best copy, the sample log.
+
+Ray Train's ``report(metrics, checkpoint)`` is a barrier every worker reaches; rank 0 writes the
+checkpoint's files (safetensors weights, optimizer/scheduler/RNG state, ``lepton.json``) and uploads
+them with the manifest last (:func:`lepton_ray.checkpoint.publish`). With ``publish_best`` the same
+files also go to ``<run>/best/<name>``, then ``best.json`` points at them (written last) and the
+previous best is removed.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import ray.train
+import torch
+from torch import nn
+
+from lepton_ray import checkpoint, storage
+
+
+@dataclass
+class Restored:
+    """Where a (re)started worker group picks up: nothing, or the last checkpoint Ray Train kept."""
+
+    weights: dict[str, torch.Tensor] | None = None
+    state: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best: dict[str, Any] | None = None  # {"metric", "value", "epoch"}
+    resizes: list[dict[str, int]] = field(default_factory=list)  # {"step", "from", "to"}
+
+    @property
+    def start_epoch(self) -> int:
+        if not self.state:
+            return 0
+        return int(self.state["epoch"]) + (1 if self.state.get("epoch_complete", True) else 0)
+
+    @property
+    def consumed(self) -> np.ndarray | None:
+        """Ids the interrupted epoch had trained (a mid-epoch checkpoint), else None."""
+        if not self.state or self.state.get("epoch_complete", True):
+            return None
+        return self.state["consumed_ids"].numpy()
+
+    @classmethod
+    def latest(cls, endpoint_url: str | None, world: int) -> Restored:
+        resumed = ray.train.get_checkpoint()
+        if resumed is None:
+            return cls()
+        loc = storage.Location.from_filesystem(resumed.filesystem, resumed.path, endpoint_url)
+        weights, state, meta = checkpoint.load_train_state(loc)
+        out = cls(
+            {k.removeprefix("module."): v for k, v in weights.items()},
+            state,
+            list(meta.get("history", [])),
+            meta.get("best"),
+            list(meta.get("world_size_changes", [])),
+        )
+        if meta.get("world_size") and meta["world_size"] != world:  # an elastic resize
+            step = int(meta.get("metrics", {}).get("step", 0))
+            out.resizes.append({"step": step, "from": meta["world_size"], "to": world})
+        return out
+
+
+class Reporter:
+    """Reports an epoch's or a step's metrics to Ray Train, with or without a checkpoint."""
+
+    def __init__(self, run_uri: str, endpoint_url: str | None, meta: dict[str, Any], rank: int):
+        from lepton_ray.runs import RunLayout
+
+        self.run = RunLayout(storage.resolve(run_uri, endpoint_url))
+        self.meta, self.rank = meta, rank
+
+    def metrics(self, metrics: dict[str, Any]) -> None:
+        ray.train.report(metrics)
+
+    def checkpoint(
+        self,
+        metrics: dict[str, Any],
+        model: nn.Module,
+        train_state: dict[str, Any],
+        *,
+        history: list[dict[str, Any]],
+        resizes: list[dict[str, int]],
+        best: dict[str, Any] | None = None,
+        publish_best: bool = False,
+    ) -> None:
+        """A barrier: every rank calls it; rank 0 writes and uploads."""
+        from lepton_ray.runs import checkpoint_name
+
+        name = checkpoint_name(metrics["epoch"], metrics["step"])
+        if self.rank != 0:
+            ray.train.report(metrics)
+            return
+        run = self.run
+
+        def upload(ckpt: ray.train.Checkpoint, dir_name: str) -> ray.train.Checkpoint:
+            dest = checkpoint.publish(ckpt.path, run.root.join(dir_name))
+            if publish_best:
+                checkpoint.publish(ckpt.path, run.best_copy(dir_name))
+                run.point_best(dir_name, best or {})
+            return ray.train.Checkpoint(path=dest.path, filesystem=dest.fs)
+
+        meta = dict(
+            self.meta,
+            metrics=metrics,
+            history=history,
+            epoch=metrics["epoch"],
+            epoch_complete=train_state["epoch_complete"],
+            best=best,
+            world_size=metrics["world_size"],
+            world_size_changes=resizes,
+        )
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint.write_local(tmp, model, meta, train_state)
+            ray.train.report(
+                metrics,
+                checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                checkpoint_dir_name=name,
+                checkpoint_upload_fn=upload,
+            )
+
+
+class SampleLog:
+    """Per-worker record of the ids trained at each step (``record_sample_ids``), written to the
+    run's ``sample_ids/`` at each report: for tests and audits of sample-exact resume."""
+
+    def __init__(self, run_uri: str, endpoint_url: str | None, rank: int):
+        from lepton_ray.runs import RunLayout
+
+        self.dir = RunLayout(storage.resolve(run_uri, endpoint_url)).sample_ids
+        self.prefix = f"rank{rank}-{uuid.uuid4().hex[:8]}"
+        self.lines: list[str] = []
+        self.seq = 0
+
+    def add(self, epoch: int, step: int, ids: torch.Tensor) -> None:
+        self.lines.append(
+            json.dumps(
+                {"epoch": epoch, "step": step, "t": round(time.time(), 3), "ids": ids.tolist()}
+            )
+        )
+
+    def flush(self) -> None:
+        if self.lines:
+            data = "\n".join(self.lines).encode()
+            self.dir.join(f"{self.prefix}-{self.seq:05d}.jsonl").write_bytes(data)
+            self.lines, self.seq = [], self.seq + 1

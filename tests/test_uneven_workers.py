@@ -1,0 +1,73 @@
+"""Worker counts that do not divide the global batch, for real: 3 and 7 Ray Train workers.
+
+With B = 40 the workers take 14/13/13 (3 workers) or 6,6,6,6,6,5,5 (7 workers) rows per step. Every
+sample must still be trained exactly once per epoch, every worker must take the same number of
+optimizer steps, the number the schedule was planned on (400 rows / 40 = 10 per epoch), and the LR
+schedule must reach its end. The workers record the ids of every batch they train.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lepton_ray import DataConfig, Trainer, build_model
+from lepton_ray.config import OptimConfig
+from lepton_ray.data import load_mnist5k, read_ids, write_dataset
+from lepton_ray.train.batching import worker_batch
+from lepton_ray.train.step import lr_factor
+from tests.test_resume import sample_logs
+
+pytestmark = pytest.mark.ray
+
+ROWS, BATCH, EPOCHS, LR = 400, 40, 2, 0.05
+
+
+@pytest.fixture(scope="module")
+def digits_400(tmp_path_factory):
+    x, y, ids = load_mnist5k()["train"]
+    sel = np.sort(np.random.default_rng(7).choice(len(x), ROWS, replace=False))
+    return write_dataset(
+        x[sel],
+        y[sel],
+        tmp_path_factory.mktemp("d400"),
+        classes=[str(i) for i in range(10)],
+        ids=ids[sel],
+        rows_per_shard=45,
+    )
+
+
+@pytest.mark.parametrize(("workers", "shuffle"), [(3, "global"), (7, "files")])
+def test_every_sample_once_and_the_planned_steps(
+    ray_session, digits_400, tmp_path, workers, shuffle
+):
+    res = Trainer(workers, resources_per_worker={"CPU": 0.25}).fit(
+        build_model("cnn", in_channels=1, num_classes=10, width=4),
+        digits_400,
+        batch_size=BATCH,
+        epochs=EPOCHS,
+        lr=LR,
+        storage=str(tmp_path),
+        run_name="uneven",
+        record_sample_ids=True,
+        progress_bar=False,
+        data=DataConfig(shuffle=shuffle, shuffle_buffer_rows=32),
+    )
+    steps = ROWS // BATCH * EPOCHS
+    assert [h["step"] for h in res["history"]] == [10, 20]
+    # The schedule ran to its end: the last step's LR is the schedule's last value.
+    assert res["history"][-1]["lr"] == pytest.approx(LR * lr_factor(steps, steps, OptimConfig()))
+    logs = sample_logs(tmp_path / "uneven")
+    assert len(logs) == workers
+    all_ids = set(read_ids(digits_400).tolist())
+    for epoch in (1, 2):
+        seen = []
+        for key, log in logs.items():
+            rank = int(key.split("-")[0].removeprefix("rank"))
+            mine = [s for s in log if s["epoch"] == epoch]
+            assert len(mine) == ROWS // BATCH, (
+                f"rank {rank} took {len(mine)} steps in epoch {epoch}"
+            )
+            assert {len(s["ids"]) for s in mine} == {worker_batch(BATCH, workers, rank)}
+            seen += [i for s in mine for i in s["ids"]]
+        assert len(seen) == ROWS and set(seen) == all_ids, f"epoch {epoch}: not every sample once"
