@@ -203,7 +203,7 @@ def submit(
             )
         except Exception as exc:  # noqa: BLE001 - Ray raises RuntimeError for HTTP errors
             raise JobError(f"the cluster at {address} refused the job: {one_line(exc)}") from None
-        log(f"attempt {n}/{max_retries + 1}: {attempt.submission_id} (run '{run_name}')")
+        log(f"attempt {n}/{max_retries + 1}: {attempt.submission_id} (run '{outcome.run_name}')")
         try:
             _wait(client, attempt, follow_logs, poll_s, output)
         except KeyboardInterrupt:
