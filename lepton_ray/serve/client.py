@@ -3,18 +3,34 @@
 from __future__ import annotations
 
 import json
+import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
+MAX_RETRY_AFTER_S = 10.0  # the longest a Retry-After is obeyed; a longer one fails at once
+
 
 def predict(
-    url: str, images: np.ndarray, *, token: str | None = None, timeout: float = 60.0
+    url: str,
+    images: np.ndarray,
+    *,
+    token: str | None = None,
+    timeout: float = 60.0,
+    retries: int = 2,
+    sleep: Callable[[float], None] = time.sleep,
 ) -> dict[str, Any]:
-    """POST (N, H, W, C) uint8 images as pixel arrays to ``url/v1/predict``; returns the JSON answer."""
+    """POST (N, H, W, C) uint8 images as pixel arrays to ``url/v1/predict``; returns the JSON answer.
+
+    A 503 (no model replica could answer: one died or is starting) is sent again up to
+    ``retries`` times, after the ``Retry-After`` the endpoint gives: predictions are pure, so a
+    replay is safe. Any other error raises ``RuntimeError`` with the status and the endpoint's
+    ``{"error"}`` message.
+    """
     body = json.dumps({"instances": np.asarray(images).tolist()}).encode()
     req = urllib.request.Request(
         url.rstrip("/") + "/v1/predict",
@@ -25,12 +41,36 @@ def predict(
             **({"Authorization": f"Bearer {token}"} if token else {}),
         },
     )
+    for attempt in range(retries + 1):
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                return json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            detail = exc.read().decode(errors="replace")
+            wait = _retry_after(exc)
+            if exc.code != 503 or wait is None or attempt == retries:
+                raise RuntimeError(f"HTTP {exc.code} from {url}: {_error_text(detail)}") from None
+            sleep(wait)
+    raise AssertionError("unreachable")
+
+
+def _retry_after(exc: urllib.error.HTTPError) -> float | None:
+    """The seconds a 503 asks to wait (``Retry-After``, seconds form), if at most
+    :data:`MAX_RETRY_AFTER_S`; 1 s when it says nothing."""
+    value = (exc.headers.get("Retry-After") or "1").strip()
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        detail = exc.read().decode(errors="replace")
-        raise RuntimeError(f"HTTP {exc.code} from {url}: {detail}") from None
+        wait = float(value)
+    except ValueError:  # an HTTP date: a planned outage, not a replica being replaced
+        return None
+    return wait if 0 <= wait <= MAX_RETRY_AFTER_S else None
+
+
+def _error_text(body: str) -> str:
+    """The endpoint's ``{"error": ...}`` message, or the body as it came (a proxy's page)."""
+    try:
+        return str(json.loads(body)["error"])
+    except (ValueError, KeyError, TypeError):
+        return body.strip()[:500]
 
 
 def evaluate(
