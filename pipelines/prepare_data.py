@@ -62,8 +62,8 @@ def prepare_subset(cfg: PipelineConfig) -> dict[str, Any]:
     """``dataset.limit_rows`` rows per split (seeded), written once per source and limit."""
     import numpy as np
 
-    from lepton_ray import sources, storage
-    from lepton_ray.data import open_dataset, write_dataset
+    from lepton_ray import storage
+    from lepton_ray.data import open_dataset, sources, write_dataset
 
     d = cfg.dataset
     tag = f"{sources.canonical(d.source)}[limit={d.limit_rows},{d.encoding}]"
