@@ -41,7 +41,7 @@ from lepton_ray.data.transforms import (
     decode_encoded,
     decode_raw,
 )
-from lepton_ray.errors import DataError, StorageError
+from lepton_ray.errors import DataError, NotFoundError
 
 if TYPE_CHECKING:
     import ray.data
@@ -144,12 +144,10 @@ def read_manifest(loc: storage.Location) -> dict:
     none or a field is malformed."""
     try:
         m = loc.join(MANIFEST).read_json()
-    except StorageError as exc:
-        if str(exc).startswith("not found"):
-            raise DataError(
-                f"no prepared dataset at {loc.uri} (no {MANIFEST}; run `lepton-ray data prepare`)"
-            ) from None
-        raise
+    except NotFoundError:
+        raise DataError(
+            f"no prepared dataset at {loc.uri} (no {MANIFEST}; run `lepton-ray data prepare`)"
+        ) from None
     except ValueError:  # not JSON
         raise DataError(f"{loc.uri}/{MANIFEST} is not valid JSON") from None
     return check_manifest(m, f"{loc.uri.rstrip('/')}/{MANIFEST}")
