@@ -133,7 +133,9 @@ def test_prepare_train_evaluate_promote_in_smoke_mode_on_s3(
         and data["splits"]["test"]["rows"] == 500
     )
 
-    code, res = run_pipeline("train", capsys, *store, "model.kwargs.width=8")
+    # A serving token in the config must never land in a file (checked at the end).
+    secret = "promote.serve.auth_token=tok-5d2e-planted-never-written"
+    code, res = run_pipeline("train", capsys, *store, "model.kwargs.width=8", secret)
     assert code == 0 and res["epochs"] == 1 and res["run_name"] == "mnist-cnn-smoke"
     run = f"s3://{s3_bucket}/lepton/runs/mnist-cnn-smoke"
     assert res["run"] == run and res["checkpoint"].startswith(run + "/checkpoint_epoch0001_")
@@ -144,8 +146,9 @@ def test_prepare_train_evaluate_promote_in_smoke_mode_on_s3(
         str(i) for i in range(10)
     ]
 
-    # A gate no checkpoint can meet: exit 1, and the pointer does not move.
-    code, _ = run_pipeline("promote", capsys, *store, "promote.min_accuracy=1.01")
+    # A gate a one-epoch smoke checkpoint cannot meet (perfect accuracy; above 1 is a config
+    # error, exit 2): exit 1, and the pointer does not move.
+    code, _ = run_pipeline("promote", capsys, *store, "promote.min_accuracy=1.0")
     assert code == 1
     s3 = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket=s3_bucket, Prefix="lepton/")["Contents"]}
@@ -172,7 +175,9 @@ def test_prepare_train_evaluate_promote_in_smoke_mode_on_s3(
     assert pointer["checkpoint"] == res["best_checkpoint"] and pointer["evaluation"]["rows"] == 500
 
     # Promoting another checkpoint (a rollback, say) records what it replaced.
-    code, again = run_pipeline("promote", capsys, *store, f"promote.checkpoint={res['checkpoint']}")
+    code, again = run_pipeline(
+        "promote", capsys, *store, f"promote.checkpoint={res['checkpoint']}", secret
+    )
     assert code == 0 and again["previous"] == res["best_checkpoint"]
     config = (
         s3.get_object(Bucket=s3_bucket, Key="lepton/serving/mnist/config.yaml")["Body"]
@@ -180,3 +185,11 @@ def test_prepare_train_evaluate_promote_in_smoke_mode_on_s3(
         .decode()
     )
     assert f"checkpoint: {res['checkpoint']}" in config and "import_path: serving.app:app" in config
+
+    # pipeline.json, the pointer, the Serve config file, every object the pipelines wrote: no token.
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=s3_bucket, Prefix="lepton/")
+    written = [o for page in pages for o in page["Contents"]]
+    assert "lepton/runs/mnist-cnn-smoke/pipeline.json" in {o["Key"] for o in written}
+    for o in written:
+        body = s3.get_object(Bucket=s3_bucket, Key=o["Key"])["Body"].read()
+        assert b"tok-5d2e-planted" not in body, o["Key"]

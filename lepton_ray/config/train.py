@@ -38,7 +38,8 @@ def augment_names(value: Any) -> Any:
 
 
 def known_augmentations(names: tuple[str, ...]) -> tuple[str, ...]:
-    from lepton_ray.transforms import check_augment  # numpy only; the registry of names
+    # numpy only, imported when a DataConfig is built: the registry of names
+    from lepton_ray.data.transforms import check_augment
 
     return check_augment(names)
 
@@ -81,7 +82,7 @@ class DataConfig(Config):
     augment: tuple[str, ...] = setting(
         ("random_crop",), parse=augment_names, check=known_augmentations
     )
-    """Augmentations applied to training batches, by name (see ``lepton_ray.transforms``); a
+    """Augmentations applied to training batches, by name (see ``lepton_ray.data.transforms``); a
     string is a comma-separated list."""
     shuffle: bool | Literal["auto", "global", "files", "none"] = setting("auto", check=_shuffle)
     """How the training set is reshuffled every epoch: ``global`` (Ray Data's all-to-all
@@ -95,7 +96,7 @@ class DataConfig(Config):
     """Rows per ``map_batches`` call on the CPU preprocessing workers (bigger: less per-call overhead)."""
     augment_on: Literal["auto", "cpu", "device"] = "auto"
     """Where ``augment`` runs: ``cpu`` (Ray Data's CPU workers, in ``map_batches``), ``device`` (the
-    training loop, on the worker's GPU or CPU, with :mod:`lepton_ray.device_transforms`), or ``auto``
+    training loop, on the worker's GPU or CPU, with :mod:`lepton_ray.data.device_transforms`), or ``auto``
     (``device`` when training on GPUs, whose CPU cores cannot augment as fast as a GPU trains; else
     ``cpu``)."""
     cache: Literal["auto", "off", "device"] = "auto"
