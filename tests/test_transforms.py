@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from lepton_ray.data import rowhash
+from lepton_ray.data.rowhash import M32
 from lepton_ray.data.transforms import (
     AUGMENTATIONS,
     Preprocessor,
@@ -368,13 +369,24 @@ def test_row_draws_refuse_misuse():
         row_draws(0, 0, np.arange(4), ("hflip",), 4)[0].integers(3, 3, 4)
 
 
-def test_mul32_is_multiplication_modulo_2_to_the_32():
-    rng = np.random.default_rng(0)
-    a = rng.integers(0, 1 << 32, 1000, dtype=np.int64)
-    for c in (5, 0xCC9E2D51, 0xFFFFFFFF, 1 << 31):
-        expected = np.array([(int(x) * c) % (1 << 32) for x in a], np.int64)
-        np.testing.assert_array_equal(rowhash.mul32(a, c), expected)
-        assert rowhash.mul32(int(a[0]), c) == int(expected[0])  # plain ints too
+def test_hash32_on_int64_arrays_never_overflows():
+    """The array version equals a Python-int reference computed modulo 2**32 (Python ints do not
+    overflow), extremes included, and is a bijection on what it was given."""
+
+    def reference(x: int) -> int:
+        x ^= x >> 16
+        x = (x * 0x21F0AAAD) % 2**32
+        x ^= x >> 15
+        x = (x * 0x735A2D97) % 2**32
+        return x ^ (x >> 15)
+
+    x = np.concatenate(
+        [np.random.default_rng(0).integers(0, 1 << 32, 5000), [0, 1, (1 << 31) - 1, 1 << 31, M32]]
+    ).astype(np.int64)
+    got = rowhash.hash32(x)
+    assert got.tolist() == [reference(int(v)) for v in x]
+    assert len(set(got.tolist())) == len(set(x.tolist()))
+    assert rowhash.hash32(1) == 0x86D2FA73 == reference(1)
 
 
 def test_a_repeated_augmentation_draws_independently():

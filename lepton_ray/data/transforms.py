@@ -48,7 +48,8 @@ class RowDraws:
         """Integers in ``[low, high)``: ``low + bits * (high - low) // 2**32``."""
         if not 0 < high - low <= 1 << 31:
             raise ValueError(f"integers({low}, {high}): the range must hold 1 to 2**31 values")
-        return low + ((self._next(size) * (high - low)) >> 32)
+        k = (self._next(size) * (high - low)) >> 32
+        return k + low if low else k
 
     def random(self, size: int | None = None) -> np.ndarray:
         """float32 uniforms in [0, 1), bit for bit what the torch twin gives."""
