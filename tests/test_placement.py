@@ -52,3 +52,15 @@ def test_strict_strategies():
     assert "STRICT_SPREAD: only 2 nodes" in unschedulable_reason(
         two, {"CPU": 1.0}, 3, "STRICT_SPREAD"
     )
+
+
+def test_workers_that_take_every_cpu_leave_ray_data_none():
+    """On a 2-CPU head, two 1-CPU workers are placed and then wait for data forever."""
+    head = [{"CPU": 2.0}]
+    msg = unschedulable_reason(head, {"CPU": 1.0}, 2, "PACK", data_cpus=1.0)
+    assert msg.startswith(
+        "cannot place 2 training workers of {1 CPU}: they take 2 of the cluster's"
+    )
+    assert "Ray Data needs 1 more" in msg
+    assert unschedulable_reason(head, {"CPU": 0.5}, 2, "PACK", data_cpus=1.0) is None
+    assert unschedulable_reason(head, {"CPU": 1.0}, 2, "PACK") is None  # not asked: placeable

@@ -151,11 +151,16 @@ def test_killed_worker_process_is_replaced_and_the_run_finishes(ray_session, tmp
         while time.time() < deadline and not killed:
             # Ray has committed a mid-epoch checkpoint of epoch 2 (steps 41-80): kill one worker now.
             if committed_step() in (50, 60):
+                # Only this run's workers: Ray Train workers of the Ray instance this test
+                # process started (its descendants), never another process on the machine.
+                me = os.getpid()
                 pids = sorted(
                     p.pid
                     for p in psutil.process_iter(["cmdline"])
                     if (p.info["cmdline"] or [""])[0].startswith("ray::RayTrainWorker")
+                    and any(a.pid == me for a in p.parents())
                 )
+                assert len(pids) == 2, pids
                 os.kill(pids[-1], signal.SIGKILL)
                 killed.append(pids[-1])
                 return

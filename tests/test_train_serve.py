@@ -131,8 +131,8 @@ def test_trainer_accepts_a_ray_dataset_and_a_positional_worker_count(ray_session
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"epochs": 0}, ConfigError, "epochs must be > 0"),
-        ({"batch_size": 0}, ConfigError, "batch_size must be > 0"),
+        ({"epochs": 0}, ConfigError, "TrainConfig.epochs: must be >= 1, got 0"),
+        ({"batch_size": 0}, ConfigError, "TrainConfig.batch_size: must be >= 1, got 0"),
         ({"bogus": 1}, ConfigError, "unknown fit\\(\\) argument 'bogus'"),
     ],
 )
@@ -158,6 +158,8 @@ def test_bad_fit_arguments_fail_fast(ray_session, tmp_path, kwargs, error, match
             lambda: Trainer((3, 9), resources_per_worker={"CPU": 2}),
             "the cluster has 4 CPU in all, 6 needed",
         ),
+        # Placeable, but then Ray Data has no CPU left to feed them: refused, not a silent wait.
+        (lambda: Trainer(4), "take 4 of the cluster's 4 CPUs and Ray Data needs 1 more"),
     ],
 )
 def test_impossible_placement_fails_fast_naming_what_is_missing(

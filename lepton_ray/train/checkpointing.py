@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import ray.train
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from lepton_ray import checkpoint, storage
@@ -65,6 +66,61 @@ class Restored:
             step = int(meta.get("metrics", {}).get("step", 0))
             out.resizes.append({"step": step, "from": meta["world_size"], "to": world})
         return out
+
+
+class EpochTally:
+    """What this epoch has trained so far: the (loss * n, correct, n) sums on the device, the ids
+    all ranks had consumed at the last checkpoint, the ids this rank trained since (kept on the
+    device: a ``.cpu()`` per step would sync the GPU every step), and the sample log."""
+
+    def __init__(
+        self,
+        device: torch.device,
+        rank: int,
+        resumed: np.ndarray | None,
+        resumed_sums: torch.Tensor | None,
+        sample_log: SampleLog | None,
+    ):
+        self.sums = torch.zeros(3, dtype=torch.float64, device=device)
+        if resumed is not None and rank == 0:  # the restored sums are global already: count once
+            self.sums += resumed_sums.to(device)
+        self.consumed = [] if resumed is None else [resumed]
+        self.pending: list[torch.Tensor] = []
+        self.log = sample_log
+
+    def trained(self, ids: torch.Tensor | None, epoch: int, step: int) -> None:
+        if ids is None:  # a user's Ray Dataset may carry no ids (no mid-epoch resume then)
+            return
+        self.pending.append(ids)
+        if self.log:
+            self.log.add(epoch + 1, step, ids)
+
+    def checkpoint(self, world: int) -> tuple[torch.Tensor, np.ndarray]:
+        """(global sums, every id consumed this epoch): collectives, so every rank calls it."""
+        self.consumed.append(gather_ids(self.pending, world))
+        self.pending = []
+        self.flush()
+        return all_reduce(self.sums.clone()), np.concatenate(self.consumed)
+
+    def flush(self) -> None:
+        if self.log:
+            self.log.flush()
+
+
+def all_reduce(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t
+
+
+def gather_ids(pending: list[torch.Tensor], world: int) -> np.ndarray:
+    """The ids every worker trained since the last checkpoint (a collective: all ranks call it)."""
+    local = torch.cat(pending).cpu().numpy() if pending else np.zeros(0, np.int64)
+    if world == 1 or not dist.is_initialized():
+        return local
+    parts: list[Any] = [None] * world
+    dist.all_gather_object(parts, local)
+    return np.concatenate(parts)
 
 
 class Reporter:

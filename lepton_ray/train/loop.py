@@ -15,7 +15,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import ray.train
 import ray.train.torch
 import torch
@@ -26,7 +25,7 @@ from lepton_ray.config import TrainConfig, parse_fault
 from lepton_ray.data import DatasetInfo
 from lepton_ray.models import memory_format, unwrap
 from lepton_ray.train import batching
-from lepton_ray.train.checkpointing import Reporter, Restored, SampleLog
+from lepton_ray.train.checkpointing import EpochTally, Reporter, Restored, SampleLog, all_reduce
 from lepton_ray.train.feed import CachedFeed, Feed, Plan, ShardFeed, StreamedFeed
 from lepton_ray.train.observe import WorkerProgress
 from lepton_ray.train.step import BATCH_DTYPES, Pixels, TrainStep, evaluate
@@ -79,51 +78,38 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     for epoch in range(restored.start_epoch, cfg.epochs):
         t0 = time.perf_counter()
         resumed = restored.consumed if epoch == restored.start_epoch else None
-        consumed = [] if resumed is None else [resumed]  # ids all ranks trained this epoch
-        sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss * n, correct, n
-        if resumed is not None and rank == 0:  # the restored sums are global already: count once
-            sums += restored.state["epoch_sums"].to(device)
+        tally = EpochTally(device, rank, resumed, restored.state.get("epoch_sums"), sample_log)
         if augment is not None:
             augment.start_epoch(epoch)
         batches = feed.epoch(epoch, exclude=resumed)
-        pending: list[torch.Tensor] = []  # ids this worker trained since the last checkpoint
         progress.start_epoch(epoch + 1, batches.steps, t0)
         for i, batch in enumerate(batches):
-            ids = batch.get("id")  # a user's Ray Dataset may carry none (no mid-epoch resume then)
-            x = pixels(batch["image"], augment, ids)
-            step(x, batch["label"].to(device, non_blocking=True), sums)
-            if ids is not None:
-                pending.append(ids)  # stays on the device: a .cpu() here would sync every step
-                if sample_log:
-                    sample_log.add(epoch + 1, step.global_step, ids)
+            ids = batch.get("id")
+            step(
+                pixels(batch["image"], augment, ids),
+                batch["label"].to(device, non_blocking=True),
+                tally.sums,
+            )
+            tally.trained(ids, epoch, step.global_step)
             if fault == (epoch + 1, i + 1, rank):
                 raise RuntimeError(
                     f"injected fault at epoch {epoch + 1} step {i + 1} on rank {rank}"
                 )
             timing = progress.timing(step, batches, done=i + 1)
             every = cfg.checkpoint_every_steps
-            if every and step.global_step % every == 0 and i < batches.steps - 1:
-                consumed.append(gather_ids(pending, world))
-                pending = []
-                global_sums = all_reduce(sums.clone())
+            if every and step.global_step % every == 0 and i < batches.steps - 1:  # mid-epoch
+                sums, consumed = tally.checkpoint(world)
+                seconds = time.perf_counter() - t0
                 metrics = epoch_metrics(
-                    epoch,
-                    step,
-                    global_sums,
-                    (i + 1) * cfg.batch_size,
-                    time.perf_counter() - t0,
-                    batches.wait_s,
-                    world,
+                    epoch, step, sums, (i + 1) * cfg.batch_size, seconds, batches.wait_s, world
                 )
-                state = step.state_dict() | {
-                    "torch_rng": torch.get_rng_state(),
-                    "epoch": epoch,
-                    "epoch_complete": False,
-                    "epoch_sums": global_sums.cpu(),
-                    "consumed_ids": torch.from_numpy(np.concatenate(consumed)),
-                }
-                if sample_log:
-                    sample_log.flush()
+                state = train_state(
+                    step,
+                    epoch,
+                    False,
+                    epoch_sums=sums.cpu(),
+                    consumed_ids=torch.from_numpy(consumed),
+                )
                 reporter.checkpoint(
                     metrics | {"epoch_complete": False} | timing,
                     model,
@@ -131,11 +117,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     history=history,
                     resizes=resizes,
                 )
-            progress.update(step, sums, i, timing)
+            progress.update(step, tally.sums, i, timing)
         train_time = time.perf_counter() - t0
 
         val = evaluate(unwrap(model), val_batches(), pixels, step.autocast) if val_batches else None
-        all_reduce(sums)
+        sums = all_reduce(tally.sums)
         metrics = epoch_metrics(
             epoch, step, sums, batches.steps * cfg.batch_size, train_time, batches.wait_s, world
         )
@@ -145,23 +131,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         improved, stop, best = judge(cfg, metrics, best)
         history.append(dict(metrics))
         metrics |= progress.timing(step, batches, done=batches.steps) | {"epoch_end": True}
-        if sample_log:
-            sample_log.flush()
-        if (
-            epoch + 1 == cfg.epochs
-            or stop
-            or improved
-            or (epoch + 1) % cfg.checkpoint_every_epochs == 0
-        ):
-            state = step.state_dict() | {
-                "torch_rng": torch.get_rng_state(),
-                "epoch": epoch,
-                "epoch_complete": True,
-            }
+        tally.flush()
+        last = epoch + 1 == cfg.epochs or stop
+        if last or improved or (epoch + 1) % cfg.checkpoint_every_epochs == 0:
             reporter.checkpoint(
                 metrics,
                 model,
-                state,
+                train_state(step, epoch, True),
                 history=history,
                 resizes=resizes,
                 best=best,
@@ -171,6 +147,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             reporter.metrics(metrics)
         if stop:
             break
+
+
+def train_state(step: TrainStep, epoch: int, complete: bool, **extra: Any) -> dict[str, Any]:
+    """What a checkpoint saves besides the weights: optimizer, scheduler, RNG, where in the run."""
+    return step.state_dict() | {
+        "torch_rng": torch.get_rng_state(),
+        "epoch": epoch,
+        "epoch_complete": complete,
+        **extra,
+    }
 
 
 def build_model(spec: RunSpec, restored: Restored) -> tuple[nn.Module, torch.memory_format]:
@@ -282,19 +268,3 @@ def epoch_metrics(
         "world_size": world,
         "lr": step.scheduler.get_last_lr()[0],
     }
-
-
-def all_reduce(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
-    return t
-
-
-def gather_ids(pending: list[torch.Tensor], world: int) -> np.ndarray:
-    """The ids every worker trained since the last checkpoint (a collective: all ranks call it)."""
-    local = torch.cat(pending).cpu().numpy() if pending else np.zeros(0, np.int64)
-    if world == 1 or not dist.is_initialized():
-        return local
-    parts: list[Any] = [None] * world
-    dist.all_gather_object(parts, local)
-    return np.concatenate(parts)
