@@ -45,9 +45,10 @@ def run_name_and_resume(cfg: PipelineConfig) -> tuple[str, bool]:
 
 
 def find_checkpoint(cfg: PipelineConfig, which: str) -> str:
-    """A checkpoint URI: ``best`` or ``last`` of ``train.run_name`` (or ``$LEPTON_RUN_NAME``), or ``which`` itself."""
-    from lepton_ray import storage
-    from lepton_ray.checkpoint import MANIFEST
+    """A checkpoint URI: ``best`` or ``last`` of ``train.run_name`` (or ``$LEPTON_RUN_NAME``), or
+    ``which`` itself. ``best`` follows ``best.json`` only inside the run's ``best/`` folder, and
+    falls back to the latest complete checkpoint when the run has no best yet."""
+    from lepton_ray.runs import RunLayout
 
     if which not in ("best", "last"):
         return which
@@ -56,17 +57,13 @@ def find_checkpoint(cfg: PipelineConfig, which: str) -> str:
         raise ConfigError(
             f"which run? set train.run_name (or pass a checkpoint URI instead of '{which}')"
         )
-    run = storage.resolve(f"{cfg.runs_uri}/{name}", cfg.endpoint_url)
-    if which == "best" and run.join("best.json").exists():
-        return run.join("best.json").read_json()["uri"]
-    done = [
-        n
-        for n in run.listdir()
-        if n.startswith("checkpoint_epoch") and run.join(n, MANIFEST).exists()
-    ]
-    if not done:
+    run = RunLayout.under(cfg.runs_uri, name, cfg.endpoint_url)
+    if which == "best" and (best := run.read_best()):
+        return best["uri"]
+    latest = run.latest()
+    if latest is None:
         raise ConfigError(f"run '{name}' has no complete checkpoint at {run.uri}")
-    return run.join(max(done)).uri  # names are zero-padded: epoch, then step
+    return latest.uri
 
 
 # --- the entry point -------------------------------------------------------------------------

@@ -6,13 +6,14 @@
 Loads the verified checkpoint, reads the split shard by shard (checksums verified), normalises
 with the statistics the checkpoint recorded (what Serve does) and writes loss, accuracy,
 per-class accuracy and the confusion matrix to ``<run>/eval/<checkpoint>-<split>.json`` (next to
-the checkpoint when it is outside a run).
+the checkpoint when it is outside a run; :class:`lepton_ray.runs.RunLayout` says where).
+
+A user's own model class loads only from a module listed in ``$LEPTON_TRUSTED_MODULES``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import posixpath
 import sys
 import time
 from typing import Any
@@ -22,22 +23,30 @@ from pipelines import common
 from pipelines.common import find_checkpoint, log
 
 
-def evaluate(cfg: PipelineConfig, which: str | None = None) -> dict[str, Any]:
-    """Metrics of checkpoint ``which`` (default ``evaluate.checkpoint``) on ``evaluate.split``."""
+def evaluate(cfg: PipelineConfig, which: str | None = None, loaded: Any = None) -> dict[str, Any]:
+    """Metrics of checkpoint ``which`` (default ``evaluate.checkpoint``) on ``evaluate.split``.
+
+    ``loaded``: that checkpoint already loaded (a :class:`lepton_ray.checkpoint.Loaded`), so a
+    caller that has read it (``promote``) does not read it again."""
     import numpy as np
     import torch
     import torch.nn.functional as F
 
-    from lepton_ray import load_model, open_dataset, storage
+    from lepton_ray import checkpoint, open_dataset, storage
     from lepton_ray.data import read_arrays
     from lepton_ray.errors import ConfigError, DataError
+    from lepton_ray.runs import RunLayout, validate_name
     from lepton_ray.serve.codec import InputSpec, to_model_input
 
     uri = find_checkpoint(cfg, which or cfg.evaluate.checkpoint)
     split = cfg.evaluate.split or cfg.dataset.val_split
     if not split:
         raise ConfigError("nothing to evaluate on: set evaluate.split (or dataset.val_split)")
-    model, meta = load_model(uri, cfg.endpoint_url)
+    validate_name("split", split)
+    run, name = RunLayout.of_checkpoint(storage.resolve(uri, cfg.endpoint_url))
+    out = run.eval_result(name, split)
+    loaded = loaded or checkpoint.load_checkpoint(uri, cfg.endpoint_url)
+    model, meta = loaded.model, loaded.meta
     info = open_dataset(f"{cfg.dataset_uri}/{split}", cfg.endpoint_url)
     data = meta["data"]
     if list(info.shape) != list(data["shape"]) or list(info.classes) != list(data["classes"]):
@@ -74,10 +83,6 @@ def evaluate(cfg: PipelineConfig, which: str | None = None) -> dict[str, Any]:
         "seconds": round(time.perf_counter() - started, 2),
         "evaluated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    ckpt = storage.resolve(uri, cfg.endpoint_url)
-    parent, name = posixpath.split(ckpt.uri.rstrip("/"))
-    run = posixpath.dirname(parent) if posixpath.basename(parent) == "best" else parent
-    out = storage.resolve(f"{run}/eval/{name}-{split}.json", cfg.endpoint_url)
     out.write_json(result)
     result["written_to"] = out.uri
     log(

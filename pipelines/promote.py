@@ -4,8 +4,10 @@
     python -m pipelines.promote --config pipelines/configs/mnist.yaml --set promote.deploy=true
     python -m pipelines.promote --config ... --set promote.checkpoint=s3://bucket/runs/r/checkpoint_...  # roll back
 
-1. picks ``promote.checkpoint`` (``best`` or ``last`` of ``train.run_name``, or a URI) and verifies
-   it (manifest and checksums);
+1. picks ``promote.checkpoint`` (``best`` or ``last`` of ``train.run_name``, or a URI) and reads
+   it once, verified (manifest, checksums, and a model spec that names a registered architecture
+   or a class from ``promote.serve.trusted_modules``); the evaluation uses that copy, and the
+   deployment checks only its manifest and metadata on the driver;
 2. with ``promote.min_accuracy``, evaluates it first and refuses (exit 1) below the bar;
 3. with ``promote.deploy``, deploys it with Ray Serve on the cluster (a running application of
    the same name is rolled over to it);
@@ -13,12 +15,13 @@
    run, metrics, the previous checkpoint) and writes ``<store>/serving/<name>/config.yaml``, a
    Serve config for ``serve deploy`` (also to ``promote.write_config`` when set).
 
-The pointer is the record of what serves; promoting an older checkpoint is the rollback.
+The pointer is the record of what serves; promoting an older checkpoint is the rollback. The app
+name becomes a folder, so it must be one safe name (:func:`lepton_ray.runs.validate_name`), checked
+before anything is read or written.
 """
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -52,14 +55,20 @@ def serve_config_yaml(args: dict[str, Any], *, host: str, port: int) -> str:
 
 
 def run(cfg: PipelineConfig) -> dict[str, Any]:
-    from lepton_ray import checkpoint, storage
+    from lepton_ray import checkpoint
     from lepton_ray.config import to_dict
+    from lepton_ray.runs import CURRENT, serving_home
 
     p = cfg.promote
     uri = find_checkpoint(cfg, p.checkpoint)
-    files = checkpoint.verify(storage.resolve(uri, cfg.endpoint_url))
-    meta = json.loads(files[checkpoint.META])
     serve = p.serve_config(uri, endpoint_url=cfg.endpoint_url)
+    home = serving_home(cfg.root, serve.name, cfg.endpoint_url)  # the app name, checked first
+    pointer = home.join(CURRENT)
+    previous = _previous(pointer)
+    loaded = checkpoint.load_checkpoint(
+        uri, cfg.endpoint_url, trusted_modules=getattr(serve, "trusted_modules", ())
+    )
+    meta = loaded.meta
     summary: dict[str, Any] = {
         "checkpoint": uri,
         "run": meta.get("run", {}).get("name"),
@@ -72,7 +81,7 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
     if p.min_accuracy is not None:
         from pipelines.evaluate import evaluate
 
-        result = evaluate(cfg, which=uri)
+        result = evaluate(cfg, which=uri, loaded=loaded)
         summary["evaluation"] = {
             k: result[k] for k in ("split", "rows", "accuracy", "loss", "written_to")
         }
@@ -90,9 +99,6 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
         summary["endpoint"] = deploy(uri, host=p.host, port=p.port, **fields)
         log(f"[promote] serving {uri} at {summary['endpoint']}")
 
-    home = storage.resolve(f"{cfg.root}/serving/{serve.name}", cfg.endpoint_url)
-    pointer = home.join("current.json")
-    previous = pointer.read_json() if pointer.exists() else None
     record = {
         **summary,
         "serve": {k: v for k, v in to_dict(serve).items() if k != "checkpoint"},
@@ -113,6 +119,22 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
         "serve_config": [home.join("config.yaml").uri]
         + ([p.write_config] if p.write_config else []),
     }
+
+
+def _previous(pointer: Any) -> dict[str, Any] | None:
+    """The app's current pointer, or None: a JSON object whose ``checkpoint`` is a URI string.
+    Only recorded (as ``previous``), never followed."""
+    from lepton_ray.errors import NotFoundError, StorageError
+
+    try:
+        record = pointer.read_json()
+    except NotFoundError:
+        return None
+    except ValueError:
+        raise StorageError(f"{pointer.uri} is not JSON") from None
+    if not isinstance(record, dict) or not isinstance(record.get("checkpoint"), str):
+        raise StorageError(f"{pointer.uri} is not a pointer (a JSON object with a checkpoint URI)")
+    return record
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -208,19 +208,26 @@ class Ingress:
     def __init__(self, cfg: Any, stable: Any = None, canary: Any = None, auth_token: Any = None):
         from ray.util import metrics
 
+        from lepton_ray import checkpoint
         from lepton_ray.serve.canary import CanaryJudge
-        from lepton_ray.serve.codec import InputSpec, read_checkpoint_meta
+        from lepton_ray.serve.codec import InputSpec
 
         if stable is None and canary is not None:
             raise ValueError("a canary needs the two-hop layout (a stable model deployment)")
-        # One hop: the model is loaded here, so the replica is ready once __init__ returns.
+        # One hop: the model is loaded here, so the replica is ready once __init__ returns, and
+        # the spec and version come from that load (the checkpoint is read once). Two hops: the
+        # manifest and metadata only, no weights.
         self.model_ready = stable is None
-        stable = ModelCore(cfg.model_only()) if stable is None else stable
+        if stable is None:
+            stable = ModelCore(cfg.model_only())
+            meta, self.version = stable.runner.meta, stable.runner.version
+        else:
+            described = checkpoint.describe(cfg.checkpoint, cfg.endpoint_url)
+            meta, self.version = described.meta, described.version
         self.cfg, self.stable, self.canary, self.token = cfg, stable, canary, auth_token
-        meta, self.version = read_checkpoint_meta(cfg.checkpoint, cfg.endpoint_url)
         self.spec = InputSpec.from_meta(meta)
         self.canary_version = (
-            read_checkpoint_meta(cfg.canary_checkpoint, cfg.endpoint_url)[1] if canary else None
+            checkpoint.version(cfg.canary_checkpoint, cfg.endpoint_url) if canary else None
         )
         self.judge = (
             CanaryJudge(cfg.canary_share, cfg.canary_min_requests, cfg.canary_tolerance)

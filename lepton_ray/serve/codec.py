@@ -68,17 +68,13 @@ class InputSpec:
 
 
 def read_checkpoint_meta(uri: str, endpoint_url: str | None = None) -> tuple[dict[str, Any], str]:
-    """(``lepton.json``, version) of a checkpoint, without loading its weights (nor torch).
+    """(``lepton.json``, version) of a checkpoint: :func:`lepton_ray.checkpoint.describe` (one
+    read of the manifest and of the metadata, no weights, no torch). Kept for older callers; new
+    code calls ``checkpoint.read_meta`` / ``checkpoint.version``."""
+    from lepton_ray import checkpoint
 
-    The version is the first 12 hex digits of the weights' sha256, as the manifest records it.
-    """
-    from lepton_ray import storage
-
-    loc = storage.resolve(uri, endpoint_url)
-    manifest = loc.join("manifest.json").read_json()
-    return json.loads(loc.join("lepton.json").read_bytes()), manifest["files"]["model.safetensors"][
-        :12
-    ]
+    described = checkpoint.describe(uri, endpoint_url)
+    return described.meta, described.version
 
 
 def decode_body(body: bytes, content_type: str, spec: InputSpec, max_images: int) -> np.ndarray:
