@@ -6,8 +6,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from lepton_ray import checkpoint, storage
+from lepton_ray import checkpoint
 from lepton_ray.config import ServeConfig, from_dict
+from lepton_ray.trust import check_spec
 
 
 def build_app(cfg: ServeConfig | dict[str, Any]) -> Any:
@@ -179,16 +180,19 @@ def deploy(
     experimental HAProxy ingress, which cuts a few ms per request; it is chosen when Ray starts
     (:func:`enable_haproxy`).
 
-    The checkpoint is verified (manifest and checksums) before anything is deployed, so a bad URI
-    fails here with a clear message. Other keyword arguments are :class:`ServeConfig` fields.
+    The checkpoint's manifest and metadata are checked here, and its model spec against the
+    trusted modules, before anything is deployed, so a bad URI or an untrusted checkpoint fails
+    here in one line; the weights are not read on the driver (each replica verifies every
+    checksum when it loads them). Other keyword arguments are :class:`ServeConfig` fields.
     """
     from ray import serve
 
     from lepton_ray.runtime import ensure_ray
 
     cfg = ServeConfig(checkpoint=checkpoint_uri, **kwargs)
+    trusted = getattr(cfg, "trusted_modules", ())
     for uri in filter(None, (cfg.checkpoint, cfg.canary_checkpoint)):
-        checkpoint.verify(storage.resolve(uri, cfg.endpoint_url))
+        check_spec(checkpoint.read_meta(uri, cfg.endpoint_url).get("model"), trusted)
     if haproxy is None:
         haproxy = os.environ.get("LEPTON_SERVE_HAPROXY") == "1"
     if haproxy:
