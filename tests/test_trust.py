@@ -290,3 +290,54 @@ def test_missing_and_unparsable_manifest(tmp_path):
     (tmp_path / "bad" / checkpoint.MANIFEST).write_text("{not json")
     with pytest.raises(CheckpointError, match="manifest.json is not JSON"):
         checkpoint.read_meta(tmp_path / "bad")
+
+
+# --- deploy: checked on the driver from the manifest and metadata alone ------------------------
+class _Stop(Exception):
+    """Raised where deploy would start Ray: the driver-side checks are over by then."""
+
+
+def test_deploy_checks_metadata_only_and_refuses_untrusted_checkpoints(tmp_path, monkeypatch):
+    from lepton_ray import runtime
+    from lepton_ray.serve.deploy import deploy
+
+    def stop(*args, **kwargs):
+        raise _Stop
+
+    monkeypatch.setattr(runtime, "ensure_ray", stop)
+    model = build_model("cnn", in_channels=1, num_classes=2, width=4)
+    good = _publish(tmp_path, spec_of(model), model)
+    marker = tmp_path / "pwned"
+    bad = _publish(tmp_path, {"class": "os:system", "kwargs": {"command": f"touch {marker}"}})
+    read = []
+    real = storage.Location.read_bytes
+    monkeypatch.setattr(
+        storage.Location, "read_bytes", lambda self: read.append(self.name) or real(self)
+    )
+    with pytest.raises(_Stop):
+        deploy(good.uri, haproxy=False)
+    assert read == [checkpoint.MANIFEST, checkpoint.META]  # no weights on the driver
+    with pytest.raises(CheckpointError, match="refusing model class 'os:system'"):
+        deploy(bad.uri, haproxy=False)
+    with pytest.raises(CheckpointError, match="refusing model class 'os:system'"):
+        deploy(good.uri, canary_checkpoint=bad.uri, one_hop=False, haproxy=False)
+    with pytest.raises(CheckpointError, match="no complete checkpoint"):
+        deploy(str(tmp_path / "nowhere"), haproxy=False)
+    assert not marker.exists()
+
+
+def test_deploy_accepts_a_module_the_serve_config_trusts(make_module, tmp_path, monkeypatch):
+    from lepton_ray import runtime
+    from lepton_ray.serve.deploy import deploy
+
+    def stop(*args, **kwargs):
+        raise _Stop
+
+    monkeypatch.setattr(runtime, "ensure_ray", stop)
+    module = make_module(NET)
+    model = importlib.import_module(module).Net()
+    loc = _publish(tmp_path, spec_of(model), model)
+    with pytest.raises(CheckpointError, match="is not trusted"):
+        deploy(loc.uri, haproxy=False)
+    with pytest.raises(_Stop):
+        deploy(loc.uri, haproxy=False, trusted_modules=[module])
