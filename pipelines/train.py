@@ -24,16 +24,17 @@ from pipelines.common import ATTEMPT_ENV, log, run_name_and_resume
 
 
 def run(cfg: PipelineConfig) -> dict[str, Any]:
-    from lepton_ray import build_model, fit, open_dataset, storage
+    from lepton_ray import build_model, fit, open_dataset
     from lepton_ray.config import to_dict
+    from lepton_ray.runs import RunLayout
     from lepton_ray.runtime import ensure_ray
 
     name, resume = run_name_and_resume(cfg)
+    run = RunLayout.under(cfg.runs_uri, name, cfg.endpoint_url)  # the name is checked: one folder
     train_info = open_dataset(f"{cfg.dataset_uri}/{cfg.dataset.train_split}", cfg.endpoint_url)
     val = f"{cfg.dataset_uri}/{cfg.dataset.val_split}" if cfg.dataset.val_split else None
-    run_loc = storage.resolve(f"{cfg.runs_uri}/{name}", cfg.endpoint_url)
-    if cfg.smoke_test and not resume and run_loc.exists():
-        run_loc.delete()
+    if cfg.smoke_test and not resume and run.root.exists():
+        run.root.delete()
     tcfg = dataclasses.replace(
         cfg.train,
         run_name=name,
@@ -50,13 +51,13 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
     attempt = os.environ.get(ATTEMPT_ENV)
     log(f"LEPTON_RUN_NAME={name}")  # machine-readable: lepton-ray submit reports the run trained
     log(
-        f"[train] run '{name}' at {run_loc.uri}"
+        f"[train] run '{name}' at {run.uri}"
         + (" (resuming)" if resume else "")
         + (f", attempt {attempt}" if attempt else "")
     )
     ensure_ray()
     results = fit(model, train_info, val, tcfg)
-    run_loc.join("pipeline.json").write_json(to_dict(dataclasses.replace(cfg, train=tcfg)))
+    run.pipeline.write_json(to_dict(dataclasses.replace(cfg, train=tcfg)))
     for h in results["history"]:
         log(
             f"[train] epoch {h['epoch']:>2}  loss {h['train_loss']:.4f}  acc {h['train_accuracy']:.4f}"

@@ -4,6 +4,7 @@ pipelines run in smoke mode on the S3 test server against the session's Ray clus
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import urllib.request
@@ -193,3 +194,5 @@ def test_prepare_train_evaluate_promote_in_smoke_mode_on_s3(
     for o in written:
         body = s3.get_object(Bucket=s3_bucket, Key=o["Key"])["Body"].read()
         assert b"tok-5d2e-planted" not in body, o["Key"]
+        for name in ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID"):  # the store's credentials
+            assert os.environ[name].encode() not in body, (name, o["Key"])
