@@ -61,3 +61,32 @@ def test_bad_worker_spec_is_a_usage_error():
 def test_bad_cache_choice_is_a_usage_error():
     r = run_cli("train", "--data", "x", "--cache", "gpu")
     assert r.returncode == 2 and "--cache: invalid choice: 'gpu'" in r.stderr
+
+
+def test_train_help_shows_the_config_defaults():
+    r = run_cli("train", "--help")
+    assert r.returncode == 0
+    text = " ".join(r.stdout.split())  # argparse wraps lines
+    assert "(default: 10, TrainConfig.epochs)" in text
+    assert "(default: 0.1, OptimConfig.lr)" in text
+    assert "--config FILE" in text and "--set KEY=VALUE" in text
+
+
+@pytest.mark.ray
+def test_train_from_a_pipeline_config_with_overrides_and_flags(ray_session, tmp_path, capsys):
+    """``lepton-ray train --config FILE --set k=v --flag``: the dataset, model and train sections of
+    the pipeline YAML, overridden; one small epoch on the session's Ray instance."""
+    from lepton_ray import cli
+
+    store = tmp_path / "store"
+    assert cli.main(["data", "prepare", "mnist5k", str(store / "datasets" / "mnist5k")]) == 0
+    capsys.readouterr()
+    argv = ["train", "--config", "pipelines/configs/mnist.yaml", "--set", f"store={store}"]
+    argv += ["--set", "model.kwargs.width=4", "--set", "train.checkpoint_every_steps=null"]
+    argv += ["--set", "train.progress_bar=false"]
+    code = cli.main([*argv, "--epochs", "1", "--workers", "1", "--batch-size", "500"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    res = json.loads(out)
+    assert res["epochs"] == 1 and res["run"] == f"{store}/runs/mnist-cnn"
+    assert "val_accuracy" in json.dumps(res)  # the config's val_split was used
