@@ -370,3 +370,30 @@ def test_real_ddp_model_is_saved_unwrapped(tmp_path):
     x = torch.randn(2, 4)
     with torch.no_grad():
         assert torch.equal(loaded(x), inner(x))
+
+
+def test_a_replica_reads_its_checkpoint_once(tmp_path, monkeypatch):
+    """ModelRunner loads manifest, metadata and weights once each, and knows the version."""
+    import hashlib
+
+    from lepton_ray.serve import ServeConfig
+    from lepton_ray.serve.runner import ModelRunner
+
+    model = build_model("cnn", in_channels=1, num_classes=10, width=4)
+    meta = {
+        "model": spec_of(model),
+        "data": {"shape": [8, 8, 1], "mean": [0.5], "std": [0.25], "classes": list("0123456789")},
+    }
+    loc = publish(
+        write_local(tmp_path / "local", model, meta), storage.resolve(tmp_path / "published")
+    )
+    read = []
+    real = storage.Location.read_bytes
+    monkeypatch.setattr(
+        storage.Location, "read_bytes", lambda self: read.append(self.name) or real(self)
+    )
+    runner = ModelRunner(ServeConfig(checkpoint=loc.uri))
+    assert sorted(read) == sorted([checkpoint.MANIFEST, checkpoint.META, checkpoint.WEIGHTS])
+    weights = (tmp_path / "published" / checkpoint.WEIGHTS).read_bytes()
+    assert runner.version == hashlib.sha256(weights).hexdigest()[:12]
+    assert runner.info()["model_version"] == runner.version
