@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import types
 import typing
 from collections.abc import Callable
@@ -81,8 +82,8 @@ class Config:
                 new = _field_value(value, hints[f.name], f.metadata)
             except FieldError as exc:  # from a nested section: its key below ours
                 raise FieldError(owner, f"{f.name}.{exc.key}", exc.problem) from None
-            except _Bad as bad:
-                raise FieldError(owner, f.name + bad.sub, str(bad)) from None
+            except _Bad as err:
+                raise FieldError(owner, f.name + err.sub, str(err)) from None
             if new is not value:
                 object.__setattr__(self, f.name, new)
         try:
@@ -195,8 +196,8 @@ def _tuple(value: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
     for i, (item, tp) in enumerate(zip(value, items, strict=True)):
         try:
             out.append(coerce(item, tp))
-        except _Bad as bad:
-            raise _Bad(str(bad), f"[{i}]{bad.sub}") from None
+        except _Bad as err:
+            raise _Bad(str(err), f"[{i}]{err.sub}") from None
     return tuple(out)
 
 
@@ -210,8 +211,8 @@ def _dict(value: Any, args: tuple[Any, ...]) -> dict[str, Any]:
             raise _Bad(f"expected string keys, got {k!r}")
         try:
             out[k] = coerce(v, value_tp)
-        except _Bad as bad:
-            raise _Bad(str(bad), f".{k}{bad.sub}") from None
+        except _Bad as err:
+            raise _Bad(str(err), f".{k}{err.sub}") from None
     return out
 
 
@@ -292,7 +293,7 @@ def _numbers(value: Any, sub: str) -> typing.Iterator[tuple[str, float]]:
 def _hints(cls: type) -> dict[str, Any]:
     hints = _HINTS.get(cls)
     if hints is None:
-        module = __import__(cls.__module__, fromlist=["_"])
+        module = sys.modules[cls.__module__]
         hints = _HINTS[cls] = typing.get_type_hints(cls, vars(module))
     return hints
 
