@@ -14,15 +14,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from lepton_ray.config.schema import (
-    Config,
-    FieldError,
-    _Bad,
-    bad,
-    coerce,
-    secret_fields,
-    setting,
-)
+from lepton_ray.config.schema import Config, FieldError, bad, mismatch, secret_fields, setting
 from lepton_ray.config.serve import ServeConfig
 from lepton_ray.config.train import TrainConfig, plain_name
 
@@ -85,13 +77,12 @@ class ModelSpec(Config):
                     f"'{self.name}' takes no argument '{key}' "
                     + (f"(it takes: {', '.join(allowed)})" if allowed else "(it takes none)"),
                 )
-            if key in hints:
-                try:
-                    coerce(value, hints[key])
-                except _Bad as exc:
-                    raise bad(f"kwargs.{key}", str(exc)) from None
-                except TypeError:  # an annotation the schema does not model: the model checks it
-                    pass
+            try:
+                wrong = mismatch(value, hints[key]) if key in hints else None
+            except TypeError:  # an annotation the schema does not model: the model checks it
+                wrong = None
+            if wrong:
+                raise bad(f"kwargs.{key}", wrong)
 
 
 def _constructor_hints(factory: Any) -> dict[str, Any]:

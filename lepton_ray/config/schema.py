@@ -172,6 +172,16 @@ def coerce(value: Any, tp: Any) -> Any:
     raise TypeError(f"config annotation {tp!r} is not supported by lepton_ray.config.schema")
 
 
+def mismatch(value: Any, tp: Any) -> str | None:
+    """What is wrong with ``value`` as annotation ``tp`` (``expected a whole number, got 'abc'``),
+    None if nothing is; raises ``TypeError`` for an annotation this module does not model."""
+    try:
+        coerce(value, tp)
+    except _Bad as err:
+        return str(err)
+    return None
+
+
 def _union(value: Any, args: tuple[Any, ...]) -> Any:
     if value is None and type(None) in args:
         return None
