@@ -102,7 +102,7 @@ def synthetic_ray_dataset(rows: int) -> Any:
 
 
 def realish_images(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Class-structured images: a blocky colour pattern per class plus per-image noise (learnable)."""
+    """Class-structured images: a blocky colour pattern per class, per-image noise (learnable)."""
     rng = np.random.default_rng(seed)
     labels = np.arange(n, dtype=np.int64) % 10
     rng.shuffle(labels)

@@ -156,8 +156,9 @@ def _mnist(r: dict[str, Any]) -> list[str]:
         "### Time to >= 98% test accuracy: built-in MNIST subset from the command line"
         + (f" (run `{m['run']}`)" if m.get("run") else "")
         + "\n",
-        f"`lepton-ray data prepare mnist5k DIR` ({fmt(m.get('prepare_wall_s'))} s), then `lepton-ray train "
-        "--data DIR/train --val DIR/test --use-gpu --workers 1 --batch-size 100 --epochs N` (the `cnn`); "
+        f"`lepton-ray data prepare mnist5k DIR` ({fmt(m.get('prepare_wall_s'))} s), then "
+        "`lepton-ray train --data DIR/train --val DIR/test --use-gpu --workers 1 "
+        "--batch-size 100 --epochs N` (the `cnn`); "
         "wall clock of each command, Ray start-up included.\n",
         table(
             [
@@ -175,7 +176,8 @@ def _mnist(r: dict[str, Any]) -> list[str]:
         best = min(reached, key=lambda x: x["train_wall_s"])
         total = (m.get("prepare_wall_s") or 0) + best["train_wall_s"]
         out.append(
-            f"\nFastest run ending at >= 98%: {fmt(total)} s, prepare + train ({best['epochs']} epochs)."
+            f"\nFastest run ending at >= 98%: {fmt(total)} s, prepare + train "
+            f"({best['epochs']} epochs)."
         )
     else:
         out.append("\nNo run ended at >= 98% test accuracy.")
@@ -208,8 +210,9 @@ def _serve(r: dict[str, Any]) -> list[str]:
     out = [
         "",
         "### Serving the trained checkpoint: `deploy(checkpoint, use_gpu=True)`, one replica\n",
-        f"{sv['request']}; `@serve.batch(max_batch_size=64)`; client threads with `urllib` in the benchmark "
-        f"process. Deploy took {sv['deploy_s']} s. No baseline was run beside it (see the serve sections).\n",
+        f"{sv['request']}; `@serve.batch(max_batch_size=64)`; client threads with `urllib` in the "
+        f"benchmark process. Deploy took {sv['deploy_s']} s. No baseline was run beside it (see "
+        "the serve sections).\n",
         table(
             [
                 "concurrency",
@@ -226,8 +229,9 @@ def _serve(r: dict[str, Any]) -> list[str]:
     b = sv.get("batched")
     if b:
         out.append(
-            f"\n64 digits per request at concurrency {b['concurrency']}: {fmt(b['requests_per_s'])} requests/s, "
-            f"{fmt(b['images_per_s'])} images/s (p50 {fmt(b['p50_ms'])} ms, p99 {fmt(b['p99_ms'])} ms)."
+            f"\n64 digits per request at concurrency {b['concurrency']}: "
+            f"{fmt(b['requests_per_s'])} requests/s, {fmt(b['images_per_s'])} images/s "
+            f"(p50 {fmt(b['p50_ms'])} ms, p99 {fmt(b['p99_ms'])} ms)."
         )
     return out
 

@@ -13,7 +13,8 @@ same consumer (the main process iterating torch batches). Measured in one run:
 - ``ray_data_uint8``: the same, but rows stay uint8 until the consumer normalises them (what
   ``Trainer.fit`` does, on the training device, with ``lepton_ray.train.step.Pixels``).
 - ``dataloader``: what a PyTorch user writes: a map-style ``Dataset`` over the same rows (held in
-  memory), torchvision ``transforms.v2`` per image, ``DataLoader(num_workers=--cpus, shuffle=True)``.
+  memory), torchvision ``transforms.v2`` per image,
+  ``DataLoader(num_workers=--cpus, shuffle=True)``.
 - ``dataloader_batched``: the DataLoader again, but calling our vectorised transforms once per
   batch (a batch sampler): where the speed comes from, the transforms or Ray Data.
 
@@ -182,7 +183,8 @@ def render(r: dict[str, Any], key: str) -> str:
     ips, m = r["images_per_s"], metrics(r)
     names = {
         "ray_data": "Ray Data, vectorised transforms in `map_batches`",
-        "ray_data_uint8": "Ray Data, uint8 rows normalised by the consumer (as `Trainer.fit` reads)",
+        "ray_data_uint8": "Ray Data, uint8 rows normalised by the consumer "
+        "(as `Trainer.fit` reads)",
         "dataloader": "DataLoader, torchvision v2 per image",
         "dataloader_batched": "DataLoader, lepton_ray's vectorised transforms per batch",
     }
@@ -193,7 +195,8 @@ def render(r: dict[str, Any], key: str) -> str:
     hw = r.get("hardware") or f"{r.get('os_cpus')} CPUs, {r.get('machine')}"
     return (
         "## Ray Data pipeline vs DataLoader\n\n"
-        f"{harness.provenance({**r, 'hardware': hw}, key)} Images/s delivered as float32 NCHW torch "
+        f"{harness.provenance({**r, 'hardware': hw}, key)} "
+        "Images/s delivered as float32 NCHW torch "
         f"batches of {r['batch']} to the main process: decode, random crop (padding 2), horizontal "
         f"flip, colour jitter, normalise; {fmt(r['rows'])} synthetic 32x32x3 rows; {r['cpus']} CPU "
         f"processes doing the work in each; mean of epochs 2..{r['epochs']}.\n\n"

@@ -85,19 +85,9 @@ def mean_after_warmup(values: list[float]) -> float:
 
 
 # --- the hardware record -----------------------------------------------------------------------
-HARDWARE_KEYS = (
-    "cpu_model",
-    "cpu_cores",
-    "memory_gib",
-    "gpu",
-    "gpu_memory_gib",
-    "cuda",
-    "python",
-    "torch",
-    "ray",
-    "lepton_ray",
-    "git_sha",
-    "date",
+HARDWARE_KEYS = tuple(
+    "cpu_model cpu_cores memory_gib gpu gpu_memory_gib cuda python torch ray lepton_ray git_sha "
+    "date".split()
 )
 
 
@@ -158,8 +148,11 @@ def hardware() -> dict[str, Any]:
         git_sha=git_sha(),
         date=now(),
     )
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available():
+    try:
+        import torch
+    except ImportError:
+        return hw
+    if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
         hw.update(
             gpu=f"{torch.cuda.device_count()}x {p.name}",

@@ -139,7 +139,8 @@ def render(r: dict[str, Any], key: str) -> str:
     ]
     return (
         "## Recovery from a killed training worker\n\n"
-        f"{harness.provenance(r, key)} 2 CPU workers, the MNIST subset, a checkpoint every 10 steps; one "
+        f"{harness.provenance(r, key)} 2 CPU workers, the MNIST subset, a checkpoint every 10 "
+        "steps; one "
         "worker SIGKILLed right after Ray Train committed a mid-epoch checkpoint.\n\n"
         + table(["measure", "value"], rows)
         + "\n"

@@ -12,11 +12,13 @@ One run, one model, one model replica per variant with 1 CPU / 1 torch thread (o
     (a) the endpoint with ``@serve.batch`` (max_batch_size 64)
     (b) the endpoint without batching (max_batch_size 1)
         each behind Serve's proxy (the default) and behind HAProxy (``deploy(..., haproxy=True)``;
-        skipped, and said so, without an HAProxy binary); one hop: the model runs in the HTTP replica
+        skipped, and said so, without an HAProxy binary); one hop: the model runs in the HTTP
+        replica
     (c) plain uvicorn + FastAPI in one process: decode -> the same ModelRunner -> JSON
 
 each at concurrency 1, 16 and 64 (client threads with keep-alive connections, back to back).
-Goals: (a) >= 3x (b) in requests/s at concurrency 64; at concurrency 1, (a) adds <= 5 ms p50 over (c).
+Goals: (a) >= 3x (b) in requests/s at concurrency 64; at concurrency 1, (a) adds <= 5 ms p50
+over (c).
 
 Models (``--model``): ``cnn`` (width 32, one 28x28x1 digit per request; the default) or
 ``resnet18`` (one 32x32x3 CIFAR-shaped image per request, random pixels: speed does not depend on
@@ -354,7 +356,7 @@ INGRESS_NAMES = {
 
 
 def metrics(results: dict[str, list]) -> dict[str, dict[str, float]]:
-    """Per ingress: (a) ÷ (b) requests/s at concurrency 64, and (a) − (c) p50 at concurrency 1."""
+    """Per ingress: (a) ÷ (b) requests/s at concurrency 64; (a) − (c) p50 at concurrency 1."""
 
     def at(name: str, c: int) -> dict:
         return next(x for x in results[name] if x["concurrency"] == c)
@@ -434,13 +436,15 @@ def _reruns(r: dict[str, Any], key: str) -> str:
                 [
                     run.get("measured_at"),
                     INGRESS_NAMES.get(ingress, ingress),
-                    f"{v['batched_over_unbatched_rps_at_64']:.2f}x ({'met' if checks[0] else 'not met'})",
+                    f"{v['batched_over_unbatched_rps_at_64']:.2f}x "
+                    f"({'met' if checks[0] else 'not met'})",
                     f"{v['p50_added_ms_at_1']:+.2f} ms ({'met' if checks[1] else 'not met'})",
                 ]
             )
     first = r["runs"][0]
     return (
-        f"{r['what']}; results: `benchmarks/results/{key}.json`, on {harness.hardware_summary(first.get('hardware'))}. "
+        f"{r['what']}; results: `benchmarks/results/{key}.json`, on "
+        f"{harness.hardware_summary(first.get('hardware'))}. "
         f"{first.get('what')}.\n\n"
         + table(
             [

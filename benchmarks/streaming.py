@@ -153,10 +153,12 @@ def render(r: dict[str, Any], key: str) -> str:
     return (
         "## Streaming a dataset larger than the object store\n\n"
         f"{harness.provenance({**r, 'hardware': hw}, key)} One epoch of {fmt(r['rows'])} synthetic "
-        f"{'x'.join(map(str, r['shape']))} images ({r['dataset_pixels_mib'] / 1024:.2f} GiB of pixels in "
+        f"{'x'.join(map(str, r['shape']))} images "
+        f"({r['dataset_pixels_mib'] / 1024:.2f} GiB of pixels in "
         f"{r['shards']} Parquet shards) through a local Ray whose object store holds "
         f"{r['object_store_mib']} MiB ({r['dataset_to_store_ratio']}x less than the data), read as "
-        "training reads it: shard order shuffled, crop + flip on the Ray Data CPU workers, uint8 rows, "
+        "training reads it: shard order shuffled, crop + flip on the Ray Data CPU workers, "
+        "uint8 rows, "
         "a 4,096-row local shuffle buffer.\n\n"
         + table(["measure", "value"], rows)
         + "\n\n"
