@@ -77,3 +77,13 @@ def test_worker_count_spellings():
     assert Trainer("auto", use_gpu=True).scaling.use_gpu is True
     with pytest.raises(ConfigError, match="num_workers"):
         Trainer(0)
+
+
+def test_serve_run_key_value_pairs_are_read_by_the_field_types():
+    """``serve run serving.app:app max_replicas=4`` hands the builder strings."""
+    import serving.app
+
+    built = serving.app.app({"checkpoint": "/x/ckpt", "max_replicas": "4", "name": "007"})
+    assert type(built).__name__ == "Application"
+    with pytest.raises(ConfigError, match="ServeConfig.max_replicas: expected a whole number"):
+        serving.app.app({"checkpoint": "/x/ckpt", "max_replicas": "many"})

@@ -64,8 +64,8 @@ class Trainer:
         train_dataset: Any,
         val_dataset: Any = None,
         *,
-        batch_size: int = 100,
-        epochs: int = 10,
+        batch_size: int | None = None,
+        epochs: int | None = None,
         endpoint_url: str | None = None,
         data: DataConfig | None = None,
         **kwargs: Any,
@@ -78,8 +78,9 @@ class Trainer:
                 ``torch.utils.data.Dataset`` of (image, label) or a Ray Dataset with
                 ``image``/``label`` columns.
             val_dataset: the same kinds, validated on after every epoch (optional).
-            batch_size: the global batch, summed over the workers, whatever their number.
-            epochs: passes over the training set.
+            batch_size: the global batch, summed over the workers, whatever their number
+                (default: ``TrainConfig.batch_size``, 100).
+            epochs: passes over the training set (default: ``TrainConfig.epochs``, 10).
             endpoint_url: S3-compatible endpoint for s3:// URIs.
             data: the input pipeline (:class:`DataConfig`).
             **kwargs: :class:`TrainConfig` and :class:`OptimConfig` fields (``lr``,
