@@ -19,6 +19,8 @@ _EXPORTS = {
     "DataConfig": "lepton_ray.config",
     "ScalingConfig": "lepton_ray.config",
     "ServeConfig": "lepton_ray.config",
+    "PipelineConfig": "lepton_ray.config",
+    "load_config": "lepton_ray.config",
     "prepare": "lepton_ray.data",
     "open_dataset": "lepton_ray.data",
     "read_ray": "lepton_ray.data",
