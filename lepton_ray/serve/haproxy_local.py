@@ -1,0 +1,104 @@
+"""Run Ray Serve's HAProxy with every listener on the serving host and a private admin socket.
+
+Ray 2.60 renders HAProxy's configuration from a fixed template in which the Prometheus exporter
+(``bind :9101``) and the stats page (``bind *:8404``) listen on every interface, whatever host
+Serve's HTTP options name, and the admin socket (``level admin``: it can disable servers and
+rewrite the routing) is created mode 666. None of this has a setting. So
+:func:`lepton_ray.serve.deploy.enable_haproxy` points ``RAY_SERVE_HAPROXY_BINARY_PATH`` at a small
+script that runs this file instead of HAProxy: it copies the configuration Ray wrote, with those
+listeners bound to the host of Serve's own HTTP frontend and the socket mode 600, and replaces
+itself (``exec``, same pid) with the real HAProxy on the copy. Ray's reloads (``-sf``), health
+checks and admin-socket commands see the process they started.
+
+The copy also answers HAProxy's own errors (no replica left, a replica that died mid-request: 502,
+503 and 504, which Ray's template turns into a plain-text 500) as the endpoint answers its errors:
+a 503 ``{"error": ...}`` with ``Retry-After``.
+
+When Serve listens on every interface (``host="0.0.0.0"``) the side listeners are left as Ray
+wrote them. A configuration with a wildcard listener this file does not know is refused (exit 1,
+one line in HAProxy's stderr log): a newer template must be looked at, not served blindly.
+
+Standard library only, and run as a file (not ``-m``): it sits on HAProxy's start-up path.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+
+_FRONTEND = re.compile(r"^frontend http_frontend\n[ \t]+bind (\S+):(\d+)[ \t]*$", re.MULTILINE)
+_SIDE_LISTENERS = re.compile(
+    r"^((?:frontend prometheus|listen stats)\n[ \t]+bind )\*?:(\d+)[ \t]*$", re.MULTILINE
+)
+_WILDCARD_BIND = re.compile(r"^[ \t]+bind (?:\*|0\.0\.0\.0|::|\[::\])?:\d+", re.MULTILINE)
+_SOCKET_MODE = re.compile(r"^([ \t]*stats socket \S+ mode )666\b", re.MULTILINE)
+_ERROR_FILES = re.compile(r"^([ \t]*errorfile 50[234] )\S+[ \t]*$", re.MULTILINE)
+_BODY = b'{"error": "no model replica could answer (one stopped or is starting): retry shortly"}'
+UNAVAILABLE = (
+    b"HTTP/1.1 503 Service Unavailable\r\n"
+    b"Content-Type: application/json\r\n"
+    b"Retry-After: 1\r\n"
+    b"Cache-Control: no-cache\r\n"
+    b"Connection: close\r\n"
+    b"Content-Length: " + str(len(_BODY)).encode() + b"\r\n\r\n" + _BODY
+)
+"""HAProxy's answer when it has no replica to give a request to (an ``errorfile``)."""
+
+
+class UnsafeConfig(ValueError):
+    """The configuration has a listener on every interface that this file does not rewrite."""
+
+
+def localize(config: str, error_file: str | None = None) -> str:
+    """``config`` with the Prometheus and stats listeners on the HTTP frontend's host, the admin
+    socket mode 600 and, given ``error_file`` (holding :data:`UNAVAILABLE`), HAProxy's 502, 503
+    and 504 answered from it.
+
+    >>> cfg = "frontend prometheus\\n    bind :9101\\nfrontend http_frontend\\n    bind 127.0.0.1:8000"
+    >>> localize(cfg).splitlines()[1]
+    '    bind 127.0.0.1:9101'
+    """
+    config = _SOCKET_MODE.sub(r"\g<1>600", config)
+    if error_file is not None:
+        config = _ERROR_FILES.sub(lambda m: m.group(1) + error_file, config)
+    frontend = _FRONTEND.search(config)
+    if frontend is None:
+        raise UnsafeConfig("no 'frontend http_frontend' bind line: cannot tell the serving host")
+    host = frontend.group(1)
+    if host in ("*", "0.0.0.0", "::", "[::]"):
+        return config  # Serve itself listens on every interface: so may its side listeners
+    config = _SIDE_LISTENERS.sub(lambda m: f"{m.group(1)}{host}:{m.group(2)}", config)
+    left = _WILDCARD_BIND.search(config)
+    if left is not None:
+        raise UnsafeConfig(f"a listener on every interface that is not rewritten: {left.group(0)}")
+    return config
+
+
+def main(argv: list[str]) -> None:
+    """``haproxy_local.py REAL_HAPROXY ARGS...``: exec the real HAProxy on a localized copy of
+    the ``-f`` configuration, with ARGS otherwise unchanged."""
+    real, args = argv[1], list(argv[2:])
+    if "-f" in args and args.index("-f") + 1 < len(args):
+        at = args.index("-f") + 1
+        error_file = f"{args[at]}.503.http"
+        with open(error_file, "wb") as f:
+            f.write(UNAVAILABLE)
+        with open(args[at]) as f:
+            try:
+                text = localize(f.read(), error_file)
+            except UnsafeConfig as exc:
+                print(
+                    f"lepton_ray haproxy_local: refusing to start HAProxy: {exc}", file=sys.stderr
+                )
+                sys.exit(1)
+        local = f"{args[at]}.local"
+        with open(f"{local}.tmp", "w") as f:
+            f.write(text)
+        os.replace(f"{local}.tmp", local)
+        args[at] = local
+    os.execv(real, [real, *args])
+
+
+if __name__ == "__main__":
+    main(sys.argv)
