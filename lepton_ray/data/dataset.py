@@ -15,11 +15,11 @@ Checksums: :func:`read_arrays` verifies every shard's sha256; the Ray Data path 
 does not. Ray's Parquet reader streams a shard in ranges and decodes it as it arrives, while a
 checksum needs the whole object before the first row is used: verifying would mean a datasource of
 our own that downloads each shard whole, hashes it and only then parses it, giving up range reads
-and column pruning. Measured here (one core of this Xeon, shared), sha256 of a 64 MiB shard
-takes 60 ms, about as long as decoding it (65-75 ms): every training epoch would spend twice the
-CPU on reading. Corruption in transit is already caught by S3's own checksums and TCP; what the
-sha256 catches is a wrong or swapped object, which :func:`read_arrays` (evaluation, notebooks) and
-``prepare``'s round trip check.
+and column pruning. Measured here (one core of this Xeon, shared), sha256 of a 64 MiB shard takes
+60 ms, about as long as pyarrow takes to decode it (65-75 ms): every epoch would spend twice the CPU
+on reading, on the CPUs that also decode and augment. TCP/TLS already guard the bytes in transit;
+what the sha256 adds is catching an object changed or swapped after its manifest was written,
+which :func:`read_arrays` (evaluation, notebooks) still does.
 """
 
 from __future__ import annotations
