@@ -189,11 +189,9 @@ def _previous_shards(loc: storage.Location) -> list[_OldShard]:
     """The shards the dataset's current manifest lists inside ``loc``, to delete once the new
     manifest is in place. A manifest that cannot be read, or a shard path that leaves the folder,
     is ignored: a rewrite never deletes on a tampered manifest's word."""
-    if not loc.join(MANIFEST).exists():
-        return []
     try:
         shards = loc.join(MANIFEST).read_json().get("shards", [])
-    except (LeptonError, ValueError, AttributeError):
+    except (LeptonError, ValueError, AttributeError):  # none yet (NotFoundError), or not ours
         return []
     where = f"{loc.uri.rstrip('/')}/{MANIFEST}"
     out = []
