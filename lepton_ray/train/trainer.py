@@ -284,8 +284,10 @@ class _Source:
             "files": lambda d: d.randomize_block_order(seed=seed),
             "none": lambda d: d,
         }[shuffle](self.ray_ds)
+        # Built once for all epochs: a seeded augmentation would repeat itself every epoch, so a
+        # user's Ray Dataset is augmented from fresh entropy (augment_on="device" is seeded).
         return ds.map_batches(
-            self.info.preprocessor(augment, seed, normalize=False),
+            self.info.preprocessor(augment, None, normalize=False),
             batch_format="numpy",
             batch_size=batch_size,
         )
