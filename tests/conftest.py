@@ -1,7 +1,7 @@
 """Shared fixtures: one local Ray instance and one S3-compatible server (moto) per session.
 
 The S3 server is moto's standalone ``ThreadedMotoServer`` on 127.0.0.1 and a free port, spoken to
-over HTTP by pyarrow/s3fs with fake credentials, the way s3fs's own test suite does it.
+over HTTP by pyarrow with fake credentials, the way s3fs's own test suite does it.
 """
 
 from __future__ import annotations
