@@ -66,7 +66,7 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
     pointer = home.join(CURRENT)
     previous = _previous(pointer)
     loaded = checkpoint.load_checkpoint(
-        uri, cfg.endpoint_url, trusted_modules=getattr(serve, "trusted_modules", ())
+        uri, cfg.endpoint_url, trusted_modules=serve.trusted_modules
     )
     meta = loaded.meta
     summary: dict[str, Any] = {

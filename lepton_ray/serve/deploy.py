@@ -247,7 +247,7 @@ def deploy(
     from lepton_ray.runtime import ensure_ray
 
     cfg = ServeConfig(checkpoint=checkpoint_uri, **kwargs)
-    trusted = getattr(cfg, "trusted_modules", ())
+    trusted = cfg.trusted_modules
     for uri in filter(None, (cfg.checkpoint, cfg.canary_checkpoint)):
         check_spec(checkpoint.read_meta(uri, cfg.endpoint_url).get("model"), trusted)
     if haproxy is None:

@@ -33,7 +33,7 @@ class ModelRunner:
             cfg.checkpoint,
             cfg.endpoint_url,
             map_location=str(self.device),
-            trusted_modules=getattr(cfg, "trusted_modules", ()),
+            trusted_modules=cfg.trusted_modules,
         )
         self.model, self.meta, self.version = loaded.model, loaded.meta, loaded.version
         self.spec = InputSpec.from_meta(self.meta)
