@@ -12,6 +12,7 @@ architectures, or ``nn.Module`` classes from modules the operator trusts, with J
 from __future__ import annotations
 
 import copy
+import functools
 import importlib
 import warnings
 from collections.abc import Callable, Iterable
@@ -21,7 +22,8 @@ import torch
 from torch import nn
 
 from lepton_ray.errors import CheckpointError, ConfigError
-from lepton_ray.trust import check_spec
+from lepton_ray.trust import check_spec, is_trusted
+from lepton_ray.trust import trusted_modules as trusted_modules_of
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
@@ -115,18 +117,31 @@ def from_spec(spec: dict[str, Any], trusted_modules: Iterable[str] | str | None 
     module_name, qualname = check_spec(spec, trusted_modules)
     kwargs = spec.get("kwargs", {})
     if qualname is None:
-        return build_model(spec["name"], **kwargs)
+        factory: Callable[..., nn.Module] = functools.partial(build_model, spec["name"])
+        what = f"model '{spec['name']}'"
+    else:
+        try:
+            obj: Any = importlib.import_module(module_name)
+            for part in qualname.split("."):
+                obj = getattr(obj, part)
+        except (ImportError, AttributeError) as exc:
+            raise CheckpointError(f"cannot import model class {spec['class']!r}: {exc}") from None
+        if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
+            raise CheckpointError(
+                f"refusing model class {spec['class']!r}: it is not an nn.Module subclass"
+            )
+        # Where the class is defined counts, not only where it was found: a trusted module that
+        # imports another one does not make that one's classes trusted.
+        if not is_trusted(obj.__module__, trusted_modules_of(trusted_modules)):
+            raise CheckpointError(
+                f"refusing model class {spec['class']!r}: it is defined in module "
+                f"'{obj.__module__}', which is not trusted"
+            )
+        factory, what = obj, f"model class {spec['class']!r}"
     try:
-        obj: Any = importlib.import_module(module_name)
-        for part in qualname.split("."):
-            obj = getattr(obj, part)
-    except (ImportError, AttributeError) as exc:
-        raise CheckpointError(f"cannot import model class {spec['class']!r}: {exc}") from None
-    if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
-        raise CheckpointError(
-            f"refusing model class {spec['class']!r}: it is not an nn.Module subclass"
-        )
-    return obj(**kwargs)
+        return factory(**kwargs)
+    except TypeError as exc:  # kwargs the constructor does not take: the spec is wrong
+        raise CheckpointError(f"{what} cannot be built from kwargs {kwargs}: {exc}") from None
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -8,7 +8,8 @@ and called whatever it names. So loading builds only:
 - a registered architecture, ``{"name": "cnn", "kwargs": {...}}`` (see :mod:`lepton_ray.models`);
 - or ``{"class": "pkg.module:Class", "kwargs": {...}}`` where ``pkg.module`` is a module the
   operator trusts, by exact name or by a dotted prefix (``mypkg`` trusts ``mypkg.nets``), and the
-  class is an ``nn.Module`` subclass (checked after the import, before the call).
+  class is an ``nn.Module`` subclass defined in a trusted module (checked after the import of the
+  trusted module, before the call).
 
 The trusted modules are the ``trusted_modules=`` of the call (``load_model``, ``ServeConfig``),
 plus ``$LEPTON_TRUSTED_MODULES`` (comma-separated), plus ``lepton_ray.models``; nothing else by

@@ -341,3 +341,30 @@ def test_deploy_accepts_a_module_the_serve_config_trusts(make_module, tmp_path, 
         deploy(loc.uri, haproxy=False)
     with pytest.raises(_Stop):
         deploy(loc.uri, haproxy=False, trusted_modules=[module])
+
+
+def test_a_class_found_in_a_trusted_module_but_defined_elsewhere_is_refused(make_module, tmp_path):
+    marker = tmp_path / "built"
+    elsewhere = make_module(
+        f"""
+        import pathlib
+        from torch import nn
+
+        class Evil(nn.Module):
+            def __init__(self):
+                super().__init__()
+                pathlib.Path({str(marker)!r}).touch()
+        """
+    )
+    trusted = make_module(f"from {elsewhere} import Evil\n")
+    with pytest.raises(CheckpointError, match=f"defined in module '{elsewhere}', which is not"):
+        from_spec({"class": f"{trusted}:Evil", "kwargs": {}}, trusted_modules=[trusted])
+    assert not marker.exists()
+
+
+def test_kwargs_a_constructor_does_not_take_are_one_line(make_module):
+    module = make_module(NET)
+    with pytest.raises(CheckpointError, match="cannot be built from kwargs {'depth': 3}"):
+        from_spec({"class": f"{module}:Net", "kwargs": {"depth": 3}}, trusted_modules=[module])
+    with pytest.raises(CheckpointError, match="model 'cnn' cannot be built from kwargs"):
+        from_spec({"name": "cnn", "kwargs": {"depth": 3}})
