@@ -40,6 +40,12 @@ def _plain(r: dict[str, Any]) -> float | None:
     return (r.get("plain") or {}).get("samples_per_s")
 
 
+def on_gpu(r: dict[str, Any]) -> bool:
+    """Whether the run had a GPU (every result from before the harness did: it records none)."""
+    hw = r.get("hardware")
+    return not isinstance(hw, dict) or "summary" in hw or bool(hw.get("gpu"))
+
+
 def training_rows(r: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per Trainer measurement, each with the plain loop of its own run."""
     if r.get("training"):  # gpu.json: rows of several runs, merged
@@ -105,6 +111,8 @@ def _training(r: dict[str, Any]) -> list[str]:
         headers.pop(2)
         rows = [row[:2] + row[3:] for row in rows]
     out.append(table(headers, rows))
+    if not on_gpu(r):
+        goal_lines = ["No GPU in this run: a wiring check, not a measurement; no goal is judged."]
     return out + ([""] + goal_lines if goal_lines else [])
 
 

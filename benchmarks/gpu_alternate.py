@@ -19,6 +19,7 @@ import tempfile
 from typing import Any
 
 from benchmarks import _gpu, harness
+from benchmarks._gpu_report import on_gpu
 from benchmarks.harness import Goal, fmt, table
 
 KEY = "gpu_alternate"
@@ -98,7 +99,11 @@ def render(r: dict[str, Any], key: str) -> str:
         f"{r['batch']}, {r['epochs']} epochs per run (the first is warm-up).\n\n"
         + table(["run", "samples/s", "÷ mean of adjacent plain loops", "data wait"], rows)
         + "\n\n"
-        + harness.goal_lines(GOALS, m)
+        + (
+            harness.goal_lines(GOALS, m)
+            if on_gpu(r)
+            else "No GPU in this run: a wiring check, not a measurement; no goal is judged."
+        )
         + "\n"
     )
 
