@@ -145,3 +145,25 @@ def test_bench_lists_the_benchmarks_and_not_their_helpers():
         "time_to_accuracy",
         "train_overhead",
     }
+
+
+def _gpu_result(gpu: str | None) -> dict:
+    hw = dict.fromkeys(harness.HARDWARE_KEYS) | {"gpu": gpu, "cpu_cores": 16}
+    row = {"samples_per_s": 45000.0, "data_wait_share": 0.01, "fit_wall_s": 50.0}
+    return {
+        "benchmark": "gpu_train",
+        "measured_at": "2026-12-02 00:00 UTC",
+        "hardware": hw,
+        "setup": {"model": "resnet18", "input": "3x32x32", "global_batch": 512},
+        "plain": {"samples_per_s": 46000.0},
+        "trainer_synthetic": {"input": "random", "fixed_cost_s": 40.0, **row},
+    }
+
+
+def test_gpu_goals_are_judged_only_on_a_gpu_and_from_the_ratio():
+    from benchmarks._gpu_report import render
+
+    on_gpu = render(_gpu_result("1x NVIDIA H200"), "gpu_train")
+    assert "**0.98**" in on_gpu and "**met** (ratio = 0.978)" in on_gpu  # 45,000 / 46,000
+    on_cpu = render(_gpu_result(None), "gpu_train")
+    assert "no goal is judged" in on_cpu and "**met**" not in on_cpu and "not met" not in on_cpu
