@@ -94,7 +94,8 @@ def render(r: dict[str, Any], key: str) -> str:
             )
     return (
         "## GPU, alternated: plain loop and `Trainer.fit` with the device cache, in turn\n\n"
-        f"{harness.provenance(r, key, KEY)} ResNet-18 on {fmt(r['rows'])} random 32x32x3 "
+        f"{harness.provenance(r, key, KEY)} {r.get('model', 'resnet18')} on {fmt(r['rows'])} "
+        "random 32x32x3 "
         "images, batch "
         f"{r['batch']}, {r['epochs']} epochs per run (the first is warm-up).\n\n"
         + table(["run", "samples/s", "÷ mean of adjacent plain loops", "data wait"], rows)
