@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from typing import Any
 
 import numpy as np
@@ -54,12 +53,13 @@ def _epochs(make_iter, epochs: int) -> list[float]:
     """Images/s of each epoch; ``make_iter()`` returns a fresh iterator over torch batches."""
     rates = []
     for _ in range(epochs):
-        n, t0 = 0, time.perf_counter()
-        for batch in make_iter():
-            images = batch["image"] if isinstance(batch, dict) else batch[0]
-            assert images.dtype == torch.float32 and images.shape[1:] == (3, 32, 32)
-            n += len(images)
-        rates.append(n / (time.perf_counter() - t0))
+        n = 0
+        with harness.Timer() as t:
+            for batch in make_iter():
+                images = batch["image"] if isinstance(batch, dict) else batch[0]
+                assert images.dtype == torch.float32 and images.shape[1:] == (3, 32, 32)
+                n += len(images)
+        rates.append(n / t.seconds)
     return rates
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from typing import Any
 
 from benchmarks import _gpu, harness
@@ -50,21 +49,21 @@ def rate(
     dtypes = {k: v for k, v in dtypes.items() if k in ds.columns()}
     rates = []
     for _ in range(epochs):
-        n, t0 = 0, time.perf_counter()
-        for b in ds.iter_torch_batches(
-            batch_size=batch,
-            dtypes=dtypes,
-            device=str(dev),
-            drop_last=True,
-            pin_memory=pin_memory and cuda,
-            prefetch_batches=prefetch_batches,
-        ):
-            x = pixels(b["image"]) if pixels else b["image"]
-            if cuda:
-                x = x.contiguous(memory_format=torch.channels_last)
-            n += len(b["label"])
-        harness.sync(dev)
-        rates.append(n / (time.perf_counter() - t0))
+        n = 0
+        with harness.Timer(dev) as t:
+            for b in ds.iter_torch_batches(
+                batch_size=batch,
+                dtypes=dtypes,
+                device=str(dev),
+                drop_last=True,
+                pin_memory=pin_memory and cuda,
+                prefetch_batches=prefetch_batches,
+            ):
+                x = pixels(b["image"]) if pixels else b["image"]
+                if cuda:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                n += len(b["label"])
+        rates.append(n / t.seconds)
     return rates
 
 

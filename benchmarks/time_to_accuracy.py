@@ -19,7 +19,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +50,7 @@ print(json.dumps({"cuda_visible": torch.cuda.is_available(), "state_devices": so
 
 def cli(args: list[str], log: Path, timeout: float) -> tuple[int, str, float]:
     """``lepton-ray ARGS`` in a subprocess: exit code, stdout, wall seconds (stderr to ``log``)."""
-    t0 = time.perf_counter()
-    with log.open("a") as f:
+    with log.open("a") as f, harness.Timer() as t:
         f.write(f"\n$ lepton-ray {' '.join(args)}\n")
         f.flush()
         try:
@@ -66,7 +64,7 @@ def cli(args: list[str], log: Path, timeout: float) -> tuple[int, str, float]:
             out, rc = p.stdout, p.returncode
         except subprocess.TimeoutExpired as exc:
             out, rc = str(exc.stdout or ""), 124
-    return rc, out, time.perf_counter() - t0
+    return rc, out, t.seconds
 
 
 def last_json(text: str) -> dict[str, Any]:

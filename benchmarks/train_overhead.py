@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from typing import Any
 
 from benchmarks import harness
@@ -54,19 +53,19 @@ def plain_loop(info: Any, epochs: int, batch: int, channels_last: bool = True) -
     rng = np.random.default_rng(0)
     rates = []
     for _ in range(epochs):
-        t0 = time.perf_counter()
         order = rng.permutation(len(images))
-        for s in range(steps):
-            idx = order[s * batch : (s + 1) * batch]
-            b = pre({"image": images[idx], "label": labels[idx]})
-            # clone(memory_format=...) sets the strides even for 1 channel
-            x = torch.from_numpy(b["image"]).clone(memory_format=layout)
-            loss = F.cross_entropy(model(x), torch.from_numpy(b["label"]))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-        rates.append(steps * batch / (time.perf_counter() - t0))
+        with harness.Timer() as t:
+            for s in range(steps):
+                idx = order[s * batch : (s + 1) * batch]
+                b = pre({"image": images[idx], "label": labels[idx]})
+                # clone(memory_format=...) sets the strides even for 1 channel
+                x = torch.from_numpy(b["image"]).clone(memory_format=layout)
+                loss = F.cross_entropy(model(x), torch.from_numpy(b["label"]))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+        rates.append(steps * batch / t.seconds)
     return rates
 
 
