@@ -263,8 +263,15 @@ def _s3_filesystem(endpoint: str | None) -> pafs.S3FileSystem:
         or "us-east-1",
         "connect_timeout": float(os.environ.get("LEPTON_S3_CONNECT_TIMEOUT", "5")),
         "request_timeout": float(os.environ.get("LEPTON_S3_REQUEST_TIMEOUT", "60")),
-        # A few retries for real networks; an unreachable endpoint still fails within seconds.
-        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=3),
+        # 3 retries (4 attempts, 25/50/100 ms apart) for real networks; an unreachable endpoint
+        # still fails within seconds. Not AwsStandardS3RetryStrategy: its retry quota is spent by
+        # every retry and, through pyarrow, never refilled, so a filesystem stops retrying for
+        # good after ~100 transient errors (tests/test_chaos.py). The default strategy has none.
+        "retry_strategy": pafs.AwsDefaultS3RetryStrategy(max_attempts=3),
+        # An object smaller than a part goes up as one PUT (else: create, part, complete). One
+        # request to retry, not three, and no CompleteMultipartUpload, whose pyarrow fix-up resends
+        # a completion the SDK had already retried and fails the write (tests/test_chaos.py).
+        "allow_delayed_open": True,
     }
     if endpoint:
         ep = urlparse(endpoint if "://" in endpoint else f"http://{endpoint}")
