@@ -27,6 +27,7 @@ _EXPORTS = {
     "DatasetInfo": "lepton_ray.data",
     "build_model": "lepton_ray.models",
     "load_model": "lepton_ray.checkpoint",
+    "load_checkpoint": "lepton_ray.checkpoint",
     "deploy": "lepton_ray.serve.deploy",
     "build_app": "lepton_ray.serve.deploy",
     "LeptonError": "lepton_ray.errors",

@@ -139,10 +139,10 @@ def test_haproxy_listens_on_the_serving_host_only_and_its_admin_socket_is_privat
 
 
 def test_a_new_checkpoint_replaces_the_old_without_a_failed_request(haproxy_ray, ckpts):
-    from lepton_ray.serve.codec import read_checkpoint_meta
+    from lepton_ray.checkpoint import version
 
     url = _deploy(haproxy_ray, ckpts["a"])
-    old, new = (read_checkpoint_meta(ckpts[k])[1] for k in "ab")
+    old, new = (version(ckpts[k]) for k in "ab")
     with Load(url, threads=4) as load:
         wait_for("traffic", lambda: len(load.results) >= 20)
         _deploy(haproxy_ray, ckpts["b"])

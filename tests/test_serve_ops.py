@@ -127,11 +127,11 @@ def ops(ray_session, serve_port, ckpts):
     from ray import serve
 
     from lepton_ray import deploy
-    from lepton_ray.serve.codec import read_checkpoint_meta
+    from lepton_ray.checkpoint import version
 
     def _deploy(checkpoint: str, **overrides) -> tuple[str, str]:
         url = deploy(checkpoint, port=serve_port, **(SCALING | overrides))
-        return url, read_checkpoint_meta(checkpoint)[1]
+        return url, version(checkpoint)
 
     yield _deploy
     serve.delete(APP)

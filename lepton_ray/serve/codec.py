@@ -67,16 +67,6 @@ class InputSpec:
         )
 
 
-def read_checkpoint_meta(uri: str, endpoint_url: str | None = None) -> tuple[dict[str, Any], str]:
-    """(``lepton.json``, version) of a checkpoint: :func:`lepton_ray.checkpoint.describe` (one
-    read of the manifest and of the metadata, no weights, no torch). Kept for older callers; new
-    code calls ``checkpoint.read_meta`` / ``checkpoint.version``."""
-    from lepton_ray import checkpoint
-
-    described = checkpoint.describe(uri, endpoint_url)
-    return described.meta, described.version
-
-
 def decode_body(body: bytes, content_type: str, spec: InputSpec, max_images: int) -> np.ndarray:
     """A whole request body -> (N, H, W, C) uint8: one PNG/JPEG for ``image/*`` and
     ``application/octet-stream``, JSON for anything else (curl's default form type included)."""
