@@ -165,7 +165,9 @@ def _mnist(r: dict[str, Any]) -> list[str]:
         + (f" (run `{m['run']}`)" if m.get("run") else "")
         + "\n",
         f"`lepton-ray data prepare mnist5k DIR` ({fmt(m.get('prepare_wall_s'))} s), then "
-        "`lepton-ray train --data DIR/train --val DIR/test --use-gpu --workers 1 "
+        "`lepton-ray train --data DIR/train --val DIR/test"
+        + (" --use-gpu" if r.get("use_gpu", True) else "")
+        + " --workers 1 "
         "--batch-size 100 --epochs N` (the `cnn`); "
         "wall clock of each command, Ray start-up included.\n",
         table(
@@ -288,7 +290,7 @@ def render(r: dict[str, Any], key: str) -> str:
         if present
     ]
     head = [
-        f"## GPU, {r.get('measured_at')}: {', '.join(parts) or 'plain loop only'} (`{key}`)\n",
+        f"## {'GPU' if on_gpu(r) else 'No GPU'}, {r.get('measured_at')}: {', '.join(parts) or 'plain loop only'} (`{key}`)\n",
         harness.provenance(r, key) + "\n",
     ]
     body = _runs(r) + (_training(r) if training_rows(r) else [])

@@ -134,7 +134,9 @@ def test_the_committed_doc_is_what_the_committed_results_render_to():
 def test_bench_lists_the_benchmarks_and_not_their_helpers():
     from lepton_ray.cli import benchmark_names
 
-    assert set(benchmark_names(ROOT / "benchmarks")) == {
+    names = set(benchmark_names(ROOT / "benchmarks"))
+    assert not names & {"harness", "_gpu", "_gpu_report"}
+    assert names >= {
         "data_pipeline",
         "gpu_alternate",
         "gpu_pipeline",
