@@ -169,3 +169,25 @@ def test_gpu_goals_are_judged_only_on_a_gpu_and_from_the_ratio():
     assert "**0.98**" in on_gpu and "**met** (ratio = 0.978)" in on_gpu  # 45,000 / 46,000
     on_cpu = render(_gpu_result(None), "gpu_train")
     assert "no goal is judged" in on_cpu and "**met**" not in on_cpu and "not met" not in on_cpu
+
+
+def _never_rendered(result: dict, key: str) -> str:
+    raise AssertionError("a run that must leave the doc alone rendered its section")
+
+
+def test_no_doc_and_out_leave_the_committed_files_alone(tmp_path, capsys):
+    import argparse
+
+    result = {"benchmark": "x", "ratio": 0.5}
+    harness.finish(argparse.Namespace(out=None, no_doc=True, key="x"), result, _never_rendered)
+    assert json.loads(capsys.readouterr().out.splitlines()[-1]) == result
+    harness.finish(argparse.Namespace(out=tmp_path, no_doc=False, key="x"), result, _never_rendered)
+    assert harness.load_result(tmp_path / "x.json") == result
+    assert json.loads(capsys.readouterr().out.splitlines()[-1]) == result
+
+
+def test_the_parser_takes_the_shared_flags_and_the_old_no_report_spelling():
+    ap = harness.parser("doc", "train_overhead")
+    args = ap.parse_args(["--no-report"])
+    assert args.no_doc and args.out is None and args.key == "train_overhead" and not args.render
+    assert ap.prog == "python -m benchmarks.train_overhead"
