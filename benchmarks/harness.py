@@ -2,11 +2,12 @@
 ``docs/benchmarks.md``.
 
 A benchmark is a short module over this one: ``run(args) -> dict`` measures (its numbers, rounded,
-in a flat JSON-able dict), and ``render(result) -> str`` turns such a dict back into markdown. The
-doc is only ever written from a result, so a figure in it always has a JSON behind it, and every
-goal sentence is computed from that JSON: a goal is data (:class:`Goal`), and "met"/"not met" is
-its comparison with the run's value, never typed. Re-rendering an old result (``--render FILE``)
-gives the same section it gave when it was measured.
+in a flat JSON-able dict headed by :func:`record`), and ``render(result, key) -> str`` turns such a
+dict into its markdown section; :func:`main_for` is the rest of its ``main``. The doc is only ever
+written from a result, so a figure in it always has a JSON behind it, and every goal sentence is
+computed from that JSON: a goal is data (:class:`Goal`), and "met"/"not met" is its comparison
+with the value the renderer computes from the run's numbers, never typed. ``--render FILE``
+rewrites a section from a result measured before, so old results are shown the same way.
 
 Fairness, which the clock helps with: ratios are taken within one run (the machines are shared and
 noisy), and a clock that stops while the GPU still has queued work measures the launch, not the
