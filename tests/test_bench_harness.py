@@ -191,3 +191,15 @@ def test_the_parser_takes_the_shared_flags_and_the_old_no_report_spelling():
     args = ap.parse_args(["--no-report"])
     assert args.no_doc and args.out is None and args.key == "train_overhead" and not args.render
     assert ap.prog == "python -m benchmarks.train_overhead"
+
+
+def test_the_trainer_pace_comes_from_the_synchronised_epoch_clock():
+    from benchmarks._gpu import trainer_summary
+
+    # The loop's own figure (clock stopped with GPU work queued) says 60,000/s; the epoch's wall
+    # time, which ends after a read-back from the GPU, says 51,200 rows in 1.0 s and 1.024 s.
+    epoch = {"samples_per_second": 60000.0, "data_wait_s": 0.0}
+    hist = [dict(epoch, epoch_time_s=t) for t in (5.0, 1.0, 1.024)]
+    s = trainer_summary({"history": hist, "wall_time_s": 40.0}, 51200)
+    assert s["samples_per_s"] == round((51200 / 1.0 + 51200 / 1.024) / 2, 1)
+    assert s["loop_samples_per_s"] == 60000.0 and s["fixed_cost_s"] == round(40.0 - 7.024, 1)
