@@ -408,8 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
     prep = dsub.add_parser("prepare", help="write a dataset as Parquet shards + manifest")
     prep.add_argument(
         "source",
-        help="mnist5k, torchvision:MNIST|FashionMNIST|CIFAR10 (with --root), "
-        "imagefolder:PATH|s3://..., parquet:PATH",
+        help="mnist5k, torchvision:MNIST|FashionMNIST|KMNIST|CIFAR10|CIFAR100 (with --root), "
+        "imagefolder:PATH|s3://..., parquet:PATH, synthetic:ROWS:HxWxC[:CLASSES]",
     )
     prep.add_argument("dest", help="destination URI (path or s3://bucket/prefix)")
     prep.add_argument("--overwrite", action="store_true", help="rewrite even if already prepared")

@@ -136,7 +136,7 @@ def test_to_dict_round_trip():
 
 # --- learning-rate schedules (pure functions of the training loop) ---------------------------
 def _lr_factor():
-    from lepton_ray.train.loop import lr_factor
+    from lepton_ray.train.step import lr_factor
 
     return lr_factor
 
@@ -182,7 +182,7 @@ def test_lr_constant():
 
 
 def test_build_optimizer():
-    from lepton_ray.train.loop import build_optimizer
+    from lepton_ray.train.step import build_optimizer
 
     model = torch.nn.Sequential(
         torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 2)
@@ -203,13 +203,13 @@ def test_build_optimizer():
 # --- early stopping and best-checkpoint decisions (rank 0's judgement, no process group here) ---
 def test_judge_tracks_the_best_and_stops_after_patience():
     from lepton_ray.config import TrainConfig
-    from lepton_ray.train.loop import _judge
+    from lepton_ray.train.loop import judge
 
     cfg = TrainConfig(early_stopping_patience=2, monitor="val_loss")
     best = None
     decisions = []
     for epoch, loss in enumerate([1.0, 0.8, 0.9, 0.85, 0.7], start=1):
-        improved, stop, best = _judge(
+        improved, stop, best = judge(
             cfg, {"epoch": epoch, "val_loss": loss, "train_loss": 0.0}, best
         )
         decisions.append((improved, stop))
@@ -219,16 +219,16 @@ def test_judge_tracks_the_best_and_stops_after_patience():
 
 def test_judge_maximises_accuracy_and_falls_back_to_train_loss_without_validation():
     from lepton_ray.config import TrainConfig
-    from lepton_ray.train.loop import _judge
+    from lepton_ray.train.loop import judge
 
-    improved, _, best = _judge(
+    improved, _, best = judge(
         TrainConfig(monitor="val_accuracy"), {"epoch": 1, "val_accuracy": 0.5}, None
     )
-    improved2, _, best = _judge(
+    improved2, _, best = judge(
         TrainConfig(monitor="val_accuracy"), {"epoch": 2, "val_accuracy": 0.6}, best
     )
     assert improved and improved2 and best["value"] == 0.6
-    _, _, best = _judge(
+    _, _, best = judge(
         TrainConfig(), {"epoch": 1, "train_loss": 0.3}, None
     )  # no val_loss reported
     assert best["metric"] == "train_loss"

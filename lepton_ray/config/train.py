@@ -85,11 +85,14 @@ class DataConfig(Config):
     """Augmentations applied to training batches, by name (see ``lepton_ray.data.transforms``); a
     string is a comma-separated list."""
     shuffle: bool | Literal["auto", "global", "files", "none"] = setting("auto", check=_shuffle)
-    """How the training set is reshuffled every epoch: ``global`` (Ray Data's all-to-all
-    ``random_shuffle``: the whole epoch passes through the object store), ``files`` (shard order
-    shuffled per epoch plus a local buffer of ``shuffle_buffer_rows`` in each worker: streams with
-    bounded memory), ``none``, or ``auto`` (``global`` while the dataset takes at most a quarter
-    of the cluster's object store, else ``files``). ``True`` means ``auto``."""
+    """How the training set is reshuffled every epoch (the epoch plan, ``lepton_ray.train.sampling``):
+    ``global`` (a permutation of all row ids from the seed and epoch, cut into global batches;
+    each worker reads only its rows and mixes all of them), ``files`` (the shards in an order
+    shuffled per epoch, each worker streaming one contiguous piece of them through a local buffer
+    of ``shuffle_buffer_rows``: bounded memory for datasets of any size), ``none`` (stored order),
+    or ``auto`` (``global`` while the dataset takes at most a quarter of the cluster's object
+    store, else ``files``). ``True`` means ``auto``. A user's Ray Dataset is shuffled by Ray Data
+    instead (``global``: ``random_shuffle``; ``files``: block order)."""
     shuffle_buffer_rows: int = setting(4096, ge=1)
     """Rows each worker mixes locally when ``shuffle`` is ``files``."""
     preprocess_batch_size: int = setting(1024, ge=1)
