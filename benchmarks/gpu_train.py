@@ -7,7 +7,8 @@ NVIDIA H200 (16 CPU cores); measured there.
 
 Both sides train ResNet-18 (``build_model("resnet18")``) at 3x32x32, global batch 512, bf16
 autocast, channels-last, the library's SGD and schedule (see ``benchmarks/_gpu.py``); all ratios
-are against the plain loop of the same run. Cases (``--cases``, default all but ``shared``):
+are against the plain loop of the same run, each side's clock stopped after the GPU finished (the
+Trainer's from its epoch wall time). Cases (``--cases``; the default is the first five):
 
 - ``synthetic``: an in-memory Ray Dataset of random uint8 images, ``augment=()``, device cache;
 - ``synthetic_streamed``: the same through Ray Data every epoch (``cache="off"``);
