@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from lepton_ray import Trainer, build_model
 from lepton_ray.data import load_mnist5k, prepare, read_arrays
@@ -87,3 +88,28 @@ def test_serve_run_key_value_pairs_are_read_by_the_field_types():
     assert type(built).__name__ == "Application"
     with pytest.raises(ConfigError, match="ServeConfig.max_replicas: expected a whole number"):
         serving.app.app({"checkpoint": "/x/ckpt", "max_replicas": "many"})
+
+
+class NeedsWidth(torch.nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.fc = torch.nn.Linear(width, 10)
+
+
+class Defaults(torch.nn.Module):
+    def __init__(self, width: int = 4):
+        super().__init__()
+        self.fc = torch.nn.Linear(width, 10)
+
+
+def test_a_model_its_checkpoints_cannot_rebuild_is_named_in_a_warning():
+    from lepton_ray.train.trainer import _servable_spec
+
+    with pytest.warns(UserWarning, match="NeedsWidth trains, but its checkpoints cannot be"):
+        assert _servable_spec(NeedsWidth(3)) == {"class": f"{__name__}:NeedsWidth", "kwargs": {}}
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _servable_spec(Defaults())  # rebuildable: no warning
+        _servable_spec(build_model("cnn", in_channels=1))

@@ -169,7 +169,7 @@ def _run(
             (), shuffle="none", seed=None, batch_size=cfg.data.preprocess_batch_size
         ).materialize()
     meta = {
-        "model": spec_of(model),
+        "model": _servable_spec(model),
         "memory_format": preferred_memory_format(model, info.shape),
         "data": {
             "shape": list(info.shape),
@@ -307,6 +307,39 @@ def _source(dataset: Any, split: str, endpoint_url: str | None) -> _Source:
         f"unsupported {split} dataset type {type(dataset).__name__}: use a prepared-dataset URI, "
         "a torch Dataset or a Ray Dataset"
     )
+
+
+def _servable_spec(model: nn.Module) -> dict[str, Any]:
+    """The spec a checkpoint records; a warning when the model trains but could never be rebuilt
+    from its checkpoint (a class from ``__main__``, or one whose constructor needs arguments the
+    spec does not record: only ``build_model`` records them)."""
+    import inspect
+    import warnings
+
+    spec = spec_of(model)
+    if "class" not in spec:
+        return spec
+    cls = type(model)
+    required = [
+        p.name
+        for p in list(inspect.signature(cls.__init__).parameters.values())[1:]
+        if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    ]
+    if cls.__module__ == "__main__" or required:
+        why = (
+            "it is defined in __main__"
+            if cls.__module__ == "__main__"
+            else (
+                f"its constructor needs {', '.join(required)}, which a checkpoint does not record"
+            )
+        )
+        warnings.warn(
+            f"{cls.__qualname__} trains, but its checkpoints cannot be loaded or served: {why} "
+            "(define it in an importable module with defaults for its arguments, or register it "
+            "with lepton_ray.models.register)",
+            stacklevel=3,
+        )
+    return spec
 
 
 def _check_model(model: nn.Module, info: DatasetInfo) -> None:
