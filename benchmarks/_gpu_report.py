@@ -88,7 +88,19 @@ def _training(r: dict[str, Any]) -> list[str]:
         label, run = t.get("input", t["key"]), t.get("run", "")
         where = f" [{label}" + (f"; run `{run}`" if run else "") + "]"
         if "error" in t:
-            rows.append(["`Trainer.fit`", label, run, f"failed: {t['error'][:90]}", "", "", ""])
+            rows.append(
+                [
+                    "`Trainer.fit`",
+                    label,
+                    run,
+                    t["error"]
+                    if t["error"].startswith("skipped")
+                    else f"failed: {t['error'][:90]}",
+                    "",
+                    "",
+                    "",
+                ]
+            )
             if t["key"] in GOALS:
                 goal_lines.append(GOALS[t["key"]].line({}) + where)
             continue
