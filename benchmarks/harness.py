@@ -264,36 +264,13 @@ def provenance(result: Mapping[str, Any], key: str, benchmark: str | None = None
     """
     hw = result.get("hardware")
     when = result.get("measured_at") or (hw.get("date") if isinstance(hw, dict) else None)
-    if not when:
-        when = f"date not recorded (the JSON was committed {_committed(key) or 'later'})"
     name = result.get("benchmark") or benchmark or key
     command = f"`{result.get('command') or f'python -m benchmarks.{name}'}`"
     if not result.get("command") and not (ROOT / "benchmarks" / f"{name}.py").exists():
         command += " (a script since split up)"
-    return (
-        f"{command}, measured {when} on {hardware_summary(result.get('hardware'))}; "
-        f"results: `benchmarks/results/{key}.json`."
-    )
-
-
-def _committed(key: str) -> str | None:
-    try:
-        out = subprocess.run(
-            [
-                "git",
-                "log",
-                "--format=%cs",
-                "--diff-filter=A",
-                "--",
-                f"benchmarks/results/{key}.json",
-            ],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-        ).stdout.split()
-    except OSError:
-        return None
-    return out[-1] if out else None
+    on = f"on {hardware_summary(hw)}"
+    measured = f"measured {when} {on}" if when else f"measured {on} (the JSON records no date)"
+    return f"{command}, {measured}; results: `benchmarks/results/{key}.json`."
 
 
 # --- files -------------------------------------------------------------------------------------
