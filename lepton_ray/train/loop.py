@@ -118,6 +118,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     resizes=resizes,
                 )
             progress.update(step, tally.sums, i, timing)
+        if device.type == "cuda":  # the clock stops when the queued steps are done, not launched
+            torch.cuda.synchronize(device)
         train_time = time.perf_counter() - t0
 
         val = evaluate(unwrap(model), val_batches(), pixels, step.autocast) if val_batches else None
