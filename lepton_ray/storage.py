@@ -256,6 +256,23 @@ def resolve(uri: str | os.PathLike | Location, endpoint_url: str | None = None) 
     )
 
 
+class _S3FileSystem(pafs.S3FileSystem):
+    """pyarrow's S3 filesystem, rebuilt by :func:`_s3_filesystem` where it is unpickled.
+
+    pyarrow pickles an ``S3FileSystem`` without its retry strategy, so the copy Ray ships to a
+    Ray Data task, the Train controller or a worker would retry with pyarrow's default (the
+    draining standard strategy, 3 attempts); rebuilt from the endpoint alone, every copy gets
+    the options below and resolves credentials where it runs.
+    """
+
+    def __init__(self, endpoint: str | None, **kwargs: Any):
+        super().__init__(**kwargs)
+        self._endpoint = endpoint
+
+    def __reduce__(self) -> tuple[Any, tuple[str | None]]:
+        return _s3_filesystem, (self._endpoint,)
+
+
 def _s3_filesystem(endpoint: str | None) -> pafs.S3FileSystem:
     kwargs: dict[str, Any] = {
         "region": os.environ.get("AWS_REGION")
@@ -284,7 +301,7 @@ def _s3_filesystem(endpoint: str | None) -> pafs.S3FileSystem:
     # No access_key/secret_key here: explicit keys would be pickled with the filesystem into
     # every Ray task. The SDK's default chain reads AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY /
     # AWS_SESSION_TOKEN, ~/.aws and the instance role in whichever process uses it.
-    return pafs.S3FileSystem(**kwargs)
+    return _S3FileSystem(endpoint, **kwargs)
 
 
 def _write_local_durably(path: str, data: bytes) -> None:

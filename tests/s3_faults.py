@@ -58,21 +58,21 @@ class SeededFaults:
 
     The draw for a request depends on (seed, method, target, ``nth``: how many times this same
     method and target were seen before), never on arrival order across threads.
-    ``max_in_a_row``: never fault the same request more than this many times in a row (the
-    ``nth`` attempt with ``nth >= max_in_a_row`` after as many faults is forwarded); None for
-    independent faults.
+    ``max_per_request``: never fault the same method and target more than this many times in all
+    (so an operation retried that many times by the client always gets through, however many
+    clients send the same request at once); None for independent faults.
     """
 
     seed: int = 0
     p500: float = 0.0
     p503: float = 0.0
-    max_in_a_row: int | None = None
+    max_per_request: int | None = None
     only: str | None = None  # a regex the target must match to be faulted (None: every request)
 
-    def __call__(self, method: str, target: str, nth: int, streak: int) -> int | None:
+    def __call__(self, method: str, target: str, nth: int, faulted: int) -> int | None:
         if self.only is not None and not re.search(self.only, target):
             return None
-        if self.max_in_a_row is not None and streak >= self.max_in_a_row:
+        if self.max_per_request is not None and faulted >= self.max_per_request:
             return None
         h = hashlib.sha256(f"{self.seed}|{method}|{target}|{nth}".encode()).digest()
         u = int.from_bytes(h[:8], "big") / 2**64
@@ -208,9 +208,10 @@ class S3FaultProxy:
         self.outage_s, self.max_outages = outage_s, max_outages
         self.counts: Counter[str] = Counter()
         self.cut_targets: list[str] = []  # the requests that set off an outage
+        self.put_paths: set[str] = set()  # every object a PUT was sent for (query left out)
         self.outage_ended = threading.Event()
         self._seen: Counter[tuple[str, str]] = Counter()
-        self._streak: Counter[tuple[str, str]] = Counter()
+        self._faulted: Counter[tuple[str, str]] = Counter()
         self._lock = threading.RLock()
         self._conns: set[socket.socket] = set()
         self._server: _Server | None = None
@@ -287,8 +288,10 @@ class S3FaultProxy:
     def _decide(self, method: str, target: str) -> int | str | None:
         with self._lock:
             self.counts["requests"] += 1
+            if method == "PUT":
+                self.put_paths.add(target.split("?", 1)[0])
             key = (method, target)
-            nth, streak = self._seen[key], self._streak[key]
+            nth, faulted = self._seen[key], self._faulted[key]
             self._seen[key] += 1
             if (
                 self.cut_on is not None
@@ -302,11 +305,10 @@ class S3FaultProxy:
                 self.outage_ended.clear()
                 threading.Thread(target=self._outage, daemon=True).start()
                 return "cut"
-            status = self.faults(method, target, nth, streak) if self.faults else None
+            status = self.faults(method, target, nth, faulted) if self.faults else None
             if status is None:
-                self._streak[key] = 0
                 return None
-            self._streak[key] += 1
+            self._faulted[key] += 1
             self.counts[f"injected_{status}"] += 1
             return status
 

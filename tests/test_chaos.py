@@ -2,7 +2,7 @@
 training workers SIGKILLed at seeded random steps. ``benchmarks/chaos.py`` runs the same cases
 with more iterations and reports them as figures; these tests assert the invariants:
 
-* every S3 request answered 500 InternalError / 503 SlowDown fewer times in a row than the retry
+* every S3 request answered 500 InternalError / 503 SlowDown fewer times than the retry
   budget is retried by the SDK and the operation succeeds; a request faulted the whole budget
   fails as one line (the budget is what lepton_ray.storage configures);
 * an outage while a checkpoint is written never leaves a complete checkpoint (one with a
@@ -15,8 +15,11 @@ The pure S3 tests need no Ray; the rest are in the Ray tier.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
+from benchmarks.chaos import storage_round
 from lepton_ray import storage
 from lepton_ray.errors import StorageError
 from tests.s3_faults import S3FaultProxy, SeededFaults
@@ -29,24 +32,13 @@ def bucket_uri(s3_bucket) -> str:
     return f"s3://{s3_bucket}/chaos"
 
 
-def storage_round(root: storage.Location, i: int) -> None:
-    """One round of what lepton_ray does with a store: write an object, check it, list, read it
-    back, delete it."""
-    data = (f"{i:06d}" * 200).encode()  # 1.2 kB: a manifest or a pointer is a few hundred bytes
-    loc = root.join(f"obj-{i}.bin")
-    loc.write_bytes(data)
-    assert loc.exists() and f"obj-{i}.bin" in root.listdir()
-    assert loc.read_bytes() == data
-    loc.delete()
-
-
 def test_s3_errors_and_throttling_within_the_budget_are_retried_for_the_whole_session(
     s3_server, bucket_uri
 ):
-    """Each request is faulted at most BUDGET - 1 times in a row, so every operation must succeed.
+    """Each request is faulted at most BUDGET - 1 times, so every operation must succeed.
     Hundreds of faults through one filesystem: a retry budget that drains over a session (the
     AWS "standard" mode's retry quota, never refilled through pyarrow) would give up part way."""
-    faults = SeededFaults(seed=7, p500=0.25, p503=0.25, max_in_a_row=BUDGET - 1)
+    faults = SeededFaults(seed=7, p500=0.25, p503=0.25, max_per_request=BUDGET - 1)
     with S3FaultProxy(s3_server, faults=faults) as proxy:
         root = storage.resolve(bucket_uri, endpoint_url=proxy.url)
         failed = []
@@ -79,6 +71,25 @@ def test_a_request_faulted_for_the_whole_budget_fails_in_one_line(s3_server, buc
     assert not root.join("doomed.json").exists()
 
 
+def test_a_pickled_filesystem_keeps_the_retry_budget(s3_server, bucket_uri):
+    """Ray ships the filesystem to its tasks and actors by pickling it; the copy must retry as the
+    original does. Every request here is answered 503 three times (BUDGET - 1), then passed."""
+    import pickle
+
+    root = storage.resolve(bucket_uri, endpoint_url=s3_server)
+    kept = {"a": "x" * 1000}  # larger than an error body (see storage_round)
+    root.join("kept.json").write_json(kept)
+    with S3FaultProxy(
+        s3_server, faults=SeededFaults(p503=1.0, max_per_request=BUDGET - 1)
+    ) as proxy:
+        via = storage.resolve(bucket_uri, endpoint_url=proxy.url)
+        copy = storage.Location(pickle.loads(pickle.dumps(via.fs)), via.path, via.uri, proxy.url)
+        copy.join("copied.json").write_json({"b": 2})
+        assert copy.join("kept.json").read_json() == kept
+        assert proxy.counts["injected_503"] >= 2 * (BUDGET - 1), dict(proxy.counts)
+    assert root.join("copied.json").read_json() == {"b": 2}
+
+
 def test_an_outage_is_seen_as_unreachable_and_the_state_is_kept_after(s3_server, bucket_uri):
     """The proxy's cut is an outage: requests fail as 'cannot reach'; once it listens again on the
     same port, what was written before is there."""
@@ -92,3 +103,89 @@ def test_an_outage_is_seen_as_unreachable_and_the_state_is_kept_after(s3_server,
         proxy.restore()
         assert proxy.port == port
         assert root.join("before.json").read_json() == {"x": 1}
+
+
+# --- the sample audit, on logs written by hand --------------------------------------------------
+def _log(run, key: str, steps: list[tuple[int, int, float, list[int]]]) -> None:
+    d = run / "sample_ids"
+    d.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps({"epoch": e, "step": s, "t": t, "ids": ids}) for e, s, t, ids in steps]
+    (d / f"{key}-00000.jsonl").write_text("\n".join(lines))
+
+
+@pytest.mark.parametrize(
+    ("resumed", "lost", "repeated"),
+    [
+        ({3: [4, 5], 4: [6, 7]}, 0, 0),
+        ({3: [6, 7]}, 2, 0),  # the resumed epoch skipped ids 4, 5
+        ({3: [4, 5], 4: [6, 7, 1]}, 0, 1),  # id 1 was in the restored weights already
+    ],
+    ids=["exact", "lost", "repeated"],
+)
+def test_the_audit_counts_lost_and_repeated_samples(tmp_path, resumed, lost, repeated):
+    """One epoch of 8 ids, one rank, 2 ids a step. The first attempt trained steps 1-3 and was
+    killed after its checkpoint at step 2; its step 3 died with its weights. The next attempt
+    restored step 2 and trained ``resumed``: the audit keeps steps 1-2 of the first attempt and
+    all of the second, and counts what the epoch misses or holds twice."""
+    from benchmarks.chaos import audit
+
+    first = [(1, s, float(s), [2 * s - 2, 2 * s - 1]) for s in (1, 2, 3)]
+    _log(tmp_path, "rank0-aaaa", first)
+    _log(tmp_path, "rank0-bbbb", [(1, s, 20.0 + s, ids) for s, ids in resumed.items()])
+    r = audit(tmp_path, [10.0], rows=8)
+    assert (r["samples_lost"], r["samples_repeated"]) == (lost, repeated), r
+    assert r["attempts"] == 2 and r["logged_steps_redone"] == 1 and r["recovery_s"] == [13.0]
+
+
+# --- Ray tier: worker kills and an outage during a checkpoint -----------------------------------
+@pytest.fixture(scope="module")
+def digits_1200(tmp_path_factory):
+    from benchmarks.chaos import digits
+
+    return digits(tmp_path_factory.mktemp("chaos-digits"))
+
+
+@pytest.mark.ray
+def test_worker_kills_at_seeded_random_points_lose_and_repeat_no_sample(
+    ray_session, digits_1200, tmp_path
+):
+    """Two SIGKILLs of this run's training workers (seeded points between checkpoints every 5
+    steps of 40): the run finishes, and the sample log shows each epoch trained exactly once."""
+    from benchmarks.chaos import kill_run
+
+    r = kill_run(digits_1200, tmp_path, "kills", seed=3, kills=2)
+    assert r["kills"] == 2 and r["finished"], r
+    assert r["attempts"] == 3 and r["epochs_audited"] == 2, r
+    assert r["samples_lost"] == 0 and r["samples_repeated"] == 0, r
+    assert len(r["recovery_s"]) == 2 and all(s > 0 for s in r["recovery_s"]), r
+
+
+@pytest.mark.ray
+def test_s3_outage_while_a_checkpoint_is_written_leaves_nothing_unloadable(
+    ray_session, s3_server, s3_bucket, digits_1200
+):
+    """The S3 server stops listening when the manifest of the checkpoint at step 10 is PUT (the
+    request is dropped) and comes back 3 s later: no complete checkpoint fails to verify, the
+    latest one loads, and the run resumes and finishes."""
+    from benchmarks.chaos import outage_run
+
+    r = outage_run(
+        s3_server, s3_bucket, digits_1200, "outage", cut_step=10, cut_file="manifest.json"
+    )
+    assert r["outages"] == 1 and r["dropped_requests"] == 1, r
+    assert r["finished"], r
+    assert r["failed_to_verify"] == [] and r["latest_loads"] and r["complete"] >= 1, r
+
+
+@pytest.mark.ray
+def test_prepare_and_a_training_run_through_s3_errors_and_throttling_finish(
+    ray_session, s3_server, s3_bucket, tmp_path
+):
+    """Half the requests of a prepare and a 1-epoch run (data, checkpoints, Ray Train's own
+    files, all on S3) answered 500/503, each at most BUDGET - 1 times: the SDK retries them
+    and the run finishes without Ray Train restarting anything."""
+    from benchmarks.chaos import faults_train
+
+    r = faults_train(s3_server, s3_bucket, tmp_path, seed=5, p=0.5, max_per_request=BUDGET - 1)
+    assert r["finished"], r
+    assert r["injected_500"] > 20 and r["injected_503"] > 20, r
