@@ -17,7 +17,7 @@
 Meant for a CPU machine (measured on 2 shared cores); the tests in tests/test_chaos.py run the
 same functions, smaller, and assert the invariants.
 
-    python -m benchmarks.chaos [--runs 3] [--kills 2] [--outages 4] [--fuzz 300] [--no-doc]
+    python -m benchmarks.chaos [--runs 2] [--kills 2] [--outages 4] [--replica-kills 1] [--fuzz 200]
 """
 
 from __future__ import annotations
@@ -101,34 +101,37 @@ def own_train_workers() -> list[int]:
 
 class Killer(threading.Thread):
     """SIGKILLs one training worker per planned kill. Kill ``i`` waits until Ray Train has
-    committed a checkpoint at step ``targets[i]`` or later (so the restarted group of the kill
-    before is training), then a seeded random delay of up to ``max_delay_s`` (so a kill lands
-    anywhere between two checkpoints, a checkpoint's upload included), then kills a seeded choice
-    among this run's workers."""
+    committed a checkpoint at step ``targets[i]`` or later, and one after the kill before (so the
+    restarted group is training), then a seeded random delay of up to ``max_delay_s`` (so a kill
+    lands anywhere between two checkpoints, a checkpoint's upload included), then kills a seeded
+    choice among this run's workers; none once the run's last step is committed."""
 
-    def __init__(self, run: Path, rng: random.Random, targets: list[int], max_delay_s: float):
+    def __init__(
+        self, run: Path, rng: random.Random, targets: list[int], max_delay_s: float, last: int
+    ):
         super().__init__(daemon=True)
-        self.run_dir, self.targets = run, targets
+        self.run_dir, self.targets, self.last = run, targets, last
         self.delays = [rng.uniform(0, max_delay_s) for _ in targets]
         self.choices = [rng.random() for _ in targets]
         self.kills: list[dict[str, Any]] = []
         self.done = threading.Event()
 
     def run(self) -> None:
+        floor = 0  # a checkpoint after the previous kill: the restarted group is training
         for target, delay, choice in zip(self.targets, self.delays, self.choices, strict=True):
-            while not self.done.is_set() and committed_step(self.run_dir) < target:
+            while not self.done.is_set() and committed_step(self.run_dir) < max(target, floor):
                 time.sleep(0.02)
             if self.done.wait(delay):
                 return
             pids = own_train_workers()
-            if not pids:
-                return
+            if not pids or committed_step(self.run_dir) >= self.last:
+                return  # the run has finished: nothing left to interrupt
             pid = pids[int(choice * len(pids))]
             t = time.time()
             os.kill(pid, signal.SIGKILL)
-            self.kills.append(
-                {"t": t, "pid": pid, "target": target, "committed": committed_step(self.run_dir)}
-            )
+            at = committed_step(self.run_dir)
+            self.kills.append({"t": t, "pid": pid, "target": target, "committed": at})
+            floor = at + 1
 
 
 def audit(run: Path, kill_times: list[float], rows: int) -> dict[str, Any]:
@@ -182,20 +185,21 @@ def kill_run(
     *,
     seed: int,
     kills: int,
-    epochs: int = 2,
+    epochs: int = 3,
     every: int = 5,
-    max_delay_s: float = 1.5,
+    max_delay_s: float = 0.5,
 ) -> dict[str, Any]:
     """One run with ``kills`` seeded worker kills; its figures (see :func:`audit`)."""
     from lepton_ray import Trainer
 
     steps = epochs * ROWS // BATCH
     rng = random.Random(seed)
-    # Distinct targets, at least one checkpoint interval apart, leaving the last interval alone.
-    slots = list(range(every, steps - every, every))
+    # Distinct targets, a checkpoint interval apart, none in the last epoch's second half (a kill
+    # must find the run still training; a restart takes ~10 s on 2 cores).
+    slots = list(range(every, steps - steps // (2 * epochs), every))
     targets = sorted(rng.sample(slots, kills))
     run = Path(root) / name
-    killer = Killer(run, rng, targets, max_delay_s)
+    killer = Killer(run, rng, targets, max_delay_s, last=steps)
     killer.start()
     finished, error = False, None
     t0 = time.perf_counter()
@@ -604,8 +608,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for i in range(args.outages)
         ]
         r["s3_faults"] = {
-            "within_budget": faults_ops(s3, bucket, seed=1, p=0.5, rounds=100, max_per_request=3),
-            "independent": faults_ops(s3, bucket, seed=2, p=0.2, rounds=200, max_per_request=None),
+            "within_budget": faults_ops(s3, bucket, seed=1, p=0.5, rounds=60, max_per_request=3),
+            "independent": faults_ops(s3, bucket, seed=2, p=0.2, rounds=150, max_per_request=None),
             "train_within_budget": faults_train(s3, bucket, tmp, seed=3, p=0.3, max_per_request=3),
         }
         port = free_port()
@@ -794,11 +798,11 @@ def render(r: dict[str, Any], key: str) -> str:
 
 
 def add_args(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--runs", type=int, default=3, help="training runs with worker kills")
+    ap.add_argument("--runs", type=int, default=2, help="training runs with worker kills")
     ap.add_argument("--kills", type=int, default=2, help="worker kills per run")
     ap.add_argument("--outages", type=int, default=4, help="runs with an S3 outage")
-    ap.add_argument("--replica-kills", type=int, default=2, help="replica kills per layout")
-    ap.add_argument("--fuzz", type=int, default=300, help="fuzzed requests")
+    ap.add_argument("--replica-kills", type=int, default=1, help="replica kills per layout")
+    ap.add_argument("--fuzz", type=int, default=200, help="fuzzed requests")
 
 
 def main(argv: list[str] | None = None) -> None:

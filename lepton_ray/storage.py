@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import posixpath
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,7 @@ from lepton_ray.errors import NotFoundError, StorageError
 DEFAULT_STORE_ENV = "LEPTON_STORE"
 ENDPOINT_ENV = "LEPTON_S3_ENDPOINT"
 _SECRET_ENVS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID")
+_READ_RETRIES = 3  # reads retried by Location.read_bytes, as the SDK's retry strategy below
 
 
 def default_store() -> str:
@@ -154,7 +156,21 @@ class Location:
             with self.fs.open_input_stream(self.path) as f:
                 return f.read()
 
-        return _call(read, self)
+        def read_s3() -> bytes:
+            # pyarrow reads an object into a buffer of the object's size: an error answer larger
+            # than the object (S3's are ~250 bytes; pointers and manifests are smaller) does not
+            # fit, and the SDK reports it as a failure it does not retry. So retry here, as the
+            # SDK would have (tests/test_chaos.py); a missing object or a refusal fails at once.
+            for attempt in range(_READ_RETRIES):
+                try:
+                    return read()
+                except (FileNotFoundError, PermissionError):
+                    raise
+                except OSError:
+                    time.sleep(0.025 * 2**attempt)
+            return read()
+
+        return _call(read_s3 if self.is_s3 else read, self)
 
     def read_json(self) -> Any:
         return json.loads(self.read_bytes())

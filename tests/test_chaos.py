@@ -90,6 +90,21 @@ def test_a_pickled_filesystem_keeps_the_retry_budget(s3_server, bucket_uri):
     assert root.join("copied.json").read_json() == {"b": 2}
 
 
+def test_a_small_object_read_through_errors_is_retried(s3_server, bucket_uri):
+    """Pointers and manifests are smaller than an S3 error body (~250 bytes). pyarrow reads an
+    object into a buffer of the object's size, so such an error answer does not fit and the SDK
+    gives up without a retry; lepton_ray's reads must still get through BUDGET - 1 faults."""
+    root = storage.resolve(bucket_uri, endpoint_url=s3_server)
+    pointer = {"path": "best/checkpoint_epoch0001_step0000020"}  # 50 bytes, like best.json
+    root.join("best.json").write_json(pointer)
+    faults = SeededFaults(p500=0.5, p503=0.5, max_per_request=BUDGET - 1, only=r"best\.json$")
+    with S3FaultProxy(s3_server, faults=faults) as proxy:
+        via = storage.resolve(bucket_uri, endpoint_url=proxy.url)
+        assert via.join("best.json").read_json() == pointer
+        faulted = proxy.counts["injected_500"] + proxy.counts["injected_503"]
+    assert faulted >= 2, faulted
+
+
 def test_an_outage_is_seen_as_unreachable_and_the_state_is_kept_after(s3_server, bucket_uri):
     """The proxy's cut is an outage: requests fail as 'cannot reach'; once it listens again on the
     same port, what was written before is there."""
@@ -150,12 +165,12 @@ def test_worker_kills_at_seeded_random_points_lose_and_repeat_no_sample(
     ray_session, digits_1200, tmp_path
 ):
     """Two SIGKILLs of this run's training workers (seeded points between checkpoints every 5
-    steps of 40): the run finishes, and the sample log shows each epoch trained exactly once."""
+    steps of 60): the run finishes, and the sample log shows each epoch trained exactly once."""
     from benchmarks.chaos import kill_run
 
     r = kill_run(digits_1200, tmp_path, "kills", seed=3, kills=2)
     assert r["kills"] == 2 and r["finished"], r
-    assert r["attempts"] == 3 and r["epochs_audited"] == 2, r
+    assert r["attempts"] == 3 and r["epochs_audited"] == 3, r
     assert r["samples_lost"] == 0 and r["samples_repeated"] == 0, r
     assert len(r["recovery_s"]) == 2 and all(s > 0 for s in r["recovery_s"]), r
 
