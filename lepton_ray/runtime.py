@@ -34,6 +34,14 @@ def ensure_ray(address: str | None = None, *, min_cpus: int = 4, **kwargs: Any) 
     kwargs.setdefault("runtime_env", env)
     address = address or os.environ.get("RAY_ADDRESS")
     if address and address != "local":
+        if "://" not in address and _host(address) in (LOOPBACK, "localhost"):
+            # A cluster on loopback (a local instance of another process, a test's head): this
+            # driver's node is 127.0.0.1 too, else Ray looks for a raylet on the machine's
+            # routable address and waits for it forever.
+            kwargs.setdefault("_node_ip_address", LOOPBACK)
+            with _loopback_node():
+                ray.init(address=address, log_to_driver=True, **kwargs)
+            return
         ray.init(address=address, log_to_driver=True, **kwargs)
         return
     # A local instance has no nodes to be preempted, and its controller can poll its own workers
@@ -53,6 +61,11 @@ def ensure_ray(address: str | None = None, *, min_cpus: int = 4, **kwargs: Any) 
 
 
 LOOPBACK = "127.0.0.1"
+
+
+def _host(address: str) -> str:
+    """The host of a GCS address (``127.0.0.1:6379``) or URL (``ray://host:10001``)."""
+    return address.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
 
 
 @contextlib.contextmanager
