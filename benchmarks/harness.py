@@ -260,7 +260,8 @@ def table(headers: list[str], rows: list[list[Any]]) -> str:
 def provenance(result: Mapping[str, Any], key: str, benchmark: str | None = None) -> str:
     """The line under a heading: how it was run, when, on what, and which JSON holds it.
 
-    ``benchmark`` names the module for results that do not record it.
+    ``benchmark`` names the module for results that do not record it. A ``note`` in the result
+    (added to its JSON after the run, e.g. a bug found in the code it measured) follows the line.
     """
     hw = result.get("hardware")
     when = result.get("measured_at") or (hw.get("date") if isinstance(hw, dict) else None)
@@ -270,7 +271,9 @@ def provenance(result: Mapping[str, Any], key: str, benchmark: str | None = None
         command += " (a script since split up)"
     on = f"on {hardware_summary(hw)}"
     measured = f"measured {when} {on}" if when else f"measured {on} (the JSON records no date)"
-    return f"{command}, {measured}; results: `benchmarks/results/{key}.json`."
+    line = f"{command}, {measured}; results: `benchmarks/results/{key}.json`."
+    note = result.get("note")  # what was learned about the run after it: kept in its JSON
+    return f"{line}\n\nNote: {note}" if note else line
 
 
 # --- files -------------------------------------------------------------------------------------
