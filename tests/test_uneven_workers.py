@@ -71,3 +71,29 @@ def test_every_sample_once_and_the_planned_steps(
             assert {len(s["ids"]) for s in mine} == {worker_batch(BATCH, workers, rank)}
             seen += [i for s in mine for i in s["ids"]]
         assert len(seen) == ROWS and set(seen) == all_ids, f"epoch {epoch}: not every sample once"
+
+
+def test_a_users_ray_dataset_is_cached_whole_on_every_worker(ray_session, tmp_path):
+    """``cache="device"`` with an in-memory Ray Dataset (no ids): each worker reads all of it once
+    (not a split), numbers the rows the same way, and trains every row once per epoch."""
+    import ray
+
+    x, y, _ = load_mnist5k()["test"]
+    pick = np.random.default_rng(0).choice(len(x), 200, replace=False)  # every class
+    ds = ray.data.from_items([{"image": x[i], "label": int(y[i])} for i in pick])
+    res = Trainer(3, resources_per_worker={"CPU": 0.5}).fit(
+        build_model("cnn", in_channels=1, num_classes=10, width=4),
+        ds,
+        batch_size=BATCH,
+        epochs=EPOCHS,
+        storage=str(tmp_path),
+        run_name="cached",
+        record_sample_ids=True,
+        progress_bar=False,
+        data=DataConfig(cache="device"),
+    )
+    assert [h["step"] for h in res["history"]] == [5, 10]
+    logs = sample_logs(tmp_path / "cached")
+    for epoch in (1, 2):
+        seen = [i for log in logs.values() for s in log if s["epoch"] == epoch for i in s["ids"]]
+        assert sorted(seen) == list(range(200)), f"epoch {epoch}: not every row once"

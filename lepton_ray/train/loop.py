@@ -180,8 +180,20 @@ def make_feeds(spec: RunSpec, world: int, rank: int, device: torch.device) -> tu
     cfg = spec.cfg
     plan = Plan(cfg.seed, cfg.batch_size, world, rank, spec.order)
     val_shard = ray.train.get_dataset_shard("val") if spec.has_val else None
-    if spec.train_info is None:  # a user's Ray Dataset: Ray Train splits it
-        feed: Feed = ShardFeed(
+    if spec.cache:  # every worker reads the whole set once, in id order, into device memory
+        from lepton_ray.data import read_ray
+
+        whole = (
+            ray.train.get_dataset_shard("train")  # a user's Ray Dataset, not split
+            if spec.train_info is None
+            else read_ray(
+                spec.train_info, normalize=False, batch_size=cfg.data.preprocess_batch_size
+            )
+        )
+        cache = DeviceCache(whole.iter_torch_batches(batch_size=4096, dtypes=BATCH_DTYPES), device)
+        feed: Feed = CachedFeed(cache, plan)
+    elif spec.train_info is None:  # a user's Ray Dataset: Ray Train splits it
+        feed = ShardFeed(
             ray.train.get_dataset_shard("train"),
             rows=spec.num_train_rows,
             global_batch=cfg.batch_size,
@@ -191,14 +203,6 @@ def make_feeds(spec: RunSpec, world: int, rank: int, device: torch.device) -> tu
             seed=cfg.seed,
             pin_memory=device.type == "cuda",
         )
-    elif spec.cache:
-        from lepton_ray.data import read_ray
-
-        whole = read_ray(
-            spec.train_info, normalize=False, batch_size=cfg.data.preprocess_batch_size
-        )
-        cache = DeviceCache(whole.iter_torch_batches(batch_size=4096, dtypes=BATCH_DTYPES), device)
-        feed = CachedFeed(cache, plan)
     else:
         feed = StreamedFeed(
             spec.train_info,

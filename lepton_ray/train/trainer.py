@@ -157,9 +157,9 @@ def _run(
     on_device = cfg.data.augments_on_device(cfg.scaling.use_gpu, cached)
     datasets = {}
     if train_src.ray_ds is not None:  # a user's Ray Dataset: Ray Train splits it between workers
-        datasets["train"] = train_src.ray(
+        datasets["train"] = train_src.ray(  # (or, cached, each worker reads all of it once)
             () if on_device else cfg.data.augment,
-            shuffle=shuffle,
+            shuffle="none" if cached else shuffle,
             seed=cfg.seed,
             batch_size=cfg.data.preprocess_batch_size,
         )
@@ -217,9 +217,10 @@ def _run(
             callbacks=[RunObserver(run.uri, cfg.endpoint_url)],
         ),
         datasets=datasets,
-        # Only a user's Ray Dataset is split by Ray Train; every worker validates on all of "val".
+        # Only a user's Ray Dataset is split by Ray Train (unless every worker caches all of it);
+        # every worker validates on all of "val".
         dataset_config=ray.train.DataConfig(
-            datasets_to_split=["train"] if "train" in datasets else [],
+            datasets_to_split=["train"] if "train" in datasets and not cached else [],
             execution_options={k: options for k in datasets},
         ),
     )
