@@ -77,11 +77,10 @@ def sample_logs(run: Path) -> dict[str, list[dict]]:
 # --- 1. worker kills ----------------------------------------------------------------------------
 def committed_step(run: Path) -> int:
     """Step of the latest checkpoint Ray Train has registered: what a restart restores."""
-    try:
-        snap = json.loads((run / "checkpoint_manager_snapshot.json").read_text())
-        return int(snap["latest_checkpoint_result"]["metrics"]["step"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return 0
+    from lepton_ray.runs import RunLayout
+    from lepton_ray.storage import resolve
+
+    return RunLayout(resolve(str(run))).committed_step()
 
 
 def own_train_workers() -> list[int]:

@@ -23,6 +23,8 @@ from typing import Any
 
 from benchmarks import harness
 from benchmarks.harness import table
+from lepton_ray.runs import RunLayout
+from lepton_ray.storage import resolve
 
 KEY = "recovery"
 EVERY = 10  # checkpoint every this many steps
@@ -30,11 +32,7 @@ EVERY = 10  # checkpoint every this many steps
 
 def committed_step(run: Path) -> int:
     """Step of the latest checkpoint Ray Train has registered: what a restart restores."""
-    try:
-        snap = json.loads((run / "checkpoint_manager_snapshot.json").read_text())
-        return int(snap["latest_checkpoint_result"]["metrics"]["step"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return 0
+    return RunLayout(resolve(str(run))).committed_step()
 
 
 def train(data: dict, root: str, name: str, epochs: int) -> tuple[dict, float]:

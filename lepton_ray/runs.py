@@ -42,6 +42,7 @@ METRICS, SAMPLE_IDS, TENSORBOARD, CURVES = (
 )
 EVAL, PIPELINE, DATA = "eval", "pipeline.json", "data"
 SERVING, CURRENT = "serving", "current.json"
+RAY_TRAIN_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of its checkpoints
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _CHECKPOINT = re.compile(r"checkpoint_epoch(\d{4,})_step(\d{7,})")
@@ -141,6 +142,17 @@ class RunLayout:
             if loc.join(CHECKPOINT_MANIFEST).exists():
                 return loc
         return None
+
+    def committed_step(self) -> int:
+        """The step of the latest checkpoint Ray Train has registered for this run, i.e. where a
+        restart of the worker group resumes (0 before the first): read from Ray Train's own
+        ``checkpoint_manager_snapshot.json``, which it writes into the run folder. For tests and
+        benchmarks that must act right after a checkpoint is committed."""
+        try:
+            snapshot = self.root.join(RAY_TRAIN_SNAPSHOT).read_json()
+            return int(snapshot["latest_checkpoint_result"]["metrics"]["step"])
+        except (StorageError, ValueError, KeyError, TypeError):
+            return 0
 
     # --- the best checkpoint ---------------------------------------------------------------
     @property

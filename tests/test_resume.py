@@ -20,6 +20,8 @@ import pytest
 from lepton_ray import DataConfig, Trainer, build_model
 from lepton_ray.data import load_mnist5k, write_dataset
 from lepton_ray.errors import ConfigError, TrainingError
+from lepton_ray.runs import RunLayout
+from lepton_ray.storage import resolve
 
 pytestmark = pytest.mark.ray
 
@@ -140,11 +142,7 @@ def test_killed_worker_process_is_replaced_and_the_run_finishes(ray_session, tmp
 
     def committed_step() -> int:
         """The step of the latest checkpoint Ray Train has registered (what a restart restores)."""
-        try:
-            snap = json.loads((run / "checkpoint_manager_snapshot.json").read_text())
-            return int(snap["latest_checkpoint_result"]["metrics"]["step"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return 0
+        return RunLayout(resolve(str(run))).committed_step()
 
     def kill_when_mid_epoch_2():
         deadline = time.time() + 300

@@ -194,3 +194,18 @@ def test_pointer_file_is_plain_json(tmp_path):
         "path": f"best/{name}",
         "uri": f"{tmp_path.resolve()}/r1/best/{name}",
     }
+
+
+def test_committed_step_reads_ray_trains_snapshot(tmp_path):
+    import json
+
+    from lepton_ray.runs import RunLayout
+    from lepton_ray.storage import resolve
+
+    run = RunLayout(resolve(str(tmp_path)))
+    assert run.committed_step() == 0  # no checkpoint registered yet
+    snapshot = {"latest_checkpoint_result": {"metrics": {"step": 60}}}
+    (tmp_path / "checkpoint_manager_snapshot.json").write_text(json.dumps(snapshot))
+    assert run.committed_step() == 60
+    (tmp_path / "checkpoint_manager_snapshot.json").write_text("{not json")
+    assert run.committed_step() == 0
