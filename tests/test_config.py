@@ -228,9 +228,7 @@ def test_judge_maximises_accuracy_and_falls_back_to_train_loss_without_validatio
         TrainConfig(monitor="val_accuracy"), {"epoch": 2, "val_accuracy": 0.6}, best
     )
     assert improved and improved2 and best["value"] == 0.6
-    _, _, best = judge(
-        TrainConfig(), {"epoch": 1, "train_loss": 0.3}, None
-    )  # no val_loss reported
+    _, _, best = judge(TrainConfig(), {"epoch": 1, "train_loss": 0.3}, None)  # no val_loss reported
     assert best["metric"] == "train_loss"
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from lepton_ray.config import PipelineConfig
-from lepton_ray.config.docs import DEFAULT_PATH, _sections, field_docs, main, render
+from lepton_ray.config.docs import DEFAULT_PATH, field_docs, main, render, sections
 
 
 def test_the_committed_configuration_page_is_up_to_date():
@@ -24,7 +24,7 @@ def test_check_exits_1_on_a_stale_page_and_0_on_a_fresh_one(tmp_path, capsys):
 
 def test_every_field_has_a_docstring_and_a_row():
     text = render()
-    for _, cls, _ in _sections(PipelineConfig, ""):
+    for _, cls, _ in sections(PipelineConfig, ""):
         docs = field_docs(cls)
         for f in dataclasses.fields(cls):
             assert docs.get(f.name), f"{cls.__name__}.{f.name} has no docstring"

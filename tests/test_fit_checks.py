@@ -103,13 +103,13 @@ class Defaults(torch.nn.Module):
 
 
 def test_a_model_its_checkpoints_cannot_rebuild_is_named_in_a_warning():
-    from lepton_ray.train.trainer import _servable_spec
+    from lepton_ray.train.trainer import checkpoint_spec
 
     with pytest.warns(UserWarning, match="NeedsWidth trains, but its checkpoints cannot be"):
-        assert _servable_spec(NeedsWidth(3)) == {"class": f"{__name__}:NeedsWidth", "kwargs": {}}
+        assert checkpoint_spec(NeedsWidth(3)) == {"class": f"{__name__}:NeedsWidth", "kwargs": {}}
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        _servable_spec(Defaults())  # rebuildable: no warning
-        _servable_spec(build_model("cnn", in_channels=1))
+        checkpoint_spec(Defaults())  # rebuildable: no warning
+        checkpoint_spec(build_model("cnn", in_channels=1))

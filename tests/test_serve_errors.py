@@ -16,7 +16,7 @@ from lepton_ray.serve.app import (
     MAX_HEADER_BYTES,
     RETRY_AFTER_S,
     Ingress,
-    _Measure,
+    RequestMeter,
     add_error_handlers,
 )
 from lepton_ray.serve.codec import RequestError
@@ -42,7 +42,7 @@ def client():
     )
     api = FastAPI()
     add_error_handlers(api)
-    api.add_middleware(_Measure, ingress=ingress)
+    api.add_middleware(RequestMeter, ingress=ingress)
 
     @api.post("/v1/predict")
     async def predict(n: int) -> dict:  # a query parameter FastAPI validates

@@ -104,7 +104,7 @@ def _default(f: dataclasses.Field) -> str:
     return "required"
 
 
-def _sections(cls: type, path: str) -> list[tuple[str, type, list[dataclasses.Field]]]:
+def sections(cls: type, path: str) -> list[tuple[str, type, list[dataclasses.Field]]]:
     """``(yaml path, class, its fields)`` for ``cls`` then every section below it, depth first."""
     fields = dataclasses.fields(cls)
     hints = _hints(cls)
@@ -116,7 +116,7 @@ def _sections(cls: type, path: str) -> list[tuple[str, type, list[dataclasses.Fi
     own = [f for f in fields if f.name not in {p.rsplit(".", 1)[-1] for p, _ in sub}]
     out = [(path, cls, own)]
     for p, inner in sub:
-        out += _sections(inner, p)
+        out += sections(inner, p)
     return out
 
 
@@ -129,7 +129,7 @@ def markdown(text: str) -> str:
 def render() -> str:
     """The whole of ``docs/configuration.md``."""
     parts = [HEADER]
-    for path, cls, fields in _sections(PipelineConfig, ""):
+    for path, cls, fields in sections(PipelineConfig, ""):
         docs = field_docs(cls)
         title = f"`{path}`" if path else "Top level"
         summary = markdown((cls.__doc__ or "").strip().splitlines()[0])

@@ -119,7 +119,7 @@ def add_error_handlers(api: FastAPI) -> None:
         return error_response(500, f"internal error ({type(exc).__name__})")
 
 
-class _Measure:
+class RequestMeter:
     """Answers 431 to oversized headers (before any route, auth or body reading), and counts every
     HTTP request by route and status, and its latency: a plain ASGI middleware (Starlette's
     ``@app.middleware("http")`` runs each request through an extra task and memory
@@ -260,7 +260,7 @@ class Ingress:
         )
 
         add_error_handlers(api)
-        api.add_middleware(_Measure, ingress=self)
+        api.add_middleware(RequestMeter, ingress=self)
         auth = [Depends(self.authorize)]
         api.add_api_route(
             "/v1/predict",

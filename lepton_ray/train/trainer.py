@@ -169,7 +169,7 @@ def _run(
             (), shuffle="none", seed=None, batch_size=cfg.data.preprocess_batch_size
         ).materialize()
     meta = {
-        "model": _servable_spec(model),
+        "model": checkpoint_spec(model),
         "memory_format": preferred_memory_format(model, info.shape),
         "data": {
             "shape": list(info.shape),
@@ -310,7 +310,7 @@ def _source(dataset: Any, split: str, endpoint_url: str | None) -> _Source:
     )
 
 
-def _servable_spec(model: nn.Module) -> dict[str, Any]:
+def checkpoint_spec(model: nn.Module) -> dict[str, Any]:
     """The spec a checkpoint records; a warning when the model trains but could never be rebuilt
     from its checkpoint (a class from ``__main__``, or one whose constructor needs arguments the
     spec does not record: only ``build_model`` records them)."""
