@@ -71,7 +71,6 @@ class Plan:
         shard_ids: list[np.ndarray],
         epoch: int,
         exclude: np.ndarray | None,
-        max_steps: int | None = None,
     ) -> sampling.EpochPlan:
         common = dict(
             seed=self.seed,
@@ -80,7 +79,6 @@ class Plan:
             world=self.world,
             rank=self.rank,
             exclude=exclude,
-            max_steps=max_steps,
         )
         if self.order == "shuffled":
             return sampling.shuffled_plan(shard_ids, **common)

@@ -56,9 +56,8 @@ class EpochPlan:
         return self.ids[step * self.per_step : (step + 1) * self.per_step]
 
 
-def _steps(remaining: int, global_batch: int, max_steps: int | None) -> int:
-    steps = remaining // global_batch
-    return steps if max_steps is None else min(steps, max_steps)
+def _steps(remaining: int, global_batch: int) -> int:
+    return remaining // global_batch
 
 
 def _offset(global_batch: int, world: int, rank: int) -> int:
@@ -82,7 +81,6 @@ def shuffled_plan(
     world: int,
     rank: int,
     exclude: np.ndarray | None = None,
-    max_steps: int | None = None,
 ) -> EpochPlan:
     """``rank``'s slice of every global batch of the epoch's permutation (see the module docstring).
 
@@ -92,7 +90,7 @@ def shuffled_plan(
         _remaining(np.concatenate(list(shard_ids) or [np.zeros(0, np.int64)]), exclude)
     )
     order = all_ids[np.random.default_rng([seed, epoch, _SHUFFLE_SALT]).permutation(len(all_ids))]
-    steps = _steps(len(order), global_batch, max_steps)
+    steps = _steps(len(order), global_batch)
     per_step = batching.worker_batch(global_batch, world, rank)
     start = _offset(global_batch, world, rank)
     grid = order[: steps * global_batch].reshape(steps, global_batch)  # (S, B): the global batches
@@ -110,7 +108,6 @@ def sequential_plan(
     rank: int,
     shuffle_shards: bool = True,
     exclude: np.ndarray | None = None,
-    max_steps: int | None = None,
 ) -> EpochPlan:
     """``rank``'s contiguous piece of the epoch's shard sequence (see the module docstring)."""
     order = (
@@ -121,7 +118,7 @@ def sequential_plan(
     kept = [_remaining(shard_ids[s], exclude) for s in order]
     stream = np.concatenate(kept) if kept else np.zeros(0, np.int64)
     shard_of = np.repeat(order, [len(k) for k in kept])  # which shard each stream row is in
-    steps = _steps(len(stream), global_batch, max_steps)
+    steps = _steps(len(stream), global_batch)
     per_step = batching.worker_batch(global_batch, world, rank)
     start = steps * _offset(global_batch, world, rank)
     piece = slice(start, start + steps * per_step)
