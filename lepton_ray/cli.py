@@ -200,7 +200,7 @@ def cmd_serve(a: argparse.Namespace) -> Any:
         canary_checkpoint=a.canary,
         canary_share=a.canary_share,
         canary_min_requests=a.canary_min_requests,
-        haproxy=a.haproxy or None,
+        haproxy=a.haproxy,
     )
     print(json.dumps({"endpoint": url, "predict": f"{url}/v1/predict"}), flush=True)
     if a.detach:
@@ -508,9 +508,11 @@ def build_parser() -> argparse.ArgumentParser:
     flag("--num-cpus")
     sv.add_argument(
         "--haproxy",
-        action="store_true",
-        help="serve HTTP through Ray Serve's HAProxy ingress (opt-in, a few ms less per request; "
-        "needs the 'haproxy' extra; same as LEPTON_SERVE_HAPROXY=1)",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the HTTP ingress of the Ray instance this starts: HAProxy (the default where its "
+        "binary is present) or, with --no-haproxy, Serve's own proxy; same as "
+        "LEPTON_SERVE_HAPROXY=1/0",
     )
     flag("--max-request-bytes")
     flag("--canary", metavar="CHECKPOINT")
