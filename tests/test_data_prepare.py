@@ -114,6 +114,49 @@ def test_default_sharding(tmp_path):
     assert [s["rows"] for s in info.shards] == [3] * 6 + [2]  # ceil(20 / 8) rows per shard
 
 
+def test_shards_are_many_fixed_width_and_cut_in_row_groups(tmp_path):
+    import pyarrow as pa
+
+    from lepton_ray.data.writer import ROWS_PER_ROW_GROUP, row_group_rows, shard_rows
+
+    # Enough shards for many CPUs, each at most ~64 MiB (worked examples of the docstring).
+    assert shard_rows(4_000, (32, 32, 3)) == 500  # 8 shards: the minimum
+    assert shard_rows(1_000_000, (32, 32, 3)) == 4_082  # 245 shards of 12 MiB
+    assert shard_rows(5_000_000, (32, 32, 3)) == 19_532  # 256 shards: the most the count asks
+    assert shard_rows(1_281_167, (224, 224, 3)) == 446  # 64 MiB shards: 2,874 of them
+    assert row_group_rows((32, 32, 3), 100_000) == ROWS_PER_ROW_GROUP
+    assert row_group_rows((224, 224, 3), 10_000) == 111  # 16 MiB of pixels
+    images, labels = _images(n=9000, h=2, w=2, c=1)
+    info = write_dataset(
+        images, labels, tmp_path / "ds", classes=["a", "b", "c"], rows_per_shard=4500
+    )
+    f = pq.ParquetFile(io.BytesIO(info.location().join(info.shards[0]["path"]).read_bytes()))
+    assert f.schema_arrow.field("image").type == pa.binary(4)  # fixed_size_binary(H*W*C)
+    assert f.metadata.num_rows == 4500 and f.metadata.num_row_groups == 2  # 4,096 + 404
+    np.testing.assert_array_equal(data.read_arrays(info)[0], images)
+
+
+def test_datasets_written_with_variable_width_pixels_still_read(tmp_path):
+    import pyarrow as pa
+
+    images, labels = _images(n=30)
+    info = write_dataset(images, labels, tmp_path / "ds", classes=["a", "b", "c"])
+    loc = info.location()
+    manifest = json.loads(loc.join("manifest.json").read_bytes())
+    for shard in manifest["shards"]:  # rewrite each shard as lepton_ray wrote them before
+        t = pq.read_table(io.BytesIO(loc.join(shard["path"]).read_bytes()))
+        rows = pa.array([bytes(b) for b in t["image"].to_pylist()], pa.binary())
+        buf = io.BytesIO()
+        pq.write_table(t.set_column(1, "image", rows), buf)
+        loc.join(shard["path"]).write_bytes(buf.getvalue())
+        shard.update(bytes=len(buf.getvalue()), sha256=storage.sha256_bytes(buf.getvalue()))
+    loc.join("manifest.json").write_json(manifest)
+    old = open_dataset(str(tmp_path / "ds"))
+    got = data.read_arrays(old)
+    np.testing.assert_array_equal(got[0], images)
+    assert got[0].flags.writeable
+
+
 def test_rewrite_swaps_manifest_and_removes_old_shards(tmp_path):
     images, labels = _images(n=10)
     first = write_dataset(

@@ -52,6 +52,62 @@ def test_decode_raw_rejects_wrong_size():
         decode_raw([im.tobytes() for im in _images()], (28, 28, 1))
 
 
+def test_decode_raw_reads_arrow_columns_in_place():
+    import pyarrow as pa
+
+    from lepton_ray.data.writer import pixel_column
+
+    imgs = _images(n=9)
+    fixed = pixel_column(imgs)
+    assert fixed.type == pa.binary(5 * 7 * 3)  # fixed_size_binary: no offsets
+    out = decode_raw(fixed, (5, 7, 3))
+    np.testing.assert_array_equal(out, imgs)
+    assert not out.flags.owndata  # a view of Arrow's buffer, not a copy
+    np.testing.assert_array_equal(decode_raw(fixed.slice(3, 4), (5, 7, 3)), imgs[3:7])
+    # Older datasets: a variable-width binary column of equal-length rows.
+    var = pa.array([im.tobytes() for im in imgs], pa.binary())
+    np.testing.assert_array_equal(decode_raw(var.slice(2, 5), (5, 7, 3)), imgs[2:7])
+    chunked = pa.chunked_array([fixed.slice(0, 4), fixed.slice(4)])
+    np.testing.assert_array_equal(decode_raw(chunked, (5, 7, 3)), imgs)
+    assert decode_raw(fixed.slice(0, 0), (5, 7, 3)).shape == (0, 5, 7, 3)
+
+
+def test_decode_raw_refuses_arrow_rows_of_the_wrong_size():
+    import pyarrow as pa
+
+    from lepton_ray.data.writer import pixel_column
+
+    rows = [im.tobytes() for im in _images()]
+    rows[4] = rows[4][:-1]
+    with pytest.raises(ValueError, match="image row 4 is 104 bytes, the shape needs 105"):
+        decode_raw(pa.array(rows, pa.binary()), (5, 7, 3))
+    with pytest.raises(ValueError, match="rows are 105 bytes, the shape needs 784"):
+        decode_raw(pixel_column(_images()), (28, 28, 1))
+    with pytest.raises(ValueError, match="1 image rows are null"):
+        decode_raw(pa.array([rows[0], None], pa.binary()), (5, 7, 3))
+    with pytest.raises(ValueError, match="not raw pixel bytes"):
+        decode_raw(pa.array([1, 2]), (5, 7, 3))
+
+
+def test_preprocessor_takes_arrow_batches_as_numpy_ones():
+    import pyarrow as pa
+
+    from lepton_ray.data.writer import pixel_column
+
+    imgs = _images(n=8)
+    ids, labels = np.arange(100, 108), np.arange(8) % 3
+    table = pa.table({"id": ids, "image": pixel_column(imgs), "label": labels})
+    rows = {"id": ids, "image": [im.tobytes() for im in imgs], "label": labels}
+    for scaled in (True, False):
+        pre = Preprocessor(
+            (5, 7, 3), [0.5] * 3, [0.25] * 3, ("random_crop", "hflip"), 3, normalize=scaled
+        )
+        a, b = pre(table), pre(rows)
+        assert a.keys() == b.keys() == {"image", "label", "id"}
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
+
+
 def test_random_crop_keeps_shape_and_dtype():
     imgs = _images()
     out = random_crop(imgs, np.random.default_rng(0), padding=2)

@@ -234,12 +234,13 @@ def read_arrays(info: DatasetInfo) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         tables.append(pq.read_table(io.BytesIO(data)))
     t = pa.concat_tables(tables)
     ids = t.column("id").to_numpy()
-    rows = t.column("image").to_pylist()
     images = (
-        decode_raw(rows, info.shape)
+        decode_raw(t.column("image"), info.shape)
         if info.encoding == "raw"
-        else decode_encoded(rows, info.shape, ids)
+        else decode_encoded(t.column("image").to_pylist(), info.shape, ids)
     )
+    if not images.flags.writeable:  # a view of Arrow's buffer: the caller gets its own array
+        images = images.copy()
     return images, t.column("label").to_numpy(), ids
 
 
@@ -266,7 +267,10 @@ class KeepIds:
     def __init__(self, ids: np.ndarray):
         self.ids = np.sort(np.asarray(ids, np.int64))
 
-    def __call__(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
+    def __call__(self, batch: dict[str, Any] | pa.Table) -> dict[str, np.ndarray] | pa.Table:
+        if isinstance(batch, pa.Table):
+            mask = np.isin(batch.column("id").to_numpy().astype(np.int64, copy=False), self.ids)
+            return batch if mask.all() else batch.filter(pa.array(mask))
         mask = np.isin(np.asarray(batch["id"], np.int64), self.ids)
         return {k: np.asarray(v)[mask] for k, v in batch.items()}
 
@@ -319,7 +323,7 @@ def read_ray(
     finally:
         ctx.use_datasource_v2 = previous
     if keep_ids is not None:
-        ds = ds.map_batches(KeepIds(keep_ids), batch_format="numpy")
+        ds = ds.map_batches(KeepIds(keep_ids), batch_format="pyarrow", zero_copy_batch=True)
     if mode == "global":
         seed = (
             None
@@ -327,9 +331,11 @@ def read_ray(
             else RandomSeedConfig(seed=shuffle_seed, reseed_after_execution=True)
         )
         ds = ds.random_shuffle(seed=seed)
+    # Arrow batches: the pixels are read in place from the Parquet column's buffer.
     return ds.map_batches(
         info.preprocessor(check_augment(augment), augment_seed, normalize, epoch),
-        batch_format="numpy",
+        batch_format="pyarrow",
+        zero_copy_batch=True,
         batch_size=batch_size,
     )
 

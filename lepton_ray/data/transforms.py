@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from lepton_ray.data import rowhash
 
@@ -71,11 +72,20 @@ def row_draws(
     return [RowDraws(b) for b in rowhash.draw_bits(rows, keys)]
 
 
-def decode_raw(images: Sequence[bytes] | np.ndarray, shape: Sequence[int]) -> np.ndarray:
-    """Raw HWC uint8 bytes per row -> (N, H, W, C) uint8, in one copy."""
+def decode_raw(images: Any, shape: Sequence[int]) -> np.ndarray:
+    """Raw HWC uint8 bytes per row -> (N, H, W, C) uint8.
+
+    ``images`` is an Arrow column (``fixed_size_binary``, as ``prepare`` writes them, or
+    ``binary`` of equal-length rows, as older datasets hold them), bytes per row, or already an
+    (N, H, W, C) uint8 array. An Arrow column in one chunk is read in place (no copy, no Python
+    object per row: the pixels are one buffer); bytes per row cost one join.
+    """
     h, w, c = shape
     if isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.ndim == 4:
         return images
+    if isinstance(images, pa.ChunkedArray | pa.Array):
+        flat = arrow_pixels(images, h * w * c)
+        return flat.reshape(-1, h, w, c)
     buf = b"".join(bytes(b) for b in images)
     n = len(images)
     if len(buf) != n * h * w * c:
@@ -83,6 +93,40 @@ def decode_raw(images: Sequence[bytes] | np.ndarray, shape: Sequence[int]) -> np
             f"image bytes do not match shape {tuple(shape)}: {len(buf)} bytes for {n} rows"
         )
     return np.frombuffer(buf, dtype=np.uint8).reshape(n, h, w, c)
+
+
+def arrow_pixels(column: pa.ChunkedArray | pa.Array, row_bytes: int) -> np.ndarray:
+    """An Arrow column of ``row_bytes``-long byte strings as one uint8 array of N * row_bytes,
+    viewing Arrow's value buffer where the column is one chunk (read-only then)."""
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    parts = [_chunk_pixels(chunk, row_bytes) for chunk in chunks]
+    if len(parts) == 1:
+        return parts[0]
+    return np.concatenate(parts) if parts else np.zeros(0, np.uint8)
+
+
+def _chunk_pixels(chunk: pa.Array, row_bytes: int) -> np.ndarray:
+    n, t = len(chunk), chunk.type
+    if chunk.null_count:
+        raise ValueError(f"{chunk.null_count} image rows are null")
+    if pa.types.is_fixed_size_binary(t):
+        if t.byte_width != row_bytes:
+            raise ValueError(f"image rows are {t.byte_width} bytes, the shape needs {row_bytes}")
+        buf = chunk.buffers()[1]
+        return np.frombuffer(buf, np.uint8, n * row_bytes, chunk.offset * row_bytes)
+    if pa.types.is_binary(t) or pa.types.is_large_binary(t):
+        _, offsets_buf, values = chunk.buffers()
+        kind = np.int64 if pa.types.is_large_binary(t) else np.int32
+        offsets = np.frombuffer(offsets_buf, kind, n + 1, chunk.offset * np.dtype(kind).itemsize)
+        if n and not (np.diff(offsets) == row_bytes).all():
+            bad = int(np.flatnonzero(np.diff(offsets) != row_bytes)[0])
+            raise ValueError(
+                f"image row {bad} is {int(offsets[bad + 1] - offsets[bad])} bytes, the shape needs {row_bytes}"
+            )
+        if n == 0:
+            return np.zeros(0, np.uint8)
+        return np.frombuffer(values, np.uint8, n * row_bytes, int(offsets[0]))
+    raise ValueError(f"image column of type {t} is not raw pixel bytes")
 
 
 def decode_encoded(
@@ -317,9 +361,17 @@ class Preprocessor:
     def decode(self, batch: dict[str, Any]) -> np.ndarray:
         if self.encoding == "raw":
             return decode_raw(batch["image"], self.shape)
-        return decode_encoded(batch["image"], self.shape, batch.get("id"))
+        images = batch["image"]
+        if isinstance(images, pa.ChunkedArray | pa.Array):
+            images = images.to_pylist()
+        return decode_encoded(images, self.shape, batch.get("id"))
 
-    def __call__(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
+    def __call__(self, batch: dict[str, Any] | pa.Table) -> dict[str, np.ndarray]:
+        if isinstance(batch, pa.Table):  # batch_format="pyarrow": pixels read in place
+            batch = {
+                name: col if name == "image" else col.to_numpy()
+                for name, col in zip(batch.column_names, batch.columns, strict=True)
+            }
         images = self.decode(batch)
         if self.augment:
             ids = batch.get("id")
