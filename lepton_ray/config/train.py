@@ -102,31 +102,60 @@ class DataConfig(Config):
     training loop, on the worker's GPU or CPU, with :mod:`lepton_ray.data.device_transforms`), or ``auto``
     (``device`` when training on GPUs, whose CPU cores cannot augment as fast as a GPU trains; else
     ``cpu``)."""
+    feed: Literal["auto", "cache", "ring", "stream"] = "auto"
+    """Where each worker's batches come from (``lepton_ray.train.feed``): ``cache`` (the whole
+    training set read once, decoded and unaugmented, into each worker's device memory; every epoch
+    drawn from it, augmented there), ``ring`` (for a prepared dataset larger than that: each worker
+    streams its shards, in an order shuffled per epoch, as whole blocks into a window of
+    ``ring_rows`` rows in device memory and samples every batch from it, augmenting there),
+    ``stream`` (Ray Data batches every epoch, shuffled as ``shuffle`` says), or ``auto``: on GPUs,
+    unless ``augment_on`` is ``cpu``, ``cache`` while the set takes at most ``cache_max_bytes``, else
+    ``ring`` (``stream`` for a user's Ray Dataset or ``shuffle`` ``none``); ``stream`` on CPUs."""
+    ring_rows: int = setting(262_144, ge=1)
+    """Rows the ring holds on each worker's device (capped at the worker's rows per epoch and at
+    half the GPU's free memory); a row is served about this many rows after it was read."""
     cache: Literal["auto", "off", "device"] = "auto"
-    """``device``: each worker reads the whole training set once (decoded, unaugmented uint8) into
-    its device's memory and draws every epoch from it, augmenting there; no Ray Data work per
-    epoch. ``off``: stream every epoch through Ray Data. ``auto``: ``device`` when training on GPUs,
-    the set takes at most ``cache_max_bytes`` and ``augment_on`` is not ``cpu``; else ``off``."""
+    """The older spelling of ``feed``: ``device`` is ``feed="cache"``, ``off`` is ``feed="stream"``."""
     cache_max_bytes: int = setting(4 << 30, ge=1)
-    """The largest training set (decoded bytes) that ``cache="auto"`` keeps on each GPU."""
+    """The largest training set (decoded bytes) that ``feed="auto"`` keeps on each GPU."""
     deterministic: bool = True
     """Hand batches to the workers in a fixed order, so a run is reproducible given its seed and
     worker count (Ray Data's ``preserve_order``). False lets a fast block overtake a slow one."""
 
     def check(self) -> None:
-        if self.cache == "device" and self.augment_on == "cpu" and self.augment:
+        legacy = {"device": "cache", "off": "stream"}.get(self.cache)
+        if legacy and self.feed not in ("auto", legacy):
+            raise bad("cache", f"{self.cache!r} says feed {legacy!r}, but feed is {self.feed!r}")
+        feed = legacy or self.feed
+        if feed in ("cache", "ring") and self.augment_on == "cpu" and self.augment:
+            key = "cache" if legacy else "feed"
             raise bad(
-                "cache", "'device' augments on the device; it cannot go with augment_on 'cpu'"
+                key,
+                f"{getattr(self, key)!r} augments on the device; it cannot go with augment_on 'cpu'",
             )
+        if feed == "ring" and self.shuffle in (False, "none"):
+            raise bad("feed", "'ring' shuffles within its window; stored order needs feed 'stream'")
+
+    def chosen_feed(self, use_gpu: bool, dataset_bytes: int, prepared: bool = True) -> str:
+        """``cache``, ``ring`` or ``stream``: the feed ``feed`` (or ``cache``) resolves to for a
+        training set of ``dataset_bytes`` decoded (``prepared``: with row ids, not a user's Ray
+        Dataset, which the ring cannot plan)."""
+        legacy = {"device": "cache", "off": "stream"}.get(self.cache)
+        if self.feed != "auto" or legacy:
+            return legacy or self.feed
+        if not use_gpu or self.augment_on == "cpu":
+            return "stream"
+        if dataset_bytes <= self.cache_max_bytes:
+            return "cache"
+        return "ring" if prepared and self.shuffle not in (False, "none") else "stream"
 
     def caches_on_device(self, use_gpu: bool, dataset_bytes: int) -> bool:
-        """Whether each worker keeps the training set on its device (resolves ``cache="auto"``)."""
-        if self.cache != "auto":
-            return self.cache == "device"
-        return use_gpu and self.augment_on != "cpu" and dataset_bytes <= self.cache_max_bytes
+        """Whether each worker keeps the training set on its device (``chosen_feed`` is ``cache``)."""
+        return self.chosen_feed(use_gpu, dataset_bytes) == "cache"
 
     def augments_on_device(self, use_gpu: bool, cached: bool = False) -> bool:
-        """Whether the training loop, not Ray Data, applies ``augment`` (resolves ``auto``)."""
+        """Whether the training loop, not Ray Data, applies ``augment`` (resolves ``auto``);
+        ``cached``: the rows are in device memory (the cache or the ring), so always there."""
         return bool(self.augment) and (
             cached or self.augment_on == "device" or (self.augment_on == "auto" and use_gpu)
         )

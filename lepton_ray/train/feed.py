@@ -9,10 +9,14 @@ epoch and an iterator of exactly that many batches of its ``b_r`` rows (``image`
 - :class:`StreamedFeed`: a prepared dataset streamed through Ray Data every epoch: each worker reads
   only its rows of the epoch plan (:mod:`lepton_ray.train.sampling`), decoded (and augmented, when
   augmentation runs on the CPUs) by Ray Data's workers.
+- :class:`RingFeed`: a prepared dataset larger than the device: each worker streams its piece of
+  the epoch plan (shards in an order shuffled per epoch) as whole blocks into a window of rows in
+  device memory (:mod:`lepton_ray.train.ring`) and samples every batch from it; the next epoch's
+  read starts while this one drains.
 - :class:`ShardFeed`: a user's Ray Dataset, split between the workers by Ray Train (no stable ids,
   so no plan: each worker takes the full batches its equal share holds).
 
-A streaming ring in GPU memory, for datasets larger than the device (DESIGN.md), is a fourth.
+``feed.close()`` stops whatever a feed still runs between epochs (the ring's read-ahead).
 """
 
 from __future__ import annotations
@@ -54,6 +58,8 @@ class Batches:
 
 class Feed(Protocol):
     def epoch(self, epoch: int, exclude: np.ndarray | None = None) -> Batches: ...
+
+    def close(self) -> None: ...
 
 
 @dataclass
@@ -101,6 +107,9 @@ class CachedFeed:
             p.steps,
             (self.cache.take(rows[s * p.per_step : (s + 1) * p.per_step]) for s in range(p.steps)),
         )
+
+    def close(self) -> None:
+        pass  # nothing runs between epochs
 
 
 class StreamedFeed:
@@ -164,6 +173,110 @@ class StreamedFeed:
         )
         return Batches(p.steps, batches)
 
+    def close(self) -> None:
+        pass  # each epoch's read ends with its batches
+
+
+class RingFeed:
+    """A prepared dataset larger than the device, streamed through a ring of rows in its memory.
+
+    Each worker reads only its piece of the epoch plan (``sequential``: shards in an order shuffled
+    per (seed, epoch)), decoded and unaugmented, as whole blocks (no re-batching on the CPUs); the
+    loop augments on the device, as with the cache. ``rows`` is the ring's size, capped at this
+    worker's rows per epoch and, on a GPU, at half of its free memory. When an epoch's input is all
+    in the ring the next epoch's read starts (``epochs`` says whether there is one), so Ray Data's
+    restart overlaps the drain. ``queue_rows`` bounds the host blocks read ahead (default: the
+    ring's size, enough to refill it at once when the next epoch starts).
+    """
+
+    def __init__(
+        self,
+        info: Any,
+        plan: Plan,
+        *,
+        rows: int,
+        epochs: int,
+        device: torch.device,
+        preprocess_batch: int,
+        deterministic: bool = True,
+        queue_rows: int | None = None,
+    ):
+        from ray.data import DataContext
+
+        from lepton_ray.data import read_shard_ids
+        from lepton_ray.train.ring import Ring
+
+        DataContext.get_current().execution_options.preserve_order = deterministic
+        self.info, self.epochs, self.preprocess_batch = info, epochs, preprocess_batch
+        self.plan = dataclasses.replace(plan, order="sequential")
+        self.shard_ids = read_shard_ids(info)
+        h, w, c = info.shape
+        full = self.plan.of(self.shard_ids, 0, None)
+        capacity = min(rows, max(full.steps * full.per_step, 1))
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            capacity = min(capacity, free // 2 // (c * h * w + 16))
+        if capacity < full.per_step:
+            raise TrainingError(
+                f"the ring holds {capacity} rows, fewer than a worker's batch of {full.per_step}"
+            )
+        self.ring = Ring(capacity, (c, h, w), device)
+        self.queue_rows = queue_rows or capacity
+        self.reading: Any = None  # the BlockReader of the epoch being trained
+        self.ahead: tuple[int, Any] | None = None  # (epoch, BlockReader) read ahead
+
+    def epoch(self, epoch: int, exclude: np.ndarray | None = None) -> Batches:
+        from lepton_ray.train.ring import ring_generator, serve
+
+        p = self.plan.of(self.shard_ids, epoch, exclude)
+        resumed = exclude is not None and len(exclude) > 0
+        reader = None
+        if self.ahead is not None and self.ahead[0] == epoch and not resumed:
+            reader = self.ahead[1]
+        elif self.ahead is not None:
+            self.ahead[1].close()
+        self.ahead = None
+        if self.reading is not None:
+            self.reading.close()
+        self.reading = None
+        if p.steps == 0:
+            if reader is not None:
+                reader.close()
+            return Batches(0, iter(()))
+        self.reading = reader or self._read(p, epoch)
+        generator = ring_generator(self.plan.seed, epoch, self.plan.rank, self.ring.device)
+        blocks = self._then_read_ahead(self.reading, epoch)
+        return Batches(p.steps, serve(self.ring, blocks, p.steps, p.per_step, generator))
+
+    def _read(self, p: sampling.EpochPlan, epoch: int) -> Any:
+        from lepton_ray.data import read_ray
+        from lepton_ray.train.ring import BlockReader
+
+        shards = dataclasses.replace(self.info, shards=tuple(self.info.shards[s] for s in p.shards))
+        ds = read_ray(
+            shards,
+            keep_ids=p.ids,
+            augment=(),
+            normalize=False,
+            epoch=epoch,
+            batch_size=self.preprocess_batch,
+        )
+        blocks = ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2)
+        return BlockReader(blocks, self.queue_rows, pin=self.ring.device.type == "cuda")
+
+    def _then_read_ahead(self, reader: Any, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
+        yield from reader
+        if epoch + 1 < self.epochs and self.ahead is None:
+            p = self.plan.of(self.shard_ids, epoch + 1, None)
+            if p.steps:
+                self.ahead = (epoch + 1, self._read(p, epoch + 1))
+
+    def close(self) -> None:
+        for reader in (self.reading, self.ahead[1] if self.ahead else None):
+            if reader is not None:
+                reader.close()
+        self.reading = self.ahead = None
+
 
 class ShardFeed:
     """A user's Ray Dataset, split equally between the workers by Ray Train."""
@@ -201,3 +314,6 @@ class ShardFeed:
                 local_shuffle_seed=self.seed + epoch,
             ),
         )
+
+    def close(self) -> None:
+        pass  # Ray Train owns the split

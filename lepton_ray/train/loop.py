@@ -26,7 +26,7 @@ from lepton_ray.data import DatasetInfo
 from lepton_ray.models import memory_format, unwrap
 from lepton_ray.train import batching
 from lepton_ray.train.checkpointing import EpochTally, Reporter, Restored, SampleLog, all_reduce
-from lepton_ray.train.feed import CachedFeed, Feed, Plan, ShardFeed, StreamedFeed
+from lepton_ray.train.feed import CachedFeed, Feed, Plan, RingFeed, ShardFeed, StreamedFeed
 from lepton_ray.train.observe import WorkerProgress
 from lepton_ray.train.step import BATCH_DTYPES, Pixels, TrainStep, evaluate
 
@@ -46,7 +46,7 @@ class RunSpec:
     board: Any = None  # ProgressBoard actor handle (driver progress bar), or None
     order: str = "shuffled"  # the epoch plan's order (see lepton_ray.train.sampling)
     device_augment: tuple[str, ...] = ()  # augmentations the loop applies on its device
-    cache: bool = False  # every worker holds the whole training set on its device
+    feed: str = "stream"  # "cache" | "ring" | "stream": DataConfig.chosen_feed
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -149,6 +149,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             reporter.metrics(metrics)
         if stop:
             break
+    feed.close()  # an early stop leaves the next epoch's read-ahead running
 
 
 def train_state(step: TrainStep, epoch: int, complete: bool, **extra: Any) -> dict[str, Any]:
@@ -180,7 +181,9 @@ def make_feeds(spec: RunSpec, world: int, rank: int, device: torch.device) -> tu
     cfg = spec.cfg
     plan = Plan(cfg.seed, cfg.batch_size, world, rank, spec.order)
     val_shard = ray.train.get_dataset_shard("val") if spec.has_val else None
-    if spec.cache:  # every worker reads the whole set once, in id order, into device memory
+    if (
+        spec.feed == "cache"
+    ):  # every worker reads the whole set once, in id order, into device memory
         from lepton_ray.data import read_ray
 
         whole = (
@@ -192,6 +195,16 @@ def make_feeds(spec: RunSpec, world: int, rank: int, device: torch.device) -> tu
         )
         cache = DeviceCache(whole.iter_torch_batches(batch_size=4096, dtypes=BATCH_DTYPES), device)
         feed: Feed = CachedFeed(cache, plan)
+    elif spec.feed == "ring":  # its shards through a window of rows in device memory
+        feed = RingFeed(
+            spec.train_info,
+            plan,
+            rows=cfg.data.ring_rows,
+            epochs=cfg.epochs,
+            device=device,
+            preprocess_batch=cfg.data.preprocess_batch_size,
+            deterministic=cfg.data.deterministic,
+        )
     elif spec.train_info is None:  # a user's Ray Dataset: Ray Train splits it
         feed = ShardFeed(
             ray.train.get_dataset_shard("train"),
@@ -215,7 +228,7 @@ def make_feeds(spec: RunSpec, world: int, rank: int, device: torch.device) -> tu
         )
     if val_shard is None:
         return feed, None
-    if spec.cache:  # then no Ray Data execution per epoch at all
+    if spec.feed == "cache":  # then no Ray Data execution per epoch at all
         val_cache = DeviceCache(
             val_shard.iter_torch_batches(batch_size=4096, dtypes=BATCH_DTYPES), device
         )

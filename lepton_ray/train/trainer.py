@@ -153,8 +153,12 @@ def _run(
     shuffle = shuffle_mode(
         info, cfg.data.shuffle, ray.cluster_resources().get("object_store_memory", 0.0)
     )
-    cached = cfg.data.caches_on_device(cfg.scaling.use_gpu, info.pixel_bytes)
-    on_device = cfg.data.augments_on_device(cfg.scaling.use_gpu, cached)
+    prepared = train_src.ray_ds is None
+    feed = cfg.data.chosen_feed(cfg.scaling.use_gpu, info.pixel_bytes, prepared)
+    if feed == "ring" and not prepared:
+        raise ConfigError("data.feed 'ring' needs a prepared dataset (row ids), not a Ray Dataset")
+    cached = feed == "cache"
+    on_device = cfg.data.augments_on_device(cfg.scaling.use_gpu, feed != "stream")
     datasets = {}
     if train_src.ray_ds is not None:  # a user's Ray Dataset: Ray Train splits it between workers
         datasets["train"] = train_src.ray(  # (or, cached, each worker reads all of it once)
@@ -199,7 +203,7 @@ def _run(
         board=board,
         order=_ORDERS[shuffle],
         device_augment=cfg.data.augment if on_device else (),
-        cache=cached,
+        feed=feed,
     )
     options = ray.train.DataConfig.default_ingest_options()
     options.preserve_order = cfg.data.deterministic
