@@ -7,6 +7,8 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
+from lepton_ray import console
+
 _LOCAL_TRAIN_ENV = {
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
@@ -30,6 +32,8 @@ def ensure_ray(address: str | None = None, *, min_cpus: int = 4, **kwargs: Any) 
     DataContext.get_current().enable_progress_bars = False
     if ray.is_initialized():
         return
+    # Ray's output stays in its session's log folder unless LEPTON_VERBOSE=1 (lepton_ray.console).
+    kwargs.setdefault("log_to_driver", console.quiet_ray())
     env = {"env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"}}
     kwargs.setdefault("runtime_env", env)
     address = address or os.environ.get("RAY_ADDRESS")
@@ -40,9 +44,9 @@ def ensure_ray(address: str | None = None, *, min_cpus: int = 4, **kwargs: Any) 
             # routable address and waits for it forever.
             kwargs.setdefault("_node_ip_address", LOOPBACK)
             with _loopback_node():
-                ray.init(address=address, log_to_driver=True, **kwargs)
+                ray.init(address=address, **kwargs)
             return
-        ray.init(address=address, log_to_driver=True, **kwargs)
+        ray.init(address=address, **kwargs)
         return
     # A local instance has no nodes to be preempted, and its controller can poll its own workers
     # often: Ray Train's defaults (a preemption-watcher actor; a 2 s health check, which is also how
