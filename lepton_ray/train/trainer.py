@@ -31,6 +31,11 @@ from lepton_ray.models import preferred_memory_format, spec_of
 from lepton_ray.runtime import ensure_ray
 from lepton_ray.train import batching
 from lepton_ray.train.loop import RunSpec, train_loop_per_worker
+from lepton_ray.train.storage_retry import (
+    StorageInterrupted,
+    controller_storage_failure,
+    run_resuming,
+)
 
 _SCALING_FIELDS = {f.name for f in dataclasses.fields(ScalingConfig)}
 # The epoch plan's order for each DataConfig.shuffle (see lepton_ray.train.sampling).
@@ -130,7 +135,19 @@ def fit(model: nn.Module, train_dataset: Any, val_dataset: Any, cfg: TrainConfig
         raise ConfigError(
             f"batch_size {cfg.batch_size} is larger than the {info.num_rows} training rows"
         )
-    return _run(model, cfg, root, run, train_src, val_src)
+    # Storage that fails under Ray Train's own bookkeeping is waited out and the run resumed.
+    return run_resuming(
+        lambda: _run(model, cfg, root, run, train_src, val_src),
+        lambda: _resumable(run),
+        name=run.name,
+    )
+
+
+def _resumable(run: Any) -> bool:
+    """Whether the run can resume from Ray Train's snapshot: a complete checkpoint, or none yet."""
+    from lepton_ray.runs import parse_checkpoint_name
+
+    return run.latest() is not None or not any(map(parse_checkpoint_name, run.root.listdir()))
 
 
 def _run(
@@ -144,6 +161,7 @@ def _run(
     """Plan the input pipeline, start Ray Train, wait, collect the results."""
     import ray
     import ray.train
+    from ray.data import DataContext, ExecutionOptions
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -205,8 +223,13 @@ def _run(
         device_augment=cfg.data.augment if on_device else (),
         feed=feed,
     )
-    options = ray.train.DataConfig.default_ingest_options()
-    options.preserve_order = cfg.data.deterministic
+    # Ray Train's default_ingest_options() sets the deprecated exclude_resources (a warning per fit).
+    current = DataContext.get_current().execution_options
+    options = ExecutionOptions(
+        resource_limits=current.resource_limits,
+        preserve_order=cfg.data.deterministic,
+        verbose_progress=current.verbose_progress,
+    )
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"spec": spec},
@@ -236,9 +259,9 @@ def _run(
     except LeptonError:
         raise
     except Exception as exc:  # Ray wraps worker errors; surface the root cause in one line
-        raise TrainingError(f"training run '{run.name}' failed: {_root_cause(exc)}") from None
+        raise _failure(run.name, exc) from None
     if result.error is not None:
-        raise TrainingError(f"training run '{run.name}' failed: {_root_cause(result.error)}")
+        raise _failure(run.name, result.error)
     out = _results(result, run, time.perf_counter() - started, cfg.epochs)
     out["data_skipped_rows"] = meta["data"]["skipped_rows"]  # left out when the data was prepared
     return out
@@ -406,6 +429,13 @@ def _check_placement(s: ScalingConfig, num_workers: int | tuple[int, int]) -> No
     )
     if reason:
         raise ConfigError(f"{reason} (set wait_for_resources=True if an autoscaler will add nodes)")
+
+
+def _failure(name: str, exc: BaseException) -> TrainingError:
+    """The one-line error for a failed run: :class:`StorageInterrupted` when storage failed under
+    Ray Train's controller (:func:`run_resuming` resumes it), else a :class:`TrainingError`."""
+    kind = StorageInterrupted if controller_storage_failure(exc) is not None else TrainingError
+    return kind(f"training run '{name}' failed: {_root_cause(exc)}")
 
 
 def _root_cause(exc: BaseException) -> str:
