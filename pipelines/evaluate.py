@@ -8,7 +8,8 @@ with the statistics the checkpoint recorded (what Serve does) and writes loss, a
 per-class accuracy and the confusion matrix to ``<run>/eval/<checkpoint>-<split>.json`` (next to
 the checkpoint when it is outside a run; :class:`lepton_ray.runs.RunLayout` says where).
 
-A user's own model class loads only from a module listed in ``$LEPTON_TRUSTED_MODULES``.
+A user's own model class loads only from a module listed in ``evaluate.trusted_modules``
+(``--set evaluate.trusted_modules=mypkg.models``) or ``$LEPTON_TRUSTED_MODULES``.
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ def evaluate(cfg: PipelineConfig, which: str | None = None, loaded: Any = None) 
     validate_name("split", split)
     run, name = RunLayout.of_checkpoint(storage.resolve(uri, cfg.endpoint_url))
     out = run.eval_result(name, split)
-    loaded = loaded or checkpoint.load_checkpoint(uri, cfg.endpoint_url)
+    trusted = cfg.evaluate.trusted_modules
+    loaded = loaded or checkpoint.load_checkpoint(uri, cfg.endpoint_url, trusted_modules=trusted)
     model, meta = loaded.model, loaded.meta
     info = open_dataset(f"{cfg.dataset_uri}/{split}", cfg.endpoint_url)
     data = meta["data"]

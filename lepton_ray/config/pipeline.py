@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from lepton_ray.config.schema import Config, FieldError, bad, mismatch, secret_fields, setting
-from lepton_ray.config.serve import ServeConfig
+from lepton_ray.config.serve import ServeConfig, module_list
 from lepton_ray.config.train import TrainConfig, plain_name
 
 SMOKE_ROWS = 500
@@ -105,6 +105,9 @@ class EvalSpec(Config):
     """Split to evaluate on; default ``dataset.val_split``."""
     batch_size: int = setting(512, ge=1)
     """Images per forward pass."""
+    trusted_modules: tuple[str, ...] = setting((), parse=module_list)
+    """Module prefixes whose ``nn.Module`` classes the evaluated checkpoint may name, as
+    ``promote.serve.trusted_modules`` (empty: only registered architectures)."""
 
 
 class ServeFields(dict):
