@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lepton_ray.train.observe import eta_seconds, slowest_worker
+from lepton_ray.train.observe import eta_seconds, group_note, slowest_worker, status_line
 
 
 def test_slowest_worker_is_named_only_when_it_lags():
@@ -41,6 +41,7 @@ def test_progress_board_summarises_the_workers(ray_session):
                 "fwd_s": 1.0,
                 "data_wait_s": wait,
                 "steps_since_start": 10,
+                "group": "a",
             },
         )
     s = ray.get(board.summary.remote())
@@ -49,4 +50,51 @@ def test_progress_board_summarises_the_workers(ray_session):
         and s["total_steps"] == 100
         and s["slowest_worker"] == 2
         and s["eta_s"] is not None
+        and s["notes"] == []
     )
+    # a new worker group of 2 (each WorkerProgress has its own token) resumes from step 8
+    restart = {"epoch": 1, "step": 12, "world_size": 2, "steps_since_start": 4, "group": "b"}
+    board.update.remote(0, restart)
+    board.update.remote(0, restart | {"step": 14, "steps_since_start": 6})  # same group: no note
+    assert ray.get(board.summary.remote())["notes"] == [
+        "worker group resized: 3 -> 2 workers, resumed from the checkpoint at step 8"
+    ]
+
+
+def test_group_note_names_a_resume_a_restart_and_a_resize():
+    first = {"step": 10, "steps_since_start": 10, "world_size": 2}
+    assert group_note(None, first) is None  # a fresh run says nothing
+    resumed = {"step": 130, "steps_since_start": 10, "world_size": 2}
+    assert group_note(None, resumed) == "resumed from the checkpoint at step 120"
+    assert group_note(2, resumed) == (
+        "worker group restarted after a failure (2 workers), resumed from the checkpoint at step 120"
+    )
+    resized = resumed | {"world_size": 3}
+    assert group_note(2, resized) == (
+        "worker group resized: 2 -> 3 workers, resumed from the checkpoint at step 120"
+    )
+    assert group_note(2, first).endswith("resumed from the start (no checkpoint yet)")
+
+
+def test_status_line():
+    s = {"epoch": 2, "step": 50, "total_steps": 200, "samples_per_second": 412.4, "eta_s": 41.2}
+    assert status_line(s | {"world_size": 2}, loss=0.31234) == (
+        "[train] epoch 2  step 50/200 (25%)  412 samples/s  loss 0.3123  eta 41s  2 workers"
+    )
+
+
+def test_plain_progress_is_a_line_now_and_then_not_a_redrawn_bar(capsys):
+    from lepton_ray.train.observe import _Lines
+
+    lines = _Lines(every_s=3600)
+    s = {"epoch": 1, "step": 4, "total_steps": 8, "world_size": 2, "train_loss": None}
+    lines.show(s, final=False)  # not due yet: nothing
+    lines.note("worker 1 is lagging")
+    lines.show(s | {"step": 8, "train_loss": 0.5}, final=True)
+    lines.show(s | {"step": 8, "train_loss": 0.5}, final=True)  # the same line is not repeated
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    assert err.splitlines() == [
+        "[train] worker 1 is lagging",
+        "[train] epoch 1  step 8/8 (100%)  loss 0.5000  2 workers",
+    ]

@@ -3,7 +3,11 @@
 - Progress: every worker sends its position and timings to a :class:`ProgressBoard` actor a few
   times per epoch (fire-and-forget actor calls; a ``ray.train.report`` would be a barrier costing
   about a second each). The driver polls the board's summary (epoch, step, samples/s, ETA, world
-  size, the slowest worker when one lags) and draws a tqdm bar, in a terminal or a notebook.
+  size, the slowest worker when one lags) and draws one tqdm bar in a terminal or a notebook, or
+  prints a plain line now and then where the output is a log (a pipe, a file, a Ray job).
+- Notes: what a user must act on happens inside the workers, whose output stays in Ray's log folder
+  (:mod:`lepton_ray.console`); the board turns it into one line each for the driver to print: a
+  lagging worker, a worker group restarted or resized, a run resumed from a checkpoint.
 - Records: :class:`RunObserver` runs in Ray Train's controller and sees the epoch-end reports; it
   writes each finished epoch to ``<run>/metrics.jsonl``, TensorBoard event files under
   ``<run>/tensorboard/`` and the curves to ``<run>/curves.png``.
@@ -13,9 +17,11 @@ from __future__ import annotations
 
 import json
 import statistics
+import sys
 import tempfile
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -47,12 +53,48 @@ def eta_seconds(done_steps: int, total_steps: int, elapsed_s: float) -> float | 
     return max(0, total_steps - done_steps) * elapsed_s / done_steps
 
 
+def group_note(previous_world: int | None, state: dict[str, Any]) -> str | None:
+    """The line to print when a worker group reports for the first time (``state`` is its rank
+    0's first update): a run resumed, a group restarted after a failure or resized; else None.
+
+    ``step - steps_since_start`` is the optimizer step the group started from: the restored
+    checkpoint's, 0 for a fresh start. ``previous_world`` is the size of the group before (None:
+    this is the run's first group).
+    """
+    start = state["step"] - state.get("steps_since_start", 0)
+    world = state.get("world_size")
+    where = f"the checkpoint at step {start}" if start > 0 else "the start (no checkpoint yet)"
+    if previous_world is None:
+        return f"resumed from the checkpoint at step {start}" if start > 0 else None
+    if world != previous_world:
+        return f"worker group resized: {previous_world} -> {world} workers, resumed from {where}"
+    return f"worker group restarted after a failure ({world} workers), resumed from {where}"
+
+
+def status_line(s: dict[str, Any], loss: float | None = None) -> str:
+    """One line of progress from a board summary (the plain-output form of the bar)."""
+    total = s.get("total_steps") or 0
+    step = min(int(s["step"]), total) if total else int(s["step"])
+    parts = [f"epoch {s.get('epoch')}", f"step {step}/{total}"]
+    if total:
+        parts[-1] += f" ({100 * step // total}%)"
+    if s.get("samples_per_second"):
+        parts.append(f"{s['samples_per_second']:.0f} samples/s")
+    if loss is not None:
+        parts.append(f"loss {loss:.4f}")
+    if s.get("eta_s") is not None:
+        parts.append(f"eta {s['eta_s']:.0f}s")
+    parts.append(f"{s.get('world_size')} workers")
+    return "[train] " + "  ".join(parts)
+
+
 class WorkerProgress:
     """A worker's side of the progress bar: about ten updates per epoch (or every
     ``every_steps``) to the :class:`ProgressBoard`, fire and forget (no barrier)."""
 
     def __init__(self, board: Any, rank: int, world: int, every_steps: int | None):
         self.board, self.rank, self.world, self.every = board, rank, world, every_steps
+        self.group = uuid.uuid4().hex  # rank 0's token tells the board a new worker group began
         self.steps_before = 0  # steps this worker group took in earlier epochs
         self.epoch, self.steps, self.t0 = 0, 0, 0.0
 
@@ -83,6 +125,7 @@ class WorkerProgress:
                 "world_size": self.world,
                 "samples_per_second": samples / max(time.perf_counter() - self.t0, 1e-9),
                 "train_loss": float(sums[0] / sums[2]) if last else None,
+                "group": self.group,
             }
             | timing,
         )
@@ -97,8 +140,16 @@ class ProgressBoard:
         self.workers: dict[int, dict[str, Any]] = {}
         self.started: float | None = None
         self.first_step = 0
+        self.group: str | None = None  # rank 0's token: the worker group reporting now
+        self.group_world: int | None = None
+        self.notes: list[str] = []  # lines for the driver to print, in order
 
     def update(self, rank: int, state: dict[str, Any]) -> None:
+        if rank == 0 and state.get("group") != self.group:
+            note = group_note(self.group_world, state)
+            if note:
+                self.notes.append(note)
+            self.group, self.group_world = state.get("group"), state.get("world_size")
         if self.started is None:  # pace counts from the first report (a resumed run starts mid-way)
             self.started, self.first_step = (
                 time.time(),
@@ -110,7 +161,7 @@ class ProgressBoard:
 
     def summary(self) -> dict[str, Any]:
         if 0 not in self.workers:
-            return {}
+            return {"notes": list(self.notes)} if self.notes else {}
         lead = self.workers[0]
         elapsed = time.time() - (self.started or time.time())
         return {
@@ -120,6 +171,7 @@ class ProgressBoard:
                 lead["step"] - self.first_step, self.total_steps - self.first_step, elapsed
             ),
             "slowest_worker": slowest_worker([self.workers[r] for r in sorted(self.workers)]),
+            "notes": list(self.notes),
         }
 
 
@@ -194,10 +246,26 @@ def _plain(m: dict[str, Any]) -> dict[str, Any]:
 
 
 class ProgressBar:
-    """Driver side: poll the board and draw a tqdm bar (``tqdm.auto``: terminal or notebook)."""
+    """Driver side: poll the board and show the run's progress and notes.
 
-    def __init__(self, board: Any, total_steps: int, interval_s: float = 0.5):
+    Where someone watches (a terminal, a notebook) it is one tqdm bar (``tqdm.auto``) with the
+    notes written above it; where the output is a log (``live`` False: stderr is not a terminal)
+    a bar redrawn with ``\\r`` is noise, so it prints a plain line every ``line_every_s`` seconds
+    and a last one when training ends, the notes in between.
+    """
+
+    def __init__(
+        self,
+        board: Any,
+        total_steps: int,
+        interval_s: float = 0.5,
+        *,
+        live: bool | None = None,
+        line_every_s: float = 30.0,
+    ):
         self.board, self.total, self.interval = board, total_steps, interval_s
+        self.live = _watched() if live is None else live
+        self.line_every_s = line_every_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -207,38 +275,97 @@ class ProgressBar:
 
     def __exit__(self, *exc: Any) -> None:
         self._stop.set()
-        self._thread.join(timeout=5)
+        self._thread.join(timeout=10)
 
     def _run(self) -> None:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=self.total, unit="step", desc="training", dynamic_ncols=True)
-        last_note = None
+        view = _Bar(self.total) if self.live else _Lines(self.line_every_s)
+        printed, lagged = 0, set()  # a lagging worker is named once a run, not on every flicker
         try:
-            while not self._stop.wait(self.interval):
+            while True:
+                final = self._stop.wait(self.interval)
                 try:
                     s = ray.get(self.board.summary.remote(), timeout=5)
-                except Exception:  # noqa: BLE001 - the bar is best effort
-                    continue
-                if not s:
-                    continue
-                bar.n = min(int(s["step"]), self.total)
-                post = {"epoch": s.get("epoch"), "workers": s.get("world_size")}
-                if s.get("samples_per_second"):
-                    post["samples/s"] = f"{s['samples_per_second']:.0f}"
-                if s.get("train_loss") is not None:
-                    post["loss"] = f"{s['train_loss']:.4f}"
-                if s.get("val_accuracy") is not None:
-                    post["val_acc"] = f"{s['val_accuracy']:.4f}"
-                if s.get("eta_s") is not None:
-                    post["eta"] = f"{s['eta_s']:.0f}s"
-                bar.set_postfix(post, refresh=False)
-                bar.refresh()
-                note = s.get("slowest_worker")
-                if note is not None and note != last_note:
-                    bar.write(
-                        f"[lepton_ray] worker {note} is lagging (compute + input wait > {LAG_FACTOR}x the median)"
-                    )
-                last_note = note
+                except Exception:  # noqa: BLE001 - progress is best effort
+                    s = {}
+                notes = s.get("notes", [])
+                for note in notes[printed:]:
+                    view.note(note)
+                printed = len(notes)
+                if "step" in s:
+                    lag = s.get("slowest_worker")
+                    if lag is not None and lag not in lagged:
+                        lagged.add(lag)
+                        view.note(
+                            f"worker {lag} is lagging (compute + input wait > {LAG_FACTOR}x the median)"
+                        )
+                    view.show(s, final)
+                if final:
+                    return
         finally:
-            bar.close()
+            view.close()
+
+
+def _watched() -> bool:
+    """True in a notebook kernel or when stderr is a terminal: a live bar is read, not logged."""
+    return _in_notebook() or sys.stderr.isatty()
+
+
+def _in_notebook() -> bool:
+    shell = sys.modules.get("IPython")
+    ip = shell.get_ipython() if shell is not None and hasattr(shell, "get_ipython") else None
+    return type(ip).__name__ == "ZMQInteractiveShell"
+
+
+class _Bar:
+    """One tqdm bar (a widget in a notebook with ipywidgets, else text); notes written above it."""
+
+    def __init__(self, total: int) -> None:
+        import importlib.util
+
+        if _in_notebook() and importlib.util.find_spec("ipywidgets") is not None:
+            from tqdm.notebook import tqdm
+        else:  # tqdm.auto would warn that ipywidgets is missing; Jupyter draws the text bar fine
+            from tqdm import tqdm
+
+        self.bar = tqdm(total=total, unit="step", desc="training", dynamic_ncols=True)
+
+    def show(self, s: dict[str, Any], final: bool) -> None:
+        self.bar.n = min(int(s["step"]), self.bar.total)
+        post = {"epoch": s.get("epoch"), "workers": s.get("world_size")}
+        if s.get("samples_per_second"):
+            post["samples/s"] = f"{s['samples_per_second']:.0f}"
+        if s.get("train_loss") is not None:
+            post["loss"] = f"{s['train_loss']:.4f}"
+        if s.get("eta_s") is not None:
+            post["eta"] = f"{s['eta_s']:.0f}s"
+        self.bar.set_postfix(post, refresh=False)
+        self.bar.refresh()
+
+    def note(self, text: str) -> None:
+        self.bar.write(f"[train] {text}", file=sys.stderr)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class _Lines:
+    """Plain lines on stderr: one every ``every_s`` seconds and a last one; notes as they come."""
+
+    def __init__(self, every_s: float) -> None:
+        self.every_s, self.last_at, self.last_line = every_s, time.monotonic(), ""
+        self.loss: float | None = None  # known at an epoch's end: shown until the next one
+
+    def show(self, s: dict[str, Any], final: bool) -> None:
+        if s.get("train_loss") is not None:
+            self.loss = s["train_loss"]
+        line = status_line(s, self.loss)
+        due = time.monotonic() - self.last_at >= self.every_s
+        if (due or final) and line != self.last_line:
+            print(line, file=sys.stderr, flush=True)
+            self.last_at, self.last_line = time.monotonic(), line
+
+    def note(self, text: str) -> None:
+        print(f"[train] {text}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        pass
