@@ -19,6 +19,8 @@ import json
 import sys
 from typing import Any
 
+from lepton_ray.console import VERBOSE_ENV, VERBOSE_HELP, entry_point, verbose
+
 
 def _workers(text: str) -> int | tuple[int, int] | str:
     if text == "auto":
@@ -57,6 +59,8 @@ def cmd_data_prepare(a: argparse.Namespace) -> Any:
         encoding=a.encoding,
         rows_per_shard=a.rows_per_shard,
     )
+    for split, i in infos.items():
+        _warn_skipped(split, i.manifest)
     return {
         split: {
             "uri": i.uri,
@@ -67,6 +71,15 @@ def cmd_data_prepare(a: argparse.Namespace) -> Any:
         }
         for split, i in infos.items()
     }
+
+
+def _warn_skipped(split: str, manifest: dict[str, Any]) -> None:
+    """One line on stderr when preparing left rows out (``--skip-bad``)."""
+    from lepton_ray.console import skipped_rows_note
+
+    note = skipped_rows_note(split, manifest)
+    if note:
+        print(f"lepton-ray: warning: {note}", file=sys.stderr)
 
 
 def cmd_data_inspect(a: argparse.Namespace) -> Any:
@@ -264,6 +277,8 @@ def cmd_submit(a: argparse.Namespace) -> Any:
         )
     env = dict(a.runtime_env_json or {})
     pairs = dict(kv.split("=", 1) for kv in a.env)
+    if verbose():  # the job's own output, as this command's
+        pairs = {VERBOSE_ENV: "1", **pairs}
     if pairs:
         env["env_vars"] = {**env.get("env_vars", {}), **pairs}
     outcome = submit(
@@ -595,6 +610,13 @@ def build_parser() -> argparse.ArgumentParser:
         "args", nargs=argparse.REMAINDER, help="arguments for the benchmark, e.g. --epochs 2"
     )
     bn.set_defaults(fn=cmd_bench)
+    for parser in (p, prep, insp, tr, sv, pr, sb, bn):  # before or after the command's name
+        parser.add_argument(
+            "--verbose",
+            action="store_true",
+            default=False if parser is p else argparse.SUPPRESS,
+            help=VERBOSE_HELP,
+        )
     return p
 
 
@@ -607,6 +629,8 @@ def _key_value(text: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from lepton_ray.errors import LeptonError, one_line
+
+    entry_point(args.verbose)
 
     try:
         out = args.fn(args)

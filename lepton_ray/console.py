@@ -90,11 +90,27 @@ def logs_dir() -> str | None:
     return node.get_logs_dir_path() if node is not None else None
 
 
-def one_line_warnings() -> None:
-    """An entry point's warnings as one line each (``warning: <message>``), not Python's two
-    (file:line, then the source line); left as Python prints them with ``--verbose``."""
+VERBOSE_HELP = (
+    "print Ray's own output here too (its workers', Ray Data's, Serve's), as LEPTON_VERBOSE=1 does"
+)
+
+
+def entry_point(verbose_flag: bool) -> None:
+    """What a command or pipeline does first: ``--verbose`` applied (before Ray starts), and its
+    warnings printed as one line each (``warning: <message>``), not Python's two (file:line, then
+    the source line); both left as they are with ``--verbose``."""
+    set_verbose(verbose_flag)
     if not verbose():
         warnings.formatwarning = _one_line
+
+
+def skipped_rows_note(split: str, manifest: dict[str, Any]) -> str | None:
+    """One line when preparing a split left bad rows out (``skip_bad``), naming the first."""
+    n = int(manifest.get("skipped_rows", 0))
+    if not n:
+        return None
+    first = (manifest.get("skipped_examples") or ["?"])[0]
+    return f"{split}: {n} unreadable or mismatched rows left out (the first: {first})"
 
 
 _announced: dict[str, str | None] = {"folder": None}

@@ -90,3 +90,39 @@ def test_train_from_a_pipeline_config_with_overrides_and_flags(ray_session, tmp_
     res = json.loads(out)
     assert res["epochs"] == 1 and res["run"] == f"{store}/runs/mnist-cnn"
     assert "val_accuracy" in json.dumps(res)  # the config's val_split was used
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_verbose_before_or_after_the_command_sets_lepton_verbose(where, monkeypatch, tmp_path):
+    import os
+    import warnings
+
+    from lepton_ray import cli
+
+    monkeypatch.delenv("LEPTON_VERBOSE", raising=False)
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # main sets its own
+    argv = ["predict", "http://127.0.0.1:9", str(tmp_path / "missing.png")]
+    assert cli.main(argv) == 2  # fails before any request: the file is missing
+    assert "LEPTON_VERBOSE" not in os.environ  # quiet by default
+    argv = ["--verbose", *argv] if where == "before" else [*argv[:1], "--verbose", *argv[1:]]
+    assert cli.main(argv) == 2
+    assert os.environ["LEPTON_VERBOSE"] == "1"  # inherited by a local Ray instance's workers
+
+
+def test_prepare_names_the_rows_it_skipped_in_one_line(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from lepton_ray import cli
+
+    for cls, value in (("cat", 10), ("dog", 200)):
+        (tmp_path / "src" / "train" / cls).mkdir(parents=True)
+        for i in range(2):
+            img = Image.fromarray(np.full((8, 8), value + i, np.uint8))
+            img.save(tmp_path / "src" / "train" / cls / f"{i}.png")
+    (tmp_path / "src" / "train" / "dog" / "broken.png").write_bytes(b"\x89PNG not really")
+    src, out = f"imagefolder:{tmp_path / 'src'}", str(tmp_path / "out")
+    assert cli.main(["data", "prepare", src, out, "--skip-bad"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("lepton-ray: warning: train: 1 unreadable"), err
+    assert "broken.png" in err[0]
