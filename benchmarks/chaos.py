@@ -10,7 +10,8 @@
 3. S3 errors and throttling: a seeded share of requests answered 500 InternalError / 503
    SlowDown by the proxy; storage operations and a prepare + training run through it.
 4. A Serve replica SIGKILLed under load (the deployment and load of tests/test_serve_ops.py):
-   failed requests out of total, against the bound the test asserts.
+   failed requests out of total, against the bound the test asserts, and how the failures were
+   answered (the endpoint's JSON 503, plain text from a proxy, no answer), per HTTP ingress.
 5. The bad-request fuzz of tests/test_serve_http.py (the same hypothesis generator): kinds of bad
    request sent, 5xx answers.
 
@@ -18,6 +19,11 @@ Meant for a CPU machine (measured on 2 shared cores); the tests in tests/test_ch
 same functions, smaller, and assert the invariants.
 
     python -m benchmarks.chaos [--runs 2] [--kills 2] [--outages 4] [--replica-kills 1] [--fuzz 200]
+    python -m benchmarks.chaos --replicas-only [--replica-kills 3] [--ingress both]
+
+``--replicas-only`` measures case 4 alone, behind each ingress (HAProxy, the default where its
+binary is present, and Serve's own proxy, ``LEPTON_SERVE_HAPROXY=0``), each on a Ray instance of
+its own in a subprocess (the ingress is chosen when Ray starts); its result is ``chaos_replicas``.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ import os
 import random
 import re
 import signal
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -41,6 +49,8 @@ from benchmarks import harness
 from benchmarks.harness import Goal, table
 
 KEY = "chaos"
+REPLICAS_KEY = "chaos_replicas"
+INGRESSES = {"haproxy": "HAProxy", "serve": "Serve's proxy"}
 ROWS, BATCH = 1200, 60  # the digits subset: 20 steps an epoch, no partial batch
 
 
@@ -441,6 +451,7 @@ def replica_kills(port: int, tmp: Path, kills: int) -> list[dict[str, Any]]:
     from ray import serve
 
     from lepton_ray import deploy
+    from lepton_ray.serve.ingress import uses_haproxy
     from tests.test_serve_http import make_checkpoint
     from tests.test_serve_ops import (
         APP,
@@ -468,13 +479,18 @@ def replica_kills(port: int, tmp: Path, kills: int) -> list[dict[str, Any]]:
                     "a replacement", lambda h=handle, pid=pid: replica_pid(h) not in (None, pid)
                 )
                 wait_for("answers after", lambda load=load, at=at: len(load.results) >= at + 20)
+            failed = load.failures
             out.append(
                 {
+                    "ingress": "haproxy" if uses_haproxy() else "serve",
                     "layout": "one hop" if one_hop else "two hops",
                     "requests": len(load.results),
-                    "failed": len(load.failures),
+                    "failed": len(failed),
+                    "json_503": sum(m.startswith("json") for _, m in failed),
+                    "text": sum(m.startswith("text") for _, m in failed),
+                    "no_answer": sum(s == 0 and not m.startswith("text") for s, m in failed),
                     "bound": threads,  # tests/test_serve_ops.py: at most each client's request
-                    "failures": sorted({f"{s} {m[:60]}" for s, m in load.failures})[:3],
+                    "failures": sorted({f"{s} {m[:60]}" for s, m in failed})[:3],
                 }
             )
     serve.delete(APP)
@@ -508,20 +524,10 @@ def fuzz(port: int, tmp: Path, examples: int) -> dict[str, Any]:
     from ray import serve
 
     from lepton_ray import deploy
-    from tests.test_serve_http import LIMIT, TOKEN, bodies, content_types, make_checkpoint
+    from tests.test_serve_http import ENDPOINT, TOKEN, bodies, content_types, make_checkpoint
 
     ckpt = make_checkpoint(tmp / "fuzz-ckpt")
-    url = deploy(
-        ckpt,
-        port=port,
-        name="http",
-        route_prefix="/http",
-        auth_token=TOKEN,
-        max_request_bytes=LIMIT,
-        max_images_per_request=4,
-        max_replicas=1,
-        num_cpus=0.25,
-    )
+    url = deploy(ckpt, port=port, **ENDPOINT)
     seen: list[tuple[str, int]] = []
     good = {"instances": np.zeros((1, 28, 28)).tolist()}
     with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60) as c:
@@ -542,7 +548,7 @@ def fuzz(port: int, tmp: Path, examples: int) -> dict[str, Any]:
 
         probe()
         still_good = c.post("/v1/predict", json=good).status_code == 200
-    serve.delete("http")
+    serve.delete(ENDPOINT["name"])
     statuses = Counter(s for _, s in seen)
     return {
         "requests": len(seen),
@@ -568,6 +574,8 @@ def _env() -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    if args.replicas_only:
+        return run_replicas(args)
     _env()
     import boto3
     import ray
@@ -623,8 +631,51 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return r
 
 
+def run_replicas(args: argparse.Namespace) -> dict[str, Any]:
+    """Case 4 alone, behind each ingress asked for; ``--ingress X`` measures X in this process."""
+    r = harness.record(KEY, replica_kill_client_threads=4)
+    if args.ingress != "both":
+        _env()
+        import ray
+        from ray import serve
+
+        from lepton_ray.runtime import ensure_ray
+        from tests.conftest import free_port
+
+        tmp = Path(tempfile.mkdtemp(prefix="lepton-chaos-"))
+        try:
+            ensure_ray(address="local", haproxy=args.ingress == "haproxy")
+            r["replica_kills"] = replica_kills(free_port(), tmp, args.replica_kills)
+        finally:
+            try:
+                serve.shutdown()
+            finally:
+                ray.shutdown()
+        return r
+    r["replica_kills"] = []
+    for ingress in INGRESSES:
+        out = Path(tempfile.mkdtemp(prefix="lepton-chaos-"))
+        cmd = [sys.executable, "-m", "benchmarks.chaos", "--replicas-only", "--ingress", ingress]
+        cmd += ["--replica-kills", str(args.replica_kills), "--out", str(out)]
+        subprocess.run(cmd, check=True, env={**os.environ, "LEPTON_SERVE_HAPROXY": ""})
+        r["replica_kills"] += harness.load_result(out / f"{REPLICAS_KEY}.json")["replica_kills"]
+    return r
+
+
+def replica_metrics(reps: list[dict[str, Any]]) -> dict[str, Any]:
+    # Rows measured before the ingress was recorded ran behind Serve's proxy, then the default.
+    default = [x for x in reps if x.get("ingress", "serve") == "haproxy"]
+    return {
+        "over_bound": sum(x["failed"] > x["bound"] for x in reps),
+        "default_measured": bool(default),
+        "default_text": sum(x["text"] for x in default),
+    }
+
+
 def metrics(r: dict[str, Any]) -> dict[str, Any]:
     """The numbers the goals are judged on, computed from a result."""
+    if "worker_kills" not in r:
+        return {"replicas": replica_metrics(r["replica_kills"])}
     kills, outages, f = r["worker_kills"], r["outages"], r["s3_faults"]
     reps, fz = r["replica_kills"], r["fuzz"]
     return {
@@ -646,7 +697,7 @@ def metrics(r: dict[str, Any]) -> dict[str, Any]:
             "failed_within_budget": f["within_budget"]["operations_failed"],
             "train_finished": f["train_within_budget"]["finished"],
         },
-        "replicas": {"over_bound": sum(x["failed"] > x["bound"] for x in reps)},
+        "replicas": replica_metrics(reps),
         "fuzz": {"answers_5xx": fz["answers_5xx"], "good_after": fz["good_request_answered_after"]},
     }
 
@@ -673,13 +724,72 @@ GOALS = [
     Goal("no replica kill fails more requests than the bound", "replicas.over_bound", "==", 0),
     Goal("no fuzzed request gets a 5xx", "fuzz.answers_5xx", "==", 0),
 ]
+REPLICA_GOALS = [
+    Goal("no replica kill fails more requests than the bound", "replicas.over_bound", "==", 0),
+    Goal(
+        "no plain-text answer behind the default ingress (HAProxy)",
+        "replicas.default_text",
+        "==",
+        0,
+    ),
+]
 
 
 def _mean(xs: list[float]) -> float | None:
     return round(sum(xs) / len(xs), 1) if xs else None
 
 
+def replica_table(reps: list[dict[str, Any]]) -> str:
+    return table(
+        ["ingress", "layout", "requests", "failed", "JSON 503", "plain text", "no answer", "bound"],
+        [
+            [
+                INGRESSES[x.get("ingress", "serve")],
+                x["layout"],
+                x["requests"],
+                x["failed"],
+                x.get("json_503", "–"),
+                x.get("text", "–"),
+                x.get("no_answer", "–"),
+                x["bound"],
+            ]
+            for x in reps
+        ],
+    )
+
+
+REPLICA_CAPTION = (
+    "**A Serve replica SIGKILLed under load** (tests/test_serve_ops.py's deployment and load: 4 "
+    "client threads; a failed request is the endpoint's JSON 503 with Retry-After, plain text "
+    "from a proxy, or a connection closed without an answer)"
+)
+
+
+def render_replicas(r: dict[str, Any], key: str) -> str:
+    return "\n".join(
+        [
+            "## Reliability: a replica killed behind each HTTP ingress",
+            "",
+            f"{harness.provenance(r, key)} One replica of the application SIGKILLed per row, "
+            "each ingress on a Ray instance of its own.",
+            "",
+            REPLICA_CAPTION,
+            "",
+            replica_table(r["replica_kills"]),
+            "",
+            harness.goal_lines(
+                [g for g in REPLICA_GOALS if metrics(r)["replicas"]["default_measured"]]
+                or REPLICA_GOALS[:1],
+                metrics(r),
+            ),
+            "",
+        ]
+    )
+
+
 def render(r: dict[str, Any], key: str) -> str:
+    if "worker_kills" not in r:
+        return render_replicas(r, key)
     m = metrics(r)
     kills, outages, f = r["worker_kills"], r["outages"], r["s3_faults"]
     recov = [s for k in kills for s in k["recovery_s"]]
@@ -740,7 +850,6 @@ def render(r: dict[str, Any], key: str) -> str:
             "run finished" if f["train_within_budget"]["finished"] else "run failed",
         ],
     ]
-    rep_rows = [[x["layout"], x["requests"], x["failed"], x["bound"]] for x in r["replica_kills"]]
     fz = r["fuzz"]
     return "\n".join(
         [
@@ -780,10 +889,9 @@ def render(r: dict[str, Any], key: str) -> str:
             "",
             table(["workload", "requests", "injected 500s", "injected 503s", "failed"], fault_rows),
             "",
-            "**A Serve replica SIGKILLed under load** (tests/test_serve_ops.py's deployment and "
-            "load: 4 client threads)",
+            REPLICA_CAPTION,
             "",
-            table(["layout", "requests", "failed", "bound"], rep_rows),
+            replica_table(r["replica_kills"]),
             "",
             f"**Bad-request fuzz** (tests/test_serve_http.py's generator): {fz['requests']:,} "
             f"requests of {fz['kinds_sent']} kinds ({fz['kinds']} refused), answers "
@@ -802,10 +910,23 @@ def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--outages", type=int, default=4, help="runs with an S3 outage")
     ap.add_argument("--replica-kills", type=int, default=1, help="replica kills per layout")
     ap.add_argument("--fuzz", type=int, default=200, help="fuzzed requests")
+    ap.add_argument(
+        "--replicas-only",
+        action="store_true",
+        help=f"measure only the replica kills, behind --ingress (result: {REPLICAS_KEY})",
+    )
+    ap.add_argument(
+        "--ingress",
+        choices=[*INGRESSES, "both"],
+        default="both",
+        help="with --replicas-only: which HTTP ingress (haproxy: the default; serve: the opt-out)",
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
-    harness.main_for(__doc__, KEY, add_args, run, render, argv)
+    argv = sys.argv[1:] if argv is None else argv
+    key = REPLICAS_KEY if "--replicas-only" in argv else KEY
+    harness.main_for(__doc__, key, add_args, run, render, argv)
 
 
 if __name__ == "__main__":

@@ -15,14 +15,23 @@ _LOCAL_TRAIN_ENV = {
 }
 
 
-def ensure_ray(address: str | None = None, *, min_cpus: int = 4, **kwargs: Any) -> None:
+def ensure_ray(
+    address: str | None = None,
+    *,
+    min_cpus: int = 4,
+    haproxy: bool | None = None,
+    **kwargs: Any,
+) -> None:
     """Initialise Ray once.
 
     Inside ``ray job submit`` (or with ``RAY_ADDRESS`` set) this attaches to that cluster. Started
     locally, it reserves at least ``min_cpus`` logical CPUs so that training workers and the Ray
     Data preprocessing tasks that feed them can run side by side on a small machine, and every
     one of its processes listens on 127.0.0.1 only (GCS, raylet, object manager, workers,
-    dashboard, metrics): nothing on the network can reach it.
+    dashboard, metrics): nothing on the network can reach it. Its Serve HTTP ingress is HAProxy
+    where a binary is present, unless ``haproxy=False`` or ``$LEPTON_SERVE_HAPROXY=0`` says
+    Serve's own proxy (:func:`lepton_ray.serve.ingress.choose_ingress`); a cluster started by
+    ``ray start`` keeps what its own environment says.
     """
     import ray
     from ray.data import DataContext
@@ -53,6 +62,9 @@ def ensure_ray(address: str | None = None, *, min_cpus: int = 4, **kwargs: Any) 
     # late a finished fit returns) are made for clusters.
     for var, value in _LOCAL_TRAIN_ENV.items():
         os.environ.setdefault(var, value)
+    from lepton_ray.serve.ingress import choose_ingress
+
+    choose_ingress(haproxy)
     kwargs.setdefault("_node_ip_address", LOOPBACK)
     kwargs.setdefault("dashboard_host", LOOPBACK)
     with _loopback_node():

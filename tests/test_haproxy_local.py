@@ -46,6 +46,7 @@ def test_every_listener_moves_to_the_serving_host_and_the_socket_is_private(tmp_
     config = localize(ray_config(tmp_path, "127.0.0.1"), "/x/503.http")
     assert sorted(binds(config)) == ["127.0.0.1:8000", "127.0.0.1:8404", "127.0.0.1:9101"]
     assert "mode 600 level admin" in config and "mode 666" not in config
+    assert re.findall(r"tune.bufsize (\d+)", config) == ["32768"]  # Ray wrote 16384
     assert re.findall(r"errorfile (\d+) (\S+)", config) == [
         ("502", "/x/503.http"),
         ("503", "/x/503.http"),
@@ -66,10 +67,12 @@ def test_an_unknown_wildcard_listener_is_refused(tmp_path, extra):
 
 
 def test_the_error_answer_is_the_endpoints_json_503():
+    import json
+
     head, _, body = UNAVAILABLE.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 503 ") and b"Retry-After: 1" in head
     assert b"Content-Type: application/json" in head
-    assert f"Content-Length: {len(body)}".encode() in head and b'"error"' in body
+    assert f"Content-Length: {len(body)}".encode() in head and list(json.loads(body)) == ["error"]
 
 
 def test_the_wrapper_runs_the_real_binary_on_the_localized_copy(tmp_path):

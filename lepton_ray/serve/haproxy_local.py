@@ -10,9 +10,13 @@ listeners bound to the host of Serve's own HTTP frontend and the socket mode 600
 itself (``exec``, same pid) with the real HAProxy on the copy. Ray's reloads (``-sf``), health
 checks and admin-socket commands see the process they started.
 
-The copy also answers HAProxy's own errors (no replica left, a replica that died mid-request: 502,
-503 and 504, which Ray's template turns into a plain-text 500) as the endpoint answers its errors:
-a 503 ``{"error": ...}`` with ``Retry-After``.
+The copy also answers HAProxy's own errors as the endpoint answers its errors, in JSON: no replica
+left or a replica that died mid-request (502, 503 and 504, which Ray's template turns into a
+plain-text 500) get a 503 ``{"error": ...}`` with ``Retry-After``. HAProxy's buffer is raised to
+:data:`MIN_BUFSIZE`, so that headers past the endpoint's own 16 KiB limit reach the endpoint, which
+answers them 431 in JSON. A request HAProxy itself cannot parse (malformed, or headers past its
+buffer) still gets its built-in HTML 400: HAProxy 2.8 sends that before any ``errorfile`` or
+``http-error`` applies (tried both).
 
 When Serve listens on every interface (``host="0.0.0.0"``) the side listeners are left as Ray
 wrote them. A configuration with a wildcard listener this file does not know is refused (exit 1,
@@ -34,6 +38,12 @@ _SIDE_LISTENERS = re.compile(
 _WILDCARD_BIND = re.compile(r"^[ \t]+bind (?:\*|0\.0\.0\.0|::|\[::\])?:\d+", re.MULTILINE)
 _SOCKET_MODE = re.compile(r"^([ \t]*stats socket \S+ mode )666\b", re.MULTILINE)
 _ERROR_FILES = re.compile(r"^([ \t]*errorfile 50[234] )\S+[ \t]*$", re.MULTILINE)
+_BUFSIZE = re.compile(r"^([ \t]*tune\.bufsize )(\d+)[ \t]*$", re.MULTILINE)
+MIN_BUFSIZE = 32768
+"""HAProxy's buffer (Ray writes 16384, of which 1024 are kept for rewrites): room for the
+endpoint's 16 KiB header limit, so that the endpoint answers oversized headers itself (431)."""
+
+
 _BODY = b'{"error": "no model replica could answer (one stopped or is starting): retry shortly"}'
 UNAVAILABLE = (
     b"HTTP/1.1 503 Service Unavailable\r\n"
@@ -52,14 +62,15 @@ class UnsafeConfig(ValueError):
 
 def localize(config: str, error_file: str | None = None) -> str:
     """``config`` with the Prometheus and stats listeners on the HTTP frontend's host, the admin
-    socket mode 600 and, given ``error_file`` (holding :data:`UNAVAILABLE`), HAProxy's 502, 503
-    and 504 answered from it.
+    socket mode 600, a buffer of at least :data:`MIN_BUFSIZE` and, given ``error_file`` (holding
+    :data:`UNAVAILABLE`), HAProxy's 502, 503 and 504 answered from it.
 
     >>> cfg = "frontend prometheus\\n    bind :9101\\nfrontend http_frontend\\n    bind 127.0.0.1:8000"
     >>> localize(cfg).splitlines()[1]
     '    bind 127.0.0.1:9101'
     """
     config = _SOCKET_MODE.sub(r"\g<1>600", config)
+    config = _BUFSIZE.sub(lambda m: f"{m.group(1)}{max(int(m.group(2)), MIN_BUFSIZE)}", config)
     if error_file is not None:
         config = _ERROR_FILES.sub(lambda m: m.group(1) + error_file, config)
     frontend = _FRONTEND.search(config)
