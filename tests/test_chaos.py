@@ -7,6 +7,8 @@ with more iterations and reports them as figures; these tests assert the invaria
   fails as one line (the budget is what lepton_ray.storage configures);
 * an outage while a checkpoint is written never leaves a complete checkpoint (one with a
   manifest) that fails to verify, and the run resumes and finishes;
+* an outage while Ray Train's controller writes its own snapshot is waited out by ``fit``, which
+  resumes the run by itself (no ``resume=True``) and returns it complete;
 * after N worker kills every run finishes, and from the sample log no sample of an epoch is lost
   and none is trained twice beyond the steps the restored weights had not seen.
 
@@ -190,6 +192,44 @@ def test_s3_outage_while_a_checkpoint_is_written_leaves_nothing_unloadable(
     assert r["outages"] == 1 and r["dropped_requests"] == 1, r
     assert r["finished"], r
     assert r["failed_to_verify"] == [] and r["latest_loads"] and r["complete"] >= 1, r
+
+
+@pytest.mark.ray
+def test_s3_outage_while_ray_train_writes_its_snapshot_is_resumed_by_fit_itself(
+    ray_session, s3_server, s3_bucket, digits_1200, capsys
+):
+    """The S3 server goes away for 3 s at the second PUT of Ray Train's
+    checkpoint_manager_snapshot.json (the controller's write after the checkpoint at step 10):
+    the controller fails the run, and fit waits, resumes it and returns it complete."""
+    from benchmarks.chaos import BATCH, ROWS, small_cnn
+    from lepton_ray import Trainer
+
+    snapshots: list[str] = []
+
+    def cut_on(method: str, target: str) -> bool:
+        if method == "PUT" and "/checkpoint_manager_snapshot.json" in target:
+            snapshots.append(target)
+            return len(snapshots) == 2
+        return False
+
+    with S3FaultProxy(s3_server, cut_on=cut_on, outage_s=3.0) as proxy:
+        res = Trainer(2).fit(
+            small_cnn(),
+            digits_1200,
+            batch_size=BATCH,
+            epochs=1,
+            lr=0.05,
+            storage=f"s3://{s3_bucket}/runs",
+            endpoint_url=proxy.url,
+            run_name="snapshot-outage",
+            checkpoint_every_steps=5,
+            progress_bar=False,
+        )
+    retries = [line for line in capsys.readouterr().out.splitlines() if "resuming run" in line]
+    with capsys.disabled():
+        print("\n".join(retries))  # recorded in the log
+    assert proxy.counts["outages"] == 1 and retries, (dict(proxy.counts), retries)
+    assert res["history"][-1]["step"] == ROWS // BATCH and res["checkpoint"], res
 
 
 @pytest.mark.ray
