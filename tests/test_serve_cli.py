@@ -45,6 +45,34 @@ def test_detach_without_a_cluster_is_refused_in_one_line(tmp_path):
     ), r.stderr
 
 
+@pytest.mark.parametrize(
+    ("flags", "choice"), [([], None), (["--haproxy"], True), (["--no-haproxy"], False)]
+)
+def test_the_ingress_flag_has_both_spellings(flags, choice):
+    from lepton_ray.cli import build_parser
+
+    assert build_parser().parse_args(["serve", "ckpt", *flags]).haproxy is choice
+
+
+def test_an_ingress_choice_that_cannot_be_read_exits_2_in_one_line_before_ray_starts(tmp_path):
+    from tests.test_serve_http import make_checkpoint
+
+    env = {**os.environ, "LEPTON_SERVE_HAPROXY": "yes"}
+    env.pop("RAY_ADDRESS", None)
+    r = subprocess.run(
+        [str(BIN / "lepton-ray"), "serve", make_checkpoint(tmp_path / "ckpt")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=REPO,
+    )
+    assert r.returncode == 2 and r.stdout == "", (r.stdout, r.stderr)
+    assert r.stderr.splitlines() == [
+        "lepton-ray: error: LEPTON_SERVE_HAPROXY must be 1 (HAProxy) or 0 (Serve's proxy), got 'yes'"
+    ], r.stderr
+
+
 class _Reader(threading.Thread):
     """Collects a pipe's lines as they come."""
 
