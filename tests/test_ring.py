@@ -17,11 +17,12 @@ import torch
 from lepton_ray.config import DataConfig
 from lepton_ray.errors import ConfigError, TrainingError
 from lepton_ray.train.feed import Batches
-from lepton_ray.train.ring import BlockReader, Ring, host_block, ring_generator, serve
+from lepton_ray.train.ring import BlockReader, Ring, RowLayout, ring_generator, serve
 from lepton_ray.train.sampling import sequential_plan
 
 CPU = torch.device("cpu")
-SHAPE = (1, 2, 2)
+SHAPE = (1, 2, 3)  # 6 pixel bytes, padded to 8 before label and id
+LAYOUT = RowLayout(SHAPE)
 
 
 def shards_of(rows: int, per_shard: int) -> list[np.ndarray]:
@@ -60,15 +61,15 @@ def run_worker(
         shards, seed=seed, epoch=epoch, global_batch=batch, world=world, rank=rank, exclude=exclude
     )
     ring = Ring(capacity, SHAPE, CPU)
-    blocks = (host_block(b, pin=False) for b in blocks_of(p.ids, split_seed))
+    blocks = (LAYOUT.pack(b) for b in blocks_of(p.ids, split_seed))
     served = Batches(
         p.steps, serve(ring, blocks, p.steps, p.per_step, ring_generator(seed, epoch, rank, CPU))
     )
     out = []
     for b in served:
-        assert (b["image"][:, 0, 0, 0] == (b["id"] % 251)).all() and (
-            b["label"] == b["id"] % 10
-        ).all()
+        assert b["image"].shape == (p.per_step, *SHAPE)
+        assert (b["image"] == (b["id"] % 251).view(-1, 1, 1, 1)).all()  # every pixel of its row
+        assert (b["label"] == b["id"] % 10).all()
         out.append(b["id"].numpy())
         if steps is not None and len(out) == steps:
             break
@@ -155,8 +156,8 @@ def test_resume_mid_epoch_on_another_worker_count_loses_and_repeats_nothing():
 def test_ring_memory_is_bounded_by_its_capacity():
     capacity, most = 700, 300
     ring = Ring(capacity, SHAPE, CPU)
-    allocated = {k: (t.data_ptr(), t.shape) for k, t in ring.rows.items()}
-    assert ring.nbytes == capacity * (4 + 8 + 8)
+    allocated = (ring.rows.data_ptr(), ring.rows.shape)
+    assert ring.nbytes == capacity * (8 + 8 + 8)
     peak, put = [0], ring.put
 
     def watched_put(block, start=0):
@@ -166,24 +167,23 @@ def test_ring_memory_is_bounded_by_its_capacity():
 
     ring.put = watched_put
     p = sequential_plan(shards_of(5_000, 500), seed=0, epoch=0, global_batch=100, world=1, rank=0)
-    reader = BlockReader(blocks_of(p.ids, most=most), max_rows=capacity)
+    reader = BlockReader(blocks_of(p.ids, most=most), LAYOUT, max_rows=capacity)
     batches = list(serve(ring, reader, p.steps, p.per_step, ring_generator(0, 0, 0, CPU)))
     assert len(batches) == 50 and peak[0] == capacity and ring.n == 0
-    assert {k: (t.data_ptr(), t.shape) for k, t in ring.rows.items()} == allocated  # never grew
+    assert (ring.rows.data_ptr(), ring.rows.shape) == allocated  # never grew
     assert reader.peak_rows < capacity + most  # the host queue: capacity plus one block
 
 
-def test_a_ring_smaller_than_a_batch_fails_with_the_step_it_stopped_at():
+def test_input_that_runs_short_fails_with_the_step_it_stopped_at():
     p = sequential_plan(shards_of(1_000, 100), seed=0, epoch=0, global_batch=100, world=1, rank=0)
-    blocks = (host_block(b, pin=False) for b in blocks_of(p.ids))
-    batches = Batches(
-        p.steps,
-        serve(Ring(50, SHAPE, CPU), blocks, p.steps, p.per_step, ring_generator(0, 0, 0, CPU)),
-    )
-    with pytest.raises(TrainingError, match="ran out after 0 of 10 steps"):
+    short = [LAYOUT.pack(b) for b in blocks_of(p.ids[:-150])]  # 850 of the 1,000 rows arrive
+    gen = ring_generator(0, 0, 0, CPU)
+    batches = Batches(p.steps, serve(Ring(300, SHAPE, CPU), short, p.steps, p.per_step, gen))
+    # step 7 should find the ring full (300 of the 400 rows left), but only 250 arrived
+    with pytest.raises(TrainingError, match="ran out after 6 of 10 steps"):
         list(batches)
-    with pytest.raises(ValueError, match="cannot draw 5 rows from a ring holding 0"):
-        Ring(10, SHAPE, CPU).draw(5, ring_generator(0, 0, 0, CPU))
+    with pytest.raises(ValueError, match="a ring of 50 rows cannot serve batches of 100"):
+        list(serve(Ring(50, SHAPE, CPU), short, p.steps, p.per_step, gen))
 
 
 def test_block_reader_stops_when_closed_and_closes_its_source():
@@ -202,9 +202,9 @@ def test_block_reader_stops_when_closed_and_closes_its_source():
         finally:
             closed.set()
 
-    reader = BlockReader(endless(), max_rows=50)
+    reader = BlockReader(endless(), LAYOUT, max_rows=50)
     first = next(iter(reader))
-    assert first["id"].tolist() == list(range(10))
+    assert LAYOUT.unpack(first)["id"].tolist() == list(range(10))
     deadline = time.monotonic() + 5
     while reader.queued_rows < 50 and time.monotonic() < deadline:  # it fills up to its bound
         time.sleep(0.01)
@@ -219,7 +219,7 @@ def test_block_reader_hands_a_read_error_to_the_consumer():
         raise OSError("shard 3 is gone")
 
     with pytest.raises(OSError, match="shard 3 is gone"):
-        list(BlockReader(failing(), max_rows=10))
+        list(BlockReader(failing(), LAYOUT, max_rows=10))
 
 
 def test_feed_setting_resolves_as_documented():

@@ -23,11 +23,12 @@ def planned_steps(info, world: int, rank: int, capacity: int) -> list[list[int]]
     p = sequential_plan(
         read_shard_ids(info), seed=0, epoch=0, global_batch=60, world=world, rank=rank
     )
-    ids = torch.from_numpy(p.ids)
-    block = {"image": torch.zeros(len(ids), 1, 1, 1, dtype=torch.uint8), "label": ids, "id": ids}
+    block = {"image": np.zeros((len(p.ids), 1, 1, 1), np.uint8), "label": p.ids, "id": p.ids}
     gen = ring_generator(0, 0, rank, torch.device("cpu"))
     ring = Ring(capacity, (1, 1, 1), torch.device("cpu"))
-    return [b["id"].tolist() for b in serve(ring, [block], p.steps, p.per_step, gen)]
+    return [
+        b["id"].tolist() for b in serve(ring, [ring.layout.pack(block)], p.steps, p.per_step, gen)
+    ]
 
 
 def test_ring_fit_trains_the_planned_batches_and_resumes_on_another_worker_count(

@@ -262,7 +262,8 @@ class RingFeed:
             batch_size=self.preprocess_batch,
         )
         blocks = ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2)
-        return BlockReader(blocks, self.queue_rows, pin=self.ring.device.type == "cuda")
+        pin = self.ring.device.type == "cuda"
+        return BlockReader(blocks, self.ring.layout, self.queue_rows, pin=pin)
 
     def _then_read_ahead(self, reader: Any, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
         yield from reader

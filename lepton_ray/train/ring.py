@@ -2,21 +2,23 @@
 
 For training sets larger than the device (``DataConfig.feed = "ring"``). Ray Data reads a worker's
 piece of the epoch plan (``sampling.sequential_plan``: shards in an order shuffled per epoch) and
-hands over whole decoded blocks; a background thread (:class:`BlockReader`) keeps a queue of them
-in host memory, pinned on CUDA, bounded in rows. Each block is copied once into preallocated device
-tensors of ``capacity`` rows (uint8 image NCHW, label, id); on CUDA the copy is ``non_blocking`` on a
-side stream, and the step's draw waits for it on the device, not on the host. Each step then draws
-its ``b_r`` rows uniformly at random **without replacement** from the resident rows, frees their
-slots and the ring takes in the next rows. At the end of the input the ring drains.
+hands over whole decoded blocks; a background thread (:class:`BlockReader`) packs each into rows of
+bytes (image, label, id: :class:`RowLayout`) and keeps a queue of them in host memory, pinned on
+CUDA, bounded in rows. Each block is copied once into one preallocated device tensor of
+``capacity`` rows; on CUDA the copy is ``non_blocking`` on a side stream, and the step's draw waits
+for it on the device, not on the host. Each step then draws its ``b_r`` rows uniformly at random
+**without replacement** from the resident rows (one gather), frees their slots and the ring takes
+in the next rows. At the end of the input the ring drains.
 
 Worked example: 10,000 rows on a worker, ``b_r = 100``, capacity 2,000: the ring fills to 2,000
 rows, each step serves 100 of them at random and takes in the next 100; after 80 steps the input is
 exhausted and the last 20 steps drain the 2,000 still resident. Every row entered once and left once.
 
 Shuffle: a row stays resident a geometric number of steps (chance ``b_r / capacity`` of leaving at
-each), on average ``capacity / b_r`` steps, i.e. it is served about ``capacity`` rows after it was
-read, give or take as much again (``tests/test_ring.py`` checks this). Together with the per-epoch
-shard order of the plan this is Mosaic Streaming's shape (shuffled shards, a 262,144-row window).
+each), on average ``capacity / b_r`` steps, so it is served about ``capacity`` rows after it entered,
+which is about where it was stored: its shift from its stored position has mean 0 and a standard
+deviation of about ``capacity`` (``tests/test_ring.py`` checks this). With the per-epoch shard
+order of the plan this is Mosaic Streaming's shape (shuffled shards, a 262,144-row window).
 
 Memory: ``capacity`` rows on the device, allocated once; at most ``capacity`` rows plus one block in
 the host queue. Deterministic for a given seed, worker count and block order (Ray Data's
@@ -26,8 +28,10 @@ draws come from a generator seeded per (seed, epoch, rank).
 
 Sampling keeps the resident rows at slots ``[0, n)``: a draw picks ``k`` of them, and the rows
 at ``[n - k, n)`` not picked move into the picked slots below ``n - k``, so ``[n - k, capacity)``
-is free for the next rows. All of it is index arithmetic on the device with sizes the host knows,
-so nothing waits for the GPU.
+is free for the next rows (a device-to-device move of at most ``k`` rows). Since the ring is full
+before every draw, how many rows it holds at each step is known in advance, so :func:`draws`
+computes the slots of many steps at once; a step is then two gathers, one scatter and the copy of
+the new rows, and the host never waits for the GPU.
 """
 
 from __future__ import annotations
@@ -35,34 +39,56 @@ from __future__ import annotations
 import threading
 from collections import deque
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
-from lepton_ray.train.step import BATCH_DTYPES
-
 _RING_SALT = 0x121A6
 
 
+class RowLayout:
+    """One row as bytes: the uint8 image (``shape``, C*H*W bytes), padded to 8, then label and id
+    as int64. One tensor of rows is one gather per batch and one copy per block."""
+
+    def __init__(self, shape: tuple[int, ...]):
+        self.shape = tuple(shape)
+        self.pixels = int(np.prod(shape))
+        self.meta = -(-self.pixels // 8) * 8  # where label and id start (aligned for int64)
+        self.width = self.meta + 16
+
+    def pack(self, block: dict[str, Any]) -> torch.Tensor:
+        """Numpy columns (``image`` (m, *shape) uint8, ``label``, ``id``) -> (m, width) uint8."""
+        n = len(block["id"])
+        rows = np.empty((n, self.width), np.uint8)
+        rows[:, : self.pixels] = np.asarray(block["image"], np.uint8).reshape(n, self.pixels)
+        rows[:, self.pixels : self.meta] = 0
+        meta = rows[:, self.meta :].view(np.int64)  # (n, 2)
+        meta[:, 0] = np.asarray(block["label"], np.int64)
+        meta[:, 1] = np.asarray(block["id"], np.int64)
+        return torch.from_numpy(rows)
+
+    def unpack(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        """(k, width) uint8 -> ``image`` (k, *shape) uint8 (a strided view), ``label``, ``id``."""
+        meta = rows[:, self.meta :].view(torch.int64).t().contiguous()  # (2, k)
+        image = rows[:, : self.pixels].view(len(rows), *self.shape)
+        return {"image": image, "label": meta[0], "id": meta[1]}
+
+
 class Ring:
-    """``capacity`` rows of (image uint8 ``shape``, label, id) on ``device``; ``n`` resident."""
+    """``capacity`` rows of :class:`RowLayout` ``shape`` on ``device``; ``n`` of them resident."""
 
     def __init__(self, capacity: int, shape: tuple[int, ...], device: torch.device):
         if capacity < 1:
             raise ValueError(f"a ring needs room for at least one row, got capacity {capacity}")
         self.capacity, self.device, self.n = capacity, device, 0
-        self.rows = {
-            "image": torch.empty((capacity, *shape), dtype=torch.uint8, device=device),
-            "label": torch.empty(capacity, dtype=torch.int64, device=device),
-            "id": torch.empty(capacity, dtype=torch.int64, device=device),
-        }
-        self._taken = torch.zeros(capacity, dtype=torch.bool, device=device)
+        self.layout = RowLayout(shape)
+        self.rows = torch.empty((capacity, self.layout.width), dtype=torch.uint8, device=device)
         self._copies = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.rows.values())
+        return self.rows.numel()
 
     @property
     def space(self) -> int:
@@ -71,45 +97,84 @@ class Ring:
     def clear(self) -> None:
         self.n = 0
 
-    def put(self, block: dict[str, torch.Tensor], start: int = 0) -> int:
-        """Copy rows ``start:`` of ``block`` into the free slots, as many as fit; return how many."""
-        m = min(self.space, len(block["id"]) - start)
+    def put(self, block: torch.Tensor, start: int = 0) -> int:
+        """Copy packed rows ``start:`` of ``block`` into the free slots, as many as fit; return
+        how many."""
+        m = min(self.space, len(block) - start)
         if m <= 0:
             return 0
-        dst = slice(self.n, self.n + m)
+        dst, src = self.rows[self.n : self.n + m], block[start : start + m]
         if self._copies is not None:
             # The slots were freed by draws queued on the compute stream: copy after those.
             self._copies.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self._copies):
-                for name, buf in self.rows.items():
-                    buf[dst].copy_(block[name][start : start + m], non_blocking=True)
+                dst.copy_(src, non_blocking=True)
         else:
-            for name, buf in self.rows.items():
-                buf[dst].copy_(block[name][start : start + m])
+            dst.copy_(src)
         self.n += m
         return m
 
-    def draw(self, k: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        """``k`` resident rows, uniformly at random without replacement; their slots are freed."""
-        n = self.n
-        if not 0 < k <= n:
-            raise ValueError(f"cannot draw {k} rows from a ring holding {n}")
+    def draw(self, step: Draw) -> dict[str, torch.Tensor]:
+        """The rows at ``step.pick``; their slots are freed (see the module docstring)."""
+        k = len(step.pick)
+        if step.n != self.n:
+            raise RuntimeError(f"the draw expects {step.n} resident rows, the ring holds {self.n}")
         if self._copies is not None:  # the rows copied in so far are there before we read them
             torch.cuda.current_stream(self.device).wait_stream(self._copies)
-        pick = torch.randperm(n, generator=generator, device=self.device)[:k]
-        batch = {name: buf[pick] for name, buf in self.rows.items()}
-        # Compact: the picked slots below n - k (ascending, first in `holes`) take the rows at
-        # [n - k, n) that were not picked (first in `movers`); as many of one as of the other.
-        # The pairs after those move freed rows between freed slots, which is harmless.
-        holes = torch.sort(pick).values
-        self._taken[pick] = True
-        tail_taken = self._taken[n - k : n].to(torch.uint8)
-        movers = torch.argsort(tail_taken, stable=True) + (n - k)
-        self._taken[pick] = False
-        for buf in self.rows.values():
-            buf.index_copy_(0, holes, buf.index_select(0, movers))
-        self.n = n - k
+        batch = self.layout.unpack(self.rows.index_select(0, step.pick))
+        self.rows.index_copy_(0, step.holes, self.rows.index_select(0, step.movers))
+        self.n -= k
         return batch
+
+
+class Draw(NamedTuple):
+    """One step's draw from a ring holding ``n`` rows: the ``k`` slots it takes (``pick``), and
+    the compaction: the picked slots in ascending order (``holes``) take the rows at ``movers``,
+    the slots ``[n - k, n)`` not picked first (as many as there are picked slots below ``n - k``;
+    the pairs after those move freed rows between freed slots, which is harmless)."""
+
+    n: int
+    pick: torch.Tensor
+    holes: torch.Tensor
+    movers: torch.Tensor
+
+
+def draws(
+    capacity: int,
+    rows: int,
+    k: int,
+    generator: torch.Generator,
+    device: torch.device,
+    max_keys: int = 1 << 23,
+) -> Iterator[Draw]:
+    """The draws of an epoch of ``rows`` rows through a ring of ``capacity``, ``k`` a step.
+
+    Filled before every draw, the ring holds ``n_s = min(capacity, rows - s * k)`` rows at step
+    ``s`` whatever the data, so the draws are computed ahead, for many steps in a few batched
+    operations on the device (random keys, the ``k`` smallest among the first ``n_s`` slots:
+    uniform without replacement), ``max_keys`` keys at a time (32 MiB of float32)."""
+    if not 0 < k <= capacity:
+        raise ValueError(f"a ring of {capacity} rows cannot serve batches of {k}")
+    steps = rows // k
+    s = 0
+    while s < steps:
+        n0 = min(capacity, rows - s * k)
+        count = max(1, min(steps - s, max_keys // n0))
+        # (S, 1): n_s of these steps, made on the device (a tensor from a list would be copied
+        # from pageable memory, which waits for the GPU)
+        n = (rows - (s + torch.arange(count, device=device)) * k).clamp_(max=capacity).view(-1, 1)
+        slots = torch.arange(n0, device=device).view(1, -1)
+        keys = torch.rand((count, n0), generator=generator, device=device)
+        keys.masked_fill_(slots >= n, 2.0)  # (S, n0): slots past n_s are never picked
+        pick = keys.topk(k, dim=1, largest=False, sorted=True).indices  # (S, k)
+        taken = torch.zeros((count, n0), dtype=torch.uint8, device=device)
+        taken.scatter_(1, pick, 1)
+        tail = n - k + torch.arange(k, device=device).view(1, -1)  # (S, k): slots [n - k, n)
+        movers = torch.argsort(taken.gather(1, tail), dim=1, stable=True) + (n - k)
+        holes = torch.sort(pick, dim=1).values
+        for i in range(count):
+            yield Draw(min(capacity, rows - (s + i) * k), pick[i], holes[i], movers[i])
+        s += count
 
 
 def ring_generator(seed: int, epoch: int, rank: int, device: torch.device) -> torch.Generator:
@@ -120,37 +185,28 @@ def ring_generator(seed: int, epoch: int, rank: int, device: torch.device) -> to
 
 def serve(
     ring: Ring,
-    blocks: Iterable[dict[str, torch.Tensor]],
+    blocks: Iterable[torch.Tensor],
     steps: int,
     per_step: int,
     generator: torch.Generator,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """``steps`` batches of ``per_step`` rows through ``ring`` from ``blocks`` (an epoch's rows in
-    order). Before each draw the ring is filled to capacity, or with all that is left."""
+    order, packed by ``ring.layout``). Before each draw the ring is filled to capacity, or with
+    all that is left."""
     ring.clear()
     it = iter(blocks)
-    block: dict[str, torch.Tensor] | None = None
+    block: torch.Tensor | None = None
     at = 0
-    for _ in range(steps):
+    for step in draws(ring.capacity, steps * per_step, per_step, generator, ring.device):
         while ring.space:
-            if block is None or at == len(block["id"]):
+            if block is None or at == len(block):
                 block, at = next(it, None), 0
                 if block is None:
                     break
             at += ring.put(block, at)
-        if ring.n < per_step:
+        if ring.n < step.n:
             return  # the input ran out: Batches names the step it stopped at
-        yield ring.draw(per_step, generator)
-
-
-def host_block(batch: dict[str, Any], pin: bool) -> dict[str, torch.Tensor]:
-    """A block of numpy columns from Ray Data -> contiguous CPU tensors of the batch dtypes (pinned
-    for an asynchronous copy when ``pin``)."""
-    out = {}
-    for name, dtype in BATCH_DTYPES.items():
-        t = torch.as_tensor(np.ascontiguousarray(batch[name])).to(dtype)
-        out[name] = t.pin_memory() if pin else t
-    return out
+        yield ring.draw(step)
 
 
 class BlockReader:
@@ -160,9 +216,15 @@ class BlockReader:
     :meth:`close` stops the thread after its current block and closes the source iterator (a Ray
     Data iterator then shuts its execution down)."""
 
-    def __init__(self, blocks: Iterable[dict[str, Any]], max_rows: int, pin: bool = False):
-        self.max_rows, self.pin = max_rows, pin
-        self._queue: deque[dict[str, torch.Tensor]] = deque()
+    def __init__(
+        self,
+        blocks: Iterable[dict[str, Any]],
+        layout: RowLayout,
+        max_rows: int,
+        pin: bool = False,
+    ):
+        self.layout, self.max_rows, self.pin = layout, max_rows, pin
+        self._queue: deque[torch.Tensor] = deque()
         self.queued_rows, self.peak_rows = 0, 0
         self._cond = threading.Condition()
         self._done, self._stop = False, False
@@ -175,14 +237,15 @@ class BlockReader:
         it = iter(blocks)
         try:
             for raw in it:
-                block = host_block(raw, self.pin)
+                block = self.layout.pack(raw)  # packed (and pinned) here, off the training thread
+                block = block.pin_memory() if self.pin else block
                 with self._cond:
                     while self.queued_rows >= self.max_rows and not self._stop:
                         self._cond.wait()
                     if self._stop:
                         break
                     self._queue.append(block)
-                    self.queued_rows += len(block["id"])
+                    self.queued_rows += len(block)
                     self.peak_rows = max(self.peak_rows, self.queued_rows)
                     self._cond.notify_all()
         except BaseException as exc:  # handed to the consumer, raised in the training loop
@@ -195,7 +258,7 @@ class BlockReader:
                 self._done = True
                 self._cond.notify_all()
 
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+    def __iter__(self) -> Iterator[torch.Tensor]:
         while True:
             with self._cond:
                 while not self._queue and not self._done:
@@ -205,7 +268,7 @@ class BlockReader:
                         raise self._error
                     return
                 block = self._queue.popleft()
-                self.queued_rows -= len(block["id"])
+                self.queued_rows -= len(block)
                 self._cond.notify_all()
             yield block
 
