@@ -29,6 +29,7 @@ from lepton_ray.train.checkpointing import EpochTally, Reporter, Restored, Sampl
 from lepton_ray.train.feed import CachedFeed, Feed, Plan, RingFeed, ShardFeed, StreamedFeed
 from lepton_ray.train.observe import WorkerProgress
 from lepton_ray.train.step import BATCH_DTYPES, Pixels, TrainStep, evaluate
+from lepton_ray.train.timeline import WorkerTimeline
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class RunSpec:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
+    timeline = WorkerTimeline()  # where the fixed cost goes: sent with rank 0's reports
     spec: RunSpec = config["spec"]
     cfg = spec.cfg
     ctx = ray.train.get_context()
@@ -61,12 +63,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     restored = Restored.latest(spec.endpoint_url, world)
     model, layout = build_model(spec, restored)
+    timeline.mark("model_ready")
     nominal = batching.nominal_steps_per_epoch(spec.num_train_rows, cfg.batch_size)
     step = TrainStep(model, cfg, world, rank, total_steps=nominal * cfg.epochs)
     if restored.state:
         step.load_state_dict(restored.state)
         torch.set_rng_state(restored.state["torch_rng"])
     feed, val_batches = make_feeds(spec, world, rank, device)
+    timeline.mark("feed_ready")
     pixels = Pixels(spec.meta["data"]["mean"], spec.meta["data"]["std"], device, layout)
     augment = make_augmenter(spec, device)
     reporter = Reporter(spec.run_uri, spec.endpoint_url, spec.meta, rank)
@@ -91,6 +95,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 tally.sums,
             )
             tally.trained(ids, epoch, step.global_step)
+            timeline.first_step(device)
             if fault == (epoch + 1, i + 1, rank):
                 raise RuntimeError(
                     f"injected fault at epoch {epoch + 1} step {i + 1} on rank {rank}"
@@ -133,6 +138,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         improved, stop, best = judge(cfg, metrics, best)
         history.append(dict(metrics))
         metrics |= progress.timing(step, batches, done=batches.steps) | {"epoch_end": True}
+        metrics |= timeline.report() if rank == 0 else {}
         tally.flush()
         last = epoch + 1 == cfg.epochs or stop
         if last or improved or (epoch + 1) % cfg.checkpoint_every_epochs == 0:

@@ -107,6 +107,7 @@ def fit(model: nn.Module, train_dataset: Any, val_dataset: Any, cfg: TrainConfig
     """Run one training job described by ``cfg``; see :class:`Trainer`."""
     from lepton_ray.runs import RunLayout, validate_name
 
+    called = time.time()
     run_name = cfg.run_name or f"run-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     validate_name("run", run_name)
     root = storage.resolve(cfg.storage or storage.default_store() + "/runs", cfg.endpoint_url)
@@ -137,7 +138,7 @@ def fit(model: nn.Module, train_dataset: Any, val_dataset: Any, cfg: TrainConfig
         )
     # Storage that fails under Ray Train's own bookkeeping is waited out and the run resumed.
     return run_resuming(
-        lambda: _run(model, cfg, root, run, train_src, val_src),
+        lambda: _run(model, cfg, root, run, train_src, val_src, called),
         lambda: _resumable(run),
         name=run.name,
     )
@@ -157,8 +158,10 @@ def _run(
     run: Any,
     train_src: _Source,
     val_src: _Source | None,
+    called: float,
 ) -> dict[str, Any]:
-    """Plan the input pipeline, start Ray Train, wait, collect the results."""
+    """Plan the input pipeline, start Ray Train, wait, collect the results (``called``: when
+    ``fit`` was, for ``train_results["startup_s"]``)."""
     import ray
     import ray.train
     from ray.data import DataContext, ExecutionOptions
@@ -166,6 +169,7 @@ def _run(
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from lepton_ray.train.observe import ProgressBar, ProgressBoard, RunObserver
+    from lepton_ray.train.timeline import phases
 
     info = train_src.info
     shuffle = shuffle_mode(
@@ -251,7 +255,7 @@ def _run(
             execution_options={k: options for k in datasets},
         ),
     )
-    started = time.perf_counter()
+    started, marks = time.perf_counter(), {"fit_called": called, "trainer_started": time.time()}
     bar = ProgressBar(board, total_steps) if cfg.progress_bar else contextlib.nullcontext()
     try:
         with bar:
@@ -262,7 +266,13 @@ def _run(
         raise _failure(run.name, exc) from None
     if result.error is not None:
         raise _failure(run.name, result.error)
+    marks["fit_returned"] = time.time()
     out = _results(result, run, time.perf_counter() - started, cfg.epochs)
+    last = result.metrics or {}
+    marks |= last.get("startup", {}) | (
+        {"last_report": last["reported_at"]} if "reported_at" in last else {}
+    )
+    out["startup_s"] = phases(marks)
     out["data_skipped_rows"] = meta["data"]["skipped_rows"]  # left out when the data was prepared
     return out
 

@@ -1,0 +1,80 @@
+"""Where a fit's fixed cost goes: wall-clock marks on the driver and on rank 0, turned into phases.
+
+A small run is dominated by what happens before the first step and after the last: starting
+Ray Train's controller and worker processes (each imports torch), the process group, the model,
+the first read of the data (and the device cache fill), the first step (lazy CUDA and kernel
+set-up), then the controller noticing the end and tearing the worker group down. Rank 0 keeps its
+marks (``time.time()``, comparable across processes of one machine; rank 0 runs on the driver's
+node in a local instance) and sends them with every epoch's report; the driver adds its own and
+:func:`phases` turns them into seconds, in ``train_results["startup_s"]``.
+
+Worked example (2 CPUs, mnist5k, 1 worker, Ray already up): checks 0.6 s, worker group 4.4 s
+(controller start and imports, then the worker process), worker imports 3.1 s, model 0.0 s,
+first read 1.2 s, first step 0.7 s: 10.1 s to the first step; teardown 1.8 s.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import torch
+
+# (phase, from mark, to mark): consecutive marks, so the phases add up to the total.
+PHASES = (
+    ("checks", "fit_called", "trainer_started"),
+    ("worker_group", "trainer_started", "process_started"),
+    ("worker_imports", "process_started", "loop_started"),
+    ("model", "loop_started", "model_ready"),
+    ("first_read", "model_ready", "feed_ready"),
+    ("first_step", "feed_ready", "first_step_done"),
+    ("teardown", "last_report", "fit_returned"),
+)
+
+
+def process_start_time() -> float | None:
+    """When this process started (Linux ``/proc``), as ``time.time()``; None elsewhere."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22: starttime
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class WorkerTimeline:
+    """Rank 0's marks for one attempt of the loop (a restarted worker group starts anew)."""
+
+    def __init__(self) -> None:
+        self.marks: dict[str, float] = {"loop_started": time.time()}
+        started = process_start_time()
+        if started is not None:
+            self.marks["process_started"] = started
+
+    def mark(self, name: str) -> None:
+        self.marks.setdefault(name, time.time())
+
+    def first_step(self, device: torch.device) -> None:
+        """Once: the first step is done when the device is (a one-off synchronisation)."""
+        if "first_step_done" not in self.marks:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            self.mark("first_step_done")
+
+    def report(self) -> dict[str, Any]:
+        """What each epoch's report carries: the marks, and when it was sent."""
+        return {"startup": dict(self.marks), "reported_at": time.time()}
+
+
+def phases(marks: dict[str, float]) -> dict[str, float]:
+    """Seconds per phase of :data:`PHASES` whose two marks are known, plus ``to_first_step``
+    (``fit_called`` to ``first_step_done``) when both are."""
+    out = {
+        name: round(marks[b] - marks[a], 3) for name, a, b in PHASES if a in marks and b in marks
+    }
+    if "fit_called" in marks and "first_step_done" in marks:
+        out["to_first_step"] = round(marks["first_step_done"] - marks["fit_called"], 3)
+    return out
