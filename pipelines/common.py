@@ -9,6 +9,9 @@ overrides and the typed config it becomes are the library's (:mod:`lepton_ray.co
 key or a bad value anywhere, in the file or in an override, is a one-line error naming its dotted
 path.
 
+Output: a line per stage and the summary as JSON; Ray's own output stays in its session's log folder
+(printed once) unless ``--verbose`` or ``LEPTON_VERBOSE=1`` (:mod:`lepton_ray.console`).
+
 Exit codes: 0 success, 2 a user error (config, data, storage; one line on stderr), 1 a failure
 (training failed, a promotion gate not met, anything unexpected). ``lepton-ray submit`` retries a
 job that exits 1, never one that exits 2.
@@ -26,6 +29,7 @@ from collections.abc import Callable
 from typing import Any
 
 from lepton_ray.config import SMOKE_ROWS, PipelineConfig, load_config
+from lepton_ray.console import VERBOSE_HELP, entry_point
 from lepton_ray.errors import ConfigError, LeptonError, TrainingError, one_line
 
 # Set by ``lepton-ray submit`` (lepton_ray.jobs) in every attempt's runtime_env.
@@ -88,6 +92,7 @@ def parser(name: str, description: str) -> argparse.ArgumentParser:
         action="store_true",
         help=f"cheap run: a {SMOKE_ROWS}-row dataset copy, 1 epoch, 1 worker",
     )
+    p.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     return p
 
 
@@ -99,6 +104,7 @@ def main(
 ) -> int:
     """Parse arguments, load the config, run the pipeline, print its summary as JSON; the exit code."""
     args = parser(name, doc.strip().split("\n\n")[0]).parse_args(argv)
+    entry_point(args.verbose)
     prog = f"pipelines.{name}"
     try:
         cfg = load_config(args.config, [*args.sets, *args.overrides], smoke_test=args.smoke_test)

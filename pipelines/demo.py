@@ -3,6 +3,7 @@
     python -m pipelines.demo                       # local object store, local Ray, port 8000
     python -m pipelines.demo --store s3://bucket/lepton --endpoint-url http://127.0.0.1:9000
     python -m pipelines.demo --smoke-test          # 1 epoch, a quick check of the wiring
+    python -m pipelines.demo --verbose             # Ray's own output too (else in its log folder)
 
 Prepares the 5,000 built-in MNIST digits into object storage, trains a CNN with 2 Ray Train
 workers fed by Ray Data (with augmentation), checkpoints to the store, deploys the final
@@ -17,7 +18,17 @@ import sys
 import time
 from typing import Any
 
+from lepton_ray.console import VERBOSE_HELP, entry_point
 from lepton_ray.errors import LeptonError, one_line
+
+APP = "lepton"  # the Serve application (lepton_ray's default name): redeploying replaces it
+# What the printed summary keeps of train_results (run() returns them all).
+SUMMARY_KEYS = ("epochs", "train_loss", "val_accuracy", "samples_per_second", "checkpoint", "run")
+
+
+def say(line: str) -> None:
+    """A stage's line, flushed: in order with the progress lines on stderr in a log."""
+    print(line, flush=True)
 
 
 def run(
@@ -29,7 +40,7 @@ def run(
     batch_size: int = 100,
     port: int = 8000,
     keep_serving: bool = False,
-    log=print,
+    log=say,
 ) -> dict[str, Any]:
     """Run the demo end to end and return its summary (also used by the tests)."""
     from ray import serve
@@ -64,7 +75,7 @@ def run(
         )
     log(f"[train] checkpoint {results['checkpoint']}")
 
-    url = deploy(results["checkpoint"], port=port, endpoint_url=endpoint_url)
+    url = deploy(results["checkpoint"], name=APP, port=port, endpoint_url=endpoint_url)
     log(f"[serve] {url}/v1/predict")
     images, labels, _ = read_arrays(test)
     served = evaluate(url, images, labels, list(test.classes))
@@ -72,7 +83,9 @@ def run(
         f"[http] accuracy {served['accuracy']:.4f} ({served['correct']}/{served['total']} in {served['requests']} requests)"
     )
     if not keep_serving:
-        serve.shutdown()
+        # The application only: Serve's controller, killed by serve.shutdown(), leaves Ray printing
+        # an error for its pending shutdown task; a local instance stops with this process anyway.
+        serve.delete(APP)
     summary = {
         "train_results": {k: v for k, v in results.items() if k != "history"},
         "http_accuracy": served["accuracy"],
@@ -106,7 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--smoke-test", action="store_true", help="1 epoch: checks the wiring, not the accuracy"
     )
+    p.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     args = p.parse_args(argv)
+    entry_point(args.verbose)
     try:
         summary = run(
             args.store or default_store(),
@@ -120,7 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     except LeptonError as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
-    print(json.dumps(summary, indent=2))
+    res = summary["train_results"]  # the rest of it is in the run's folder
+    shown = {k: res[k] for k in SUMMARY_KEYS if k in res}
+    print(json.dumps(summary | {"train_results": shown}, indent=2))
     if args.keep_serving:
         print("serving; press Ctrl-C to stop")
         try:

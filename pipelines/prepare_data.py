@@ -15,6 +15,7 @@ import sys
 from typing import Any
 
 from lepton_ray.config import PipelineConfig
+from lepton_ray.console import skipped_rows_note
 from pipelines import common
 from pipelines.common import log
 
@@ -38,6 +39,8 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
         log(
             f"[data] {split}: {i.num_rows} rows, {len(i.classes)} classes, {len(i.shards)} shards at {i.uri}"
         )
+        if note := skipped_rows_note(split, i.manifest):
+            log(f"[data] warning: {note}")
     return {
         "dataset": cfg.dataset_uri,
         "splits": {
