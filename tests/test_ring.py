@@ -240,3 +240,75 @@ def test_feed_setting_resolves_as_documented():
         DataConfig(feed="ring", augment_on="cpu")
     with pytest.raises(ConfigError, match="DataConfig.feed: 'ring' shuffles within its window"):
         DataConfig(feed="ring", shuffle="none")
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    from lepton_ray.data import write_dataset
+
+    ids = 500 + 3 * np.arange(1_200)
+    images = np.broadcast_to((ids % 251).astype(np.uint8)[:, None, None, None], (1_200, 2, 3, 1))
+    return write_dataset(
+        np.ascontiguousarray(images),
+        ids % 10,
+        tmp_path_factory.mktemp("ring"),
+        classes=[str(i) for i in range(10)],
+        ids=ids,
+        rows_per_shard=100,
+    )
+
+
+def ring_feeds(info, world: int, epochs: int) -> tuple[list, list]:
+    """RingFeeds of ``world`` workers, Ray Data's read replaced by the rows it would hand over."""
+    from lepton_ray.train.feed import Plan, RingFeed
+
+    feeds, reads = [], []
+    for rank in range(world):
+        plan = Plan(seed=1, global_batch=60, world=world, rank=rank, order="sequential")
+        feed = RingFeed(info, plan, rows=150, epochs=epochs, device=CPU, preprocess_batch=64)
+
+        def read(p, epoch, feed=feed, rank=rank):
+            reads.append((rank, epoch))
+            blocks = blocks_of(p.ids, seed=epoch)
+            return BlockReader(
+                [b | {"image": b["image"].reshape(-1, 2, 3, 1)} for b in blocks],
+                feed.ring.layout,
+                feed.queue_rows,
+            )
+
+        feed._read = read
+        feeds.append(feed)
+    return feeds, reads
+
+
+def test_ring_feed_reads_the_next_epoch_ahead_and_serves_each_epoch_once(prepared):
+    feeds, reads = ring_feeds(prepared, world=2, epochs=3)
+    assert feeds[0].ring.capacity == 150 and feeds[0].ring.layout.shape == (1, 2, 3)
+    for epoch in range(3):
+        served = []
+        for feed in feeds:
+            batches = feed.epoch(epoch)
+            assert batches.steps == 20
+            served += [b["id"].numpy() for b in batches]
+            # all of this epoch's rows went in: the next epoch is being read already
+            assert (feed.ahead is not None) == (epoch < 2)
+        served = np.concatenate(served)
+        assert len(served) == len(np.unique(served)) == 1_200
+    # one read per worker and epoch: each read-ahead was the one used
+    assert sorted(reads) == [(r, e) for r in range(2) for e in range(3)]
+    for feed in feeds:
+        feed.close()
+
+
+def test_ring_feed_stops_its_read_ahead_on_an_early_stop_or_a_resume(prepared):
+    feeds, _ = ring_feeds(prepared, world=1, epochs=5)
+    (feed,) = feeds
+    first = [b["id"].numpy() for b in feed.epoch(0)]
+    ahead = feed.ahead[1]
+    # a resume of epoch 1 (some ids consumed) cannot use the read-ahead: it is stopped
+    batches = feed.epoch(1, exclude=np.concatenate(first[:3]))
+    assert not ahead.alive and batches.steps == 17
+    next(iter(batches))
+    reading = feed.reading
+    feed.close()  # an early stop mid-epoch
+    assert not reading.alive and feed.ahead is None

@@ -177,6 +177,9 @@ class StreamedFeed:
         pass  # each epoch's read ends with its batches
 
 
+_QUEUE_BYTES = 2 << 30  # the most host memory a RingFeed's read-ahead holds by default
+
+
 class RingFeed:
     """A prepared dataset larger than the device, streamed through a ring of rows in its memory.
 
@@ -186,7 +189,8 @@ class RingFeed:
     worker's rows per epoch and, on a GPU, at half of its free memory. When an epoch's input is all
     in the ring the next epoch's read starts (``epochs`` says whether there is one), so Ray Data's
     restart overlaps the drain. ``queue_rows`` bounds the host blocks read ahead (default: the
-    ring's size, enough to refill it at once when the next epoch starts).
+    ring's size, enough to refill it at once when the next epoch starts, within 2 GiB of host
+    memory).
     """
 
     def __init__(
@@ -204,7 +208,7 @@ class RingFeed:
         from ray.data import DataContext
 
         from lepton_ray.data import read_shard_ids
-        from lepton_ray.train.ring import Ring
+        from lepton_ray.train.ring import Ring, RowLayout
 
         DataContext.get_current().execution_options.preserve_order = deterministic
         self.info, self.epochs, self.preprocess_batch = info, epochs, preprocess_batch
@@ -215,13 +219,13 @@ class RingFeed:
         capacity = min(rows, max(full.steps * full.per_step, 1))
         if device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(device)
-            capacity = min(capacity, free // 2 // (c * h * w + 16))
+            capacity = min(capacity, free // 2 // RowLayout((c, h, w)).width)
         if capacity < full.per_step:
             raise TrainingError(
                 f"the ring holds {capacity} rows, fewer than a worker's batch of {full.per_step}"
             )
         self.ring = Ring(capacity, (c, h, w), device)
-        self.queue_rows = queue_rows or capacity
+        self.queue_rows = queue_rows or min(capacity, _QUEUE_BYTES // self.ring.layout.width)
         self.reading: Any = None  # the BlockReader of the epoch being trained
         self.ahead: tuple[int, Any] | None = None  # (epoch, BlockReader) read ahead
 
