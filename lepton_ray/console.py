@@ -8,7 +8,10 @@ printed once:
   (``ray.init(log_to_driver=False)``); Ray writes it to ``<session>/logs/`` as always;
 - the driver's own Ray loggers (``ray``, ``ray.data``, ``ray.serve``) print errors only; what they
   would have printed goes to ``<session>/logs/lepton-driver-<pid>.log`` (Ray Data's driver log
-  also to its own ``logs/ray-data/``).
+  also to its own ``logs/ray-data/``), and so do the messages raylets push to every driver (a
+  worker pool starting many workers at once, the pending task of an actor killed on purpose);
+- Ray's notebook notice that ipywidgets is missing, logged while ``ray`` is imported, is dropped
+  when this module was imported first (lepton_ray's own modules import it before Ray).
 
 What a user must act on is printed by lepton_ray itself, in one line, from the driver (see
 :class:`~lepton_ray.train.observe.ProgressBar`). ``--verbose`` (the CLI and the pipelines) or
@@ -28,6 +31,7 @@ VERBOSE_ENV = "LEPTON_VERBOSE"
 # ``ray``); ``ray.serve`` replaces its handlers when it is imported, so it is imported first.
 RAY_LOGGERS = ("ray", "ray.data", "ray.serve")
 DRIVER_LOG = "lepton-driver-{pid}.log"
+WIDGET_NOTICES = "ray.widgets"  # logs "Missing packages: ['ipywidgets']" at import, in a notebook
 
 
 def verbose() -> bool:
@@ -39,6 +43,7 @@ def set_verbose(on: bool) -> None:
     """``--verbose``: set ``LEPTON_VERBOSE=1`` before Ray starts, so jobs and workers inherit it."""
     if on:
         os.environ[VERBOSE_ENV] = "1"
+        logging.getLogger(WIDGET_NOTICES).setLevel(logging.NOTSET)
 
 
 def quiet_ray() -> bool:
@@ -57,6 +62,7 @@ def quiet_ray() -> bool:
     hooks = ray._private.worker._post_init_hooks
     if announce_logs not in hooks:
         hooks.append(announce_logs)
+    _route_error_channel()
     for name in RAY_LOGGERS:
         logger = logging.getLogger(name)
         for handler in logger.handlers:
@@ -120,6 +126,32 @@ def _one_line(message: Any, category: type, *args: Any, **kwargs: Any) -> str:
     return f"warning: {message}\n"
 
 
+def _route_error_channel() -> None:
+    """Quiet, the lines raylets push to every driver go to the driver's log file, not stdout.
+
+    Ray's driver prints them from a thread (``listen_error_messages``) through the module-level
+    ``print_to_stdstream``, looked up at each call: wrapped here, and left alone with ``--verbose``.
+    What a user must act on surfaces elsewhere: a failed worker as the run's error, a lagging or
+    restarted one through the progress board.
+    """
+    import ray
+
+    worker = ray._private.worker
+    original = worker.print_to_stdstream
+    if getattr(original, "lepton_routed", False):
+        return
+
+    def print_to_stdstream(data: dict[str, Any], ignore_prefix: bool) -> None:
+        if verbose():
+            original(data, ignore_prefix)
+            return
+        for line in data.get("lines", []):
+            _DRIVER_LOGGER.warning("(%s) %s", data.get("pid"), line)
+
+    print_to_stdstream.lepton_routed = True  # type: ignore[attr-defined]
+    worker.print_to_stdstream = print_to_stdstream
+
+
 def _is_console(handler: logging.Handler) -> bool:
     return isinstance(handler, logging.StreamHandler) and not isinstance(
         handler, logging.FileHandler
@@ -164,3 +196,8 @@ class _SessionLog(logging.Handler):
 
 
 _SESSION_LOG = _SessionLog()
+_DRIVER_LOGGER = logging.getLogger("lepton_ray.ray_messages")  # to the driver's log file only
+_DRIVER_LOGGER.addHandler(_SESSION_LOG)
+_DRIVER_LOGGER.propagate = False
+if not verbose():
+    logging.getLogger(WIDGET_NOTICES).setLevel(logging.WARNING)
