@@ -118,6 +118,8 @@ def retry_delay(
     (tests); ``base_s = 0`` means no wait.
 
     With the defaults: nominal 5, 10, 20, 40, 60, 60 ... s; e.g. failure 3 waits 10-20 s.
+    The package's one backoff: ``Trainer.fit`` waits it too before resuming a run whose storage
+    failed (:mod:`lepton_ray.train.storage_retry`, from 2 s).
     """
     if failures < 1 or base_s < 0 or cap_s < 0:
         raise ValueError(f"need failures >= 1 and delays >= 0, got {failures}, {base_s}, {cap_s}")
