@@ -10,6 +10,8 @@ import pytest
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
+from tests.ray_noise import ray_noise
+
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 
 
@@ -29,6 +31,12 @@ def execute(nb: nbformat.NotebookNode, timeout: int, cwd: Path) -> None:
         ).execute()
     except CellExecutionError as exc:
         pytest.fail(f"a notebook cell raised: {str(exc).strip().splitlines()[-1]}")
+
+
+def printed(nb: nbformat.NotebookNode) -> str:
+    """Everything the executed cells printed or showed as text (streams and text results)."""
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    return "\n".join(o.get("text", "") + o.get("data", {}).get("text/plain", "") for o in outputs)
 
 
 @pytest.mark.ray
@@ -60,6 +68,11 @@ def test_quickstart_runs_top_to_bottom(ray_session, serve_port, tmp_path, monkey
     ]
     accuracy = float(text.split("'accuracy': ")[1].split(",")[0])
     assert accuracy > 0.8, text  # two epochs: a sanity bound, the demo test asserts >= 98%
+    shown = printed(nb)
+    assert "label:" in shown  # the PNG sent over HTTP came back classified
+    # lepton_ray's output only: Ray's stays in its log folder, named once
+    assert ray_noise(shown) == [], ray_noise(shown)
+    assert shown.count("[ray] logs in ") == 1
 
 
 def test_explore_dataset_runs_top_to_bottom_on_s3(s3_server, s3_bucket, tmp_path, monkeypatch):
@@ -88,3 +101,4 @@ def test_explore_dataset_runs_top_to_bottom_on_s3(s3_server, s3_bucket, tmp_path
     assert sum(1 for o in outputs if {"image/png", "image/jpeg"} & set(o.get("data", {}))) >= 4
     text = "\n".join(o.get("data", {}).get("text/plain", "") + o.get("text", "") for o in outputs)
     assert uri in text and "600" in text and "largest / smallest class" in text
+    assert ray_noise(printed(nb)) == []
