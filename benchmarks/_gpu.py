@@ -155,6 +155,7 @@ def trainer_summary(res: dict[str, Any], samples_per_epoch: int) -> dict[str, An
         "fit_wall_s": round(res["wall_time_s"], 1),
         "fixed_cost_s": round(res["wall_time_s"] - sum(epoch_times), 1),
         "final_train_accuracy": res.get("train_accuracy"),
+        "startup_s": res.get("startup_s"),
     }
 
 

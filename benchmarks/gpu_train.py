@@ -13,6 +13,8 @@ Trainer's from its epoch wall time). Cases (``--cases``; the default is the firs
 - ``synthetic``: an in-memory Ray Dataset of random uint8 images, ``augment=()``, device cache;
 - ``synthetic_streamed``: the same through Ray Data every epoch (``cache="off"``);
 - ``augmented``: a prepared Parquet set, crop + flip, device cache (the GPU defaults);
+- ``ring``: the same set streamed every epoch through the ring (``feed="ring"``): what a set larger
+  than the GPU gets; run it with ``--rows 1048576`` (the 1M-row goal) and ``--rows 204800``;
 - ``augmented_streamed_device`` / ``augmented_streamed_cpu``: streamed with a global shuffle, the
   crop + flip on the GPU (``augment_on="device"``) or in Ray Data on the CPUs;
 - ``files``: streamed with ``shuffle="files"`` (shard order + an 8,192-row buffer), three ways;
@@ -53,6 +55,13 @@ CASES: dict[str, tuple[str, dict[str, Any], str, dict[str, Any]]] = {
         "prepared",
         {"augment": AUG, "shuffle": True},
         "prepared Parquet set, device cache, crop + flip on the GPU (the GPU defaults)",
+        {},
+    ),
+    "ring": (
+        "prepared",
+        {"augment": AUG, "shuffle": True, "feed": "ring"},
+        "Parquet, streamed through the ring (blocks into GPU memory, each batch sampled there), "
+        "crop + flip on the GPU",
         {},
     ),
     "augmented_streamed_device": (

@@ -13,7 +13,8 @@ from lepton_ray.train.timeline import WorkerTimeline, phases, process_start_time
 
 def test_phases_are_the_gaps_between_consecutive_marks():
     marks = {
-        "fit_called": 100.0,
+        "fit_called": 99.0,
+        "ray_ready": 100.0,
         "trainer_started": 100.5,
         "process_started": 104.0,
         "loop_started": 107.0,
@@ -24,6 +25,7 @@ def test_phases_are_the_gaps_between_consecutive_marks():
         "fit_returned": 121.75,
     }
     assert phases(marks) == {
+        "ray_start": 1.0,
         "checks": 0.5,
         "worker_group": 3.5,
         "worker_imports": 3.0,
@@ -31,12 +33,12 @@ def test_phases_are_the_gaps_between_consecutive_marks():
         "first_read": 1.2,
         "first_step": 0.7,
         "teardown": 1.75,
-        "to_first_step": 9.0,
+        "to_first_step": 10.0,
     }
 
 
 def test_a_missing_mark_leaves_out_only_its_phases():
-    marks = {"fit_called": 0.0, "trainer_started": 1.0, "loop_started": 5.0, "model_ready": 5.5}
+    marks = {"ray_ready": 0.0, "trainer_started": 1.0, "loop_started": 5.0, "model_ready": 5.5}
     # No process start (not Linux): the worker group and its imports are not told apart.
     assert phases(marks) == {"checks": 1.0, "model": 0.5}
 

@@ -57,7 +57,15 @@ def test_every_sample_once_and_the_planned_steps(
     assert [h["step"] for h in res["history"]] == [10, 20]
     # Where the fixed cost went: every phase measured, in order, adding up to the first step.
     startup = res["startup_s"]
-    before = ("checks", "worker_group", "worker_imports", "model", "first_read", "first_step")
+    before = (
+        "ray_start",
+        "checks",
+        "worker_group",
+        "worker_imports",
+        "model",
+        "first_read",
+        "first_step",
+    )
     assert set(startup) == {*before, "teardown", "to_first_step"}, startup
     assert all(startup[k] >= 0 for k in startup), startup
     assert startup["to_first_step"] == pytest.approx(sum(startup[k] for k in before), abs=0.01)

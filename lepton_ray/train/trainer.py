@@ -107,7 +107,7 @@ def fit(model: nn.Module, train_dataset: Any, val_dataset: Any, cfg: TrainConfig
     """Run one training job described by ``cfg``; see :class:`Trainer`."""
     from lepton_ray.runs import RunLayout, validate_name
 
-    called = time.time()
+    marks = {"fit_called": time.time()}  # train_results["startup_s"]
     run_name = cfg.run_name or f"run-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     validate_name("run", run_name)
     root = storage.resolve(cfg.storage or storage.default_store() + "/runs", cfg.endpoint_url)
@@ -127,6 +127,7 @@ def fit(model: nn.Module, train_dataset: Any, val_dataset: Any, cfg: TrainConfig
             "resuming mid-epoch relies on its stable row ids"
         )
     ensure_ray()
+    marks["ray_ready"] = time.time()
     train_src.resolve(run, "train")
     if val_src is not None:
         val_src.resolve(run, "val")
@@ -138,7 +139,7 @@ def fit(model: nn.Module, train_dataset: Any, val_dataset: Any, cfg: TrainConfig
         )
     # Storage that fails under Ray Train's own bookkeeping is waited out and the run resumed.
     return run_resuming(
-        lambda: _run(model, cfg, root, run, train_src, val_src, called),
+        lambda: _run(model, cfg, root, run, train_src, val_src, marks),
         lambda: _resumable(run),
         name=run.name,
     )
@@ -158,10 +159,10 @@ def _run(
     run: Any,
     train_src: _Source,
     val_src: _Source | None,
-    called: float,
+    marks: dict[str, float],
 ) -> dict[str, Any]:
-    """Plan the input pipeline, start Ray Train, wait, collect the results (``called``: when
-    ``fit`` was, for ``train_results["startup_s"]``)."""
+    """Plan the input pipeline, start Ray Train, wait, collect the results (``marks``: the
+    driver's times so far, for ``train_results["startup_s"]``)."""
     import ray
     import ray.train
     from ray.data import DataContext, ExecutionOptions
@@ -255,7 +256,7 @@ def _run(
             execution_options={k: options for k in datasets},
         ),
     )
-    started, marks = time.perf_counter(), {"fit_called": called, "trainer_started": time.time()}
+    started, marks = time.perf_counter(), dict(marks, trainer_started=time.time())
     bar = ProgressBar(board, total_steps) if cfg.progress_bar else contextlib.nullcontext()
     try:
         with bar:
