@@ -28,11 +28,12 @@ RAY_INFO_LINE = re.compile(
 REPO = Path(__file__).resolve().parent.parent
 
 
-def test_detach_without_a_cluster_is_refused_in_one_line(tmp_path):
-    env = {**os.environ, "RAY_TMPDIR": str(tmp_path)}  # no `ray start` cluster recorded there
-    env.pop("RAY_ADDRESS", None)
+def refused(*args: str, **env: str) -> str:
+    """``lepton-ray serve ARGS`` with ``env`` added and no RAY_ADDRESS: checks it exits 2 with
+    nothing on stdout, and returns its stderr."""
+    env = {k: v for k, v in {**os.environ, **env}.items() if k != "RAY_ADDRESS"}
     r = subprocess.run(
-        [str(BIN / "lepton-ray"), "serve", str(tmp_path / "ckpt"), "--detach"],
+        [str(BIN / "lepton-ray"), "serve", *args],
         capture_output=True,
         text=True,
         timeout=120,
@@ -40,9 +41,15 @@ def test_detach_without_a_cluster_is_refused_in_one_line(tmp_path):
         cwd=REPO,
     )
     assert r.returncode == 2 and r.stdout == "", (r.stdout, r.stderr)
-    assert r.stderr.count("\n") == 1 and r.stderr.startswith(
+    return r.stderr
+
+
+def test_detach_without_a_cluster_is_refused_in_one_line(tmp_path):
+    # RAY_TMPDIR: no `ray start` cluster recorded there.
+    err = refused(str(tmp_path / "ckpt"), "--detach", RAY_TMPDIR=str(tmp_path))
+    assert err.count("\n") == 1 and err.startswith(
         "lepton-ray: error: --detach needs a running Ray cluster (ray start --head, or RAY_ADDRESS)"
-    ), r.stderr
+    ), err
 
 
 @pytest.mark.parametrize(
@@ -57,20 +64,10 @@ def test_the_ingress_flag_has_both_spellings(flags, choice):
 def test_an_ingress_choice_that_cannot_be_read_exits_2_in_one_line_before_ray_starts(tmp_path):
     from tests.test_serve_http import make_checkpoint
 
-    env = {**os.environ, "LEPTON_SERVE_HAPROXY": "yes"}
-    env.pop("RAY_ADDRESS", None)
-    r = subprocess.run(
-        [str(BIN / "lepton-ray"), "serve", make_checkpoint(tmp_path / "ckpt")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-        cwd=REPO,
-    )
-    assert r.returncode == 2 and r.stdout == "", (r.stdout, r.stderr)
-    assert r.stderr.splitlines() == [
+    err = refused(make_checkpoint(tmp_path / "ckpt"), LEPTON_SERVE_HAPROXY="yes")
+    assert err.splitlines() == [
         "lepton-ray: error: LEPTON_SERVE_HAPROXY must be 1 (HAProxy) or 0 (Serve's proxy), got 'yes'"
-    ], r.stderr
+    ], err
 
 
 class _Reader(threading.Thread):
