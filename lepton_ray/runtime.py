@@ -30,8 +30,9 @@ def ensure_ray(
     one of its processes listens on 127.0.0.1 only (GCS, raylet, object manager, workers,
     dashboard, metrics): nothing on the network can reach it. Its Serve HTTP ingress is HAProxy
     where a binary is present, unless ``haproxy=False`` or ``$LEPTON_SERVE_HAPROXY=0`` says
-    Serve's own proxy (:func:`lepton_ray.serve.ingress.choose_ingress`); a cluster started by
-    ``ray start`` keeps what its own environment says.
+    Serve's own proxy (:func:`lepton_ray.serve.ingress.choose_ingress`); with Ray already running
+    in this process, an explicit ``haproxy`` it cannot honour fails in one line. A cluster started
+    by ``ray start`` keeps what its own environment says.
     """
     import ray
     from ray.data import DataContext
@@ -40,6 +41,10 @@ def ensure_ray(
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     DataContext.get_current().enable_progress_bars = False
     if ray.is_initialized():
+        if haproxy is not None:  # an explicit ingress choice the running instance cannot honour
+            from lepton_ray.serve.ingress import check_running_ingress
+
+            check_running_ingress(haproxy)
         return
     # Ray's output stays in its session's log folder unless LEPTON_VERBOSE=1 (lepton_ray.console).
     kwargs.setdefault("log_to_driver", console.quiet_ray())

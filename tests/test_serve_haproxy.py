@@ -117,13 +117,17 @@ def test_a_choice_that_cannot_be_honoured_fails_in_one_line(
 
 
 def test_serve_proxy_asked_for_once_ray_runs_with_haproxy_names_the_fix(clean_env):
-    from lepton_ray.serve.ingress import check_running_ingress
+    import ray
+
+    from lepton_ray.runtime import ensure_ray
 
     given(clean_env, None, "/bin/haproxy")
-    choose_ingress()
-    check_running_ingress(None)  # no choice: whatever runs
+    choose_ingress()  # what this process's instance was started with
+    clean_env.setattr(ray, "is_initialized", lambda: True)
+    ensure_ray()  # no choice (training, a notebook): whatever runs
+    ensure_ray(haproxy=True)
     with pytest.raises(ConfigError, match="set LEPTON_SERVE_HAPROXY=0 before it starts$"):
-        check_running_ingress(False)
+        ensure_ray(haproxy=False)
 
 
 @pytest.fixture(scope="module")

@@ -100,19 +100,16 @@ def deploy(
     here in one line; the weights are not read on the driver (each replica verifies every
     checksum when it loads them). Other keyword arguments are :class:`ServeConfig` fields.
     """
-    import ray
     from ray import serve
 
     from lepton_ray.runtime import ensure_ray
-    from lepton_ray.serve.ingress import check_running_ingress
+    from lepton_ray.serve.ingress import wanted
 
     cfg = ServeConfig(checkpoint=checkpoint_uri, **kwargs)
     trusted = cfg.trusted_modules
     for uri in filter(None, (cfg.checkpoint, cfg.canary_checkpoint)):
         check_spec(checkpoint.read_meta(uri, cfg.endpoint_url).get("model"), trusted)
-    if ray.is_initialized():
-        check_running_ingress(haproxy)
-    ensure_ray(haproxy=haproxy)
+    ensure_ray(haproxy=wanted(haproxy))  # the argument, else $LEPTON_SERVE_HAPROXY
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(cfg), name=cfg.name, route_prefix=cfg.route_prefix)
     # Serve keeps the HTTP options it was first started with; report where it really listens.
