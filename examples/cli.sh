@@ -21,7 +21,7 @@ trap 'rm -rf "$OUT"' EXIT
 lepton-ray data prepare mnist5k "$STORE/datasets/mnist5k"   # does nothing if already prepared
 lepton-ray data inspect "$STORE/datasets/mnist5k/train"
 lepton-ray train --data "$STORE/datasets/mnist5k/train" --val "$STORE/datasets/mnist5k/test" \
-    --workers 2 --epochs "$EPOCHS" --storage "$STORE/runs" >"$OUT/results.json"
+    --workers 2 --epochs "$EPOCHS" --storage "$STORE/runs" | tee "$OUT/results.json"
 CHECKPOINT=$(python -c 'import json, sys; print(json.load(sys.stdin)["checkpoint"])' <"$OUT/results.json")
 echo "trained: $CHECKPOINT"
 

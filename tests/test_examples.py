@@ -238,23 +238,27 @@ def cli_run(ray_session, serve_port, tmp_path_factory):
     serve.delete("lepton")
 
 
+def last_json(stdout: str) -> dict:
+    """The last JSON object a command printed with ``indent=2`` (it starts at a line ``{``)."""
+    return json.loads(stdout[stdout.rindex("\n{\n") + 1 :])
+
+
 @pytest.mark.ray
 def test_cli_example_prepares_trains_serves_and_predicts(cli_run):
     r, _ = cli_run
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "trained: " in r.stdout and '"status": "ok"' in r.stdout.replace('":"', '": "')
-    predictions = json.loads(r.stdout[r.stdout.rindex('{\n  "predictions"') :])["predictions"]
-    assert len(predictions) == len(list(EXAMPLES.glob("images/*.png"))) == 3
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert '"val_accuracy"' in r.stdout and "trained: " in r.stdout  # train_results, then its use
+    assert re.search(r'^\{"status": ?"ok"', r.stdout, re.MULTILINE)  # curl /healthz
+    assert len(last_json(r.stdout)["predictions"]) == len(list(EXAMPLES.glob("images/*.png"))) == 3
 
 
 @pytest.mark.ray
-def test_predict_http_example_gets_the_same_classes_as_files_json_and_base64(cli_run, capsys):
+def test_predict_http_example_gets_the_same_classes_as_files_json_and_base64(
+    cli_run, capsys, tmp_path
+):
     r, url = cli_run
     assert r.returncode == 0, r.stderr[-3000:]
-    base64_classes = [
-        p["class"]
-        for p in json.loads(r.stdout[r.stdout.rindex('{\n  "predictions"') :])["predictions"]
-    ]
+    base64_classes = [p["class"] for p in last_json(r.stdout)["predictions"]]  # lepton-ray predict
     capsys.readouterr()
     results = example("predict_http").main([url])
     out = capsys.readouterr().out
@@ -262,3 +266,9 @@ def test_predict_http_example_gets_the_same_classes_as_files_json_and_base64(cli
     assert [x["class"] for x in results] == [x["json_class"] for x in results] == base64_classes
     assert out.startswith("model ") and "7.png: " in out
     assert len(example("predict_http").main([url, "--smoke-test"])) == 1
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not an image")
+    with pytest.raises(
+        SystemExit, match=r'^HTTP 415 from .*/v1/predict: \{"error": ?"image 0 is not'
+    ):
+        example("predict_http").main([url, str(notes)])
