@@ -39,6 +39,7 @@ TARGET_ROW_GROUP_BYTES = 16 << 20
 ROWS_PER_ROW_GROUP = 4096
 MIN_SHARDS = 8
 MANY_SHARDS = 256
+_SQUARES = np.arange(256, dtype=np.uint32) ** 2  # a uint8 pixel's square, looked up
 
 
 # --- writing ---------------------------------------------------------------------------------
@@ -86,8 +87,8 @@ class DatasetWriter:
             self.shape = images.shape[1:]
             if self.rows_per_shard is None:
                 self.rows_per_shard = max(1, TARGET_SHARD_BYTES // int(np.prod(self.shape)))
-            self.sum = np.zeros(self.shape[2], np.float64)
-            self.sumsq = np.zeros(self.shape[2], np.float64)
+            self.sum = np.zeros(self.shape[2], np.uint64)  # exact: integer pixel values
+            self.sumsq = np.zeros(self.shape[2], np.uint64)
         elif images.shape[1:] != self.shape:
             raise DataError(
                 f"row {self.num_rows}: image shape {images.shape[1:]} differs from the first rows' {self.shape}"
@@ -105,9 +106,11 @@ class DatasetWriter:
         )
         if self.num_rows == 0:  # checked only once the first rows are known to be good
             self.loc.ensure_writable()
-        x = images.reshape(-1, self.shape[2]).astype(np.float64) / 255.0
-        self.sum += x.sum(axis=0)
-        self.sumsq += np.square(x).sum(axis=0)
+        c = self.shape[2]
+        for s in range(0, n, 4096):  # in chunks: no float copy of the whole input
+            x = images[s : s + 4096].reshape(min(4096, n - s), -1)  # rows of H*W*C values
+            self.sum += x.sum(axis=0, dtype=np.uint64).reshape(-1, c).sum(axis=0)
+            self.sumsq += _SQUARES[x].sum(axis=0, dtype=np.uint64).reshape(-1, c).sum(axis=0)
         self.counts += np.bincount(labels, minlength=len(self.classes))
         self.num_rows += n
         self.pending.append((images, labels, ids))
@@ -115,21 +118,37 @@ class DatasetWriter:
         while self.pending_rows >= self.rows_per_shard:
             self._flush(self.rows_per_shard)
 
+    def _take(self, rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The first ``rows`` pending rows, leaving the rest pending: views of the chunk ``add``
+        was given where they lie in one (a large chunk is cut into shards without copying it
+        again for each)."""
+        taken, need = [], rows
+        while need:
+            images, labels, ids = self.pending[0]
+            k = min(need, len(images))
+            taken.append((images[:k], labels[:k], ids[:k]))
+            if k == len(images):
+                self.pending.pop(0)
+            else:
+                self.pending[0] = (images[k:], labels[k:], ids[k:])
+            need -= k
+        self.pending_rows -= rows
+        if len(taken) == 1:
+            return taken[0]
+        images, labels, ids = (np.concatenate(parts) for parts in zip(*taken, strict=True))
+        return images, labels, ids
+
     def _flush(self, rows: int) -> None:
-        images, labels, ids = (np.concatenate(parts) for parts in zip(*self.pending, strict=True))
-        head, rest = slice(0, rows), slice(rows, None)
-        self.pending = [(images[rest], labels[rest], ids[rest])] if len(images) > rows else []
-        self.pending_rows = len(images) - rows
-        images = images[head]
+        images, labels, ids = self._take(rows)
         table = pa.table(
             {
-                "id": pa.array(ids[head]),
+                "id": pa.array(ids),
                 "image": (
                     pa.array(encode_png(images), type=pa.binary())
                     if self.encoding == "png"
                     else pixel_column(images)
                 ),
-                "label": pa.array(labels[head]),
+                "label": pa.array(labels),
             }
         )
         buf = io.BytesIO()
@@ -155,8 +174,8 @@ class DatasetWriter:
         if self.pending_rows:
             self._flush(self.pending_rows)
         pixels = self.num_rows * self.shape[0] * self.shape[1]
-        mean = self.sum / pixels
-        std = np.sqrt(np.maximum(self.sumsq / pixels - mean**2, 0.0))
+        mean = self.sum / (255.0 * pixels)
+        std = np.sqrt(np.maximum(self.sumsq / (255.0**2 * pixels) - mean**2, 0.0))
         manifest = {
             "format": FORMAT,
             "num_rows": self.num_rows,
