@@ -66,11 +66,9 @@ def quiet_ray() -> bool:
     for name in RAY_LOGGERS:
         logger = logging.getLogger(name)
         for handler in logger.handlers:
-            if isinstance(handler, _SessionLog):
-                break
             if _is_console(handler):
                 handler.setLevel(logging.ERROR)
-        else:
+        if _SESSION_LOG not in logger.handlers:
             logger.addHandler(_SESSION_LOG)
     return False
 
