@@ -136,6 +136,24 @@ def test_shards_are_many_fixed_width_and_cut_in_row_groups(tmp_path):
     np.testing.assert_array_equal(data.read_arrays(info)[0], images)
 
 
+def test_chunks_of_any_size_make_shards_of_the_same_rows_and_exact_statistics(tmp_path):
+    from lepton_ray.data.writer import DatasetWriter
+
+    images, labels = _images(n=51)
+    writer = DatasetWriter(tmp_path / "ds", classes=["a", "b", "c"], rows_per_shard=8)
+    for a, b in [(0, 7), (7, 20), (20, 21), (21, 51)]:  # chunks across shard boundaries
+        writer.add(images[a:b], labels[a:b])
+    info = writer.commit()
+    assert [s["rows"] for s in info.shards] == [8] * 6 + [3]
+    got_ids, got_labels, got_images = _read_rows(info)
+    np.testing.assert_array_equal(got_ids, np.arange(51))
+    np.testing.assert_array_equal(got_labels, labels)
+    np.testing.assert_array_equal(got_images, images)
+    x = images.reshape(-1, 2).astype(np.float64) / 255.0
+    np.testing.assert_allclose(info.mean, x.mean(axis=0), atol=1e-6)
+    np.testing.assert_allclose(info.std, x.std(axis=0), atol=1e-6)
+
+
 def test_datasets_written_with_variable_width_pixels_still_read(tmp_path):
     import pyarrow as pa
 
