@@ -36,8 +36,16 @@ def plain_loop(
     dev: Any,
     *,
     cudnn_benchmark: bool = False,
+    data: str = "float",
 ) -> list[float]:
-    """What a user writes by hand, data already on ``dev``; samples/s per epoch."""
+    """What a user writes by hand, data already on ``dev``; samples/s per epoch.
+
+    ``data="float"``: float32 batches sliced in order (the least work a loop can do).
+    ``"uint8"``: the work the Trainer does on the same data, written as a user would: uint8 rows
+    on the device, a fresh permutation per epoch gathered into each batch, converted to float and
+    normalised there. ``"uint8_augmented"``: the same plus a random crop (2-pixel padding) and a
+    horizontal flip per image, vectorised over the batch on the device (airbench's way).
+    """
     import torch
     import torch.nn.functional as F
 
@@ -54,14 +62,29 @@ def plain_loop(
     opt = build_optimizer(model, cfg)
     steps = rows // batch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps * epochs, cfg))
-    x_all = torch.randn(steps * batch, 3, 32, 32, device=dev).contiguous(memory_format=fmt)
-    y_all = torch.randint(0, 10, (steps * batch,), device=dev)
+    n = steps * batch
+    if data == "float":
+        x_all = torch.randn(n, 3, 32, 32, device=dev).contiguous(memory_format=fmt)
+    else:
+        x_all = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, device=dev)
+        x_all = x_all.contiguous(memory_format=fmt)
+        scale = torch.full((1, 3, 1, 1), 1 / (255 * 0.25), device=dev)
+        shift = torch.full((1, 3, 1, 1), -0.5 / 0.25, device=dev)
+    y_all = torch.randint(0, 10, (n,), device=dev)
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda)
     rates = []
     for _ in range(epochs):
         with Timer(dev) as t:
+            order = torch.randperm(n, device=dev) if data != "float" else None
             for s in range(steps):
-                x, y = x_all[s * batch : (s + 1) * batch], y_all[s * batch : (s + 1) * batch]
+                if order is None:
+                    x, y = x_all[s * batch : (s + 1) * batch], y_all[s * batch : (s + 1) * batch]
+                else:
+                    rows = order[s * batch : (s + 1) * batch]
+                    x, y = x_all[rows], y_all[rows]
+                    if data == "uint8_augmented":
+                        x = crop_flip(x)
+                    x = x.float().contiguous(memory_format=fmt).mul_(scale).add_(shift)
                 opt.zero_grad(set_to_none=True)
                 with autocast:
                     loss = F.cross_entropy(model(x), y)
@@ -74,6 +97,23 @@ def plain_loop(
         torch.cuda.empty_cache()
     torch.backends.cudnn.benchmark = prev
     return rates
+
+
+def crop_flip(x: Any, pad: int = 2) -> Any:
+    """A random translation (zero padding ``pad``) and a random horizontal flip per image of a
+    (B, C, H, W) batch, in a few batched ops on its device: what a user writes for a GPU loop."""
+    import torch
+    import torch.nn.functional as F
+
+    b, _, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad))
+    oy = torch.randint(0, 2 * pad + 1, (b, 1), device=x.device)
+    ox = torch.randint(0, 2 * pad + 1, (b, 1), device=x.device)
+    rows = (oy + torch.arange(h, device=x.device))[:, None, :, None]  # (B, 1, H, 1)
+    cols = (ox + torch.arange(w, device=x.device))[:, None, None, :]  # (B, 1, 1, W)
+    cols = torch.where(torch.rand(b, 1, 1, 1, device=x.device) < 0.5, cols.flip(-1), cols)
+    chans = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+    return padded[torch.arange(b, device=x.device)[:, None, None, None], chans, rows, cols]
 
 
 def plain_summary(rates: list[float]) -> dict[str, Any]:

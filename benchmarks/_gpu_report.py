@@ -95,7 +95,7 @@ def training_rows(r: dict[str, Any]) -> list[dict[str, Any]]:
     if r.get("training"):  # gpu.json: rows of several runs, merged
         return [dict(t, plain=t.get("plain_same_run")) for t in r["training"]]
     return [
-        {**v, "key": k, "plain": _plain(r)}
+        {**v, "key": k, "plain": (r.get(v.get("baseline", "plain")) or {}).get("samples_per_s")}
         for k, v in r.items()
         if k.startswith("trainer_") and isinstance(v, dict)
     ]
@@ -108,12 +108,27 @@ def _training(r: dict[str, Any]) -> list[str]:
         f"{fmt(s.get('global_batch'))}, {s.get('precision')}, {s.get('memory_format')}; "
         f"{fmt(s.get('rows_per_epoch'))} rows per epoch\n",
         "samples/s: mean over the epochs after the first; ÷ plain: against the plain loop (data "
-        "already on the GPU) of the same run; data wait: share of the loop's training time spent "
-        "waiting for a batch; fixed cost: `fit()` wall time minus its epochs.\n",
+        + (
+            "on the GPU) of the same run doing the same work: the uint8 one below, with crop + "
+            "flip for the augmented inputs; the first row is for reference"
+            if "plain_uint8" in r
+            else "already on the GPU) of the same run"
+        )
+        + "; data wait: share of the loop's training time spent waiting for a batch; fixed "
+        "cost: `fit()` wall time minus its epochs.\n",
     ]
-    rows: list[list[Any]] = [
-        ["plain PyTorch loop", "tensors already on the GPU", "", plain, "1.00"]
-    ]
+    rows: list[list[Any]] = (
+        [["plain PyTorch loop", "tensors already on the GPU", "", plain, "1.00"]] if plain else []
+    )
+    for key, what in (
+        ("plain_uint8", "uint8 rows on the GPU, shuffled, converted there"),
+        ("plain_uint8_augmented", "the same + crop + flip on the GPU"),
+    ):
+        if key in r:
+            sps = r[key]["samples_per_s"]
+            rows.append(
+                [f"plain loop, {what}", "same", "", sps, f"{sps / plain:.2f}" if plain else "–"]
+            )
     if "plain_cudnn_benchmark" in r:
         sps = r["plain_cudnn_benchmark"]["samples_per_s"]
         rows.append(["plain loop, `cudnn.benchmark=True`", "same", "", sps, f"{sps / plain:.2f}"])
