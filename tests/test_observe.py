@@ -74,6 +74,9 @@ def test_group_note_names_a_resume_a_restart_and_a_resize():
         "worker group resized: 2 -> 3 workers, resumed from the checkpoint at step 120"
     )
     assert group_note(2, first).endswith("resumed from the start (no checkpoint yet)")
+    assert group_note(2, resumed | {"world_size": 1}).startswith(
+        "worker group resized: 2 -> 1 worker,"
+    )
 
 
 def test_status_line():

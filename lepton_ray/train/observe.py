@@ -67,8 +67,12 @@ def group_note(previous_world: int | None, state: dict[str, Any]) -> str | None:
     if previous_world is None:
         return f"resumed from the checkpoint at step {start}" if start > 0 else None
     if world != previous_world:
-        return f"worker group resized: {previous_world} -> {world} workers, resumed from {where}"
-    return f"worker group restarted after a failure ({world} workers), resumed from {where}"
+        return f"worker group resized: {previous_world} -> {_workers(world)}, resumed from {where}"
+    return f"worker group restarted after a failure ({_workers(world)}), resumed from {where}"
+
+
+def _workers(n: Any) -> str:
+    return f"{n} worker" + ("" if n == 1 else "s")
 
 
 def status_line(s: dict[str, Any], loss: float | None = None) -> str:
@@ -84,7 +88,7 @@ def status_line(s: dict[str, Any], loss: float | None = None) -> str:
         parts.append(f"loss {loss:.4f}")
     if s.get("eta_s") is not None:
         parts.append(f"eta {s['eta_s']:.0f}s")
-    parts.append(f"{s.get('world_size')} workers")
+    parts.append(_workers(s.get("world_size")))
     return "[train] " + "  ".join(parts)
 
 
