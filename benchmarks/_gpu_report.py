@@ -109,9 +109,9 @@ def _training(r: dict[str, Any]) -> list[str]:
         f"{fmt(s.get('rows_per_epoch'))} rows per epoch\n",
         "samples/s: mean over the epochs after the first; ÷ plain: against the plain loop (data "
         + (
-            "on the GPU) of the same run doing the same work: the uint8 one below, with crop + "
-            "flip for the augmented inputs; the first row is for reference"
-            if "plain_uint8" in r
+            "on the GPU) of the same run doing the same work: a uint8 one below (with crop + flip "
+            "for the augmented inputs); the float loop sliced in order, where shown, is a reference"
+            if any(k in r for k in ("plain_uint8", "plain_uint8_augmented"))
             else "already on the GPU) of the same run"
         )
         + "; data wait: share of the loop's training time spent waiting for a batch; fixed "
@@ -122,7 +122,7 @@ def _training(r: dict[str, Any]) -> list[str]:
     )
     for key, what in (
         ("plain_uint8", "uint8 rows on the GPU, shuffled, converted there"),
-        ("plain_uint8_augmented", "the same + crop + flip on the GPU"),
+        ("plain_uint8_augmented", "uint8 rows on the GPU, shuffled, crop + flip, converted there"),
     ):
         if key in r:
             sps = r[key]["samples_per_s"]
