@@ -13,6 +13,7 @@ from typing import Any
 
 from benchmarks import harness
 from benchmarks.harness import Goal, fmt, table
+from lepton_ray.train.timeline import BEFORE_FIRST_STEP
 
 # The Trainer cases the goals are about: (a) synthetic data, (b) the augmented Parquet set.
 GOALS = {
@@ -38,17 +39,8 @@ def ring_goal(rows: int) -> Goal:
     )
 
 
-PHASES = (
-    "ray_start",
-    "checks",
-    "worker_group",
-    "worker_imports",
-    "model",
-    "first_read",
-    "first_step",
-    "to_first_step",
-    "teardown",
-)
+# The columns: the phases in order, their sum to the first step, then the teardown.
+PHASES = (*BEFORE_FIRST_STEP, "to_first_step", "teardown")
 
 
 def _startup(rows: list[dict[str, Any]]) -> list[str]:

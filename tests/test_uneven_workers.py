@@ -16,6 +16,7 @@ from lepton_ray.config import OptimConfig
 from lepton_ray.data import load_mnist5k, read_ids, write_dataset
 from lepton_ray.train.batching import worker_batch
 from lepton_ray.train.step import lr_factor
+from lepton_ray.train.timeline import BEFORE_FIRST_STEP
 from tests.test_resume import sample_logs
 
 pytestmark = pytest.mark.ray
@@ -57,15 +58,7 @@ def test_every_sample_once_and_the_planned_steps(
     assert [h["step"] for h in res["history"]] == [10, 20]
     # Where the fixed cost went: every phase measured, in order, adding up to the first step.
     startup = res["startup_s"]
-    before = (
-        "ray_start",
-        "checks",
-        "worker_group",
-        "worker_imports",
-        "model",
-        "first_read",
-        "first_step",
-    )
+    before = BEFORE_FIRST_STEP
     assert set(startup) == {*before, "teardown", "to_first_step"}, startup
     assert all(startup[k] >= 0 for k in startup), startup
     assert startup["to_first_step"] == pytest.approx(sum(startup[k] for k in before), abs=0.01)

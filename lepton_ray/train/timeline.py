@@ -32,6 +32,7 @@ PHASES = (
     ("first_step", "feed_ready", "first_step_done"),
     ("teardown", "last_report", "fit_returned"),
 )
+BEFORE_FIRST_STEP = tuple(name for name, _, _ in PHASES[:-1])  # they add up to ``to_first_step``
 
 
 def process_start_time() -> float | None:
