@@ -140,6 +140,8 @@ def haproxy_ray(_ray_shutdown_at_end, serve_port):
 
     if ray.is_initialized() and ingress.uses_haproxy():
         yield serve_port
+        # The shared instance: its replica would hold a CPU the later tests' Ray Data reads need.
+        serve.delete("hap")
         return
     if ray.is_initialized():
         serve.shutdown()
