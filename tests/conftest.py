@@ -20,6 +20,7 @@ os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.pop("RAY_ADDRESS", None)
+os.environ.pop("LEPTON_VERBOSE", None)  # the tests check the default (quiet) output
 os.environ.pop("LEPTON_S3_ENDPOINT", None)
 os.environ.pop("AWS_ENDPOINT_URL", None)
 

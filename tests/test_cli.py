@@ -99,11 +99,13 @@ def test_verbose_before_or_after_the_command_sets_lepton_verbose(where, monkeypa
 
     from lepton_ray import cli
 
-    monkeypatch.delenv("LEPTON_VERBOSE", raising=False)
+    # setenv, not delenv: monkeypatch restores a variable it set, but forgets one it found unset
+    # and deleted nothing of, so the "1" main sets would leak into every later test's processes.
+    monkeypatch.setenv("LEPTON_VERBOSE", "")
     monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # main sets its own
     argv = ["predict", "http://127.0.0.1:9", str(tmp_path / "missing.png")]
     assert cli.main(argv) == 2  # fails before any request: the file is missing
-    assert "LEPTON_VERBOSE" not in os.environ  # quiet by default
+    assert os.environ["LEPTON_VERBOSE"] == ""  # quiet by default
     argv = ["--verbose", *argv] if where == "before" else [*argv[:1], "--verbose", *argv[1:]]
     assert cli.main(argv) == 2
     assert os.environ["LEPTON_VERBOSE"] == "1"  # inherited by a local Ray instance's workers
