@@ -372,4 +372,4 @@ class _Lines:
         print(f"[train] {text}", file=sys.stderr, flush=True)
 
     def close(self) -> None:
-        pass
+        """Nothing to release: each line was printed and flushed as it came."""
