@@ -102,7 +102,14 @@ def write_local(
 
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to("cpu").contiguous() for k, v in unwrap(model).state_dict().items()}
+    # A tied weight (one tensor under two names, e.g. a GPT's head and token embedding) is written
+    # once, under its first name: safetensors refuses shared tensors; the model's load hook re-ties.
+    state, seen = {}, set()
+    for k, v in unwrap(model).state_dict().items():
+        alias = (v.data_ptr(), v.shape, v.stride()) if v.numel() else None
+        if alias is None or alias not in seen:
+            seen.add(alias)
+            state[k] = v.detach().to("cpu").contiguous()
     (d / WEIGHTS).write_bytes(st_save(state))
     if train_state is not None:
         buf = io.BytesIO()
