@@ -88,6 +88,14 @@ def resnet18(in_channels: int = 3, num_classes: int = 10) -> nn.Module:
     return m
 
 
+@register("gpt")
+def gpt(**kwargs: Any) -> nn.Module:
+    """A nanoGPT-style byte-level language model; see :class:`lepton_ray.gpt.GPT` for its kwargs."""
+    from lepton_ray.gpt import GPT
+
+    return GPT(**kwargs)
+
+
 def build_model(name: str, **kwargs: Any) -> nn.Module:
     """Build a registered architecture and remember its spec on the module."""
     if name not in _REGISTRY:
