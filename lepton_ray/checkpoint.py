@@ -12,6 +12,12 @@ A checkpoint is a folder::
 A reader trusts a checkpoint only when ``manifest.json`` exists and every checksum matches, so a
 crash mid-upload never leaves a checkpoint that looks complete.
 
+A *sharded* checkpoint (``strategy="fsdp"``) holds, instead of ``model.safetensors`` and
+``train_state.pt``, one shard file and one index per rank plus ``state.json``
+(:mod:`lepton_ray.train.sharded`); its manifest says ``"sharded": {"world_size": W}``. Training
+resumes from it at any world size; :func:`load_checkpoint` refuses it in one line, since
+``lepton-ray export`` (:func:`lepton_ray.train.sharded.export`) turns it into an ordinary one.
+
 Metadata without weights: :func:`read_meta` and :func:`version` (and :func:`describe`, both at
 once) read only ``manifest.json`` and ``lepton.json`` (checked against its checksum), and this
 module imports torch and safetensors only inside the functions that handle tensors, so Serve's
@@ -49,10 +55,12 @@ __all__ = [
     "Described",
     "Loaded",
     "describe",
+    "is_sharded",
     "load_checkpoint",
     "load_model",
     "load_train_state",
     "publish",
+    "read_checked",
     "read_manifest",
     "read_meta",
     "verify",
@@ -119,15 +127,28 @@ def write_local(
     return d
 
 
-def publish(local_dir: str | os.PathLike, dest: storage.Location) -> storage.Location:
+def publish(
+    local_dir: str | os.PathLike,
+    dest: storage.Location,
+    *,
+    uploaded: dict[str, str] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> storage.Location:
     """Upload a local checkpoint folder: every file first (each durable before the next step),
-    then ``manifest.json``, the commit point."""
-    files = {}
+    then ``manifest.json``, the commit point. ``uploaded``: files already at ``dest`` (a sharded
+    checkpoint's shards, written by every rank) and their sha256, listed too; ``extra``: more
+    manifest fields."""
+    files = dict(uploaded or {})
     for p in sorted(Path(local_dir).iterdir()):
         if p.is_file() and p.name != MANIFEST:
             files[p.name] = dest.join(p.name).upload_file(p)
-    dest.join(MANIFEST).write_json({"files": files, "created_at": time.time()})
+    dest.join(MANIFEST).write_json({"files": files, "created_at": time.time(), **(extra or {})})
     return dest
+
+
+def is_sharded(manifest: dict[str, Any]) -> bool:
+    """Whether a manifest is a sharded checkpoint's (see the module docstring)."""
+    return isinstance(manifest.get("sharded"), dict)
 
 
 def read_manifest(loc: storage.Location) -> dict[str, Any]:
@@ -140,7 +161,8 @@ def read_manifest(loc: storage.Location) -> dict[str, Any]:
     except ValueError:
         raise CheckpointError(f"checkpoint {loc.uri} is corrupt: {MANIFEST} is not JSON") from None
     files = manifest.get("files") if isinstance(manifest, dict) else None
-    if not isinstance(files, dict) or WEIGHTS not in files or META not in files:
+    sharded = isinstance(manifest, dict) and is_sharded(manifest)  # no WEIGHTS: shards
+    if not isinstance(files, dict) or META not in files or (not sharded and WEIGHTS not in files):
         raise CheckpointError(
             f"checkpoint {loc.uri} is corrupt: {MANIFEST} does not list {WEIGHTS} and {META}"
         )
@@ -157,7 +179,7 @@ def read_manifest(loc: storage.Location) -> dict[str, Any]:
     return manifest
 
 
-def _read_checked(loc: storage.Location, manifest: dict[str, Any], name: str) -> bytes:
+def read_checked(loc: storage.Location, manifest: dict[str, Any], name: str) -> bytes:
     data = loc.join(name).read_bytes()
     if storage.sha256_bytes(data) != manifest["files"][name]:
         raise CheckpointError(
@@ -167,6 +189,9 @@ def _read_checked(loc: storage.Location, manifest: dict[str, Any], name: str) ->
 
 
 def _version(manifest: dict[str, Any]) -> str:
+    if is_sharded(manifest):  # the checksums of its shard files, in name order
+        shards = "".join(v for k, v in sorted(manifest["files"].items()) if k.startswith("shard-"))
+        return storage.sha256_bytes(shards.encode())[:12]
     return manifest["files"][WEIGHTS][:12]
 
 
@@ -181,7 +206,7 @@ def describe(uri: str | storage.Location, endpoint_url: str | None = None) -> De
 def _head(loc: storage.Location) -> tuple[dict[str, Any], dict[str, Any]]:
     manifest = read_manifest(loc)
     try:
-        meta = json.loads(_read_checked(loc, manifest, META))
+        meta = json.loads(read_checked(loc, manifest, META))
     except ValueError:
         raise CheckpointError(f"checkpoint {loc.uri} is corrupt: {META} is not JSON") from None
     if not isinstance(meta, dict):
@@ -202,7 +227,7 @@ def version(uri: str | storage.Location, endpoint_url: str | None = None) -> str
 def verify(loc: storage.Location) -> dict[str, bytes]:
     """Read and check a checkpoint; returns the contents of its files by name."""
     manifest = read_manifest(loc)
-    return {name: _read_checked(loc, manifest, name) for name in manifest["files"]}
+    return {name: read_checked(loc, manifest, name) for name in manifest["files"]}
 
 
 def load_checkpoint(
@@ -224,8 +249,13 @@ def load_checkpoint(
 
     loc = storage.resolve(uri, endpoint_url)
     manifest, meta = _head(loc)
+    if is_sharded(manifest):
+        raise CheckpointError(
+            f"checkpoint {loc.uri} is sharded ({manifest['sharded'].get('world_size')} FSDP ranks): "
+            f"export it to one file first: lepton-ray export {loc.uri} <dest>"
+        )
     check_spec(meta.get("model"), trusted_modules)
-    weights = _read_checked(loc, manifest, WEIGHTS)
+    weights = read_checked(loc, manifest, WEIGHTS)
     model = from_spec(meta["model"], trusted_modules)
     state = {k.removeprefix("module."): v for k, v in st_load(weights).items()}
     model.load_state_dict(state)
