@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lepton_ray.config import OptimConfig, TrainConfig
-from lepton_ray.train import batching
+from lepton_ray.train import batching, strategy
 
 # Images travel from the Ray Data workers as uint8 (a quarter of the bytes of float32) and are
 # normalised on the worker's device (``Pixels``).
@@ -118,7 +118,7 @@ class TrainStep:
             xm, ym = x[start : start + m], y[start : start + m]
             start += m
             last = j == len(self.micros) - 1 or self.world == 1
-            with contextlib.nullcontext() if last else self.model.no_sync():
+            with contextlib.nullcontext() if last else strategy.no_sync(self.model):
                 t = time.perf_counter()
                 with self.autocast:
                     logits = self.model(xm)

@@ -1,0 +1,221 @@
+"""How a worker holds the model: the one place that knows the strategies.
+
+``strategy="ddp"`` (the default): every worker holds the whole model, its gradients and optimizer
+state; Ray Train's ``prepare_model`` wraps it in DDP, which averages gradients over the ``W``
+workers. ``strategy="fsdp"``: FSDP2 (``torch.distributed.fsdp.fully_shard``) over a 1-D
+``DeviceMesh`` of the process group Ray Train set up; each block (:func:`shard_units`) and then the
+root is one unit whose parameters, gradients and optimizer state are sharded along dim 0, so a
+worker holds about ``1/W`` of each. Its reduce-scatter averages gradients over ``W`` as DDP's
+all-reduce does (checked against a single process in ``tests/test_fsdp.py``), so the loop's
+loss scale ``W * b_i / B`` (:mod:`lepton_ray.train.batching`) means the same under both.
+
+An FSDP model is built on the meta device from its spec (no weights allocated), sharded,
+materialised on the worker's device, then filled from rank 0: rank 0 alone holds the initial
+weights (fetched from the object store, not shipped to every worker) and broadcasts each tensor
+once; every rank keeps its rows. A model whose spec names no registered architecture is shipped
+to every worker as under DDP, then sharded the same way. Resuming reads each rank's rows of a
+sharded checkpoint (:mod:`lepton_ray.train.sharded`), at any world size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from lepton_ray.errors import CheckpointError, ConfigError
+from lepton_ray.models import from_spec, memory_format, unwrap
+
+if TYPE_CHECKING:
+    from lepton_ray.train.checkpointing import Restored
+    from lepton_ray.train.loop import RunSpec
+
+log = logging.getLogger(__name__)
+STRATEGIES = ("ddp", "fsdp", "pipeline")
+
+
+def check(strategy: str) -> None:
+    """Refuse, on the driver, a strategy this build cannot run."""
+    if strategy == "pipeline":
+        raise ConfigError(
+            "strategy 'pipeline' is not wired into the Trainer yet: use 'ddp' or 'fsdp'"
+        )
+
+
+def build(
+    spec: RunSpec, restored: Restored, device: torch.device
+) -> tuple[nn.Module, torch.memory_format]:
+    """The worker's model, restored and wrapped for ``spec.cfg.strategy``, and its input layout."""
+    layout = memory_format(spec.meta)  # channels-last for convnets: faster on CPUs and GPUs alike
+    if spec.cfg.strategy == "fsdp":
+        model = build_fsdp(spec, restored, device)
+    else:
+        if restored.sharded is not None:
+            raise CheckpointError(
+                "the checkpoint to resume is sharded (strategy 'fsdp'): resume with strategy='fsdp'"
+            )
+        import ray.train.torch
+
+        model = copy.deepcopy(spec.model)
+        if restored.weights is not None:
+            model.load_state_dict(restored.weights)
+        model = ray.train.torch.prepare_model(model.to(memory_format=layout))
+    if spec.cfg.compile:
+        model = torch.compile(model)
+    return model, layout
+
+
+def build_fsdp(spec: RunSpec, restored: Restored, device: torch.device) -> nn.Module:
+    if restored.weights is not None:
+        raise CheckpointError(
+            "the checkpoint to resume is not sharded (strategy 'ddp'): resume with strategy='ddp'"
+        )
+    rank = dist.get_rank()
+    if spec.model is None:  # a registered architecture: built from its spec, no weights yet
+        with torch.device("meta"):
+            model = from_spec(spec.meta["model"])
+        source = None
+        if rank == 0:  # the initial weights; persistent or not, every buffer too
+            import ray
+
+            source = from_spec(spec.meta["model"])
+            source.load_state_dict(ray.get(spec.init_weights))
+    else:
+        log.info(
+            "FSDP: %s has no registered spec; every worker received it whole", type(spec.model)
+        )
+        source = spec.model
+        model = copy.deepcopy(spec.model).to("meta")
+    shard(model, device, mixed_precision=device.type == "cuda")
+    broadcast_from_rank0(model, source)
+    del source
+    if restored.sharded is not None:
+        restored.sharded.load_model(model)
+    return model
+
+
+def shard_units(model: nn.Module) -> list[nn.Module]:
+    """The modules sharded one by one before the root: the items of ``model.blocks`` or
+    ``model.layers`` (a Transformer's blocks), torchvision ResNet's ``layer1``..``layer4``, else
+    none (the root alone is one unit). Each unit's parameters are gathered for its forward and
+    freed after, so a worker holds one unit whole at a time."""
+    for name in ("blocks", "layers"):
+        seq = getattr(model, name, None)
+        if isinstance(seq, nn.ModuleList | nn.Sequential):
+            return list(seq)
+    stages = [getattr(model, f"layer{i}", None) for i in range(1, 5)]
+    if all(isinstance(s, nn.Module) for s in stages):
+        return stages
+    return []
+
+
+def shard(model: nn.Module, device: torch.device, *, mixed_precision: bool) -> nn.Module:
+    """``fully_shard`` each unit then the root over a mesh of every rank, then give the (meta)
+    tensors memory on ``device`` (uninitialised: :func:`broadcast_from_rank0` fills them).
+
+    ``mixed_precision`` (GPUs): parameters gathered and computed in bf16, gradients reduced in
+    fp32, the sharded master weights and optimizer state fp32. gloo has no bf16 reduce-scatter
+    path worth having, so CPUs stay fp32."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    mp = (
+        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if mixed_precision
+        else MixedPrecisionPolicy()
+    )
+    for unit in shard_units(model):
+        fully_shard(unit, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    model.to_empty(device=device)
+    return model
+
+
+@torch.no_grad()
+def broadcast_from_rank0(model: nn.Module, source: nn.Module | None) -> None:
+    """Fill every rank's rows of ``model`` (sharded) from rank 0's whole ``source``: one tensor
+    at a time is whole on each rank, so the peak is the largest tensor, not the model."""
+    from lepton_ray.train.sharded import local_rows
+
+    src = dict(_all_tensors(source)) if source is not None else {}
+    for name, t in _all_tensors(model):
+        full = (
+            src[name].to(t.device, t.dtype).contiguous()
+            if dist.get_rank() == 0
+            else torch.empty(t.shape, dtype=t.dtype, device=t.device)
+        )
+        dist.broadcast(full, src=0)
+        if hasattr(t, "to_local"):  # a DTensor: keep this rank's rows
+            local = t.to_local()
+            start, stop = local_rows(t)
+            local.copy_(full[start:stop])
+        else:
+            t.copy_(full)
+
+
+def _all_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """Parameters (a shared one once) and every buffer, persistent or not, by name."""
+    yield from model.named_parameters()
+    yield from model.named_buffers()
+
+
+def is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(unwrap(model), FSDPModule)
+
+
+@contextlib.contextmanager
+def no_sync(model: nn.Module) -> Iterator[None]:
+    """Accumulate this micro-batch's gradients without communicating them: DDP's ``no_sync``,
+    FSDP's ``set_requires_gradient_sync(False)`` (on again after, for the last micro-batch)."""
+    inner = unwrap(model)
+    if is_sharded(inner):
+        inner.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            inner.set_requires_gradient_sync(True)
+    else:
+        with model.no_sync():
+            yield
+
+
+def load_train_state(
+    step: Any, state: dict[str, Any], restored: Restored, model: nn.Module
+) -> None:
+    """Restore the optimizer and schedule: a sharded checkpoint's optimizer state is read as this
+    rank's rows, placed like the model's parameters."""
+    if restored.sharded is not None:
+        from lepton_ray.train.sharded import materialise
+
+        like = next(unwrap(model).parameters())
+        state = materialise(state, restored.sharded, like)
+    step.load_state_dict(state)
+
+
+def bytes_held(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, int]:
+    """Bytes of parameters, gradients and optimizer state this rank holds (local shards)."""
+
+    def size(t: Any) -> int:
+        if t is None or not isinstance(t, torch.Tensor):
+            return 0
+        local = t.to_local() if hasattr(t, "to_local") else t
+        return local.numel() * local.element_size()
+
+    params = list(unwrap(model).parameters())
+    out = {
+        "params": sum(size(p) for p in params),
+        "grads": sum(size(p.grad) for p in params),
+        "optimizer": 0,
+    }
+    if optimizer is not None:
+        out["optimizer"] = sum(size(v) for s in optimizer.state.values() for v in s.values())
+    return out
