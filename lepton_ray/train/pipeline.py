@@ -1,0 +1,500 @@
+"""Pipeline-parallel training: each worker computes some of the model's layers.
+
+A model with the GPT's interface (``embed(idx) -> h``, ``blocks`` an ``nn.ModuleList``,
+``logits(h)``) is cut into ``S`` stages of consecutive blocks on consecutive ranks: stage 0 holds
+the embeddings and its blocks, the last stage its blocks, the final norm and the head. With
+``W = dp * S`` workers there are ``dp`` pipeline replicas; rank ``r`` is stage ``r % S`` of replica
+``r // S`` (e.g. W=4, S=2: replica 0 = ranks 0, 1; replica 1 = ranks 2, 3).
+
+Arithmetic (the same as ddp's, :mod:`lepton_ray.train.batching`, with the replica as the worker):
+replica ``r`` trains ``b_r = worker_batch(B, dp, r)`` rows of the global batch ``B``; every rank of
+a replica gets those same rows (stage 0 uses the inputs, the last stage the targets). The rows run
+as ``M`` micro-batches through GPipe or 1F1B (``torch.distributed.pipelining``) with
+``scale_grads=False``: the loss of a micro-batch is its *sum* over targets times
+``dp * b_r / (B * targets_r)`` (``targets_r`` = target elements in the replica's rows), so the
+micro-batch losses add up to the replica's mean loss scaled to its share of the global batch,
+applied exactly once. Gradients are then averaged over the ``dp`` replicas of each stage: the update
+equals one step on the whole global batch. A pipeline stage's receive buffers are sized by its
+first micro-batch, so rows are padded to ``M * ceil(b_r / M)`` with targets the loss ignores
+(``-100``): exact for models whose rows do not interact (no batch norm), e.g. b_r = 5, M = 2:
+two micro-batches of 3, one padded row.
+
+Initialisation: every rank builds the model on the meta device and materialises only its stage,
+then copies its stage's tensors from one full state dict on the CPU (a fresh run's model, or the
+checkpoint being resumed) that every rank holds alike: identical whatever the layout, and the same
+weights ddp would start from. Device memory holds one stage; the host briefly holds the full state.
+
+Weight tying, the Megatron way: when the head's weight is the token embedding's (the GPT) and they
+land on different stages, the last stage holds a copy, initialised equal; after backward the two
+gradients are summed between the first and last stages (and averaged over replicas), so both copies
+take the same update and stay equal. Checkpoints hold the tied model: :meth:`PipelineStep.full_model`
+gathers the stages to rank 0 and keeps the embedding's tensor under its one name, so ``load_model``
+and Serve load it unchanged. Optimizer state is saved keyed by parameter name (not index), gathered
+the same way, so a resume may use another number of replicas.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from lepton_ray.config import TrainConfig
+from lepton_ray.errors import ConfigError
+from lepton_ray.train import batching
+from lepton_ray.train.step import build_optimizer, lr_factor
+
+IGNORE = -100  # the target of a padding row: cross-entropy skips it
+
+Schedule = Literal["gpipe", "1f1b"]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Which stage and replica each of ``world`` ranks is, for ``stages`` stages per pipeline."""
+
+    world: int
+    stages: int
+
+    @property
+    def replicas(self) -> int:
+        return self.world // self.stages
+
+    def stage(self, rank: int) -> int:
+        return rank % self.stages
+
+    def replica(self, rank: int) -> int:
+        return rank // self.stages
+
+    def pipeline_ranks(self, replica: int) -> list[int]:
+        """The ranks of one pipeline, stage 0 first."""
+        return list(range(replica * self.stages, (replica + 1) * self.stages))
+
+    def stage_ranks(self, stage: int) -> list[int]:
+        """The ranks holding ``stage`` in every replica (its gradients are averaged over them)."""
+        return [r * self.stages + stage for r in range(self.replicas)]
+
+    def tie_ranks(self) -> list[int]:
+        """The first and last stages of every replica: where a tied weight's two copies live."""
+        return sorted(self.stage_ranks(0) + self.stage_ranks(self.stages - 1))
+
+
+def check_layout(world: int, stages: int | None, blocks: int | None = None) -> Layout:
+    """The layout of ``world`` workers in pipelines of ``stages`` (None: one stage per worker), or
+    a one-line :class:`ConfigError` naming what does not fit."""
+    stages = world if stages is None else stages
+    if stages < 1 or world % stages:
+        raise ConfigError(
+            f"strategy 'pipeline' needs a worker count that is a multiple of pipeline_stages "
+            f"({stages}); got {world} workers"
+        )
+    if blocks is not None and blocks < stages:
+        raise ConfigError(
+            f"strategy 'pipeline': the model has {blocks} blocks, fewer than its {stages} stages"
+        )
+    return Layout(world, stages)
+
+
+def split_blocks(blocks: int, stages: int) -> list[range]:
+    """Consecutive blocks per stage, near-equal, the remainder to the first stages (which also
+    embed): e.g. 5 blocks on 2 stages -> [0, 1, 2], [3, 4]."""
+    sizes = [blocks // stages + (1 if s < blocks % stages else 0) for s in range(stages)]
+    starts = [sum(sizes[:s]) for s in range(stages)]
+    return [range(a, a + n) for a, n in zip(starts, sizes, strict=True)]
+
+
+def micro_rows(rows: int, micro_batches: int) -> tuple[int, int]:
+    """(micro-batches, rows each) for ``rows`` rows in at most ``micro_batches`` equal
+    micro-batches, the last padded: 7 rows, 2 micro-batches -> (2, 4); 3 rows, 4 -> (3, 1)."""
+    m = min(micro_batches, rows)
+    return m, math.ceil(rows / m)
+
+
+class Stage(nn.Module):
+    """One stage of a model: the full model's own submodules for its blocks (``blocks.<i>`` keeps
+    the full model's names), plus the embeddings on the first stage and the norm and head on the
+    last. ``forward`` calls the full model's ``embed``/``logits``, which reach only this stage's
+    (materialised) submodules."""
+
+    def __init__(self, model: nn.Module, index: int, stages: int):
+        super().__init__()
+        self.index, self.first, self.last = index, index == 0, index == stages - 1
+        self.block_ids = split_blocks(len(model.blocks), stages)[index]
+        self.blocks = nn.ModuleDict({str(i): model.blocks[i] for i in self.block_ids})
+        for name, child in model.named_children():
+            if name == "blocks":
+                continue
+            if (self.first and name != "head" and name != "ln_f") or (
+                self.last and name in ("ln_f", "head")
+            ):
+                self.add_module(name, child)
+        self._full = [model]  # a list: not a submodule (the other stages' parts stay on meta)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        model = self._full[0]
+        h = model.embed(x) if self.first else x
+        for block in self.blocks.values():
+            h = block(h)
+        return model.logits(h) if self.last else h
+
+
+def tied_names(model: nn.Module) -> dict[str, str]:
+    """alias -> first name of every parameter shared under two names (``head.weight`` ->
+    ``tok_emb.weight`` in the GPT)."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            aliases[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    return aliases
+
+
+def materialise(module: nn.Module, device: torch.device) -> nn.Module:
+    """``to_empty`` that keeps parameters shared under two names shared (it would make two)."""
+    aliases = tied_names(module)
+    module.to_empty(device=device)
+    for alias, name in aliases.items():
+        owner, _, attr = alias.rpartition(".")
+        setattr(module.get_submodule(owner), attr, module.get_parameter(name))
+    return module
+
+
+def build_stage(
+    factory: Callable[[], nn.Module],
+    state: Mapping[str, torch.Tensor],
+    layout: Layout,
+    rank: int,
+    device: torch.device,
+) -> Stage:
+    """This rank's stage of ``factory()`` (built on meta), on ``device``, holding ``state``'s
+    values (a full state dict, on any device; a tied alias may be absent, as in checkpoints)."""
+    with torch.device("meta"):
+        model = factory()
+    aliases = tied_names(model)
+    stage = Stage(model, layout.stage(rank), layout.stages)
+    materialise(stage, device)
+    own = stage.state_dict()
+    for name in own:
+        source = name if name in state else aliases.get(name, name)
+        if source not in state:
+            raise ConfigError(f"pipeline: the model's state has no tensor '{name}'")
+        own[name] = state[source]
+    stage.load_state_dict(own)
+    left = [n for n, b in stage.named_buffers() if b.is_meta]
+    if left:
+        raise ConfigError(f"pipeline: buffer '{left[0]}' is not in the model's state dict")
+    return stage
+
+
+class PipelineStep:
+    """The optimizer step of one pipeline stage, with :class:`~lepton_ray.train.step.TrainStep`'s
+    interface: ``step(x, y, sums)`` trains this replica's rows of one global batch (every rank of
+    the replica passes the same rows) and, on the last stage only, adds (loss sum, correct, targets)
+    to ``sums``; a sum over all ranks of ``sums`` is then the global one, as with ddp."""
+
+    def __init__(
+        self,
+        stage: Stage,
+        layout: Layout,
+        cfg: TrainConfig,
+        rank: int,
+        total_steps: int,
+        *,
+        factory: Callable[[], nn.Module],
+        schedule: Schedule = "1f1b",
+        micro_batches: int = 4,
+    ):
+        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+        self.model, self.stage, self.cfg, self.layout, self.rank = stage, stage, cfg, layout, rank
+        self.factory = factory
+        replica = layout.replica(rank)
+        self.local_batch = batching.worker_batch(cfg.batch_size, layout.replicas, replica)
+        self.scale = batching.loss_scale(cfg.batch_size, layout.replicas, self.local_batch)
+        self.micros, self.rows = micro_rows(self.local_batch, micro_batches)
+        if schedule == "1f1b" and self.micros < layout.stages:
+            raise ConfigError(
+                f"pipeline_schedule '1f1b' needs at least as many micro-batches as stages "
+                f"({layout.stages}); got {self.micros} (pipeline_micro_batches {micro_batches}, "
+                f"{self.local_batch} rows per replica)"
+            )
+        self.optimizer = build_optimizer(stage, cfg.optim)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, total_steps, cfg.optim)
+        )
+        self.device = next(stage.parameters()).device
+        self.autocast = (
+            torch.autocast("cuda", dtype=torch.bfloat16)
+            if self.device.type == "cuda"
+            else contextlib.nullcontext()
+        )
+        self.fwd_s = 0.0  # host time in this stage's forward passes
+        stage.register_forward_pre_hook(self._fwd_start)
+        stage.register_forward_hook(self._fwd_end)
+        self.groups = _Groups(layout, rank)
+        # A tied weight split across stages: this stage's copy, summed with the other's.
+        self.tied = {}
+        if layout.stages > 1:
+            aliases = tied_names_of(factory)
+            params = dict(stage.named_parameters())
+            self.tied = {n: p for n, p in params.items() if n in aliases or n in aliases.values()}
+        self._recorded: list[torch.Tensor] = []
+        self._targets = 1
+        pipe = PipelineStage(
+            stage,
+            layout.stage(rank),
+            layout.stages,
+            self.device,
+            group=self.groups.pipeline,
+        )
+        kind = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[schedule]
+        self.schedule = kind(pipe, self.micros, loss_fn=self._loss, scale_grads=False)
+
+    def _fwd_start(self, *_: Any) -> None:
+        self._t = time.perf_counter()
+
+    def _fwd_end(self, *_: Any) -> None:
+        self.fwd_s += time.perf_counter() - self._t
+
+    @property
+    def global_step(self) -> int:
+        """Optimizer steps taken by the run so far (the LR schedule's position)."""
+        return self.scheduler.last_epoch
+
+    def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """A micro-batch's loss: its sum over targets, scaled to its share of the global batch."""
+        flat = logits.flatten(0, -2).float()
+        total = F.cross_entropy(flat, y.flatten(), ignore_index=IGNORE, reduction="sum")
+        correct = (flat.argmax(-1) == y.flatten()).sum()
+        self._recorded.append(torch.stack([total.detach().double(), correct.double()]))
+        return total * (self.scale / self._targets)
+
+    def _pad(self, t: torch.Tensor, value: int) -> torch.Tensor:
+        extra = self.micros * self.rows - t.shape[0]
+        if extra == 0:
+            return t
+        return torch.cat([t, t.new_full((extra, *t.shape[1:]), value)])
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, sums: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self._recorded, self._targets = [], y.numel()
+        first, last = self.stage.first, self.stage.last
+        args = (self._pad(x, 0),) if first else ()
+        target = self._pad(y, IGNORE) if last else None
+        with self.autocast:
+            self.schedule.step(*args, target=target, losses=[] if last else None)
+        if last:
+            # the last M: a stage's first step also calls the loss once to infer gradient shapes
+            loss_correct = torch.stack(self._recorded[-self.micros :]).sum(0)
+            n = torch.full((1,), float(y.numel()), dtype=torch.float64, device=sums.device)
+            sums += torch.cat([loss_correct.to(sums.device), n])
+        self._reduce_gradients()
+        if self.cfg.optim.grad_clip:
+            self._clip(self.cfg.optim.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+
+    def _reduce_gradients(self) -> None:
+        """Average over replicas; a tied weight's two copies summed, then averaged."""
+        grads = [
+            p.grad
+            for n, p in self.stage.named_parameters()
+            if p.grad is not None and n not in self.tied
+        ]
+        if self.groups.replicas is not None and grads:
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat, group=self.groups.replicas)
+            flat /= self.layout.replicas
+            for g, new in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
+                g.copy_(new.view_as(g))
+        for p in self.tied.values():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad, group=self.groups.tie)
+            p.grad /= self.layout.replicas
+
+    def _clip(self, max_norm: float) -> None:
+        """``clip_grad_norm_`` over the whole model: the squares of each stage's gradients summed
+        along the pipeline, a tied weight counted once (on the first stage)."""
+        grads = [
+            p.grad
+            for n, p in self.stage.named_parameters()
+            if p.grad is not None
+            and not (self.stage.last and not self.stage.first and n in self.tied)
+        ]
+        sq = torch.stack([g.float().pow(2).sum() for g in grads]).sum()
+        if self.groups.pipeline is not None:
+            dist.all_reduce(sq, group=self.groups.pipeline)
+        coef = (max_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
+        for p in self.stage.parameters():
+            if p.grad is not None:
+                p.grad.mul_(coef)
+
+    # -- evaluation -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, float]:
+        """(loss, accuracy) over ``(x, y)`` batches that every rank sees alike: forward only, the
+        activations passed down the pipeline; the last stage of replica 0 computes and every rank
+        returns its numbers."""
+        was_training = self.stage.training
+        self.stage.eval()
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+        for x, y in batches:
+            h = self._receive() if not self.stage.first else x
+            with self.autocast:
+                h = self.stage(h)
+            if not self.stage.last:
+                self._send(h)
+                continue
+            flat = h.flatten(0, -2).float()
+            sums[0] += F.cross_entropy(flat, y.flatten(), reduction="sum").double()
+            sums[1] += (flat.argmax(-1) == y.flatten()).sum().double()
+            sums[2] += y.numel()
+        self.stage.train(was_training)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.broadcast(sums, src=self.layout.stages - 1)
+        return float(sums[0] / sums[2].clamp(min=1)), float(sums[1] / sums[2].clamp(min=1))
+
+    def _send(self, h: torch.Tensor) -> None:
+        dst = self.rank + 1
+        head = torch.tensor([h.ndim, *h.shape], dtype=torch.int64, device=h.device)
+        dist.send(torch.tensor([len(head)], device=h.device), dst, group=self.groups.pipeline)
+        dist.send(head, dst, group=self.groups.pipeline)
+        dist.send(h.float().contiguous(), dst, group=self.groups.pipeline)
+
+    def _receive(self) -> torch.Tensor:
+        src = self.rank - 1
+        n = torch.zeros(1, dtype=torch.int64, device=self.device)
+        dist.recv(n, src, group=self.groups.pipeline)
+        head = torch.zeros(int(n), dtype=torch.int64, device=self.device)
+        dist.recv(head, src, group=self.groups.pipeline)
+        h = torch.empty(head[1:].tolist(), dtype=torch.float32, device=self.device)
+        dist.recv(h, src, group=self.groups.pipeline)
+        return h
+
+    # -- checkpoints ------------------------------------------------------------------------
+
+    def _gather(self, local: Any) -> list[Any] | None:
+        """Replica 0's stages' ``local`` objects, in stage order, on rank 0 (a collective)."""
+        if not dist.is_initialized() or dist.get_world_size() == 1:
+            return [local]
+        mine = local if self.layout.replica(self.rank) == 0 else None
+        out: list[Any] = [None] * dist.get_world_size() if self.rank == 0 else None
+        dist.gather_object(mine, out, dst=0)
+        return out[: self.layout.stages] if self.rank == 0 else None
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The whole model's state dict on rank 0, on the CPU, a tied weight once under its first
+        name (None on other ranks). A collective: every rank calls it."""
+        aliases = tied_names_of(self.factory)
+        local = {
+            k: v.detach().cpu() for k, v in self.stage.state_dict().items() if k not in aliases
+        }
+        parts = self._gather(local)
+        if parts is None:
+            return None
+        return {k: v for part in parts for k, v in part.items()}
+
+    def full_model(self) -> nn.Module | None:
+        """The whole model on rank 0's CPU with the trained weights, for a checkpoint (None on
+        other ranks). A collective: every rank calls it."""
+        state = self.full_state_dict()
+        if state is None:
+            return None
+        with torch.device("meta"):
+            model = self.factory()
+        materialise(model, torch.device("cpu"))
+        aliases = tied_names(model)
+        model.load_state_dict(state | {a: state[n] for a, n in aliases.items()})
+        return model
+
+    def _names(self) -> list[str]:
+        """The parameter name of each optimizer index (groups in order)."""
+        name_of = {id(p): n for n, p in self.stage.named_parameters()}
+        return [name_of[id(p)] for g in self.optimizer.param_groups for p in g["params"]]
+
+    def state_dict(self) -> dict[str, Any]:
+        """Optimizer state keyed by parameter name, gathered from every stage (on rank 0; other
+        ranks get their own stage's), and the scheduler. A collective: every rank calls it."""
+        aliases = tied_names_of(self.factory)
+        opt = self.optimizer.state_dict()
+        names = self._names()
+        local = {
+            "state": {
+                names[i]: {k: v.cpu() if torch.is_tensor(v) else v for k, v in s.items()}
+                for i, s in opt["state"].items()
+                if names[i] not in aliases
+            },
+            "groups": [
+                [names[i] for i in g["params"] if names[i] not in aliases]
+                for g in opt["param_groups"]
+            ],
+        }
+        parts = self._gather(local) or [local]
+        groups = [
+            {k: v for k, v in g.items() if k != "params"}
+            | {"params": [n for part in parts for n in part["groups"][j]]}
+            for j, g in enumerate(opt["param_groups"])
+        ]
+        state = {n: s for part in parts for n, s in part["state"].items()}
+        return {
+            "optimizer": {"state": state, "param_groups": groups},
+            "scheduler": self.scheduler.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore from :meth:`state_dict`'s form (any number of replicas)."""
+        aliases = tied_names_of(self.factory)
+        saved = state["optimizer"]
+        names = self._names()
+        own = self.optimizer.state_dict()
+        own["state"] = {
+            i: saved["state"][aliases.get(n, n)]
+            for i, n in enumerate(names)
+            if aliases.get(n, n) in saved["state"]
+        }
+        for g, s in zip(own["param_groups"], saved["param_groups"], strict=True):
+            g.update({k: v for k, v in s.items() if k != "params"})
+        self.optimizer.load_state_dict(own)
+        self.scheduler.load_state_dict(state["scheduler"])
+
+
+def tied_names_of(factory: Callable[[], nn.Module]) -> dict[str, str]:
+    """:func:`tied_names` of the model ``factory`` builds (on meta: no memory)."""
+    with torch.device("meta"):
+        return tied_names(factory())
+
+
+class _Groups:
+    """The process groups of a layout (every rank creates every group, in the same order, as
+    ``new_group`` requires): this rank's pipeline, its stage's replicas, and the tie group."""
+
+    def __init__(self, layout: Layout, rank: int):
+        self.pipeline = self.replicas = self.tie = None
+        if not dist.is_initialized():
+            if layout.world > 1:
+                raise RuntimeError("pipeline parallelism across workers needs a process group")
+            return
+        for r in range(layout.replicas):
+            g = dist.new_group(layout.pipeline_ranks(r))
+            if r == layout.replica(rank):
+                self.pipeline = g
+        for s in range(layout.stages):
+            g = dist.new_group(layout.stage_ranks(s))
+            if s == layout.stage(rank) and layout.replicas > 1:
+                self.replicas = g
+        if layout.stages > 1:
+            g = dist.new_group(layout.tie_ranks())
+            if rank in layout.tie_ranks():
+                self.tie = g

@@ -1,0 +1,273 @@
+"""Pipeline parallelism (lepton_ray.train.pipeline) against a single-process reference.
+
+The layout arithmetic is tested as pure functions; the distributed step runs for real in 2 and 4
+processes on gloo (torch.multiprocessing, no Ray): every step's loss, the final weights, the
+gathered checkpoint state and a resume from it must equal one process training the whole model
+on the whole global batch. A global batch of 7 rows divides evenly neither over 2 replicas (4 + 3)
+nor into 2 micro-batches (padded rows), and the tied head/embedding weights live on different
+stages. Tolerance: float32 on CPU, where the only differences are summation order: losses within
+1e-5 relative, weights within 1e-5 absolute after 3 AdamW steps.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from lepton_ray.config import OptimConfig, TrainConfig
+from lepton_ray.errors import ConfigError
+from lepton_ray.gpt import GPT
+from lepton_ray.train import batching
+from lepton_ray.train.pipeline import (
+    Layout,
+    PipelineStep,
+    Stage,
+    build_stage,
+    check_layout,
+    micro_rows,
+    split_blocks,
+)
+from lepton_ray.train.step import build_optimizer, lr_factor
+
+BATCH, STEPS, SEQ, VOCAB = 7, 3, 8, 32
+
+
+def tiny_gpt() -> GPT:
+    return GPT(vocab_size=VOCAB, block_size=SEQ, n_layer=4, n_head=2, n_embd=16)
+
+
+def config(grad_clip: float | None = None) -> TrainConfig:
+    optim = OptimConfig(optimizer="adamw", lr=1e-2, weight_decay=0.1, grad_clip=grad_clip)
+    return TrainConfig(batch_size=BATCH, optim=optim, seed=0)
+
+
+def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    return [
+        (
+            torch.randint(0, VOCAB, (BATCH, SEQ), generator=g),
+            torch.randint(0, VOCAB, (BATCH, SEQ), generator=g),
+        )
+        for _ in range(STEPS)
+    ]
+
+
+def initial_state() -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    return tiny_gpt().state_dict()
+
+
+# -- pure -----------------------------------------------------------------------------------
+
+
+def test_layout_puts_stages_on_consecutive_ranks():
+    layout = check_layout(6, 3)
+    assert layout.replicas == 2
+    assert [layout.stage(r) for r in range(6)] == [0, 1, 2, 0, 1, 2]
+    assert [layout.replica(r) for r in range(6)] == [0, 0, 0, 1, 1, 1]
+    assert layout.pipeline_ranks(1) == [3, 4, 5]
+    assert layout.stage_ranks(1) == [1, 4]
+    assert layout.tie_ranks() == [0, 2, 3, 5]
+    assert check_layout(3, None) == Layout(3, 3)  # default: one stage per worker
+
+
+def test_layout_refuses_what_does_not_fit():
+    with pytest.raises(ConfigError, match="multiple of pipeline_stages \\(2\\); got 3 workers"):
+        check_layout(3, 2)
+    with pytest.raises(ConfigError, match="4 blocks, fewer than its 5 stages"):
+        check_layout(5, 5, blocks=4)
+
+
+def test_blocks_and_micro_batches_split_near_equal():
+    assert split_blocks(5, 2) == [range(0, 3), range(3, 5)]
+    assert split_blocks(4, 4) == [range(i, i + 1) for i in range(4)]
+    assert micro_rows(7, 2) == (2, 4)  # 8 rows: one padded
+    assert micro_rows(3, 4) == (3, 1)  # never more micro-batches than rows
+    assert micro_rows(8, 4) == (4, 2)
+
+
+def test_stages_chained_equal_the_whole_model():
+    state = initial_state()
+    full = tiny_gpt()
+    full.load_state_dict(state)
+    x = batches()[0][0]
+    h = x
+    for s in range(3):
+        stage = build_stage(tiny_gpt, state, Layout(3, 3), s, torch.device("cpu"))
+        assert isinstance(stage, Stage)
+        h = stage(h)
+    torch.testing.assert_close(h, full(x), rtol=0, atol=0)
+    last = build_stage(tiny_gpt, state, Layout(3, 3), 2, torch.device("cpu"))
+    assert set(last.state_dict()) == {
+        "blocks.3.ln_1.weight",
+        "blocks.3.attn.qkv.weight",
+        "blocks.3.attn.proj.weight",
+        "blocks.3.ln_2.weight",
+        "blocks.3.mlp.fc.weight",
+        "blocks.3.mlp.proj.weight",
+        "ln_f.weight",
+        "head.weight",
+    }
+    torch.testing.assert_close(last.head.weight, state["tok_emb.weight"], rtol=0, atol=0)
+    whole = build_stage(tiny_gpt, state, Layout(1, 1), 0, torch.device("cpu"))
+    assert whole.head.weight is whole.tok_emb.weight  # one stage: still tied
+
+
+# -- distributed, against the reference ------------------------------------------------------
+
+
+def reference(cfg: TrainConfig) -> tuple[list[float], dict[str, torch.Tensor], GPT]:
+    """One process, the whole model, the whole global batch: the losses and final weights."""
+    model = tiny_gpt()
+    model.load_state_dict(initial_state())
+    opt = build_optimizer(model, cfg.optim)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, STEPS, cfg.optim))
+    losses = []
+    for x, y in batches():
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        loss.backward()
+        if cfg.optim.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    return losses, model.state_dict(), model
+
+
+def replica_rows(layout: Layout, rank: int) -> slice:
+    r = layout.replica(rank)
+    start = sum(batching.worker_batch(BATCH, layout.replicas, i) for i in range(r))
+    return slice(start, start + batching.worker_batch(BATCH, layout.replicas, r))
+
+
+def train(
+    layout: Layout,
+    rank: int,
+    cfg: TrainConfig,
+    schedule: str,
+    state=None,
+    opt_state=None,
+    steps: slice = slice(None),
+):
+    """The ``steps`` of the run (the LR schedule spans all STEPS) at ``layout``, from ``state``
+    and ``opt_state``: (global losses, the step object)."""
+    stage = build_stage(tiny_gpt, state or initial_state(), layout, rank, torch.device("cpu"))
+    micro = max(2, layout.stages)  # 1F1B needs at least one micro-batch per stage
+    step = PipelineStep(
+        stage, layout, cfg, rank, STEPS, factory=tiny_gpt, schedule=schedule, micro_batches=micro
+    )
+    if opt_state is not None:
+        step.load_state_dict(opt_state)
+    losses = []
+    for x, y in batches()[steps]:
+        rows = replica_rows(layout, rank)
+        sums = torch.zeros(3, dtype=torch.float64)
+        step(x[rows], y[rows], sums)
+        dist.all_reduce(sums)
+        losses.append(float(sums[0] / sums[2]))
+    return losses, step
+
+
+def tie_copies(step: PipelineStep) -> list:
+    """Every rank's copy of the tied weight (None where a rank holds neither), on rank 0."""
+    mine = next((p.detach().clone() for p in step.tied.values()), None)
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, mine)
+    return out
+
+
+def worker(rank: int, world: int, port: int, cases: list, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    results = {}
+    try:
+        for name, stages, schedule, clip, resume_stages in cases:
+            cfg = config(clip)
+            layout = Layout(world, stages)
+            losses, step = train(layout, rank, cfg, schedule)
+            weights = step.full_state_dict()
+            ties = tie_copies(step)
+            resumed = None
+            if resume_stages:  # 2 steps, checkpoint, then step 3 at another layout
+                first, half = train(layout, rank, cfg, schedule, steps=slice(0, 2))
+                model_state = [half.full_state_dict()]
+                opt_state = [half.state_dict()]
+                dist.broadcast_object_list(model_state, src=0)
+                dist.broadcast_object_list(opt_state, src=0)
+                later, _ = train(
+                    Layout(world, resume_stages),
+                    rank,
+                    cfg,
+                    schedule,
+                    state=model_state[0],
+                    opt_state=opt_state[0],
+                    steps=slice(2, None),
+                )
+                resumed = first + later
+            results[name] = {
+                "losses": losses,
+                "weights": weights,
+                "ties": ties,
+                "resumed": resumed,
+                "copies": 2 * layout.replicas if stages > 1 else 0,  # tied, one stage: one tensor
+            }
+    finally:
+        dist.destroy_process_group()
+    if rank == 0:
+        torch.save(results, out)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(world: int, cases: list, tmp_path) -> dict:
+    out = str(tmp_path / "results.pt")
+    mp.spawn(worker, args=(world, free_port(), cases, out), nprocs=world, join=True)
+    return torch.load(out, weights_only=False)
+
+
+def check(result: dict, cfg: TrainConfig) -> None:
+    losses, weights, model = reference(cfg)
+    assert result["losses"] == pytest.approx(losses, rel=1e-5)
+    assert set(result["weights"]) == set(weights) - {"head.weight"}  # the tied model, once
+    for k, v in result["weights"].items():
+        torch.testing.assert_close(v, weights[k], rtol=1e-4, atol=1e-5, msg=k)
+    copies = [t for t in result["ties"] if t is not None]
+    assert len(copies) == result["copies"]
+    for t in copies:  # the first stage's embedding and the last stage's head: equal, exactly
+        torch.testing.assert_close(t, copies[0], rtol=0, atol=0)
+    if result["resumed"] is not None:
+        assert result["resumed"] == pytest.approx(losses, rel=1e-5)
+
+
+def test_two_stages_equal_the_reference(tmp_path):
+    cases = [
+        ("gpipe", 2, "gpipe", None, None),
+        ("1f1b-clip", 2, "1f1b", 0.5, None),
+        ("one-stage-two-replicas", 1, "1f1b", None, None),
+    ]
+    results = run(2, cases, tmp_path)
+    check(results["gpipe"], config())
+    check(results["1f1b-clip"], config(0.5))
+    check(results["one-stage-two-replicas"], config())
+
+
+def test_two_stages_times_two_replicas_equal_the_reference(tmp_path):
+    cases = [
+        ("gpipe", 2, "gpipe", None, None),
+        ("1f1b-resume-at-4-stages", 2, "1f1b", 0.5, 4),
+    ]
+    results = run(4, cases, tmp_path)
+    check(results["gpipe"], config())
+    check(results["1f1b-resume-at-4-stages"], config(0.5))
