@@ -58,6 +58,20 @@ def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
     ]
 
 
+class Tokens:
+    """Next-token prediction with lepton_ray.train.task's per-row convention: a row's loss is the
+    mean over its positions, ``correct`` the share of them right."""
+
+    def inputs(self, batch, train=True):
+        return batch
+
+    def loss_sum(self, logits, y):
+        return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum") / SEQ
+
+    def correct(self, logits, y):
+        return (logits.argmax(-1) == y).sum() / SEQ
+
+
 def initial_state() -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
     return tiny_gpt().state_dict()
@@ -122,8 +136,9 @@ def test_stages_chained_equal_the_whole_model():
 # -- distributed, against the reference ------------------------------------------------------
 
 
-def reference(cfg: TrainConfig) -> tuple[list[float], dict[str, torch.Tensor], GPT]:
-    """One process, the whole model, the whole global batch: the losses and final weights."""
+def reference(cfg: TrainConfig) -> tuple[list[float], dict[str, torch.Tensor], float]:
+    """One process, the whole model, the whole global batch: the losses, the final weights and
+    the validation loss after training."""
     model = tiny_gpt()
     model.load_state_dict(initial_state())
     opt = build_optimizer(model, cfg.optim)
@@ -138,7 +153,16 @@ def reference(cfg: TrainConfig) -> tuple[list[float], dict[str, torch.Tensor], G
         opt.step()
         sched.step()
         losses.append(loss.item())
-    return losses, model.state_dict(), model
+    x, y = val_batch()
+    with torch.no_grad():
+        val = F.cross_entropy(model(x).flatten(0, 1), y.flatten()).item()
+    return losses, model.state_dict(), val
+
+
+def val_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(2)
+    tokens = torch.randint(0, VOCAB, (2, 5, SEQ), generator=g)
+    return tokens[0], tokens[1]
 
 
 def replica_rows(layout: Layout, rank: int) -> slice:
@@ -161,7 +185,15 @@ def train(
     stage = build_stage(tiny_gpt, state or initial_state(), layout, rank, torch.device("cpu"))
     micro = max(2, layout.stages)  # 1F1B needs at least one micro-batch per stage
     step = PipelineStep(
-        stage, layout, cfg, rank, STEPS, factory=tiny_gpt, schedule=schedule, micro_batches=micro
+        stage,
+        layout,
+        cfg,
+        rank,
+        STEPS,
+        factory=tiny_gpt,
+        task=Tokens(),
+        schedule=schedule,
+        micro_batches=micro,
     )
     if opt_state is not None:
         step.load_state_dict(opt_state)
@@ -194,6 +226,7 @@ def worker(rank: int, world: int, port: int, cases: list, out: str) -> None:
             layout = Layout(world, stages)
             losses, step = train(layout, rank, cfg, schedule)
             weights = step.full_state_dict()
+            val = step.evaluate([val_batch()])
             ties = tie_copies(step)
             resumed = None
             if resume_stages:  # 2 steps, checkpoint, then step 3 at another layout
@@ -217,6 +250,7 @@ def worker(rank: int, world: int, port: int, cases: list, out: str) -> None:
                 "weights": weights,
                 "ties": ties,
                 "resumed": resumed,
+                "val": val,
                 "copies": 2 * layout.replicas if stages > 1 else 0,  # tied, one stage: one tensor
             }
     finally:
@@ -238,7 +272,7 @@ def run(world: int, cases: list, tmp_path) -> dict:
 
 
 def check(result: dict, cfg: TrainConfig) -> None:
-    losses, weights, model = reference(cfg)
+    losses, weights, val = reference(cfg)
     assert result["losses"] == pytest.approx(losses, rel=1e-5)
     assert set(result["weights"]) == set(weights) - {"head.weight"}  # the tied model, once
     for k, v in result["weights"].items():
@@ -247,6 +281,7 @@ def check(result: dict, cfg: TrainConfig) -> None:
     assert len(copies) == result["copies"]
     for t in copies:  # the first stage's embedding and the last stage's head: equal, exactly
         torch.testing.assert_close(t, copies[0], rtol=0, atol=0)
+    assert result["val"][0] == pytest.approx(val, rel=1e-5)
     if result["resumed"] is not None:
         assert result["resumed"] == pytest.approx(losses, rel=1e-5)
 

@@ -10,10 +10,10 @@ Arithmetic (the same as ddp's, :mod:`lepton_ray.train.batching`, with the replic
 replica ``r`` trains ``b_r = worker_batch(B, dp, r)`` rows of the global batch ``B``; every rank of
 a replica gets those same rows (stage 0 uses the inputs, the last stage the targets). The rows run
 as ``M`` micro-batches through GPipe or 1F1B (``torch.distributed.pipelining``) with
-``scale_grads=False``: the loss of a micro-batch is its *sum* over targets times
-``dp * b_r / (B * targets_r)`` (``targets_r`` = target elements in the replica's rows), so the
-micro-batch losses add up to the replica's mean loss scaled to its share of the global batch,
-applied exactly once. Gradients are then averaged over the ``dp`` replicas of each stage: the update
+``scale_grads=False``: the loss of a micro-batch is the *sum* of its rows' losses (the task's
+``loss_sum``, :mod:`lepton_ray.train.task`) times ``dp * b_r / (B * b_r)``, so the micro-batch
+losses add up to the replica's mean loss scaled to its share of the global batch, applied exactly
+once. Gradients are then averaged over the ``dp`` replicas of each stage: the update
 equals one step on the whole global batch. A pipeline stage's receive buffers are sized by its
 first micro-batch, so rows are padded to ``M * ceil(b_r / M)`` with targets the loss ignores
 (``-100``): exact for models whose rows do not interact (no batch norm), e.g. b_r = 5, M = 2:
@@ -44,7 +44,6 @@ from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from lepton_ray.config import TrainConfig
@@ -199,8 +198,10 @@ def build_stage(
 class PipelineStep:
     """The optimizer step of one pipeline stage, with :class:`~lepton_ray.train.step.TrainStep`'s
     interface: ``step(x, y, sums)`` trains this replica's rows of one global batch (every rank of
-    the replica passes the same rows) and, on the last stage only, adds (loss sum, correct, targets)
-    to ``sums``; a sum over all ranks of ``sums`` is then the global one, as with ddp."""
+    the replica passes the same rows) and, on the last stage only, adds (loss * rows, correct,
+    rows) to ``sums``; a sum over all ranks of ``sums`` is then the global one, as with ddp.
+    ``task`` gives the per-row losses and correct counts (``loss_sum``, ``correct``, ``inputs``;
+    :mod:`lepton_ray.train.task`)."""
 
     def __init__(
         self,
@@ -211,13 +212,14 @@ class PipelineStep:
         total_steps: int,
         *,
         factory: Callable[[], nn.Module],
+        task: Any,
         schedule: Schedule = "1f1b",
         micro_batches: int = 4,
     ):
         from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
         self.model, self.stage, self.cfg, self.layout, self.rank = stage, stage, cfg, layout, rank
-        self.factory = factory
+        self.factory, self.task = factory, task
         replica = layout.replica(rank)
         self.local_batch = batching.worker_batch(cfg.batch_size, layout.replicas, replica)
         self.scale = batching.loss_scale(cfg.batch_size, layout.replicas, self.local_batch)
@@ -249,7 +251,6 @@ class PipelineStep:
             params = dict(stage.named_parameters())
             self.tied = {n: p for n, p in params.items() if n in aliases or n in aliases.values()}
         self._recorded: list[torch.Tensor] = []
-        self._targets = 1
         pipe = PipelineStage(
             stage,
             layout.stage(rank),
@@ -272,12 +273,12 @@ class PipelineStep:
         return self.scheduler.last_epoch
 
     def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """A micro-batch's loss: its sum over targets, scaled to its share of the global batch."""
-        flat = logits.flatten(0, -2).float()
-        total = F.cross_entropy(flat, y.flatten(), ignore_index=IGNORE, reduction="sum")
-        correct = (flat.argmax(-1) == y.flatten()).sum()
+        """A micro-batch's loss: its rows' losses summed (padding rows add 0), scaled to its share
+        of the global batch."""
+        total = self.task.loss_sum(logits, y)
+        correct = self.task.correct(logits, y)
         self._recorded.append(torch.stack([total.detach().double(), correct.double()]))
-        return total * (self.scale / self._targets)
+        return total * (self.scale / self.local_batch)
 
     def _pad(self, t: torch.Tensor, value: int) -> torch.Tensor:
         extra = self.micros * self.rows - t.shape[0]
@@ -287,7 +288,7 @@ class PipelineStep:
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, sums: torch.Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
-        self._recorded, self._targets = [], y.numel()
+        self._recorded = []
         first, last = self.stage.first, self.stage.last
         args = (self._pad(x, 0),) if first else ()
         target = self._pad(y, IGNORE) if last else None
@@ -296,7 +297,7 @@ class PipelineStep:
         if last:
             # the last M: a stage's first step also calls the loss once to infer gradient shapes
             loss_correct = torch.stack(self._recorded[-self.micros :]).sum(0)
-            n = torch.full((1,), float(y.numel()), dtype=torch.float64, device=sums.device)
+            n = torch.full((1,), float(len(y)), dtype=torch.float64, device=sums.device)
             sums += torch.cat([loss_correct.to(sums.device), n])
         self._reduce_gradients()
         if self.cfg.optim.grad_clip:
@@ -343,24 +344,24 @@ class PipelineStep:
     # -- evaluation -------------------------------------------------------------------------
 
     @torch.no_grad()
-    def evaluate(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, float]:
-        """(loss, accuracy) over ``(x, y)`` batches that every rank sees alike: forward only, the
-        activations passed down the pipeline; the last stage of replica 0 computes and every rank
-        returns its numbers."""
+    def evaluate(self, batches: Iterable[Any]) -> tuple[float, float]:
+        """(loss, accuracy) over ``batches`` that every rank sees alike, as
+        :func:`~lepton_ray.train.step.evaluate` computes them: forward only, the activations
+        passed down the pipeline; the last stage of replica 0 computes, every rank returns it."""
         was_training = self.stage.training
         self.stage.eval()
         sums = torch.zeros(3, dtype=torch.float64, device=self.device)
-        for x, y in batches:
+        for batch in batches:
+            x, y = self.task.inputs(batch, train=False)
             h = self._receive() if not self.stage.first else x
             with self.autocast:
                 h = self.stage(h)
             if not self.stage.last:
                 self._send(h)
                 continue
-            flat = h.flatten(0, -2).float()
-            sums[0] += F.cross_entropy(flat, y.flatten(), reduction="sum").double()
-            sums[1] += (flat.argmax(-1) == y.flatten()).sum().double()
-            sums[2] += y.numel()
+            sums[0] += self.task.loss_sum(h, y).double()
+            sums[1] += self.task.correct(h, y).double()
+            sums[2] += len(y)
         self.stage.train(was_training)
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.broadcast(sums, src=self.layout.stages - 1)
