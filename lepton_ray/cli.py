@@ -58,6 +58,7 @@ def cmd_data_prepare(a: argparse.Namespace) -> Any:
         skip_bad=a.skip_bad,
         encoding=a.encoding,
         rows_per_shard=a.rows_per_shard,
+        block_size=a.block_size,
     )
     for split, i in infos.items():
         _warn_skipped(split, i.manifest)
@@ -66,7 +67,11 @@ def cmd_data_prepare(a: argparse.Namespace) -> Any:
             "uri": i.uri,
             "rows": i.num_rows,
             "shape": list(i.shape),
-            "classes": len(i.classes),
+            **(
+                {"kind": "text", "block_size": i.block_size}
+                if i.kind == "text"
+                else {"classes": len(i.classes)}
+            ),
             "skipped_rows": i.manifest.get("skipped_rows", 0),
         }
         for split, i in infos.items()
@@ -87,6 +92,8 @@ def cmd_data_inspect(a: argparse.Namespace) -> Any:
 
     i = open_dataset(a.uri, a.endpoint_url)
     m = i.manifest
+    if a.grid and i.kind == "text":
+        raise _UsageError("--grid draws images; this dataset holds text")
     if a.grid:
         from lepton_ray.viz import augmentation_grid
 
@@ -102,9 +109,15 @@ def cmd_data_inspect(a: argparse.Namespace) -> Any:
         "shards": len(i.shards),
         "schema": {
             "id": "int64",
-            "image": f"binary ({i.encoding} uint8 {'x'.join(map(str, i.shape))})",
+            "image": f"binary ({i.encoding} uint8 {'x'.join(map(str, i.shape))})"
+            + (f": {i.block_size} + 1 byte tokens per block" if i.kind == "text" else ""),
             "label": "int64",
         },
+        **(
+            {"kind": "text", "block_size": i.block_size, "vocab_size": i.vocab_size}
+            if i.kind == "text"
+            else {}
+        ),
         "source": m.get("source"),
         "created_at": m.get("created_at"),
         "skipped_rows": m.get("skipped_rows", 0),
@@ -164,12 +177,7 @@ def cmd_train(a: argparse.Namespace) -> Any:
     else:
         raise _UsageError("which data? pass --data URI, or --config FILE with a dataset section")
     info = open_dataset(train_uri, cfg.endpoint_url)
-    model = build_model(
-        cfg.model.name,
-        in_channels=info.shape[2],
-        num_classes=info.num_classes,
-        **cfg.model.kwargs,
-    )
+    model = build_model(cfg.model.name, **info.model_kwargs(), **cfg.model.kwargs)
     tcfg = dataclasses.replace(
         cfg.train,
         storage=cfg.runs_uri,
@@ -424,7 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument(
         "source",
         help="mnist5k, torchvision:MNIST|FashionMNIST|KMNIST|CIFAR10|CIFAR100 (with --root), "
-        "imagefolder:PATH|s3://..., parquet:PATH, synthetic:ROWS:HxWxC[:CLASSES]",
+        "imagefolder:PATH|s3://..., parquet:PATH, synthetic:ROWS:HxWxC[:CLASSES]; text (byte "
+        "tokens): pydoc-topics, text:FILE|FOLDER, text-parquet:PATH[:COLUMN]",
     )
     prep.add_argument("dest", help="destination URI (path or s3://bucket/prefix)")
     prep.add_argument("--overwrite", action="store_true", help="rewrite even if already prepared")
@@ -445,6 +454,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="rows per Parquet shard (default: ~64 MiB of pixels, at least 8 shards)",
+    )
+    prep.add_argument(
+        "--block-size",
+        type=int,
+        default=None,
+        help="text sources: tokens a model reads per block (default 256; a row holds one more)",
     )
     prep.add_argument(*ep["flags"], **ep["kw"])
     prep.set_defaults(fn=cmd_data_prepare)

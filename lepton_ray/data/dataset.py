@@ -2,7 +2,9 @@
 
 A prepared dataset is a folder (local or ``s3://``) holding Parquet shards and a
 ``manifest.json``. Rows are ``id`` (int64, stable across epochs and runs), ``image`` (raw HWC
-uint8 bytes, or PNG) and ``label`` (int64). The manifest lists the shards with their checksums, the
+uint8 bytes, or PNG) and ``label`` (int64). A text dataset (``kind: "text"``) stores byte-level
+token blocks the same way, each as an "image" of shape (1, block_size + 1, 1) with label 0 (see
+:mod:`lepton_ray.data.text`). The manifest lists the shards with their checksums, the
 row count, the image shape, the classes and the per-channel mean/std. It is written last
 (:mod:`lepton_ray.data.writer`), so a reader that finds a manifest finds complete shards.
 
@@ -66,10 +68,28 @@ class DatasetInfo:
     encoding: str = "raw"
     endpoint_url: str | None = None
     manifest: dict = field(default_factory=dict, repr=False, compare=False)
+    kind: str = "image"  # or "text": rows are token blocks (lepton_ray.data.text)
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def block_size(self) -> int:
+        """A text dataset's tokens per block that the model reads (a row holds one more)."""
+        return int(self.manifest["block_size"]) if self.kind == "text" else 0
+
+    @property
+    def vocab_size(self) -> int:
+        """A text dataset's vocabulary (256: bytes)."""
+        return int(self.manifest["vocab_size"]) if self.kind == "text" else 0
+
+    def model_kwargs(self) -> dict[str, int]:
+        """The constructor arguments this data fixes for a registered model: ``in_channels`` and
+        ``num_classes`` for images, ``vocab_size`` and ``block_size`` for text (the ``gpt``)."""
+        if self.kind == "text":
+            return {"vocab_size": self.vocab_size, "block_size": self.block_size}
+        return {"in_channels": self.shape[2], "num_classes": self.num_classes}
 
     @property
     def pixel_bytes(self) -> int:
@@ -169,8 +189,17 @@ def check_manifest(m: Any, where: str) -> dict:
     shape = m.get("shape")
     if not (isinstance(shape, list) and len(shape) == 3 and all(count(d) and d > 0 for d in shape)):
         raise bad("shape", "must be [height, width, channels] of positive whole numbers")
+    kind = m.get("kind", "image")
+    if kind not in ("image", "text"):
+        raise bad("kind", "must be 'image' or 'text'")
+    if kind == "text":
+        _check_text(m, bad)
     classes = m.get("classes")
-    if not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
+    if not (
+        isinstance(classes, list)
+        and (classes or kind == "text")
+        and all(isinstance(c, str) for c in classes)
+    ):
         raise bad("classes", "must be a non-empty list of names")
     for key in ("mean", "std"):
         v = m.get(key)
@@ -202,6 +231,21 @@ def check_manifest(m: Any, where: str) -> dict:
     return m
 
 
+def _check_text(m: dict, bad: Any) -> None:
+    """A text manifest's own fields: bytes as tokens, rows of ``block_size + 1`` of them, raw."""
+    block = m.get("block_size")
+    if not (isinstance(block, int) and not isinstance(block, bool) and block >= 2):
+        raise bad("block_size", "must be a whole number >= 2")
+    if m.get("tokenizer") != "bytes" or m.get("vocab_size") != 256:
+        raise bad("tokenizer", "must be 'bytes' with vocab_size 256")
+    if m.get("shape") != [1, block + 1, 1]:
+        raise bad("shape", f"must be [1, {block + 1}, 1] for blocks of {block} + 1 tokens")
+    if m.get("encoding", "raw") != "raw":
+        raise bad("encoding", "must be 'raw' for text")
+    if m.get("classes") != []:
+        raise bad("classes", "must be [] for text")
+
+
 def info_from_manifest(loc: storage.Location, m: dict) -> DatasetInfo:
     return DatasetInfo(
         uri=loc.uri,
@@ -214,6 +258,7 @@ def info_from_manifest(loc: storage.Location, m: dict) -> DatasetInfo:
         encoding=m.get("encoding", "raw"),
         endpoint_url=loc.endpoint_url,
         manifest=m,
+        kind=m.get("kind", "image"),
     )
 
 

@@ -6,6 +6,8 @@ class names. Sources: the built-in MNIST subset (``mnist5k``, shipped in this pa
 local disk (``torchvision:MNIST`` / ``FashionMNIST`` / ``CIFAR10`` with ``root``), an image-folder
 tree (``imagefolder:PATH`` or ``imagefolder:s3://bucket/prefix``, one sub-folder per class,
 PNG/JPEG; ``train/`` and ``test/`` or ``val/`` sub-trees become splits), and existing Parquet (``parquet:PATH`` with ``image`` bytes and ``label``).
+Text sources (``text:PATH``, ``text-parquet:PATH[:COLUMN]``, ``pydoc-topics``) give byte-level
+token blocks as rows of shape (1, block_size + 1, 1): see :mod:`lepton_ray.data.text`.
 
 Bad rows (unreadable images, a size unlike the first image's) raise :class:`DataError` naming the
 file or row, or with ``skip_bad`` are left out and counted.
@@ -23,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from lepton_ray import storage
+from lepton_ray.data import text
 from lepton_ray.errors import DataError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
@@ -96,10 +99,13 @@ class Source:
     name: str
     splits: dict[str, Split | StreamedSplit]
     classes: list[str]
+    manifest: dict = field(default_factory=dict)  # what its manifest adds (a text dataset's kind)
 
 
 def canonical(source: str) -> str:
     """The name a source is recorded under in manifests (what makes ``prepare`` idempotent)."""
+    if text.is_text_source(source):
+        return text.canonical(source)
     if source in BUILTIN_SOURCES:
         return f"builtin:{source}"
     kind, sep, arg = source.partition(":")
@@ -113,9 +119,20 @@ def canonical(source: str) -> str:
 
 
 def load(
-    source: str, *, root: str | None = None, skip_bad: bool = False, endpoint_url: str | None = None
+    source: str,
+    *,
+    root: str | None = None,
+    skip_bad: bool = False,
+    endpoint_url: str | None = None,
+    block_size: int | None = None,
 ) -> Source:
-    """Resolve a source string (see the module docstring) and load it."""
+    """Resolve a source string (see the module docstring) and load it; a text source (see
+    :mod:`lepton_ray.data.text`) is cut into blocks of ``block_size`` (default 256)."""
+    if text.is_text_source(source):
+        size = text.DEFAULT_BLOCK_SIZE if block_size is None else block_size
+        return text.load(source, size, skip_bad=skip_bad, endpoint_url=endpoint_url)
+    if block_size is not None:
+        raise DataError(f"block_size applies to text sources only, not {source!r}")
     if source in BUILTIN_SOURCES:
         raw = BUILTIN_SOURCES[source]()
         return Source(
@@ -133,8 +150,9 @@ def load(
     if not _ and Path(source).is_dir():
         return _image_folder(source, skip_bad, endpoint_url)
     raise DataError(
-        f"unknown dataset source {source!r} (built-in: {', '.join(BUILTIN_SOURCES)}; "
-        "or torchvision:NAME, imagefolder:PATH, parquet:PATH, synthetic:ROWS:HxWxC)"
+        f"unknown dataset source {source!r} (built-in: "
+        f"{', '.join([*BUILTIN_SOURCES, *text.TEXT_BUILTINS])}; or torchvision:NAME, "
+        "imagefolder:PATH, parquet:PATH, synthetic:ROWS:HxWxC, text:PATH, text-parquet:PATH[:COLUMN])"
     )
 
 

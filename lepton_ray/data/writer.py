@@ -31,6 +31,7 @@ from lepton_ray.data.dataset import (
     read_manifest,
     shard_location,
 )
+from lepton_ray.data.text import DEFAULT_BLOCK_SIZE, is_text_source
 from lepton_ray.data.transforms import ENCODINGS, encode_png
 from lepton_ray.errors import DataError, LeptonError
 
@@ -49,6 +50,9 @@ class DatasetWriter:
     ``add`` takes chunks of (N, H, W, C) uint8 images with labels (and ids); full shards go to
     storage as they fill; ``commit`` writes the last shard and then the manifest, the commit point.
     Statistics (class counts, channel mean/std) are accumulated as the chunks pass.
+
+    ``manifest`` adds fields to the manifest: a text dataset's (:func:`lepton_ray.data.text.manifest_fields`),
+    whose rows are token blocks of shape (1, block_size + 1, 1), with no classes and labels of 0.
     """
 
     def __init__(
@@ -60,9 +64,14 @@ class DatasetWriter:
         source: str = "",
         rows_per_shard: int | None = None,
         encoding: str = "raw",
+        manifest: dict | None = None,
     ):
         if encoding not in ENCODINGS:
             raise DataError(f"unknown image encoding {encoding!r} (known: {', '.join(ENCODINGS)})")
+        self.extra = dict(manifest or {})
+        self.text = self.extra.get("kind") == "text"
+        if self.text and (encoding != "raw" or classes):
+            raise DataError("a text dataset is stored raw, without classes")
         self.loc = storage.resolve(dest, endpoint_url)
         self.classes, self.source, self.encoding = list(classes), source, encoding
         self.rows_per_shard = rows_per_shard
@@ -93,11 +102,17 @@ class DatasetWriter:
             raise DataError(
                 f"row {self.num_rows}: image shape {images.shape[1:]} differs from the first rows' {self.shape}"
             )
-        bad = np.flatnonzero((labels < 0) | (labels >= len(self.classes)))
+        if self.text and self.shape != (1, self.extra["block_size"] + 1, 1):
+            raise DataError(
+                f"text rows must be blocks of shape (1, {self.extra['block_size'] + 1}, 1), "
+                f"got {self.shape}"
+            )
+        labels_known = len(self.classes) or int(self.text)  # text: every label is 0
+        bad = np.flatnonzero((labels < 0) | (labels >= labels_known))
         if len(bad):
             raise DataError(
                 f"row {self.num_rows + int(bad[0])}: label {int(labels[bad[0]])} is outside the "
-                f"{len(self.classes)} classes"
+                f"{len(self.classes)} classes" + (" (text rows have label 0)" if self.text else "")
             )
         ids = (
             np.arange(self.num_rows, self.num_rows + n, dtype=np.int64)
@@ -111,7 +126,8 @@ class DatasetWriter:
             x = images[s : s + 4096].reshape(min(4096, n - s), -1)  # rows of H*W*C values
             self.sum += x.sum(axis=0, dtype=np.uint64).reshape(-1, c).sum(axis=0)
             self.sumsq += _SQUARES[x].sum(axis=0, dtype=np.uint64).reshape(-1, c).sum(axis=0)
-        self.counts += np.bincount(labels, minlength=len(self.classes))
+        if self.classes:
+            self.counts += np.bincount(labels, minlength=len(self.classes))
         self.num_rows += n
         self.pending.append((images, labels, ids))
         self.pending_rows += n
@@ -191,6 +207,7 @@ class DatasetWriter:
             "skipped_examples": (skipped or [])[:10],
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "writer": f"lepton_ray {_version()}",
+            **self.extra,
         }
         loc = self.loc
         old = _previous_shards(loc)
@@ -271,8 +288,10 @@ def write_dataset(
     rows_per_shard: int | None = None,
     skipped: list[str] | None = None,
     encoding: str = "raw",
+    manifest: dict | None = None,
 ) -> DatasetInfo:
-    """Write (N, H, W, C) uint8 images and labels as a prepared dataset at ``dest``."""
+    """Write (N, H, W, C) uint8 images and labels as a prepared dataset at ``dest`` (``manifest``:
+    fields to add, as :class:`DatasetWriter` takes them)."""
     n = len(images)
     if rows_per_shard is None and n:
         rows_per_shard = shard_rows(n, np.shape(images)[1:])
@@ -283,6 +302,7 @@ def write_dataset(
         source=source,
         rows_per_shard=rows_per_shard,
         encoding=encoding,
+        manifest=manifest,
     )
     if n:
         writer.add(images, labels, ids)
@@ -308,10 +328,12 @@ def prepare(
     skip_bad: bool = False,
     encoding: str = "raw",
     rows_per_shard: int | None = None,
+    block_size: int | None = None,
 ) -> dict[str, DatasetInfo]:
     """Prepare a dataset into object storage: ``dest/<split>/`` per split (see :mod:`lepton_ray.data.sources`
     for the sources: ``mnist5k``, ``torchvision:NAME`` with ``root``, ``imagefolder:PATH``,
-    ``parquet:PATH``).
+    ``parquet:PATH``; text: ``text:PATH``, ``text-parquet:PATH[:COLUMN]``, ``pydoc-topics``, cut
+    into byte-level token blocks of ``block_size`` (default 256; :mod:`lepton_ray.data.text`)).
 
     Idempotent: when ``dest`` already holds this source's splits they are left as they are and
     nothing is read (``overwrite=True`` rewrites them, atomically). With ``skip_bad``, unreadable
@@ -321,6 +343,8 @@ def prepare(
     pixels, at least 8 shards); smaller shards stream with less memory in flight.
     """
     tag = sources.canonical(source)
+    if block_size is None and is_text_source(source):
+        block_size = DEFAULT_BLOCK_SIZE
     root_loc = storage.resolve(dest, endpoint_url)
     root_loc.ensure_writable()
     if not overwrite:
@@ -331,11 +355,13 @@ def prepare(
             loc = root_loc.join(split)
             if loc.join(MANIFEST).exists():
                 m = read_manifest(loc)
-                if m.get("source") == f"{tag}/{split}":
+                if m.get("source") == f"{tag}/{split}" and m.get("block_size") == block_size:
                     existing[split] = info_from_manifest(loc, m)
         if existing:
             return existing
-    src = sources.load(source, root=root, skip_bad=skip_bad, endpoint_url=endpoint_url)
+    src = sources.load(
+        source, root=root, skip_bad=skip_bad, endpoint_url=endpoint_url, block_size=block_size
+    )
     infos = {}
     for split, part in src.splits.items():
         check_name(split, "split")
@@ -348,6 +374,7 @@ def prepare(
                     source=f"{src.name}/{split}",
                     rows_per_shard=rows_per_shard or shard_rows(part.num_rows, images.shape[1:]),
                     encoding=encoding,
+                    manifest=src.manifest,
                 )
             writer.add(images, labels, ids)
         if writer is None:

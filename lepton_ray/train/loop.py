@@ -29,6 +29,7 @@ from lepton_ray.train.checkpointing import EpochTally, Reporter, Restored, Sampl
 from lepton_ray.train.feed import CachedFeed, Feed, Plan, RingFeed, ShardFeed, StreamedFeed
 from lepton_ray.train.observe import WorkerProgress
 from lepton_ray.train.step import BATCH_DTYPES, Pixels, TrainStep, evaluate
+from lepton_ray.train.task import for_data
 from lepton_ray.train.timeline import WorkerTimeline
 
 
@@ -64,15 +65,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     restored = Restored.latest(spec.endpoint_url, world)
     model, layout = build_model(spec, restored)
     timeline.mark("model_ready")
+    pixels = Pixels(spec.meta["data"]["mean"], spec.meta["data"]["std"], device, layout)
+    augment = make_augmenter(spec, device)
+    task = for_data(spec.meta["data"], device, pixels, augment)  # images or next-token
     nominal = batching.nominal_steps_per_epoch(spec.num_train_rows, cfg.batch_size)
-    step = TrainStep(model, cfg, world, rank, total_steps=nominal * cfg.epochs)
+    step = TrainStep(model, cfg, world, rank, total_steps=nominal * cfg.epochs, task=task)
     if restored.state:
         step.load_state_dict(restored.state)
         torch.set_rng_state(restored.state["torch_rng"])
     feed, val_batches = make_feeds(spec, world, rank, device)
     timeline.mark("feed_ready")
-    pixels = Pixels(spec.meta["data"]["mean"], spec.meta["data"]["std"], device, layout)
-    augment = make_augmenter(spec, device)
     reporter = Reporter(spec.run_uri, spec.endpoint_url, spec.meta, rank)
     sample_log = SampleLog(spec.run_uri, spec.endpoint_url, rank) if cfg.record_sample_ids else None
     fault = parse_fault(cfg.fault_injection) if not restored.state else None  # first attempt only
@@ -88,13 +90,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         batches = feed.epoch(epoch, exclude=resumed)
         progress.start_epoch(epoch + 1, batches.steps, t0)
         for i, batch in enumerate(batches):
-            ids = batch.get("id")
-            step(
-                pixels(batch["image"], augment, ids),
-                batch["label"].to(device, non_blocking=True),
-                tally.sums,
-            )
-            tally.trained(ids, epoch, step.global_step)
+            step(*task.inputs(batch), tally.sums)
+            tally.trained(batch.get("id"), epoch, step.global_step)
             timeline.first_step(device)
             if fault == (epoch + 1, i + 1, rank):
                 raise RuntimeError(
@@ -108,6 +105,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 metrics = epoch_metrics(
                     epoch, step, sums, (i + 1) * cfg.batch_size, seconds, batches.wait_s, world
                 )
+                metrics |= task.metrics(metrics)
                 state = train_state(
                     step,
                     epoch,
@@ -127,7 +125,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             torch.cuda.synchronize(device)
         train_time = time.perf_counter() - t0
 
-        val = evaluate(unwrap(model), val_batches(), pixels, step.autocast) if val_batches else None
+        val = evaluate(unwrap(model), val_batches(), task, step.autocast) if val_batches else None
         sums = all_reduce(tally.sums)
         metrics = epoch_metrics(
             epoch, step, sums, batches.steps * cfg.batch_size, train_time, batches.wait_s, world
@@ -135,6 +133,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         metrics["epoch_time_s"] = time.perf_counter() - t0
         if val is not None:
             metrics.update(val_loss=val[0], val_accuracy=val[1])
+        metrics |= task.metrics(metrics)  # perplexity and tokens/s for text
         improved, stop, best = judge(cfg, metrics, best)
         history.append(dict(metrics))
         metrics |= progress.timing(step, batches, done=batches.steps) | {"epoch_end": True}

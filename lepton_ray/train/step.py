@@ -15,11 +15,11 @@ import time
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lepton_ray.config import OptimConfig, TrainConfig
 from lepton_ray.train import batching, strategy
+from lepton_ray.train.task import Classification, NextToken
 
 # Images travel from the Ray Data workers as uint8 (a quarter of the bytes of float32) and are
 # normalised on the worker's device (``Pixels``).
@@ -80,10 +80,21 @@ def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:
 
 class TrainStep:
     """The optimizer step of one worker: ``step(x, y)`` trains on this worker's rows of one global
-    batch and adds (loss * n, correct, n) to ``sums``, on the device (no host sync per step)."""
+    batch and adds (loss * n, correct, n) to ``sums``, on the device (no host sync per step).
+    ``task`` gives the loss and the correct count (:mod:`lepton_ray.train.task`; default:
+    classification)."""
 
-    def __init__(self, model: nn.Module, cfg: TrainConfig, world: int, rank: int, total_steps: int):
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg: TrainConfig,
+        world: int,
+        rank: int,
+        total_steps: int,
+        task: Classification | NextToken | None = None,
+    ):
         self.model, self.cfg, self.world = model, cfg, world
+        self.task = task or Classification()
         self.local_batch = batching.worker_batch(cfg.batch_size, world, rank)
         self.micros = batching.micro_batches(self.local_batch, cfg.max_micro_batch)
         self.scale = batching.loss_scale(cfg.batch_size, world, self.local_batch)
@@ -122,14 +133,14 @@ class TrainStep:
                 t = time.perf_counter()
                 with self.autocast:
                     logits = self.model(xm)
-                    loss = F.cross_entropy(logits, ym)
+                    loss = self.task.loss(logits, ym)
                 self.fwd_s += time.perf_counter() - t
                 # mean over this micro-batch -> share of the worker's batch -> share of global batch
                 (loss * (m / self.local_batch) * self.scale).backward()
             sums += torch.stack(
                 [
                     loss.detach().double() * m,
-                    (logits.argmax(1) == ym).sum().double(),
+                    self.task.correct(logits, ym).double(),
                     torch.full((), float(m), dtype=torch.float64, device=sums.device),
                 ]
             )
@@ -141,19 +152,24 @@ class TrainStep:
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, batches: Any, pixels: Pixels, autocast: Any = None
+    model: nn.Module,
+    batches: Any,
+    task: Classification | NextToken | Pixels,
+    autocast: Any = None,
 ) -> tuple[float, float]:
-    """(loss, accuracy) over ``batches`` (every worker sees the whole validation set; results agree)."""
+    """(loss, accuracy) over ``batches`` (every worker sees the whole validation set; results
+    agree); ``task`` as :class:`TrainStep` takes it, or the :class:`Pixels` of a classifier."""
+    if isinstance(task, Pixels):
+        task = Classification(task)
     was_training = model.training
     model.eval()
-    loss_sum, correct, n = 0.0, 0, 0
+    loss_sum, correct, n = 0.0, 0.0, 0
     for batch in batches:
-        x = pixels(batch["image"])
-        y = batch["label"].to(pixels.device)
+        x, y = task.inputs(batch, train=False)
         with autocast or contextlib.nullcontext():
             logits = model(x)
-        loss_sum += float(F.cross_entropy(logits.float(), y, reduction="sum"))
-        correct += int((logits.argmax(1) == y).sum())
+        loss_sum += float(task.loss_sum(logits, y))
+        correct += float(task.correct(logits, y))
         n += len(y)
     model.train(was_training)
     return loss_sum / max(n, 1), correct / max(n, 1)

@@ -132,6 +132,12 @@ def fit(model: nn.Module, train_dataset: Any, val_dataset: Any, cfg: TrainConfig
     if val_src is not None:
         val_src.resolve(run, "val")
     info = train_src.info
+    if val_src is not None and val_src.info.kind != info.kind:
+        raise DataError(
+            f"the validation set holds {val_src.info.kind}, the training set {info.kind}"
+        )
+    if info.kind == "text":  # token blocks are never augmented: crops and flips are for images
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, augment=()))
     _check_model(model, info)
     if cfg.batch_size > info.num_rows:
         raise ConfigError(
@@ -203,6 +209,12 @@ def _run(
             "mean": list(info.mean),
             "std": list(info.std),
             "classes": list(info.classes),
+            "kind": info.kind,  # chooses the loop's task (lepton_ray.train.task)
+            **(
+                {"block_size": info.block_size, "vocab_size": info.vocab_size}
+                if info.kind == "text"
+                else {}
+            ),
             "train_uri": info.uri,
             "skipped_rows": int(info.manifest.get("skipped_rows", 0)),
         },
@@ -383,18 +395,33 @@ def checkpoint_spec(model: nn.Module) -> dict[str, Any]:
 
 def _check_model(model: nn.Module, info: DatasetInfo) -> None:
     h, w, c = info.shape
-    probe = torch.zeros(2, c, h, w)
+    text = info.kind == "text"
+    # Token blocks: a short probe (a long context costs seconds on the driver's CPU), and the
+    # model's own block_size where it says one.
+    t = min(info.block_size, 16)
+    probe = torch.zeros(2, t, dtype=torch.long) if text else torch.zeros(2, c, h, w)
+    what = "token blocks (int64 tokens)" if text else f"images of shape {(c, h, w)}"
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             out = model(probe)
     except Exception as exc:
-        raise DataError(
-            f"the model cannot take the dataset's images of shape {(c, h, w)}: {one_line(exc)}"
-        ) from None
+        raise DataError(f"the model cannot take the dataset's {what}: {one_line(exc)}") from None
     finally:
         model.train(was_training)
+    if text:
+        if tuple(out.shape) != (2, t, info.vocab_size):
+            raise DataError(
+                f"the model outputs {tuple(out.shape)} for tokens of shape (2, {t}), not "
+                f"(2, {t}, {info.vocab_size}): next-token logits over the {info.vocab_size} byte values"
+            )
+        if getattr(model, "block_size", info.block_size) < info.block_size:
+            raise DataError(
+                f"the model's block_size {model.block_size} is shorter than the dataset's blocks "
+                f"of {info.block_size} tokens"
+            )
+        return
     if out.ndim != 2 or out.shape[1] != info.num_classes:
         raise DataError(
             f"the model outputs {tuple(out.shape[1:])} per image but the dataset has "

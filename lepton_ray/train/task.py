@@ -1,0 +1,99 @@
+"""What is learned from a batch: image classification or next-token prediction.
+
+A task says how a batch from the feed becomes ``(x, y)`` on the device, the loss the step
+minimises, and how many rows it predicted right; :class:`~lepton_ray.train.step.TrainStep`,
+:func:`~lepton_ray.train.step.evaluate` and the loop use it, so both kinds of data go through the
+same step, arithmetic and feeds. The dataset's kind chooses it (:func:`for_data`).
+
+Counts are per row, so the loop's sums (loss * rows, correct, rows) and the global-batch
+arithmetic are the same for both: a row's loss is the mean over its positions, and its "correct"
+is the share of its positions predicted right (1 or 0 for an image). Every text block has the
+same length, so the mean of row means is the mean over tokens: ``train_accuracy`` is token
+accuracy. E.g. 2 blocks of 4 targets, 3 and 1 right: correct = 3/4 + 1/4 = 1.0 row, accuracy 0.5.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+
+class Classification:
+    """Images (uint8 N, C, H, W) -> normalised float on the device (``pixels``, augmented there
+    when ``augment`` is given); labels (N,) int64; logits (N, classes)."""
+
+    kind = "image"
+
+    def __init__(self, pixels: Any = None, augment: Any = None):
+        self.pixels, self.augment = pixels, augment
+
+    def inputs(self, batch: dict[str, torch.Tensor], train: bool = True) -> tuple[Any, Any]:
+        augment = self.augment if train else None
+        x = self.pixels(batch["image"], augment, batch.get("id"))
+        return x, batch["label"].to(self.pixels.device, non_blocking=True)
+
+    def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, y)
+
+    def correct(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return (logits.argmax(1) == y).sum()
+
+    def loss_sum(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float(), y, reduction="sum")
+
+    def metrics(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        return {}
+
+
+class NextToken:
+    """Token blocks (uint8 N, 1, 1, T + 1, as the feeds hand them) -> ``x = tokens[:, :-1]``,
+    ``y = tokens[:, 1:]``, int64 on the device; logits (N, T, vocab); cross-entropy over every
+    position."""
+
+    kind = "text"
+
+    def __init__(self, device: torch.device, block_size: int):
+        self.device, self.block_size = device, block_size
+        self.move = {"non_blocking": device.type == "cuda"}
+
+    def inputs(self, batch: dict[str, torch.Tensor], train: bool = True) -> tuple[Any, Any]:
+        tokens = batch["image"].to(self.device, **self.move)
+        tokens = tokens.view(len(tokens), -1).long()  # (N, T + 1)
+        return tokens[:, :-1], tokens[:, 1:]
+
+    def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.flatten(0, 1), y.flatten())  # mean over N * T tokens
+
+    def correct(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return (logits.argmax(-1) == y).sum() / y.shape[1]
+
+    def loss_sum(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return (
+            F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum") / y.shape[1]
+        )
+
+    def metrics(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        """Perplexity (exp of the mean token loss) and tokens/s (T targets per block)."""
+        out = {
+            "perplexity": _exp(metrics["train_loss"]),
+            "tokens_per_second": metrics["samples_per_second"] * self.block_size,
+        }
+        if "val_loss" in metrics:
+            out["val_perplexity"] = _exp(metrics["val_loss"])
+        return out
+
+
+def _exp(loss: float) -> float:
+    return math.exp(min(loss, 700.0))  # a diverged loss reports a huge perplexity, not an error
+
+
+def for_data(
+    data: dict[str, Any], device: torch.device, pixels: Any = None, augment: Any = None
+) -> Classification | NextToken:
+    """The task of a run from its checkpoint's ``data`` section (``kind``, ``block_size``)."""
+    if data.get("kind", "image") == "text":
+        return NextToken(device, int(data["block_size"]))
+    return Classification(pixels, augment)
