@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from lepton_ray.config import OptimConfig, TrainConfig
 from lepton_ray.errors import ConfigError
 from lepton_ray.gpt import GPT
+from lepton_ray.models import build_model
 from lepton_ray.train import batching
 from lepton_ray.train.pipeline import (
     Layout,
@@ -30,6 +31,7 @@ from lepton_ray.train.pipeline import (
     Stage,
     build_stage,
     check_layout,
+    check_model,
     micro_rows,
     split_blocks,
 )
@@ -96,6 +98,12 @@ def test_layout_refuses_what_does_not_fit():
         check_layout(3, 2)
     with pytest.raises(ConfigError, match="4 blocks, fewer than its 5 stages"):
         check_layout(5, 5, blocks=4)
+
+
+def test_only_a_model_with_embed_blocks_and_logits_is_cut():
+    check_model(tiny_gpt())
+    with pytest.raises(ConfigError, match="ConvNet has no embed, blocks, logits"):
+        check_model(build_model("cnn"))
 
 
 def test_blocks_and_micro_batches_split_near_equal():

@@ -47,7 +47,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lepton_ray.config import TrainConfig
-from lepton_ray.errors import ConfigError
+from lepton_ray.errors import CheckpointError, ConfigError
 from lepton_ray.train import batching
 from lepton_ray.train.step import build_optimizer, lr_factor
 
@@ -100,6 +100,16 @@ def check_layout(world: int, stages: int | None, blocks: int | None = None) -> L
             f"strategy 'pipeline': the model has {blocks} blocks, fewer than its {stages} stages"
         )
     return Layout(world, stages)
+
+
+def check_model(model: nn.Module) -> None:
+    """Refuse, in one line, a model that cannot be cut into stages."""
+    missing = [a for a in ("embed", "blocks", "logits") if not hasattr(model, a)]
+    if missing or not isinstance(model.blocks, nn.ModuleList):
+        raise ConfigError(
+            f"strategy 'pipeline' needs a model with embed(), blocks (an nn.ModuleList) and "
+            f"logits(), as 'gpt' has; {type(model).__name__} has no {', '.join(missing) or 'ModuleList blocks'}"
+        )
 
 
 def split_blocks(blocks: int, stages: int) -> list[range]:
@@ -450,7 +460,7 @@ class PipelineStep:
         ]
         state = {n: s for part in parts for n, s in part["state"].items()}
         return {
-            "optimizer": {"state": state, "param_groups": groups},
+            "optimizer": {"state": state, "param_groups": groups, "keyed_by": "name"},
             "scheduler": self.scheduler.state_dict(),
         }
 
@@ -458,6 +468,11 @@ class PipelineStep:
         """Restore from :meth:`state_dict`'s form (any number of replicas)."""
         aliases = tied_names_of(self.factory)
         saved = state["optimizer"]
+        if saved.get("keyed_by") != "name":
+            raise CheckpointError(
+                "the checkpoint to resume was not written by strategy 'pipeline': resume it with "
+                "the strategy that wrote it"
+            )
         names = self._names()
         own = self.optimizer.state_dict()
         own["state"] = {
