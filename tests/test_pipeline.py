@@ -36,6 +36,7 @@ from lepton_ray.train.pipeline import (
     split_blocks,
 )
 from lepton_ray.train.step import build_optimizer, lr_factor
+from lepton_ray.train.task import NextToken
 
 BATCH, STEPS, SEQ, VOCAB = 7, 3, 8, 32
 
@@ -49,29 +50,17 @@ def config(grad_clip: float | None = None) -> TrainConfig:
     return TrainConfig(batch_size=BATCH, optim=optim, seed=0)
 
 
-def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
-    g = torch.Generator().manual_seed(1)
-    return [
-        (
-            torch.randint(0, VOCAB, (BATCH, SEQ), generator=g),
-            torch.randint(0, VOCAB, (BATCH, SEQ), generator=g),
-        )
-        for _ in range(STEPS)
-    ]
+def blocks(rows: int, seed: int) -> dict[str, torch.Tensor]:
+    """A feed's batch of token blocks (uint8, ``SEQ + 1`` tokens each), as text datasets hold them."""
+    g = torch.Generator().manual_seed(seed)
+    return {"image": torch.randint(0, VOCAB, (rows, 1, SEQ + 1, 1), generator=g).to(torch.uint8)}
 
 
-class Tokens:
-    """Next-token prediction with lepton_ray.train.task's per-row convention: a row's loss is the
-    mean over its positions, ``correct`` the share of them right."""
+def batches() -> list[dict[str, torch.Tensor]]:
+    return [blocks(BATCH, seed) for seed in range(1, STEPS + 1)]
 
-    def inputs(self, batch, train=True):
-        return batch
 
-    def loss_sum(self, logits, y):
-        return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum") / SEQ
-
-    def correct(self, logits, y):
-        return (logits.argmax(-1) == y).sum() / SEQ
+TASK = NextToken(torch.device("cpu"), SEQ)
 
 
 def initial_state() -> dict[str, torch.Tensor]:
@@ -118,7 +107,7 @@ def test_stages_chained_equal_the_whole_model():
     state = initial_state()
     full = tiny_gpt()
     full.load_state_dict(state)
-    x = batches()[0][0]
+    x, _ = TASK.inputs(batches()[0])
     h = x
     for s in range(3):
         stage = build_stage(tiny_gpt, state, Layout(3, 3), s, torch.device("cpu"))
@@ -152,7 +141,8 @@ def reference(cfg: TrainConfig) -> tuple[list[float], dict[str, torch.Tensor], f
     opt = build_optimizer(model, cfg.optim)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, STEPS, cfg.optim))
     losses = []
-    for x, y in batches():
+    for batch in batches():
+        x, y = TASK.inputs(batch)
         opt.zero_grad()
         loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
         loss.backward()
@@ -161,16 +151,10 @@ def reference(cfg: TrainConfig) -> tuple[list[float], dict[str, torch.Tensor], f
         opt.step()
         sched.step()
         losses.append(loss.item())
-    x, y = val_batch()
+    x, y = TASK.inputs(blocks(5, 0))
     with torch.no_grad():
         val = F.cross_entropy(model(x).flatten(0, 1), y.flatten()).item()
     return losses, model.state_dict(), val
-
-
-def val_batch() -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(2)
-    tokens = torch.randint(0, VOCAB, (2, 5, SEQ), generator=g)
-    return tokens[0], tokens[1]
 
 
 def replica_rows(layout: Layout, rank: int) -> slice:
@@ -199,14 +183,15 @@ def train(
         rank,
         STEPS,
         factory=tiny_gpt,
-        task=Tokens(),
+        task=TASK,
         schedule=schedule,
         micro_batches=micro,
     )
     if opt_state is not None:
         step.load_state_dict(opt_state)
     losses = []
-    for x, y in batches()[steps]:
+    for batch in batches()[steps]:
+        x, y = TASK.inputs(batch)
         rows = replica_rows(layout, rank)
         sums = torch.zeros(3, dtype=torch.float64)
         step(x[rows], y[rows], sums)
@@ -234,7 +219,7 @@ def worker(rank: int, world: int, port: int, cases: list, out: str) -> None:
             layout = Layout(world, stages)
             losses, step = train(layout, rank, cfg, schedule)
             weights = step.full_state_dict()
-            val = step.evaluate([val_batch()])
+            val = step.evaluate([blocks(5, 0)])
             ties = tie_copies(step)
             resumed = None
             if resume_stages:  # 2 steps, checkpoint, then step 3 at another layout
