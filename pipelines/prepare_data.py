@@ -32,6 +32,7 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
             root=download_root(cfg),
             skip_bad=d.skip_bad,
             encoding=d.encoding,
+            block_size=d.block_size,
         )
     else:
         infos = prepare_subset(cfg)
@@ -80,7 +81,11 @@ def prepare_subset(cfg: PipelineConfig) -> dict[str, Any]:
     if existing:
         return existing
     src = sources.load(
-        d.source, root=download_root(cfg), skip_bad=d.skip_bad, endpoint_url=cfg.endpoint_url
+        d.source,
+        root=download_root(cfg),
+        skip_bad=d.skip_bad,
+        endpoint_url=cfg.endpoint_url,
+        block_size=d.block_size,
     )
     infos = {}
     for split, part in src.splits.items():
@@ -95,6 +100,7 @@ def prepare_subset(cfg: PipelineConfig) -> dict[str, Any]:
             source=f"{tag}/{split}",
             skipped=part.skipped,
             encoding=d.encoding,
+            manifest=src.manifest,
         )
     return infos
 

@@ -42,12 +42,7 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
         storage=cfg.runs_uri,
         endpoint_url=cfg.train.endpoint_url or cfg.endpoint_url,
     )
-    model = build_model(
-        cfg.model.name,
-        in_channels=train_info.shape[2],
-        num_classes=train_info.num_classes,
-        **cfg.model.kwargs,
-    )
+    model = build_model(cfg.model.name, **train_info.model_kwargs(), **cfg.model.kwargs)
     attempt = os.environ.get(ATTEMPT_ENV)
     log(f"LEPTON_RUN_NAME={name}")  # machine-readable: lepton-ray submit reports the run trained
     log(

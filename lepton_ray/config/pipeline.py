@@ -27,7 +27,8 @@ class DatasetSpec(Config):
     """Where the prepared dataset comes from and where it lives."""
 
     source: str = "mnist5k"
-    """What ``prepare_data`` reads: mnist5k, torchvision:NAME (with ``root``), imagefolder:PATH, parquet:PATH."""
+    """What ``prepare_data`` reads: mnist5k, torchvision:NAME (with ``root``), imagefolder:PATH,
+    parquet:PATH; text as byte tokens: pydoc-topics, text:PATH, text-parquet:PATH[:COLUMN]."""
     uri: str | None = None
     """The prepared dataset's root (splits below it); default ``<store>/datasets/<source name>``."""
     root: str | None = None
@@ -38,14 +39,16 @@ class DatasetSpec(Config):
     """Keep at most this many rows per split (a seeded random subset)."""
     encoding: Literal["raw", "png"] = "raw"
     """Rows as raw pixels (fastest to read) or PNG (smaller for natural images)."""
+    block_size: int | None = setting(None, ge=2)
+    """Text sources: tokens a model reads per block (a row holds one more); null: 256."""
     train_split: str = setting("train", check=plain_name)
     """The split to train on."""
     val_split: str | None = setting("test", check=plain_name)
     """The split to validate and evaluate on (null: no validation)."""
 
 
-# Given by the dataset, never by ``model.kwargs``.
-_FROM_DATA = ("in_channels", "num_classes")
+# Given by the dataset (``DatasetInfo.model_kwargs``), never by ``model.kwargs``.
+_FROM_DATA = ("in_channels", "num_classes", "vocab_size", "block_size")
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -53,9 +56,10 @@ class ModelSpec(Config):
     """The architecture to train, from the registry in ``lepton_ray.models``."""
 
     name: str = "cnn"
-    """Registered architecture (cnn, resnet18)."""
+    """Registered architecture (cnn, resnet18; gpt for a text dataset)."""
     kwargs: dict[str, Any] = field(default_factory=dict)
-    """Extra constructor arguments (``in_channels`` and ``num_classes`` come from the dataset)."""
+    """Extra constructor arguments (``in_channels`` and ``num_classes``, or a text dataset's
+    ``vocab_size`` and ``block_size``, come from the dataset)."""
 
     def check(self) -> None:
         # The registry imports torch: only here, when a model is named, never at import.
