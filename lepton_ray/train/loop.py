@@ -131,6 +131,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             epoch, step, sums, batches.steps * cfg.batch_size, train_time, batches.wait_s, world
         )
         metrics["epoch_time_s"] = time.perf_counter() - t0
+        if device.type == "cuda":  # what the run needs of the device, for sizing and the report
+            metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         if val is not None:
             metrics.update(val_loss=val[0], val_accuracy=val[1])
         metrics |= task.metrics(metrics)  # perplexity and tokens/s for text
