@@ -98,9 +98,11 @@ def test_only_a_model_with_embed_blocks_and_logits_is_cut():
 def test_blocks_and_micro_batches_split_near_equal():
     assert split_blocks(5, 2) == [range(0, 3), range(3, 5)]
     assert split_blocks(4, 4) == [range(i, i + 1) for i in range(4)]
-    assert micro_rows(7, 2) == (2, 4)  # 8 rows: one padded
-    assert micro_rows(3, 4) == (3, 1)  # never more micro-batches than rows
-    assert micro_rows(8, 4) == (4, 2)
+    assert micro_rows(7, 2, 2) == (2, 4)  # 8 rows: one padded
+    assert micro_rows(3, 4, 2) == (3, 1)  # never more micro-batches than rows
+    assert micro_rows(8, 4, 2) == (4, 2)
+    assert micro_rows(64, None, 4) == (8, 8)  # default: two per stage
+    assert micro_rows(64, None, 1) == (1, 64)  # one stage: the whole batch at once
 
 
 def test_stages_chained_equal_the_whole_model():

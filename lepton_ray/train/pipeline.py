@@ -120,9 +120,13 @@ def split_blocks(blocks: int, stages: int) -> list[range]:
     return [range(a, a + n) for a, n in zip(starts, sizes, strict=True)]
 
 
-def micro_rows(rows: int, micro_batches: int) -> tuple[int, int]:
+def micro_rows(rows: int, micro_batches: int | None, stages: int) -> tuple[int, int]:
     """(micro-batches, rows each) for ``rows`` rows in at most ``micro_batches`` equal
-    micro-batches, the last padded: 7 rows, 2 micro-batches -> (2, 4); 3 rows, 4 -> (3, 1)."""
+    micro-batches, the last padded: 7 rows, 2 micro-batches -> (2, 4); 3 rows, 4 -> (3, 1).
+    None: ``2 * stages`` (the bubble, ``(S - 1) / (M + S - 1)`` of a step, is then under a third),
+    or 1 for a single stage, which has no bubble to fill."""
+    if micro_batches is None:
+        micro_batches = 1 if stages == 1 else 2 * stages
     m = min(micro_batches, rows)
     return m, math.ceil(rows / m)
 
@@ -184,9 +188,12 @@ def build_stage(
     layout: Layout,
     rank: int,
     device: torch.device,
+    *,
+    compile: bool = False,
 ) -> Stage:
     """This rank's stage of ``factory()`` (built on meta), on ``device``, holding ``state``'s
-    values (a full state dict, on any device; a tied alias may be absent, as in checkpoints)."""
+    values (a full state dict, on any device; a tied alias may be absent, as in checkpoints);
+    ``compile``: each block ``torch.compile``d in place (names unchanged)."""
     with torch.device("meta"):
         model = factory()
     aliases = tied_names(model)
@@ -202,6 +209,9 @@ def build_stage(
     left = [n for n, b in stage.named_buffers() if b.is_meta]
     if left:
         raise ConfigError(f"pipeline: buffer '{left[0]}' is not in the model's state dict")
+    if compile:
+        for block in stage.blocks.values():
+            block.compile()
     return stage
 
 
@@ -224,7 +234,7 @@ class PipelineStep:
         factory: Callable[[], nn.Module],
         task: Any,
         schedule: Schedule = "1f1b",
-        micro_batches: int = 4,
+        micro_batches: int | None = None,
     ):
         from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
@@ -233,7 +243,7 @@ class PipelineStep:
         replica = layout.replica(rank)
         self.local_batch = batching.worker_batch(cfg.batch_size, layout.replicas, replica)
         self.scale = batching.loss_scale(cfg.batch_size, layout.replicas, self.local_batch)
-        self.micros, self.rows = micro_rows(self.local_batch, micro_batches)
+        self.micros, self.rows = micro_rows(self.local_batch, micro_batches, layout.stages)
         if schedule == "1f1b" and self.micros < layout.stages:
             raise ConfigError(
                 f"pipeline_schedule '1f1b' needs at least as many micro-batches as stages "
