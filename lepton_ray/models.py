@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from lepton_ray.errors import CheckpointError, ConfigError
+from lepton_ray.gpt import GPT
 from lepton_ray.trust import check_spec, is_trusted
 from lepton_ray.trust import trusted_modules as trusted_modules_of
 
@@ -88,12 +89,9 @@ def resnet18(in_channels: int = 3, num_classes: int = 10) -> nn.Module:
     return m
 
 
-@register("gpt")
-def gpt(**kwargs: Any) -> nn.Module:
-    """A nanoGPT-style byte-level language model; see :class:`lepton_ray.gpt.GPT` for its kwargs."""
-    from lepton_ray.gpt import GPT
-
-    return GPT(**kwargs)
+# A nanoGPT-style language model (lepton_ray/gpt.py), registered as the class itself so that a
+# pipeline's model.kwargs are checked against its constructor.
+register("gpt")(GPT)
 
 
 def build_model(name: str, **kwargs: Any) -> nn.Module:

@@ -145,3 +145,34 @@ def test_a_tiny_gpt_beats_the_unigram_entropy_of_held_out_text(ray_session, tmp_
         logits = loaded(tokens[:, :-1])
     loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).item()
     assert loss == pytest.approx(res["val_loss"], abs=1e-4)
+
+
+def test_cli_train_builds_a_gpt_from_the_text_dataset(tmp_path, monkeypatch, capsys):
+    """``lepton-ray train --model gpt``: vocab_size and block_size come from the data, the other
+    kwargs from --set; what fit() is handed (fit itself is the Ray test's)."""
+    import lepton_ray
+    from lepton_ray import cli
+    from lepton_ray.gpt import GPT
+
+    src = tmp_path / "a.txt"
+    src.write_text("abcdefgh " * 40)
+    prepare(f"text:{src}", str(tmp_path / "ds"), block_size=16)
+    seen = {}
+
+    def fake_fit(model, train, val, cfg):
+        seen.update(model=model, train=train, val=val, cfg=cfg)
+        return {"train_loss": 1.0, "history": []}
+
+    monkeypatch.setattr(lepton_ray, "fit", fake_fit)
+    argv = ["train", "--data", str(tmp_path / "ds" / "train"), "--model", "gpt"]
+    argv += ["--set", "model.kwargs.n_layer=1", "--set", "model.kwargs.n_embd=32"]
+    assert cli.main([*argv, "--storage", str(tmp_path / "runs")]) == 0
+    m = seen["model"]
+    assert isinstance(m, GPT) and (m.vocab_size, m.block_size, len(m.blocks)) == (256, 16, 1)
+    assert seen["train"].kind == "text"
+    capsys.readouterr()
+    bad = [*argv[:5], "--set", "model.kwargs.block_size=8"]
+    assert cli.main(bad) == 2
+    assert capsys.readouterr().err.strip() == (
+        "lepton-ray: error: model.kwargs.block_size: comes from the dataset; leave it out"
+    )

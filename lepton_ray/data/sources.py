@@ -130,7 +130,9 @@ def load(
     :mod:`lepton_ray.data.text`) is cut into blocks of ``block_size`` (default 256)."""
     if text.is_text_source(source):
         size = text.DEFAULT_BLOCK_SIZE if block_size is None else block_size
-        return text.load(source, size, skip_bad=skip_bad, endpoint_url=endpoint_url)
+        b = text.load(source, size, skip_bad=skip_bad, endpoint_url=endpoint_url)
+        splits = {k: Split(*v, list(b.skipped)) for k, v in b.splits.items()}
+        return Source(b.name, dict(splits), [], b.manifest)
     if block_size is not None:
         raise DataError(f"block_size applies to text sources only, not {source!r}")
     if source in BUILTIN_SOURCES:

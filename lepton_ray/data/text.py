@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -100,11 +101,21 @@ def manifest_fields(block_size: int) -> dict:
     }
 
 
-def text_source(name: str, tokens: np.ndarray, block_size: int, skipped: list[str] | None = None):
-    """A :class:`~lepton_ray.data.sources.Source` of the blocks of ``tokens``: rows shaped
-    (N, 1, T + 1, 1) uint8, labels 0, ids the block indices; ``train`` and ``test``."""
-    from lepton_ray.data.sources import Source, Split
+@dataclass(frozen=True)
+class Blocks:
+    """A text source cut into blocks, per split ``(rows (N, 1, T + 1, 1) uint8, labels 0, ids)``
+    with ids the block indices; what :mod:`lepton_ray.data.sources` makes a ``Source`` of."""
 
+    name: str
+    splits: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]
+    manifest: dict
+    skipped: list[str] = field(default_factory=list)
+
+
+def text_blocks(
+    name: str, tokens: np.ndarray, block_size: int, skipped: list[str] | None = None
+) -> Blocks:
+    """The blocks of ``tokens`` in a ``train`` and a held-out ``test`` split."""
     t = check_block_size(block_size)
     if len(tokens) == 0:
         raise DataError(f"{name}: the text is empty")
@@ -117,10 +128,8 @@ def text_source(name: str, tokens: np.ndarray, block_size: int, skipped: list[st
     splits = {}
     for split, idx in split_blocks(len(blocks)).items():
         rows = blocks[idx].reshape(len(idx), 1, t + 1, 1)  # fancy indexing: a copy
-        splits[split] = Split(
-            rows, np.zeros(len(idx), np.int64), idx.astype(np.int64), list(skipped or [])
-        )
-    return Source(name, splits, [], manifest_fields(t))
+        splits[split] = (rows, np.zeros(len(idx), np.int64), idx.astype(np.int64))
+    return Blocks(name, splits, manifest_fields(t), list(skipped or []))
 
 
 # --- sources ---------------------------------------------------------------------------------
@@ -139,10 +148,12 @@ def canonical(source: str) -> str:
     return f"text-parquet:{storage.resolve(path).uri}:{column}"
 
 
-def load(source: str, block_size: int, *, skip_bad: bool = False, endpoint_url: str | None = None):
+def load(
+    source: str, block_size: int, *, skip_bad: bool = False, endpoint_url: str | None = None
+) -> Blocks:
     """The blocks of a text source (see the module docstring)."""
     if source == "pydoc-topics":
-        return text_source(f"builtin:{source}", join_documents(pydoc_topics()), block_size)
+        return text_blocks(f"builtin:{source}", join_documents(pydoc_topics()), block_size)
     kind, _, arg = source.partition(":")
     if not arg:
         raise DataError(f"{source!r} names no path: use {kind}:PATH")
@@ -152,7 +163,7 @@ def load(source: str, block_size: int, *, skip_bad: bool = False, endpoint_url: 
     else:
         path, column = _parquet_arg(arg)
         docs = list(_parquet_column(storage.resolve(path, endpoint_url), column, skip_bad, skipped))
-    return text_source(canonical(source), join_documents(docs), block_size, skipped)
+    return text_blocks(canonical(source), join_documents(docs), block_size, skipped)
 
 
 def pydoc_topics() -> list[bytes]:
