@@ -4,9 +4,11 @@ socket, JSON 503s. Ray's own template is rendered here (no Ray started, no HAPro
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -14,8 +16,9 @@ from lepton_ray.serve import haproxy_local
 from lepton_ray.serve.haproxy_local import UNAVAILABLE, UnsafeConfig, localize
 
 
-def ray_config(tmp_path, host: str, port: int = 8000) -> str:
-    """The configuration Ray's HAProxy manager writes for Serve on ``host:port``."""
+def ray_config(tmp_path, host: str, port: int = 8000, backends=None, **options) -> str:
+    """The configuration Ray's HAProxy manager writes for Serve on ``host:port``, with
+    ``backends`` (Ray's ``BackendConfig`` by name) and other ``HAProxyConfig`` ``options``."""
     from ray.serve._private.haproxy import HAProxyApi, HAProxyConfig
     from ray.serve.config import HTTPOptions
 
@@ -25,8 +28,11 @@ def ray_config(tmp_path, host: str, port: int = 8000) -> str:
         server_state_base=str(tmp_path),
         server_state_file=str(tmp_path / "state"),
         metrics_socket_path=str(tmp_path / "metrics.sock"),
+        **options,
     )
-    api = HAProxyApi(cfg=cfg, config_file_path=str(tmp_path / "haproxy.cfg"))
+    api = HAProxyApi(
+        cfg=cfg, backend_configs=backends, config_file_path=str(tmp_path / "haproxy.cfg")
+    )
     api._generate_config_file_internal()
     return (tmp_path / "haproxy.cfg").read_text()
 
@@ -112,3 +118,121 @@ def test_the_wrapper_runs_the_real_binary_on_the_localized_copy(tmp_path):
         timeout=30,
     )
     assert r.returncode == 1 and r.stdout == "" and "refusing to start HAProxy" in r.stderr
+
+
+class Replica:
+    """A stand-in for a Serve replica's HTTP server: answers its health check and ``answers``
+    POSTs, then dies on the next one, as a SIGKILLed replica does: it stops listening and closes
+    the connection that carried the request without answering."""
+
+    def __init__(self, name: str, answers: int | None = None):
+        import http.server
+        import threading
+
+        replica = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self):
+                self._answer(b"ok")
+
+            def do_POST(self):
+                self.rfile.read(int(self.headers["Content-Length"]))
+                if replica.answers is not None and replica.answers <= 0:
+                    threading.Thread(target=replica.server.shutdown).start()
+                    replica.server.socket.close()
+                    self.close_connection = True
+                    return
+                if replica.answers is not None:
+                    replica.answers -= 1
+                self._answer(json.dumps({"from": name}).encode())
+
+            def _answer(self, body: bytes) -> None:
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.answers = answers
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+@pytest.mark.parametrize(
+    "body_bytes, answer",
+    [
+        pytest.param(2_000, (200, {"from": "fallback"}), id="replayed-on-the-fallback"),
+        pytest.param(100_000, (503, "Retry-After"), id="body-past-the-buffer-gets-json-503"),
+    ],
+)
+def test_a_replica_killed_mid_request_on_a_reused_connection_still_answers(
+    tmp_path, body_bytes, answer
+):
+    # The request before went to the same replica over the same connections (client to HAProxy,
+    # HAProxy to replica); HAProxy's rule for a reused connection that fails is to close the
+    # client's connection without an answer, which Ray's own configuration does here.
+    import http.client
+
+    from ray.serve._private.haproxy import BackendConfig, ServerConfig
+
+    from lepton_ray.serve.ingress import HAPROXY_DEFAULTS, haproxy_binary
+    from tests.conftest import free_port
+
+    binary = haproxy_binary()
+    if binary is None:
+        pytest.skip("no HAProxy binary")
+    replica, fallback = Replica("replica", answers=1), Replica("fallback")
+    backend = BackendConfig(
+        name="http-app",
+        path_prefix="/app",
+        servers=[ServerConfig(name="replica", host="127.0.0.1", port=replica.port)],
+        fallback_server=ServerConfig(name="fallback", host="127.0.0.1", port=fallback.port),
+    )
+    port = free_port()
+    cfg = tmp_path / "haproxy.cfg"
+    ray_config(
+        tmp_path,
+        "127.0.0.1",
+        port,
+        backends={"http-app": backend},
+        retry_on=HAPROXY_DEFAULTS["RAY_SERVE_HAPROXY_RETRY_ON"],
+        retries=int(HAPROXY_DEFAULTS["RAY_SERVE_HAPROXY_RETRIES"]),
+        log_target="stdout",
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-I", haproxy_local.__file__, binary, "-db", "-f", str(cfg)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        client = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        for _ in range(100):  # HAProxy listening
+            try:
+                client.connect()
+                break
+            except ConnectionRefusedError:
+                time.sleep(0.05)
+        body = json.dumps({"pad": "x" * body_bytes})
+        answers = []
+        for _ in range(2):
+            client.request("POST", "/app/v1/predict", body, {"Content-Type": "application/json"})
+            r = client.getresponse()  # RemoteDisconnected: the connection closed unanswered
+            data = r.read()
+            answers.append((r.status, json.loads(data), r.getheader("Retry-After")))
+    finally:
+        proc.terminate()
+        log = proc.communicate(timeout=30)[0].decode(errors="replace")
+        replica.server.server_close()
+        fallback.server.shutdown()
+    assert answers[0] == (200, {"from": "replica"}, None), log
+    status, detail = answer
+    if status == 200:
+        assert answers[1] == (200, detail, None), log
+    else:
+        assert answers[1][0] == 503 and answers[1][2] == "1", log
+        assert list(answers[1][1]) == ["error"], log

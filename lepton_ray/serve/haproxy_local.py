@@ -12,7 +12,11 @@ checks and admin-socket commands see the process they started.
 
 The copy also answers HAProxy's own errors as the endpoint answers its errors, in JSON: no replica
 left or a replica that died mid-request (502, 503 and 504, which Ray's template turns into a
-plain-text 500) get a 503 ``{"error": ...}`` with ``Retry-After``. HAProxy's buffer is raised to
+plain-text 500) get a 503 ``{"error": ...}`` with ``Retry-After``. And a request whose replica is
+killed under it is answered: HAProxy replays it elsewhere where it holds it whole (request bodies
+are buffered for that), and otherwise it goes out on a connection of its own, since HAProxy closes
+the client's connection without a word when a request on a reused connection fails
+(:func:`fresh_connections_for_partial_requests`). HAProxy's buffer is raised to
 :data:`MIN_BUFSIZE`, so that headers past the endpoint's own 16 KiB limit reach the endpoint, which
 answers them 431 in JSON. A request HAProxy itself cannot parse (malformed, or headers past its
 buffer) still gets its built-in HTML 400: HAProxy 2.8 sends that before any ``errorfile`` or
@@ -39,6 +43,11 @@ _WILDCARD_BIND = re.compile(r"^[ \t]+bind (?:\*|0\.0\.0\.0|::|\[::\])?:\d+", re.
 _SOCKET_MODE = re.compile(r"^([ \t]*stats socket \S+ mode )666\b", re.MULTILINE)
 _ERROR_FILES = re.compile(r"^([ \t]*errorfile 50[234] )\S+[ \t]*$", re.MULTILINE)
 _BUFSIZE = re.compile(r"^([ \t]*tune\.bufsize )(\d+)[ \t]*$", re.MULTILINE)
+_DEFAULTS = re.compile(r"^defaults[ \t]*\n", re.MULTILINE)
+BUFFER_REQUEST = "    option http-buffer-request\n"
+"""HAProxy receives a request's whole body (up to its buffer) before it picks a replica: without
+it, a body that arrives after the headers goes out unbuffered and ``retry-on`` cannot replay it
+(HAProxy keeps a copy for L7 retries only of a request complete when first sent)."""
 MIN_BUFSIZE = 32768
 """HAProxy's buffer (Ray writes 16384, of which 1024 are kept for rewrites): room for the
 endpoint's 16 KiB header limit, so that the endpoint answers oversized headers itself (431)."""
@@ -60,16 +69,90 @@ class UnsafeConfig(ValueError):
     """The configuration has a listener on every interface that this file does not rewrite."""
 
 
+FRESH = "-fresh"
+"""Suffix of the copy of an application's backend that never reuses a connection to a replica."""
+_USE_BACKEND = re.compile(r"^([ \t]+)use_backend (\S+) if (is_\S+)[ \t]*$", re.MULTILINE)
+_CHECKED_SERVER = re.compile(r"^([ \t]+server (\S+) \S+) check\b.*?( backup)?[ \t]*$")
+_PARTIAL = (
+    "    # lepton_ray: a request HAProxy does not hold whole (body past its buffer, or chunked)\n"
+    "    # cannot be replayed; it goes out on a fresh connection, so that if its replica dies it\n"
+    "    # still gets an answer (HAProxy closes a reused connection's client without one).\n"
+    "    http-request set-var(txn.lepton_body_size) req.body_size\n"
+    "    acl lepton_partial req.body_len,sub(txn.lepton_body_size) lt 0\n"
+    "    acl lepton_partial req.hdr(transfer-encoding) -m found\n"
+)
+
+
+def fresh_connections_for_partial_requests(config: str) -> str:
+    """``config`` where a request HAProxy cannot replay goes to a copy of its application's
+    backend (``<name>-fresh``) that opens a new connection to the replica for every request.
+
+    Why: HAProxy answers nothing, and closes the client's connection, when a request that went
+    out on a reused connection to a replica fails (the replica was killed): its rule for
+    keep-alive failures, so that the client retries. A request it holds whole it replays
+    instead (``retry-on``, :data:`BUFFER_REQUEST`), on another replica or Serve's fallback
+    proxy; one with a body past the buffer it cannot. On a connection of its own, such a request
+    gets HAProxy's error, which :func:`localize` makes the endpoint's JSON 503.
+
+    The copy has the backend's servers, tracking their health checks, and closes each
+    connection after its response (``option http-server-close``); only backends that reuse
+    connections and whose every server is health-checked are copied (Ray's application
+    backends). Ray's own bookkeeping reads only the backends it wrote.
+    """
+    sections = re.split(r"(?m)^(?=\S)", config)  # each section, its indented lines with it
+    out, copied = [], set()
+    for section in sections:
+        out.append(section)
+        head, _, body = section.partition("\n")
+        name = head.split()[1] if head.startswith("backend ") else None
+        lines = body.splitlines()
+        servers = [ln for ln in lines if ln.strip().startswith("server ")]
+        if not name or "http-reuse always" not in body or not servers:
+            continue
+        if not all(_CHECKED_SERVER.match(ln) for ln in servers):
+            continue
+        copy = [f"backend {name}{FRESH}", "    option http-server-close"]
+        for line in lines:
+            word = line.strip().split(" ", 1)[0]
+            if word in ("", "#", "http-reuse", "http-check", "default-server") or (
+                line.strip().startswith("option httpchk")
+            ):
+                continue
+            server = _CHECKED_SERVER.match(line)
+            if server:
+                line = f"{server.group(1)} track {name}/{server.group(2)}{server.group(3) or ''}"
+            copy.append(line)
+        out.append("\n".join(copy) + "\n")
+        copied.add(name)
+    config = "".join(out)
+
+    def route(m: re.Match) -> str:
+        indent, name, acl = m.groups()
+        if name not in copied:
+            return m.group(0)
+        return f"{indent}use_backend {name}{FRESH} if {acl} lepton_partial\n{m.group(0)}"
+
+    config = _USE_BACKEND.sub(route, config)
+    first = re.search(rf"^[ \t]+use_backend \S+{FRESH} ", config, re.MULTILINE)
+    if first is not None:  # the ACL before the first rule that names it
+        config = config[: first.start()] + _PARTIAL + config[first.start() :]
+    return config
+
+
 def localize(config: str, error_file: str | None = None) -> str:
     """``config`` with the Prometheus and stats listeners on the HTTP frontend's host, the admin
-    socket mode 600, a buffer of at least :data:`MIN_BUFSIZE` and, given ``error_file`` (holding
-    :data:`UNAVAILABLE`), HAProxy's 502, 503 and 504 answered from it.
+    socket mode 600, a buffer of at least :data:`MIN_BUFSIZE`, request bodies buffered
+    (:data:`BUFFER_REQUEST`) and, given ``error_file`` (holding :data:`UNAVAILABLE`), HAProxy's
+    502, 503 and 504 answered from it.
 
     >>> cfg = "frontend prometheus\\n    bind :9101\\nfrontend http_frontend\\n    bind 127.0.0.1:8000"
     >>> localize(cfg).splitlines()[1]
     '    bind 127.0.0.1:9101'
     """
     config = _SOCKET_MODE.sub(r"\g<1>600", config)
+    if BUFFER_REQUEST not in config:
+        config = _DEFAULTS.sub(lambda m: m.group(0) + BUFFER_REQUEST, config, count=1)
+        config = fresh_connections_for_partial_requests(config)
     config = _BUFSIZE.sub(lambda m: f"{m.group(1)}{max(int(m.group(2)), MIN_BUFSIZE)}", config)
     if error_file is not None:
         config = _ERROR_FILES.sub(lambda m: m.group(1) + error_file, config)

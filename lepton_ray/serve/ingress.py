@@ -9,7 +9,8 @@ before :func:`lepton_ray.runtime.ensure_ray` starts a local instance. The choice
 Why HAProxy by default: with Serve's proxy, the clients of a SIGKILLed one-hop replica get
 plain-text 500s that lepton_ray never sees (Ray's proxy answers them); HAProxy retries a request
 whose replica closed the connection without answering, and what it cannot place gets the
-endpoint's JSON 503 (:mod:`lepton_ray.serve.haproxy_local`). It also cuts a few ms per request.
+endpoint's JSON 503 with ``Retry-After``, never a connection closed without an answer
+(:mod:`lepton_ray.serve.haproxy_local`). It also cuts a few ms per request.
 """
 
 from __future__ import annotations
@@ -120,11 +121,18 @@ HAPROXY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_ENABLE_DIRECT_INGRES
 # - HAProxy also retries, on another replica, a request whose replica closed the connection
 #   without answering (a replica killed under load). Ray retries only requests never sent, since
 #   a replay may run a request twice; every route of a lepton_ray endpoint is safe to replay (a
-#   prediction is a pure function of the body). Measured with the killed-replica test, 4 client
-#   threads: 1, 4 and 1 failed requests in three runs, against 4, 5 and 8 without it.
+#   prediction is a pure function of the body). HAProxy can replay only a request it holds whole
+#   (haproxy_local buffers request bodies for that);
+# - and it retries often enough to get past the dead replica. The retried request first finds
+#   the dead replica's port closed, HAProxy marks it down after 3 such errors in a row (Ray's
+#   `observe layer4 error-limit 3`), and only a retry after that goes to another replica or to
+#   Serve's fallback proxy. With Ray's 3 retries the request was out of retries then, and as it
+#   had gone out on a reused connection HAProxy closed the client's connection without an answer
+#   (its rule for keep-alive failures: the client should retry). 6 leaves 2 retries to spare.
 HAPROXY_DEFAULTS = {
     "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5",
     "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response",
+    "RAY_SERVE_HAPROXY_RETRIES": "6",
 }
 
 
