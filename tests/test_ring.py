@@ -153,6 +153,33 @@ def test_resume_mid_epoch_on_another_worker_count_loses_and_repeats_nothing():
     assert len(np.union1d(after, consumed)) == 4_200
 
 
+def test_the_first_draw_waits_for_a_sixteenth_of_the_ring_then_it_fills_up():
+    """The ramp (ring.resident): 16,000 rows, batch 100, capacity 8,000: the first step needs 500
+    rows in, then each step takes in 400 (serving 100) until the ring holds 8,000 (step 19)."""
+    from lepton_ray.train.ring import ramp, resident
+
+    assert ramp(8_000, 100) == (500, 300) and ramp(300, 100) == (100, 300)
+    assert [resident(s, 16_000, 100, 8_000) for s in (0, 1, 18, 19, 20, 80, 159)] == [
+        500, 800, 5_900, 6_200, 6_500, 8_000, 100
+    ]  # fmt: skip
+    p = sequential_plan(
+        shards_of(16_000, 1_000), seed=0, epoch=0, global_batch=100, world=1, rank=0
+    )
+    pulled, seen = [0], []
+
+    def blocks():
+        for b in blocks_of(p.ids, most=50):
+            pulled[0] += len(b["id"])
+            yield LAYOUT.pack(b)
+
+    gen = ring_generator(0, 0, 0, CPU)
+    for b in serve(Ring(8_000, SHAPE, CPU), blocks(), p.steps, p.per_step, gen):
+        seen.append((pulled[0], len(b["id"])))
+    assert seen[0][0] < 500 + 50  # the first draw: 500 rows in (plus the rest of one block)
+    assert 6_200 + 19 * 100 <= seen[19][0] < 6_200 + 19 * 100 + 50
+    assert len(seen) == 160 and pulled[0] == 16_000
+
+
 def test_ring_memory_is_bounded_by_its_capacity():
     capacity, most = 700, 300
     ring = Ring(capacity, SHAPE, CPU)
@@ -160,8 +187,8 @@ def test_ring_memory_is_bounded_by_its_capacity():
     assert ring.nbytes == capacity * (8 + 8 + 8)
     peak, put = [0], ring.put
 
-    def watched_put(block, start=0):
-        taken = put(block, start)
+    def watched_put(block, start=0, most=None):
+        taken = put(block, start, most)
         peak[0] = max(peak[0], ring.n)
         return taken
 

@@ -20,16 +20,23 @@ which is about where it was stored: its shift from its stored position has mean 
 deviation of about ``capacity`` (``tests/test_ring.py`` checks this). With the per-epoch shard
 order of the plan this is Mosaic Streaming's shape (shuffled shards, a 262,144-row window).
 
+Start-up: the first draw does not wait for a full ring. Before draw ``s`` the ring holds exactly
+``n_s = min(capacity, rows left, start + s * growth)`` rows (:func:`resident`): it starts at
+``start`` = a sixteenth of the capacity (at least one batch) and takes in ``growth`` = 3 batches
+more than it serves per step until it is full, so an epoch's first step waits for 16,384 rows of
+a 262,144-row ring, not all of them, and the ring is full after ``(capacity - start) / growth``
+steps. Rows served in that ramp come from a smaller window (their shift is about ``n_s``, below).
+
 Memory: ``capacity`` rows on the device, allocated once; at most ``capacity`` rows plus one block in
 the host queue. Deterministic for a given seed, worker count and block order (Ray Data's
-``preserve_order``): the ring is filled to capacity (or to the end of the input) before every draw,
-so what it holds depends only on the order rows arrive in, never on block sizes or timing, and the
-draws come from a generator seeded per (seed, epoch, rank).
+``preserve_order``): the ring holds ``n_s`` rows before draw ``s`` whatever the timing, so what it
+holds depends only on the order rows arrive in, never on block sizes or timing, and the draws come
+from a generator seeded per (seed, epoch, rank).
 
 Sampling keeps the resident rows at slots ``[0, n)``: a draw picks ``k`` of them, and the rows
 at ``[n - k, n)`` not picked move into the picked slots below ``n - k``, so ``[n - k, capacity)``
-is free for the next rows (a device-to-device move of at most ``k`` rows). Since the ring is full
-before every draw, how many rows it holds at each step is known in advance, so :func:`draws`
+is free for the next rows (a device-to-device move of at most ``k`` rows). Since how many rows
+the ring holds at each step is known in advance (``n_s``), :func:`draws`
 computes the slots of many steps at once; a step is then two gathers, one scatter and the copy of
 the new rows, and the host never waits for the GPU.
 """
@@ -45,6 +52,22 @@ import numpy as np
 import torch
 
 _RING_SALT = 0x121A6
+RAMP_START = 1 / 16  # of the capacity: what the first draw waits for
+RAMP_GROWTH = 3  # batches taken in per step beyond the one served, until the ring is full
+
+
+def ramp(capacity: int, k: int) -> tuple[int, int]:
+    """(start, growth) of a ring of ``capacity`` serving ``k`` rows a step (module docstring)."""
+    return min(capacity, max(k, int(capacity * RAMP_START))), RAMP_GROWTH * k
+
+
+def resident(s: Any, rows: int, k: int, capacity: int) -> Any:
+    """Rows the ring holds before draw ``s`` (an int, or a tensor of steps) of an epoch of
+    ``rows`` rows, ``k`` a step: ``min(capacity, rows - s * k, start + s * growth)``."""
+    start, growth = ramp(capacity, k)
+    if isinstance(s, torch.Tensor):
+        return torch.minimum(rows - s * k, start + s * growth).clamp_(max=capacity)
+    return min(capacity, rows - s * k, start + s * growth)
 
 
 class RowLayout:
@@ -97,10 +120,10 @@ class Ring:
     def clear(self) -> None:
         self.n = 0
 
-    def put(self, block: torch.Tensor, start: int = 0) -> int:
-        """Copy packed rows ``start:`` of ``block`` into the free slots, as many as fit; return
-        how many."""
-        m = min(self.space, len(block) - start)
+    def put(self, block: torch.Tensor, start: int = 0, most: int | None = None) -> int:
+        """Copy packed rows ``start:`` of ``block`` into the free slots, as many as fit (and at
+        most ``most``); return how many."""
+        m = min(self.space, len(block) - start, self.space if most is None else most)
         if m <= 0:
             return 0
         dst, src = self.rows[self.n : self.n + m], block[start : start + m]
@@ -149,8 +172,8 @@ def draws(
 ) -> Iterator[Draw]:
     """The draws of an epoch of ``rows`` rows through a ring of ``capacity``, ``k`` a step.
 
-    Filled before every draw, the ring holds ``n_s = min(capacity, rows - s * k)`` rows at step
-    ``s`` whatever the data, so the draws are computed ahead, for many steps in a few batched
+    The ring holds ``n_s`` rows (:func:`resident`) at step ``s`` whatever the data, so the draws
+    are computed ahead, for many steps in a few batched
     operations on the device (random keys, the ``k`` smallest among the first ``n_s`` slots:
     uniform without replacement), ``max_keys`` keys at a time (32 MiB of float32)."""
     if not 0 < k <= capacity:
@@ -162,7 +185,7 @@ def draws(
         count = max(1, min(steps - s, max_keys // n0))
         # (S, 1): n_s of these steps, made on the device (a tensor from a list would be copied
         # from pageable memory, which waits for the GPU)
-        n = (rows - (s + torch.arange(count, device=device)) * k).clamp_(max=capacity).view(-1, 1)
+        n = resident(s + torch.arange(count, device=device), rows, k, capacity).view(-1, 1)
         slots = torch.arange(n0, device=device).view(1, -1)
         keys = torch.rand((count, n0), generator=generator, device=device)
         keys.masked_fill_(slots >= n, 2.0)  # (S, n0): slots past n_s are never picked
@@ -173,7 +196,7 @@ def draws(
         movers = torch.argsort(taken.gather(1, tail), dim=1, stable=True) + (n - k)
         holes = torch.sort(pick, dim=1).values
         for i in range(count):
-            yield Draw(min(capacity, rows - (s + i) * k), pick[i], holes[i], movers[i])
+            yield Draw(resident(s + i, rows, k, capacity), pick[i], holes[i], movers[i])
         s += count
 
 
@@ -191,21 +214,26 @@ def serve(
     generator: torch.Generator,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """``steps`` batches of ``per_step`` rows through ``ring`` from ``blocks`` (an epoch's rows in
-    order, packed by ``ring.layout``). Before each draw the ring is filled to capacity, or with
-    all that is left."""
+    order, packed by ``ring.layout``). Before each draw the ring is filled to the draw's ``n``
+    (:func:`resident`)."""
     ring.clear()
     it = iter(blocks)
     block: torch.Tensor | None = None
-    at = 0
+    at = taken = 0
     for step in draws(ring.capacity, steps * per_step, per_step, generator, ring.device):
-        while ring.space:
+        while ring.n < step.n:
             if block is None or at == len(block):
                 block, at = next(it, None), 0
                 if block is None:
                     break
-            at += ring.put(block, at)
+            m = ring.put(block, at, most=step.n - ring.n)
+            at, taken = at + m, taken + m
         if ring.n < step.n:
             return  # the input ran out: Batches names the step it stopped at
+        if taken == steps * per_step and block is not None and at == len(block):
+            # Every row is in: reach the input's end now, not after the last step, so that
+            # what follows it (RingFeed's read-ahead of the next epoch) starts while this one trains.
+            block, at = next(it, None), 0
         yield ring.draw(step)
 
 
