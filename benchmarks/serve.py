@@ -1,6 +1,6 @@
-"""Benchmark: requests/s and p50/p99 latency of the Serve endpoint, batched and not, behind Serve's
-own HTTP proxy and behind the opt-in HAProxy ingress, against a plain FastAPI/uvicorn process that
-calls the same model directly.
+"""Benchmark: requests/s and p50/p99 latency of the Serve endpoint, batched and not, behind the
+HAProxy ingress (the default where its binary is present) and behind Serve's own HTTP proxy (the
+opt-out), against a plain FastAPI/uvicorn process that calls the same model directly.
 
 Claims (the goals): batching pays, (a) >= 3x (b) in requests/s at concurrency 64; the endpoint adds
 at most 5 ms p50 to plain FastAPI at concurrency 1. Meant for a CPU machine (2 cores) and, with
@@ -11,9 +11,9 @@ One run, one model, one model replica per variant with 1 CPU / 1 torch thread (o
 
     (a) the endpoint with ``@serve.batch`` (max_batch_size 64)
     (b) the endpoint without batching (max_batch_size 1)
-        each behind Serve's proxy (the default) and behind HAProxy (``deploy(..., haproxy=True)``;
-        skipped, and said so, without an HAProxy binary); one hop: the model runs in the HTTP
-        replica
+        each behind HAProxy (the default; skipped, and said so, without an HAProxy binary) and
+        behind Serve's proxy (``deploy(..., haproxy=False)``, the opt-out); one hop: the model
+        runs in the HTTP replica
     (c) plain uvicorn + FastAPI in one process: decode -> the same ModelRunner -> JSON
 
 each at concurrency 1, 16 and 64 (client threads with keep-alive connections, back to back).
@@ -200,7 +200,7 @@ def endpoint_phase(ingress: str, ckpt: str, body: bytes, requests: int, use_gpu:
     from ray import serve
 
     from lepton_ray import deploy
-    from lepton_ray.serve.deploy import haproxy_replicas_up
+    from lepton_ray.serve.ingress import haproxy_replicas_up
 
     # Both endpoints are up at once: on one GPU each model replica takes half of it.
     common = {
@@ -350,8 +350,8 @@ NAMES = {
 # Results before issue 5 (no ingress suffix) went through Serve's proxy and a second replica.
 INGRESS_NAMES = {
     "": "Serve's proxy, two hops (the code of that run)",
-    "proxy": "Serve's proxy (default)",
-    "haproxy": "HAProxy ingress (opt-in)",
+    "proxy": "Serve's proxy (opt-out)",
+    "haproxy": "HAProxy ingress (default)",
 }
 
 
