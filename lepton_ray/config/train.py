@@ -239,6 +239,11 @@ class TrainConfig(Config):
     """Draw a tqdm progress bar on the driver (terminal or notebook)."""
     compile: bool = False
     """Wrap the model in ``torch.compile`` on each worker."""
+    strategy: Literal["ddp", "fsdp", "pipeline"] = "ddp"
+    """How workers hold the model (``docs/sharded.md``): ``ddp`` (each a whole copy, gradients
+    all-reduced), ``fsdp`` (parameters, gradients and optimizer state sharded per block with FSDP2;
+    checkpoints written by every rank, resumable at any worker count, ``lepton-ray export`` makes
+    one file for Serve) or ``pipeline`` (the model's blocks split across workers)."""
     early_stopping_patience: int | None = setting(None, ge=1)
     """Stop after this many epochs without improvement of ``monitor``."""
     monitor: Literal["val_loss", "val_accuracy", "train_loss", "train_accuracy"] = "val_loss"
