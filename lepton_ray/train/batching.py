@@ -31,6 +31,27 @@ def micro_batches(batch: int, max_micro: int | None) -> list[int]:
     return [base + (1 if j < extra else 0) for j in range(k)]
 
 
+def rank_micro_batches(
+    global_batch: int, world_size: int, rank: int, max_micro: int | None, lockstep: bool = False
+) -> list[int]:
+    """``rank``'s micro-batches of one step. ``lockstep`` (FSDP, whose every forward and backward
+    is a collective): every rank runs as many as the largest share needs, its rows split near
+    equal among them: B = 7, W = 3, max_micro = 2: shares 3, 2, 2 -> [2, 1], [1, 1], [1, 1]
+    (without lockstep [2, 1], [2], [2], which DDP's no_sync allows)."""
+    local = worker_batch(global_batch, world_size, rank)
+    if not lockstep:
+        return micro_batches(local, max_micro)
+    k = len(micro_batches(worker_batch(global_batch, world_size, 0), max_micro))
+    if local < k:
+        raise ValueError(
+            f"{local} rows cannot make the {k} micro-batches every rank must run in lockstep: "
+            f"raise max_micro_batch or make the global batch {global_batch} a multiple of "
+            f"{world_size} workers"
+        )
+    base, extra = divmod(local, k)
+    return [base + (1 if j < extra else 0) for j in range(k)]
+
+
 def loss_scale(global_batch: int, world_size: int, local_batch: int) -> float:
     """Factor on worker-local *mean* loss so that DDP's gradient average is the global-batch mean."""
     return world_size * local_batch / global_batch

@@ -98,7 +98,9 @@ class TrainStep:
         self.model, self.cfg, self.world = model, cfg, world
         self.task = task or Classification()
         self.local_batch = batching.worker_batch(cfg.batch_size, world, rank)
-        self.micros = batching.micro_batches(self.local_batch, cfg.max_micro_batch)
+        self.micros = batching.rank_micro_batches(
+            cfg.batch_size, world, rank, cfg.max_micro_batch, lockstep=cfg.strategy == "fsdp"
+        )
         self.scale = batching.loss_scale(cfg.batch_size, world, self.local_batch)
         self.optimizer = build_optimizer(model, cfg.optim)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
