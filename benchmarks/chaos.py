@@ -669,6 +669,7 @@ def replica_metrics(reps: list[dict[str, Any]]) -> dict[str, Any]:
         "over_bound": sum(x["failed"] > x["bound"] for x in reps),
         "default_measured": bool(default),
         "default_text": sum(x["text"] for x in default),
+        "default_no_answer": sum(x.get("no_answer", 0) for x in default),
     }
 
 
@@ -729,6 +730,12 @@ REPLICA_GOALS = [
     Goal(
         "no plain-text answer behind the default ingress (HAProxy)",
         "replicas.default_text",
+        "==",
+        0,
+    ),
+    Goal(
+        "no answerless close behind the default ingress (HAProxy)",
+        "replicas.default_no_answer",
         "==",
         0,
     ),
