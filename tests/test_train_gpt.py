@@ -134,6 +134,8 @@ def test_a_tiny_gpt_beats_the_unigram_entropy_of_held_out_text(ray_session, tmp_
     assert h["val_perplexity"] == pytest.approx(math.exp(h["val_loss"]))
     assert h["tokens_per_second"] == pytest.approx(h["samples_per_second"] * 64)
     assert 0.2 < h["val_accuracy"] < 1
+    for key in ("perplexity", "val_perplexity", "tokens_per_second"):  # in train_results too
+        assert res[key] == h[key]
 
     # The checkpoint is the model that was validated: same held-out loss, from its logits.
     loaded, meta = load_model(res["checkpoint"])

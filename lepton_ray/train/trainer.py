@@ -520,4 +520,7 @@ def _results(result: Any, run: Any, elapsed: float, cfg_epochs: int) -> dict[str
     if "val_accuracy" in last:
         out["val_loss"] = last["val_loss"]
         out["val_accuracy"] = last["val_accuracy"]
+    for key in ("perplexity", "val_perplexity", "tokens_per_second"):  # next-token runs
+        if key in last:
+            out[key] = last[key]
     return out
