@@ -2,6 +2,8 @@
 
 - :mod:`~lepton_ray.data.sources`: where rows come from (the built-in digits, torchvision on disk,
   image folders, Parquet, synthetic).
+- :mod:`~lepton_ray.data.text`: text as byte-level token blocks, stored as rows like images
+  (``text:PATH``, ``text-parquet:PATH[:COLUMN]``, the built-in ``pydoc-topics``).
 - :mod:`~lepton_ray.data.writer`: ``prepare`` and friends write Parquet shards, the manifest last.
 - :mod:`~lepton_ray.data.dataset`: the manifest (checked: it is data) and the readers.
 - :mod:`~lepton_ray.data.transforms`: numpy batch transforms and the Ray Data ``Preprocessor``.
