@@ -51,6 +51,8 @@ def evaluate(cfg: PipelineConfig, which: str | None = None, loaded: Any = None) 
     model, meta = loaded.model, loaded.meta
     info = open_dataset(f"{cfg.dataset_uri}/{split}", cfg.endpoint_url)
     data = meta["data"]
+    if data.get("kind") == "text":  # its val_loss and perplexity are in the run's metrics
+        raise ConfigError("evaluate scores image classifiers; this checkpoint is a language model")
     if list(info.shape) != list(data["shape"]) or list(info.classes) != list(data["classes"]):
         raise DataError(
             f"{info.uri} ({info.shape}, {info.num_classes} classes) does not match the checkpoint's "
