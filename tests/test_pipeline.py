@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from lepton_ray.config import OptimConfig, TrainConfig
+from lepton_ray.config import OptimConfig, ScalingConfig, TrainConfig
 from lepton_ray.errors import ConfigError
 from lepton_ray.gpt import GPT
 from lepton_ray.models import build_model
@@ -89,6 +89,21 @@ def test_layout_refuses_what_does_not_fit():
         check_layout(5, 5, blocks=4)
 
 
+def test_config_refuses_workers_stages_and_micro_batches_that_do_not_fit():
+    def cfg(workers, **kw):
+        return TrainConfig(strategy="pipeline", scaling=ScalingConfig(num_workers=workers), **kw)
+
+    assert cfg(4, pipeline_stages=2).pipeline_stages == 2
+    assert cfg(3).pipeline_stages is None  # one stage per worker
+    with pytest.raises(ConfigError, match="pipeline_stages: 2 does not divide the 3 workers"):
+        cfg(3, pipeline_stages=2)
+    with pytest.raises(ConfigError, match="strategy: 'pipeline' needs a fixed worker count"):
+        cfg((2, 4), pipeline_stages=2)
+    with pytest.raises(ConfigError, match="pipeline_micro_batches: 2 is fewer than the 4 stages"):
+        cfg(4, pipeline_micro_batches=2)
+    assert cfg(4, pipeline_micro_batches=2, pipeline_schedule="gpipe").pipeline_micro_batches == 2
+
+
 def test_only_a_model_with_embed_blocks_and_logits_is_cut():
     check_model(tiny_gpt())
     with pytest.raises(ConfigError, match="ConvNet has no embed, blocks, logits"):
@@ -101,6 +116,7 @@ def test_blocks_and_micro_batches_split_near_equal():
     assert micro_rows(7, 2, 2) == (2, 4)  # 8 rows: one padded
     assert micro_rows(3, 4, 2) == (3, 1)  # never more micro-batches than rows
     assert micro_rows(8, 4, 2) == (4, 2)
+    assert micro_rows(5, 4, 2) == (3, 2)  # not (4, 2): no micro-batch of padding alone
     assert micro_rows(64, None, 4) == (8, 8)  # default: two per stage
     assert micro_rows(64, None, 1) == (1, 64)  # one stage: the whole batch at once
 

@@ -244,6 +244,17 @@ class TrainConfig(Config):
     all-reduced), ``fsdp`` (parameters, gradients and optimizer state sharded per block with FSDP2;
     checkpoints written by every rank, resumable at any worker count, ``lepton-ray export`` makes
     one file for Serve) or ``pipeline`` (the model's blocks split across workers)."""
+    pipeline_stages: int | None = setting(None, ge=1)
+    """``strategy="pipeline"``: stages per pipeline, each a worker holding some of the model's
+    blocks; the worker count must be a multiple of it, the pipelines then data-parallel replicas
+    (null: one stage per worker)."""
+    pipeline_schedule: Literal["gpipe", "1f1b"] = "1f1b"
+    """``strategy="pipeline"``: ``gpipe`` (every micro-batch forward, then every one backward) or
+    ``1f1b`` (one forward, one backward in turn: at most ``pipeline_stages`` micro-batches'
+    activations held at once)."""
+    pipeline_micro_batches: int | None = setting(None, ge=1)
+    """``strategy="pipeline"``: micro-batches each pipeline splits its rows of a step into (null:
+    two per stage, one for a single stage); ``1f1b`` needs at least one per stage."""
     early_stopping_patience: int | None = setting(None, ge=1)
     """Stop after this many epochs without improvement of ``monitor``."""
     monitor: Literal["val_loss", "val_accuracy", "train_loss", "train_accuracy"] = "val_loss"
@@ -267,6 +278,30 @@ class TrainConfig(Config):
     def check(self) -> None:
         if self.resume and not self.run_name:
             raise bad("resume", "needs run_name: the run to continue")
+        if self.strategy == "pipeline":
+            self.check_pipeline()
+
+    def check_pipeline(self) -> None:
+        """Workers, stages and micro-batches that fit together, checked before Ray starts."""
+        workers, stages = self.scaling.num_workers, self.pipeline_stages
+        if not isinstance(workers, int):
+            raise bad(
+                "strategy",
+                f"'pipeline' needs a fixed worker count (a multiple of pipeline_stages), "
+                f"not num_workers {workers!r}",
+            )
+        stages = workers if stages is None else stages
+        if workers % stages:
+            raise bad(
+                "pipeline_stages",
+                f"{stages} does not divide the {workers} workers into whole pipelines",
+            )
+        micro = self.pipeline_micro_batches
+        if self.pipeline_schedule == "1f1b" and micro is not None and micro < stages:
+            raise bad(
+                "pipeline_micro_batches",
+                f"{micro} is fewer than the {stages} stages, which '1f1b' needs at least",
+            )
 
 
 _OPTIM_FIELDS = frozenset(f.name for f in dataclasses.fields(OptimConfig))
