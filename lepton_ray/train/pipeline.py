@@ -266,11 +266,11 @@ class PipelineStep:
         stage.register_forward_hook(self._fwd_end)
         self.groups = _Groups(layout, rank)
         # A tied weight split across stages: this stage's copy, summed with the other's.
+        self.aliases = tied_names_of(factory)
         self.tied = {}
         if layout.stages > 1:
-            aliases = tied_names_of(factory)
-            params = dict(stage.named_parameters())
-            self.tied = {n: p for n, p in params.items() if n in aliases or n in aliases.values()}
+            tied = set(self.aliases) | set(self.aliases.values())
+            self.tied = {n: p for n, p in stage.named_parameters() if n in tied}
         self._recorded: list[torch.Tensor] = []
         self.schedule = None  # one stage has nothing to pipeline: its micro-batches run in turn
         if layout.stages > 1:
@@ -426,9 +426,8 @@ class PipelineStep:
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """The whole model's state dict on rank 0, on the CPU, a tied weight once under its first
         name (None on other ranks). A collective: every rank calls it."""
-        aliases = tied_names_of(self.factory)
         local = {
-            k: v.detach().cpu() for k, v in self.stage.state_dict().items() if k not in aliases
+            k: v.detach().cpu() for k, v in self.stage.state_dict().items() if k not in self.aliases
         }
         parts = self._gather(local)
         if parts is None:
@@ -456,7 +455,7 @@ class PipelineStep:
     def state_dict(self) -> dict[str, Any]:
         """Optimizer state keyed by parameter name, gathered from every stage (on rank 0; other
         ranks get their own stage's), and the scheduler. A collective: every rank calls it."""
-        aliases = tied_names_of(self.factory)
+        aliases = self.aliases
         opt = self.optimizer.state_dict()
         names = self._names()
         local = {
@@ -484,7 +483,7 @@ class PipelineStep:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore from :meth:`state_dict`'s form (any number of replicas)."""
-        aliases = tied_names_of(self.factory)
+        aliases = self.aliases
         saved = state["optimizer"]
         if saved.get("keyed_by") != "name":
             raise CheckpointError(
@@ -505,7 +504,8 @@ class PipelineStep:
 
 
 def tied_names_of(factory: Callable[[], nn.Module]) -> dict[str, str]:
-    """:func:`tied_names` of the model ``factory`` builds (on meta: no memory)."""
+    """:func:`tied_names` of the model ``factory`` builds (on meta: no memory for a factory that
+    allocates, as a registered architecture's does)."""
     with torch.device("meta"):
         return tied_names(factory())
 
