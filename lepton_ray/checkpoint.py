@@ -66,6 +66,7 @@ __all__ = [
     "verify",
     "version",
     "write_local",
+    "write_meta",
 ]
 
 WEIGHTS, STATE, META, MANIFEST = (
@@ -123,8 +124,15 @@ def write_local(
         buf = io.BytesIO()
         torch.save(train_state, buf)
         (d / STATE).write_bytes(buf.getvalue())
-    (d / META).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
+    write_meta(d, meta)
     return d
+
+
+def write_meta(directory: str | os.PathLike, meta: dict[str, Any]) -> Path:
+    """Write ``lepton.json`` into a local checkpoint folder."""
+    path = Path(directory) / META
+    path.write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
+    return path
 
 
 def publish(

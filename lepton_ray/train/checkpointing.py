@@ -4,7 +4,9 @@ Ray Train's ``report(metrics, checkpoint)`` is a barrier every worker reaches; r
 checkpoint's files (safetensors weights, optimizer/scheduler/RNG state, ``lepton.json``) and uploads
 them with the manifest last (:func:`lepton_ray.checkpoint.publish`). With ``publish_best`` the same
 files also go to ``<run>/best/<name>``, then ``best.json`` points at them (written last) and the
-previous best is removed.
+previous best is removed. A sharded model (FSDP) is saved by every rank, each its own rows, before
+the report; rank 0's manifest, written through the same report, lists them all
+(:mod:`lepton_ray.train.sharded`).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class Restored:
     history: list[dict[str, Any]] = field(default_factory=list)
     best: dict[str, Any] | None = None  # {"metric", "value", "epoch"}
     resizes: list[dict[str, int]] = field(default_factory=list)  # {"step", "from", "to"}
+    sharded: Any = None  # a sharded checkpoint's Reader: each rank reads its rows from it
 
     @property
     def start_epoch(self) -> int:
@@ -54,13 +57,23 @@ class Restored:
         if resumed is None:
             return cls()
         loc = storage.Location.from_filesystem(resumed.filesystem, resumed.path, endpoint_url)
-        weights, state, meta = checkpoint.load_train_state(loc)
+        manifest = checkpoint.read_manifest(loc)
+        if checkpoint.is_sharded(manifest):
+            from lepton_ray.train.sharded import Reader
+
+            reader = Reader(loc, manifest)
+            weights, state, meta = None, reader.train_state(), reader.meta
+        else:
+            reader = None
+            weights, state, meta = checkpoint.load_train_state(loc)
+            weights = {k.removeprefix("module."): v for k, v in weights.items()}
         out = cls(
-            {k.removeprefix("module."): v for k, v in weights.items()},
+            weights,
             state,
             list(meta.get("history", [])),
             meta.get("best"),
             list(meta.get("world_size_changes", [])),
+            reader,
         )
         if meta.get("world_size") and meta["world_size"] != world:  # an elastic resize
             step = int(meta.get("metrics", {}).get("step", 0))
@@ -146,19 +159,29 @@ class Reporter:
         best: dict[str, Any] | None = None,
         publish_best: bool = False,
     ) -> None:
-        """A barrier: every rank calls it; rank 0 writes and uploads."""
+        """A barrier: every rank calls it; rank 0 writes and uploads (under FSDP every rank
+        first uploads its shards, then rank 0 the manifest listing them)."""
         from lepton_ray.runs import checkpoint_name
+        from lepton_ray.train import sharded, strategy
 
         name = checkpoint_name(metrics["epoch"], metrics["step"])
+        run, world = self.run, metrics["world_size"]
+        publish = checkpoint.publish
+        if strategy.is_sharded(model):
+            dests = [run.root.join(name)] + ([run.best_copy(name)] if publish_best else [])
+            shards = sharded.write_shards(dests, model, train_state, self.rank, world)
+
+            def publish(local_dir: str, dest: storage.Location) -> storage.Location:
+                return sharded.publish(local_dir, dest, shards, world)
+
         if self.rank != 0:
             ray.train.report(metrics)
             return
-        run = self.run
 
         def upload(ckpt: ray.train.Checkpoint, dir_name: str) -> ray.train.Checkpoint:
-            dest = checkpoint.publish(ckpt.path, run.root.join(dir_name))
+            dest = publish(ckpt.path, run.root.join(dir_name))
             if publish_best:
-                checkpoint.publish(ckpt.path, run.best_copy(dir_name))
+                publish(ckpt.path, run.best_copy(dir_name))
                 run.point_best(dir_name, best or {})
             return ray.train.Checkpoint(path=dest.path, filesystem=dest.fs)
 
@@ -169,11 +192,14 @@ class Reporter:
             epoch=metrics["epoch"],
             epoch_complete=train_state["epoch_complete"],
             best=best,
-            world_size=metrics["world_size"],
+            world_size=world,
             world_size_changes=resizes,
         )
         with tempfile.TemporaryDirectory() as tmp:
-            checkpoint.write_local(tmp, model, meta, train_state)
+            if publish is checkpoint.publish:
+                checkpoint.write_local(tmp, model, meta, train_state)
+            else:  # the shards hold weights and train state: lepton.json alone is left
+                checkpoint.write_meta(tmp, meta)
             ray.train.report(
                 metrics,
                 checkpoint=ray.train.Checkpoint.from_directory(tmp),

@@ -10,7 +10,6 @@ workers, so it lives in the installed package.
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -23,8 +22,8 @@ from torch import nn
 
 from lepton_ray.config import TrainConfig, parse_fault
 from lepton_ray.data import DatasetInfo
-from lepton_ray.models import memory_format, unwrap
-from lepton_ray.train import batching
+from lepton_ray.models import unwrap
+from lepton_ray.train import batching, strategy
 from lepton_ray.train.checkpointing import EpochTally, Reporter, Restored, SampleLog, all_reduce
 from lepton_ray.train.feed import CachedFeed, Feed, Plan, RingFeed, ShardFeed, StreamedFeed
 from lepton_ray.train.observe import WorkerProgress
@@ -38,7 +37,7 @@ class RunSpec:
     """Everything a worker needs, shipped once through ``train_loop_config``."""
 
     cfg: TrainConfig
-    model: nn.Module
+    model: nn.Module | None  # None under FSDP for a registered architecture: built from its spec
     meta: dict[str, Any]  # model spec, data spec, config, provenance: saved in every checkpoint
     num_train_rows: int
     has_val: bool
@@ -49,6 +48,7 @@ class RunSpec:
     order: str = "shuffled"  # the epoch plan's order (see lepton_ray.train.sampling)
     device_augment: tuple[str, ...] = ()  # augmentations the loop applies on its device
     feed: str = "stream"  # "cache" | "ring" | "stream": DataConfig.chosen_feed
+    init_weights: Any = None  # FSDP: ObjectRef of the initial state dict, fetched by rank 0 only
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -63,7 +63,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.seed)
 
     restored = Restored.latest(spec.endpoint_url, world)
-    model, layout = build_model(spec, restored)
+    model, layout = build_model(spec, restored, device)
     timeline.mark("model_ready")
     pixels = Pixels(spec.meta["data"]["mean"], spec.meta["data"]["std"], device, layout)
     augment = make_augmenter(spec, device)
@@ -71,7 +71,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     nominal = batching.nominal_steps_per_epoch(spec.num_train_rows, cfg.batch_size)
     step = TrainStep(model, cfg, world, rank, total_steps=nominal * cfg.epochs, task=task)
     if restored.state:
-        step.load_state_dict(restored.state)
+        strategy.load_train_state(step, restored, model)
         torch.set_rng_state(restored.state["torch_rng"])
     feed, val_batches = make_feeds(spec, world, rank, device)
     timeline.mark("feed_ready")
@@ -169,16 +169,12 @@ def train_state(step: TrainStep, epoch: int, complete: bool, **extra: Any) -> di
     }
 
 
-def build_model(spec: RunSpec, restored: Restored) -> tuple[nn.Module, torch.memory_format]:
-    """The worker's copy of the model, restored, in its memory layout, wrapped in DDP."""
-    model = copy.deepcopy(spec.model)
-    if restored.weights is not None:
-        model.load_state_dict(restored.weights)
-    layout = memory_format(spec.meta)  # channels-last for convnets: faster on CPUs and GPUs alike
-    model = ray.train.torch.prepare_model(model.to(memory_format=layout))
-    if spec.cfg.compile:
-        model = torch.compile(model)
-    return model, layout
+def build_model(
+    spec: RunSpec, restored: Restored, device: torch.device
+) -> tuple[nn.Module, torch.memory_format]:
+    """The worker's model, restored and wrapped for ``cfg.strategy`` (DDP, or sharded with FSDP:
+    :mod:`lepton_ray.train.strategy`), and the memory layout its inputs take."""
+    return strategy.build(spec, restored, device)
 
 
 def make_feeds(spec: RunSpec, world: int, rank: int, device: torch.device) -> tuple[Feed, Any]:

@@ -257,7 +257,7 @@ def save(
     shards = write_shards([dest], model, train_state, rank, world)
     if rank == 0:
         with tempfile.TemporaryDirectory() as tmp:
-            (Path(tmp) / checkpoint.META).write_text(json.dumps(meta, default=str))
+            checkpoint.write_meta(tmp, meta)
             publish(tmp, dest, shards, world)
     if world > 1 and dist.is_initialized():
         dist.barrier()
@@ -449,7 +449,5 @@ def export(
     meta = dict(reader.meta, exported_from={"uri": src_loc.uri, "world_size": reader.world})
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / checkpoint.WEIGHTS).write_bytes(st_save(weights))
-        (Path(tmp) / checkpoint.META).write_text(
-            json.dumps(meta, indent=2, sort_keys=True, default=str)
-        )
+        checkpoint.write_meta(tmp, meta)
         return checkpoint.publish(tmp, dest_loc)

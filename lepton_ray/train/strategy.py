@@ -78,13 +78,16 @@ def build_fsdp(spec: RunSpec, restored: Restored, device: torch.device) -> nn.Mo
         )
     rank = dist.get_rank()
     if spec.model is None:  # a registered architecture: built from its spec, no weights yet
-        with torch.device("meta"):
+        # (its init draws random numbers on rank 0 only: forked, so every rank's stream stays
+        # the one DDP would have, e.g. for dropout)
+        with torch.random.fork_rng(devices=[]), torch.device("meta"):
             model = from_spec(spec.meta["model"])
         source = None
         if rank == 0:  # the initial weights; persistent or not, every buffer too
             import ray
 
-            source = from_spec(spec.meta["model"])
+            with torch.random.fork_rng(devices=[]):
+                source = from_spec(spec.meta["model"])
             source.load_state_dict(ray.get(spec.init_weights))
     else:
         log.info(
@@ -188,16 +191,14 @@ def no_sync(model: nn.Module) -> Iterator[None]:
             yield
 
 
-def load_train_state(
-    step: Any, state: dict[str, Any], restored: Restored, model: nn.Module
-) -> None:
+def load_train_state(step: Any, restored: Restored, model: nn.Module) -> None:
     """Restore the optimizer and schedule: a sharded checkpoint's optimizer state is read as this
     rank's rows, placed like the model's parameters."""
+    state = restored.state
     if restored.sharded is not None:
         from lepton_ray.train.sharded import materialise
 
-        like = next(unwrap(model).parameters())
-        state = materialise(state, restored.sharded, like)
+        state = materialise(state, restored.sharded, next(unwrap(model).parameters()))
     step.load_state_dict(state)
 
 

@@ -29,7 +29,7 @@ from lepton_ray.data import (
 from lepton_ray.errors import ConfigError, DataError, LeptonError, TrainingError, one_line
 from lepton_ray.models import preferred_memory_format, spec_of
 from lepton_ray.runtime import ensure_ray
-from lepton_ray.train import batching
+from lepton_ray.train import batching, strategy
 from lepton_ray.train.loop import RunSpec, train_loop_per_worker
 from lepton_ray.train.storage_retry import (
     StorageInterrupted,
@@ -48,7 +48,9 @@ class Trainer:
     ``num_workers`` is an int, a ``(min, max)`` range (elastic) or ``"auto"``; it may be given
     positionally (``Trainer(4)``). Other keyword arguments are fields of :class:`ScalingConfig`
     (``use_gpu``, ``resources_per_worker``, ``placement_strategy``, ...) or defaults for
-    :meth:`fit` (``storage``, ``endpoint_url``, ``run_name``, ``max_failures``, ...).
+    :meth:`fit` (``storage``, ``endpoint_url``, ``run_name``, ``max_failures``, ``strategy``, ...).
+    ``strategy="fsdp"`` shards parameters, gradients and optimizer state across the workers
+    (``docs/sharded.md``); ``"ddp"``, the default, gives each worker a whole copy.
 
         trainer = Trainer(num_workers=(2, 8), use_gpu=True)
         trainer.fit(model, "s3://bucket/datasets/cifar10/train", batch_size=512, epochs=30)
@@ -126,6 +128,7 @@ def fit(model: nn.Module, train_dataset: Any, val_dataset: Any, cfg: TrainConfig
             "checkpoint_every_steps needs a prepared dataset (a URI, DatasetInfo or torch Dataset): "
             "resuming mid-epoch relies on its stable row ids"
         )
+    strategy.check(cfg.strategy)
     ensure_ray()
     marks["ray_ready"] = time.time()
     train_src.resolve(run, "train")
@@ -226,9 +229,13 @@ def _run(
     _check_placement(cfg.scaling, ray_scaling["num_workers"])
     total_steps = batching.nominal_steps_per_epoch(info.num_rows, cfg.batch_size) * cfg.epochs
     board = ProgressBoard.remote(total_steps) if cfg.progress_bar else None
+    # FSDP builds a registered architecture from its spec on each worker; only rank 0 fetches the
+    # initial weights (one copy in the object store), not every worker a pickled model.
+    from_spec = cfg.strategy == "fsdp" and "name" in meta["model"]
     spec = RunSpec(
         cfg=cfg,
-        model=model.cpu(),
+        model=None if from_spec else model.cpu(),
+        init_weights=ray.put(model.cpu().state_dict()) if from_spec else None,
         meta=meta,
         num_train_rows=info.num_rows,
         has_val=val_src is not None,
