@@ -4,6 +4,7 @@
     lepton-ray data inspect ./store/datasets/mnist5k/train
     lepton-ray train --data ./store/datasets/mnist5k/train --val ./store/datasets/mnist5k/test
     lepton-ray serve ./store/runs/RUN/checkpoint_epoch0015_step0000600
+    lepton-ray export ./store/runs/RUN/checkpoint_epoch0015_step0000600 ./store/exported/RUN
     lepton-ray predict http://127.0.0.1:8000 digit.png
     lepton-ray submit --max-retries 2 -- python -m pipelines.train --config pipelines/configs/mnist.yaml
     lepton-ray bench train_overhead --epochs 2
@@ -246,6 +247,19 @@ def cmd_serve(a: argparse.Namespace) -> Any:
         serve.shutdown()
         ray.shutdown()
     return None
+
+
+def cmd_export(a: argparse.Namespace) -> Any:
+    from lepton_ray.checkpoint import describe
+    from lepton_ray.train.sharded import export
+
+    dest = export(a.checkpoint, a.dest, a.endpoint_url)
+    d = describe(dest)
+    return {
+        "checkpoint": d.location.uri,
+        "version": d.version,
+        "exported_from": d.meta["exported_from"],
+    }
 
 
 def cmd_predict(a: argparse.Namespace) -> Any:
@@ -554,6 +568,15 @@ def build_parser() -> argparse.ArgumentParser:
     flag("--endpoint-url", metavar="URL")
     sv.set_defaults(fn=cmd_serve)
 
+    ex = sub.add_parser(
+        "export",
+        help="consolidate a sharded (fsdp) checkpoint into one that load_model and serve read",
+    )
+    ex.add_argument("checkpoint", help="sharded checkpoint URI")
+    ex.add_argument("dest", help="new checkpoint folder (path or s3://bucket/prefix)")
+    ex.add_argument(*ep["flags"], **ep["kw"])
+    ex.set_defaults(fn=cmd_export)
+
     pr = sub.add_parser("predict", help="classify PNG/JPEG files with a running endpoint")
     pr.add_argument("url", help="endpoint base URL, e.g. http://127.0.0.1:8000")
     pr.add_argument("files", nargs="+")
@@ -625,7 +648,7 @@ def build_parser() -> argparse.ArgumentParser:
         "args", nargs=argparse.REMAINDER, help="arguments for the benchmark, e.g. --epochs 2"
     )
     bn.set_defaults(fn=cmd_bench)
-    for parser in (p, prep, insp, tr, sv, pr, sb, bn):  # before or after the command's name
+    for parser in (p, prep, insp, tr, sv, ex, pr, sb, bn):  # before or after the command's name
         parser.add_argument(
             "--verbose",
             action="store_true",

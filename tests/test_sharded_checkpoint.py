@@ -224,3 +224,16 @@ def test_a_rank_dying_before_the_manifest_leaves_no_checkpoint(tmp_path):
     assert dest.exists() and run.latest() is None
     with pytest.raises(CheckpointError, match="no complete checkpoint"):
         sharded.Reader(dest)
+
+
+def test_cli_export(saved_at_2_loaded_at_3, tmp_path, capsys):
+    from lepton_ray.cli import main
+
+    assert main(["export", f"{saved_at_2_loaded_at_3}/ckpt", str(tmp_path / "e")]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["exported_from"]["world_size"] == 2
+    assert out["version"] == checkpoint.version(str(tmp_path / "e"))
+    # an ordinary checkpoint needs no export: one line, exit 2
+    assert main(["export", str(tmp_path / "e"), str(tmp_path / "f")]) == 2
+    err = capsys.readouterr().err
+    assert "is not sharded" in err and len(err.strip().splitlines()) == 1
