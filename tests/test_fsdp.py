@@ -213,10 +213,12 @@ def test_rows_split_like_torch_chunk():
 
 
 def test_pipeline_is_refused_in_one_line():
+    from lepton_ray.config import TrainConfig
     from lepton_ray.errors import ConfigError
+    from lepton_ray.models import build_model
 
-    with pytest.raises(ConfigError, match="strategy 'pipeline'"):
-        strategy.check("pipeline")
+    with pytest.raises(ConfigError, match="strategy 'pipeline' needs a model with embed"):
+        strategy.check(TrainConfig(strategy="pipeline"), build_model("cnn"), False)
 
 
 def test_fsdp_ranks_run_micro_batches_in_lockstep():

@@ -22,12 +22,11 @@ from torch import nn
 
 from lepton_ray.config import TrainConfig, parse_fault
 from lepton_ray.data import DatasetInfo
-from lepton_ray.models import unwrap
 from lepton_ray.train import batching, strategy
 from lepton_ray.train.checkpointing import EpochTally, Reporter, Restored, SampleLog, all_reduce
 from lepton_ray.train.feed import CachedFeed, Feed, Plan, RingFeed, ShardFeed, StreamedFeed
 from lepton_ray.train.observe import WorkerProgress
-from lepton_ray.train.step import BATCH_DTYPES, Pixels, TrainStep, evaluate
+from lepton_ray.train.step import BATCH_DTYPES, Pixels, TrainStep
 from lepton_ray.train.task import for_data
 from lepton_ray.train.timeline import WorkerTimeline
 
@@ -69,11 +68,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     augment = make_augmenter(spec, device)
     task = for_data(spec.meta["data"], device, pixels, augment)  # images or next-token
     nominal = batching.nominal_steps_per_epoch(spec.num_train_rows, cfg.batch_size)
-    step = TrainStep(model, cfg, world, rank, total_steps=nominal * cfg.epochs, task=task)
+    step = strategy.make_step(model, spec, world, rank, nominal * cfg.epochs, task)
     if restored.state:
         strategy.load_train_state(step, restored, model)
         torch.set_rng_state(restored.state["torch_rng"])
-    feed, val_batches = make_feeds(spec, world, rank, device)
+    feed, val_batches = make_feeds(spec, *strategy.data_shard(cfg, world, rank), device)
+    own_rows = strategy.counts_rows(cfg, world, rank)  # pipeline: stage 0 records the ids
     timeline.mark("feed_ready")
     reporter = Reporter(spec.run_uri, spec.endpoint_url, spec.meta, rank)
     sample_log = SampleLog(spec.run_uri, spec.endpoint_url, rank) if cfg.record_sample_ids else None
@@ -91,7 +91,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         progress.start_epoch(epoch + 1, batches.steps, t0)
         for i, batch in enumerate(batches):
             step(*task.inputs(batch), tally.sums)
-            tally.trained(batch.get("id"), epoch, step.global_step)
+            tally.trained(batch.get("id") if own_rows else None, epoch, step.global_step)
             timeline.first_step(device)
             if fault == (epoch + 1, i + 1, rank):
                 raise RuntimeError(
@@ -115,7 +115,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 )
                 reporter.checkpoint(
                     metrics | {"epoch_complete": False} | timing,
-                    model,
+                    strategy.checkpoint_model(step, model),
                     state,
                     history=history,
                     resizes=resizes,
@@ -125,7 +125,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             torch.cuda.synchronize(device)
         train_time = time.perf_counter() - t0
 
-        val = evaluate(unwrap(model), val_batches(), task, step.autocast) if val_batches else None
+        val = strategy.validate(step, model, val_batches(), task) if val_batches else None
         sums = all_reduce(tally.sums)
         metrics = epoch_metrics(
             epoch, step, sums, batches.steps * cfg.batch_size, train_time, batches.wait_s, world
@@ -145,7 +145,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if last or improved or (epoch + 1) % cfg.checkpoint_every_epochs == 0:
             reporter.checkpoint(
                 metrics,
-                model,
+                strategy.checkpoint_model(step, model),
                 train_state(step, epoch, True),
                 history=history,
                 resizes=resizes,

@@ -15,14 +15,21 @@ weights (fetched from the object store, not shipped to every worker) and broadca
 once; every rank keeps its rows. A model whose spec names no registered architecture is shipped
 to every worker as under DDP, then sharded the same way. Resuming reads each rank's rows of a
 sharded checkpoint (:mod:`lepton_ray.train.sharded`), at any world size.
+
+``strategy="pipeline"``: each worker holds a stage, some of the model's blocks
+(:mod:`lepton_ray.train.pipeline`); its step (:func:`make_step`) has the same interface as ddp's, its
+feed reads its replica's rows (:func:`data_shard`), validation runs through the stages
+(:func:`validate`) and checkpoints hold the whole model gathered to rank 0
+(:func:`checkpoint_model`), an ordinary checkpoint.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -33,6 +40,7 @@ from lepton_ray.errors import CheckpointError, ConfigError
 from lepton_ray.models import from_spec, memory_format, unwrap
 
 if TYPE_CHECKING:
+    from lepton_ray.config import TrainConfig
     from lepton_ray.train.checkpointing import Restored
     from lepton_ray.train.loop import RunSpec
 
@@ -40,11 +48,20 @@ log = logging.getLogger(__name__)
 STRATEGIES = ("ddp", "fsdp", "pipeline")
 
 
-def check(strategy: str) -> None:
-    """Refuse, on the driver, a strategy this build cannot run."""
-    if strategy == "pipeline":
+def check(cfg: TrainConfig, model: nn.Module, ray_dataset: bool) -> None:
+    """Refuse, on the driver, in one line, what ``cfg.strategy`` cannot run (``ray_dataset``: the
+    training set is a user's Ray Dataset, which Ray Train splits across all workers)."""
+    if cfg.strategy != "pipeline":
+        return
+    from lepton_ray.train import pipeline
+
+    pipeline.check_model(model)
+    pipeline.check_layout(cfg.scaling.num_workers, cfg.pipeline_stages, len(model.blocks))
+    if ray_dataset:
         raise ConfigError(
-            "strategy 'pipeline' is not wired into the Trainer yet: use 'ddp' or 'fsdp'"
+            "strategy 'pipeline' needs a prepared dataset (a URI, DatasetInfo or torch Dataset): "
+            "every stage of a pipeline reads the same rows, which a Ray Dataset split by Ray "
+            "Train cannot give"
         )
 
 
@@ -53,6 +70,8 @@ def build(
 ) -> tuple[nn.Module, torch.memory_format]:
     """The worker's model, restored and wrapped for ``spec.cfg.strategy``, and its input layout."""
     layout = memory_format(spec.meta)  # channels-last for convnets: faster on CPUs and GPUs alike
+    if spec.cfg.strategy == "pipeline":  # compiled block by block, if asked
+        return build_pipeline(spec, restored, device), layout
     if spec.cfg.strategy == "fsdp":
         model = build_fsdp(spec, restored, device)
     else:
@@ -100,6 +119,101 @@ def build_fsdp(spec: RunSpec, restored: Restored, device: torch.device) -> nn.Mo
     del source
     if restored.sharded is not None:
         restored.sharded.load_model(model)
+    return model
+
+
+def model_factory(spec: RunSpec) -> Callable[[], nn.Module]:
+    """Builds the run's model, random weights: from its registered spec (on the meta device when
+    called under ``torch.device("meta")``), else a copy of the model shipped whole."""
+    if spec.model is None:
+        return functools.partial(from_spec, spec.meta["model"])
+    return functools.partial(copy.deepcopy, spec.model)
+
+
+def build_pipeline(spec: RunSpec, restored: Restored, device: torch.device) -> nn.Module:
+    """This rank's stage (:mod:`lepton_ray.train.pipeline`): built on meta, only its own part
+    materialised, filled from the full state every rank starts from (the checkpoint resumed or
+    the initial weights, fetched from the object store)."""
+    from lepton_ray.train import pipeline
+
+    if restored.sharded is not None:
+        raise CheckpointError(
+            "the checkpoint to resume is sharded (strategy 'fsdp'): resume with strategy='fsdp'"
+        )
+    if restored.weights is not None:
+        state = restored.weights
+    elif spec.model is None:
+        import ray
+
+        state = ray.get(spec.init_weights)
+    else:
+        state = spec.model.state_dict()
+    layout = pipeline.check_layout(dist.get_world_size(), spec.cfg.pipeline_stages)
+    return pipeline.build_stage(
+        model_factory(spec), state, layout, dist.get_rank(), device, compile=spec.cfg.compile
+    )
+
+
+def make_step(
+    model: nn.Module, spec: RunSpec, world: int, rank: int, total_steps: int, task: Any
+) -> Any:
+    """The optimizer step for the strategy: :class:`~lepton_ray.train.step.TrainStep`, or a
+    pipeline stage's :class:`~lepton_ray.train.pipeline.PipelineStep` (same interface)."""
+    cfg = spec.cfg
+    if cfg.strategy != "pipeline":
+        from lepton_ray.train.step import TrainStep
+
+        return TrainStep(model, cfg, world, rank, total_steps=total_steps, task=task)
+    from lepton_ray.train.pipeline import PipelineStep, check_layout
+
+    return PipelineStep(
+        model,
+        check_layout(world, cfg.pipeline_stages),
+        cfg,
+        rank,
+        total_steps,
+        factory=model_factory(spec),
+        task=task,
+        schedule=cfg.pipeline_schedule,
+        micro_batches=cfg.pipeline_micro_batches,
+    )
+
+
+def data_shard(cfg: TrainConfig, world: int, rank: int) -> tuple[int, int]:
+    """(shards, this rank's shard) of each global batch: one per worker, or under pipeline one
+    per replica, every stage of a replica reading its rows (W=4, 2 stages: ranks 2, 3 -> (2, 1))."""
+    if cfg.strategy != "pipeline":
+        return world, rank
+    from lepton_ray.train.pipeline import check_layout
+
+    layout = check_layout(world, cfg.pipeline_stages)
+    return layout.replicas, layout.replica(rank)
+
+
+def counts_rows(cfg: TrainConfig, world: int, rank: int) -> bool:
+    """Whether this rank records the ids it trains (under pipeline, stage 0 of each replica:
+    its other stages train the same rows)."""
+    if cfg.strategy != "pipeline":
+        return True
+    from lepton_ray.train.pipeline import check_layout
+
+    return check_layout(world, cfg.pipeline_stages).stage(rank) == 0
+
+
+def validate(step: Any, model: nn.Module, batches: Any, task: Any) -> tuple[float, float]:
+    """(loss, accuracy) on the validation batches, the same on every rank."""
+    if step.cfg.strategy == "pipeline":
+        return step.evaluate(batches)
+    from lepton_ray.train.step import evaluate
+
+    return evaluate(unwrap(model), batches, task, step.autocast)
+
+
+def checkpoint_model(step: Any, model: nn.Module) -> nn.Module:
+    """The model a checkpoint saves: ``model``, or under pipeline the whole model gathered to
+    rank 0 (a collective: every rank calls it; other ranks get their stage)."""
+    if step.cfg.strategy == "pipeline":
+        return step.full_model() or model
     return model
 
 
@@ -195,6 +309,12 @@ def load_train_state(step: Any, restored: Restored, model: nn.Module) -> None:
     """Restore the optimizer and schedule: a sharded checkpoint's optimizer state is read as this
     rank's rows, placed like the model's parameters."""
     state = restored.state
+    keyed_by_name = state.get("optimizer", {}).get("keyed_by") == "name"
+    if keyed_by_name and step.cfg.strategy != "pipeline":
+        raise CheckpointError(
+            "the checkpoint to resume was written by strategy 'pipeline': resume with "
+            "strategy='pipeline'"
+        )
     if restored.sharded is not None:
         from lepton_ray.train.sharded import materialise
 

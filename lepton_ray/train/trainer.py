@@ -128,7 +128,7 @@ def fit(model: nn.Module, train_dataset: Any, val_dataset: Any, cfg: TrainConfig
             "checkpoint_every_steps needs a prepared dataset (a URI, DatasetInfo or torch Dataset): "
             "resuming mid-epoch relies on its stable row ids"
         )
-    strategy.check(cfg.strategy)
+    strategy.check(cfg, model, train_src.needs_ray)
     ensure_ray()
     marks["ray_ready"] = time.time()
     train_src.resolve(run, "train")
@@ -231,7 +231,7 @@ def _run(
     board = ProgressBoard.remote(total_steps) if cfg.progress_bar else None
     # FSDP builds a registered architecture from its spec on each worker; only rank 0 fetches the
     # initial weights (one copy in the object store), not every worker a pickled model.
-    from_spec = cfg.strategy == "fsdp" and "name" in meta["model"]
+    from_spec = cfg.strategy in ("fsdp", "pipeline") and "name" in meta["model"]
     spec = RunSpec(
         cfg=cfg,
         model=None if from_spec else model.cpu(),
