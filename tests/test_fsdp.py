@@ -8,7 +8,6 @@ Each test spawns 2 or 3 processes (torch.multiprocessing, gloo on 127.0.0.1) tha
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import socket
@@ -81,7 +80,7 @@ def init(rank: int, world: int, port: int) -> None:
 
 def sharded_model(source: nn.Module) -> nn.Module:
     """What strategy.build_fsdp does: a meta copy sharded, then rank 0's weights broadcast."""
-    model = copy.deepcopy(source).to("meta")
+    model = strategy.meta_copy(source)
     strategy.shard(model, torch.device("cpu"), mixed_precision=False)
     strategy.broadcast_from_rank0(model, source if dist.get_rank() == 0 else None)
     return model
@@ -230,3 +229,11 @@ def test_fsdp_ranks_run_micro_batches_in_lockstep():
     assert [sum(m) for m in fsdp] == [3, 2, 2]
     with pytest.raises(ValueError, match="lockstep"):
         batching.rank_micro_batches(7, 3, 1, 1, lockstep=True)  # 2 rows, 3 passes
+
+
+def test_meta_copy_keeps_tied_weights():
+    gpt = build_model("gpt", n_layer=1, n_embd=16, n_head=2, block_size=8)
+    meta = strategy.meta_copy(gpt)  # Module.to("meta") alone unties the GPT's head
+    assert meta.head.weight is meta.tok_emb.weight and meta.head.weight.is_meta
+    assert [n for n, _ in meta.named_parameters()] == [n for n, _ in gpt.named_parameters()]
+    assert not gpt.head.weight.is_meta  # the original is untouched
