@@ -128,7 +128,7 @@ class WorkerProgress:
                 "step": step.global_step,
                 "world_size": self.world,
                 "samples_per_second": samples / max(time.perf_counter() - self.t0, 1e-9),
-                "train_loss": float(sums[0] / sums[2]) if last else None,
+                "train_loss": float(sums[0] / sums[2]) if last and sums[2] else None,
                 "group": self.group,
             }
             | timing,
