@@ -119,6 +119,8 @@ def test_blocks_and_micro_batches_split_near_equal():
     assert micro_rows(5, 4, 2) == (3, 2)  # not (4, 2): no micro-batch of padding alone
     assert micro_rows(64, None, 4) == (8, 8)  # default: two per stage
     assert micro_rows(64, None, 1) == (1, 64)  # one stage: the whole batch at once
+    assert micro_rows(64, None, 2, max_rows=10) == (7, 10)  # max_micro_batch caps the rows
+    assert micro_rows(64, None, 2, max_rows=40) == (4, 16)
 
 
 def test_stages_chained_equal_the_whole_model():

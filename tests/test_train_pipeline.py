@@ -3,7 +3,7 @@ ddp worker does and leaves an ordinary checkpoint of the whole, tied model.
 
 Both runs read the same global batches in the same order (the pipeline's one replica is planned
 as one worker is), so the update is the same arithmetic, float32 sums in another order: the losses
-within 1e-5 (relative; measured here: 3e-8 and 0 after 27 steps).
+within 1e-5 (relative; measured here: 1.1e-7 for the training loss, 0 for the validation loss).
 """
 
 from __future__ import annotations

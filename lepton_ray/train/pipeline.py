@@ -120,14 +120,20 @@ def split_blocks(blocks: int, stages: int) -> list[range]:
     return [range(a, a + n) for a, n in zip(starts, sizes, strict=True)]
 
 
-def micro_rows(rows: int, micro_batches: int | None, stages: int) -> tuple[int, int]:
+def micro_rows(
+    rows: int, micro_batches: int | None, stages: int, max_rows: int | None = None
+) -> tuple[int, int]:
     """(micro-batches, rows each) for ``rows`` rows in at most ``micro_batches`` equal
     micro-batches, the last padded: 7 rows, 2 micro-batches -> (2, 4); 3 rows, 4 -> (3, 1);
     5 rows, 4 -> (3, 2), as (4, 2) would leave one all padding.
     None: ``2 * stages`` (the bubble, ``(S - 1) / (M + S - 1)`` of a step, is then under a third),
-    or 1 for a single stage, which has no bubble to fill."""
+    or 1 for a single stage, which has no bubble to fill. ``max_rows`` (``max_micro_batch``, a
+    memory cap) asks for more micro-batches where needed: 64 rows, 2 stages, at most 10 -> (7, 10).
+    """
     if micro_batches is None:
         micro_batches = 1 if stages == 1 else 2 * stages
+    if max_rows:
+        micro_batches = max(micro_batches, math.ceil(rows / max_rows))
     each = math.ceil(rows / min(micro_batches, rows))
     return math.ceil(rows / each), each
 
@@ -244,7 +250,9 @@ class PipelineStep:
         replica = layout.replica(rank)
         self.local_batch = batching.worker_batch(cfg.batch_size, layout.replicas, replica)
         self.scale = batching.loss_scale(cfg.batch_size, layout.replicas, self.local_batch)
-        self.micros, self.rows = micro_rows(self.local_batch, micro_batches, layout.stages)
+        self.micros, self.rows = micro_rows(
+            self.local_batch, micro_batches, layout.stages, cfg.max_micro_batch
+        )
         if schedule == "1f1b" and self.micros < layout.stages:
             raise ConfigError(
                 f"pipeline_schedule '1f1b' needs at least as many micro-batches as stages "
