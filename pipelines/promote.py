@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,8 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
     p = cfg.promote
     uri = find_checkpoint(cfg, p.checkpoint)
     serve = p.serve_config(uri, endpoint_url=cfg.endpoint_url)
+    if serve.store is None:  # a canary's verdict is kept beside the app's pointer, in this store
+        serve = replace(serve, store=cfg.root)
     home = serving_home(cfg.root, serve.name, cfg.endpoint_url)  # the app name, checked first
     pointer = home.join(CURRENT)
     previous = _previous(pointer)

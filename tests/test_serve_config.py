@@ -9,49 +9,149 @@ import pytest
 
 from lepton_ray.errors import ConfigError
 from lepton_ray.serve import ServeConfig
-from lepton_ray.serve.canary import CanaryJudge
+from lepton_ray.serve.canary import CanaryJudge, CanaryTrial, VerdictRecord, top1_agreement
 
 
 def judge(**kw) -> CanaryJudge:
     return CanaryJudge(**{"share": 0.25, "min_requests": 20, "rng": random.Random(0)} | kw)
 
 
-def test_trial_sends_about_the_configured_share_to_the_canary():
+OK = (True, 10.0)  # (the call succeeded, its milliseconds)
+
+
+def test_trial_mirrors_about_the_configured_share_to_the_canary():
     j = judge()
     picks = [j.pick() for _ in range(4000)]
-    assert 0.22 < picks.count("canary") / len(picks) < 0.28
+    assert set(picks) == {"stable", "mirror"}
+    assert 0.22 < picks.count("mirror") / len(picks) < 0.28
 
 
 def test_a_canary_as_good_as_stable_is_promoted_after_min_requests():
     j = judge()
-    for _ in range(100):
-        j.record("stable", True)
     for i in range(20):
         assert j.state == "trial", i
-        j.record("canary", True)
-    assert j.state == "promoted"
+        j.record(OK, (True, 12.0), agreement=(1, 1))
+    assert j.state == "promoted", j.reason
     assert {j.pick() for _ in range(50)} == {"canary"}
 
 
 def test_a_canary_that_fails_more_than_stable_is_rolled_back():
     j = judge()
-    for i in range(100):
-        j.record("stable", i % 50 != 0)  # 2% errors
     for i in range(20):
-        j.record("canary", i % 10 != 0)  # 10% errors
+        canary_ok = i % 10 != 0  # 10% errors, stable none
+        j.record(OK, (canary_ok, 10.0), agreement=(1, 1) if canary_ok else (0, 0))
     assert j.state == "rolled_back"
+    assert j.reason == "error rate 0.10 > stable's 0.00 + 0.0"
     assert {j.pick() for _ in range(50)} == {"stable"}
-    assert j.report()["canary"] == {"requests": 20, "errors": 2, "error_rate": 0.1}
+    assert j.report()["canary"] == {"requests": 20, "errors": 2, "error_rate": 0.1, "p50_ms": 10.0}
+
+
+def test_a_canary_that_answers_differently_is_rolled_back():
+    # A model with random weights: never an error, as fast, but its classes are not stable's.
+    j = judge()
+    for i in range(20):
+        j.record(OK, OK, agreement=(1 if i % 10 == 0 else 0, 1))  # agrees on 1 image in 10
+    assert j.state == "rolled_back" and j.agreement == 0.1
+    assert j.reason == "agreement with stable 0.10 < 0.9"
+
+
+def test_a_slower_canary_is_rolled_back():
+    j = judge(max_latency_ratio=1.5)
+    for _ in range(20):
+        j.record((True, 10.0), (True, 16.0), agreement=(1, 1))
+    assert j.state == "rolled_back" and j.reason == "p50 16.0 ms > 1.5 x stable's 10.0 ms"
+    j = judge(max_latency_ratio=1.5)
+    for _ in range(20):
+        j.record((True, 10.0), (True, 14.0), agreement=(1, 1))
+    assert j.state == "promoted"
 
 
 def test_tolerance_and_a_decided_verdict_is_final():
     j = judge(tolerance=0.1)
     for i in range(20):
-        j.record("canary", i % 10 != 0)  # 10% <= 0% + 10%
+        canary_ok = i % 10 != 0  # 10% <= 0% + 10%
+        j.record(OK, (canary_ok, 10.0), agreement=(1, 1) if canary_ok else (0, 0))
     assert j.state == "promoted"
     for _ in range(50):
-        j.record("canary", False)
-    assert j.state == "promoted"
+        j.record(OK, (False, 10.0))
+    assert j.state == "promoted" and j.canary.requests == 20
+
+
+def test_agreement_is_the_top1_class_per_image():
+    stable = {"predictions": [{"index": 3}, {"index": 1}, {"index": 4}]}
+    canary = {"predictions": [{"index": 3}, {"index": 2}, {"index": 4}]}
+    assert top1_agreement(stable, canary) == (2, 3)
+
+
+def test_the_verdict_is_stored_once_and_adopted_by_a_new_judge(tmp_path):
+    record = VerdictRecord(str(tmp_path), "app", "aaaaaaaaaaaa", "bbbbbbbbbbbb")
+    assert record.read() is None
+    first = judge()
+    for _ in range(20):
+        first.record(OK, OK, agreement=(0, 1))
+    stored = record.write(first)
+    assert stored["state"] == "rolled_back" and record.read() == stored
+    assert record.location().path == str(
+        tmp_path / "serving" / "app" / "canary" / "aaaaaaaaaaaa--bbbbbbbbbbbb.json"
+    )
+    # Another replica that reached the other verdict meanwhile: the stored one stands.
+    other = judge()
+    for _ in range(20):
+        other.record(OK, OK, agreement=(1, 1))
+    assert other.state == "promoted" and record.write(other) == stored
+    fresh = judge()  # a restarted replica
+    fresh.adopt(record.read())
+    assert fresh.state == "rolled_back" and {fresh.pick() for _ in range(50)} == {"stable"}
+
+
+def test_a_record_that_is_not_json_is_no_verdict(tmp_path):
+    record = VerdictRecord(str(tmp_path), "app", "aaaaaaaaaaaa", "bbbbbbbbbbbb")
+    record.location().write_bytes(b"{not json")
+    assert record.read() is None
+    j = judge()
+    j.adopt({"state": "exploded"})
+    assert j.state == "trial"
+
+
+def test_a_trial_judges_mirrored_calls_stores_the_verdict_and_a_new_replica_adopts_it(tmp_path):
+    import asyncio
+
+    record = VerdictRecord(str(tmp_path), "app", "aaaaaaaaaaaa", "bbbbbbbbbbbb")
+    digit = {"predictions": [{"index": 7}]}
+
+    async def canary_answer(index: int) -> tuple[dict, float]:
+        return {"predictions": [{"index": index}]}, 0.01
+
+    async def trial_of(n: int, index: int) -> CanaryTrial:
+        trial = CanaryTrial(judge(min_requests=n), record)
+        for _ in range(n):
+            await trial.judge_later(canary_answer(index), digit, 0.01)
+        return trial
+
+    trial = asyncio.run(trial_of(20, index=3))  # answers another class: rolled back, stored
+    assert trial.judge.state == "rolled_back" and trial.stored
+    assert record.read()["state"] == "rolled_back"
+    restarted = CanaryTrial(judge(), record)  # reads the record before any request
+    assert restarted.stored and restarted.report()["state"] == "rolled_back"
+    assert restarted.report()["canary"]["requests"] == 0
+
+
+def test_a_trial_goes_on_while_the_store_is_unreachable(tmp_path):
+    import asyncio
+
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")  # the record's folder would have to be below a file
+    trial = CanaryTrial(judge(min_requests=1), VerdictRecord(str(blocker), "a", "x" * 12, "y" * 12))
+    assert trial.judge.state == "trial" and not trial.stored
+
+    async def canary_answer() -> tuple[dict, float]:
+        return {"predictions": [{"index": 1}]}, 0.01
+
+    async def one_request() -> None:
+        await trial.judge_later(canary_answer(), {"predictions": [{"index": 1}]}, 0.01)
+
+    asyncio.run(one_request())
+    assert trial.judge.state == "promoted" and not trial.stored  # decided here, stored later
 
 
 @pytest.mark.parametrize(

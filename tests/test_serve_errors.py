@@ -110,7 +110,7 @@ def test_a_model_that_cannot_answer_gives_503_with_retry_after():
     cls = Ingress.func_or_class  # its methods on a stand-in: no replica (nor Serve) needed
     ingress = SimpleNamespace(
         cfg=SimpleNamespace(name="t"),
-        judge=None,
+        trial=None,
         stable=_DeadReplica(),
         canary=None,
         version="v1",
@@ -119,6 +119,7 @@ def test_a_model_that_cannot_answer_gives_503_with_retry_after():
         _ask=cls._ask,
     )
     ingress._record = MethodType(cls._record, ingress)
+    ingress._answer = MethodType(cls._answer, ingress)
     with pytest.raises(RequestError) as err:
         asyncio.run(cls._call_model(ingress, np.zeros((1, 2, 2, 1), np.uint8)))
     assert err.value.status == 503 and "retry shortly: ConnectionError" in str(err.value)

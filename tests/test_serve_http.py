@@ -41,12 +41,21 @@ ENDPOINT = {
 }
 
 
-def make_checkpoint(dest, *, seed: int = 0, in_channels: int = 1, width: int = 8) -> str:
-    """An untrained CNN saved as a real checkpoint (safetensors + manifest) for 28x28 digits."""
+def make_checkpoint(
+    dest, *, seed: int = 0, in_channels: int = 1, width: int = 8, nudge: float = 0.0
+) -> str:
+    """An untrained CNN saved as a real checkpoint (safetensors + manifest) for 28x28 digits.
+
+    ``nudge`` adds that much to every class's output bias: the same answers (softmax does not see
+    a shift shared by all classes), other weights, so another version."""
     import torch
 
     torch.manual_seed(seed)
     model = build_model("cnn", in_channels=in_channels, num_classes=10, width=width).eval()
+    if nudge:
+        last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+        with torch.no_grad():
+            last.bias += nudge
     meta = {
         "model": spec_of(model),
         "metrics": {"val_accuracy": 0.1},

@@ -87,13 +87,21 @@ class ServeConfig(Config):
     """Bearer token every route but /healthz and /docs requires (None: ``$LEPTON_SERVE_TOKEN`` where
     the app is built, else no auth). A secret: never written to a file or shown in ``repr``."""
     canary_checkpoint: str | None = None
-    """A second checkpoint that gets ``canary_share`` of the traffic until it is promoted or rolled back."""
+    """A second checkpoint, on trial against ``checkpoint`` until it is promoted or rolled back."""
     canary_share: float = setting(0.1, ge=0, le=1)
-    """Share of predict requests sent to the canary (0-1)."""
+    """Share of predict requests mirrored to the canary during its trial (0-1); stable answers them."""
     canary_min_requests: int = setting(50, ge=1)
-    """Canary requests to see before the verdict: promote, or roll back if its error rate is higher."""
+    """Mirrored requests the canary answers before the verdict: promote, or roll back if worse."""
     canary_tolerance: float = setting(0.0, ge=0, le=1)
     """How much higher than the stable version's the canary's error rate may be and still be promoted."""
+    canary_max_latency_ratio: float = setting(2.0, gt=0)
+    """Most the canary's median model-call time may be, in multiples of the stable version's."""
+    canary_min_agreement: float = setting(0.9, ge=0, le=1)
+    """Least share of mirrored images on which the canary's top-1 class must equal the stable's."""
+    store: str | None = None
+    """Object-store root (path or s3://bucket/prefix) where the canary's verdict is kept, under
+    ``serving/<name>/canary/``; default ``$LEPTON_STORE`` or ~/.lepton_ray/store where the app is
+    built. Every replica must reach it."""
     trusted_modules: tuple[str, ...] = setting((), parse=module_list)
     """Module prefixes whose ``nn.Module`` classes a checkpoint may name (e.g. ``mypkg.models``);
     empty: only registered architectures. A checkpoint is data: what it may import is the

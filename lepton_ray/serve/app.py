@@ -13,7 +13,7 @@ model runs in the ingress replica; the request handling is the same code either 
 
 Thin glue: decoding and validation are the pure functions of :mod:`lepton_ray.serve.codec`, so a
 bad request gets its 4xx in the ingress and never reaches a batch; the canary's verdict is
-:class:`lepton_ray.serve.canary.CanaryJudge`. A model call that fails (a replica died, the model
+:class:`lepton_ray.serve.canary.CanaryTrial`. A model call that fails (a replica died, the model
 raised) is retried once, on the stable version, before the client sees a 503 with ``Retry-After``.
 Every error the app answers is JSON of one shape, ``{"error": "<one line>"}``
 (:func:`error_response`), 404, 405, 422 and 500 included; what Serve's own proxy answers before
@@ -209,7 +209,7 @@ class Ingress:
         from ray.util import metrics
 
         from lepton_ray import checkpoint
-        from lepton_ray.serve.canary import CanaryJudge
+        from lepton_ray.serve.canary import CanaryJudge, CanaryTrial, VerdictRecord
         from lepton_ray.serve.codec import InputSpec
 
         if stable is None and canary is not None:
@@ -229,8 +229,19 @@ class Ingress:
         self.canary_version = (
             checkpoint.version(cfg.canary_checkpoint, cfg.endpoint_url) if canary else None
         )
-        self.judge = (
-            CanaryJudge(cfg.canary_share, cfg.canary_min_requests, cfg.canary_tolerance)
+        self.trial = (
+            CanaryTrial(
+                CanaryJudge(
+                    share=cfg.canary_share,
+                    min_requests=cfg.canary_min_requests,
+                    tolerance=cfg.canary_tolerance,
+                    max_latency_ratio=cfg.canary_max_latency_ratio,
+                    min_agreement=cfg.canary_min_agreement,
+                ),
+                VerdictRecord(
+                    cfg.store, cfg.name, self.version, self.canary_version, cfg.endpoint_url
+                ),
+            )
             if canary
             else None
         )
@@ -349,7 +360,25 @@ class Ingress:
         return decode_files(files, self.spec, limit)
 
     async def _call_model(self, images: np.ndarray) -> dict[str, Any]:
-        version = self.judge.pick() if self.judge else "stable"
+        if self.trial is None:
+            return await self._answer("stable", images)
+        await self.trial.sync()
+        route = self.trial.pick()
+        if route != "mirror":
+            return await self._answer(route, images)
+        # The trial: the canary gets the same images at the same moment; stable answers.
+        canary = asyncio.ensure_future(self._timed(self.canary, images))
+        start = time.perf_counter()
+        try:
+            answer = await self._answer("stable", images)
+        except RequestError:
+            self.trial.judge_later(canary, None, time.perf_counter() - start)
+            raise
+        self.trial.judge_later(canary, answer, time.perf_counter() - start)
+        return answer
+
+    async def _answer(self, version: str, images: np.ndarray) -> dict[str, Any]:
+        """``version``'s answer; a failed call is retried once, on the stable version."""
         for attempt in range(2):
             target = self.canary if version == "canary" else self.stable
             try:
@@ -369,6 +398,16 @@ class Ingress:
             return answer
         raise AssertionError("unreachable")
 
+    async def _timed(self, target: Any, images: np.ndarray) -> tuple[Any, float]:
+        """The canary's (answer or None if the call failed, seconds) on a mirrored request."""
+        start = time.perf_counter()
+        try:
+            answer = await self._ask(target, "predict", images)
+        except Exception:  # noqa: BLE001 - a failing canary is what the trial is for
+            answer = None
+        self._record("canary", answer is not None)
+        return answer, time.perf_counter() - start
+
     @staticmethod
     async def _ask(target: Any, method: str, *args: Any) -> Any:
         """Call ``method`` on the model: in this replica (one hop) or through its handle."""
@@ -385,8 +424,6 @@ class Ingress:
         self.model_calls.inc(
             tags={"app": self.cfg.name, "version": name, "outcome": "ok" if ok else "error"}
         )
-        if self.judge is not None:
-            self.judge.record(version, ok)
 
     async def healthz(self) -> Any:
         # Ready once a model replica has answered; asked at most until then, so that probes do not
@@ -403,8 +440,9 @@ class Ingress:
 
     async def model_info(self) -> dict[str, Any]:
         info = await self._ask(self.stable, "info")
-        if self.judge is not None:
-            info["canary"] = self.judge.report() | {
+        if self.trial is not None:
+            await self.trial.sync()
+            info["canary"] = self.trial.report() | {
                 "model_version": self.canary_version,
                 "checkpoint": self.cfg.canary_checkpoint,
             }

@@ -25,6 +25,12 @@ def build_app(cfg: ServeConfig | dict[str, Any]) -> Any:
 
     if isinstance(cfg, dict):
         cfg = from_dict(ServeConfig, cfg)
+    if cfg.canary_checkpoint and cfg.store is None:  # the verdict's store, resolved here once
+        from dataclasses import replace
+
+        from lepton_ray.storage import default_store
+
+        cfg = replace(cfg, store=default_store())
     autoscaling = {
         "min_replicas": cfg.min_replicas,
         "initial_replicas": max(1, cfg.min_replicas),
