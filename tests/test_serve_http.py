@@ -136,6 +136,27 @@ def test_multipart_upload_answers_like_json_and_the_local_model(client, served, 
     assert r.json()["model_version"] == client.get("/v1/model").json()["model_version"]
 
 
+def test_binary_bodies_answer_like_json_and_the_local_model(client, served, digits):
+    import io
+
+    two = digits[:2]  # (2, 28, 28, 1) uint8
+    npy = io.BytesIO()
+    np.save(npy, two[..., 0])
+    for body, headers in [
+        (two.tobytes(), {"Content-Type": "application/octet-stream", "X-Shape": "2,28,28,1"}),
+        (npy.getvalue(), {"Content-Type": "application/x-npy"}),
+    ]:
+        r = client.post("/v1/predict", content=body, headers=headers)
+        assert r.status_code == 200, r.text
+        assert r.json()["predictions"] == served[2], headers
+    r = client.post(
+        "/v1/predict",
+        content=two.tobytes()[:-1],
+        headers={"Content-Type": "application/octet-stream", "X-Shape": "2,28,28,1"},
+    )
+    assert r.status_code == 400 and "needs 1568" in r.json()["error"], r.text
+
+
 NO_FILES = b'--zz\r\nContent-Disposition: form-data; name="note"\r\n\r\nhi\r\n--zz--\r\n'
 
 
@@ -272,6 +293,7 @@ content_types = st.sampled_from(
         "image/png",
         "image/jpeg",
         "application/octet-stream",
+        "application/x-npy",
         "text/plain",
         "",
         "multipart/form-data",

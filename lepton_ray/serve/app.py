@@ -75,6 +75,21 @@ PREDICT_BODY = {
             },
             "image/png": {"schema": {"type": "string", "format": "binary"}},
             "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+            "application/octet-stream": {
+                "schema": {
+                    "type": "string",
+                    "format": "binary",
+                    "description": "uint8 pixels of N images (H, W, C order) with an "
+                    "X-Shape: N,H,W,C header; without it, one PNG/JPEG",
+                }
+            },
+            "application/x-npy": {
+                "schema": {
+                    "type": "string",
+                    "format": "binary",
+                    "description": ".npy array of N images, (N, H, W[, C]), pixels 0-255",
+                }
+            },
         },
     }
 }
@@ -310,14 +325,20 @@ class Ingress:
             )
 
     async def predict(self, request: Request) -> Response:
-        from lepton_ray.serve.codec import decode_body, encode
+        from lepton_ray.serve.codec import SHAPE_HEADER, decode_body, encode
 
         body = await self._read_body(request)
         ctype = request.headers.get("content-type", "").lower()
         if ctype.startswith("multipart/form-data"):
             images = await self._decode_multipart(request, body)
         else:
-            images = decode_body(body, ctype, self.spec, self.cfg.max_images_per_request)
+            images = decode_body(
+                body,
+                ctype,
+                self.spec,
+                self.cfg.max_images_per_request,
+                request.headers.get(SHAPE_HEADER),
+            )
         # Already JSON-safe (str, int, float): rendered as is, without FastAPI's encoder walk.
         return Response(encode(await self._call_model(images)), media_type="application/json")
 

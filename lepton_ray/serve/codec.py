@@ -1,8 +1,9 @@
 """Request decoding, validation and response shaping: pure functions, tested without Serve.
 
 Requests carry images as raw pixel values (0-255) in the dataset's layout, ``[H][W]`` or
-``[H][W][C]`` (or flat ``H*W*C``), as base64-encoded PNG/JPEG, as a raw PNG/JPEG body, or as
-multipart file uploads. Every problem raises
+``[H][W][C]`` (or flat ``H*W*C``), as base64-encoded PNG/JPEG, as a raw PNG/JPEG body, as
+multipart file uploads, or in a binary body: a batch of uint8 pixels with its shape in an
+``X-Shape`` header, or a ``.npy`` array. Every problem raises
 :class:`RequestError` with an HTTP status before the request joins a batch, so one bad request
 never fails its batch-mates.
 """
@@ -13,6 +14,7 @@ import base64
 import binascii
 import io
 import json
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,6 +25,11 @@ from lepton_ray.serve.pixel_json import instance_layouts, read_pixel_arrays
 
 IMAGE_FORMATS = ("PNG", "JPEG")
 """The image formats requests may carry (PIL's names)."""
+NPY_TYPES = ("application/x-npy", "application/npy")
+"""Content types of a ``.npy`` body."""
+SHAPE_HEADER = "X-Shape"
+"""With ``application/octet-stream``: the raw pixels' shape, ``N,H,W,C`` (or ``N,H,W`` for one
+channel)."""
 
 
 class RequestError(Exception):
@@ -67,11 +74,19 @@ class InputSpec:
         )
 
 
-def decode_body(body: bytes, content_type: str, spec: InputSpec, max_images: int) -> np.ndarray:
-    """A whole request body -> (N, H, W, C) uint8: one PNG/JPEG for ``image/*`` and
-    ``application/octet-stream``, JSON for anything else (curl's default form type included)."""
+def decode_body(
+    body: bytes, content_type: str, spec: InputSpec, max_images: int, shape: str | None = None
+) -> np.ndarray:
+    """A whole request body -> (N, H, W, C) uint8: raw pixels for ``application/octet-stream``
+    with a ``shape`` (the :data:`SHAPE_HEADER`), a ``.npy`` array for :data:`NPY_TYPES`, one
+    PNG/JPEG for ``image/*`` and ``application/octet-stream`` without a shape, JSON for anything
+    else (curl's default form type included)."""
     if not body:
         raise RequestError(400, "empty request body")
+    if content_type.startswith("application/octet-stream") and shape is not None:
+        return decode_raw(body, shape, spec, max_images)
+    if content_type.startswith(NPY_TYPES):
+        return decode_npy(body, spec, max_images)
     if content_type.startswith(("image/", "application/octet-stream")):
         return decode_image_bytes(body, spec)[None]
     fast = read_pixel_arrays(body, spec.shape, max_images)  # the common body, without Python lists
@@ -135,6 +150,60 @@ def decode_json(payload: Any, spec: InputSpec, max_images: int) -> np.ndarray:
     return decode_arrays(items, spec)
 
 
+def decode_raw(body: bytes, shape: str, spec: InputSpec, max_images: int) -> np.ndarray:
+    """Raw uint8 pixels, image after image, each (H, W, C) in row-major order, and their
+    ``shape`` header ``N,H,W,C`` (``N,H,W`` when C is 1) -> (N, H, W, C) uint8. The header must
+    name the model's image size and the body hold exactly that many bytes."""
+    h, w, c = spec.shape
+    parts = shape.replace(" ", "").split(",")
+    if len(parts) not in (3, 4) or not all(re.fullmatch("[0-9]{1,9}", p) for p in parts):
+        raise RequestError(
+            400, f"{SHAPE_HEADER} must be N,H,W,C (whole numbers), got {shape[:40]!r}"
+        )
+    n, *image = (int(p) for p in parts)
+    if n < 1:
+        raise RequestError(400, f"{SHAPE_HEADER} names no image (N is 0)")
+    if n > max_images:
+        raise too_many_images(n, max_images)
+    if tuple(image) not in [(h, w, c)] + ([(h, w)] if c == 1 else []):
+        raise RequestError(
+            422, f"{SHAPE_HEADER} images are {'x'.join(parts[1:])}; the model takes {h}x{w}x{c}"
+        )
+    if len(body) != n * h * w * c:
+        raise RequestError(
+            400, f"body has {len(body)} bytes; {SHAPE_HEADER} {n},{h},{w},{c} needs {n * h * w * c}"
+        )
+    return np.frombuffer(body, np.uint8).reshape(n, h, w, c)
+
+
+def decode_npy(body: bytes, spec: InputSpec, max_images: int) -> np.ndarray:
+    """A ``.npy`` array of N images, ``(N, *layout)`` with a layout JSON instances may take ->
+    (N, H, W, C) uint8. uint8 is taken as is; other integer and float arrays are checked and
+    rounded as JSON pixels are; anything else (booleans, objects, records) is refused, and
+    nothing is unpickled."""
+    try:
+        arr = np.lib.format.read_array(io.BytesIO(body), allow_pickle=False)
+    except Exception:  # noqa: BLE001 - numpy raises ValueError, EOFError, ... on junk
+        raise RequestError(400, "body is not a readable .npy array") from None
+    if arr.dtype.kind not in "uif":
+        raise RequestError(422, f".npy pixels must be numbers 0-255, got dtype {arr.dtype}")
+    if arr.ndim < 2 or not len(arr):
+        raise RequestError(
+            400, f".npy body must be a batch of images (N, H, W[, C]), got {arr.shape}"
+        )
+    if len(arr) > max_images:
+        raise too_many_images(len(arr), max_images)
+    h, w, c = spec.shape
+    if arr.shape[1:] not in instance_layouts(spec.shape):
+        raise RequestError(
+            422,
+            f"each image must have shape {(h, w, c)} (or {h * w * c} values), got {arr.shape[1:]}",
+        )
+    if arr.dtype == np.uint8:
+        return np.ascontiguousarray(arr).reshape(len(arr), h, w, c)
+    return _pixels(arr.astype(np.float64).reshape(len(arr), h, w, c), "pixel values")
+
+
 def _b64(item: Any, i: int) -> bytes:
     if not isinstance(item, str):
         raise RequestError(400, f"images[{i}] must be a base64 string")
@@ -164,9 +233,13 @@ def decode_arrays(items: list, spec: InputSpec) -> np.ndarray:
             422,
             f"each instance must have shape {(h, w, c) if c > 1 else (h, w)} (or {h * w * c} values), got {arr.shape[1:]}",
         )
-    arr = arr.reshape(len(arr), h, w, c)
+    return _pixels(arr.reshape(len(arr), h, w, c), "instances")
+
+
+def _pixels(arr: np.ndarray, what: str) -> np.ndarray:
+    """Float pixel values -> uint8, refusing non-finite values and values outside [0, 255]."""
     if not np.isfinite(arr).all():
-        raise RequestError(422, "instances contain NaN or infinite values")
+        raise RequestError(422, f"{what} contain NaN or infinite values")
     if arr.min() < 0 or arr.max() > 255:
         raise RequestError(422, "pixel values must be in [0, 255]")
     return np.rint(arr).astype(np.uint8)
