@@ -9,8 +9,7 @@ Each test spawns 2 or 3 processes (torch.multiprocessing, gloo on 127.0.0.1) tha
 from __future__ import annotations
 
 import json
-import os
-import socket
+import tempfile
 
 import pytest
 import torch
@@ -66,16 +65,16 @@ def my_rows(world: int, rank: int) -> slice:
 
 
 def spawn(fn, world: int, *args) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(fn, args=(world, port, *args), nprocs=world, join=True)
+    """``fn(rank, world, rendezvous, *args)`` in ``world`` processes. They meet through a file,
+    not a port picked in advance (which another process, e.g. Ray's, may take meanwhile)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        rendezvous = f"file://{tmp}/rendezvous"
+        mp.spawn(fn, args=(world, rendezvous, *args), nprocs=world, join=True)
 
 
-def init(rank: int, world: int, port: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def init(rank: int, world: int, rendezvous: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=world)
 
 
 def sharded_model(source: nn.Module) -> nn.Module:
@@ -86,8 +85,8 @@ def sharded_model(source: nn.Module) -> nn.Module:
     return model
 
 
-def _train(rank: int, world: int, port: int, out: str) -> None:
-    init(rank, world, port)
+def _train(rank: int, world: int, rendezvous: str, out: str) -> None:
+    init(rank, world, rendezvous)
     torch.manual_seed(0)
     source = Blocks()  # only rank 0's weights count: the others' are a different init
     if rank:

@@ -54,8 +54,8 @@ def full_state(model, opt) -> dict[str, torch.Tensor]:
     return {k: v.contiguous() for k, v in out.items()}
 
 
-def _save(rank: int, world: int, port: int, where: str) -> None:
-    init(rank, world, port)
+def _save(rank: int, world: int, rendezvous: str, where: str) -> None:
+    init(rank, world, rendezvous)
     sharded.BLOCK_BYTES = SMALL_BLOCK
     model = sharded_gpt(seed=0)
     opt = optimizer(model)
@@ -83,8 +83,8 @@ def _save(rank: int, world: int, port: int, where: str) -> None:
     dist.destroy_process_group()
 
 
-def _load(rank: int, world: int, port: int, where: str) -> None:
-    init(rank, world, port)
+def _load(rank: int, world: int, rendezvous: str, where: str) -> None:
+    init(rank, world, rendezvous)
     read = [0]
     plain = storage.Location.read_range
 
