@@ -4,8 +4,9 @@ failure, and leaves an ordinary checkpoint of the whole, tied model.
 
 Both runs read the same global batches in the same order (the pipeline's one replica is planned
 as one worker is), checkpoint at the same steps and resume the same way, so the updates are the
-same arithmetic, float32 sums in another order: the losses within 1e-5 (relative; measured here:
-3e-8 for the training loss, 9e-6 for the validation loss).
+same arithmetic, float32 sums in another order: the training loss within 1e-5 (relative; 3e-8
+measured here), the validation loss within 1e-4 (9e-6 measured; resuming at another step moves it
+by 7e-4).
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def test_two_stages_fail_resume_and_train_as_one_worker_does(ray_session, tmp_pa
     )
     assert piped["history"][-1]["step"] == ddp["history"][-1]["step"] >= 20
     assert piped["train_loss"] == pytest.approx(ddp["train_loss"], rel=1e-5)
-    assert piped["val_loss"] == pytest.approx(ddp["val_loss"], rel=1e-5)
+    assert piped["val_loss"] == pytest.approx(ddp["val_loss"], rel=1e-4)
     assert piped["val_loss"] < 4.0  # learned something: uniform bytes are ln 256 = 5.5
 
     # The checkpoint is the whole model, tied, as load_model and Serve read any other.
