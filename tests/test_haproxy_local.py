@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -210,20 +211,27 @@ def test_a_replica_killed_mid_request_on_a_reused_connection_still_answers(
         stderr=subprocess.STDOUT,
     )
     try:
-        client = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
         for _ in range(100):  # HAProxy listening
             try:
-                client.connect()
+                client = socket.create_connection(("127.0.0.1", port), timeout=30)
                 break
             except ConnectionRefusedError:
                 time.sleep(0.05)
-        body = json.dumps({"pad": "x" * body_bytes})
+        body = json.dumps({"pad": "x" * body_bytes}).encode()
+        head = (
+            "POST /app/v1/predict HTTP/1.1\r\nHost: app\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode()
         answers = []
-        for _ in range(2):
-            client.request("POST", "/app/v1/predict", body, {"Content-Type": "application/json"})
-            r = client.getresponse()  # RemoteDisconnected: the connection closed unanswered
+        for _ in range(2):  # on one keep-alive connection
+            client.sendall(head)  # the headers first, then the body, as httpx sends them
+            time.sleep(0.05)
+            client.sendall(body)
+            r = http.client.HTTPResponse(client)
+            r.begin()  # RemoteDisconnected: the connection closed unanswered
             data = r.read()
             answers.append((r.status, json.loads(data), r.getheader("Retry-After")))
+        client.close()
     finally:
         proc.terminate()
         log = proc.communicate(timeout=30)[0].decode(errors="replace")

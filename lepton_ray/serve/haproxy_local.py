@@ -43,11 +43,11 @@ _WILDCARD_BIND = re.compile(r"^[ \t]+bind (?:\*|0\.0\.0\.0|::|\[::\])?:\d+", re.
 _SOCKET_MODE = re.compile(r"^([ \t]*stats socket \S+ mode )666\b", re.MULTILINE)
 _ERROR_FILES = re.compile(r"^([ \t]*errorfile 50[234] )\S+[ \t]*$", re.MULTILINE)
 _BUFSIZE = re.compile(r"^([ \t]*tune\.bufsize )(\d+)[ \t]*$", re.MULTILINE)
-_DEFAULTS = re.compile(r"^defaults[ \t]*\n", re.MULTILINE)
 BUFFER_REQUEST = "    option http-buffer-request\n"
-"""HAProxy receives a request's whole body (up to its buffer) before it picks a replica: without
-it, a body that arrives after the headers goes out unbuffered and ``retry-on`` cannot replay it
-(HAProxy keeps a copy for L7 retries only of a request complete when first sent)."""
+"""In the HTTP frontend (not gRPC's, whose streams must flow): HAProxy receives a request's whole
+body (up to its buffer) before it picks a replica. Without it, a body that arrives after the
+headers goes out unbuffered and ``retry-on`` cannot replay it (HAProxy keeps a copy for L7
+retries only of a request complete when first sent)."""
 MIN_BUFSIZE = 32768
 """HAProxy's buffer (Ray writes 16384, of which 1024 are kept for rewrites): room for the
 endpoint's 16 KiB header limit, so that the endpoint answers oversized headers itself (431)."""
@@ -151,7 +151,7 @@ def localize(config: str, error_file: str | None = None) -> str:
     """
     config = _SOCKET_MODE.sub(r"\g<1>600", config)
     if BUFFER_REQUEST not in config:
-        config = _DEFAULTS.sub(lambda m: m.group(0) + BUFFER_REQUEST, config, count=1)
+        config = _FRONTEND.sub(lambda m: m.group(0) + "\n" + BUFFER_REQUEST.rstrip("\n"), config)
         config = fresh_connections_for_partial_requests(config)
     config = _BUFSIZE.sub(lambda m: f"{m.group(1)}{max(int(m.group(2)), MIN_BUFSIZE)}", config)
     if error_file is not None:
