@@ -98,6 +98,8 @@ def test_timed_returns_the_result_and_a_duration():
 def _renderer(key: str, result: dict) -> str:
     if key == "gpu_a_rerun":
         return "gpu_alternate"
+    if result.get("benchmark") == "gpu_gpt":
+        return "gpu_gpt"
     if key.startswith("gpu"):
         return "gpu_train"  # one renderer for every GPU part (benchmarks/_gpu_report.py)
     if key.startswith("serve"):
@@ -139,6 +141,7 @@ def test_bench_lists_the_benchmarks_and_not_their_helpers():
     assert names >= {
         "data_pipeline",
         "gpu_alternate",
+        "gpu_gpt",
         "gpu_pipeline",
         "gpu_train",
         "recovery",
