@@ -236,3 +236,17 @@ def test_meta_copy_keeps_tied_weights():
     assert meta.head.weight is meta.tok_emb.weight and meta.head.weight.is_meta
     assert [n for n, _ in meta.named_parameters()] == [n for n, _ in gpt.named_parameters()]
     assert not gpt.head.weight.is_meta  # the original is untouched
+
+
+def test_resume_under_another_strategy_is_refused_before_ray():
+    from lepton_ray.errors import ConfigError
+
+    ordinary = {"files": {}}
+    sharded = {"files": {}, "sharded": {"world_size": 2}}
+    strategy.check_resume("fsdp", sharded)
+    strategy.check_resume("ddp", ordinary)
+    strategy.check_resume("pipeline", ordinary)  # its own checks follow on the workers
+    with pytest.raises(ConfigError, match="written by strategy 'fsdp'"):
+        strategy.check_resume("ddp", sharded)
+    with pytest.raises(ConfigError, match="cannot resume with strategy 'fsdp'"):
+        strategy.check_resume("fsdp", ordinary)

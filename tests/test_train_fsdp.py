@@ -19,7 +19,7 @@ import pytest
 from lepton_ray import Trainer, build_model
 from lepton_ray.checkpoint import MANIFEST, load_model, read_manifest
 from lepton_ray.data import load_mnist5k, write_dataset
-from lepton_ray.errors import TrainingError
+from lepton_ray.errors import ConfigError, TrainingError
 from lepton_ray.storage import resolve
 from lepton_ray.train import sharded
 
@@ -70,6 +70,9 @@ def test_fsdp_trains_checkpoints_and_resumes_on_more_workers(ray_session, digits
     assert first == pytest.approx(ddp_first, rel=0.01)  # ddp and fsdp: the same steps
     assert last == pytest.approx(ddp_last, rel=0.05)  # resumed on 3 workers: the same curve
     assert last < first, (first, last, ddp_first, ddp_last)
+
+    with pytest.raises(ConfigError, match="written by strategy 'fsdp'"):  # before Ray starts
+        Trainer(2).fit(model(), digits_600, run_name="fsdp", resume=True, **common)
 
     ckpt = resolve(res["checkpoint"])
     manifest = read_manifest(ckpt)

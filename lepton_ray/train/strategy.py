@@ -65,6 +65,20 @@ def check(cfg: TrainConfig, model: nn.Module, ray_dataset: bool) -> None:
         )
 
 
+def check_resume(strategy: str, manifest: dict[str, Any]) -> None:
+    """Refuse, on the driver, to resume a run from a checkpoint ``strategy`` cannot read: a
+    sharded one (fsdp) under another strategy, or an ordinary one under fsdp."""
+    from lepton_ray.checkpoint import is_sharded
+
+    sharded = is_sharded(manifest)
+    if sharded != (strategy == "fsdp"):
+        wrote = "fsdp" if sharded else "ddp or pipeline"
+        raise ConfigError(
+            f"cannot resume with strategy '{strategy}': the run's last checkpoint was written by "
+            f"strategy '{wrote}' (resume with that strategy)"
+        )
+
+
 def build(
     spec: RunSpec, restored: Restored, device: torch.device
 ) -> tuple[nn.Module, torch.memory_format]:

@@ -118,11 +118,14 @@ def fit(model: nn.Module, train_dataset: Any, val_dataset: Any, cfg: TrainConfig
     val_src = _source(val_dataset, "val", cfg.endpoint_url) if val_dataset is not None else None
     root.ensure_writable()
     run = RunLayout(root.join(run_name))
-    if run.latest() is not None and not cfg.resume:
+    latest = run.latest()
+    if latest is not None and not cfg.resume:
         raise ConfigError(
             f"run '{run_name}' already exists at {run.uri}: pass resume=True (--resume) to "
             "continue it from its last checkpoint, or choose another run_name"
         )
+    if latest is not None:  # sharded or not: the strategy must be able to read it
+        strategy.check_resume(cfg.strategy, checkpoint.read_manifest(latest))
     if cfg.checkpoint_every_steps and train_src.needs_ray:
         raise ConfigError(
             "checkpoint_every_steps needs a prepared dataset (a URI, DatasetInfo or torch Dataset): "
