@@ -12,13 +12,14 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
 from lepton_ray.config import OptimConfig, TrainConfig
-from lepton_ray.train import batching, strategy
+from lepton_ray.train import batching
 from lepton_ray.train.task import Classification, NextToken
 
 # Images travel from the Ray Data workers as uint8 (a quarter of the bytes of float32) and are
@@ -133,7 +134,7 @@ class TrainStep:
             xm, ym = x[start : start + m], y[start : start + m]
             start += m
             last = j == len(self.micros) - 1 or self.world == 1
-            with contextlib.nullcontext() if last else strategy.no_sync(self.model):
+            with contextlib.nullcontext() if last else no_sync(self.model):
                 t = time.perf_counter()
                 with self.autocast:
                     logits = self.model(xm)
@@ -152,6 +153,26 @@ class TrainStep:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
+
+
+@contextlib.contextmanager
+def no_sync(model: nn.Module) -> Iterator[None]:
+    """Accumulate this micro-batch's gradients without communicating them: DDP's ``no_sync``,
+    FSDP's ``set_requires_gradient_sync(False)`` (on again after, for the last micro-batch)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    from lepton_ray.models import unwrap
+
+    inner = unwrap(model)
+    if isinstance(inner, FSDPModule):
+        inner.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            inner.set_requires_gradient_sync(True)
+    else:
+        with model.no_sync():
+            yield
 
 
 @torch.no_grad()

@@ -25,7 +25,6 @@ feed reads its replica's rows (:func:`data_shard`), validation runs through the 
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import logging
@@ -68,9 +67,9 @@ def check(cfg: TrainConfig, model: nn.Module, ray_dataset: bool) -> None:
 def check_resume(strategy: str, manifest: dict[str, Any]) -> None:
     """Refuse, on the driver, to resume a run from a checkpoint ``strategy`` cannot read: a
     sharded one (fsdp) under another strategy, or an ordinary one under fsdp."""
-    from lepton_ray.checkpoint import is_sharded
+    from lepton_ray import checkpoint
 
-    sharded = is_sharded(manifest)
+    sharded = checkpoint.is_sharded(manifest)
     if sharded != (strategy == "fsdp"):
         wrote = "fsdp" if sharded else "ddp or pipeline"
         raise ConfigError(
@@ -334,22 +333,6 @@ def is_sharded(model: nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(unwrap(model), FSDPModule)
-
-
-@contextlib.contextmanager
-def no_sync(model: nn.Module) -> Iterator[None]:
-    """Accumulate this micro-batch's gradients without communicating them: DDP's ``no_sync``,
-    FSDP's ``set_requires_gradient_sync(False)`` (on again after, for the last micro-batch)."""
-    inner = unwrap(model)
-    if is_sharded(inner):
-        inner.set_requires_gradient_sync(False)
-        try:
-            yield
-        finally:
-            inner.set_requires_gradient_sync(True)
-    else:
-        with model.no_sync():
-            yield
 
 
 def load_train_state(step: Any, restored: Restored, model: nn.Module) -> None:
