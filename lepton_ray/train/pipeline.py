@@ -11,13 +11,14 @@ replica ``r`` trains ``b_r = worker_batch(B, dp, r)`` rows of the global batch `
 a replica gets those same rows (stage 0 uses the inputs, the last stage the targets). The rows run
 as ``M`` micro-batches through GPipe or 1F1B (``torch.distributed.pipelining``) with
 ``scale_grads=False``: the loss of a micro-batch is the *sum* of its rows' losses (the task's
-``loss_sum``, :mod:`lepton_ray.train.task`) times ``dp * b_r / (B * b_r)``, so the micro-batch
-losses add up to the replica's mean loss scaled to its share of the global batch, applied exactly
-once. Gradients are then averaged over the ``dp`` replicas of each stage: the update
-equals one step on the whole global batch. A pipeline stage's receive buffers are sized by its
-first micro-batch, so rows are padded to ``M * ceil(b_r / M)`` with targets the loss ignores
+mean loss, :mod:`lepton_ray.train.task`, times its rows) times ``dp * b_r / (B * b_r)``, so the
+micro-batch losses add up to the replica's mean loss scaled to its share of the global batch,
+applied exactly once. Gradients are then averaged over the ``dp`` replicas of each stage: the
+update equals one step on the whole global batch. A pipeline stage's receive buffers are sized by
+its first micro-batch, so rows are padded to ``M * ceil(b_r / M)`` with targets the loss ignores
 (``-100``): exact for models whose rows do not interact (no batch norm), e.g. b_r = 5, M = 2:
-two micro-batches of 3, one padded row.
+two micro-batches of 3, one padded row. A single stage has nothing to pipeline: its
+micro-batches run in turn, without a schedule.
 
 Initialisation: every rank builds the model on the meta device and materialises only its stage,
 then copies its stage's tensors from one full state dict on the CPU (a fresh run's model, or the
@@ -30,7 +31,7 @@ gradients are summed between the first and last stages (and averaged over replic
 take the same update and stay equal. Checkpoints hold the tied model: :meth:`PipelineStep.full_model`
 gathers the stages to rank 0 and keeps the embedding's tensor under its one name, so ``load_model``
 and Serve load it unchanged. Optimizer state is saved keyed by parameter name (not index), gathered
-the same way, so a resume may use another number of replicas.
+the same way, so a resume may use another number of replicas or of stages.
 """
 
 from __future__ import annotations
