@@ -218,6 +218,9 @@ def cmd_serve(a: argparse.Namespace) -> Any:
         max_replicas=a.max_replicas,
         max_batch_size=a.max_batch_size,
         num_cpus=a.num_cpus,
+        use_gpu=a.use_gpu,
+        gpus_per_replica=a.gpus_per_replica,
+        auth_token=a.auth_token,  # None: deploy reads $LEPTON_SERVE_TOKEN
         max_request_bytes=a.max_request_bytes,
         canary_checkpoint=a.canary,
         canary_share=a.canary_share,
@@ -264,6 +267,7 @@ def cmd_export(a: argparse.Namespace) -> Any:
 
 def cmd_predict(a: argparse.Namespace) -> Any:
     import base64
+    import os
     import urllib.error
     import urllib.request
     from pathlib import Path
@@ -274,10 +278,14 @@ def cmd_predict(a: argparse.Namespace) -> Any:
             images.append(base64.b64encode(Path(f).read_bytes()).decode())
         except OSError as exc:
             raise _UsageError(f"cannot read {f}: {exc.strerror}") from None
+    token = a.auth_token or os.environ.get("LEPTON_SERVE_TOKEN") or None
     req = urllib.request.Request(
         a.url.rstrip("/") + "/v1/predict",
         data=json.dumps({"images": images}).encode(),
-        headers={"Content-Type": "application/json"},
+        headers={
+            "Content-Type": "application/json",
+            **({"Authorization": f"Bearer {token}"} if token else {}),
+        },
         method="POST",
     )
     try:
@@ -366,12 +374,19 @@ class _UsageError(Exception):
     pass
 
 
+TOKEN_HELP = (
+    "else $LEPTON_SERVE_TOKEN, the better place for it: a flag's value shows in the process list"
+)
+
 # ``lepton-ray serve`` flags that mirror a ServeConfig field: dest -> field.
 _SERVE_FLAGS = {
     "min_replicas": "min_replicas",
     "max_replicas": "max_replicas",
     "max_batch_size": "max_batch_size",
     "num_cpus": "num_cpus",
+    "use_gpu": "use_gpu",
+    "gpus_per_replica": "gpus_per_replica",
+    "auth_token": "auth_token",
     "max_request_bytes": "max_request_bytes",
     "canary": "canary_checkpoint",
     "canary_share": "canary_share",
@@ -550,6 +565,9 @@ def build_parser() -> argparse.ArgumentParser:
     flag("--max-replicas")
     flag("--max-batch-size")
     flag("--num-cpus")
+    flag("--use-gpu")
+    flag("--gpus-per-replica")
+    flag("--auth-token", TOKEN_HELP, metavar="TOKEN")
     sv.add_argument(
         "--haproxy",
         action=argparse.BooleanOptionalAction,
@@ -580,6 +598,12 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("predict", help="classify PNG/JPEG files with a running endpoint")
     pr.add_argument("url", help="endpoint base URL, e.g. http://127.0.0.1:8000")
     pr.add_argument("files", nargs="+")
+    pr.add_argument(
+        "--auth-token",
+        default=None,
+        metavar="TOKEN",
+        help=f"sent as 'Authorization: Bearer TOKEN' ({TOKEN_HELP})",
+    )
     pr.set_defaults(fn=cmd_predict)
 
     sb = sub.add_parser(

@@ -1,5 +1,6 @@
 """``lepton-ray serve`` as a process: ``--detach`` without a cluster is refused, and SIGTERM stops
-the endpoint as Ctrl-C does (Serve shut down, exit 0, one line on stderr, no abort dump).
+the endpoint as Ctrl-C does (Serve shut down, exit 0, one line on stderr, no abort dump); the GPU
+and token flags of ``serve`` and ``predict`` (pure: deploy and the endpoint stood in for).
 
 The SIGTERM test starts a Ray instance of its own in the child process (Ray tier: run it under the
 lock); the ``--detach`` test starts nothing.
@@ -129,3 +130,98 @@ def test_sigterm_stops_serve_cleanly_with_exit_0_and_one_line(tmp_path):
     time.sleep(2)
     alive = [p for p in children if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert not alive, alive
+
+
+TOKEN = "tok-3f9c2a"
+
+
+def test_serve_passes_gpu_and_token_flags_to_deploy_and_never_prints_the_token(monkeypatch, capsys):
+    """``--use-gpu --gpus-per-replica --auth-token`` reach deploy as ServeConfig fields; stdout and
+    stderr show the URLs, never the token. (``--detach`` on a stand-in cluster: no Ray starts.)"""
+    import lepton_ray
+    from lepton_ray import cli, runtime
+
+    seen = {}
+
+    def fake_deploy(checkpoint, **kwargs):
+        seen.update(kwargs, checkpoint=checkpoint)
+        return "http://127.0.0.1:9/"
+
+    monkeypatch.setattr(lepton_ray, "deploy", fake_deploy, raising=False)
+    monkeypatch.setattr(runtime, "running_cluster_address", lambda: "127.0.0.1:6379")
+    monkeypatch.setattr(runtime, "ensure_ray", lambda address: None)
+    argv = ["serve", "ckpt", "--detach", "--use-gpu", "--gpus-per-replica", "0.25"]
+    assert cli.main([*argv, "--auth-token", TOKEN]) == 0
+    assert seen["use_gpu"] is True and seen["gpus_per_replica"] == 0.25
+    assert seen["auth_token"] == TOKEN
+    out = capsys.readouterr()
+    assert TOKEN not in out.out + out.err and "v1/predict" in out.out
+    # Left out: no GPU, a whole GPU per replica if one is asked for, and the token from the
+    # environment (deploy reads $LEPTON_SERVE_TOKEN when auth_token is None).
+    assert cli.main(["serve", "ckpt", "--detach"]) == 0
+    assert seen["use_gpu"] is False and seen["gpus_per_replica"] == 1.0
+    assert seen["auth_token"] is None
+
+
+@pytest.mark.parametrize(
+    ("bad", "line"),
+    [
+        ("0", "lepton-ray: error: ServeConfig.gpus_per_replica: must be in (0, 1], got 0"),
+        ("1.5", "lepton-ray: error: ServeConfig.gpus_per_replica: must be in (0, 1], got 1.5"),
+        (
+            "half",
+            "lepton-ray serve: error: argument --gpus-per-replica: invalid float value: 'half'",
+        ),
+    ],
+)
+def test_a_bad_gpu_share_exits_2_in_one_line_before_ray_starts(bad, line, monkeypatch, capsys):
+    from lepton_ray import cli, runtime
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray started")
+
+    monkeypatch.setattr(runtime, "ensure_ray", no_ray)
+    try:
+        code = cli.main(["serve", "ckpt", "--gpus-per-replica", bad])
+    except SystemExit as exc:  # argparse's own usage error
+        code = exc.code
+    assert code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == line
+
+
+def test_predict_sends_the_token_from_the_flag_or_the_environment(tmp_path, monkeypatch, capsys):
+    """The request ``lepton-ray predict`` makes carries ``Authorization: Bearer TOKEN`` from
+    ``--auth-token``, else ``$LEPTON_SERVE_TOKEN``, else none; a 401 is one line without it."""
+    import io
+    import urllib.error
+    import urllib.request
+
+    from lepton_ray import cli
+
+    sent: list[str | None] = []
+
+    def urlopen(req, timeout):  # the endpoint: 401 unless the token is right
+        sent.append(req.get_header("Authorization"))
+        if sent[-1] != f"Bearer {TOKEN}":
+            body = io.BytesIO(b'{"error": "missing or wrong bearer token"}')
+            raise urllib.error.HTTPError(req.full_url, 401, "Unauthorized", {}, body)
+        return io.BytesIO(b'{"predictions": [[{"class": "7", "probability": 1.0}]]}')
+
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    png = tmp_path / "digit.png"
+    png.write_bytes(b"\x89PNG stand-in: nothing decodes it")
+    url = "http://127.0.0.1:9"
+    monkeypatch.setenv("LEPTON_SERVE_TOKEN", "")
+    assert cli.main(["predict", url, str(png)]) == 2
+    assert cli.main(["predict", url, str(png), "--auth-token", "not-it"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.splitlines()
+        == ['lepton-ray: error: HTTP 401: {"error": "missing or wrong bearer token"}'] * 2
+    )
+    assert cli.main(["predict", url, str(png), "--auth-token", TOKEN]) == 0
+    assert json.loads(capsys.readouterr().out)["predictions"][0][0]["class"] == "7"
+    monkeypatch.setenv("LEPTON_SERVE_TOKEN", TOKEN)
+    assert cli.main(["predict", url, str(png)]) == 0
+    assert TOKEN not in "".join(capsys.readouterr())
+    assert sent == [None, "Bearer not-it", f"Bearer {TOKEN}", f"Bearer {TOKEN}"]
