@@ -1,0 +1,293 @@
+"""Text generation from a :class:`lepton_ray.gpt.GPT`: a KV cache and continuous batching.
+
+A :class:`Scheduler` holds ``slots`` sequences at once, each with its own rows of one key/value
+cache per layer, ``(slots, nh, block_size, hs)``. Requests wait in a queue and join the running
+batch between steps; each :meth:`Scheduler.step` gives every running sequence one token:
+
+- a sequence that has just joined is *prefilled*: its prompt (1, P) runs through the model once,
+  causally, writing its keys and values at positions ``0..P-1`` of its slot, and the last
+  position's logits give its first token;
+- every other running sequence is *decoded* together: the last token of each (A, 1) is fed at
+  its own position (``pos`` = tokens already cached), its key and value written there, and its
+  query attends to positions ``0..pos`` of its own slot. Slots hold sequences of different
+  lengths, so the cached keys are read up to the longest and masked per row (``key <= pos``):
+  a masked key gets zero weight, so a short sequence's answer does not depend on its neighbours.
+
+E.g. prompts of 5 and 3 tokens: step 1 prefills both (a token each); step 2 feeds them at
+positions 5 and 3, reads keys ``0..5`` for both, and masks keys 4 and 5 of the second.
+
+Each sequence samples from its own seeded ``torch.Generator`` (temperature, then top-k), so a
+request's tokens depend on its seed and prompt only, not on who else is in the batch. A sequence
+leaves when it has ``max_new_tokens``, samples ``stop_token`` (EOT, byte 0, by default; not
+emitted), or fills the context: the token sampled from position ``block_size - 1`` is the last
+(a prompt of ``P`` tokens gets at most ``block_size + 1 - P``). A cancelled request leaves at the
+next step and its slot takes the next waiting one.
+
+:func:`generate` runs one request alone through the same code; :func:`generate_uncached` is the
+plain loop (the whole sequence through ``model(idx)`` per token) the tests compare against.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from lepton_ray.data.text import EOT
+from lepton_ray.gpt import GPT
+
+FINISH_REASONS = ("length", "context", "stop", "cancelled")
+"""Why a sequence ended: its ``max_new_tokens``, the model's context, its stop token, a cancel."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Request:
+    """What to generate."""
+
+    prompt: tuple[int, ...]
+    """Token ids of the prompt (at least one, at most the model's ``block_size``)."""
+    max_new_tokens: int = 64
+    """The most tokens to generate (>= 1)."""
+    temperature: float = 1.0
+    """Divides the logits before sampling; 0 picks the most likely token (greedy)."""
+    top_k: int | None = None
+    """Sample among the ``top_k`` most likely tokens only (None: all)."""
+    seed: int = 0
+    """Seeds this request's own generator: the same seed and prompt give the same tokens."""
+    stop_token: int | None = EOT
+    """A token that ends the sequence (not emitted); None: none does."""
+
+    def check(self, block_size: int, vocab_size: int) -> None:
+        """Raise ``ValueError`` naming the first field out of range for a model of this shape."""
+        if not self.prompt:
+            raise ValueError("prompt is empty")
+        if len(self.prompt) > block_size:
+            raise ValueError(
+                f"prompt of {len(self.prompt)} tokens is longer than the model's context "
+                f"({block_size})"
+            )
+        if any(not 0 <= t < vocab_size for t in self.prompt):
+            raise ValueError(f"prompt tokens must be in 0..{vocab_size - 1}")
+        if not 1 <= self.max_new_tokens:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must be in 0..2**63-1, got {self.seed}")
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request's state in a :class:`Scheduler`."""
+
+    id: int
+    request: Request
+    generator: torch.Generator
+    tokens: list[int] = field(default_factory=list)
+    """The tokens generated so far."""
+    finish_reason: str | None = None
+    """One of :data:`FINISH_REASONS` once it has ended."""
+    slot: int | None = None
+    cached: int = 0
+    """Tokens whose keys and values are in the cache (prompt, then all but the last generated)."""
+    cancelled: bool = False
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+
+def sample(
+    logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator
+) -> int:
+    """One token from ``logits`` (V,): the argmax at temperature 0, else a draw from
+    ``softmax(logits / temperature)`` restricted to the ``top_k`` largest."""
+    if temperature == 0:
+        return int(torch.argmax(logits))
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.numel():
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = F.softmax(logits, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+class Scheduler:
+    """Continuous batching over a GPT (see the module docstring). :meth:`submit` and
+    :meth:`cancel` may be called from another thread than the one calling :meth:`step`."""
+
+    def __init__(self, model: GPT, slots: int = 8):
+        if slots < 1:
+            raise ValueError(f"slots must be >= 1, got {slots}")
+        self.model = model.eval()
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self.block_size, self.vocab_size = model.block_size, model.vocab_size
+        n_layer, nh = len(model.blocks), model.blocks[0].attn.n_head
+        hs = model.tok_emb.weight.shape[1] // nh
+        shape = (slots, nh, self.block_size, hs)
+        self.k = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in range(n_layer)]
+        self.v = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in range(n_layer)]
+        self.free = list(range(slots - 1, -1, -1))  # pop() takes slot 0 first
+        self.running: list[Sequence] = []
+        self.waiting: deque[Sequence] = deque()
+        self.steps = 0
+        self._ids = itertools.count()
+        self._lock = threading.Lock()
+
+    @property
+    def slots(self) -> int:
+        return self.k[0].shape[0]
+
+    @property
+    def busy(self) -> bool:
+        """Whether a sequence runs or waits."""
+        return bool(self.running or self.waiting)
+
+    def submit(self, request: Request) -> Sequence:
+        """Queue ``request`` (checked against the model); it joins the batch at the next step."""
+        request.check(self.block_size, self.vocab_size)
+        gen = torch.Generator(device=self.device).manual_seed(request.seed)
+        seq = Sequence(next(self._ids), request, gen)
+        with self._lock:
+            self.waiting.append(seq)
+        return seq
+
+    def cancel(self, seq: Sequence) -> None:
+        """End ``seq`` at the next step (its slot is freed then)."""
+        seq.cancelled = True
+
+    @torch.inference_mode()
+    def step(self) -> list[tuple[Sequence, int | None]]:
+        """One token for every running sequence; returns ``(sequence, token)`` for each, the
+        token None for a sequence that ended without one (stop token, cancel). A sequence whose
+        ``done`` is set after its event has left the batch."""
+        events: list[tuple[Sequence, int | None]] = []
+        with self._lock:
+            for seq in [s for s in self.waiting if s.cancelled]:
+                self.waiting.remove(seq)
+                events.append((seq, self._finish(seq, "cancelled")))
+        for seq in [s for s in self.running if s.cancelled]:
+            events.append((seq, self._finish(seq, "cancelled")))
+        if self.running:
+            logits = self._decode(self.running)
+            for seq, row in zip(list(self.running), logits, strict=True):
+                events.append((seq, self._emit(seq, row)))
+        while self.free:
+            with self._lock:
+                if not self.waiting:
+                    break
+                seq = self.waiting.popleft()
+            seq.slot = self.free.pop()
+            self.running.append(seq)
+            events.append((seq, self._emit(seq, self._prefill(seq))))
+        self.steps += 1
+        return events
+
+    def _emit(self, seq: Sequence, logits: torch.Tensor) -> int | None:
+        r = seq.request
+        token = sample(logits, r.temperature, r.top_k, seq.generator)
+        if token == r.stop_token:
+            return self._finish(seq, "stop")
+        seq.tokens.append(token)
+        if len(seq.tokens) >= r.max_new_tokens:
+            self._finish(seq, "length")
+        elif seq.cached >= self.block_size:  # no position left to feed this token at
+            self._finish(seq, "context")
+        return token
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        seq.finish_reason = reason
+        if seq.slot is not None:
+            self.running.remove(seq)
+            self.free.append(seq.slot)
+            seq.slot = None
+
+    def _prefill(self, seq: Sequence) -> torch.Tensor:
+        """Run the prompt (1, P) through the model, caching its keys and values in its slot;
+        the last position's logits (V,)."""
+        m, s = self.model, seq.slot
+        idx = torch.tensor([seq.request.prompt], dtype=torch.long, device=self.device)
+        P = idx.shape[1]
+        x = m.embed(idx)  # (1, P, C)
+        for i, block in enumerate(m.blocks):
+            attn = block.attn
+            q, k, v = _heads(attn, block.ln_1(x))  # (1, nh, P, hs) each
+            self.k[i][s, :, :P], self.v[i][s, :, :P] = k[0], v[0]
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            x = x + attn.proj(_merge(y))
+            x = x + block.mlp(block.ln_2(x))
+        seq.cached = P
+        return m.logits(x[:, -1:])[0, 0]
+
+    def _decode(self, seqs: list[Sequence]) -> torch.Tensor:
+        """Feed each sequence's last token at its own position; logits (A, V)."""
+        m = self.model
+        dev = self.device
+        tok = torch.tensor([[s.tokens[-1]] for s in seqs], dtype=torch.long, device=dev)
+        pos = torch.tensor([s.cached for s in seqs], dtype=torch.long, device=dev)  # (A,)
+        slots = torch.tensor([s.slot for s in seqs], dtype=torch.long, device=dev)
+        L = int(pos.max()) + 1
+        # (A, 1, 1, L): row a sees keys 0..pos[a] of its own slot, never a neighbour's padding.
+        mask = (torch.arange(L, device=dev)[None, :] <= pos[:, None])[:, None, None, :]
+        x = m.tok_emb(tok) + m.pos_emb(pos)[:, None, :]  # (A, 1, C)
+        for i, block in enumerate(m.blocks):
+            attn = block.attn
+            q, k, v = _heads(attn, block.ln_1(x))  # (A, nh, 1, hs) each
+            self.k[i][slots, :, pos] = k[:, :, 0]  # advanced indices first: (A, nh, hs)
+            self.v[i][slots, :, pos] = v[:, :, 0]
+            keys, values = self.k[i][slots, :, :L], self.v[i][slots, :, :L]  # (A, nh, L, hs)
+            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+            x = x + attn.proj(_merge(y))
+            x = x + block.mlp(block.ln_2(x))
+        for s in seqs:
+            s.cached += 1
+        return m.logits(x)[:, 0]
+
+
+def _heads(attn: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(B, T, C) -> q, k, v of (B, nh, T, hs), as :class:`lepton_ray.gpt.CausalSelfAttention`."""
+    B, T, C = x.shape
+    return tuple(
+        t.view(B, T, attn.n_head, C // attn.n_head).transpose(1, 2)
+        for t in attn.qkv(x).split(C, dim=2)
+    )
+
+
+def _merge(y: torch.Tensor) -> torch.Tensor:
+    """(B, nh, T, hs) -> (B, T, C)."""
+    B, nh, T, hs = y.shape
+    return y.transpose(1, 2).contiguous().view(B, T, nh * hs)
+
+
+def generate(model: GPT, request: Request) -> Sequence:
+    """``request`` alone through a one-slot :class:`Scheduler`; the finished sequence."""
+    sched = Scheduler(model, slots=1)
+    seq = sched.submit(request)
+    while not seq.done:
+        sched.step()
+    return seq
+
+
+@torch.inference_mode()
+def generate_uncached(model: GPT, request: Request) -> list[int]:
+    """The plain loop: the whole sequence through ``model`` for every token (no cache)."""
+    request.check(model.block_size, model.vocab_size)
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(request.seed)
+    idx = list(request.prompt)
+    out: list[int] = []
+    while len(out) < request.max_new_tokens and len(idx) <= model.block_size:
+        x = torch.tensor([idx], dtype=torch.long, device=gen.device)
+        token = sample(model(x)[0, -1], request.temperature, request.top_k, gen)
+        if token == request.stop_token:
+            break
+        out.append(token)
+        idx.append(token)
+    return out
