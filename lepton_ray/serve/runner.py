@@ -42,7 +42,10 @@ class ModelRunner:
         # Batches there are padded to a few sizes (batch_buckets), each run once here, so no
         # request pays that.
         # (On a CPU a new shape costs little and padding costs compute: exact sizes.)
-        self.batch_sizes = batch_buckets(cfg.max_batch_size) if self.device.type == "cuda" else None
+        images = self.meta["data"].get("kind", "image") == "image"  # a language model generates
+        self.batch_sizes = (
+            batch_buckets(cfg.max_batch_size) if images and self.device.type == "cuda" else None
+        )
         for size in self.batch_sizes or ():
             self.predict_many([np.zeros((size, *self.spec.shape), np.uint8)])
         self.loaded_at = time.time()
