@@ -41,8 +41,9 @@ import torch.nn.functional as F
 from lepton_ray.data.text import EOT
 from lepton_ray.gpt import GPT
 
-FINISH_REASONS = ("length", "context", "stop", "cancelled")
-"""Why a sequence ended: its ``max_new_tokens``, the model's context, its stop token, a cancel."""
+FINISH_REASONS = ("length", "context", "stop", "cancelled", "error")
+"""Why a sequence ended: its ``max_new_tokens``, the model's context, its stop token, a cancel, a
+step that failed (:meth:`Scheduler.abort`)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -190,6 +191,15 @@ class Scheduler:
             events.append((seq, self._emit(seq, self._prefill(seq))))
         self.steps += 1
         return events
+
+    def abort(self) -> list[Sequence]:
+        """End every running and waiting sequence (a step failed); returns them."""
+        with self._lock:
+            ended = [*self.running, *self.waiting]
+            self.waiting.clear()
+        for seq in ended:
+            self._finish(seq, "error")
+        return ended
 
     def _emit(self, seq: Sequence, logits: torch.Tensor) -> int | None:
         r = seq.request

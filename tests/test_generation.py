@@ -3,6 +3,10 @@ batching (joining, leaving, cancelling, neighbours of other lengths), bounds."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import re
+
 import pytest
 import torch
 
@@ -14,6 +18,8 @@ from lepton_ray.generation import (
     sample,
 )
 from lepton_ray.models import build_model
+from lepton_ray.serve.codec import RequestError
+from lepton_ray.serve.generate import TextSpec, TokenStreams, answer, parse, sse
 
 TINY = dict(vocab_size=256, block_size=32, n_layer=2, n_head=2, n_embd=32)
 
@@ -148,3 +154,104 @@ def test_requests_out_of_bounds_are_refused(kw, message):
     with pytest.raises(ValueError, match=message):
         sched.submit(Request(**kw))
     assert not sched.busy
+
+
+# --- the endpoint's pure side (lepton_ray.serve.generate) -----------------------------------
+SPEC = TextSpec(block_size=32, vocab_size=256)
+
+
+def test_parse_defaults_and_fields():
+    req, stream = parse(b'{"prompt": "h\\u00e9"}', SPEC)
+    assert req.prompt == tuple("hé".encode()) and req.max_new_tokens == 32 and not stream
+    assert req.temperature == 1.0 and req.top_k is None and 0 <= req.seed < 2**63
+    body = b'{"prompt":"x","max_new_tokens":5,"temperature":0,"top_k":3,"seed":9,"stream":true}'
+    req, stream = parse(body, SPEC)
+    assert (req.max_new_tokens, req.temperature, req.top_k, req.seed, stream) == (
+        5,
+        0.0,
+        3,
+        9,
+        True,
+    )
+
+
+@pytest.mark.parametrize(
+    "body, status, message",
+    [
+        (b"", 400, "empty request body"),
+        (b"{", 400, "not valid JSON"),
+        (b"[1]", 400, "JSON object"),
+        (b'{"prompt": ""}', 422, '"prompt" is empty'),
+        (b'{"prompt": 5}', 422, '"prompt" must be a string'),
+        (b'{"prompt": "' + b"a" * 33 + b'"}', 422, "longer than the model's context of 32"),
+        (b'{"prompt": "a", "max_new_tokens": 0}', 422, '"max_new_tokens" must be 1..32'),
+        (b'{"prompt": "a", "max_new_tokens": 33}', 422, '"max_new_tokens" must be 1..32'),
+        (b'{"prompt": "a", "max_new_tokens": 2.5}', 422, "whole number"),
+        (b'{"prompt": "a", "max_new_tokens": true}', 422, "whole number"),
+        (b'{"prompt": "a", "temperature": -1}', 422, '"temperature"'),
+        (b'{"prompt": "a", "top_k": 0}', 422, '"top_k"'),
+        (b'{"prompt": "a", "seed": -3}', 422, '"seed"'),
+        (b'{"prompt": "a", "stream": "yes"}', 422, '"stream"'),
+        (b'{"prompt": "a", "max_tokens": 5}', 422, "unknown field 'max_tokens'"),
+    ],
+)
+def test_parse_refuses_bad_requests_in_one_line(body, status, message):
+    with pytest.raises(RequestError, match=re.escape(message)) as info:
+        parse(body, SPEC)
+    assert info.value.status == status and "\n" not in str(info.value)
+
+
+def _collect_sse(chunks: list[bytes]) -> list[tuple[str, dict]]:
+    out = []
+    for raw in b"".join(chunks).decode().split("\n\n")[:-1]:
+        name, data = raw.split("\n")
+        out.append((name.removeprefix("event: "), json.loads(data.removeprefix("data: "))))
+    return out
+
+
+def test_streams_batch_concurrent_requests_and_sse_concatenates_to_the_answer():
+    m = _model()
+    reqs = [_req(b"caf\xc3\xa9 ", max_new_tokens=20, seed=s) for s in (1, 2)]
+    solo = [generate(m, r).tokens for r in reqs]
+
+    async def run():
+        streams = TokenStreams(m, slots=4, on_step=steps.append)
+        ok = []
+        answers = await asyncio.gather(
+            *(answer(streams.stream(r), r.seed, "v1") for r in reqs),
+            _gather(sse(streams.stream(reqs[0]), 1, "v1", ok.append)),
+        )
+        return answers, ok, streams
+
+    steps: list[int] = []
+    (first, second, chunks), ok, streams = asyncio.run(run())
+    assert [first["tokens"], second["tokens"]] == solo
+    assert first["usage"] == {"prompt_tokens": 6, "completion_tokens": 20}
+    assert first["finish_reason"] == "length" and first["seed"] == 1
+    assert max(steps) == 3  # all three sequences decoded in the same steps
+    events = _collect_sse(chunks)
+    assert [n for n, _ in events] == ["token"] * 20 + ["done"] and ok == [True]
+    assert [d["token"] for _, d in events[:-1]] == solo[0]
+    assert "".join(d["text"] for _, d in events) == first["text"]
+    assert first["text"] == bytes(solo[0]).decode("utf-8", errors="replace")
+    assert streams.info() == {"slots": 4, "running": 0, "waiting": 0}
+
+
+async def _gather(chunks) -> list[bytes]:
+    return [c async for c in chunks]
+
+
+def test_closing_a_stream_cancels_its_sequence_and_frees_its_slot():
+    m = _model()
+
+    async def run():
+        streams = TokenStreams(m, slots=1)
+        it = streams.stream(_req(b"go on", max_new_tokens=30))
+        assert isinstance(await anext(it), int)
+        await it.aclose()  # what a client disconnect does to the response's generator
+        waiting = answer(streams.stream(_req(b"next", max_new_tokens=3, seed=4)), 4, "v")
+        return await asyncio.wait_for(waiting, 10), streams
+
+    later, streams = asyncio.run(run())
+    assert later["tokens"] == generate(m, _req(b"next", max_new_tokens=3, seed=4)).tokens
+    assert streams.info()["running"] == 0 and sorted(streams.scheduler.free) == [0]

@@ -180,6 +180,7 @@ class ModelCore:
     def __init__(self, cfg: Any):
         from ray.util import metrics
 
+        from lepton_ray.serve.generate import TokenStreams
         from lepton_ray.serve.runner import ModelRunner
 
         self.runner = ModelRunner(cfg)
@@ -192,6 +193,9 @@ class ModelCore:
             boundaries=BATCH_SIZES,
             tag_keys=("app", "version"),
         )
+        # A language model's sequences share one scheduler of max_batch_size slots; None: images.
+        observe = lambda n: self.batch_size.observe(n, tags=self.tags)  # noqa: E731
+        self.streams = TokenStreams.of(self.runner, cfg.max_batch_size, observe)
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.0)
     async def predict(self, requests: list) -> list:
@@ -202,8 +206,14 @@ class ModelCore:
             for p in self.runner.predict_many(requests)
         ]
 
+    async def generate(self, request: Any) -> Any:
+        """A language model's tokens for ``request``, then its finish reason and usage."""
+        async for item in self.streams.stream(request):
+            yield item
+
     async def info(self) -> dict[str, Any]:
-        return self.runner.info()
+        info = self.runner.info()
+        return info | ({"generation": self.streams.info()} if self.streams else {})
 
     def pid(self) -> int:
         """The replica's process id (the failure tests kill it)."""
@@ -226,6 +236,7 @@ class Ingress:
         from lepton_ray import checkpoint
         from lepton_ray.serve.canary import CanaryJudge, CanaryTrial, VerdictRecord
         from lepton_ray.serve.codec import InputSpec
+        from lepton_ray.serve.generate import TextSpec
 
         if stable is None and canary is not None:
             raise ValueError("a canary needs the two-hop layout (a stable model deployment)")
@@ -241,6 +252,7 @@ class Ingress:
             meta, self.version = described.meta, described.version
         self.cfg, self.stable, self.canary, self.token = cfg, stable, canary, auth_token
         self.spec = InputSpec.from_meta(meta)
+        self.text = TextSpec.from_meta(meta)  # a language model's context; None for images
         self.canary_version = (
             checkpoint.version(cfg.canary_checkpoint, cfg.endpoint_url) if canary else None
         )
@@ -298,6 +310,13 @@ class Ingress:
             "multipart files, or a PNG/JPEG body",
         )
         api.add_api_route(
+            "/v1/generate",
+            self.generate,
+            methods=["POST"],
+            dependencies=auth,
+            summary="A language model's continuation of a prompt, streamed as Server-Sent Events",
+        )
+        api.add_api_route(
             "/healthz", self.healthz, methods=["GET"], summary="Ready once the model has loaded"
         )
         api.add_api_route(
@@ -327,6 +346,8 @@ class Ingress:
     async def predict(self, request: Request) -> Response:
         from lepton_ray.serve.codec import SHAPE_HEADER, decode_body, encode
 
+        if self.text is not None:
+            raise RequestError(400, f"model {self.version} is a language model: POST /v1/generate")
         body = await self._read_body(request)
         ctype = request.headers.get("content-type", "").lower()
         if ctype.startswith("multipart/form-data"):
@@ -341,6 +362,19 @@ class Ingress:
             )
         # Already JSON-safe (str, int, float): rendered as is, without FastAPI's encoder walk.
         return Response(encode(await self._call_model(images)), media_type="application/json")
+
+    async def generate(self, request: Request) -> Response:
+        from lepton_ray.serve import generate
+
+        if self.text is None:
+            raise RequestError(400, f"model {self.version} classifies images: POST /v1/predict")
+        req, stream = generate.parse(await self._read_body(request), self.text)
+        if isinstance(self.stable, ModelCore):  # one hop: this replica's own scheduler
+            events = self.stable.generate(req)
+        else:
+            events = self.stable.options(stream=True).generate.remote(req)
+        record = lambda ok: self._record("stable", ok)  # noqa: E731
+        return await generate.respond(events, req.seed, stream, self.version, record)
 
     async def _read_body(self, request: Request) -> bytes:
         limit = self.cfg.max_request_bytes
