@@ -177,6 +177,12 @@ def reference(cfg: TrainConfig) -> tuple[list[float], dict[str, torch.Tensor], f
     return losses, model.state_dict(), val
 
 
+def other_rows(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What the ranks past stage 0 are handed: other rows (a pipeline trains stage 0's batch; the
+    last stage takes its targets from there, whatever its own feed gave it)."""
+    return {"image": batch["image"].flip(0).roll(1, dims=2)}
+
+
 def replica_rows(layout: Layout, rank: int) -> slice:
     r = layout.replica(rank)
     start = sum(batching.worker_batch(BATCH, layout.replicas, i) for i in range(r))
@@ -211,7 +217,7 @@ def train(
         step.load_state_dict(opt_state)
     losses = []
     for batch in batches()[steps]:
-        x, y = TASK.inputs(batch)
+        x, y = TASK.inputs(batch if layout.stage(rank) == 0 else other_rows(batch))
         rows = replica_rows(layout, rank)
         sums = torch.zeros(3, dtype=torch.float64)
         step(x[rows], y[rows], sums)
@@ -239,7 +245,7 @@ def worker(rank: int, world: int, port: int, cases: list, out: str) -> None:
             layout = Layout(world, stages)
             losses, step = train(layout, rank, cfg, schedule)
             weights = step.full_state_dict()
-            val = step.evaluate([blocks(5, 0)])
+            val = step.evaluate([blocks(5, 0) if layout.stage(rank) == 0 else blocks(5, 99)])
             ties = tie_copies(step)
             resumed = None
             if resume_stages:  # 2 steps, checkpoint, then step 3 at another layout

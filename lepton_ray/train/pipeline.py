@@ -7,8 +7,8 @@ the embeddings and its blocks, the last stage its blocks, the final norm and the
 ``r // S`` (e.g. W=4, S=2: replica 0 = ranks 0, 1; replica 1 = ranks 2, 3).
 
 Arithmetic (the same as ddp's, :mod:`lepton_ray.train.batching`, with the replica as the worker):
-replica ``r`` trains ``b_r = worker_batch(B, dp, r)`` rows of the global batch ``B``; every rank of
-a replica gets those same rows (stage 0 uses the inputs, the last stage the targets). The rows run
+replica ``r`` trains ``b_r = worker_batch(B, dp, r)`` rows of the global batch ``B``: every rank of
+a replica reads them, stage 0 uses them and sends their targets to the last stage. The rows run
 as ``M`` micro-batches through GPipe or 1F1B (``torch.distributed.pipelining``) with
 ``scale_grads=False``: the loss of a micro-batch is the *sum* of its rows' losses (the task's
 mean loss, :mod:`lepton_ray.train.task`, times its rows) times ``dp * b_r / (B * b_r)``, so the
@@ -53,6 +53,9 @@ from lepton_ray.train import batching
 from lepton_ray.train.step import build_optimizer, lr_factor
 
 IGNORE = -100  # the target of a padding row: cross-entropy skips it
+# Tensors sent between stages outside the schedule: a header of _HEAD int64s, then the data.
+_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.int32, torch.uint8]
+_HEAD = 12
 
 Schedule = Literal["gpipe", "1f1b"]
 
@@ -322,6 +325,7 @@ class PipelineStep:
         self.optimizer.zero_grad(set_to_none=True)
         self._recorded = []
         first, last = self.stage.first, self.stage.last
+        y = self._targets_from_first(y)
         with self.autocast:
             if self.schedule is None:
                 parts = zip(x.tensor_split(self.micros), y.tensor_split(self.micros), strict=True)
@@ -390,11 +394,12 @@ class PipelineStep:
         sums = torch.zeros(3, dtype=torch.float64, device=self.device)
         for batch in batches:
             x, y = self.task.inputs(batch, train=False)
-            h = self._receive() if not self.stage.first else x
+            y = self._targets_from_first(y)
+            h = self._receive(self.rank - 1) if not self.stage.first else x
             with self.autocast:
                 h = self.stage(h)
             if not self.stage.last:
-                self._send(h)
+                self._send(h.float(), self.rank + 1)
                 continue
             sums[0] += self.task.loss_sum(h, y).double()
             sums[1] += self.task.correct(h, y).double()
@@ -404,22 +409,32 @@ class PipelineStep:
             dist.broadcast(sums, src=self.layout.stages - 1)
         return float(sums[0] / sums[2].clamp(min=1)), float(sums[1] / sums[2].clamp(min=1))
 
-    def _send(self, h: torch.Tensor) -> None:
-        dst = self.rank + 1
-        head = torch.tensor([h.ndim, *h.shape], dtype=torch.int64, device=h.device)
-        dist.send(torch.tensor([len(head)], device=h.device), dst, group=self.groups.pipeline)
-        dist.send(head, dst, group=self.groups.pipeline)
-        dist.send(h.float().contiguous(), dst, group=self.groups.pipeline)
+    def _targets_from_first(self, y: torch.Tensor) -> torch.Tensor:
+        """The targets of stage 0's rows, on the last stage (sent; the other stages return
+        ``y``): what a pipeline trains on is stage 0's batch alone, even where the ranks' feeds
+        hand the same rows in other orders (``DataConfig.deterministic=False``)."""
+        if self.layout.stages == 1 or not (self.stage.first or self.stage.last):
+            return y
+        first = self.rank - self.stage.index
+        if self.stage.first:
+            self._send(y, first + self.layout.stages - 1)
+            return y
+        return self._receive(first)
 
-    def _receive(self) -> torch.Tensor:
-        src = self.rank - 1
-        n = torch.zeros(1, dtype=torch.int64, device=self.device)
-        dist.recv(n, src, group=self.groups.pipeline)
-        head = torch.zeros(int(n), dtype=torch.int64, device=self.device)
+    def _send(self, t: torch.Tensor, dst: int) -> None:
+        """``t`` to rank ``dst`` of this pipeline, its dtype and shape first (:meth:`_receive`)."""
+        head = [_DTYPES.index(t.dtype), t.ndim, *t.shape]
+        head = torch.tensor(head + [0] * (_HEAD - len(head)), dtype=torch.int64, device=t.device)
+        dist.send(head, dst, group=self.groups.pipeline)
+        dist.send(t.contiguous(), dst, group=self.groups.pipeline)
+
+    def _receive(self, src: int) -> torch.Tensor:
+        head = torch.zeros(_HEAD, dtype=torch.int64, device=self.device)
         dist.recv(head, src, group=self.groups.pipeline)
-        h = torch.empty(head[1:].tolist(), dtype=torch.float32, device=self.device)
-        dist.recv(h, src, group=self.groups.pipeline)
-        return h
+        dtype, ndim, *shape = head.tolist()
+        t = torch.empty(shape[:ndim], dtype=_DTYPES[dtype], device=self.device)
+        dist.recv(t, src, group=self.groups.pipeline)
+        return t
 
     # -- checkpoints ------------------------------------------------------------------------
 
