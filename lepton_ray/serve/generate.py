@@ -140,6 +140,7 @@ class TokenStreams:
         self.on_step = on_step
         self.queues: dict[int, asyncio.Queue] = {}
         self.driver: asyncio.Task | None = None
+        self.finished: dict[str, int] = {}  # sequences ended, by finish reason
 
     @classmethod
     def of(
@@ -179,9 +180,16 @@ class TokenStreams:
             if not seq.done:
                 self.scheduler.cancel(seq)
 
-    def info(self) -> dict[str, int]:
+    def info(self) -> dict[str, Any]:
+        """Slots, sequences running and waiting, steps taken, sequences ended by reason."""
         s = self.scheduler
-        return {"slots": s.slots, "running": len(s.running), "waiting": len(s.waiting)}
+        return {
+            "slots": s.slots,
+            "running": len(s.running),
+            "waiting": len(s.waiting),
+            "steps": s.steps,
+            "finished": dict(self.finished),
+        }
 
     async def _drive(self) -> None:
         while self.scheduler.busy:
@@ -195,6 +203,8 @@ class TokenStreams:
             if self.on_step is not None:
                 self.on_step(len(events))
             for seq, token in events:
+                if seq.done:
+                    self.finished[seq.finish_reason] = self.finished.get(seq.finish_reason, 0) + 1
                 if (queue := self.queues.get(seq.id)) is not None:
                     queue.put_nowait((token, seq.done))
 
