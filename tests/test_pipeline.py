@@ -1,4 +1,4 @@
-"""Pipeline parallelism (lepton_ray.train.pipeline) against a single-process reference.
+"""Pipeline parallelism (lepton_ray.train.stages, .pipeline) against a single-process reference.
 
 The layout arithmetic is tested as pure functions; the distributed step runs for real in 2 and 4
 processes on gloo (torch.multiprocessing, no Ray): every step's loss, the final weights, the
@@ -25,9 +25,9 @@ from lepton_ray.errors import ConfigError
 from lepton_ray.gpt import GPT
 from lepton_ray.models import build_model
 from lepton_ray.train import batching
-from lepton_ray.train.pipeline import (
+from lepton_ray.train.pipeline import PipelineStep
+from lepton_ray.train.stages import (
     Layout,
-    PipelineStep,
     Stage,
     build_stage,
     check_layout,
@@ -51,7 +51,7 @@ def config(grad_clip: float | None = None) -> TrainConfig:
 
 
 def blocks(rows: int, seed: int) -> dict[str, torch.Tensor]:
-    """A feed's batch of token blocks (uint8, ``SEQ + 1`` tokens each), as text datasets hold them."""
+    """A feed's batch of token blocks (uint8, ``SEQ + 1`` tokens each), as text data holds them."""
     g = torch.Generator().manual_seed(seed)
     return {"image": torch.randint(0, VOCAB, (rows, 1, SEQ + 1, 1), generator=g).to(torch.uint8)}
 

@@ -17,10 +17,10 @@ to every worker as under DDP, then sharded the same way. Resuming reads each ran
 sharded checkpoint (:mod:`lepton_ray.train.sharded`), at any world size.
 
 ``strategy="pipeline"``: each worker holds a stage, some of the model's blocks
-(:mod:`lepton_ray.train.pipeline`); its step (:func:`make_step`) has the same interface as ddp's, its
-feed reads its replica's rows (:func:`data_shard`), validation runs through the stages
-(:func:`validate`) and checkpoints hold the whole model gathered to rank 0
-(:func:`checkpoint_model`), an ordinary checkpoint.
+(:mod:`lepton_ray.train.stages`); its step (:func:`make_step`,
+:mod:`lepton_ray.train.pipeline`) has the same interface as ddp's, its feed reads its replica's
+rows (:func:`data_shard`), validation runs through the stages (:func:`validate`) and checkpoints
+hold the whole model gathered to rank 0 (:func:`checkpoint_model`), an ordinary checkpoint.
 """
 
 from __future__ import annotations
@@ -52,10 +52,10 @@ def check(cfg: TrainConfig, model: nn.Module, ray_dataset: bool) -> None:
     training set is a user's Ray Dataset, which Ray Train splits across all workers)."""
     if cfg.strategy != "pipeline":
         return
-    from lepton_ray.train import pipeline
+    from lepton_ray.train import stages
 
-    pipeline.check_model(model)
-    pipeline.check_layout(cfg.scaling.num_workers, cfg.pipeline_stages, len(model.blocks))
+    stages.check_model(model)
+    stages.check_layout(cfg.scaling.num_workers, cfg.pipeline_stages, len(model.blocks))
     if ray_dataset:
         raise ConfigError(
             "strategy 'pipeline' needs a prepared dataset (a URI, DatasetInfo or torch Dataset): "
@@ -144,10 +144,10 @@ def model_factory(spec: RunSpec) -> Callable[[], nn.Module]:
 
 
 def build_pipeline(spec: RunSpec, restored: Restored, device: torch.device) -> nn.Module:
-    """This rank's stage (:mod:`lepton_ray.train.pipeline`): built on meta, only its own part
+    """This rank's stage (:mod:`lepton_ray.train.stages`): built on meta, only its own part
     materialised, filled from the full state every rank starts from (the checkpoint resumed or
     the initial weights, fetched from the object store)."""
-    from lepton_ray.train import pipeline
+    from lepton_ray.train import stages
 
     if restored.sharded is not None:
         raise CheckpointError(
@@ -161,8 +161,8 @@ def build_pipeline(spec: RunSpec, restored: Restored, device: torch.device) -> n
         state = ray.get(spec.init_weights)
     else:
         state = spec.model.state_dict()
-    layout = pipeline.check_layout(dist.get_world_size(), spec.cfg.pipeline_stages)
-    return pipeline.build_stage(
+    layout = stages.check_layout(dist.get_world_size(), spec.cfg.pipeline_stages)
+    return stages.build_stage(
         model_factory(spec), state, layout, dist.get_rank(), device, compile=spec.cfg.compile
     )
 
@@ -177,7 +177,8 @@ def make_step(
         from lepton_ray.train.step import TrainStep
 
         return TrainStep(model, cfg, world, rank, total_steps=total_steps, task=task)
-    from lepton_ray.train.pipeline import PipelineStep, check_layout
+    from lepton_ray.train.pipeline import PipelineStep
+    from lepton_ray.train.stages import check_layout
 
     return PipelineStep(
         model,
@@ -197,7 +198,7 @@ def data_shard(cfg: TrainConfig, world: int, rank: int) -> tuple[int, int]:
     per replica, every stage of a replica reading its rows (W=4, 2 stages: ranks 2, 3 -> (2, 1))."""
     if cfg.strategy != "pipeline":
         return world, rank
-    from lepton_ray.train.pipeline import check_layout
+    from lepton_ray.train.stages import check_layout
 
     layout = check_layout(world, cfg.pipeline_stages)
     return layout.replicas, layout.replica(rank)
@@ -208,7 +209,7 @@ def counts_rows(cfg: TrainConfig, world: int, rank: int) -> bool:
     its other stages train the same rows)."""
     if cfg.strategy != "pipeline":
         return True
-    from lepton_ray.train.pipeline import check_layout
+    from lepton_ray.train.stages import check_layout
 
     return check_layout(world, cfg.pipeline_stages).stage(rank) == 0
 
