@@ -37,6 +37,16 @@ def _workers(text: str) -> int | tuple[int, int] | str:
         ) from None
 
 
+def _count_or_auto(text: str) -> int | str:
+    """``--max-replicas``: a whole number, or ``auto`` (ServeConfig checks the range)."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"takes N or auto, got {text!r}") from None
+
+
 def _json_dict(text: str) -> dict:
     try:
         value = json.loads(text)
@@ -562,7 +572,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Defaults are ServeConfig's own values (cmd_serve passes every one to deploy).
     flag = _config_flags(sv, _SERVE_FLAGS, defaults=True)
     flag("--min-replicas")
-    flag("--max-replicas")
+    flag("--max-replicas", type=_count_or_auto, metavar="N|auto")
     flag("--max-batch-size")
     flag("--num-cpus")
     flag("--use-gpu")

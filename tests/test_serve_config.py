@@ -240,3 +240,79 @@ def test_one_hop_puts_the_model_in_the_autoscaled_http_replica_unless_two_are_ne
         "n-model": (2, True),
         "n-canary": (2, True),
     }
+
+
+@pytest.mark.parametrize(
+    ("kw", "cpus", "gpus", "fit"),
+    [
+        # One GPU shared by quarter-GPU replicas: the CPUs allow 16, the GPU 4.
+        ({"use_gpu": True, "gpus_per_replica": 0.25}, 16, 1, 4),
+        ({"use_gpu": True, "gpus_per_replica": 0.25}, 2, 1, 2),  # 2 CPUs: 2 replicas
+        ({"use_gpu": True, "gpus_per_replica": 0.25}, 16, 2, 8),
+        ({"use_gpu": True, "gpus_per_replica": 0.3}, 16, 1, 3),  # 3.33 -> 3
+        ({"use_gpu": True, "gpus_per_replica": 0.1, "num_cpus": 0.1}, 0.3, 1, 3),  # not 2.999
+        ({}, 4, 1, 4),  # no GPU asked for: the GPUs do not count
+        ({"num_cpus": 0.5}, 3, 0, 6),
+        ({"num_cpus": 0}, 3, 0, 3),  # reserving none still uses a CPU
+        ({"one_hop": False, "ingress_replicas": 2}, 4, 0, 3),  # 4 - 0.2 for the ingress
+        ({"canary_checkpoint": "/y"}, 8, 0, 3),  # (8 - 0.1) / 2 deployments
+        ({"min_replicas": 3}, 1, 0, 3),  # never under min_replicas: Serve waits for room
+        ({"use_gpu": True}, 8, 0, 1),  # no GPU in the cluster: one, which waits for one
+    ],
+)
+def test_replicas_that_fit_the_cpus_and_the_shared_gpus(kw, cpus, gpus, fit):
+    cfg = ServeConfig(checkpoint="/x", max_replicas="auto", **kw)
+    assert cfg.replicas_that_fit(cpus, gpus) == fit
+    assert cfg.max_replicas_for(cpus, gpus) == fit
+    assert ServeConfig(checkpoint="/x", max_replicas=5, **kw).max_replicas_for(cpus, gpus) == 5
+
+
+def test_auto_max_replicas_is_resolved_from_the_cluster_when_the_app_is_built(monkeypatch):
+    import importlib
+
+    deploy_module = importlib.import_module(
+        "lepton_ray.serve.deploy"
+    )  # the package's name is the function
+    monkeypatch.setattr(deploy_module, "cluster_resources", lambda: (16.0, 1.0))
+    cfg = ServeConfig(checkpoint="/x", max_replicas="auto", use_gpu=True, gpus_per_replica=0.25)
+    ingress = deploy_module.build_app(cfg)._bound_deployment
+    assert ingress.ray_actor_options["num_gpus"] == 0.25
+    assert ingress._deployment_config.autoscaling_config.max_replicas == 4
+    # A number is kept as given (a cluster that adds nodes on demand may grow into it).
+    cfg = ServeConfig(checkpoint="/x", max_replicas=7, use_gpu=True, gpus_per_replica=0.25)
+    assert (
+        deploy_module.build_app(
+            cfg
+        )._bound_deployment._deployment_config.autoscaling_config.max_replicas
+        == 7
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "ok"),
+    [("auto", "auto"), (3, 3), ("3", None), ("many", None), (0, None)],
+)
+def test_max_replicas_is_a_number_or_auto(value, ok):
+    from lepton_ray.config import from_dict
+
+    if ok is not None:
+        assert (
+            from_dict(ServeConfig, {"checkpoint": "/x", "max_replicas": value}).max_replicas == ok
+        )
+        return
+    with pytest.raises(ConfigError, match="^ServeConfig.max_replicas: "):
+        from_dict(ServeConfig, {"checkpoint": "/x", "max_replicas": value})
+
+
+def test_the_max_replicas_flag_takes_a_number_or_auto(capsys):
+    from lepton_ray.cli import build_parser
+
+    parse = build_parser().parse_args
+    assert parse(["serve", "c", "--max-replicas", "auto"]).max_replicas == "auto"
+    assert parse(["serve", "c", "--max-replicas", "3"]).max_replicas == 3
+    assert parse(["serve", "c"]).max_replicas == 2  # ServeConfig's default
+    with pytest.raises(SystemExit):
+        parse(["serve", "c", "--max-replicas", "many"])
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "lepton-ray serve: error: argument --max-replicas: takes N or auto, got 'many'"
+    )

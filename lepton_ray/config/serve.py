@@ -5,7 +5,9 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Literal
 
 from lepton_ray.config.schema import Config, bad, setting
 from lepton_ray.config.train import plain_name
@@ -44,8 +46,10 @@ class ServeConfig(Config):
     """HTTP route prefix of the application."""
     min_replicas: int = setting(1, ge=0)
     """Fewest replicas (0 scales to zero when idle)."""
-    max_replicas: int = setting(2, ge=1)
-    """Most replicas."""
+    max_replicas: int | Literal["auto"] = setting(2, ge=1)
+    """Most replicas the autoscaler adds under load, or ``auto``: as many as the cluster's CPUs
+    (``num_cpus`` each) and, with ``use_gpu``, its GPUs (``gpus_per_replica`` each) hold, counted
+    when the application is built."""
     target_ongoing_requests: float = setting(8.0, gt=0)
     """Autoscaling target of in-flight requests per replica."""
     upscale_delay_s: float = setting(2.0, ge=0)
@@ -108,7 +112,7 @@ class ServeConfig(Config):
     operator's choice, never the checkpoint's."""
 
     def check(self) -> None:
-        if self.max_replicas < self.min_replicas:
+        if self.max_replicas != "auto" and self.max_replicas < self.min_replicas:
             raise bad(
                 "max_replicas",
                 f"must be >= min_replicas ({self.min_replicas}), got {self.max_replicas}",
@@ -118,6 +122,31 @@ class ServeConfig(Config):
     def uses_one_hop(self) -> bool:
         """Whether the endpoint runs the model in its HTTP replicas (see ``one_hop``)."""
         return self.one_hop and not self.canary_checkpoint and self.min_replicas > 0
+
+    def replicas_that_fit(self, cpus: float, gpus: float = 0.0) -> int:
+        """Model replicas of each model deployment that ``cpus`` and ``gpus`` hold at once.
+
+        Each replica reserves ``num_cpus`` (one counted where it reserves none: a replica still
+        uses a CPU) and, with ``use_gpu``, ``gpus_per_replica``. Two hops reserve 0.1 CPU per
+        ingress replica first, and a canary's deployment scales like the stable one, so with a
+        canary each gets half. E.g. ``num_cpus=1, use_gpu, gpus_per_replica=0.25``: 16 CPUs and
+        1 GPU -> min(16, 4) = 4 replicas sharing the GPU; 2 CPUs and 1 GPU -> min(2, 4) = 2.
+        Never fewer than ``min_replicas`` (or 1): Serve waits for room for those.
+        """
+        if not self.uses_one_hop:
+            cpus -= 0.1 * self.ingress_replicas
+        deployments = 2 if self.canary_checkpoint else 1
+        # A hair over each quotient so that 0.3 CPUs / 0.1 each is 3, not 2.9999 -> 2.
+        fit = math.floor(cpus / (self.num_cpus or 1.0) / deployments + 1e-9)
+        if self.use_gpu:
+            fit = min(fit, math.floor(gpus / self.gpus_per_replica / deployments + 1e-9))
+        return max(fit, self.min_replicas, 1)
+
+    def max_replicas_for(self, cpus: float, gpus: float = 0.0) -> int:
+        """``max_replicas`` as a number: ``auto`` resolved by :meth:`replicas_that_fit`."""
+        if self.max_replicas == "auto":
+            return self.replicas_that_fit(cpus, gpus)
+        return self.max_replicas
 
     def model_only(self, checkpoint: str | None = None) -> ServeConfig:
         """The fields a model replica uses (so changing auth or canary settings restarts no model)."""

@@ -31,10 +31,15 @@ def build_app(cfg: ServeConfig | dict[str, Any]) -> Any:
         from lepton_ray.storage import default_store
 
         cfg = replace(cfg, store=default_store())
+    max_replicas = (
+        cfg.max_replicas_for(*cluster_resources())
+        if cfg.max_replicas == "auto"
+        else cfg.max_replicas
+    )
     autoscaling = {
         "min_replicas": cfg.min_replicas,
         "initial_replicas": max(1, cfg.min_replicas),
-        "max_replicas": cfg.max_replicas,
+        "max_replicas": max_replicas,
         "target_ongoing_requests": cfg.target_ongoing_requests,
         "upscale_delay_s": cfg.upscale_delay_s,
         "downscale_delay_s": cfg.downscale_delay_s,
@@ -79,8 +84,17 @@ def build_app(cfg: ServeConfig | dict[str, Any]) -> Any:
         ray_actor_options={"num_cpus": 0.1},
         logging_config={"enable_access_log": cfg.access_log},
         # The ingress only decodes and awaits the model: let it hold every request the models can.
-        max_ongoing_requests=max(256, 4 * cfg.max_replicas * max(cfg.max_batch_size, 64)),
+        max_ongoing_requests=max(256, 4 * max_replicas * max(cfg.max_batch_size, 64)),
     ).bind(cfg, model(cfg.checkpoint, "model"), canary, token)
+
+
+def cluster_resources() -> tuple[float, float]:
+    """(CPUs, GPUs) of the Ray cluster this process is connected to (its totals: what replicas
+    could ever hold, not what other work holds now)."""
+    import ray
+
+    total = ray.cluster_resources()
+    return total.get("CPU", 0.0), total.get("GPU", 0.0)
 
 
 def deploy(
