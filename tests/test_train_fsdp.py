@@ -1,14 +1,14 @@
 """``Trainer(..., strategy="fsdp")`` for real on the shared Ray instance: the cnn on 600 built-in
 digits trains sharded over 2 workers, checkpoints (every rank its shards), fails, resumes on 3
-workers from the sharded checkpoint and ends where an uninterrupted run does; the export loads.
+workers from the sharded checkpoint, sample-exact, and ends where an uninterrupted run does; the
+export loads.
 
-Tolerances: ddp and fsdp at the same world size compute the same steps (the same batches per
-rank, gradients averaged alike) and differ in the order of float sums and in the convolutions'
-weight layout (channels-last under ddp; FSDP's shards are contiguous), which the first steps'
-large updates amplify: 1% relative on the first epoch's loss (0.2% measured, 2 CPUs, 2026-12-02;
-the same two steppers without Ray agree within 2e-4 over 10 steps). After the resize to 3
-workers, BatchNorm normalises each rank's rows with their own statistics, so the steps differ
-from 2 workers' (under ddp too): 5% relative on the second epoch's loss.
+Tolerances: runs of this loop on 2 CPUs are not bit-reproducible (the same ddp run's first-epoch
+loss was 2.286 to 2.312 over four runs here, 2026-12-02), so this test checks the curve loosely:
+fsdp's epoch losses within 3% (first) and 5% (second, after the resize to 3 workers, where
+BatchNorm normalises each rank's rows with their own statistics) of ddp's; the gaps measured were
+0.2-1.6% and 0.3-0.4%. That fsdp's steps equal one process's on the global batch (within 1e-5)
+is tests/test_fsdp.py's check.
 """
 
 from __future__ import annotations
@@ -16,12 +16,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lepton_ray import Trainer, build_model
+from lepton_ray import DataConfig, Trainer, build_model
 from lepton_ray.checkpoint import MANIFEST, load_model, read_manifest
 from lepton_ray.data import load_mnist5k, write_dataset
 from lepton_ray.errors import ConfigError, TrainingError
 from lepton_ray.storage import resolve
 from lepton_ray.train import sharded
+from tests.test_resume import assert_sample_exact, sample_logs
 
 pytestmark = pytest.mark.ray
 
@@ -47,6 +48,8 @@ def test_fsdp_trains_checkpoints_and_resumes_on_more_workers(ray_session, digits
         lr=0.05,
         checkpoint_every_steps=4,
         progress_bar=False,
+        record_sample_ids=True,
+        data=DataConfig(augment=()),  # no random crops: two runs see the same pixels
     )
 
     def model():
@@ -58,6 +61,7 @@ def test_fsdp_trains_checkpoints_and_resumes_on_more_workers(ray_session, digits
         Trainer(2, strategy="fsdp").fit(
             model(), digits_600, run_name="fsdp", max_failures=0, fault_injection="2:7:1", **common
         )
+    first = sorted(sample_logs(tmp_path / "fsdp"))
     res = Trainer(3, strategy="fsdp").fit(
         model(), digits_600, run_name="fsdp", resume=True, **common
     )
@@ -65,11 +69,14 @@ def test_fsdp_trains_checkpoints_and_resumes_on_more_workers(ray_session, digits
     assert [h["world_size"] for h in res["history"]] == [2, 3]
     assert res["world_size_changes"] == [{"step": 16, "from": 2, "to": 3}]
     assert res["history"][-1]["step"] == 20
+    resumed = sorted(set(sample_logs(tmp_path / "fsdp")) - set(first))
+    assert len(resumed) == 3  # epoch 2 finished on exactly the rows not consumed by step 16
+    assert_sample_exact(tmp_path / "fsdp", first, resumed, 16, 10, 600, 60)
     first, last = (h["train_loss"] for h in res["history"])
     ddp_first, ddp_last = (h["train_loss"] for h in ddp["history"])
-    assert first == pytest.approx(ddp_first, rel=0.01)  # ddp and fsdp: the same steps
+    assert first == pytest.approx(ddp_first, rel=0.03)  # ddp and fsdp: the same steps
     assert last == pytest.approx(ddp_last, rel=0.05)  # resumed on 3 workers: the same curve
-    assert last < first, (first, last, ddp_first, ddp_last)
+    assert last < first
 
     with pytest.raises(ConfigError, match="written by strategy 'fsdp'"):  # before Ray starts
         Trainer(2).fit(model(), digits_600, run_name="fsdp", resume=True, **common)
