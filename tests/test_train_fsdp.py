@@ -20,6 +20,7 @@ from lepton_ray import DataConfig, Trainer, build_model
 from lepton_ray.checkpoint import MANIFEST, load_model, read_manifest
 from lepton_ray.data import load_mnist5k, write_dataset
 from lepton_ray.errors import ConfigError, TrainingError
+from lepton_ray.runs import RunLayout
 from lepton_ray.storage import resolve
 from lepton_ray.train import sharded
 from tests.test_resume import assert_sample_exact, sample_logs
@@ -87,6 +88,8 @@ def test_fsdp_trains_checkpoints_and_resumes_on_more_workers(ray_session, digits
     assert sorted(n for n in manifest["files"] if n.endswith(".safetensors")) == [
         sharded.shard_name(r, 3, "safetensors") for r in range(3)
     ]
+    best = RunLayout(resolve(res["run"])).read_best()  # every rank wrote its shards there too
+    assert best["epoch"] == 2 and sharded.Reader(resolve(best["uri"])).world == 3
     exported = sharded.export(ckpt, str(tmp_path / "export"))
     assert exported.join(MANIFEST).exists()
     net, meta = load_model(exported.uri)
