@@ -56,6 +56,7 @@ __all__ = [
     "Loaded",
     "describe",
     "is_sharded",
+    "refuse_sharded",
     "load_checkpoint",
     "load_model",
     "load_train_state",
@@ -159,6 +160,17 @@ def is_sharded(manifest: dict[str, Any]) -> bool:
     return isinstance(manifest.get("sharded"), dict)
 
 
+def refuse_sharded(loc: storage.Location, manifest: dict[str, Any] | None = None) -> None:
+    """One line, before anything loads, for a sharded checkpoint where one file of weights is
+    needed (``load_model``, Serve): export it first."""
+    manifest = read_manifest(loc) if manifest is None else manifest
+    if is_sharded(manifest):
+        raise CheckpointError(
+            f"checkpoint {loc.uri} is sharded ({manifest['sharded'].get('world_size')} FSDP ranks): "
+            f"export it to one file first: lepton-ray export {loc.uri} <dest>"
+        )
+
+
 def read_manifest(loc: storage.Location) -> dict[str, Any]:
     """A checkpoint's manifest, checked to be well formed: ``{"files": {name: sha256}}`` with
     plain file names (a manifest is data: it cannot point outside its folder)."""
@@ -257,11 +269,7 @@ def load_checkpoint(
 
     loc = storage.resolve(uri, endpoint_url)
     manifest, meta = _head(loc)
-    if is_sharded(manifest):
-        raise CheckpointError(
-            f"checkpoint {loc.uri} is sharded ({manifest['sharded'].get('world_size')} FSDP ranks): "
-            f"export it to one file first: lepton-ray export {loc.uri} <dest>"
-        )
+    refuse_sharded(loc, manifest)
     check_spec(meta.get("model"), trusted_modules)
     weights = read_checked(loc, manifest, WEIGHTS)
     model = from_spec(meta["model"], trusted_modules)

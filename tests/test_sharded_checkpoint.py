@@ -176,6 +176,19 @@ def test_load_model_asks_for_an_export(saved_at_2_loaded_at_3):
     assert len(checkpoint.version(ckpt)) == 12
 
 
+def test_deploy_asks_for_an_export_before_ray_starts(saved_at_2_loaded_at_3, monkeypatch):
+    import lepton_ray.runtime
+    from lepton_ray.serve.deploy import deploy
+
+    def tripwire(*a, **k):
+        raise AssertionError("deploy started Ray for a checkpoint no replica can load")
+
+    monkeypatch.setattr(lepton_ray.runtime, "ensure_ray", tripwire)
+    with pytest.raises(CheckpointError, match="export it to one file first") as err:
+        deploy(f"{saved_at_2_loaded_at_3}/ckpt")
+    assert "\n" not in str(err.value)
+
+
 # --- one process: the format ------------------------------------------------------------------
 def test_encode_decode_round_trip():
     state = {"a": (0.9, 0.999), "b": {0: {"step": torch.tensor(3.0)}, 1: {}}, "c": [None, "x"]}
