@@ -4,6 +4,8 @@
   image folders, Parquet, synthetic).
 - :mod:`~lepton_ray.data.text`: text as byte-level token blocks, stored as rows like images
   (``text:PATH``, ``text-parquet:PATH[:COLUMN]``, the built-in ``pydoc-topics``).
+- :mod:`~lepton_ray.data.ctr`: click data with a planted signal for a recommendation model
+  (``synthetic-ctr:rows=N,tables=T,...``), stored as rows of bytes like text.
 - :mod:`~lepton_ray.data.writer`: ``prepare`` and friends write Parquet shards, the manifest last.
 - :mod:`~lepton_ray.data.dataset`: the manifest (checked: it is data) and the readers.
 - :mod:`~lepton_ray.data.transforms`: numpy batch transforms and the Ray Data ``Preprocessor``.

@@ -4,7 +4,8 @@ A prepared dataset is a folder (local or ``s3://``) holding Parquet shards and a
 ``manifest.json``. Rows are ``id`` (int64, stable across epochs and runs), ``image`` (raw HWC
 uint8 bytes, or PNG) and ``label`` (int64). A text dataset (``kind: "text"``) stores byte-level
 token blocks the same way, each as an "image" of shape (1, block_size + 1, 1) with label 0 (see
-:mod:`lepton_ray.data.text`). The manifest lists the shards with their checksums, the
+:mod:`lepton_ray.data.text`); a click dataset (``kind: "ctr"``) stores rows of dense float32 and
+int32 table ids so, labels 0/1 (see :mod:`lepton_ray.data.ctr`). The manifest lists the shards with their checksums, the
 row count, the image shape, the classes and the per-channel mean/std. It is written last
 (:mod:`lepton_ray.data.writer`), so a reader that finds a manifest finds complete shards.
 
@@ -68,7 +69,7 @@ class DatasetInfo:
     encoding: str = "raw"
     endpoint_url: str | None = None
     manifest: dict = field(default_factory=dict, repr=False, compare=False)
-    kind: str = "image"  # or "text": rows are token blocks (lepton_ray.data.text)
+    kind: str = "image"  # "text": token blocks (data.text); "ctr": click rows (data.ctr)
 
     @property
     def num_classes(self) -> int:
@@ -84,12 +85,29 @@ class DatasetInfo:
         """A text dataset's vocabulary (256: bytes)."""
         return int(self.manifest["vocab_size"]) if self.kind == "text" else 0
 
-    def model_kwargs(self) -> dict[str, int]:
+    def model_kwargs(self) -> dict[str, Any]:
         """The constructor arguments this data fixes for a registered model: ``in_channels`` and
-        ``num_classes`` for images, ``vocab_size`` and ``block_size`` for text (the ``gpt``)."""
+        ``num_classes`` for images, ``vocab_size`` and ``block_size`` for text (the ``gpt``),
+        ``cardinalities`` and ``dense`` for click data (the ``dlrm``)."""
         if self.kind == "text":
             return {"vocab_size": self.vocab_size, "block_size": self.block_size}
+        if self.kind == "ctr":
+            return {
+                "cardinalities": list(self.manifest["cardinalities"]),
+                "dense": self.manifest["dense"],
+            }
         return {"in_channels": self.shape[2], "num_classes": self.num_classes}
+
+    def kind_fields(self) -> dict[str, Any]:
+        """What a run records of its data's kind beside shape and classes (the checkpoint's
+        ``data`` section, which chooses the loop's task): a text set's ``block_size`` and
+        ``vocab_size``, a click set's ``cardinalities``, ``dense`` and ``planted_auc``."""
+        if self.kind == "text":
+            return {"block_size": self.block_size, "vocab_size": self.vocab_size}
+        if self.kind == "ctr":
+            keys = ("cardinalities", "dense", "planted_auc")
+            return {k: self.manifest[k] for k in keys if k in self.manifest}
+        return {}
 
     @property
     def pixel_bytes(self) -> int:
@@ -190,10 +208,12 @@ def check_manifest(m: Any, where: str) -> dict:
     if not (isinstance(shape, list) and len(shape) == 3 and all(count(d) and d > 0 for d in shape)):
         raise bad("shape", "must be [height, width, channels] of positive whole numbers")
     kind = m.get("kind", "image")
-    if kind not in ("image", "text"):
-        raise bad("kind", "must be 'image' or 'text'")
+    if kind not in ("image", "text", "ctr"):
+        raise bad("kind", "must be 'image' or 'text' or 'ctr'")
     if kind == "text":
         _check_text(m, bad)
+    if kind == "ctr":
+        _check_ctr(m, bad)
     classes = m.get("classes")
     if not (
         isinstance(classes, list)
@@ -244,6 +264,32 @@ def _check_text(m: dict, bad: Any) -> None:
         raise bad("encoding", "must be 'raw' for text")
     if m.get("classes") != []:
         raise bad("classes", "must be [] for text")
+
+
+def _check_ctr(m: dict, bad: Any) -> None:
+    """A click manifest's own fields (:mod:`lepton_ray.data.ctr`): rows of ``dense`` float32 and
+    one int32 id per table, raw, labels 0/1."""
+    cards, dense = m.get("cardinalities"), m.get("dense")
+    if not (
+        isinstance(cards, list)
+        and cards
+        and all(isinstance(c, int) and not isinstance(c, bool) and 1 <= c < 2**31 for c in cards)
+    ):
+        raise bad("cardinalities", "must be a non-empty list of whole numbers >= 1")
+    if not (isinstance(dense, int) and not isinstance(dense, bool) and dense >= 0):
+        raise bad("dense", "must be a whole number >= 0")
+    if m.get("shape") != [1, 4 * (dense + len(cards)), 1]:
+        raise bad(
+            "shape",
+            f"must be [1, {4 * (dense + len(cards))}, 1]: {dense} float32, {len(cards)} int32",
+        )
+    if m.get("encoding", "raw") != "raw":
+        raise bad("encoding", "must be 'raw' for click data")
+    if m.get("classes") != ["0", "1"]:
+        raise bad("classes", "must be ['0', '1'] for click data")
+    auc = m.get("planted_auc")
+    if auc is not None and not (isinstance(auc, int | float) and not isinstance(auc, bool)):
+        raise bad("planted_auc", "must be a number")
 
 
 def info_from_manifest(loc: storage.Location, m: dict) -> DatasetInfo:

@@ -8,6 +8,8 @@ tree (``imagefolder:PATH`` or ``imagefolder:s3://bucket/prefix``, one sub-folder
 PNG/JPEG; ``train/`` and ``test/`` or ``val/`` sub-trees become splits), and existing Parquet (``parquet:PATH`` with ``image`` bytes and ``label``).
 Text sources (``text:PATH``, ``text-parquet:PATH[:COLUMN]``, ``pydoc-topics``) give byte-level
 token blocks as rows of shape (1, block_size + 1, 1): see :mod:`lepton_ray.data.text`.
+Click data (``synthetic-ctr:rows=N,tables=T,cardinality=C,dense=D,seed=S``) gives rows of dense
+features and table ids with a planted signal: see :mod:`lepton_ray.data.ctr`.
 
 Bad rows (unreadable images, a size unlike the first image's) raise :class:`DataError` naming the
 file or row, or with ``skip_bad`` are left out and counted.
@@ -25,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from lepton_ray import storage
-from lepton_ray.data import text
+from lepton_ray.data import ctr, text
 from lepton_ray.errors import DataError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
@@ -106,6 +108,8 @@ def canonical(source: str) -> str:
     """The name a source is recorded under in manifests (what makes ``prepare`` idempotent)."""
     if text.is_text_source(source):
         return text.canonical(source)
+    if ctr.is_ctr_source(source):
+        return ctr.parse(source).canonical()
     if source in BUILTIN_SOURCES:
         return f"builtin:{source}"
     kind, sep, arg = source.partition(":")
@@ -135,6 +139,10 @@ def load(
         return Source(b.name, dict(splits), [], b.manifest)
     if block_size is not None:
         raise DataError(f"block_size applies to text sources only, not {source!r}")
+    if ctr.is_ctr_source(source):
+        name, parts, manifest = ctr.load(source)
+        splits = {k: StreamedSplit(rows, make) for k, (rows, make) in parts.items()}
+        return Source(name, dict(splits), ["0", "1"], manifest)
     if source in BUILTIN_SOURCES:
         raw = BUILTIN_SOURCES[source]()
         return Source(
@@ -154,7 +162,8 @@ def load(
     raise DataError(
         f"unknown dataset source {source!r} (built-in: "
         f"{', '.join([*BUILTIN_SOURCES, *text.TEXT_BUILTINS])}; or torchvision:NAME, "
-        "imagefolder:PATH, parquet:PATH, synthetic:ROWS:HxWxC, text:PATH, text-parquet:PATH[:COLUMN])"
+        "imagefolder:PATH, parquet:PATH, synthetic:ROWS:HxWxC, text:PATH, text-parquet:PATH[:COLUMN], "
+        "synthetic-ctr:rows=N,tables=T,cardinality=C,dense=D,seed=S)"
     )
 
 

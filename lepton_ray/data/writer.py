@@ -72,6 +72,9 @@ class DatasetWriter:
         self.text = self.extra.get("kind") == "text"
         if self.text and (encoding != "raw" or classes):
             raise DataError("a text dataset is stored raw, without classes")
+        self.ctr = self.extra.get("kind") == "ctr"  # click rows: lepton_ray.data.ctr
+        if self.ctr and encoding != "raw":
+            raise DataError("a click dataset is stored raw")
         self.loc = storage.resolve(dest, endpoint_url)
         self.classes, self.source, self.encoding = list(classes), source, encoding
         self.rows_per_shard = rows_per_shard
@@ -101,6 +104,15 @@ class DatasetWriter:
         elif images.shape[1:] != self.shape:
             raise DataError(
                 f"row {self.num_rows}: image shape {images.shape[1:]} differs from the first rows' {self.shape}"
+            )
+        if self.ctr and self.shape != (
+            1,
+            4 * self.extra["dense"] + 4 * len(self.extra["cardinalities"]),
+            1,
+        ):
+            raise DataError(
+                f"click rows must be {self.extra['dense']} float32 and "
+                f"{len(self.extra['cardinalities'])} int32 ids, got rows of shape {self.shape}"
             )
         if self.text and self.shape != (1, self.extra["block_size"] + 1, 1):
             raise DataError(
