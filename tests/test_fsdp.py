@@ -19,7 +19,7 @@ from torch import nn
 
 from lepton_ray.config import OptimConfig, ScalingConfig, TrainConfig
 from lepton_ray.models import build_model
-from lepton_ray.train import batching, strategy
+from lepton_ray.train import batching, strategy, ties
 from lepton_ray.train.sharded import rows
 from lepton_ray.train.step import TrainStep
 
@@ -79,7 +79,7 @@ def init(rank: int, world: int, rendezvous: str) -> None:
 
 def sharded_model(source: nn.Module) -> nn.Module:
     """What strategy.build_fsdp does: a meta copy sharded, then rank 0's weights broadcast."""
-    model = strategy.meta_copy(source)
+    model = ties.meta_copy(source)
     strategy.shard(model, torch.device("cpu"), mixed_precision=False)
     strategy.broadcast_from_rank0(model, source if dist.get_rank() == 0 else None)
     return model
@@ -232,7 +232,7 @@ def test_fsdp_ranks_run_micro_batches_in_lockstep():
 
 def test_meta_copy_keeps_tied_weights():
     gpt = build_model("gpt", n_layer=1, n_embd=16, n_head=2, block_size=8)
-    meta = strategy.meta_copy(gpt)  # Module.to("meta") alone unties the GPT's head
+    meta = ties.meta_copy(gpt)  # Module.to("meta") alone unties the GPT's head
     assert meta.head.weight is meta.tok_emb.weight and meta.head.weight.is_meta
     assert [n for n, _ in meta.named_parameters()] == [n for n, _ in gpt.named_parameters()]
     assert not gpt.head.weight.is_meta  # the original is untouched

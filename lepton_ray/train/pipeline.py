@@ -43,15 +43,9 @@ from torch import nn
 from lepton_ray.config import TrainConfig
 from lepton_ray.errors import CheckpointError, ConfigError
 from lepton_ray.train import batching
-from lepton_ray.train.stages import (
-    Layout,
-    Stage,
-    materialise,
-    micro_rows,
-    tied_names,
-    tied_names_of,
-)
+from lepton_ray.train.stages import Layout, Stage, micro_rows, tied_names_of
 from lepton_ray.train.step import build_optimizer, lr_factor
+from lepton_ray.train.ties import materialise, tied_names
 
 IGNORE = -100  # the target of a padding row: cross-entropy skips it
 # Tensors sent between stages outside the schedule: a header of _HEAD int64s, then the data.

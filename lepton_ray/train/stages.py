@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from lepton_ray.errors import ConfigError
+from lepton_ray.train.ties import materialise, tied_names
 
 
 @dataclass(frozen=True)
@@ -133,29 +134,6 @@ class Stage(nn.Module):
         for block in self.blocks.values():
             h = block(h)
         return model.logits(h) if self.last else h
-
-
-def tied_names(model: nn.Module) -> dict[str, str]:
-    """alias -> first name of every parameter shared under two names (``head.weight`` ->
-    ``tok_emb.weight`` in the GPT)."""
-    first: dict[int, str] = {}
-    aliases = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        if id(p) in first:
-            aliases[name] = first[id(p)]
-        else:
-            first[id(p)] = name
-    return aliases
-
-
-def materialise(module: nn.Module, device: torch.device) -> nn.Module:
-    """``to_empty`` that keeps parameters shared under two names shared (it would make two)."""
-    aliases = tied_names(module)
-    module.to_empty(device=device)
-    for alias, name in aliases.items():
-        owner, _, attr = alias.rpartition(".")
-        setattr(module.get_submodule(owner), attr, module.get_parameter(name))
-    return module
 
 
 def build_stage(

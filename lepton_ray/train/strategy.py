@@ -37,6 +37,7 @@ from torch import nn
 
 from lepton_ray.errors import CheckpointError, ConfigError
 from lepton_ray.models import from_spec, memory_format, unwrap
+from lepton_ray.train import ties
 
 if TYPE_CHECKING:
     from lepton_ray.config import TrainConfig
@@ -126,7 +127,7 @@ def build_fsdp(spec: RunSpec, restored: Restored, device: torch.device) -> nn.Mo
             "FSDP: %s has no registered spec; every worker received it whole", type(spec.model)
         )
         source = spec.model
-        model = meta_copy(spec.model)
+        model = ties.meta_copy(spec.model)
     shard(model, device, mixed_precision=device.type == "cuda")
     broadcast_from_rank0(model, source)
     del source
@@ -262,44 +263,10 @@ def shard(model: nn.Module, device: torch.device, *, mixed_precision: bool) -> n
         if mixed_precision
         else MixedPrecisionPolicy()
     )
-    ties = _ties(model)
     for unit in shard_units(model):
         fully_shard(unit, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
-    model.to_empty(device=device)
-    _retie(ties)
-    return model
-
-
-def meta_copy(model: nn.Module) -> nn.Module:
-    """``model``'s architecture on the meta device (no memory), its tied weights still tied
-    (``Module.to("meta")`` gives each name its own parameter)."""
-    meta = copy.deepcopy(model)
-    ties = _ties(meta)
-    meta.to("meta")
-    _retie(ties)
-    return meta
-
-
-def _ties(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module, str]]:
-    """(module, name, first module, its name) for every parameter seen under an earlier name."""
-    first: dict[int, tuple[nn.Module, str]] = {}
-    out = []
-    for mod in model.modules():
-        for name, p in mod._parameters.items():
-            if p is None:
-                continue
-            if id(p) in first:
-                out.append((mod, name, *first[id(p)]))
-            else:
-                first[id(p)] = (mod, name)
-    return out
-
-
-def _retie(ties: list[tuple[nn.Module, str, nn.Module, str]]) -> None:
-    for mod, name, mod0, name0 in ties:
-        if getattr(mod, name) is not getattr(mod0, name0):
-            setattr(mod, name, getattr(mod0, name0))
+    return ties.materialise(model, device)
 
 
 @torch.no_grad()
