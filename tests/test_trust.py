@@ -205,7 +205,9 @@ def test_registered_names_load_and_unknown_names_are_config_errors(tmp_path):
     x = torch.randn(2, 1, 8, 8)
     with torch.no_grad():
         assert torch.equal(loaded.model(x), model(x))
-    with pytest.raises(ConfigError, match="^unknown model 'vgg99' \\(registered: cnn, gpt, resnet18"):
+    with pytest.raises(
+        ConfigError, match="^unknown model 'vgg99' \\(registered: cnn, gpt, resnet18"
+    ):
         build_model("vgg99")
     with pytest.raises(ConfigError, match="unknown model 'vgg99'"):
         load_model(_publish(tmp_path, {"name": "vgg99", "kwargs": {}}, model).uri)
