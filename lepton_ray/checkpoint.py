@@ -160,10 +160,9 @@ def is_sharded(manifest: dict[str, Any]) -> bool:
     return isinstance(manifest.get("sharded"), dict)
 
 
-def refuse_sharded(loc: storage.Location, manifest: dict[str, Any] | None = None) -> None:
+def refuse_sharded(loc: storage.Location, manifest: dict[str, Any]) -> None:
     """One line, before anything loads, for a sharded checkpoint where one file of weights is
     needed (``load_model``, Serve): export it first."""
-    manifest = read_manifest(loc) if manifest is None else manifest
     if is_sharded(manifest):
         raise CheckpointError(
             f"checkpoint {loc.uri} is sharded ({manifest['sharded'].get('world_size')} FSDP ranks): "
@@ -215,11 +214,17 @@ def _version(manifest: dict[str, Any]) -> str:
     return manifest["files"][WEIGHTS][:12]
 
 
-def describe(uri: str | storage.Location, endpoint_url: str | None = None) -> Described:
+def describe(
+    uri: str | storage.Location, endpoint_url: str | None = None, *, loadable: bool = False
+) -> Described:
     """(location, ``lepton.json``, version) of a checkpoint from its manifest and metadata only:
-    no weights read, no torch imported. ``lepton.json`` is checked against its checksum."""
+    no weights read, no torch imported. ``lepton.json`` is checked against its checksum.
+    ``loadable``: also refuse a sharded checkpoint (:func:`refuse_sharded`), for a caller about to
+    load its weights as one file."""
     loc = storage.resolve(uri, endpoint_url)
     manifest, meta = _head(loc)
+    if loadable:
+        refuse_sharded(loc, manifest)
     return Described(loc, meta, _version(manifest))
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from lepton_ray import checkpoint, storage
+from lepton_ray import checkpoint
 from lepton_ray.config import ServeConfig, from_dict
 from lepton_ray.trust import check_spec
 
@@ -128,8 +128,8 @@ def deploy(
     cfg = ServeConfig(checkpoint=checkpoint_uri, **kwargs)
     trusted = cfg.trusted_modules
     for uri in filter(None, (cfg.checkpoint, cfg.canary_checkpoint)):
-        checkpoint.refuse_sharded(storage.resolve(uri, cfg.endpoint_url))  # replicas need one file
-        check_spec(checkpoint.read_meta(uri, cfg.endpoint_url).get("model"), trusted)
+        meta = checkpoint.describe(uri, cfg.endpoint_url, loadable=True).meta  # one weights file
+        check_spec(meta.get("model"), trusted)
     ensure_ray(haproxy=wanted(haproxy))  # the argument, else $LEPTON_SERVE_HAPROXY
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(cfg), name=cfg.name, route_prefix=cfg.route_prefix)
