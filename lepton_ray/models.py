@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lepton_ray.dlrm import DLRM
 from lepton_ray.errors import CheckpointError, ConfigError
 from lepton_ray.gpt import GPT
 from lepton_ray.trust import check_spec, is_trusted
@@ -92,6 +93,8 @@ def resnet18(in_channels: int = 3, num_classes: int = 10) -> nn.Module:
 # A nanoGPT-style language model (lepton_ray/gpt.py), registered as the class itself so that a
 # pipeline's model.kwargs are checked against its constructor.
 register("gpt")(GPT)
+# A DLRM-style click model (lepton_ray/dlrm.py), registered the same way.
+register("dlrm")(DLRM)
 
 
 def build_model(name: str, **kwargs: Any) -> nn.Module:

@@ -1,4 +1,4 @@
-"""What is learned from a batch: image classification or next-token prediction.
+"""What is learned from a batch: image classification, next-token prediction or click-through.
 
 A task says how a batch from the feed becomes ``(x, y)`` on the device, the loss the step
 minimises, and how many rows it predicted right; :class:`~lepton_ray.train.step.TrainStep`,
@@ -7,7 +7,7 @@ same step, arithmetic and feeds. The dataset's kind chooses it (:func:`for_data`
 
 Counts are per row, so the loop's sums (loss * rows, correct, rows) and the global-batch
 arithmetic are the same for both: a row's loss is the mean over its positions, and its "correct"
-is the share of its positions predicted right (1 or 0 for an image). Every text block has the
+is the share of its positions predicted right (1 or 0 for an image or a click row). Every text block has the
 same length, so the mean of row means is the mean over tokens: ``train_accuracy`` is token
 accuracy. E.g. 2 blocks of 4 targets, 3 and 1 right: correct = 3/4 + 1/4 = 1.0 row, accuracy 0.5.
 """
@@ -86,14 +86,65 @@ class NextToken:
         return out
 
 
+class ClickThrough:
+    """Click rows (uint8 N, 1, 1, 4 * (D + T), as the feeds hand them: D float32 then T int32,
+    :mod:`lepton_ray.data.ctr`) -> :class:`~lepton_ray.dlrm.Features` on the device; labels 0/1;
+    logits (N,); binary cross-entropy; "correct" is a logit on the right side of 0 (p = 0.5).
+
+    Validation also reports ``val_auc``, exact over the whole validation set: ``loss_sum`` (the
+    validation path's call; training steps use ``loss``) keeps each batch's logits and labels, and
+    :meth:`metrics` ranks them once and forgets them."""
+
+    kind = "ctr"
+
+    def __init__(self, device: torch.device, dense: int):
+        self.device, self.dense = device, dense
+        self.move = {"non_blocking": device.type == "cuda"}
+        self.scores: list[torch.Tensor] = []
+        self.labels: list[torch.Tensor] = []
+
+    def inputs(self, batch: dict[str, torch.Tensor], train: bool = True) -> tuple[Any, Any]:
+        from lepton_ray.dlrm import Features
+
+        rows = batch["image"].to(self.device, **self.move)
+        rows = rows.reshape(len(rows), -1)  # (N, 4 * (D + T)) bytes, little-endian
+        dense = rows[:, : 4 * self.dense].contiguous().view(torch.float32)  # (N, D)
+        sparse = rows[:, 4 * self.dense :].contiguous().view(torch.int32).long()  # (N, T)
+        return Features(dense, sparse), batch["label"].to(self.device, **self.move)
+
+    def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.binary_cross_entropy_with_logits(logits.float(), y.float())
+
+    def correct(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return ((logits > 0).long() == y).sum()
+
+    def loss_sum(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self.scores.append(logits.detach().float().cpu())
+        self.labels.append(y.detach().cpu())
+        return F.binary_cross_entropy_with_logits(logits.float(), y.float(), reduction="sum")
+
+    def metrics(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        """``val_auc`` once a validation pass has run (the same on every rank: each sees it all)."""
+        if not self.scores:
+            return {}
+        from lepton_ray.data.ctr import auc
+
+        scores, labels = torch.cat(self.scores).numpy(), torch.cat(self.labels).numpy()
+        self.scores, self.labels = [], []
+        return {"val_auc": auc(scores, labels)}
+
+
 def _exp(loss: float) -> float:
     return math.exp(min(loss, 700.0))  # a diverged loss reports a huge perplexity, not an error
 
 
 def for_data(
     data: dict[str, Any], device: torch.device, pixels: Any = None, augment: Any = None
-) -> Classification | NextToken:
-    """The task of a run from its checkpoint's ``data`` section (``kind``, ``block_size``)."""
+) -> Classification | NextToken | ClickThrough:
+    """The task of a run from its checkpoint's ``data`` section (``kind``, ``block_size``,
+    ``dense``)."""
     if data.get("kind", "image") == "text":
         return NextToken(device, int(data["block_size"]))
+    if data.get("kind") == "ctr":
+        return ClickThrough(device, int(data["dense"]))
     return Classification(pixels, augment)
