@@ -307,6 +307,36 @@ def cmd_predict(a: argparse.Namespace) -> Any:
         raise _UsageError(f"cannot reach {a.url}: {exc.reason}") from None
 
 
+def cmd_generate(a: argparse.Namespace) -> Any:
+    import os
+    import urllib.error
+
+    from lepton_ray.serve.client import generate
+
+    token = a.auth_token or os.environ.get("LEPTON_SERVE_TOKEN") or None
+    options = {"max_new_tokens": a.max_new_tokens, "temperature": a.temperature}
+    options |= {"top_k": a.top_k, "seed": a.seed}
+    try:
+        for event, data in generate(a.url, a.prompt, token=token, **options):
+            if event == "error":  # the stream had begun: not the request's fault
+                print(f"\nlepton-ray: generation failed: {data.get('error')}", file=sys.stderr)
+                return _Exit(None, 1)
+            sys.stdout.write(data.get("text", "") + ("\n" if event == "done" else ""))
+            sys.stdout.flush()  # each token as it arrives
+            if event == "done":
+                usage = data.get("usage", {})
+                print(
+                    f"-- {usage.get('completion_tokens')} tokens ({data.get('finish_reason')}), "
+                    f"seed {data.get('seed')}, model {data.get('model_version')}",
+                    file=sys.stderr,
+                )
+    except RuntimeError as exc:  # an HTTP error status, with the endpoint's message
+        raise _UsageError(str(exc)) from None
+    except urllib.error.URLError as exc:
+        raise _UsageError(f"cannot reach {a.url}: {exc.reason}") from None
+    return None
+
+
 def cmd_submit(a: argparse.Namespace) -> Any:
     from lepton_ray.jobs import submit
 
@@ -608,13 +638,20 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("predict", help="classify PNG/JPEG files with a running endpoint")
     pr.add_argument("url", help="endpoint base URL, e.g. http://127.0.0.1:8000")
     pr.add_argument("files", nargs="+")
-    pr.add_argument(
-        "--auth-token",
-        default=None,
-        metavar="TOKEN",
-        help=f"sent as 'Authorization: Bearer TOKEN' ({TOKEN_HELP})",
-    )
+    _token_flag(pr)
     pr.set_defaults(fn=cmd_predict)
+
+    gn = sub.add_parser(
+        "generate", help="stream a language model's continuation of a prompt from an endpoint"
+    )
+    gn.add_argument("url", help="endpoint base URL, e.g. http://127.0.0.1:8000")
+    gn.add_argument("prompt", help="the text to continue")
+    gn.add_argument("--max-new-tokens", type=int, metavar="N", help="default 64")
+    gn.add_argument("--temperature", type=float, metavar="T", help="0: greedy; default 1.0")
+    gn.add_argument("--top-k", type=int, metavar="K", help="sample among the K likeliest only")
+    gn.add_argument("--seed", type=int, metavar="S", help="repeatable output (default: random)")
+    _token_flag(gn)
+    gn.set_defaults(fn=cmd_generate)
 
     sb = sub.add_parser(
         "submit",
@@ -690,6 +727,16 @@ def build_parser() -> argparse.ArgumentParser:
             help=VERBOSE_HELP,
         )
     return p
+
+
+def _token_flag(parser: argparse.ArgumentParser) -> None:
+    """``--auth-token`` of the commands that call an endpoint."""
+    parser.add_argument(
+        "--auth-token",
+        default=None,
+        metavar="TOKEN",
+        help=f"sent as 'Authorization: Bearer TOKEN' ({TOKEN_HELP})",
+    )
 
 
 def _key_value(text: str) -> str:

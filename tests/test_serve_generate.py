@@ -165,3 +165,27 @@ def test_auth_and_the_predict_route_of_a_language_model(client):
     assert r.status_code == 401 and "bearer token" in r.json()["error"]
     r = client.post("/v1/predict", json={"instances": [[0]]})
     assert r.status_code == 400 and "language model: POST /v1/generate" in r.json()["error"]
+
+
+def test_client_and_cli_print_the_stream(client, capsys, monkeypatch):
+    from lepton_ray import cli
+    from lepton_ray.serve.client import generate
+
+    url = str(client.base_url).rstrip("/")
+    body = {"prompt": "The end", "max_new_tokens": 50, "temperature": 0.7, "seed": 5}
+    answer = client.post("/v1/generate", json=body).json()
+    events = list(generate(url, "The end", token=TOKEN, max_new_tokens=50, temperature=0.7, seed=5))
+    assert [d["token"] for n, d in events if n == "token"] == answer["tokens"]
+    assert events[-1][0] == "done" and events[-1][1]["usage"] == answer["usage"]
+
+    monkeypatch.setenv("LEPTON_SERVE_TOKEN", TOKEN)
+    argv = ["generate", url, "The end", "--max-new-tokens", "50", "--temperature", "0.7"]
+    assert cli.main([*argv, "--seed", "5"]) == 0
+    out = capsys.readouterr()
+    assert out.out == answer["text"] + "\n"
+    assert f"seed 5, model {answer['model_version']}" in out.err
+
+    assert cli.main(["generate", url, ""]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lepton-ray: error: HTTP 422") and '"prompt" is empty' in err
+    assert "\n" not in err

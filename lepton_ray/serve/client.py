@@ -1,4 +1,5 @@
-"""A small HTTP client for the endpoint: predict, and measure accuracy over HTTP."""
+"""A small HTTP client for the endpoint: predict, measure accuracy over HTTP, and stream a
+language model's generation."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import json
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -52,6 +53,48 @@ def predict(
                 raise RuntimeError(f"HTTP {exc.code} from {url}: {_error_text(detail)}") from None
             sleep(wait)
     raise AssertionError("unreachable")
+
+
+def generate(
+    url: str,
+    prompt: str,
+    *,
+    token: str | None = None,
+    timeout: float = 60.0,
+    **options: Any,
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    """POST ``prompt`` to ``url/v1/generate`` with ``stream: true``; yields ``(event, data)`` for
+    each Server-Sent Event as it arrives: ``("token", {"token", "text"})`` per token, then
+    ``("done", {"text", "finish_reason", "usage", "seed", "model_version"})``. ``options``:
+    ``max_new_tokens``, ``temperature``, ``top_k``, ``seed`` (None ones are left out). An HTTP
+    error raises ``RuntimeError`` with the status and the endpoint's message. E.g. the whole
+    text: ``"".join(d["text"] for _, d in generate(url, "Once upon a time", seed=1))``.
+    """
+    body = {"prompt": prompt, "stream": True, **{k: v for k, v in options.items() if v is not None}}
+    req = urllib.request.Request(
+        url.rstrip("/") + "/v1/generate",
+        data=json.dumps(body).encode(),
+        method="POST",
+        headers={
+            "Content-Type": "application/json",
+            "Accept": "text/event-stream",
+            **({"Authorization": f"Bearer {token}"} if token else {}),
+        },
+    )
+    try:
+        resp = urllib.request.urlopen(req, timeout=timeout)
+    except urllib.error.HTTPError as exc:
+        detail = exc.read().decode(errors="replace")
+        raise RuntimeError(f"HTTP {exc.code} from {url}: {_error_text(detail)}") from None
+    with resp:
+        name = "message"
+        for raw in resp:  # one line at a time, as the server flushes them
+            line = raw.decode().rstrip("\r\n")
+            if line.startswith("event:"):
+                name = line.removeprefix("event:").strip()
+            elif line.startswith("data:"):
+                yield name, json.loads(line.removeprefix("data:"))
+                name = "message"
 
 
 def _retry_after(exc: urllib.error.HTTPError) -> float | None:
