@@ -244,7 +244,11 @@ def percentiles(lat_ms: np.ndarray) -> dict[str, float | None]:
     if not len(lat_ms):
         return {"p50_ms": None, "p90_ms": None, "p99_ms": None}
     p50, p90, p99 = np.percentile(lat_ms, [50, 90, 99])
-    return {"p50_ms": round(p50, 2), "p90_ms": round(p90, 2), "p99_ms": round(p99, 2)}
+    return {
+        "p50_ms": round(float(p50), 2),
+        "p90_ms": round(float(p90), 2),
+        "p99_ms": round(float(p99), 2),
+    }
 
 
 # --- wrk, where installed ----------------------------------------------------------------------

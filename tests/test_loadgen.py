@@ -85,10 +85,10 @@ def server():
 def test_what_the_client_counts_is_what_the_server_answered(server):
     srv, url = server()
     r = loadgen.load(
-        url, BODY, {"Content-Type": "application/json"}, concurrency=6, seconds=1.0, processes=2
+        url, BODY, {"Content-Type": "application/json"}, concurrency=6, seconds=0.5, processes=2
     )
     assert r["client_processes"] == 2 and r["errors"] == 0 and srv.bad_bodies == 0
-    assert r["requests"] > 50 and r["requests_per_s"] == round(r["requests"] / 1.0, 1)
+    assert r["requests"] > 20 and r["requests_per_s"] == round(r["requests"] / 0.5, 1)
     # Answers that came after the window are not counted: at most one per connection.
     assert 0 <= srv.answered - r["requests"] <= 6
     assert 0 < r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"]
@@ -97,8 +97,8 @@ def test_what_the_client_counts_is_what_the_server_answered(server):
 
 def test_error_answers_and_server_closed_connections_are_counted_and_survived(server):
     srv, url = server(fail_every=5, close_every=3)
-    r = loadgen.load(url, BODY, concurrency=4, seconds=1.0, processes=1)
-    assert r["requests"] > 20 and r["reconnects"] > 5 and srv.bad_bodies == 0
+    r = loadgen.load(url, BODY, concurrency=4, seconds=0.5, processes=1)
+    assert r["requests"] > 10 and r["reconnects"] > 2 and srv.bad_bodies == 0
     # Every fifth answer of the server is a 500: the client's share of errors is one in five.
     counted = r["requests"] + r["errors"]
     assert 0 <= srv.answered - counted <= 4
