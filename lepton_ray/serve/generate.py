@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import codecs
-import contextlib
 import math
 import secrets
 from collections.abc import AsyncIterator, Callable
@@ -256,7 +255,7 @@ async def sse(
     """The streamed answer as Server-Sent Events (see the module docstring); a failure after
     the stream has begun is an ``error`` event (the status line was already sent)."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    async with contextlib.aclosing(events):
+    try:
         try:
             async for item in events:
                 if isinstance(item, dict):
@@ -270,6 +269,17 @@ async def sse(
         except Exception as exc:  # noqa: BLE001 - the client hears of it in the stream's one shape
             record(False)
             yield event("error", {"error": f"generation failed ({type(exc).__name__})"})
+    finally:  # ended, or the client went away: stop generating for it
+        await close(events)
+
+
+async def close(events: Any) -> None:
+    """Stop a generation's events early: an async generator (one hop) is closed, a Serve
+    streaming response (two hops) cancelled; either cancels the sequence in its replica."""
+    if hasattr(events, "aclose"):
+        await events.aclose()
+    elif hasattr(events, "cancel"):
+        events.cancel()
 
 
 def event(name: str, data: dict[str, Any]) -> bytes:
