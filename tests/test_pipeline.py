@@ -17,7 +17,6 @@ import socket
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from lepton_ray.config import OptimConfig, ScalingConfig, TrainConfig
@@ -37,6 +36,7 @@ from lepton_ray.train.stages import (
 )
 from lepton_ray.train.step import build_optimizer, lr_factor
 from lepton_ray.train.task import NextToken
+from tests.test_fsdp import processes
 
 BATCH, STEPS, SEQ, VOCAB = 7, 3, 8, 32
 
@@ -286,7 +286,7 @@ def free_port() -> int:
 
 def run(world: int, cases: list, tmp_path) -> dict:
     out = str(tmp_path / "results.pt")
-    mp.spawn(worker, args=(world, free_port(), cases, out), nprocs=world, join=True)
+    processes(worker, (world, free_port(), cases, out), world)
     return torch.load(out, weights_only=False)
 
 
