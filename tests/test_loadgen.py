@@ -20,11 +20,11 @@ class _Server(socketserver.ThreadingTCPServer):
 
     daemon_threads = allow_reuse_address = True
 
-    def __init__(self, fail_every: int = 0, close_every: int = 0):
+    def __init__(self, fail_every: int = 0, close_every: int = 0, drop_every: int = 0):
         super().__init__(("127.0.0.1", 0), _Handler)
-        self.fail_every, self.close_every = fail_every, close_every
+        self.fail_every, self.close_every, self.drop_every = fail_every, close_every, drop_every
         self.lock = threading.Lock()
-        self.answered = self.bad_bodies = 0
+        self.answered = self.bad_bodies = self.dropped = 0
 
     def count(self) -> int:
         with self.lock:
@@ -46,6 +46,9 @@ class _Handler(socketserver.StreamRequestHandler):
                 length = int(value) if name.lower() == "content-length" else length
             if self.rfile.read(length) != BODY:
                 srv.bad_bodies += 1
+            if srv.drop_every and (srv.answered + srv.dropped + 1) % srv.drop_every == 0:
+                srv.dropped += 1  # hang up without an answer
+                return
             n, on_this = srv.count(), on_this + 1
             status = (
                 b"500 Internal Server Error"
@@ -103,6 +106,15 @@ def test_error_answers_and_server_closed_connections_are_counted_and_survived(se
     counted = r["requests"] + r["errors"]
     assert 0 <= srv.answered - counted <= 4
     assert abs(r["errors"] - srv.answered // 5) <= 4
+
+
+def test_a_request_the_server_hangs_up_on_is_an_error(server):
+    srv, url = server(drop_every=4)
+    r = loadgen.load(url, BODY, concurrency=2, seconds=0.5, processes=1)
+    assert r["requests"] > 10 and srv.dropped > 2 and srv.bad_bodies == 0
+    # Each hang-up is one error; the client reconnects after each but a last one past the window.
+    assert r["errors"] == srv.dropped and srv.dropped - 2 <= r["reconnects"] <= srv.dropped
+    assert 0 <= srv.answered - r["requests"] <= 2
 
 
 def test_nothing_listening_is_one_clear_error():
