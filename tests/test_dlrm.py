@@ -126,3 +126,25 @@ def test_a_plain_loop_recovers_the_planted_signal():
 def test_bad_cardinalities_refused(cards):
     with pytest.raises(ValueError, match="cardinalities"):
         DLRM(cards)
+
+
+def test_fsdp_shards_each_table_as_a_unit_of_its_own():
+    from lepton_ray.train.strategy import shard_units
+
+    model = DLRM([5, 7, 9], dense=2)
+    assert shard_units(model) == list(model.tables)
+
+
+def test_fit_refuses_a_model_that_cannot_take_the_click_rows(tmp_path):
+    from lepton_ray.data import prepare
+    from lepton_ray.errors import DataError
+    from lepton_ray.train.trainer import _check_model
+
+    info = prepare("synthetic-ctr:rows=20,tables=2,cardinality=5,dense=3", str(tmp_path))["train"]
+    _check_model(build_model("dlrm", **info.model_kwargs()), info)  # the one it fits
+    with pytest.raises(DataError, match=r"cannot take the dataset's click rows \(3 dense"):
+        _check_model(build_model("cnn"), info)
+    with pytest.raises(DataError, match=r"tables hold \[5, 4\] ids, the dataset's \[5, 5\]"):
+        _check_model(DLRM([5, 4], dense=3), info)
+    with pytest.raises(DataError, match=r"cannot take the dataset's click rows"):
+        _check_model(DLRM([5, 5, 5], dense=3), info)  # a third table: no ids for it

@@ -234,10 +234,11 @@ def checkpoint_model(step: Any, model: nn.Module) -> nn.Module:
 
 def shard_units(model: nn.Module) -> list[nn.Module]:
     """The modules sharded one by one before the root: the items of ``model.blocks`` or
-    ``model.layers`` (a Transformer's blocks), torchvision ResNet's ``layer1``..``layer4``, else
-    none (the root alone is one unit). Each unit's parameters are gathered for its forward and
-    freed after, so a worker holds one unit whole at a time."""
-    for name in ("blocks", "layers"):
+    ``model.layers`` (a Transformer's blocks) or ``model.tables`` (a DLRM's embedding tables,
+    each sharded by rows), torchvision ResNet's ``layer1``..``layer4``, else none (the root alone
+    is one unit). Each unit's parameters are gathered for its forward and freed after, so a
+    worker holds one unit whole at a time."""
+    for name in ("blocks", "layers", "tables"):
         seq = getattr(model, name, None)
         if isinstance(seq, nn.ModuleList | nn.Sequential):
             return list(seq)

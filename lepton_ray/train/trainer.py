@@ -142,7 +142,7 @@ def fit(model: nn.Module, train_dataset: Any, val_dataset: Any, cfg: TrainConfig
         raise DataError(
             f"the validation set holds {val_src.info.kind}, the training set {info.kind}"
         )
-    if info.kind == "text":  # token blocks are never augmented: crops and flips are for images
+    if info.kind != "image":  # token blocks, click rows: crops and flips are for images
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, augment=()))
     _check_model(model, info)
     if cfg.batch_size > info.num_rows:
@@ -216,11 +216,7 @@ def _run(
             "std": list(info.std),
             "classes": list(info.classes),
             "kind": info.kind,  # chooses the loop's task (lepton_ray.train.task)
-            **(
-                {"block_size": info.block_size, "vocab_size": info.vocab_size}
-                if info.kind == "text"
-                else {}
-            ),
+            **info.kind_fields(),  # text: block_size, vocab_size; ctr: cardinalities, dense
             "train_uri": info.uri,
             "skipped_rows": int(info.manifest.get("skipped_rows", 0)),
         },
@@ -404,6 +400,8 @@ def checkpoint_spec(model: nn.Module) -> dict[str, Any]:
 
 
 def _check_model(model: nn.Module, info: DatasetInfo) -> None:
+    if info.kind == "ctr":
+        return _check_click_model(model, info)
     h, w, c = info.shape
     text = info.kind == "text"
     # Token blocks: a short probe (a long context costs seconds on the driver's CPU), and the
@@ -411,15 +409,7 @@ def _check_model(model: nn.Module, info: DatasetInfo) -> None:
     t = min(info.block_size, 16)
     probe = torch.zeros(2, t, dtype=torch.long) if text else torch.zeros(2, c, h, w)
     what = "token blocks (int64 tokens)" if text else f"images of shape {(c, h, w)}"
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            out = model(probe)
-    except Exception as exc:
-        raise DataError(f"the model cannot take the dataset's {what}: {one_line(exc)}") from None
-    finally:
-        model.train(was_training)
+    out = _probe(model, probe, what)
     if text:
         # A vocabulary padded past the data's (nanoGPT's 50,304 for GPT-2's 50,257) is fine.
         if out.ndim != 3 or tuple(out.shape[:2]) != (2, t) or out.shape[2] < info.vocab_size:
@@ -439,6 +429,35 @@ def _check_model(model: nn.Module, info: DatasetInfo) -> None:
             f"the model outputs {tuple(out.shape[1:])} per image but the dataset has "
             f"{info.num_classes} classes"
         )
+
+
+def _probe(model: nn.Module, probe: Any, what: str) -> torch.Tensor:
+    """``model(probe)`` in eval mode without gradients; a failure is one line naming ``what``."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return model(probe)
+    except Exception as exc:
+        raise DataError(f"the model cannot take the dataset's {what}: {one_line(exc)}") from None
+    finally:
+        model.train(was_training)
+
+
+def _check_click_model(model: nn.Module, info: DatasetInfo) -> None:
+    """A click model takes :class:`~lepton_ray.dlrm.Features` and gives one logit per row."""
+    from lepton_ray.dlrm import Features
+
+    cards, dense = info.manifest["cardinalities"], info.manifest["dense"]
+    probe = Features(torch.zeros(2, dense), torch.zeros(2, len(cards), dtype=torch.long))
+    out = _probe(model, probe, f"click rows ({dense} dense features, {len(cards)} tables)")
+    if tuple(out.shape) != (2,):
+        raise DataError(
+            f"the model outputs {tuple(out.shape)} for 2 click rows, not (2,): one logit per row"
+        )
+    held = getattr(model, "cardinalities", cards)
+    if any(m < c for m, c in zip(held, cards, strict=False)) or len(held) != len(cards):
+        raise DataError(f"the model's tables hold {held} ids, the dataset's {cards}")
 
 
 def _ray_scaling(s: ScalingConfig) -> dict[str, Any]:
