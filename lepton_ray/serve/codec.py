@@ -311,3 +311,90 @@ def postprocess(logits: np.ndarray, classes: Sequence[str], k: int) -> list[dict
         }
         for row, t in zip(p, top, strict=True)
     ]
+
+
+# --- click rows (a DLRM's checkpoint: data kind "ctr") -------------------------------------------
+class ClickSpec:
+    """What a click model's checkpoint takes: ``dense`` float features and one id per table,
+    each id below its table's cardinality (:mod:`lepton_ray.data.ctr`)."""
+
+    def __init__(self, cardinalities: Sequence[int], dense: int):
+        self.cardinalities = np.asarray(cardinalities, np.int64)
+        self.dense = int(dense)
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any]) -> ClickSpec | None:
+        """The spec of a click checkpoint's ``lepton.json``; None for any other model's."""
+        data = meta.get("data", {})
+        if data.get("kind") != "ctr":
+            return None
+        return cls(data["cardinalities"], data["dense"])
+
+
+def decode_features(body: bytes, spec: ClickSpec, max_rows: int) -> np.ndarray:
+    """``{"features": {"dense": [[...]], "sparse": [[...]]}}`` -> the rows as the model's data
+    stores them, (N, 1, 4 * (D + T), 1) uint8 (``ctr.pack``), so they batch like images. Strict:
+    exactly those keys, N rows of D finite numbers and T whole-number ids, id ``j`` of a row in
+    ``[0, cardinalities[j])``; each problem one :class:`RequestError` naming it (400 malformed,
+    413 too many rows, 422 a value out of range)."""
+    from lepton_ray.data.ctr import pack
+
+    if not body:
+        raise RequestError(400, 'empty request body: send JSON {"features": {"dense", "sparse"}}')
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        try:  # NaN/Infinity (Python's json.dumps writes them) get the clearer 422 below
+            payload = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+            raise RequestError(400, "body is not valid JSON") from None
+    if not isinstance(payload, dict) or set(payload) != {"features"}:
+        raise RequestError(
+            400, 'body must be a JSON object {"features": {"dense": ..., "sparse": ...}}'
+        )
+    features = payload["features"]
+    if not isinstance(features, dict) or set(features) != {"dense", "sparse"}:
+        raise RequestError(400, '"features" must hold exactly "dense" and "sparse"')
+    t = len(spec.cardinalities)
+    dense = _matrix(features["dense"], "dense", spec.dense, np.float64, max_rows)
+    sparse = _matrix(features["sparse"], "sparse", t, np.int64, max_rows)
+    if len(dense) != len(sparse):
+        raise RequestError(400, f'"dense" has {len(dense)} rows, "sparse" {len(sparse)}')
+    if not np.isfinite(dense).all():
+        raise RequestError(422, '"dense" holds NaN or infinite values')
+    if np.abs(dense).max(initial=0.0) > np.finfo(np.float32).max:
+        raise RequestError(422, '"dense" holds values too large for float32')
+    bad = np.argwhere((sparse < 0) | (sparse >= spec.cardinalities))
+    if len(bad):
+        row, j = (int(v) for v in bad[0])
+        raise RequestError(
+            422,
+            f'"sparse"[{row}][{j}] is {int(sparse[row, j])}: table {j} takes ids 0..'
+            f"{int(spec.cardinalities[j]) - 1}",
+        )
+    return pack(dense.astype(np.float32), sparse)
+
+
+def _matrix(value: Any, name: str, width: int, dtype: type, max_rows: int) -> np.ndarray:
+    """A JSON list of rows of ``width`` numbers (``int64``: whole numbers only) -> (N, width)."""
+    if not isinstance(value, list) or not value:
+        raise RequestError(400, f'"{name}" must be a non-empty list of rows')
+    if len(value) > max_rows:
+        raise RequestError(413, f"{len(value)} rows in one request; the limit is {max_rows}")
+    ok = (int,) if dtype is np.int64 else (int, float)
+    for i, row in enumerate(value):
+        if not isinstance(row, list) or len(row) != width:
+            raise RequestError(400, f'"{name}"[{i}] must be a list of {width} numbers')
+        if not all(isinstance(v, ok) and not isinstance(v, bool) for v in row):
+            what = "whole-number ids" if dtype is np.int64 else "numbers"
+            raise RequestError(422, f'"{name}"[{i}] must hold {what} only')
+    try:
+        return np.asarray(value, dtype).reshape(len(value), width)
+    except OverflowError:
+        raise RequestError(422, f'"{name}" holds an id too large') from None
+
+
+def click_answers(logits: np.ndarray) -> list[dict[str, float]]:
+    """(N,) click logits -> per row ``{"click_probability": p}``."""
+    p = 1.0 / (1.0 + np.exp(-np.asarray(logits, np.float64).reshape(-1)))
+    return [{"click_probability": round(float(v), 6)} for v in p]
