@@ -235,7 +235,7 @@ class Ingress:
 
         from lepton_ray import checkpoint
         from lepton_ray.serve.canary import CanaryJudge, CanaryTrial, VerdictRecord
-        from lepton_ray.serve.codec import InputSpec
+        from lepton_ray.serve.codec import ClickSpec, InputSpec
         from lepton_ray.serve.generate import TextSpec
 
         if stable is None and canary is not None:
@@ -253,6 +253,7 @@ class Ingress:
         self.cfg, self.stable, self.canary, self.token = cfg, stable, canary, auth_token
         self.spec = InputSpec.from_meta(meta)
         self.text = TextSpec.from_meta(meta)  # a language model's context; None for images
+        self.clicks = ClickSpec.from_meta(meta)  # a click model's features; None for images
         self.canary_version = (
             checkpoint.version(cfg.canary_checkpoint, cfg.endpoint_url) if canary else None
         )
@@ -344,13 +345,15 @@ class Ingress:
             )
 
     async def predict(self, request: Request) -> Response:
-        from lepton_ray.serve.codec import SHAPE_HEADER, decode_body, encode
+        from lepton_ray.serve.codec import SHAPE_HEADER, decode_body, decode_features, encode
 
         if self.text is not None:
             raise RequestError(400, f"model {self.version} is a language model: POST /v1/generate")
         body = await self._read_body(request)
         ctype = request.headers.get("content-type", "").lower()
-        if ctype.startswith("multipart/form-data"):
+        if self.clicks is not None:  # {"features": {"dense": ..., "sparse": ...}}
+            images = decode_features(body, self.clicks, self.cfg.max_images_per_request)
+        elif ctype.startswith("multipart/form-data"):
             images = await self._decode_multipart(request, body)
         else:
             images = decode_body(

@@ -15,7 +15,7 @@ import torch
 
 from lepton_ray import checkpoint
 from lepton_ray.config import ServeConfig
-from lepton_ray.serve.codec import InputSpec, postprocess, to_model_input
+from lepton_ray.serve.codec import ClickSpec, InputSpec, click_answers, postprocess, to_model_input
 
 
 class ModelRunner:
@@ -37,6 +37,7 @@ class ModelRunner:
         )
         self.model, self.meta, self.version = loaded.model, loaded.meta, loaded.version
         self.spec = InputSpec.from_meta(self.meta)
+        self.clicks = ClickSpec.from_meta(self.meta)  # a click model's rows; None for images
         # On a GPU, cuDNN picks its kernels per input shape the first time it sees one: for
         # ResNet-18 on an H200, 33-68 ms for a batch size not seen before against 2.6 ms after.
         # Batches there are padded to a few sizes (batch_buckets), each run once here, so no
@@ -62,10 +63,20 @@ class ModelRunner:
         n = len(images)
         if self.batch_sizes and (size := padded_size(n, self.batch_sizes)) > n:
             images = np.concatenate([images, np.zeros((size - n, *images.shape[1:]), np.uint8)])
-        x = torch.from_numpy(to_model_input(images, self.spec)).to(self.device)
+        if self.clicks is not None:  # packed click rows (codec.decode_features) -> Features
+            from lepton_ray.data.ctr import unpack
+            from lepton_ray.dlrm import Features
+
+            dense, ids = unpack(images, self.clicks.dense)
+            x = Features(torch.from_numpy(dense), torch.from_numpy(ids)).to(self.device)
+        else:
+            x = torch.from_numpy(to_model_input(images, self.spec)).to(self.device)
         with torch.inference_mode():
             logits = self.model(x)[:n].float().cpu().numpy()
-        results = postprocess(logits, self.spec.classes, self.cfg.top_k)
+        if self.clicks is not None:
+            results = click_answers(logits)
+        else:
+            results = postprocess(logits, self.spec.classes, self.cfg.top_k)
         out, start = [], 0
         for count in sizes:
             out.append(results[start : start + count])
