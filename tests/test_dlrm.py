@@ -3,10 +3,14 @@ loss and AUC, and a plain loop recovering the planted signal."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from fastapi import FastAPI, Request
+from fastapi.testclient import TestClient
 
 from lepton_ray.data import ctr
 from lepton_ray.dlrm import DLRM, Features
@@ -148,3 +152,115 @@ def test_fit_refuses_a_model_that_cannot_take_the_click_rows(tmp_path):
         _check_model(DLRM([5, 4], dense=3), info)
     with pytest.raises(DataError, match=r"cannot take the dataset's click rows"):
         _check_model(DLRM([5, 5, 5], dense=3), info)  # a third table: no ids for it
+
+
+# --- serving: /v1/predict with {"features": ...} ------------------------------------------------
+def _click_checkpoint(dest, cards=(5, 7), dense=2) -> tuple[str, DLRM]:
+    """A DLRM saved as a real checkpoint (safetensors + manifest) whose data is click rows."""
+    from lepton_ray import storage
+    from lepton_ray.checkpoint import publish, write_local
+
+    torch.manual_seed(0)
+    model = build_model("dlrm", cardinalities=list(cards), dense=dense, embed_dim=4).eval()
+    row = 4 * (dense + len(cards))
+    data = {"shape": [1, row, 1], "mean": [0.5], "std": [0.2], "classes": ["0", "1"]}
+    data |= {"kind": "ctr", "cardinalities": list(cards), "dense": dense}
+    local = write_local(f"{dest}-local", model, {"model": spec_of(model), "data": data})
+    return publish(local, storage.resolve(str(dest))).uri, model
+
+
+def test_a_served_dlrm_answers_click_probabilities_of_its_own_logits(tmp_path):
+    import json
+
+    from lepton_ray.serve import ServeConfig
+    from lepton_ray.serve.codec import ClickSpec, decode_features
+    from lepton_ray.serve.runner import ModelRunner
+
+    ckpt, model = _click_checkpoint(tmp_path / "ckpt")
+    runner = ModelRunner(ServeConfig(checkpoint=ckpt))
+    body = {
+        "features": {"dense": [[0.5, -1.0], [2.0, 0.0], [0, 1]], "sparse": [[0, 6], [4, 0], [2, 3]]}
+    }
+    rows = decode_features(json.dumps(body).encode(), runner.clicks, 8)
+    assert isinstance(runner.clicks, ClickSpec) and rows.shape == (3, 1, 16, 1)
+    answers = runner.predict_many([rows[:1], rows[1:]])  # two requests batched together
+    with torch.no_grad():
+        want = model(
+            Features(
+                torch.tensor(body["features"]["dense"]), torch.tensor(body["features"]["sparse"])
+            )
+        )
+    got = [a["click_probability"] for part in answers for a in part]
+    assert [len(part) for part in answers] == [1, 2]
+    np.testing.assert_allclose(got, want.sigmoid().numpy(), atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "body, status, match",
+    [
+        (b"", 400, "empty request body"),
+        (b"{", 400, "not valid JSON"),
+        (b'{"instances": [[1]]}', 400, '"features"'),
+        (b'{"features": {"dense": [[1, 2]]}}', 400, 'exactly "dense" and "sparse"'),
+        (b'{"features": {"dense": [], "sparse": []}}', 400, '"dense" must be a non-empty list'),
+        (
+            b'{"features": {"dense": [[1]], "sparse": [[0, 0]]}}',
+            400,
+            r'"dense"\[0\] must be a list of 2',
+        ),
+        (
+            b'{"features": {"dense": [[1, 2]], "sparse": [[0, 0], [0, 0]]}}',
+            400,
+            '"dense" has 1 rows, "sparse" 2',
+        ),
+        (b'{"features": {"dense": [[1, "a"]], "sparse": [[0, 0]]}}', 422, "numbers only"),
+        (b'{"features": {"dense": [[1, true]], "sparse": [[0, 0]]}}', 422, "numbers only"),
+        (b'{"features": {"dense": [[1, 2]], "sparse": [[0, 1.5]]}}', 422, "whole-number ids only"),
+        (b'{"features": {"dense": [[1, NaN]], "sparse": [[0, 0]]}}', 422, "NaN or infinite"),
+        (
+            b'{"features": {"dense": [[1, 1e300]], "sparse": [[0, 0]]}}',
+            422,
+            "too large for float32",
+        ),
+        (
+            b'{"features": {"dense": [[1, 2]], "sparse": [[0, 7]]}}',
+            422,
+            r'"sparse"\[0\]\[1\] is 7: table 1 takes ids 0..6',
+        ),
+        (b'{"features": {"dense": [[1, 2]], "sparse": [[-1, 0]]}}', 422, "table 0 takes ids 0..4"),
+        (
+            b'{"features": {"dense": [[1, 2]], "sparse": [[0, 99999999999999999999]]}}',
+            422,
+            "whole-number ids only",
+        ),
+        (
+            b'{"features": {"dense": [[1, 2]], "sparse": [[0, 9223372036854775807]]}}',
+            422,
+            "table 1",
+        ),
+        (
+            b'{"features": {"dense": [[1, 2], [1, 2], [1, 2]], "sparse": [[0, 0], [0, 0], [0, 0]]}}',
+            413,
+            "3 rows in one request; the limit is 2",
+        ),
+    ],
+)
+def test_bad_features_are_one_json_error_line_of_the_endpoint(body, status, match):
+    """Each bad body, through the endpoint's own error handlers (as tests/test_serve_errors.py
+    serves them, no Ray): its 4xx and ``{"error": "<one line>"}``."""
+    from lepton_ray.serve.app import add_error_handlers
+    from lepton_ray.serve.codec import ClickSpec, decode_features
+
+    api = FastAPI()
+    add_error_handlers(api)
+
+    @api.post("/v1/predict")
+    async def predict(request: Request) -> dict:
+        decode_features(await request.body(), ClickSpec([5, 7], 2), 2)
+        return {}
+
+    with TestClient(api, raise_server_exceptions=False) as client:
+        r = client.post("/v1/predict", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == status, r.text
+    assert list(r.json()) == ["error"] and "\n" not in r.json()["error"]
+    assert re.search(match, r.json()["error"]), r.json()
