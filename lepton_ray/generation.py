@@ -16,6 +16,12 @@ batch between steps; each :meth:`Scheduler.step` gives every running sequence on
 E.g. prompts of 5 and 3 tokens: step 1 prefills both (a token each); step 2 feeds them at
 positions 5 and 3, reads keys ``0..5`` for both, and masks keys 4 and 5 of the second.
 
+A sequence takes the lowest free slot, so a busy scheduler's sequences hold slots ``0..A-1`` and
+their keys are read as a view of the cache; only with holes (a sequence in the middle has left and
+none waits) are they gathered, a copy of the cache per layer per step. One run each on 2 shared
+CPU cores (a GPT of 4 layers, width 128, 128 tokens per stream, 1 thread): 64 streams made 10.4k
+tokens/s read as views, 4.2k gathered, and 1.1k one stream at a time.
+
 Each sequence samples from its own seeded ``torch.Generator`` (temperature, then top-k), so a
 request's tokens depend on its seed and prompt only, not on who else is in the batch. A sequence
 leaves when it has ``max_new_tokens``, samples ``stop_token`` (EOT, byte 0, by default; not
@@ -29,6 +35,7 @@ plain loop (the whole sequence through ``model(idx)`` per token) the tests compa
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import math
 import threading
@@ -136,7 +143,7 @@ class Scheduler:
         shape = (slots, nh, self.block_size, hs)
         self.k = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in range(n_layer)]
         self.v = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in range(n_layer)]
-        self.free = list(range(slots - 1, -1, -1))  # pop() takes slot 0 first
+        self.free = list(range(slots))  # a heap: a sequence takes the lowest free slot
         self.running: list[Sequence] = []
         self.waiting: deque[Sequence] = deque()
         self.steps = 0
@@ -178,15 +185,16 @@ class Scheduler:
         for seq in [s for s in self.running if s.cancelled]:
             events.append((seq, self._finish(seq, "cancelled")))
         if self.running:
-            logits = self._decode(self.running)
-            for seq, row in zip(list(self.running), logits, strict=True):
+            by_slot = sorted(self.running, key=lambda s: s.slot)
+            logits = self._decode(by_slot)
+            for seq, row in zip(by_slot, logits, strict=True):
                 events.append((seq, self._emit(seq, row)))
         while self.free:
             with self._lock:
                 if not self.waiting:
                     break
                 seq = self.waiting.popleft()
-            seq.slot = self.free.pop()
+            seq.slot = heapq.heappop(self.free)
             self.running.append(seq)
             events.append((seq, self._emit(seq, self._prefill(seq))))
         self.steps += 1
@@ -217,7 +225,7 @@ class Scheduler:
         seq.finish_reason = reason
         if seq.slot is not None:
             self.running.remove(seq)
-            self.free.append(seq.slot)
+            heapq.heappush(self.free, seq.slot)
             seq.slot = None
 
     def _prefill(self, seq: Sequence) -> torch.Tensor:
@@ -238,13 +246,17 @@ class Scheduler:
         return m.logits(x[:, -1:])[0, 0]
 
     def _decode(self, seqs: list[Sequence]) -> torch.Tensor:
-        """Feed each sequence's last token at its own position; logits (A, V)."""
+        """Feed each sequence's last token at its own position; logits (A, V). ``seqs`` in slot
+        order: when they hold slots ``0..A-1`` (lowest free slots are taken first, so a busy
+        scheduler's are), their cached keys are read as a view, not gathered (a copy of the
+        cache per layer per step)."""
         m = self.model
         dev = self.device
         tok = torch.tensor([[s.tokens[-1]] for s in seqs], dtype=torch.long, device=dev)
         pos = torch.tensor([s.cached for s in seqs], dtype=torch.long, device=dev)  # (A,)
         slots = torch.tensor([s.slot for s in seqs], dtype=torch.long, device=dev)
         L = int(pos.max()) + 1
+        packed = all(s.slot == a for a, s in enumerate(seqs))
         # (A, 1, 1, L): row a sees keys 0..pos[a] of its own slot, never a neighbour's padding.
         mask = (torch.arange(L, device=dev)[None, :] <= pos[:, None])[:, None, None, :]
         x = m.tok_emb(tok) + m.pos_emb(pos)[:, None, :]  # (A, 1, C)
@@ -253,7 +265,10 @@ class Scheduler:
             q, k, v = _heads(attn, block.ln_1(x))  # (A, nh, 1, hs) each
             self.k[i][slots, :, pos] = k[:, :, 0]  # advanced indices first: (A, nh, hs)
             self.v[i][slots, :, pos] = v[:, :, 0]
-            keys, values = self.k[i][slots, :, :L], self.v[i][slots, :, :L]  # (A, nh, L, hs)
+            if packed:  # (A, nh, L, hs) views of slots 0..A-1
+                keys, values = self.k[i][: len(seqs), :, :L], self.v[i][: len(seqs), :, :L]
+            else:
+                keys, values = self.k[i][slots, :, :L], self.v[i][slots, :, :L]
             y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
             x = x + attn.proj(_merge(y))
             x = x + block.mlp(block.ln_2(x))
