@@ -117,7 +117,7 @@ def add_error_handlers(api: FastAPI) -> None:
     async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
         message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
         if exc.status_code == 404:
-            message = f"no route {request.url.path} (POST .../v1/predict, GET .../v1/model)"
+            message = f"no route {request.url.path} (POST .../v1/predict or /v1/generate, GET .../v1/model)"
         elif exc.status_code == 405:
             message = f"{request.method} is not allowed on {request.url.path}"
         return error_response(exc.status_code, message, getattr(exc, "headers", None))
