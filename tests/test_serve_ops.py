@@ -250,12 +250,14 @@ CANARY = {"canary_share": 0.5, "canary_min_requests": 10}
 
 
 def test_canary_that_answers_as_stable_does_is_promoted(ops, ckpts, tmp_path):
-    # Latency on 2 shared cores is noise at 10 requests: the pure tests judge that criterion.
+    # Latency on 2 shared cores is noise at 10 requests (a clean-clone CI run saw the canary's
+    # median at 61 ms against the stable's 8.9: rolled back at a 5x bound), so this test leaves it
+    # out; the pure tests judge that criterion, this one the answers and the store.
     url, stable = ops(
         ckpts["a"],
         canary_checkpoint=ckpts["a-copy"],
         store=str(tmp_path),
-        canary_max_latency_ratio=5.0,
+        canary_max_latency_ratio=1e6,
         **CANARY,
     )
     canary = model_info(url)["canary"]["model_version"]
