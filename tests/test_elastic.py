@@ -1,10 +1,9 @@
 """Elastic training on a real multi-node Ray cluster (``ray.cluster_utils.Cluster``): the run grows
 when a node joins and shrinks when one leaves, with the global batch and so the step count fixed.
 
-This module needs a cluster of its own, so it shuts the shared local instance down first; it runs
-last in a session (``SHUTS_DOWN_SHARED_RAY``), so no later module has to start that instance again.
-``add_node``/``remove_node`` run in the main thread; ``fit`` runs in a thread, as in Ray's own
-elastic tests.
+This module needs a cluster of its own, so it shuts the shared local instance down first (the next
+module that needs it starts it again). ``add_node``/``remove_node`` run in the main thread; ``fit``
+runs in a thread, as in Ray's own elastic tests.
 """
 
 from __future__ import annotations
@@ -19,7 +18,6 @@ import pytest
 from lepton_ray import Trainer, build_model, prepare
 
 pytestmark = [pytest.mark.ray, pytest.mark.e2e]
-SHUTS_DOWN_SHARED_RAY = True  # conftest runs this module last
 
 
 def _wait_for(predicate, timeout: float, what: str) -> None:
