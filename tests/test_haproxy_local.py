@@ -156,7 +156,7 @@ class Replica:
                 self.wfile.write(body)
 
             def log_message(self, *args) -> None:
-                pass
+                pass  # no access-log line per request on the test's stderr
 
         self.answers = answers
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
