@@ -26,6 +26,7 @@ class Classification:
     when ``augment`` is given); labels (N,) int64; logits (N, classes)."""
 
     kind = "image"
+    main_metric = "accuracy"  # what pipelines.evaluate/promote judge a checkpoint by
 
     def __init__(self, pixels: Any = None, augment: Any = None):
         self.pixels, self.augment = pixels, augment
@@ -54,6 +55,7 @@ class NextToken:
     position."""
 
     kind = "text"
+    main_metric = "perplexity"  # lower is better
 
     def __init__(self, device: torch.device, block_size: int):
         self.device, self.block_size = device, block_size
@@ -96,6 +98,7 @@ class ClickThrough:
     :meth:`metrics` ranks them once and forgets them."""
 
     kind = "ctr"
+    main_metric = "auc"
 
     def __init__(self, device: torch.device, dense: int):
         self.device, self.dense = device, dense
