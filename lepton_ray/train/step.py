@@ -114,6 +114,14 @@ class TrainStep:
             else contextlib.nullcontext()
         )
         self.fwd_s = 0.0  # host time in forward passes: exact on CPU, launch time on GPU
+        # Under ddp with ``compile``, the loss and the correct count are compiled with the
+        # forward (as nanoGPT's model computes its loss): the cross-entropy's float32 upcast of
+        # (N, T, vocab) logits is fused instead of materialised. fsdp compiles unit by unit
+        # (strategy.shard), so its loss stays eager.
+        self.forward = forward_fn(model, self.task)
+        if cfg.compile and cfg.strategy == "ddp":
+            inner = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: its module
+            self.forward = torch.compile(forward_fn(inner, self.task))
 
     @property
     def global_step(self) -> int:
@@ -137,15 +145,14 @@ class TrainStep:
             with contextlib.nullcontext() if last else no_sync(self.model):
                 t = time.perf_counter()
                 with self.autocast:
-                    logits = self.model(xm)
-                    loss = self.task.loss(logits, ym)
+                    loss, correct = self.forward(xm, ym)
                 self.fwd_s += time.perf_counter() - t
                 # mean over this micro-batch -> share of the worker's batch -> share of global batch
                 (loss * (m / self.local_batch) * self.scale).backward()
             sums += torch.stack(
                 [
                     loss.detach().double() * m,
-                    self.task.correct(logits, ym).double(),
+                    correct.double(),
                     torch.full((), float(m), dtype=torch.float64, device=sums.device),
                 ]
             )
@@ -153,6 +160,16 @@ class TrainStep:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
+
+
+def forward_fn(model: nn.Module, task: Any) -> Any:
+    """``forward(x, y) -> (mean loss, correct count)`` of one micro-batch."""
+
+    def forward(x: Any, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = model(x)
+        return task.loss(logits, y), task.correct(logits, y).detach()
+
+    return forward
 
 
 @contextlib.contextmanager

@@ -86,8 +86,8 @@ def build(
     layout = memory_format(spec.meta)  # channels-last for convnets: faster on CPUs and GPUs alike
     if spec.cfg.strategy == "pipeline":  # compiled block by block, if asked
         return build_pipeline(spec, restored, device), layout
-    if spec.cfg.strategy == "fsdp":
-        model = build_fsdp(spec, restored, device)
+    if spec.cfg.strategy == "fsdp":  # compiled unit by unit, if asked (see shard)
+        return build_fsdp(spec, restored, device), layout
     else:
         if restored.sharded is not None:
             raise CheckpointError(
@@ -128,7 +128,7 @@ def build_fsdp(spec: RunSpec, restored: Restored, device: torch.device) -> nn.Mo
         )
         source = spec.model
         model = ties.meta_copy(spec.model)
-    shard(model, device, mixed_precision=device.type == "cuda")
+    shard(model, device, mixed_precision=device.type == "cuda", compile=spec.cfg.compile)
     broadcast_from_rank0(model, source)
     del source
     if restored.sharded is not None:
@@ -248,13 +248,21 @@ def shard_units(model: nn.Module) -> list[nn.Module]:
     return []
 
 
-def shard(model: nn.Module, device: torch.device, *, mixed_precision: bool) -> nn.Module:
+def shard(
+    model: nn.Module, device: torch.device, *, mixed_precision: bool, compile: bool = False
+) -> nn.Module:
     """``fully_shard`` each unit then the root over a mesh of every rank, then give the (meta)
     tensors memory on ``device`` (uninitialised: :func:`broadcast_from_rank0` fills them).
 
     ``mixed_precision`` (GPUs): parameters gathered and computed in bf16, gradients reduced in
     fp32, the sharded master weights and optimizer state fp32. gloo has no bf16 reduce-scatter
-    path worth having, so CPUs stay fp32."""
+    path worth having, so CPUs stay fp32.
+
+    ``compile``: each unit is compiled in place before it is sharded (as torchtitan does: the
+    blocks share one compiled graph, names and state-dict keys unchanged), the root is not; FSDP's
+    all-gather and reduce-scatter hooks run around the compiled bodies. Compiling the sharded root
+    whole instead traces across every unit's hooks (measured on one H200 at 0.44 of the plain
+    loop: ``docs/benchmarks.md``). A model with no units compiles its root."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -264,8 +272,13 @@ def shard(model: nn.Module, device: torch.device, *, mixed_precision: bool) -> n
         if mixed_precision
         else MixedPrecisionPolicy()
     )
-    for unit in shard_units(model):
+    units = shard_units(model)
+    for unit in units:
+        if compile:
+            unit.compile()
         fully_shard(unit, mesh=mesh, mp_policy=mp)
+    if compile and not units:
+        model.compile()
     fully_shard(model, mesh=mesh, mp_policy=mp)
     return ties.materialise(model, device)
 
