@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lepton_ray.bert import BERT
 from lepton_ray.dlrm import DLRM
 from lepton_ray.errors import CheckpointError, ConfigError
 from lepton_ray.gpt import GPT
@@ -90,11 +91,25 @@ def resnet18(in_channels: int = 3, num_classes: int = 10) -> nn.Module:
     return m
 
 
+@register("resnet50")
+def resnet50(in_channels: int = 3, num_classes: int = 1000) -> nn.Module:
+    """torchvision's ResNet-50 as for ImageNet (7x7 stride-2 stem, max-pool; 224x224 inputs), no
+    pretrained weights: for JPEG folders (:mod:`lepton_ray.data.jpeg`)."""
+    import torchvision
+
+    m = torchvision.models.resnet50(num_classes=num_classes)
+    if in_channels != 3:
+        m.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
+    return m
+
+
 # A nanoGPT-style language model (lepton_ray/gpt.py), registered as the class itself so that a
 # pipeline's model.kwargs are checked against its constructor.
 register("gpt")(GPT)
 # A DLRM-style click model (lepton_ray/dlrm.py), registered the same way.
 register("dlrm")(DLRM)
+# A BERT-style text classifier (lepton_ray/bert.py), registered the same way.
+register("bert")(BERT)
 
 
 def build_model(name: str, **kwargs: Any) -> nn.Module:

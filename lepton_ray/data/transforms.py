@@ -317,8 +317,14 @@ def normalize(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 
 
-ENCODINGS = ("raw", "png")
-"""How a prepared dataset stores images: raw HWC uint8 bytes, or one PNG per row."""
+ENCODINGS = ("raw", "png", "jpeg")
+"""How a prepared dataset stores images: raw HWC uint8 bytes, one PNG per row, or each file's own
+JPEG bytes at its own size (:mod:`lepton_ray.data.jpeg`: cropped to the dataset's shape as read)."""
+
+JPEG_CROPS = ("center", "random", "bytes")
+"""What reading a JPEG dataset does with a row: ``center`` (evaluation: resize and centre crop),
+``random`` (training: random-resized crop and flip, per (seed, epoch, id)), or ``bytes`` (left
+encoded, for the training worker to decode on its device)."""
 
 
 def to_nchw(images: np.ndarray) -> np.ndarray:
@@ -336,6 +342,10 @@ class Preprocessor:
     Output columns: ``image`` float32 (N, C, H, W), ``label`` int64, ``id`` int64. With
     ``normalize=False`` the images stay uint8 (N, C, H, W), a quarter of the bytes to move, and
     whoever consumes them normalises (the training loop does it on its device).
+
+    A JPEG dataset's rows (``encoding="jpeg"``) are decoded and cropped to ``shape`` as ``jpeg``
+    says (:data:`JPEG_CROPS`), before ``augment``; with ``jpeg="bytes"`` the batch passes through
+    encoded (``id``, ``image``, ``label``) for the training worker to decode.
     """
 
     def __init__(
@@ -348,9 +358,13 @@ class Preprocessor:
         encoding: str = "raw",
         normalize: bool = True,
         epoch: int = 0,
+        jpeg: str = "center",
     ):
         if encoding not in ENCODINGS:
             raise ValueError(f"unknown image encoding {encoding!r} (known: {', '.join(ENCODINGS)})")
+        if jpeg not in JPEG_CROPS:
+            raise ValueError(f"unknown JPEG crop {jpeg!r} (known: {', '.join(JPEG_CROPS)})")
+        self.jpeg = jpeg
         self.shape = tuple(shape)
         self.mean, self.std = list(mean), list(std)
         self.augment = check_augment(augment)
@@ -364,9 +378,26 @@ class Preprocessor:
         images = batch["image"]
         if isinstance(images, pa.ChunkedArray | pa.Array):
             images = images.to_pylist()
+        if self.encoding == "jpeg":  # any size stored; cropped to the dataset's shape
+            from lepton_ray.data.jpeg import decode_cpu
+
+            ids = batch.get("id")
+            return decode_cpu(
+                images,
+                None if ids is None else np.asarray(ids, np.int64),
+                self.shape[0],
+                seed=self.seed,
+                epoch=self.epoch,
+                train=self.jpeg == "random",
+            )
         return decode_encoded(images, self.shape, batch.get("id"))
 
-    def __call__(self, batch: dict[str, Any] | pa.Table) -> dict[str, np.ndarray]:
+    def __call__(self, batch: dict[str, Any] | pa.Table) -> dict[str, np.ndarray] | pa.Table:
+        if self.encoding == "jpeg" and self.jpeg == "bytes":  # the worker's device decodes
+            columns = ("id", "image", "label")
+            if isinstance(batch, pa.Table):
+                return batch.select([c for c in columns if c in batch.column_names])
+            return {k: batch[k] for k in columns if k in batch}
         if isinstance(batch, pa.Table):  # batch_format="pyarrow": pixels read in place
             batch = {
                 name: col if name == "image" else col.to_numpy()

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lepton_ray import storage
-from lepton_ray.data import sources
+from lepton_ray.data import jpeg, sources
 from lepton_ray.data.dataset import (
     FORMAT,
     MANIFEST,
@@ -31,7 +31,6 @@ from lepton_ray.data.dataset import (
     read_manifest,
     shard_location,
 )
-from lepton_ray.data.text import DEFAULT_BLOCK_SIZE, is_text_source
 from lepton_ray.data.transforms import ENCODINGS, encode_png
 from lepton_ray.errors import DataError, LeptonError
 
@@ -53,6 +52,10 @@ class DatasetWriter:
 
     ``manifest`` adds fields to the manifest: a text dataset's (:func:`lepton_ray.data.text.manifest_fields`),
     whose rows are token blocks of shape (1, block_size + 1, 1), with no classes and labels of 0.
+
+    ``encoding="jpeg"``: ``add`` takes :class:`~lepton_ray.data.jpeg.JpegRows` (each file's JPEG
+    bytes, checked, with its size) in place of pixels, stored as they are with ``height`` and
+    ``width`` columns; ``manifest`` then gives ``crop``, the side every row is read at.
     """
 
     def __init__(
@@ -75,6 +78,10 @@ class DatasetWriter:
         self.ctr = self.extra.get("kind") == "ctr"  # click rows: lepton_ray.data.ctr
         if self.ctr and encoding != "raw":
             raise DataError("a click dataset is stored raw")
+        self.jpeg = encoding == "jpeg"
+        if self.jpeg and (self.text or self.ctr):
+            raise DataError("only images are stored as JPEG")
+        self.pixel_count = 0  # pixels the channel statistics are over
         self.loc = storage.resolve(dest, endpoint_url)
         self.classes, self.source, self.encoding = list(classes), source, encoding
         self.rows_per_shard = rows_per_shard
@@ -87,7 +94,13 @@ class DatasetWriter:
         self.counts = np.zeros(len(classes), np.int64)
         self.sum = self.sumsq = None
 
-    def add(self, images: np.ndarray, labels: np.ndarray, ids: np.ndarray | None = None) -> None:
+    def add(
+        self, images: np.ndarray | jpeg.JpegRows, labels: np.ndarray, ids: np.ndarray | None = None
+    ) -> None:
+        if self.jpeg:
+            return self._add_jpeg(images, labels, ids)
+        if isinstance(images, jpeg.JpegRows):
+            raise DataError(f"JPEG rows given to a dataset stored {self.encoding}")
         images = np.asarray(images)
         if images.dtype != np.uint8 or images.ndim != 4:
             raise DataError(f"images must be uint8 (N, H, W, C), got {images.dtype} {images.shape}")
@@ -119,6 +132,17 @@ class DatasetWriter:
                 f"text rows must be blocks of shape (1, {self.extra['block_size'] + 1}, 1), "
                 f"got {self.shape}"
             )
+        ids = self._check_rows(labels, ids, n)
+        c = self.shape[2]
+        for s in range(0, n, 4096):  # in chunks: no float copy of the whole input
+            x = images[s : s + 4096].reshape(min(4096, n - s), -1)  # rows of H*W*C values
+            self.sum += x.sum(axis=0, dtype=np.uint64).reshape(-1, c).sum(axis=0)
+            self.sumsq += _SQUARES[x].sum(axis=0, dtype=np.uint64).reshape(-1, c).sum(axis=0)
+        self.pixel_count += n * self.shape[0] * self.shape[1]
+        self._queue(images, labels, ids)
+
+    def _check_rows(self, labels: np.ndarray, ids: np.ndarray | None, n: int) -> np.ndarray:
+        """Labels inside the classes; the rows' ids (numbered on from the last when None)."""
         labels_known = len(self.classes) or int(self.text)  # text: every label is 0
         bad = np.flatnonzero((labels < 0) | (labels >= labels_known))
         if len(bad):
@@ -126,25 +150,41 @@ class DatasetWriter:
                 f"row {self.num_rows + int(bad[0])}: label {int(labels[bad[0]])} is outside the "
                 f"{len(self.classes)} classes" + (" (text rows have label 0)" if self.text else "")
             )
-        ids = (
-            np.arange(self.num_rows, self.num_rows + n, dtype=np.int64)
-            if ids is None
-            else np.asarray(ids, np.int64)
-        )
         if self.num_rows == 0:  # checked only once the first rows are known to be good
             self.loc.ensure_writable()
-        c = self.shape[2]
-        for s in range(0, n, 4096):  # in chunks: no float copy of the whole input
-            x = images[s : s + 4096].reshape(min(4096, n - s), -1)  # rows of H*W*C values
-            self.sum += x.sum(axis=0, dtype=np.uint64).reshape(-1, c).sum(axis=0)
-            self.sumsq += _SQUARES[x].sum(axis=0, dtype=np.uint64).reshape(-1, c).sum(axis=0)
+        if ids is None:
+            return np.arange(self.num_rows, self.num_rows + n, dtype=np.int64)
+        return np.asarray(ids, np.int64)
+
+    def _queue(self, images: Any, labels: np.ndarray, ids: np.ndarray) -> None:
         if self.classes:
             self.counts += np.bincount(labels, minlength=len(self.classes))
-        self.num_rows += n
+        self.num_rows += len(labels)
         self.pending.append((images, labels, ids))
-        self.pending_rows += n
+        self.pending_rows += len(labels)
         while self.pending_rows >= self.rows_per_shard:
             self._flush(self.rows_per_shard)
+
+    def _add_jpeg(self, rows: Any, labels: np.ndarray, ids: np.ndarray | None) -> None:
+        """JPEG rows: stored as they are; statistics from the sums :class:`JpegRows` carries."""
+        if not isinstance(rows, jpeg.JpegRows):
+            raise DataError("a jpeg dataset takes JPEG rows (lepton_ray.data.jpeg.JpegRows)")
+        labels = np.asarray(labels, dtype=np.int64)
+        if len(labels) != len(rows):
+            raise DataError(f"{len(rows)} images but {len(labels)} labels")
+        if self.shape is None:
+            crop = self.extra.get("crop")
+            if not (isinstance(crop, int) and crop >= 1):
+                raise DataError(f"a jpeg dataset needs a crop size in pixels, got {crop!r}")
+            self.shape = (crop, crop, 3)
+            if self.rows_per_shard is None:
+                self.rows_per_shard = max(1, TARGET_SHARD_BYTES // int(np.prod(self.shape)))
+            self.sum, self.sumsq = np.zeros(3), np.zeros(3)
+        ids = self._check_rows(labels, ids, len(rows))
+        self.sum += rows.sums.sum(0)
+        self.sumsq += rows.sumsq.sum(0)
+        self.pixel_count += int(rows.pixels.sum())
+        self._queue(rows, labels, ids)
 
     def _take(self, rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The first ``rows`` pending rows, leaving the rest pending: views of the chunk ``add``
@@ -163,22 +203,23 @@ class DatasetWriter:
         self.pending_rows -= rows
         if len(taken) == 1:
             return taken[0]
-        images, labels, ids = (np.concatenate(parts) for parts in zip(*taken, strict=True))
-        return images, labels, ids
+        images, labels, ids = zip(*taken, strict=True)
+        join = jpeg.JpegRows.concat if self.jpeg else np.concatenate
+        return join(images), np.concatenate(labels), np.concatenate(ids)
 
     def _flush(self, rows: int) -> None:
         images, labels, ids = self._take(rows)
-        table = pa.table(
-            {
-                "id": pa.array(ids),
-                "image": (
-                    pa.array(encode_png(images), type=pa.binary())
-                    if self.encoding == "png"
-                    else pixel_column(images)
-                ),
-                "label": pa.array(labels),
+        if self.jpeg:  # the files' own bytes, each image's size beside them
+            columns = {
+                "image": pa.array(images.data, type=pa.binary()),
+                "height": pa.array(images.heights, pa.int32()),
+                "width": pa.array(images.widths, pa.int32()),
             }
-        )
+        elif self.encoding == "png":
+            columns = {"image": pa.array(encode_png(images), type=pa.binary())}
+        else:
+            columns = {"image": pixel_column(images)}
+        table = pa.table({"id": pa.array(ids), **columns, "label": pa.array(labels)})
         buf = io.BytesIO()
         pq.write_table(
             table, buf, compression="zstd", row_group_size=row_group_rows(self.shape, len(table))
@@ -201,7 +242,7 @@ class DatasetWriter:
             raise DataError("refusing to write an empty dataset")
         if self.pending_rows:
             self._flush(self.pending_rows)
-        pixels = self.num_rows * self.shape[0] * self.shape[1]
+        pixels = self.pixel_count
         mean = self.sum / (255.0 * pixels)
         std = np.sqrt(np.maximum(self.sumsq / (255.0**2 * pixels) - mean**2, 0.0))
         manifest = {
@@ -341,11 +382,15 @@ def prepare(
     encoding: str = "raw",
     rows_per_shard: int | None = None,
     block_size: int | None = None,
+    crop: int | None = None,
 ) -> dict[str, DatasetInfo]:
     """Prepare a dataset into object storage: ``dest/<split>/`` per split (see :mod:`lepton_ray.data.sources`
     for the sources: ``mnist5k``, ``torchvision:NAME`` with ``root``, ``imagefolder:PATH``,
     ``parquet:PATH``; text: ``text:PATH``, ``text-parquet:PATH[:COLUMN]``, ``pydoc-topics``, cut
-    into byte-level token blocks of ``block_size`` (default 256; :mod:`lepton_ray.data.text`)).
+    into byte-level token blocks of ``block_size`` (default 256; :mod:`lepton_ray.data.text`);
+    labelled text: ``text-csv:PATH[:TEXTCOL:LABELCOL]``, ``text-label-parquet:...``,
+    ``python-snippets``, one text a row of ``block_size`` tokens (default 128;
+    :mod:`lepton_ray.data.labelled_text`)).
 
     Idempotent: when ``dest`` already holds this source's splits they are left as they are and
     nothing is read (``overwrite=True`` rewrites them, atomically). With ``skip_bad``, unreadable
@@ -353,10 +398,22 @@ def prepare(
     stores rows as raw pixels (fastest to read) or PNG (smaller for natural images; decoded by the
     Ray Data CPU workers). ``rows_per_shard`` overrides the default shard size (about 64 MiB of
     pixels, at least 8 shards); smaller shards stream with less memory in flight.
+
+    ``encoding="jpeg"`` (an ``imagefolder:`` of JPEGs of any size) keeps each file's JPEG bytes,
+    checked to decode, with its height and width; every row is read as a ``crop`` x ``crop``
+    (default 224) crop, random-resized for training and centred for evaluation
+    (:mod:`lepton_ray.data.jpeg`). A file that is not a greyscale or RGB JPEG stops the
+    preparation (or, with ``skip_bad``, is left out and counted).
     """
     tag = sources.canonical(source)
-    if block_size is None and is_text_source(source):
-        block_size = DEFAULT_BLOCK_SIZE
+    if crop is not None and encoding != "jpeg":
+        raise DataError("crop applies to encoding 'jpeg' only (rows of any size, cropped as read)")
+    if encoding == "jpeg":
+        crop = jpeg.DEFAULT_CROP if crop is None else crop
+        if not 1 <= crop <= 4096:
+            raise DataError(f"crop must be 1 to 4096 pixels, got {crop}")
+    if block_size is None:  # text sources: their default; None for images
+        block_size = sources.default_block_size(source)
     root_loc = storage.resolve(dest, endpoint_url)
     root_loc.ensure_writable()
     if not overwrite:
@@ -367,24 +424,32 @@ def prepare(
             loc = root_loc.join(split)
             if loc.join(MANIFEST).exists():
                 m = read_manifest(loc)
-                if m.get("source") == f"{tag}/{split}" and m.get("block_size") == block_size:
+                if (
+                    m.get("source") == f"{tag}/{split}"
+                    and m.get("block_size") == block_size
+                    and m.get("crop") == crop  # kept as JPEG: another dataset
+                ):
                     existing[split] = info_from_manifest(loc, m)
         if existing:
             return existing
-    src = sources.load(
-        source, root=root, skip_bad=skip_bad, endpoint_url=endpoint_url, block_size=block_size
-    )
+    if encoding == "jpeg":
+        src = sources.jpeg_folder(source, crop, skip_bad=skip_bad, endpoint_url=endpoint_url)
+    else:
+        src = sources.load(
+            source, root=root, skip_bad=skip_bad, endpoint_url=endpoint_url, block_size=block_size
+        )
     infos = {}
     for split, part in src.splits.items():
         check_name(split, "split")
         writer = None
         for images, labels, ids in part.chunks():
+            shape = (crop, crop, 3) if encoding == "jpeg" else images.shape[1:]  # as rows are read
             if writer is None:
                 writer = DatasetWriter(
                     root_loc.join(split),
                     classes=src.classes,
                     source=f"{src.name}/{split}",
-                    rows_per_shard=rows_per_shard or shard_rows(part.num_rows, images.shape[1:]),
+                    rows_per_shard=rows_per_shard or shard_rows(part.num_rows, shape),
                     encoding=encoding,
                     manifest=src.manifest,
                 )
