@@ -16,6 +16,7 @@ from lepton_ray.generation import (
     generate,
     generate_uncached,
     sample,
+    sample_rows,
 )
 from lepton_ray.models import build_model
 from lepton_ray.serve.codec import RequestError
@@ -87,6 +88,28 @@ def test_sample_temperature_and_top_k():
     assert {sample(logits, 1.0, 1, g) for _ in range(20)} == {1}
 
 
+def test_sample_rows_draws_each_row_as_it_would_alone_and_from_its_distribution():
+    logits = torch.randn(5, 40, generator=torch.Generator().manual_seed(1)) * 3
+    settings = [(1.0, None), (0.0, None), (0.7, 3), (1.3, 40), (1.0, 1)]
+    temps, ks = [t for t, _ in settings], [k for _, k in settings]
+    together = [
+        sample_rows(logits, temps, ks, [torch.Generator().manual_seed(s) for s in range(5)])
+    ]
+    alone = [
+        sample(logits[i], t, k, torch.Generator().manual_seed(i))
+        for i, (t, k) in enumerate(settings)
+    ]
+    assert together[0] == alone
+    assert alone[1] == int(logits[1].argmax()) and alone[4] == int(logits[4].argmax())
+    assert alone[2] in set(torch.topk(logits[2], 3).indices.tolist())
+    # The draws follow softmax(logits / T): frequencies over 4,000 draws within 0.03 of it.
+    row = torch.tensor([1.0, 0.0, -1.0, 2.0])
+    g = torch.Generator().manual_seed(0)
+    draws = torch.tensor(sample_rows(row.expand(4000, 4), [0.8] * 4000, [None] * 4000, [g] * 4000))
+    freq = torch.bincount(draws, minlength=4) / 4000
+    torch.testing.assert_close(freq, torch.softmax(row / 0.8, 0), atol=0.03, rtol=0)
+
+
 def test_concurrent_requests_with_different_seeds_equal_their_solo_runs():
     m = _model()
     reqs = [
@@ -109,6 +132,24 @@ def test_concurrent_requests_with_different_seeds_equal_their_solo_runs():
     # Slots 1 and 2 ran on after slot 0 was freed: their keys gathered, not a view of 0..A-1.
     assert [s.tokens for s in seqs] == solo
     assert [s.finish_reason for s in seqs] == ["length"] * 3
+
+
+def test_prompts_of_different_lengths_joining_at_one_step_equal_their_solo_runs():
+    m = _model()
+    reqs = [
+        _req(b"a longer prompt than the others", max_new_tokens=6, seed=4),
+        _req(b"x", max_new_tokens=1, seed=5),  # ends at its first token: its slot is freed
+        _req(b"mid length", max_new_tokens=8, temperature=0),
+        _req(b"waits for a slot", max_new_tokens=4, seed=6, top_k=5),
+    ]
+    solo = [generate(m, r).tokens for r in reqs]
+    sched = Scheduler(m, slots=3)
+    seqs = [sched.submit(r) for r in reqs]
+    events = sched.step()  # three prefilled together; the fourth takes the slot "x" left
+    assert [s for s, _ in events] == seqs and seqs[1].done and seqs[3].slot == 1
+    while sched.busy:
+        sched.step()
+    assert [s.tokens for s in seqs] == solo
 
 
 def test_waiting_requests_take_freed_slots_and_cancel_frees_at_the_next_step():
