@@ -11,6 +11,8 @@
         tensorboard/                        event files
         curves.png                          the loss/accuracy curves
         eval/<checkpoint>-<split>.json      pipelines.evaluate's results
+        exported/<checkpoint>/              a sharded checkpoint consolidated into one file
+                                            (pipelines.evaluate and promote, made once)
         pipeline.json                       the resolved pipeline config (pipelines.train)
         data/<split>/                       torch datasets uploaded for the run
 
@@ -40,7 +42,7 @@ METRICS, SAMPLE_IDS, TENSORBOARD, CURVES = (
     "tensorboard",
     "curves.png",
 )
-EVAL, PIPELINE, DATA = "eval", "pipeline.json", "data"
+EVAL, PIPELINE, DATA, EXPORTED = "eval", "pipeline.json", "data", "exported"
 SERVING, CURRENT = "serving", "current.json"
 RAY_TRAIN_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of its checkpoints
 
@@ -100,9 +102,10 @@ class RunLayout:
     @classmethod
     def of_checkpoint(cls, ckpt: storage.Location) -> tuple[RunLayout, str]:
         """(the run a checkpoint folder belongs to, the checkpoint's name): its parent folder, or
-        the run above ``best/`` for a best copy. A checkpoint outside any run gets its parent."""
+        the run above ``best/`` or ``exported/`` for a copy. A checkpoint outside any run gets its
+        parent."""
         parent = ckpt.parent
-        if parent.name == BEST and parse_checkpoint_name(ckpt.name):
+        if parent.name in (BEST, EXPORTED) and parse_checkpoint_name(ckpt.name):
             parent = parent.parent
         return cls(parent), ckpt.name
 
@@ -236,6 +239,10 @@ class RunLayout:
         """Where the evaluation of checkpoint folder ``checkpoint`` on ``split`` goes."""
         checkpoint = validate_name("checkpoint", checkpoint)
         return self.root.join(EVAL, f"{checkpoint}-{validate_name('split', split)}.json")
+
+    def exported(self, checkpoint: str) -> storage.Location:
+        """Where the consolidated copy of sharded checkpoint folder ``checkpoint`` goes."""
+        return self.root.join(EXPORTED, validate_name("checkpoint", checkpoint))
 
     def data(self, split: str) -> storage.Location:
         """Where a torch dataset given to ``fit`` for ``split`` is uploaded."""

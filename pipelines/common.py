@@ -70,6 +70,28 @@ def find_checkpoint(cfg: PipelineConfig, which: str) -> str:
     return latest.uri
 
 
+def loadable(cfg: PipelineConfig, uri: str) -> str:
+    """``uri``, or for a sharded (``strategy: fsdp``) checkpoint its copy in one file, which
+    ``load_model`` and Serve read: ``<run>/exported/<checkpoint>``, exported once and reused (a
+    checkpoint folder is never rewritten once its manifest is there)."""
+    from lepton_ray import checkpoint, storage
+    from lepton_ray.runs import RunLayout
+    from lepton_ray.train.sharded import export
+
+    loc = storage.resolve(uri, cfg.endpoint_url)
+    # One file of weights: nothing to do, and nothing read here (the loader reads each file once).
+    if loc.join(checkpoint.WEIGHTS).exists() or not checkpoint.is_sharded(
+        checkpoint.read_manifest(loc)
+    ):
+        return uri
+    run, name = RunLayout.of_checkpoint(loc)
+    dest = run.exported(name)
+    if not dest.join(checkpoint.MANIFEST).exists():
+        log(f"[export] {uri} is sharded: consolidating it into {dest.uri}")
+        export(loc, dest)
+    return dest.uri
+
+
 # --- the entry point -------------------------------------------------------------------------
 def parser(name: str, description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"python -m pipelines.{name}", description=description)

@@ -89,14 +89,21 @@ def prepare_subset(cfg: PipelineConfig) -> dict[str, Any]:
     )
     infos = {}
     for split, part in src.splits.items():
-        n = len(part.labels)
-        keep = np.sort(np.random.default_rng(0).choice(n, size=min(n, d.limit_rows), replace=False))
+        n = part.num_rows
+        if isinstance(part, sources.StreamedSplit):
+            # Made row by row from a seed (synthetic-ctr): its first rows are as random a subset
+            # as any, and the rest is never made.
+            images, labels, ids = part.make(0, min(n, d.limit_rows))
+        else:
+            rng = np.random.default_rng(0)
+            keep = np.sort(rng.choice(n, size=min(n, d.limit_rows), replace=False))
+            images, labels, ids = part.images[keep], part.labels[keep], part.ids[keep]
         infos[split] = write_dataset(
-            part.images[keep],
-            part.labels[keep],
+            images,
+            labels,
             root.join(split),
             classes=src.classes,
-            ids=part.ids[keep],
+            ids=ids,
             source=f"{tag}/{split}",
             skipped=part.skipped,
             encoding=d.encoding,

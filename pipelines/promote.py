@@ -4,11 +4,15 @@
     python -m pipelines.promote --config pipelines/configs/mnist.yaml --set promote.deploy=true
     python -m pipelines.promote --config ... --set promote.checkpoint=s3://bucket/runs/r/checkpoint_...  # roll back
 
-1. picks ``promote.checkpoint`` (``best`` or ``last`` of ``train.run_name``, or a URI) and reads
-   it once, verified (manifest, checksums, and a model spec that names a registered architecture
-   or a class from ``promote.serve.trusted_modules``); the evaluation uses that copy, and the
-   deployment checks only its manifest and metadata on the driver;
-2. with ``promote.min_accuracy``, evaluates it first and refuses (exit 1) below the bar;
+1. picks ``promote.checkpoint`` (``best`` or ``last`` of ``train.run_name``, or a URI; a sharded
+   one is served from its copy in one file, exported once) and reads it once, verified
+   (manifest, checksums, and a model spec that names a registered architecture or a class from
+   ``promote.serve.trusted_modules``); the evaluation uses that copy, and the deployment checks
+   only its manifest and metadata on the driver;
+2. with a gate on the main metric of the checkpoint's kind (``promote.min_accuracy`` for a
+   classifier, ``promote.min_auc`` for a click model, ``promote.max_perplexity`` for a language
+   model), evaluates it first and refuses (exit 1) when it misses; a gate for another kind is a
+   config error (exit 2);
 3. with ``promote.deploy``, deploys it with Ray Serve on the cluster (a running application of
    the same name is rolled over to it);
 4. then, and only then, moves the pointer ``<store>/serving/<name>/current.json`` (checkpoint,
@@ -30,7 +34,15 @@ from typing import Any
 
 from lepton_ray.config import PipelineConfig
 from pipelines import common
-from pipelines.common import PipelineFailure, find_checkpoint, log
+from pipelines.common import PipelineFailure, find_checkpoint, loadable, log
+
+# The gate on each main metric (lepton_ray.train.task): its promote.* field, and whether a
+# checkpoint passes at ``value`` against the bar ``bar``.
+GATES = {
+    "accuracy": ("min_accuracy", lambda value, bar: value >= bar),
+    "auc": ("min_auc", lambda value, bar: value >= bar),
+    "perplexity": ("max_perplexity", lambda value, bar: value <= bar),
+}
 
 
 def serve_config_yaml(args: dict[str, Any], *, host: str, port: int) -> str:
@@ -61,7 +73,8 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
     from lepton_ray.runs import CURRENT, serving_home
 
     p = cfg.promote
-    uri = find_checkpoint(cfg, p.checkpoint)
+    trained = find_checkpoint(cfg, p.checkpoint)
+    uri = loadable(cfg, trained)  # what serves: a sharded checkpoint's copy in one file
     serve = p.serve_config(uri, endpoint_url=cfg.endpoint_url)
     if serve.store is None:  # a canary's verdict is kept beside the app's pointer, in this store
         serve = replace(serve, store=cfg.root)
@@ -74,24 +87,25 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
     meta = loaded.meta
     summary: dict[str, Any] = {
         "checkpoint": uri,
+        **({"exported_from": trained} if trained != uri else {}),
         "run": meta.get("run", {}).get("name"),
-        "metrics": {
-            k: v
-            for k, v in meta.get("metrics", {}).items()
-            if k in ("epoch", "step", "train_loss", "train_accuracy", "val_loss", "val_accuracy")
-        },
+        "metrics": {k: v for k, v in meta.get("metrics", {}).items() if k in KEPT_METRICS},
     }
-    if p.min_accuracy is not None:
+    gate = _gate(cfg, meta)
+    if gate is not None:
         from pipelines.evaluate import evaluate
 
-        result = evaluate(cfg, which=uri, loaded=loaded)
+        metric, field, passes = gate
+        result = evaluate(cfg, which=trained, loaded=loaded)
         summary["evaluation"] = {
-            k: result[k] for k in ("split", "rows", "accuracy", "loss", "written_to")
+            k: result[k]
+            for k in ("split", "rows", "loss", "accuracy", metric, "main_metric", "written_to")
         }
-        if result["accuracy"] < p.min_accuracy:
+        bar = getattr(p, field)
+        if not passes(result[metric], bar):
             raise PipelineFailure(
-                f"not promoted: accuracy {result['accuracy']:.4f} on '{result['split']}' is below "
-                f"promote.min_accuracy {p.min_accuracy}"
+                f"not promoted: {metric} {result[metric]:.4f} on '{result['split']}' misses "
+                f"promote.{field} {bar}"
             )
     if p.deploy:
         from lepton_ray import deploy
@@ -122,6 +136,40 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
         "serve_config": [home.join("config.yaml").uri]
         + ([p.write_config] if p.write_config else []),
     }
+
+
+# What the pointer keeps of the checkpoint's own (last training epoch's) metrics.
+KEPT_METRICS = (
+    "epoch",
+    "step",
+    "train_loss",
+    "train_accuracy",
+    "val_loss",
+    "val_accuracy",
+    "val_perplexity",
+    "val_auc",
+)
+
+
+def _gate(cfg: PipelineConfig, meta: dict[str, Any]) -> tuple[str, str, Any] | None:
+    """(main metric, its promote.* field, its test) when that gate is set; None when none is. A
+    gate set on another kind's metric is a config error: it would never be checked."""
+    import torch
+
+    from lepton_ray.errors import ConfigError
+    from lepton_ray.train.task import for_data
+    from pipelines.evaluate import main_metric
+
+    metric = main_metric(for_data(meta["data"], torch.device("cpu")))
+    field, passes = GATES[metric]
+    for other, (name, _) in GATES.items():
+        if other != metric and getattr(cfg.promote, name) is not None:
+            kind = meta["data"].get("kind", "image")
+            raise ConfigError(
+                f"promote.{name} gates on {other}, but this checkpoint ({kind} data) is judged by "
+                f"{metric}: set promote.{field} instead"
+            )
+    return (metric, field, passes) if getattr(cfg.promote, field) is not None else None
 
 
 def _previous(pointer: Any) -> dict[str, Any] | None:

@@ -22,6 +22,10 @@ from lepton_ray.config import PipelineConfig
 from pipelines import common
 from pipelines.common import ATTEMPT_ENV, log, run_name_and_resume
 
+# What each epoch's log line shows of validation: what every task counts, then a language
+# model's perplexity or a click model's AUC.
+VAL_METRICS = ("val_accuracy", "val_perplexity", "val_auc")
+
 
 def run(cfg: PipelineConfig) -> dict[str, Any]:
     from lepton_ray import build_model, fit, open_dataset
@@ -56,7 +60,7 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
     for h in results["history"]:
         log(
             f"[train] epoch {h['epoch']:>2}  loss {h['train_loss']:.4f}  acc {h['train_accuracy']:.4f}"
-            + (f"  val_acc {h['val_accuracy']:.4f}" if "val_accuracy" in h else "")
+            + "".join(f"  {k} {h[k]:.4f}" for k in VAL_METRICS if k in h)
         )
     return {k: v for k, v in results.items() if k != "history"} | {"run_name": name}
 

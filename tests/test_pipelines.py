@@ -4,6 +4,7 @@ pipelines run in smoke mode on the S3 test server against the session's Ray clus
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -196,3 +197,100 @@ def test_prepare_train_evaluate_promote_in_smoke_mode_on_s3(
         assert b"tok-5d2e-planted" not in body, o["Key"]
         for name in ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID"):  # the store's credentials
             assert os.environ[name].encode() not in body, (name, o["Key"])
+
+
+# --- the GPT and the DLRM: evaluate and promote by the kind of the checkpoint's data --------------
+CONFIGS_DIR = Path(MNIST).parent
+
+
+def run_config(config: str, name: str, capsys, *args: str) -> tuple[int, dict, str]:
+    """(exit code, summary, stderr) of a pipeline run in-process in smoke mode."""
+    import importlib
+
+    main = importlib.import_module(f"pipelines.{name}").main
+    code = main(["--config", str(CONFIGS_DIR / config), "--smoke-test", *args])
+    out, err = capsys.readouterr()
+    return code, (json.loads(out) if code == 0 else {}), err
+
+
+def test_smoke_gates_pass_any_checkpoint_and_a_click_source_names_its_folder():
+    ctr = load_config(CONFIGS_DIR / "ctr_dlrm.yaml", smoke_test=True)
+    assert ctr.dataset_uri.endswith("/datasets/synthetic-ctr-smoke")
+    assert (ctr.promote.min_auc, ctr.promote.min_accuracy, ctr.promote.max_perplexity) == (
+        0.0,
+        None,
+        None,
+    )
+    assert ctr.train.strategy == "fsdp" and ctr.train.scaling.num_workers == 1
+    gpt = load_config(CONFIGS_DIR / "pydoc_gpt.yaml", ["promote.max_perplexity=3"], smoke_test=True)
+    assert gpt.promote.max_perplexity == 3  # overridden: kept
+    assert (
+        load_config(CONFIGS_DIR / "pydoc_gpt.yaml", smoke_test=True).promote.max_perplexity > 1e300
+    )
+
+
+@pytest.mark.ray
+def test_dlrm_config_prepares_trains_fsdp_evaluates_auc_and_promotes(ray_session, tmp_path, capsys):
+    """ctr_dlrm.yaml in smoke mode: a sharded (fsdp) checkpoint, evaluated by AUC beside the
+    planted AUC through its consolidated copy, gated on AUC, promoted as that copy."""
+    store = [f"store={tmp_path}", "dataset.source=synthetic-ctr:rows=2000,tables=3,cardinality=7"]
+    code, data, err = run_config("ctr_dlrm.yaml", "prepare_data", capsys, *store)
+    assert code == 0 and data["splits"]["train"]["rows"] == 500
+    assert data["splits"]["test"]["rows"] == 200  # a tenth of 2,000: under the smoke limit
+    code, res, err = run_config("ctr_dlrm.yaml", "train", capsys, *store, "train.batch_size=100")
+    assert code == 0 and res["run_name"] == "ctr-dlrm-smoke"
+
+    code, ev, err = run_config("ctr_dlrm.yaml", "evaluate", capsys, *store)
+    assert code == 0 and ev["kind"] == "ctr" and ev["main_metric"] == "auc" and ev["rows"] == 200
+    assert ev["checkpoint"] == res["best_checkpoint"]
+    assert (
+        ev["evaluated"]
+        == f"{tmp_path}/runs/ctr-dlrm-smoke/exported/" + Path(res["best_checkpoint"]).name
+    )  # sharded: scored through its copy in one file
+    assert 0 <= ev["auc"] <= 1 and 0.5 < ev["planted_auc"] <= 1 and 0 <= ev["accuracy"] <= 1
+    last = json.loads((tmp_path / "runs/ctr-dlrm-smoke/metrics.jsonl").read_text().splitlines()[-1])
+    assert ev["auc"] == pytest.approx(last["val_auc"], abs=1e-4)  # the loop's own validation
+
+    # A gate for another kind is a config error; an AUC gate no checkpoint meets is a refusal.
+    code, _, err = run_config(
+        "ctr_dlrm.yaml", "promote", capsys, *store, "promote.min_accuracy=0.5"
+    )
+    assert code == 2 and "set promote.min_auc instead" in err
+    code, _, err = run_config("ctr_dlrm.yaml", "promote", capsys, *store, "promote.min_auc=1.0")
+    assert code == 1 and "not promoted: auc" in err
+
+    # Deployed, it serves the consolidated copy (examples/dlrm_ctr.py deploys one and POSTs).
+    code, promoted, err = run_config("ctr_dlrm.yaml", "promote", capsys, *store)
+    assert code == 0 and promoted["checkpoint"] == ev["evaluated"], err
+    assert promoted["exported_from"] == res["best_checkpoint"]
+    assert promoted["evaluation"]["auc"] == ev["auc"] and "val_auc" in promoted["metrics"]
+    config = (tmp_path / "serving" / "ctr-dlrm" / "config.yaml").read_text()
+    assert f"checkpoint: {ev['evaluated']}" in config
+
+
+@pytest.mark.ray
+def test_gpt_config_evaluates_perplexity_and_promotes(ray_session, tmp_path, capsys):
+    """pydoc_gpt.yaml in smoke mode with a tiny GPT: evaluated by perplexity over the held-out
+    tokens, gated on it (lower is better), promoted (the pointer moves)."""
+    store = [f"store={tmp_path}", "dataset.block_size=16", "dataset.limit_rows=64"]
+    tiny = ["model.kwargs={n_layer: 1, n_head: 1, n_embd: 16}", "train.batch_size=32"]
+    code, data, err = run_config("pydoc_gpt.yaml", "prepare_data", capsys, *store)
+    assert code == 0 and data["splits"]["test"]["rows"] == 64
+    code, res, err = run_config("pydoc_gpt.yaml", "train", capsys, *store, *tiny)
+    assert code == 0 and res["run_name"] == "pydoc-gpt-smoke"
+
+    code, ev, err = run_config("pydoc_gpt.yaml", "evaluate", capsys, *store)
+    assert code == 0 and ev["kind"] == "text" and ev["main_metric"] == "perplexity"
+    assert ev["tokens"] == 64 * 16 and "evaluated" not in ev  # ddp: no copy needed
+    assert ev["perplexity"] == pytest.approx(math.exp(ev["loss"]))
+    assert ev["loss"] == pytest.approx(res["val_loss"], rel=1e-4)  # the loop's own validation
+
+    code, _, err = run_config(
+        "pydoc_gpt.yaml", "promote", capsys, *store, "promote.max_perplexity=1"
+    )
+    assert code == 1 and "misses promote.max_perplexity 1" in err
+    code, promoted, err = run_config("pydoc_gpt.yaml", "promote", capsys, *store)
+    assert code == 0 and promoted["checkpoint"] == res["best_checkpoint"]
+    assert promoted["evaluation"]["perplexity"] == ev["perplexity"]
+    pointer = json.loads((tmp_path / "serving" / "pydoc-gpt" / "current.json").read_text())
+    assert pointer["checkpoint"] == res["best_checkpoint"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import sys
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -130,7 +131,11 @@ class PromoteSpec(Config):
     checkpoint: str = "best"
     """``best`` or ``last`` checkpoint of ``train.run_name``, or a checkpoint URI (e.g. to roll back)."""
     min_accuracy: float | None = setting(None, ge=0, le=1)
-    """Evaluate first and refuse the promotion below this accuracy."""
+    """Classifiers: evaluate first and refuse the promotion below this accuracy."""
+    min_auc: float | None = setting(None, ge=0, le=1)
+    """Click models: evaluate first and refuse the promotion below this AUC."""
+    max_perplexity: float | None = setting(None, ge=1)
+    """Language models: evaluate first and refuse the promotion above this perplexity."""
     deploy: bool = False
     """Also deploy (or roll) the Serve application on the Ray cluster."""
     host: str = "127.0.0.1"
@@ -180,7 +185,7 @@ class PipelineConfig(Config):
     """Promotion to serving."""
     smoke_test: bool = False
     """The cheap version (what ``--smoke-test`` sets): a 500-row copy of the dataset, one epoch,
-    one worker, a run named ``<run_name>-smoke``, a promotion gate of 0."""
+    one worker, a run named ``<run_name>-smoke``, promotion gates any checkpoint passes."""
 
     @property
     def root(self) -> str:
@@ -192,10 +197,10 @@ class PipelineConfig(Config):
     @property
     def dataset_uri(self) -> str:
         """The prepared dataset's root: ``dataset.uri``, else ``<root>/datasets/<source name>``."""
-        name = (
-            self.dataset.source.split(":", 1)[-1].rstrip("/").rsplit("/", 1)[-1].lower()
-            or "dataset"
-        )
+        kind, _, arg = self.dataset.source.partition(":")
+        if "=" in arg and "/" not in arg:  # options (synthetic-ctr:rows=N,...): the kind names it
+            arg = kind
+        name = (arg or kind).rstrip("/").rsplit("/", 1)[-1].lower() or "dataset"
         return (self.dataset.uri or f"{self.root}/datasets/{name}").rstrip("/")
 
     @property
@@ -206,8 +211,9 @@ class PipelineConfig(Config):
 
 def smoke(cfg: PipelineConfig, keep: frozenset[str] | set[str] = frozenset()) -> PipelineConfig:
     """The cheap version of ``cfg``: a 500-row copy of the dataset (``<uri>-smoke``), one epoch,
-    one worker, a run named ``<run_name>-smoke``, a promotion gate of 0 (the evaluation still
-    runs). Keys given as overrides (``keep``, dotted) stay as given."""
+    one worker, a run named ``<run_name>-smoke``, promotion gates any checkpoint passes (0, or
+    no bound on perplexity; the evaluation still runs). Keys given as overrides (``keep``,
+    dotted) stay as given."""
 
     def pick(key: str, value: Any, current: Any) -> Any:
         return current if key in keep else value
@@ -233,8 +239,14 @@ def smoke(cfg: PipelineConfig, keep: frozenset[str] | set[str] = frozenset()) ->
         if t.run_name and "train.run_name" not in keep
         else t.run_name,
     )
-    gate = cfg.promote.min_accuracy
+    # Every gate set becomes one any checkpoint passes, so the evaluation still runs.
+    gates = {"min_accuracy": 0.0, "min_auc": 0.0, "max_perplexity": sys.float_info.max}
+    p = cfg.promote
     promote = dataclasses.replace(
-        cfg.promote, min_accuracy=pick("promote.min_accuracy", None if gate is None else 0.0, gate)
+        p,
+        **{
+            k: pick(f"promote.{k}", None if getattr(p, k) is None else v, getattr(p, k))
+            for k, v in gates.items()
+        },
     )
     return dataclasses.replace(cfg, dataset=dataset, train=train, promote=promote, smoke_test=True)
