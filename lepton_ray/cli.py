@@ -105,6 +105,8 @@ def cmd_data_inspect(a: argparse.Namespace) -> Any:
     m = i.manifest
     if a.grid and i.kind == "text":
         raise _UsageError("--grid draws images; this dataset holds text")
+    if a.grid and i.kind == "ctr":
+        raise _UsageError("--grid draws images; this dataset holds click rows")
     if a.grid:
         from lepton_ray.viz import augmentation_grid
 
@@ -121,9 +123,11 @@ def cmd_data_inspect(a: argparse.Namespace) -> Any:
         "schema": {
             "id": "int64",
             "image": f"binary ({i.encoding} uint8 {'x'.join(map(str, i.shape))})"
-            + (f": {i.block_size} + 1 byte tokens per block" if i.kind == "text" else ""),
-            "label": "int64",
+            + (f": {i.block_size} + 1 byte tokens per block" if i.kind == "text" else "")
+            + (_click_row_schema(m) if i.kind == "ctr" else ""),
+            "label": "int64" + (" (1: clicked, 0: not)" if i.kind == "ctr" else ""),
         },
+        **(_click_fields(i) if i.kind == "ctr" else {}),
         **(
             {"kind": "text", "block_size": i.block_size, "vocab_size": i.vocab_size}
             if i.kind == "text"
@@ -136,11 +140,33 @@ def cmd_data_inspect(a: argparse.Namespace) -> Any:
     }
 
 
+def _click_row_schema(m: dict[str, Any]) -> str:
+    """How a click row's bytes read (lepton_ray.data.ctr): dense float32s, then one id per table."""
+    dense, tables = m["dense"], len(m["cardinalities"])
+    return f": {dense} float32 dense features, then {tables} int32 ids (one a table), little-endian"
+
+
+def _click_fields(i: Any) -> dict[str, Any]:
+    """What a click dataset's manifest says besides rows and labels: the features, each table's
+    cardinality, the share of clicks, and the planted model's AUC on the held-out split."""
+    m = i.manifest
+    counts = m.get("class_counts") or [0, 0]
+    return {
+        "kind": "ctr",
+        "dense": m["dense"],
+        "sparse": len(m["cardinalities"]),
+        "cardinalities": list(m["cardinalities"]),
+        "click_rate": round(counts[1] / max(i.num_rows, 1), 4),
+        "planted_auc": m.get("planted_auc"),
+    }
+
+
 # ``lepton-ray train`` flags that mirror a config field: dest -> dotted key in the pipeline YAML.
 # Each defaults to None ("the config's value"); its --help shows the config class's default.
 _TRAIN_FLAGS = {
     "model": "model.name",
     "workers": "train.scaling.num_workers",
+    "strategy": "train.strategy",
     "use_gpu": "train.scaling.use_gpu",
     "epochs": "train.epochs",
     "batch_size": "train.batch_size",
@@ -282,16 +308,24 @@ def cmd_predict(a: argparse.Namespace) -> Any:
     import urllib.request
     from pathlib import Path
 
-    images = []
-    for f in a.files:
-        try:
-            images.append(base64.b64encode(Path(f).read_bytes()).decode())
-        except OSError as exc:
-            raise _UsageError(f"cannot read {f}: {exc.strerror}") from None
+    if a.features is not None and a.files:
+        raise _UsageError("give image files or --features, not both")
+    if a.features is not None:  # a click model's rows; the endpoint checks every value
+        body: dict[str, Any] = {"features": _json_object(a.features, "--features")}
+    elif a.files:
+        images = []
+        for f in a.files:
+            try:
+                images.append(base64.b64encode(Path(f).read_bytes()).decode())
+            except OSError as exc:
+                raise _UsageError(f"cannot read {f}: {exc.strerror}") from None
+        body = {"images": images}
+    else:
+        raise _UsageError("nothing to predict: give image files, or --features JSON")
     token = a.auth_token or os.environ.get("LEPTON_SERVE_TOKEN") or None
     req = urllib.request.Request(
         a.url.rstrip("/") + "/v1/predict",
-        data=json.dumps({"images": images}).encode(),
+        data=json.dumps(body).encode(),
         headers={
             "Content-Type": "application/json",
             **({"Authorization": f"Bearer {token}"} if token else {}),
@@ -305,6 +339,24 @@ def cmd_predict(a: argparse.Namespace) -> Any:
         raise _UsageError(f"HTTP {exc.code}: {exc.read().decode(errors='replace')}") from None
     except urllib.error.URLError as exc:
         raise _UsageError(f"cannot reach {a.url}: {exc.reason}") from None
+
+
+def _json_object(text: str, flag: str) -> dict[str, Any]:
+    """A flag's JSON object, given inline or as ``@FILE`` (curl's convention)."""
+    from pathlib import Path
+
+    if text.startswith("@"):
+        try:
+            text = Path(text[1:]).read_text()
+        except OSError as exc:
+            raise _UsageError(f"{flag}: cannot read {text[1:]}: {exc.strerror}") from None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise _UsageError(f"{flag} is not valid JSON: {exc.msg} at character {exc.pos}") from None
+    if not isinstance(value, dict):
+        raise _UsageError(f"{flag} must be a JSON object, got {type(value).__name__}")
+    return value
 
 
 def cmd_generate(a: argparse.Namespace) -> Any:
@@ -571,6 +623,7 @@ def build_parser() -> argparse.ArgumentParser:
     flag = _config_flags(tr, _TRAIN_FLAGS)
     flag("--model", metavar="NAME")
     flag("--workers", type=_workers, metavar="N|MIN,MAX|auto")
+    flag("--strategy")
     flag("--use-gpu")
     flag("--epochs")
     flag("--batch-size")
@@ -635,9 +688,19 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument(*ep["flags"], **ep["kw"])
     ex.set_defaults(fn=cmd_export)
 
-    pr = sub.add_parser("predict", help="classify PNG/JPEG files with a running endpoint")
+    pr = sub.add_parser(
+        "predict",
+        help="classify PNG/JPEG files, or score click features, with a running endpoint",
+    )
     pr.add_argument("url", help="endpoint base URL, e.g. http://127.0.0.1:8000")
-    pr.add_argument("files", nargs="+")
+    pr.add_argument("files", nargs="*", help="PNG/JPEG files (an image classifier)")
+    pr.add_argument(
+        "--features",
+        default=None,
+        metavar="JSON|@FILE",
+        help='a click model\'s rows: {"dense": [[...], ...], "sparse": [[...], ...]}, sent as '
+        '{"features": ...}; answers click probabilities',
+    )
     _token_flag(pr)
     pr.set_defaults(fn=cmd_predict)
 

@@ -128,3 +128,94 @@ def test_prepare_names_the_rows_it_skipped_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("lepton-ray: warning: train: 1 unreadable"), err
     assert "broken.png" in err[0]
+
+
+# --- click data and the DLRM from the command line -----------------------------------------------
+def test_inspect_describes_click_rows_as_features_not_pixels(tmp_path, capsys):
+    from lepton_ray import cli
+    from lepton_ray.data import open_dataset
+
+    dest = str(tmp_path / "ctr")
+    source = "synthetic-ctr:rows=300,tables=2,cardinality=5/7,dense=3,seed=1"
+    assert cli.main(["data", "prepare", source, dest]) == 0
+    prepared = json.loads(capsys.readouterr().out)
+    assert prepared["train"]["rows"] == 300 and prepared["test"]["rows"] == 30
+    assert cli.main(["data", "inspect", f"{dest}/train"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    manifest = open_dataset(f"{dest}/train").manifest
+    assert info["kind"] == "ctr" and (info["dense"], info["sparse"]) == (3, 2)
+    assert info["cardinalities"] == [5, 7] and info["planted_auc"] == manifest["planted_auc"]
+    assert info["click_rate"] == round(manifest["class_counts"][1] / 300, 4)
+    assert info["schema"]["image"].endswith(
+        ": 3 float32 dense features, then 2 int32 ids (one a table), little-endian"
+    )
+    assert info["schema"]["label"] == "int64 (1: clicked, 0: not)"
+    assert cli.main(["data", "inspect", f"{dest}/train", "--grid", str(tmp_path / "g.png")]) == 2
+    assert "this dataset holds click rows" in capsys.readouterr().err
+
+
+def test_train_takes_a_strategy_flag():
+    from lepton_ray import cli
+
+    args = cli.build_parser().parse_args(["train", "--data", "x", "--strategy", "fsdp"])
+    assert cli.train_config(args).train.strategy == "fsdp"
+    r = run_cli("train", "--data", "x", "--strategy", "zero3")
+    assert r.returncode == 2 and "--strategy: invalid choice: 'zero3'" in r.stderr
+
+
+@pytest.fixture
+def recording_endpoint():
+    """A plain HTTP server on 127.0.0.1 that records each POST and answers one prediction."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    seen: list[tuple[str, dict]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - http.server's name
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            seen.append((self.path, json.loads(body)))
+            answer = json.dumps({"predictions": [{"click_probability": 0.25}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(answer)))
+            self.end_headers()
+            self.wfile.write(answer)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", seen
+    server.shutdown()
+
+
+def test_predict_sends_features_inline_or_from_a_file(recording_endpoint, tmp_path, capsys):
+    from lepton_ray import cli
+
+    url, seen = recording_endpoint
+    rows = {"dense": [[0.5, -1.0, 0.0]], "sparse": [[3, 6]]}
+    assert cli.main(["predict", url, "--features", json.dumps(rows)]) == 0
+    assert json.loads(capsys.readouterr().out)["predictions"][0]["click_probability"] == 0.25
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    assert cli.main(["predict", url, "--features", f"@{tmp_path / 'rows.json'}"]) == 0
+    assert seen == [("/v1/predict", {"features": rows})] * 2
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ((), "nothing to predict: give image files, or --features JSON"),
+        (("a.png", "--features", "{}"), "give image files or --features, not both"),
+        (("--features", "{'dense': 1}"), "--features is not valid JSON: Expecting property name"),
+        (("--features", "[[1, 2]]"), "--features must be a JSON object, got list"),
+        (("--features", "@/nonexistent/rows.json"), "--features: cannot read /nonexistent/rows"),
+    ],
+)
+def test_predict_refuses_bad_features_in_one_line_before_any_request(args, message, capsys):
+    from lepton_ray import cli
+
+    assert cli.main(["predict", "http://127.0.0.1:9", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
