@@ -16,6 +16,12 @@ epoch and an iterator of exactly that many batches of its ``b_r`` rows (``image`
 - :class:`ShardFeed`: a user's Ray Dataset, split between the workers by Ray Train (no stable ids,
   so no plan: each worker takes the full batches its equal share holds).
 
+A JPEG dataset (:mod:`lepton_ray.data.jpeg`: images of many sizes, each read as a random-resized
+crop) always streams: a :class:`StreamedFeed` whose rows Ray Data's CPU tasks decode and crop
+(``decode_on="cpu"``), or that hands the worker the JPEG bytes to decode in batches on its own
+device (``decode_on="device"``, :func:`jpeg_decode_on` chooses). Either way a row's crop and flip
+come from (seed, epoch, id), so they are the same on both paths and after a resume.
+
 ``feed.close()`` stops whatever a feed still runs between epochs (the ring's read-ahead).
 """
 
@@ -125,11 +131,17 @@ class StreamedFeed:
         shuffle_buffer_rows: int,
         pin_memory: bool,
         deterministic: bool = True,
+        decode_on: str = "cpu",
+        device: torch.device | None = None,
     ):
         from ray.data import DataContext
 
         from lepton_ray.data import read_shard_ids
 
+        self.jpeg = info.encoding == "jpeg"
+        if decode_on not in ("cpu", "device") or (decode_on == "device" and not self.jpeg):
+            raise TrainingError(f"decode_on {decode_on!r}: 'device' is for JPEG datasets, or 'cpu'")
+        self.decode_on, self.device = decode_on, device or torch.device("cpu")
         # Blocks in read order (this worker's executions only): with the seeded shuffle buffer,
         # the same batches on the same ranks for a given seed and worker count.
         DataContext.get_current().execution_options.preserve_order = deterministic
@@ -149,20 +161,24 @@ class StreamedFeed:
         if p.steps == 0:
             return Batches(0, iter(()))
         shards = dataclasses.replace(self.info, shards=tuple(self.info.shards[s] for s in p.shards))
+        on_device = self.decode_on == "device"
         ds = read_ray(
             shards,
-            augment=self.augment,
+            augment=() if on_device else self.augment,
             keep_ids=p.ids,
             augment_seed=self.plan.seed,
             epoch=epoch,
             normalize=False,
             batch_size=self.preprocess_batch,
+            jpeg="bytes" if on_device else "random",  # training crops (a JPEG dataset's only)
         )
         # A shuffled plan spread this worker's rows over every shard: mix all of them (a
         # dataset is only shuffled whole while it is small). A sequential one streams: a bounded buffer.
         buffer = len(p.ids) if self.plan.order == "shuffled" else min(self.buffer, len(p.ids))
         if self.plan.order == "sequential-unshuffled":
             buffer = 0
+        if on_device:
+            return Batches(p.steps, self._decoded(ds, p.per_step, buffer, epoch))
         batches = ds.iter_torch_batches(
             batch_size=p.per_step,
             prefetch_batches=2,
@@ -173,8 +189,47 @@ class StreamedFeed:
         )
         return Batches(p.steps, batches)
 
+    def _decoded(
+        self, ds: Any, per_step: int, buffer: int, epoch: int
+    ) -> Iterator[dict[str, torch.Tensor]]:
+        """Batches of JPEG bytes from Ray Data, decoded and cropped on this worker's device
+        (one batched ``decode_jpeg`` per step; :func:`lepton_ray.data.jpeg.decode`)."""
+        from lepton_ray.data.jpeg import decode
+
+        for b in ds.iter_batches(
+            batch_size=per_step,
+            batch_format="numpy",
+            prefetch_batches=2,
+            local_shuffle_buffer_size=buffer or None,
+            local_shuffle_seed=(self.plan.seed * 1_000_003 + epoch) if buffer else None,
+        ):
+            ids = np.asarray(b["id"], np.int64)
+            image = decode(
+                list(b["image"]),
+                ids,
+                self.info.shape[0],
+                seed=self.plan.seed,
+                epoch=epoch,
+                train=True,
+                device=self.device,
+            )
+            yield {
+                "image": image,
+                "label": torch.tensor(b["label"], dtype=torch.int64),  # Ray's arrays are read-only
+                "id": torch.tensor(ids),
+            }
+
     def close(self) -> None:
         pass  # each epoch's read ends with its batches
+
+
+def jpeg_decode_on(augment_on: str, device: torch.device) -> str:
+    """Where a JPEG dataset's training rows are decoded: on the worker's device when it is a GPU
+    (nvJPEG decodes faster than the CPUs beside it), else by Ray Data's CPU tasks;
+    ``DataConfig.augment_on`` (``cpu`` or ``device``) overrides that, as for augmentation."""
+    if augment_on in ("cpu", "device"):
+        return augment_on
+    return "device" if device.type == "cuda" else "cpu"
 
 
 _QUEUE_BYTES = 2 << 30  # the most host memory a RingFeed's read-ahead holds by default

@@ -24,7 +24,15 @@ from lepton_ray.config import TrainConfig, parse_fault
 from lepton_ray.data import DatasetInfo
 from lepton_ray.train import batching, strategy
 from lepton_ray.train.checkpointing import EpochTally, Reporter, Restored, SampleLog, all_reduce
-from lepton_ray.train.feed import CachedFeed, Feed, Plan, RingFeed, ShardFeed, StreamedFeed
+from lepton_ray.train.feed import (
+    CachedFeed,
+    Feed,
+    Plan,
+    RingFeed,
+    ShardFeed,
+    StreamedFeed,
+    jpeg_decode_on,
+)
 from lepton_ray.train.observe import WorkerProgress
 from lepton_ray.train.step import BATCH_DTYPES, Pixels, TrainStep
 from lepton_ray.train.task import for_data
@@ -184,8 +192,10 @@ def make_feeds(spec: RunSpec, world: int, rank: int, device: torch.device) -> tu
     cfg = spec.cfg
     plan = Plan(cfg.seed, cfg.batch_size, world, rank, spec.order)
     val_shard = ray.train.get_dataset_shard("val") if spec.has_val else None
+    # A JPEG dataset's rows are cropped afresh every epoch: always streamed (decode hook below).
+    jpeg = spec.train_info is not None and spec.train_info.encoding == "jpeg"
     if (
-        spec.feed == "cache"
+        spec.feed == "cache" and not jpeg
     ):  # every worker reads the whole set once, in id order, into device memory
         from lepton_ray.data import read_ray
 
@@ -198,7 +208,7 @@ def make_feeds(spec: RunSpec, world: int, rank: int, device: torch.device) -> tu
         )
         cache = DeviceCache(whole.iter_torch_batches(batch_size=4096, dtypes=BATCH_DTYPES), device)
         feed: Feed = CachedFeed(cache, plan)
-    elif spec.feed == "ring":  # its shards through a window of rows in device memory
+    elif spec.feed == "ring" and not jpeg:  # its shards through a window of rows in device memory
         feed = RingFeed(
             spec.train_info,
             plan,
@@ -228,6 +238,8 @@ def make_feeds(spec: RunSpec, world: int, rank: int, device: torch.device) -> tu
             shuffle_buffer_rows=cfg.data.shuffle_buffer_rows,
             pin_memory=device.type == "cuda",
             deterministic=cfg.data.deterministic,
+            decode_on=jpeg_decode_on(cfg.data.augment_on, device) if jpeg else "cpu",
+            device=device,
         )
     if val_shard is None:
         return feed, None
