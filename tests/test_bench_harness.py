@@ -206,3 +206,29 @@ def test_the_trainer_pace_comes_from_the_synchronised_epoch_clock():
     s = trainer_summary({"history": hist, "wall_time_s": 40.0}, 51200)
     assert s["samples_per_s"] == round((51200 / 1.0 + 51200 / 1.024) / 2, 1)
     assert s["loop_samples_per_s"] == 60000.0 and s["fixed_cost_s"] == round(40.0 - 7.024, 1)
+
+
+def _dlrm_result(gpu: str | None, ddp: float) -> dict:
+    trainer = {"data_wait_share": 0.01, "fit_wall_s": 50.0, "fixed_cost_s": 40.0}
+    return {
+        "benchmark": "gpu_dlrm",
+        "measured_at": "2026-12-02 00:00 UTC",
+        "hardware": dict.fromkeys(harness.HARDWARE_KEYS) | {"gpu": gpu},
+        "setup": {"global_batch": 8192},
+        "plain": {"samples_per_s": 2_000_000.0, "peak_memory_gib": 3.5},
+        "trainer_ddp": trainer | {"samples_per_s": ddp, "peak_memory_gib": 3.9},
+        "trainer_fsdp": {"error": "RuntimeError: boom"},
+    }
+
+
+def test_dlrm_ratio_and_goal_come_from_the_same_run():
+    from benchmarks import gpu_dlrm
+
+    r = _dlrm_result("1x NVIDIA H200", 1_830_000.0)
+    assert gpu_dlrm.metrics(r) == {"ratio": {"ddp": 0.915}}  # fsdp failed: no ratio
+    text = gpu_dlrm.render(r, "gpu_dlrm")
+    assert "**0.92**" in text and "**met** (ratio.ddp = 0.915)" in text
+    assert "failed: RuntimeError: boom" in text and "| 3.90 |" in text
+    assert "**not met**" in gpu_dlrm.render(_dlrm_result("1x NVIDIA H200", 1_790_000.0), "k")
+    cpu = gpu_dlrm.render(_dlrm_result(None, 1_830_000.0), "gpu_dlrm")
+    assert cpu.startswith("## No GPU") and "no goal is judged" in cpu and "**met**" not in cpu
