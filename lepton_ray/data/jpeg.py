@@ -333,6 +333,8 @@ def generate(
     rng = np.random.default_rng(seed)
     hues = (np.arange(classes) * 0.61803) % 1.0  # well spread hues
     for split, count in (("train", train), ("test", test)):
+        if not count:  # no empty split folder: prepare would find no files there
+            continue
         for c in range(classes):
             (root / split / f"c{c:03d}").mkdir(parents=True, exist_ok=True)
         labels = rng.integers(0, classes, count)
