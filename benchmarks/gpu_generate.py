@@ -27,9 +27,8 @@ counted are the token events received.
 - (d) ``http``: ``lepton_ray.deploy`` of the same model written as a checkpoint (``use_gpu``, one
   replica, 64 slots), ``POST /v1/generate`` with ``stream: true`` from :mod:`benchmarks._sse`
   (processes of asyncio raw-socket streams); TTFT and tokens/s taken in the client. A deployed
-  checkpoint runs in float32 (the replica rebuilds the model in its default dtype), so (d) is
-  compared with (a) and (b) run in float32 in the same run (``plain_fp32``, ``sched_fp32``);
-  (a)-(c) themselves run in bf16 on a GPU.
+  replica computes in ``ServeConfig.precision``'s default, bfloat16 on a GPU (float32 on a CPU),
+  the dtype (a)-(c) run in, so (d) is compared with them directly.
 
 Every figure is a wall-clock time whose end follows a token read back to the host, so the GPU's
 queued work is inside it. One warm-up request per model (and per endpoint) runs first.
@@ -278,6 +277,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from lepton_ray.generation import Request
+    from lepton_ray.serve.runner import compute_dtype
 
     _gpu.quiet_ray()
     dev = _gpu.device()
@@ -309,23 +309,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "levels": levels,
             "slots": SLOTS,
             "dtype_in_process": str(fast).removeprefix("torch."),
+            # what the replica computes in (ServeConfig.precision "auto" on this device)
+            "dtype_endpoint": str(compute_dtype("auto", dev)).removeprefix("torch."),
         },
     )
-    for dtype, suffix in ((fast, ""), (torch.float32, "_fp32")):
-        if suffix and not ("http" in parts and gpu):
-            continue  # float32 is (d)'s baseline; on a CPU the first pass already is float32
-        model = build(kw, dev, dtype)
-        if "plain" in parts:
-            r["plain" + suffix] = plain_part(model, prompt_list[: args.plain_requests], new)
-            print(f"plain{suffix}: {r['plain' + suffix]}", flush=True)
-        if "sched" in parts:
-            # float32: the levels (d) is compared at, as many requests as (d) sends at 1 stream
-            lv = levels if not suffix else [1, max(levels)]
-            r["sched" + suffix] = sched_part(model, reqs, lv, args.http_at_1 if suffix else None)
-            print(f"sched{suffix}: {r['sched' + suffix]}", flush=True)
-        del model
-        if gpu:
-            torch.cuda.empty_cache()
+    model = build(kw, dev, fast)
+    if "plain" in parts:
+        r["plain"] = plain_part(model, prompt_list[: args.plain_requests], new)
+        print(f"plain: {r['plain']}", flush=True)
+    if "sched" in parts:
+        r["sched"] = sched_part(model, reqs, levels, None)
+        print(f"sched: {r['sched']}", flush=True)
+    del model
+    if gpu:
+        torch.cuda.empty_cache()
     if "http" in parts:
         try:
             store = tempfile.mkdtemp(prefix="lepton-gpu-gen-")
@@ -343,14 +340,12 @@ def metrics(r: dict[str, Any]) -> dict[str, Any]:
     one, wide = sched.get("1", {}).get("tokens_per_s"), sched.get("64", {}).get("tokens_per_s")
     if one and wide:
         m["speedup_64"] = round(wide / one, 2)
-    base = (r.get("plain_fp32") or r.get("plain") or {}).get("per_token_ms")
+    s = r.get("setup", {})
+    same = s.get("dtype_endpoint", "float32") == s.get("dtype_in_process")
+    base = (r.get("plain") or {}).get("per_token_ms") if same else None
     at1 = ((r.get("http") or {}).get("levels") or {}).get("1", {})
     levels = (r.get("http") or {}).get("levels") or {}
-    inproc = (
-        r.get("sched_fp32")
-        or (r.get("sched") if r.get("setup", {}).get("dtype_in_process") == "float32" else None)
-        or {}
-    )
+    inproc = (r.get("sched") if same else None) or {}
     for c, v in levels.items():  # the endpoint ÷ the same Scheduler in-process, same dtype
         if v.get("tokens_per_s") and (inproc.get(c) or {}).get("tokens_per_s"):
             m.setdefault("http_vs_in_process", {})[c] = round(
@@ -379,31 +374,27 @@ def _row(label: str, dtype: str, c: Any, v: dict[str, Any]) -> list[Any]:
 
 def render(r: dict[str, Any], key: str) -> str:
     s, m = r.get("setup", {}), metrics(r)
-    fast = s.get("dtype_in_process")
+    fast, served = s.get("dtype_in_process"), s.get("dtype_endpoint", "float32")
     rows = []
-    for k, dt in (("plain", fast), ("plain_fp32", "float32")):
-        if k in r:
-            rows.append(_row("(a) plain KV-cache loop, batch 1", dt, 1, r[k]))
-    for k, dt in (("sched", fast), ("sched_fp32", "float32")):
-        for c, v in r.get(k, {}).items():
-            what = "(c) Scheduler, one at a time" if c == "1" else "(b) Scheduler"
-            rows.append([*_row(what, dt, int(c), v)])
+    if "plain" in r:
+        rows.append(_row("(a) plain KV-cache loop, batch 1", fast, 1, r["plain"]))
+    for c, v in r.get("sched", {}).items():
+        what = "(c) Scheduler, one at a time" if c == "1" else "(b) Scheduler"
+        rows.append([*_row(what, fast, int(c), v)])
     http = r.get("http") or {}
     if "error" in http:
-        rows.append(
-            ["(d) endpoint, SSE", "float32", "–", f"failed: {http['error'][:90]}"] + [""] * 4
-        )
+        rows.append(["(d) endpoint, SSE", served, "–", f"failed: {http['error'][:90]}"] + [""] * 4)
     for c, v in (http.get("levels") or {}).items():
-        rows.append(_row("(d) endpoint, SSE", "float32", int(c), v))
+        rows.append(_row("(d) endpoint, SSE", served, int(c), v))
     overhead = (
-        f"The endpoint's per-token time at 1 stream over the plain loop's (float32): "
+        f"The endpoint's per-token time at 1 stream over the plain loop's ({fast}): "
         f"+{fmt(m['http_per_token_overhead_ms'], 2)} ms ({fmt(m['http_per_token_ratio'], 2)}x)."
         if "http_per_token_overhead_ms" in m
         else "The endpoint's per-token overhead over the plain loop: not measured in this run."
     )
     if m.get("http_vs_in_process"):
         overhead += (
-            " The endpoint's tokens/s ÷ the Scheduler's in-process (float32) at "
+            f" The endpoint's tokens/s ÷ the Scheduler's in-process ({fast}) at "
             + ", ".join(
                 f"{c} stream{'s' * (c != '1')}: {fmt(v, 2)}"
                 for c, v in m["http_vs_in_process"].items()
@@ -428,8 +419,8 @@ def render(r: dict[str, Any], key: str) -> str:
                 f"`streams` in flight), {s.get('http_requests_at_1')} over HTTP at 1 stream. "
                 "tokens/s: all tokens ÷ first send to last token; TTFT: send to first token; per "
                 "stream: tokens after the first ÷ first to last token (median); per token: the "
-                "median over requests of that interval per token. The endpoint serves float32 (a "
-                "deployed checkpoint's dtype), so its baselines are float32 too."
+                "median over requests of that interval per token. The endpoint computes in "
+                f"{served} (`ServeConfig.precision` auto), the in-process sides in {fast}."
             ),
             table(
                 [

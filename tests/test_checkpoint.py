@@ -341,6 +341,34 @@ def test_padded_batches_give_the_answers_of_exact_ones(tmp_path):
             assert probs == pytest.approx([t["probability"] for t in b["top_k"]], abs=1e-5)
 
 
+def test_replicas_compute_in_bfloat16_where_asked(tmp_path):
+    """``precision``: auto is float32 on a CPU (bfloat16 on a GPU); bfloat16 casts the weights once
+    and the inputs per batch, and the answers still leave as float32 probabilities."""
+    from lepton_ray.serve import ServeConfig
+    from lepton_ray.serve.runner import ModelRunner, compute_dtype
+
+    assert compute_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    assert compute_dtype("auto", torch.device("cpu")) == torch.float32
+    assert compute_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
+    torch.manual_seed(0)
+    model = build_model("cnn", in_channels=3, num_classes=10, width=8).eval()
+    data = {"shape": [8, 8, 3], "mean": [0.5] * 3, "std": [0.25] * 3, "classes": list("abcdefghij")}
+    meta = {"model": spec_of(model), "data": data, "memory_format": "channels_last"}
+    uri = publish(
+        write_local(tmp_path / "local", model, meta), storage.resolve(tmp_path / "published")
+    ).uri
+    images = [np.random.default_rng(0).integers(0, 256, (16, 8, 8, 3), dtype=np.uint8)]
+    full, half = (
+        ModelRunner(ServeConfig(checkpoint=uri, precision=p)) for p in ("auto", "bfloat16")
+    )
+    assert next(full.model.parameters()).dtype == torch.float32
+    assert next(half.model.parameters()).dtype == torch.bfloat16
+    want, got = full.predict_many(images)[0], half.predict_many(images)[0]
+    for a, b in zip(got, want, strict=True):
+        assert isinstance(a["top_k"][0]["probability"], float)
+        assert a["top_k"][0]["probability"] == pytest.approx(b["top_k"][0]["probability"], abs=0.02)
+
+
 def test_unwrap():
     inner = TinyNet()
     compiled_like = nn.Module()

@@ -73,6 +73,9 @@ class ServeConfig(Config):
     """Put each replica's model on a GPU."""
     gpus_per_replica: float = setting(1.0, gt=0, le=1)
     """GPUs each model replica reserves with ``use_gpu`` (a fraction lets replicas share one GPU)."""
+    precision: Literal["auto", "float32", "bfloat16"] = "auto"
+    """The dtype a replica computes in: ``auto`` is bfloat16 on a GPU (weights cast once at load;
+    logits and probabilities still leave in float32) and float32 on a CPU."""
     top_k: int = setting(3, ge=1)
     """How many class probabilities each answer lists."""
     access_log: bool = False

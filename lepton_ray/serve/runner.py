@@ -36,6 +36,8 @@ class ModelRunner:
             trusted_modules=cfg.trusted_modules,
         )
         self.model, self.meta, self.version = loaded.model, loaded.meta, loaded.version
+        self.dtype = compute_dtype(cfg.precision, self.device)
+        self.model.to(self.dtype)  # generation's KV cache takes the weights' dtype too
         self.spec = InputSpec.from_meta(self.meta)
         self.clicks = ClickSpec.from_meta(self.meta)  # a click model's rows; None for images
         # On a GPU, cuDNN picks its kernels per input shape the first time it sees one: for
@@ -68,9 +70,11 @@ class ModelRunner:
             from lepton_ray.dlrm import Features
 
             dense, ids = unpack(images, self.clicks.dense)
-            x = Features(torch.from_numpy(dense), torch.from_numpy(ids)).to(self.device)
+            x = Features(torch.from_numpy(dense).to(self.dtype), torch.from_numpy(ids))
+            x = x.to(self.device)
         else:
-            x = torch.from_numpy(to_model_input(images, self.spec)).to(self.device)
+            x = torch.from_numpy(to_model_input(images, self.spec))
+            x = x.to(self.device, self.dtype, non_blocking=True)
         with torch.inference_mode():
             logits = self.model(x)[:n].float().cpu().numpy()
         if self.clicks is not None:
@@ -93,6 +97,13 @@ class ModelRunner:
             "metrics": self.meta.get("metrics", {}),
             "loaded_at": self.loaded_at,
         }
+
+
+def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """``ServeConfig.precision`` on ``device``: ``auto`` is bfloat16 on a GPU, float32 elsewhere."""
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, precision)
 
 
 def batch_buckets(max_batch_size: int) -> tuple[int, ...]:
