@@ -73,8 +73,9 @@ class ModelRunner:
             x = Features(torch.from_numpy(dense).to(self.dtype), torch.from_numpy(ids))
             x = x.to(self.device)
         else:
-            x = torch.from_numpy(to_model_input(images, self.spec))
-            x = x.to(self.device, self.dtype, non_blocking=True)
+            x = torch.from_numpy(to_model_input(images, self.spec))  # pixels, or token ids
+            dtype = self.dtype if x.is_floating_point() else x.dtype
+            x = x.to(self.device, dtype, non_blocking=True)
         with torch.inference_mode():
             logits = self.model(x)[:n].float().cpu().numpy()
         if self.clicks is not None:
