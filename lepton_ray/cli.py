@@ -78,11 +78,8 @@ def cmd_data_prepare(a: argparse.Namespace) -> Any:
             "uri": i.uri,
             "rows": i.num_rows,
             "shape": list(i.shape),
-            **(
-                {"kind": "text", "block_size": i.block_size}
-                if i.kind == "text"
-                else {"classes": len(i.classes)}
-            ),
+            **({"kind": i.kind, "block_size": i.block_size} if i.block_size else {}),
+            **({} if i.kind == "text" else {"classes": len(i.classes)}),
             "skipped_rows": i.manifest.get("skipped_rows", 0),
         }
         for split, i in infos.items()
@@ -103,7 +100,7 @@ def cmd_data_inspect(a: argparse.Namespace) -> Any:
 
     i = open_dataset(a.uri, a.endpoint_url)
     m = i.manifest
-    if a.grid and i.kind == "text":
+    if a.grid and i.block_size:
         raise _UsageError("--grid draws images; this dataset holds text")
     if a.grid and i.kind == "ctr":
         raise _UsageError("--grid draws images; this dataset holds click rows")
@@ -124,13 +121,14 @@ def cmd_data_inspect(a: argparse.Namespace) -> Any:
             "id": "int64",
             "image": f"binary ({i.encoding} uint8 {'x'.join(map(str, i.shape))})"
             + (f": {i.block_size} + 1 byte tokens per block" if i.kind == "text" else "")
+            + (f": a text as {i.block_size} byte tokens" if i.kind == "text-label" else "")
             + (_click_row_schema(m) if i.kind == "ctr" else ""),
             "label": "int64" + (" (1: clicked, 0: not)" if i.kind == "ctr" else ""),
         },
         **(_click_fields(i) if i.kind == "ctr" else {}),
         **(
-            {"kind": "text", "block_size": i.block_size, "vocab_size": i.vocab_size}
-            if i.kind == "text"
+            {"kind": i.kind, "block_size": i.block_size, "vocab_size": i.vocab_size}
+            if i.block_size
             else {}
         ),
         "source": m.get("source"),
@@ -554,7 +552,9 @@ def build_parser() -> argparse.ArgumentParser:
         "source",
         help="mnist5k, torchvision:MNIST|FashionMNIST|KMNIST|CIFAR10|CIFAR100 (with --root), "
         "imagefolder:PATH|s3://..., parquet:PATH, synthetic:ROWS:HxWxC[:CLASSES]; text (byte "
-        "tokens): pydoc-topics, text:FILE|FOLDER, text-parquet:PATH[:COLUMN]",
+        "tokens): pydoc-topics, text:FILE|FOLDER, text-parquet:PATH[:COLUMN]; labelled text: "
+        "python-snippets, text-csv:PATH[:TEXTCOL:LABELCOL], "
+        "text-label-parquet:PATH[:TEXTCOL:LABELCOL]",
     )
     prep.add_argument("dest", help="destination URI (path or s3://bucket/prefix)")
     prep.add_argument("--overwrite", action="store_true", help="rewrite even if already prepared")
@@ -580,7 +580,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--block-size",
         type=int,
         default=None,
-        help="text sources: tokens a model reads per block (default 256; a row holds one more)",
+        help="text sources: tokens a model reads per block (default 256; a row holds one more); "
+        "labelled text: tokens per text, longer ones cut (default 128)",
     )
     prep.add_argument(*ep["flags"], **ep["kw"])
     prep.set_defaults(fn=cmd_data_prepare)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 
 import numpy as np
@@ -193,8 +195,181 @@ def test_a_tampered_text_manifest_is_refused(tmp_path):
         ("shape", [1, 8, 1], r"'shape' must be \[1, 9, 1\]"),
         ("block_size", 1, "'block_size' must be a whole number >= 2"),
         ("vocab_size", 50304, "'tokenizer' must be 'bytes' with vocab_size 256"),
-        ("kind", "audio", "'kind' must be 'image' or 'text'"),
+        ("kind", "audio", "'kind' must be one of image, text, text-label, ctr"),
         ("classes", ["a"], r"'classes' must be \[\] for text"),
+    ]:
+        path.write_text(json.dumps({**m, key: value}))
+        with pytest.raises(DataError, match=match):
+            open_dataset(str(tmp_path / "ds" / "train"))
+
+
+# --- labelled text (kind "text-label") -----------------------------------------------------------
+LABELLED = [
+    ("a short one", "neg"),
+    ("Grüße aus Köln, a text longer than the block of twelve bytes", "pos"),
+    ("x, with a comma", "neg"),
+    ('"quoted"\nover two lines', "10"),
+    ("nine", "9"),
+]
+
+
+def _labelled_rows(infos) -> dict[int, tuple[bytes, str]]:
+    """Every row of every split by id: (its tokens without the padding, its class name)."""
+    out = {}
+    for info in infos.values():
+        x, labels, ids = read_arrays(info)
+        assert x.shape[1:] == (1, info.block_size, 1) and info.kind == "text-label"
+        for row, label, i in zip(x.reshape(len(x), -1), labels, ids, strict=True):
+            out[int(i)] = (bytes(row).rstrip(b"\0"), info.classes[label])
+    return out
+
+
+def _check_labelled(infos, block: int = 12) -> None:
+    assert set(infos) == {"train", "test"} and infos["test"].num_rows == 1  # a tenth, at least 1
+    train = infos["train"]
+    assert train.classes == ("9", "10", "neg", "pos")  # numbers in numeric order first
+    assert train.manifest["kind"] == "text-label" and train.manifest["tokenizer"] == "bytes"
+    assert train.model_kwargs() == {"vocab_size": 256, "block_size": block, "num_classes": 4}
+    assert train.kind_fields() == {"block_size": block, "vocab_size": 256}
+    rows = _labelled_rows(infos)
+    assert sorted(rows) == list(range(len(LABELLED)))  # ids: row numbers in the source
+    for i, (body, label) in enumerate(LABELLED):
+        assert rows[i] == (body.encode()[:block], label)  # cut after 12 bytes, or padded
+
+
+def test_csv_rows_as_byte_tokens_with_classes(tmp_path):
+    path = tmp_path / "reviews.csv"
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "body", "sentiment"])
+        w.writerows([k, body, label] for k, (body, label) in enumerate(LABELLED))
+    infos = prepare(f"text-csv:{path}:body:sentiment", str(tmp_path / "ds"), block_size=12)
+    _check_labelled(infos)
+    assert infos["train"].manifest["source"] == f"text-csv:{path}:body:sentiment/train"
+    again = prepare(f"text-csv:{path}:body:sentiment", str(tmp_path / "ds"), block_size=12)
+    assert again["train"].shards == infos["train"].shards  # idempotent
+
+
+def test_parquet_rows_with_integer_labels(tmp_path):
+    path = tmp_path / "docs.parquet"
+    pq.write_table(pa.table({"text": [b for b, _ in LABELLED], "label": [3, 1, 3, 1, 2]}), path)
+    infos = prepare(f"text-label-parquet:{path}", str(tmp_path / "ds"))  # text, label; 128
+    assert infos["train"].classes == ("1", "2", "3") and infos["train"].block_size == 128
+    rows = _labelled_rows(infos)
+    assert [rows[i][1] for i in range(5)] == ["3", "1", "3", "1", "2"]
+    assert rows[1][0] == LABELLED[1][0].encode()  # shorter than 128: whole
+
+
+def test_labelled_csv_on_s3(s3_server, s3_bucket, tmp_path):
+    from lepton_ray import storage
+
+    body = io.StringIO(newline="")
+    csv.writer(body).writerows([("text", "label"), *LABELLED])
+    src = f"s3://{s3_bucket}/raw/reviews.csv"
+    storage.resolve(src, s3_server).write_bytes(body.getvalue().encode())
+    infos = prepare(
+        f"text-csv:{src}", f"s3://{s3_bucket}/ds", block_size=12, endpoint_url=s3_server
+    )
+    _check_labelled(infos)
+    assert infos["train"].uri == f"s3://{s3_bucket}/ds/train"
+
+
+@pytest.mark.parametrize(
+    ("body", "arg", "match"),
+    [
+        ("body,label\nhi,a\nho,b\n", "", r"no column 'text' \(has body, label\); name the columns"),
+        ("text,label\nhi,a\nho,a\nhu,a\n", "", "every row has label 'a': a classifier needs at least 2"),
+        ("text,label\nhi,a\n", "", r"1 labelled row\(s\); at least 2"),
+        ("text,label\nhi,a\n,b\n", "", "line 3: text is empty"),
+        ("text,label\nhi,a\nho,\n", "", "line 3: label is empty"),
+        ("text,label\nhi,a\nho,b,c\n", "", "line 3: has 3 fields, the header 2"),
+        ("text,label\nhi\x00there,a\nho,b\n", "", r"line 2: text holds U\+0000"),
+        ("", "", "no header row"),
+        ("text,label\nhi,a\n", ":label", "name both columns"),
+    ],
+)  # fmt: skip
+def test_bad_labelled_csv_is_one_clear_error(tmp_path, body, arg, match):
+    path = tmp_path / "a.csv"
+    path.write_text(body, encoding="utf-8")
+    with pytest.raises(DataError, match=match):
+        prepare(f"text-csv:{path}{arg}", str(tmp_path / "ds"), block_size=8)
+
+
+def test_bad_labelled_files_and_skip_bad(tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_bytes(b"text,label\nok,a\n\xff\xfe,b\n")
+    with pytest.raises(DataError, match=r"bad.csv: not UTF-8 text \(byte 16\)"):
+        prepare(f"text-csv:{bad}", str(tmp_path / "ds"))
+    with pytest.raises(DataError, match="no CSV file at"):
+        prepare(f"text-csv:{tmp_path / 'missing.csv'}", str(tmp_path / "ds"))
+    with pytest.raises(DataError, match="is a folder: text-csv reads one CSV file"):
+        prepare(f"text-csv:{tmp_path}", str(tmp_path / "ds"))
+    p = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"text": ["a", None, "c", ""], "label": [1.0, 2.0, 1.0, 2.0]}), p)
+    with pytest.raises(DataError, match=r"column 'label' holds double, not labels"):
+        prepare(f"text-label-parquet:{p}", str(tmp_path / "ds"))
+    pq.write_table(
+        pa.table({"text": ["a", None, "c", "", "e"], "label": ["x", "y", "y", "x", None]}), p
+    )
+    with pytest.raises(DataError, match=r"t.parquet row 1: text is null"):
+        prepare(f"text-label-parquet:{p}", str(tmp_path / "ds"))
+    infos = prepare(f"text-label-parquet:{p}", str(tmp_path / "ds"), skip_bad=True)
+    m = infos["train"].manifest
+    assert m["skipped_rows"] == 3 and sum(i.num_rows for i in infos.values()) == 2
+    assert m["skipped_examples"] == [
+        "t.parquet row 1: text is null",
+        "t.parquet row 3: text is empty",
+        "t.parquet row 4: label is null",
+    ]
+
+
+def test_python_snippets_is_balanced_learnable_and_not_a_length_rule():
+    """The built-in corpus: three classes of equal size (majority = 1/3), deterministic, and a
+    rule on lengths (each length bin's most common class, fitted on the rows themselves) stays far
+    from perfect: the classes overlap in length."""
+    from lepton_ray.data import labelled_text as lt
+
+    texts, labels = lt.python_snippets()
+    assert (texts, labels) == lt.python_snippets()
+    counts = {c: labels.count(c) for c in set(labels)}
+    assert set(counts) == {"code", "docstring", "reference"} and len(set(counts.values())) == 1
+    assert len(texts) > 3000 and len(set(texts)) == len(texts)
+    assert all(lt.text_problem(t) is None for t in texts)
+    lengths = np.minimum([len(t.encode()) for t in texts], 128) // 8  # bins as a 128-byte block
+    y = np.asarray([sorted(counts).index(label) for label in labels])
+    best = sum(np.bincount(y[lengths == b]).max() for b in np.unique(lengths))
+    assert best / len(y) < 0.55, best / len(y)
+
+
+def test_cli_prepares_labelled_text(tmp_path, capsys):
+    src = tmp_path / "a.csv"
+    src.write_text("text,label\n" + "".join(f"{t},{i % 2}\n" for i, t in enumerate("abcdefghij")))
+    out = tmp_path / "ds"
+    assert cli.main(["data", "prepare", f"text-csv:{src}", str(out), "--block-size", "4"]) == 0
+    shown = json.loads(capsys.readouterr().out)["train"]
+    assert (shown["kind"], shown["block_size"], shown["classes"], shown["rows"]) == (
+        "text-label", 4, 2, 9,
+    )  # fmt: skip
+    assert cli.main(["data", "inspect", str(out / "test")]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["kind"] == "text-label" and shown["classes"] == ["0", "1"]
+    assert cli.main(["data", "prepare", f"text-csv:{src}:x:label", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no column 'x' (has text, label)" in err[0]
+
+
+def test_a_tampered_labelled_manifest_is_refused(tmp_path):
+    src = tmp_path / "a.csv"
+    src.write_text("text,label\nhi,a\nho,b\nhu,a\n")
+    prepare(f"text-csv:{src}", str(tmp_path / "ds"), block_size=8)
+    path = tmp_path / "ds" / "train" / "manifest.json"
+    m = json.loads(path.read_text())
+    for key, value, match in [
+        ("shape", [1, 9, 1], r"'shape' must be \[1, 8, 1\]"),
+        ("block_size", 0, "'block_size' must be a whole number >= 1"),
+        ("tokenizer", "gpt2", "'tokenizer' must be 'bytes' with vocab_size 256"),
+        ("classes", ["a"], "'classes' must name at least 2 classes"),
+        ("encoding", "png", "'encoding' must be 'raw' for labelled text"),
     ]:
         path.write_text(json.dumps({**m, key: value}))
         with pytest.raises(DataError, match=match):

@@ -29,7 +29,9 @@ class DatasetSpec(Config):
 
     source: str = "mnist5k"
     """What ``prepare_data`` reads: mnist5k, torchvision:NAME (with ``root``), imagefolder:PATH,
-    parquet:PATH; text as byte tokens: pydoc-topics, text:PATH, text-parquet:PATH[:COLUMN]."""
+    parquet:PATH; text as byte tokens: pydoc-topics, text:PATH, text-parquet:PATH[:COLUMN];
+    labelled text: python-snippets, text-csv:PATH[:TEXTCOL:LABELCOL],
+    text-label-parquet:PATH[:TEXTCOL:LABELCOL]."""
     uri: str | None = None
     """The prepared dataset's root (splits below it); default ``<store>/datasets/<source name>``."""
     root: str | None = None
@@ -41,7 +43,8 @@ class DatasetSpec(Config):
     encoding: Literal["raw", "png"] = "raw"
     """Rows as raw pixels (fastest to read) or PNG (smaller for natural images)."""
     block_size: int | None = setting(None, ge=2)
-    """Text sources: tokens a model reads per block (a row holds one more); null: 256."""
+    """Text sources: tokens a model reads per block (a row holds one more); null: 256. Labelled
+    text: tokens per text (longer ones are cut); null: 128."""
     train_split: str = setting("train", check=plain_name)
     """The split to train on."""
     val_split: str | None = setting("test", check=plain_name)
@@ -49,7 +52,7 @@ class DatasetSpec(Config):
 
 
 # Given by the dataset (``DatasetInfo.model_kwargs``), never by ``model.kwargs``.
-_FROM_DATA = ("in_channels", "num_classes", "vocab_size", "block_size")
+_FROM_DATA = ("in_channels", "num_classes", "vocab_size", "block_size", "cardinalities", "dense")
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -57,10 +60,12 @@ class ModelSpec(Config):
     """The architecture to train, from the registry in ``lepton_ray.models``."""
 
     name: str = "cnn"
-    """Registered architecture (cnn, resnet18; gpt for a text dataset)."""
+    """Registered architecture (cnn, resnet18; gpt for text, bert for labelled text, dlrm for
+    click data)."""
     kwargs: dict[str, Any] = field(default_factory=dict)
-    """Extra constructor arguments (``in_channels`` and ``num_classes``, or a text dataset's
-    ``vocab_size`` and ``block_size``, come from the dataset)."""
+    """Extra constructor arguments (``in_channels`` and ``num_classes``, a text dataset's
+    ``vocab_size`` and ``block_size``, a click dataset's ``cardinalities`` and ``dense`` come from
+    the dataset)."""
 
     def check(self) -> None:
         # The registry imports torch: only here, when a model is named, never at import.

@@ -4,7 +4,8 @@ A prepared dataset is a folder (local or ``s3://``) holding Parquet shards and a
 ``manifest.json``. Rows are ``id`` (int64, stable across epochs and runs), ``image`` (raw HWC
 uint8 bytes, or PNG) and ``label`` (int64). A text dataset (``kind: "text"``) stores byte-level
 token blocks the same way, each as an "image" of shape (1, block_size + 1, 1) with label 0 (see
-:mod:`lepton_ray.data.text`); a click dataset (``kind: "ctr"``) stores rows of dense float32 and
+:mod:`lepton_ray.data.text`); a labelled-text dataset (``kind: "text-label"``) one text a row, as
+(1, block_size, 1) byte tokens with its class (see :mod:`lepton_ray.data.labelled_text`); a click dataset (``kind: "ctr"``) stores rows of dense float32 and
 int32 table ids so, labels 0/1 (see :mod:`lepton_ray.data.ctr`). The manifest lists the shards with their checksums, the
 row count, the image shape, the classes and the per-channel mean/std. It is written last
 (:mod:`lepton_ray.data.writer`), so a reader that finds a manifest finds complete shards.
@@ -37,6 +38,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lepton_ray import storage
+from lepton_ray.data import labelled_text
 from lepton_ray.data.transforms import (
     ENCODINGS,
     Preprocessor,
@@ -53,6 +55,8 @@ FORMAT = "lepton-dataset/1"
 MANIFEST = "manifest.json"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+KINDS = ("image", "text", "text-label", "ctr")
+TOKEN_KINDS = ("text", "text-label")  # rows of byte tokens (block_size, vocab_size)
 
 
 @dataclass(frozen=True)
@@ -69,7 +73,8 @@ class DatasetInfo:
     encoding: str = "raw"
     endpoint_url: str | None = None
     manifest: dict = field(default_factory=dict, repr=False, compare=False)
-    kind: str = "image"  # "text": token blocks (data.text); "ctr": click rows (data.ctr)
+    kind: str = "image"  # "text": token blocks (data.text); "text-label": labelled texts
+    # (data.labelled_text); "ctr": click rows (data.ctr)
 
     @property
     def num_classes(self) -> int:
@@ -77,20 +82,28 @@ class DatasetInfo:
 
     @property
     def block_size(self) -> int:
-        """A text dataset's tokens per block that the model reads (a row holds one more)."""
-        return int(self.manifest["block_size"]) if self.kind == "text" else 0
+        """A text dataset's tokens per block that the model reads (a text row holds one more, a
+        labelled-text row exactly these)."""
+        return int(self.manifest["block_size"]) if self.kind in TOKEN_KINDS else 0
 
     @property
     def vocab_size(self) -> int:
         """A text dataset's vocabulary (256: bytes)."""
-        return int(self.manifest["vocab_size"]) if self.kind == "text" else 0
+        return int(self.manifest["vocab_size"]) if self.kind in TOKEN_KINDS else 0
 
     def model_kwargs(self) -> dict[str, Any]:
         """The constructor arguments this data fixes for a registered model: ``in_channels`` and
         ``num_classes`` for images, ``vocab_size`` and ``block_size`` for text (the ``gpt``),
-        ``cardinalities`` and ``dense`` for click data (the ``dlrm``)."""
+        and ``num_classes`` too for labelled text (the ``bert``), ``cardinalities`` and ``dense``
+        for click data (the ``dlrm``)."""
         if self.kind == "text":
             return {"vocab_size": self.vocab_size, "block_size": self.block_size}
+        if self.kind == "text-label":
+            return {
+                "vocab_size": self.vocab_size,
+                "block_size": self.block_size,
+                "num_classes": self.num_classes,
+            }
         if self.kind == "ctr":
             return {
                 "cardinalities": list(self.manifest["cardinalities"]),
@@ -100,9 +113,10 @@ class DatasetInfo:
 
     def kind_fields(self) -> dict[str, Any]:
         """What a run records of its data's kind beside shape and classes (the checkpoint's
-        ``data`` section, which chooses the loop's task): a text set's ``block_size`` and
-        ``vocab_size``, a click set's ``cardinalities``, ``dense`` and ``planted_auc``."""
-        if self.kind == "text":
+        ``data`` section, which chooses the loop's task): a text or labelled-text set's
+        ``block_size`` and ``vocab_size``, a click set's ``cardinalities``, ``dense`` and
+        ``planted_auc``."""
+        if self.kind in TOKEN_KINDS:
             return {"block_size": self.block_size, "vocab_size": self.vocab_size}
         if self.kind == "ctr":
             keys = ("cardinalities", "dense", "planted_auc")
@@ -212,10 +226,12 @@ def check_manifest(m: Any, where: str) -> dict:
     if not (isinstance(shape, list) and len(shape) == 3 and all(count(d) and d > 0 for d in shape)):
         raise bad("shape", "must be [height, width, channels] of positive whole numbers")
     kind = m.get("kind", "image")
-    if kind not in ("image", "text", "ctr"):
-        raise bad("kind", "must be 'image' or 'text' or 'ctr'")
+    if kind not in KINDS:
+        raise bad("kind", f"must be one of {', '.join(KINDS)}")
     if kind == "text":
         _check_text(m, bad)
+    if kind == "text-label":
+        labelled_text.check_manifest(m, bad)
     if kind == "ctr":
         _check_ctr(m, bad)
     classes = m.get("classes")

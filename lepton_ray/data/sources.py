@@ -8,6 +8,9 @@ tree (``imagefolder:PATH`` or ``imagefolder:s3://bucket/prefix``, one sub-folder
 PNG/JPEG; ``train/`` and ``test/`` or ``val/`` sub-trees become splits), and existing Parquet (``parquet:PATH`` with ``image`` bytes and ``label``).
 Text sources (``text:PATH``, ``text-parquet:PATH[:COLUMN]``, ``pydoc-topics``) give byte-level
 token blocks as rows of shape (1, block_size + 1, 1): see :mod:`lepton_ray.data.text`.
+Labelled text (``text-csv:PATH[:TEXTCOL:LABELCOL]``, ``text-label-parquet:PATH[:TEXTCOL:LABELCOL]``,
+``python-snippets``) gives one text a row as byte tokens with its class: see
+:mod:`lepton_ray.data.labelled_text`.
 Click data (``synthetic-ctr:rows=N,tables=T,cardinality=C,dense=D,seed=S``) gives rows of dense
 features and table ids with a planted signal: see :mod:`lepton_ray.data.ctr`.
 
@@ -23,11 +26,12 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from lepton_ray import storage
-from lepton_ray.data import ctr, text
+from lepton_ray.data import ctr, labelled_text, text
 from lepton_ray.errors import DataError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
@@ -104,10 +108,24 @@ class Source:
     manifest: dict = field(default_factory=dict)  # what its manifest adds (a text dataset's kind)
 
 
+def token_module(source: str) -> Any:
+    """The module that reads ``source`` as byte tokens (:mod:`~lepton_ray.data.text` or
+    :mod:`~lepton_ray.data.labelled_text`), or None for any other source."""
+    if text.is_text_source(source):
+        return text
+    return labelled_text if labelled_text.is_source(source) else None
+
+
+def default_block_size(source: str) -> int | None:
+    """``block_size`` when none is given: the token module's default; None for other sources."""
+    module = token_module(source)
+    return None if module is None else module.DEFAULT_BLOCK_SIZE
+
+
 def canonical(source: str) -> str:
     """The name a source is recorded under in manifests (what makes ``prepare`` idempotent)."""
-    if text.is_text_source(source):
-        return text.canonical(source)
+    if (module := token_module(source)) is not None:
+        return module.canonical(source)
     if ctr.is_ctr_source(source):
         return ctr.parse(source).canonical()
     if source in BUILTIN_SOURCES:
@@ -131,12 +149,13 @@ def load(
     block_size: int | None = None,
 ) -> Source:
     """Resolve a source string (see the module docstring) and load it; a text source (see
-    :mod:`lepton_ray.data.text`) is cut into blocks of ``block_size`` (default 256)."""
-    if text.is_text_source(source):
-        size = text.DEFAULT_BLOCK_SIZE if block_size is None else block_size
-        b = text.load(source, size, skip_bad=skip_bad, endpoint_url=endpoint_url)
+    :mod:`lepton_ray.data.text`) is cut into blocks of ``block_size`` (default 256), labelled text
+    (:mod:`lepton_ray.data.labelled_text`) into rows of ``block_size`` tokens (default 128)."""
+    if (module := token_module(source)) is not None:
+        size = module.DEFAULT_BLOCK_SIZE if block_size is None else block_size
+        b = module.load(source, size, skip_bad=skip_bad, endpoint_url=endpoint_url)
         splits = {k: Split(*v, list(b.skipped)) for k, v in b.splits.items()}
-        return Source(b.name, dict(splits), [], b.manifest)
+        return Source(b.name, dict(splits), list(b.classes), b.manifest)
     if block_size is not None:
         raise DataError(f"block_size applies to text sources only, not {source!r}")
     if ctr.is_ctr_source(source):
@@ -161,8 +180,10 @@ def load(
         return _image_folder(source, skip_bad, endpoint_url)
     raise DataError(
         f"unknown dataset source {source!r} (built-in: "
-        f"{', '.join([*BUILTIN_SOURCES, *text.TEXT_BUILTINS])}; or torchvision:NAME, "
-        "imagefolder:PATH, parquet:PATH, synthetic:ROWS:HxWxC, text:PATH, text-parquet:PATH[:COLUMN], "
+        f"{', '.join([*BUILTIN_SOURCES, *text.TEXT_BUILTINS, *labelled_text.BUILTINS])}; or "
+        "torchvision:NAME, imagefolder:PATH, parquet:PATH, synthetic:ROWS:HxWxC, text:PATH, "
+        "text-parquet:PATH[:COLUMN], text-csv:PATH[:TEXTCOL:LABELCOL], "
+        "text-label-parquet:PATH[:TEXTCOL:LABELCOL], "
         "synthetic-ctr:rows=N,tables=T,cardinality=C,dense=D,seed=S)"
     )
 

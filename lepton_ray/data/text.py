@@ -104,12 +104,14 @@ def manifest_fields(block_size: int) -> dict:
 @dataclass(frozen=True)
 class Blocks:
     """A text source cut into blocks, per split ``(rows (N, 1, T + 1, 1) uint8, labels 0, ids)``
-    with ids the block indices; what :mod:`lepton_ray.data.sources` makes a ``Source`` of."""
+    with ids the block indices; what :mod:`lepton_ray.data.sources` makes a ``Source`` of. Labelled
+    text (:mod:`lepton_ray.data.labelled_text`) comes the same way, with its class names."""
 
     name: str
     splits: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]
     manifest: dict
     skipped: list[str] = field(default_factory=list)
+    classes: list[str] = field(default_factory=list)  # labelled text only; token blocks have none
 
 
 def text_blocks(
@@ -183,7 +185,7 @@ def _parquet_arg(arg: str) -> tuple[str, str]:
     return arg, "text"
 
 
-def _utf8(data: bytes, where: str) -> bytes:
+def utf8(data: bytes, where: str) -> bytes:
     try:
         data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -202,7 +204,7 @@ def _text_files(loc: storage.Location, skip_bad: bool, skipped: list[str]) -> It
         raise DataError(f"no text file or folder at {loc.uri}")
     for f in files:
         try:
-            yield _utf8(f.read_bytes(), f.uri)
+            yield utf8(f.read_bytes(), f.uri)
         except DataError as exc:
             if not skip_bad:
                 raise
@@ -218,9 +220,9 @@ def _walk(loc: storage.Location) -> Iterable[storage.Location]:
             yield child
 
 
-def _parquet_column(
-    loc: storage.Location, column: str, skip_bad: bool, skipped: list[str]
-) -> Iterable[bytes]:
+def parquet_tables(loc: storage.Location) -> Iterable[tuple[storage.Location, Any]]:
+    """``(file, pyarrow.Table)`` for a Parquet file, or each ``.parquet`` file of a folder in path
+    order, read whole (local or ``s3://``)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -233,9 +235,17 @@ def _parquet_column(
         raise DataError(f"no Parquet files at {loc.uri}")
     for f in files:
         try:
-            table = pq.read_table(io.BytesIO(f.read_bytes()))
+            yield f, pq.read_table(io.BytesIO(f.read_bytes()))
         except pa.ArrowInvalid as exc:
             raise DataError(f"{f.uri}: not a readable Parquet file ({exc})") from None
+
+
+def _parquet_column(
+    loc: storage.Location, column: str, skip_bad: bool, skipped: list[str]
+) -> Iterable[bytes]:
+    import pyarrow as pa
+
+    for f, table in parquet_tables(loc):
         if column not in table.column_names:
             raise DataError(
                 f"{f.uri}: no column {column!r} (has {', '.join(table.column_names)}); name the "

@@ -31,7 +31,6 @@ from lepton_ray.data.dataset import (
     read_manifest,
     shard_location,
 )
-from lepton_ray.data.text import DEFAULT_BLOCK_SIZE, is_text_source
 from lepton_ray.data.transforms import ENCODINGS, encode_png
 from lepton_ray.errors import DataError, LeptonError
 
@@ -388,7 +387,10 @@ def prepare(
     """Prepare a dataset into object storage: ``dest/<split>/`` per split (see :mod:`lepton_ray.data.sources`
     for the sources: ``mnist5k``, ``torchvision:NAME`` with ``root``, ``imagefolder:PATH``,
     ``parquet:PATH``; text: ``text:PATH``, ``text-parquet:PATH[:COLUMN]``, ``pydoc-topics``, cut
-    into byte-level token blocks of ``block_size`` (default 256; :mod:`lepton_ray.data.text`)).
+    into byte-level token blocks of ``block_size`` (default 256; :mod:`lepton_ray.data.text`);
+    labelled text: ``text-csv:PATH[:TEXTCOL:LABELCOL]``, ``text-label-parquet:...``,
+    ``python-snippets``, one text a row of ``block_size`` tokens (default 128;
+    :mod:`lepton_ray.data.labelled_text`)).
 
     Idempotent: when ``dest`` already holds this source's splits they are left as they are and
     nothing is read (``overwrite=True`` rewrites them, atomically). With ``skip_bad``, unreadable
@@ -410,8 +412,8 @@ def prepare(
         crop = jpeg.DEFAULT_CROP if crop is None else crop
         if not 1 <= crop <= 4096:
             raise DataError(f"crop must be 1 to 4096 pixels, got {crop}")
-    if block_size is None and is_text_source(source):
-        block_size = DEFAULT_BLOCK_SIZE
+    if block_size is None:  # text sources: their default; None for images
+        block_size = sources.default_block_size(source)
     root_loc = storage.resolve(dest, endpoint_url)
     root_loc.ensure_writable()
     if not overwrite:
