@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lepton_ray.bert import BERT
 from lepton_ray.dlrm import DLRM
 from lepton_ray.errors import CheckpointError, ConfigError
 from lepton_ray.gpt import GPT
@@ -107,6 +108,8 @@ def resnet50(in_channels: int = 3, num_classes: int = 1000) -> nn.Module:
 register("gpt")(GPT)
 # A DLRM-style click model (lepton_ray/dlrm.py), registered the same way.
 register("dlrm")(DLRM)
+# A BERT-style text classifier (lepton_ray/bert.py), registered the same way.
+register("bert")(BERT)
 
 
 def build_model(name: str, **kwargs: Any) -> nn.Module:

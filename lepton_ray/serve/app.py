@@ -62,6 +62,11 @@ PREDICT_BODY = {
                             "items": {"type": "string"},
                             "description": "base64 PNG/JPEG",
                         },
+                        "texts": {
+                            "type": "array",
+                            "items": {"type": "string"},
+                            "description": "a text classifier's texts (UTF-8, cut to its block)",
+                        },
                     },
                 }
             },
@@ -345,6 +350,7 @@ class Ingress:
             )
 
     async def predict(self, request: Request) -> Response:
+        from lepton_ray.serve import codec
         from lepton_ray.serve.codec import SHAPE_HEADER, decode_body, decode_features, encode
 
         if self.text is not None:
@@ -353,6 +359,8 @@ class Ingress:
         ctype = request.headers.get("content-type", "").lower()
         if self.clicks is not None:  # {"features": {"dense": ..., "sparse": ...}}
             images = decode_features(body, self.clicks, self.cfg.max_images_per_request)
+        elif self.spec.kind == "text-label":  # {"texts": [...]}: byte-token rows
+            images = codec.decode_texts(body, ctype, self.spec, self.cfg.max_images_per_request)
         elif ctype.startswith("multipart/form-data"):
             images = await self._decode_multipart(request, body)
         else:
@@ -370,7 +378,7 @@ class Ingress:
         from lepton_ray.serve import generate
 
         if self.text is None:
-            raise RequestError(400, f"model {self.version} classifies images: POST /v1/predict")
+            raise RequestError(400, f"model {self.version} is a classifier: POST /v1/predict")
         req, stream = generate.parse(await self._read_body(request), self.text)
         if isinstance(self.stable, ModelCore):  # one hop: this replica's own scheduler
             events = self.stable.generate(req)

@@ -3,7 +3,9 @@
 Requests carry images as raw pixel values (0-255) in the dataset's layout, ``[H][W]`` or
 ``[H][W][C]`` (or flat ``H*W*C``), as base64-encoded PNG/JPEG, as a raw PNG/JPEG body, as
 multipart file uploads, or in a binary body: a batch of uint8 pixels with its shape in an
-``X-Shape`` header, or a ``.npy`` array. Every problem raises
+``X-Shape`` header, or a ``.npy`` array. A text classifier takes ``{"texts": [...]}``
+(:func:`decode_texts`), a click model ``{"features": ...}`` (:func:`decode_features`). Every
+problem raises
 :class:`RequestError` with an HTTP status before the request joins a batch, so one bad request
 never fails its batch-mates.
 """
@@ -45,7 +47,8 @@ class RequestError(Exception):
 
 class InputSpec:
     """What the model takes: image shape (H, W, C), normalisation, class names, and whether it
-    runs on channels-last (NHWC) memory."""
+    runs on channels-last (NHWC) memory; ``kind`` is the data's (``"text-label"``: rows of
+    ``(1, block_size, 1)`` byte tokens, which reach the model as int64 tokens)."""
 
     def __init__(
         self,
@@ -54,12 +57,14 @@ class InputSpec:
         std: Sequence[float],
         classes: Sequence[str],
         channels_last: bool = False,
+        kind: str = "image",
     ):
         self.shape = tuple(int(v) for v in shape)
         self.mean = np.asarray(mean, np.float32)
         self.std = np.asarray(std, np.float32)
         self.classes = list(classes)
         self.channels_last = channels_last
+        self.kind = kind
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any]) -> InputSpec:
@@ -71,6 +76,7 @@ class InputSpec:
             data["std"],
             data["classes"],
             meta.get("memory_format") == "channels_last",
+            data.get("kind", "image"),
         )
 
 
@@ -92,16 +98,20 @@ def decode_body(
     fast = read_pixel_arrays(body, spec.shape, max_images)  # the common body, without Python lists
     if fast is not None:
         return fast
+    return decode_json(_json(body), spec, max_images)
+
+
+def _json(body: bytes) -> Any:
+    """A JSON body, parsed. orjson is strict JSON; the standard library also reads NaN/Infinity
+    (which Python's json.dumps writes) and lone surrogates, so that they get their clearer 422
+    rather than a parse error."""
     try:
-        payload = orjson.loads(body)
+        return orjson.loads(body)
     except orjson.JSONDecodeError:
-        # orjson is strict JSON; the standard library also reads NaN/Infinity (which Python's
-        # json.dumps writes), so that they get the clearer 422 below rather than a parse error.
         try:
-            payload = json.loads(body)
+            return json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
             raise RequestError(400, "body is not valid JSON") from None
-    return decode_json(payload, spec, max_images)
 
 
 def encode(answer: Any) -> bytes:
@@ -129,6 +139,10 @@ def decode_json(payload: Any, spec: InputSpec, max_images: int) -> np.ndarray:
     if not isinstance(payload, dict):
         raise RequestError(
             400, 'body must be a JSON object with "instances" (pixel arrays) or "images" (base64)'
+        )
+    if "texts" in payload:
+        raise RequestError(
+            400, 'this model classifies images: send "instances" or "images", not "texts"'
         )
     keys = [k for k in ("instances", "images") if k in payload]
     if len(keys) != 1:
@@ -287,7 +301,10 @@ def decode_image_bytes(data: bytes, spec: InputSpec, i: int = 0) -> np.ndarray:
 
 def to_model_input(images: np.ndarray, spec: InputSpec) -> np.ndarray:
     """(N, H, W, C) uint8 -> (N, C, H, W) float32, normalised as in training, in the model's
-    memory layout (channels-last is the NHWC array itself: no copy)."""
+    memory layout (channels-last is the NHWC array itself: no copy). Labelled text: rows (N, 1,
+    T, 1) -> (N, T) int64 tokens, as the training loop gives them to the model."""
+    if spec.kind == "text-label":
+        return images.reshape(len(images), -1).astype(np.int64)
     x = images.astype(np.float32) * (1.0 / 255.0)
     x = (x - spec.mean) / spec.std
     x = x.transpose(0, 3, 1, 2)
@@ -341,13 +358,7 @@ def decode_features(body: bytes, spec: ClickSpec, max_rows: int) -> np.ndarray:
 
     if not body:
         raise RequestError(400, 'empty request body: send JSON {"features": {"dense", "sparse"}}')
-    try:
-        payload = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        try:  # NaN/Infinity (Python's json.dumps writes them) get the clearer 422 below
-            payload = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
-            raise RequestError(400, "body is not valid JSON") from None
+    payload = _json(body)
     if not isinstance(payload, dict) or set(payload) != {"features"}:
         raise RequestError(
             400, 'body must be a JSON object {"features": {"dense": ..., "sparse": ...}}'
@@ -398,3 +409,37 @@ def click_answers(logits: np.ndarray) -> list[dict[str, float]]:
     """(N,) click logits -> per row ``{"click_probability": p}``."""
     p = 1.0 / (1.0 + np.exp(-np.asarray(logits, np.float64).reshape(-1)))
     return [{"click_probability": round(float(v), 6)} for v in p]
+
+
+# --- texts (a text classifier's checkpoint: data kind "text-label") -------------------------------
+def decode_texts(body: bytes, content_type: str, spec: InputSpec, max_texts: int) -> np.ndarray:
+    """``{"texts": ["...", ...]}`` -> the rows as the model's data stores them, (N, 1, T, 1) uint8
+    byte tokens (:func:`lepton_ray.data.labelled_text.tokenize`: truncated or padded to T), so they
+    batch like images. Strict: a JSON object with exactly ``texts``, a non-empty list of at most
+    ``max_texts`` non-empty strings without U+0000; each problem one :class:`RequestError` naming
+    it (415 an image or binary body, 400 malformed, 413 too many texts, 422 a bad text)."""
+    from lepton_ray.data.labelled_text import text_problem, tokenize
+
+    if content_type.startswith(("image/", "application/octet-stream", "multipart/", *NPY_TYPES)):
+        raise RequestError(
+            415, f'this model classifies text: send JSON {{"texts": [...]}}, not {content_type}'
+        )
+    if not body:
+        raise RequestError(400, 'empty request body: send JSON {"texts": ["...", ...]}')
+    payload = _json(body)
+    if not isinstance(payload, dict) or set(payload) != {"texts"}:
+        keys = [repr(k[:40]) for k in list(payload)[:3]] if isinstance(payload, dict) else []
+        given = f", not {', '.join(keys)}" if keys else ""
+        raise RequestError(
+            400, f'this model classifies text: body must be {{"texts": ["...", ...]}}{given}'
+        )
+    texts = payload["texts"]
+    if not isinstance(texts, list) or not texts:
+        raise RequestError(400, '"texts" must be a non-empty list of strings')
+    if len(texts) > max_texts:
+        raise RequestError(413, f"{len(texts)} texts in one request; the limit is {max_texts}")
+    for i, t in enumerate(texts):
+        if (problem := text_problem(t)) is not None:
+            raise RequestError(422, f"texts[{i}] {problem}")
+    t = spec.shape[1]  # rows are (1, T, 1)
+    return tokenize(texts, t).reshape(len(texts), 1, t, 1)

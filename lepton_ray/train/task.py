@@ -1,4 +1,5 @@
-"""What is learned from a batch: image classification, next-token prediction or click-through.
+"""What is learned from a batch: image or text classification, next-token prediction or
+click-through.
 
 A task says how a batch from the feed becomes ``(x, y)`` on the device, the loss the step
 minimises, and how many rows it predicted right; :class:`~lepton_ray.train.step.TrainStep`,
@@ -47,6 +48,24 @@ class Classification:
 
     def metrics(self, metrics: dict[str, Any]) -> dict[str, Any]:
         return {}
+
+
+class TextClassification(Classification):
+    """Labelled texts (uint8 N, 1, 1, T byte tokens, 0 = padding, as the feeds hand them) ->
+    int64 (N, T) on the device, never normalised or augmented; labels (N,) int64; logits (N,
+    classes): the loss, counts and metrics are image classification's."""
+
+    kind = "text-label"
+
+    def __init__(self, device: torch.device):
+        super().__init__()
+        self.device = device
+        self.move = {"non_blocking": device.type == "cuda"}
+
+    def inputs(self, batch: dict[str, torch.Tensor], train: bool = True) -> tuple[Any, Any]:
+        tokens = batch["image"].to(self.device, **self.move)
+        x = tokens.view(len(tokens), -1).long()  # (N, T)
+        return x, batch["label"].to(self.device, **self.move)
 
 
 class NextToken:
@@ -148,6 +167,8 @@ def for_data(
     ``dense``)."""
     if data.get("kind", "image") == "text":
         return NextToken(device, int(data["block_size"]))
+    if data.get("kind") == "text-label":
+        return TextClassification(device)
     if data.get("kind") == "ctr":
         return ClickThrough(device, int(data["dense"]))
     return Classification(pixels, augment)

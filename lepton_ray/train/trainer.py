@@ -404,11 +404,17 @@ def _check_model(model: nn.Module, info: DatasetInfo) -> None:
         return _check_click_model(model, info)
     h, w, c = info.shape
     text = info.kind == "text"
+    tokens = info.kind in ("text", "text-label")  # byte tokens, int64 (N, T): gpt, bert
     # Token blocks: a short probe (a long context costs seconds on the driver's CPU), and the
     # model's own block_size where it says one.
     t = min(info.block_size, 16)
-    probe = torch.zeros(2, t, dtype=torch.long) if text else torch.zeros(2, c, h, w)
-    what = "token blocks (int64 tokens)" if text else f"images of shape {(c, h, w)}"
+    if tokens and getattr(model, "block_size", info.block_size) < info.block_size:
+        raise DataError(
+            f"the model's block_size {model.block_size} is shorter than the dataset's rows of "
+            f"{info.block_size} tokens"
+        )
+    probe = torch.zeros(2, t, dtype=torch.long) if tokens else torch.zeros(2, c, h, w)
+    what = "token blocks (int64 tokens)" if tokens else f"images of shape {(c, h, w)}"
     out = _probe(model, probe, what)
     if text:
         # A vocabulary padded past the data's (nanoGPT's 50,304 for GPT-2's 50,257) is fine.
@@ -417,11 +423,6 @@ def _check_model(model: nn.Module, info: DatasetInfo) -> None:
                 f"the model outputs {tuple(out.shape)} for tokens of shape (2, {t}), not "
                 f"(2, {t}, V) with V >= {info.vocab_size}: next-token logits over (at least) the "
                 f"{info.vocab_size} byte values"
-            )
-        if getattr(model, "block_size", info.block_size) < info.block_size:
-            raise DataError(
-                f"the model's block_size {model.block_size} is shorter than the dataset's blocks "
-                f"of {info.block_size} tokens"
             )
         return
     if out.ndim != 2 or out.shape[1] != info.num_classes:
