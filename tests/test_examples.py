@@ -272,3 +272,44 @@ def test_predict_http_example_gets_the_same_classes_as_files_json_and_base64(
         SystemExit, match=r'^HTTP 415 from .*/v1/predict: \{"error": ?"image 0 is not'
     ):
         example("predict_http").main([url, str(notes)])
+
+
+# --- the GPT and the DLRM, each from data to its endpoint ----------------------------------------
+def deployed_example(name: str, app: str, store: Path, monkeypatch, *args: str) -> dict:
+    """examples/<name>.py --smoke-test, its data and runs under ``store``; its Serve app ``app``
+    deleted afterwards."""
+    from ray import serve
+
+    monkeypatch.setenv("LEPTON_STORE", str(store))
+    try:
+        return example(name).main(["--smoke-test", *args])
+    finally:
+        serve.delete(app)
+
+
+@pytest.mark.ray
+def test_gpt_example_trains_deploys_and_streams_a_generation(
+    ray_session, serve_port, tmp_path, capsys, monkeypatch
+):
+    port = ["--port", str(serve_port), "--max-new-tokens", "12"]
+    out = deployed_example("gpt_generate", "gpt-example", tmp_path, monkeypatch, *port)
+    printed = capsys.readouterr().out
+    assert out["val_perplexity"] > 1 and out["url"].endswith("/gpt-example")
+    # one event per token, then "done"; what was printed is the prompt, then the streamed text
+    assert out["events"] == out["done"]["usage"]["completion_tokens"] + 1
+    assert out["done"]["usage"]["completion_tokens"] <= 12
+    assert f"The with statement{out['text']}\n-- " in printed
+
+
+@pytest.mark.ray
+def test_dlrm_example_trains_fsdp_compares_auc_deploys_and_scores_features(
+    ray_session, serve_port, tmp_path, capsys, monkeypatch
+):
+    port = ["--port", str(serve_port)]
+    out = deployed_example("dlrm_ctr", "ctr-example", tmp_path, monkeypatch, *port)
+    printed = capsys.readouterr().out
+    assert 0 <= out["val_auc"] <= 1 and 0.5 < out["planted_auc"] <= 1
+    assert f"held-out AUC {out['val_auc']:.3f} against the planted model's" in printed
+    assert out["served"].startswith(f"{tmp_path}/runs/") and "/exported/" in out["served"]
+    probabilities = [p["click_probability"] for p in out["predictions"]]
+    assert len(probabilities) == 4 and all(0 < p < 1 for p in probabilities)
