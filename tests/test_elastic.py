@@ -103,3 +103,44 @@ def test_grows_when_a_node_joins_and_shrinks_when_it_leaves(tmp_path):
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def test_cpu_only_nodes_take_the_jpeg_decoding(tmp_path):
+    """In a cluster of a GPU node (its GPU declared: nothing here runs on it) and a CPU-only node,
+    a JPEG dataset's CPU decoding (lepton_ray.train.feed.cpu_only_nodes) runs on the CPU-only node
+    only, leaving the GPU node's CPUs to the trainer. Here, not in its own module: this module
+    already runs without the shared Ray instance (issue 16 item 3)."""
+    import numpy as np
+    import ray
+    from ray.cluster_utils import Cluster
+    from ray.util.state import list_tasks
+
+    from lepton_ray.data import jpeg
+    from lepton_ray.runtime import ensure_ray
+    from lepton_ray.train.feed import Plan, StreamedFeed
+
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 1})
+    try:
+        cpu_node = cluster.add_node(num_cpus=2)  # main thread, as Ray requires
+        ensure_ray(address=cluster.address)
+        jpeg.generate(tmp_path / "src", train=60, classes=3, sizes=(40, 64), seed=1)
+        info = prepare(
+            f"imagefolder:{tmp_path / 'src'}", str(tmp_path / "ds"), encoding="jpeg", crop=32
+        )
+        feed = StreamedFeed(
+            info["train"],
+            Plan(0, 20, 1, 0, "sequential-unshuffled"),
+            augment=(),
+            preprocess_batch=8,
+            shuffle_buffer_rows=0,
+            pin_memory=False,
+        )
+        ids = np.concatenate([b["id"].numpy() for b in feed.epoch(0)])
+        assert sorted(ids.tolist()) == list(range(60))
+        decoding = [t for t in list_tasks(detail=True, limit=10_000) if "Preprocessor" in t.name]
+        assert decoding and {t.node_id for t in decoding} == {cpu_node.node_id}
+    finally:
+        ray.shutdown()
+        cluster.shutdown()

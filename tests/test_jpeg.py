@@ -308,3 +308,20 @@ def test_resnet50_is_registered_without_weights():
         assert m.eval()(torch.zeros(1, 3, 224, 224)).shape == (1, 7)
     assert m.fc.out_features == 7 and sum(p.numel() for p in m.parameters()) > 23_000_000
     assert m.lepton_spec == {"name": "resnet50", "kwargs": {"num_classes": 7}}
+
+
+def test_decoding_goes_to_cpu_only_nodes_when_the_cluster_has_gpu_nodes_too():
+    from lepton_ray.train.feed import cpu_only_nodes
+
+    def node(name: str, cpus: int, gpus: int = 0, alive: bool = True) -> dict:
+        res = {"CPU": cpus} | ({"GPU": gpus} if gpus else {})
+        return {"NodeID": name, "Alive": alive, "Resources": res}
+
+    gpu, a, b = node("g", 16, 1), node("a", 8), node("b", 4)
+    assert cpu_only_nodes([gpu, b, a]) == {"label_selector": {"ray.io/node-id": "in(a,b)"}}
+    assert cpu_only_nodes([gpu, a, node("b", 4, alive=False)]) == {
+        "label_selector": {"ray.io/node-id": "in(a)"}
+    }
+    assert cpu_only_nodes([gpu]) == {}  # one GPU node: its CPUs decode
+    assert cpu_only_nodes([a, b]) == {}  # CPUs only: anywhere
+    assert cpu_only_nodes([gpu, node("c", 0)]) == {}  # no CPUs to decode with

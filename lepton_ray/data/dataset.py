@@ -417,6 +417,7 @@ def read_ray(
     normalize: bool = True,
     epoch: int = 0,
     jpeg: str = "center",
+    decode_args: dict[str, Any] | None = None,
 ) -> ray.data.Dataset:
     """A Ray Dataset of preprocessed rows (``image`` float32 CHW, ``label``, ``id``; with
     ``normalize=False`` the images stay uint8 CHW, to be normalised where they are consumed).
@@ -430,6 +431,7 @@ def read_ray(
     augments the same way on every execution: read one per epoch for a fresh augmentation.
     A JPEG dataset's rows are cropped as ``jpeg`` says: ``center`` (evaluation), ``random``
     (training: keyed like augmentation), or ``bytes`` (left encoded for the worker's device).
+    ``decode_args``: Ray remote args of the decoding tasks (where they may run).
     """
     import ray.data
     from ray.data import DataContext, FileShuffleConfig, RandomSeedConfig
@@ -470,6 +472,7 @@ def read_ray(
         batch_format="pyarrow",
         zero_copy_batch=True,
         batch_size=batch_size,
+        **(decode_args or {}),
     )
 
 

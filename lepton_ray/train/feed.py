@@ -20,7 +20,9 @@ A JPEG dataset (:mod:`lepton_ray.data.jpeg`: images of many sizes, each read as 
 crop) always streams: a :class:`StreamedFeed` whose rows Ray Data's CPU tasks decode and crop
 (``decode_on="cpu"``), or that hands the worker the JPEG bytes to decode in batches on its own
 device (``decode_on="device"``, :func:`jpeg_decode_on` chooses). Either way a row's crop and flip
-come from (seed, epoch, id), so they are the same on both paths and after a resume.
+come from (seed, epoch, id), so they are the same on both paths and after a resume. In a cluster
+with CPU-only nodes beside GPU nodes, the CPU decoding runs on the CPU-only nodes
+(:func:`cpu_only_nodes`), leaving the GPU nodes' CPUs to the trainers.
 
 ``feed.close()`` stops whatever a feed still runs between epochs (the ring's read-ahead).
 """
@@ -171,6 +173,7 @@ class StreamedFeed:
             normalize=False,
             batch_size=self.preprocess_batch,
             jpeg="bytes" if on_device else "random",  # training crops (a JPEG dataset's only)
+            decode_args=cpu_only_nodes() if self.jpeg and not on_device else None,
         )
         # A shuffled plan spread this worker's rows over every shard: mix all of them (a
         # dataset is only shuffled whole while it is small). A sequential one streams: a bounded buffer.
@@ -221,6 +224,23 @@ class StreamedFeed:
 
     def close(self) -> None:
         pass  # each epoch's read ends with its batches
+
+
+def cpu_only_nodes(nodes: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Ray remote args that keep decoding tasks on the cluster's CPU-only nodes, when it has
+    both GPU nodes and CPU-only ones (else ``{}``: anywhere). ``nodes``: ``ray.nodes()``, read
+    each epoch, so nodes that joined since take part. E.g. a GPU node and two CPU nodes ``a``, ``b``:
+    ``{"label_selector": {"ray.io/node-id": "in(a,b)"}}``."""
+    if nodes is None:
+        import ray
+
+        nodes = ray.nodes()
+    alive = [n for n in nodes if n.get("Alive")]
+    gpu = [n for n in alive if n.get("Resources", {}).get("GPU")]
+    cpu_only = [n["NodeID"] for n in alive if n not in gpu and n.get("Resources", {}).get("CPU")]
+    if not gpu or not cpu_only:
+        return {}
+    return {"label_selector": {"ray.io/node-id": f"in({','.join(sorted(cpu_only))})"}}
 
 
 def jpeg_decode_on(augment_on: str, device: torch.device) -> str:
