@@ -70,6 +70,7 @@ def cmd_data_prepare(a: argparse.Namespace) -> Any:
         encoding=a.encoding,
         rows_per_shard=a.rows_per_shard,
         block_size=a.block_size,
+        crop=a.crop,
     )
     for split, i in infos.items():
         _warn_skipped(split, i.manifest)
@@ -566,9 +567,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     prep.add_argument(
         "--encoding",
-        choices=("raw", "png"),
+        choices=("raw", "png", "jpeg"),
         default="raw",
-        help="store rows as raw pixels (fastest to read) or PNG (smaller; decoded by Ray Data workers)",
+        help="store rows as raw pixels (fastest to read), PNG (smaller; decoded by Ray Data "
+        "workers), or, for a folder of JPEGs of any size, their own bytes (cropped as read)",
+    )
+    prep.add_argument(
+        "--crop",
+        type=int,
+        default=None,
+        help="with --encoding jpeg: the side every row is cropped to as it is read (default 224)",
     )
     prep.add_argument(
         "--rows-per-shard",
