@@ -294,3 +294,87 @@ def test_gpt_config_evaluates_perplexity_and_promotes(ray_session, tmp_path, cap
     assert promoted["evaluation"]["perplexity"] == ev["perplexity"]
     pointer = json.loads((tmp_path / "serving" / "pydoc-gpt" / "current.json").read_text())
     assert pointer["checkpoint"] == res["best_checkpoint"]
+
+
+# --- evaluate without Ray: a checkpoint of each kind, scored as its task says ---------------------
+def published(root: Path, model, info) -> str:
+    """``model`` as checkpoint 1/1 of run ``r`` under ``root``, with ``info``'s data section (what
+    fit records): a checkpoint without a training run."""
+    from lepton_ray import checkpoint, storage
+    from lepton_ray.models import spec_of
+    from lepton_ray.runs import RunLayout
+
+    data = {
+        "shape": list(info.shape),
+        "mean": list(info.mean),
+        "std": list(info.std),
+        "classes": list(info.classes),
+        "kind": info.kind,
+        **info.kind_fields(),
+    }
+    local = checkpoint.write_local(root / "local", model, {"model": spec_of(model), "data": data})
+    dest = RunLayout.under(storage.resolve(root / "runs"), "r").checkpoint(1, 1)
+    checkpoint.publish(local, dest)
+    return dest.uri
+
+
+def evaluate_pure(config: str, uri: str, dataset: Path, capsys) -> tuple[int, dict, str]:
+    from pipelines import evaluate
+
+    args = ["--config", str(CONFIGS_DIR / config), "--set", f"dataset.uri={dataset}"]
+    code = evaluate.main([*args, "--set", f"evaluate.checkpoint={uri}"])
+    out, err = capsys.readouterr()
+    return code, (json.loads(out) if code == 0 else {}), err
+
+
+def test_evaluate_scores_a_click_model_by_its_exact_auc(tmp_path, capsys):
+    import numpy as np
+    import torch
+
+    from lepton_ray import build_model, prepare
+    from lepton_ray.data import ctr, read_arrays
+    from lepton_ray.dlrm import Features
+
+    source = "synthetic-ctr:rows=600,tables=2,cardinality=9,dense=3,seed=2"
+    infos = prepare(source, str(tmp_path / "ctr"))
+    torch.manual_seed(0)
+    model = build_model("dlrm", **infos["train"].model_kwargs(), embed_dim=4).eval()
+    uri = published(tmp_path, model, infos["train"])
+    code, ev, err = evaluate_pure("ctr_dlrm.yaml", uri, tmp_path / "ctr", capsys)
+    assert code == 0, err
+    rows, labels, _ = read_arrays(infos["test"])
+    dense, ids = ctr.unpack(rows, 3)
+    with torch.no_grad():
+        logits = model(Features(torch.from_numpy(dense), torch.from_numpy(ids))).numpy()
+    assert ev["auc"] == pytest.approx(ctr.auc(logits, labels), abs=1e-9)
+    assert ev["accuracy"] == pytest.approx(np.mean((logits > 0) == labels))
+    assert ev["planted_auc"] == infos["test"].manifest["planted_auc"] and ev["rows"] == 60
+
+    # the same model on click data of other tables: named before anything is scored
+    prepare("synthetic-ctr:rows=600,tables=2,cardinality=9/5,dense=3", str(tmp_path / "other"))
+    code, _, err = evaluate_pure("ctr_dlrm.yaml", uri, tmp_path / "other", capsys)
+    assert code == 2 and "cardinalities [9, 5] here, [9, 9] there" in err
+
+
+def test_evaluate_treats_a_text_classifier_as_any_classifier(tmp_path, capsys):
+    import numpy as np
+    import torch
+
+    from lepton_ray import build_model, prepare
+    from lepton_ray.data import read_arrays
+
+    infos = prepare("python-snippets", str(tmp_path / "snippets"), block_size=32)
+    info = infos["test"]
+    torch.manual_seed(0)
+    kwargs = {"n_layer": 1, "n_head": 2, "n_embd": 16}
+    model = build_model("bert", **info.model_kwargs(), **kwargs).eval()
+    uri = published(tmp_path, model, infos["train"])
+    code, ev, err = evaluate_pure("mnist.yaml", uri, tmp_path / "snippets", capsys)
+    assert code == 0, err
+    assert ev["kind"] == "text-label" and ev["main_metric"] == "accuracy"
+    rows, labels, _ = read_arrays(info)
+    with torch.no_grad():
+        predicted = model(torch.from_numpy(rows.reshape(len(rows), -1)).long()).argmax(1).numpy()
+    assert ev["accuracy"] == pytest.approx(np.mean(predicted == labels))
+    assert sorted(ev["per_class_accuracy"]) == sorted(info.classes)
+    assert ev["rows"] == info.num_rows
