@@ -9,7 +9,13 @@ import pytest
 
 from lepton_ray.errors import ConfigError
 from lepton_ray.serve import ServeConfig
-from lepton_ray.serve.canary import CanaryJudge, CanaryTrial, VerdictRecord, top1_agreement
+from lepton_ray.serve.canary import (
+    CanaryJudge,
+    CanaryTrial,
+    VerdictRecord,
+    token_agreement,
+    top1_agreement,
+)
 
 
 def judge(**kw) -> CanaryJudge:
@@ -152,6 +158,89 @@ def test_a_trial_goes_on_while_the_store_is_unreachable(tmp_path):
 
     asyncio.run(one_request())
     assert trial.judge.state == "promoted" and not trial.stored  # decided here, stored later
+
+
+def test_generation_agreement_is_the_shared_prefix_of_the_longer_answer():
+    assert token_agreement({"tokens": [1, 2, 3]}, {"tokens": [1, 2, 3]}) == (3, 3)
+    assert token_agreement({"tokens": [1, 2, 3]}, {"tokens": [1, 9, 3]}) == (1, 3)  # then apart
+    assert token_agreement({"tokens": [1, 2]}, {"tokens": [1, 2, 3, 4]}) == (2, 4)  # stopped early
+    assert token_agreement({"tokens": []}, {"tokens": []}) == (0, 0)
+
+
+def _stream(tokens: list[int], fail: bool = False):
+    async def events():
+        for t in tokens:
+            yield t
+        if fail:
+            raise RuntimeError("replica died")
+        yield {"finish_reason": "length"}
+
+    return events()
+
+
+def test_a_mirrored_generation_streams_stable_and_judges_the_canary_tokens(tmp_path):
+    """The client gets stable's events unchanged; the judge sees both token lists (per-token
+    latency); a canary that generates other tokens is rolled back, one that generates the same
+    ones promoted; a client that leaves early cancels the canary and counts nothing."""
+    import asyncio
+
+    async def trial_of(canary_tokens: list[int], n: int = 4) -> tuple[CanaryTrial, list]:
+        record = VerdictRecord(str(tmp_path), "gen", "a" * 12, "".join(map(str, canary_tokens)))
+        trial = CanaryTrial(judge(min_requests=n, min_agreement=0.9), record)
+        seen = []
+        for _ in range(n):
+
+            async def canary() -> tuple[dict, float]:
+                return {"tokens": canary_tokens}, 0.0  # no slower than stable
+
+            seen.append(
+                [
+                    e
+                    async for e in trial.mirrored(
+                        _stream([5, 6, 7]), asyncio.ensure_future(canary())
+                    )
+                ]
+            )
+            await asyncio.gather(*trial._pending)
+        return trial, seen
+
+    same, seen = asyncio.run(trial_of([5, 6, 7]))
+    assert seen == [[5, 6, 7, {"finish_reason": "length"}]] * 4
+    assert same.judge.state == "promoted" and same.judge.agreement == 1.0
+    other, _ = asyncio.run(trial_of([5, 8, 7]))  # apart after one token: 1 of 3
+    assert other.judge.state == "rolled_back" and other.judge.agreement == pytest.approx(1 / 3)
+    assert "agreement with stable 0.33 < 0.9" in other.judge.reason
+
+    async def client_leaves() -> tuple[CanaryTrial, asyncio.Future]:
+        trial = CanaryTrial(
+            judge(min_requests=1), VerdictRecord(str(tmp_path), "g", "c" * 12, "d" * 12)
+        )
+        canary = asyncio.ensure_future(asyncio.sleep(60, result=({"tokens": [1]}, 0.1)))
+        stream = trial.mirrored(_stream([5, 6, 7]), canary)
+        assert await stream.__anext__() == 5
+        await stream.aclose()  # the client went away after one token
+        await asyncio.sleep(0)
+        return trial, canary
+
+    left, canary = asyncio.run(client_leaves())
+    assert canary.cancelled() and left.judge.canary.requests == 0
+
+    async def stable_fails() -> CanaryTrial:
+        trial = CanaryTrial(
+            judge(min_requests=1), VerdictRecord(str(tmp_path), "h", "e" * 12, "f" * 12)
+        )
+
+        async def canary() -> tuple[dict, float]:
+            return {"tokens": [5]}, 0.001
+
+        with pytest.raises(RuntimeError):
+            async for _ in trial.mirrored(_stream([5], fail=True), asyncio.ensure_future(canary())):
+                pass
+        await asyncio.gather(*trial._pending)
+        return trial
+
+    failed = asyncio.run(stable_fails())
+    assert failed.judge.stable.errors == 1 and failed.judge.canary.requests == 1
 
 
 @pytest.mark.parametrize(

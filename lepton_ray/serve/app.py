@@ -380,12 +380,39 @@ class Ingress:
         if self.text is None:
             raise RequestError(400, f"model {self.version} is a classifier: POST /v1/predict")
         req, stream = generate.parse(await self._read_body(request), self.text)
-        if isinstance(self.stable, ModelCore):  # one hop: this replica's own scheduler
-            events = self.stable.generate(req)
-        else:
-            events = self.stable.options(stream=True).generate.remote(req)
-        record = lambda ok: self._record("stable", ok)  # noqa: E731
-        return await generate.respond(events, req.seed, stream, self.version, record)
+        route = "stable"
+        if self.trial is not None:
+            await self.trial.sync()
+            route = self.trial.pick()
+        version = "canary" if route == "canary" else "stable"
+        events = self._events(self.canary if version == "canary" else self.stable, req)
+        if route == "mirror":  # stable answers; the canary generates the same, then is judged
+            events = self.trial.mirrored(events, asyncio.ensure_future(self._timed_tokens(req)))
+        record = lambda ok: self._record(version, ok)  # noqa: E731
+        answered_by = self.canary_version if version == "canary" else self.version
+        return await generate.respond(events, req.seed, stream, answered_by, record)
+
+    @staticmethod
+    def _events(target: Any, req: Any) -> Any:
+        """A generation's events from the model: this replica's own scheduler (one hop) or a
+        streaming call through its handle."""
+        if isinstance(target, ModelCore):
+            return target.generate(req)
+        return target.options(stream=True).generate.remote(req)
+
+    async def _timed_tokens(self, req: Any) -> tuple[Any, float]:
+        """The canary's (``{"tokens": [...]}`` or None if it failed, seconds per token) on a
+        mirrored generation."""
+        start, tokens = time.perf_counter(), []
+        try:
+            async for item in self._events(self.canary, req):
+                if not isinstance(item, dict):
+                    tokens.append(item)
+            answer = {"tokens": tokens}
+        except Exception:  # noqa: BLE001 - a failing canary is what the trial is for
+            answer = None
+        self._record("canary", answer is not None)
+        return answer, (time.perf_counter() - start) / max(1, len(tokens))
 
     async def _read_body(self, request: Request) -> bytes:
         limit = self.cfg.max_request_bytes

@@ -30,7 +30,7 @@ import logging
 import random
 import statistics
 import time
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -75,6 +75,22 @@ def top1_agreement(stable: dict[str, Any], canary: dict[str, Any]) -> tuple[int,
     (``{"predictions": [{"index": ...}, ...]}``)."""
     a, b = stable["predictions"], canary["predictions"]
     return sum(x["index"] == y["index"] for x, y in zip(a, b, strict=True)), len(a)
+
+
+def token_agreement(stable: dict[str, Any], canary: dict[str, Any]) -> tuple[int, int]:
+    """(tokens the two generations share before they first differ, tokens of the longer one) for
+    one mirrored ``/v1/generate`` request (``{"tokens": [...]}``). Both ran the same prompt with
+    the same seed and sampling, so the same weights give the same tokens (1.0); once two models
+    pick different tokens their continuations are no longer comparable, hence the common prefix.
+
+    >>> token_agreement({"tokens": [5, 6, 7, 8]}, {"tokens": [5, 6, 9]})
+    (2, 4)
+    """
+    a, b = stable["tokens"], canary["tokens"]
+    same = next(
+        (i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b))
+    )
+    return same, max(len(a), len(b))
 
 
 @dataclass
@@ -233,15 +249,17 @@ class CanaryTrial:
         canary: Awaitable[tuple[dict[str, Any] | None, float]],
         stable: dict[str, Any] | None,
         stable_s: float,
+        agree: Callable[[dict[str, Any], dict[str, Any]], tuple[int, int]] = top1_agreement,
     ) -> asyncio.Future:
         """Count a mirrored request once ``canary`` (its answer or None, and seconds) is done,
-        against ``stable``'s answer (None: stable failed) that took ``stable_s`` seconds."""
+        against ``stable``'s answer (None: stable failed) that took ``stable_s`` seconds;
+        ``agree`` compares the two answers."""
 
         async def judge() -> None:
             answer, canary_s = await canary
             agreement = (0, 0)
             if answer is not None and stable is not None:
-                agreement = top1_agreement(stable, answer)
+                agreement = agree(stable, answer)
             before = self.judge.state
             self.judge.record(
                 (stable is not None, stable_s * 1e3),
@@ -255,6 +273,33 @@ class CanaryTrial:
         self._pending.add(task)  # held until done: the event loop keeps only weak references
         task.add_done_callback(self._pending.discard)
         return task
+
+    async def mirrored(
+        self, events: AsyncIterator[Any], canary: asyncio.Future
+    ) -> AsyncIterator[Any]:
+        """A mirrored generation: the stable version's ``events`` (tokens, then a final dict)
+        passed on to the client as they come, its tokens kept; once they are all out, judged
+        against ``canary`` (its ``({"tokens": [...]}`` or None``, seconds per token)``) by
+        :func:`token_agreement`, latency per token. A client that leaves first cancels the
+        canary's generation too and nothing is judged (a disconnect is no one's failure)."""
+        tokens: list[int] = []
+        start, ok = time.perf_counter(), False
+        try:
+            async for item in events:
+                if not isinstance(item, dict):
+                    tokens.append(item)
+                yield item
+            ok = True
+        except (GeneratorExit, asyncio.CancelledError):
+            canary.cancel()
+            raise
+        except Exception:  # noqa: BLE001 - the stable version failed: counted, then re-raised
+            self.judge_later(canary, None, 0.0, token_agreement)
+            raise
+        finally:
+            if ok:
+                per_token = (time.perf_counter() - start) / max(1, len(tokens))
+                self.judge_later(canary, {"tokens": tokens}, per_token, token_agreement)
 
     async def sync(self, force: bool = False) -> None:
         """Store a verdict reached here, or adopt one another replica stored: at most once a
