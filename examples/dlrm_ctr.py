@@ -2,7 +2,7 @@
 whose embedding tables FSDP shards across 2 workers, compare its held-out AUC with the planted
 model's, deploy it and POST feature rows to /v1/predict.
 
-    python examples/dlrm_ctr.py                    # 50,000 rows, 4 tables of 1,000 ids, 3 epochs
+    python examples/dlrm_ctr.py                    # 100,000 rows, 4 tables of 100 ids, 3 epochs
     python examples/dlrm_ctr.py --smoke-test       # 2,000 rows, 3 tables of 21 ids, 1 epoch, 1 worker
     python examples/dlrm_ctr.py --port 8000
 
@@ -25,7 +25,7 @@ from lepton_ray.storage import default_store
 from lepton_ray.train.sharded import export  # what `lepton-ray export` runs
 
 SOURCES = {
-    False: "synthetic-ctr:rows=50000,tables=4,cardinality=1000,dense=4,seed=0",
+    False: "synthetic-ctr:rows=100000,tables=4,cardinality=100,dense=4,seed=0",
     True: "synthetic-ctr:rows=2000,tables=3,cardinality=21,dense=4,seed=0",
 }
 
