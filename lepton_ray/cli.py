@@ -81,6 +81,11 @@ def cmd_data_prepare(a: argparse.Namespace) -> Any:
             "shape": list(i.shape),
             **({"kind": i.kind, "block_size": i.block_size} if i.block_size else {}),
             **({} if i.kind == "text" else {"classes": len(i.classes)}),
+            **(
+                {"kind": "ctr", "planted_auc": i.manifest.get("planted_auc")}
+                if i.kind == "ctr"
+                else {}
+            ),
             "skipped_rows": i.manifest.get("skipped_rows", 0),
         }
         for split, i in infos.items()
@@ -555,7 +560,8 @@ def build_parser() -> argparse.ArgumentParser:
         "imagefolder:PATH|s3://..., parquet:PATH, synthetic:ROWS:HxWxC[:CLASSES]; text (byte "
         "tokens): pydoc-topics, text:FILE|FOLDER, text-parquet:PATH[:COLUMN]; labelled text: "
         "python-snippets, text-csv:PATH[:TEXTCOL:LABELCOL], "
-        "text-label-parquet:PATH[:TEXTCOL:LABELCOL]",
+        "text-label-parquet:PATH[:TEXTCOL:LABELCOL]; click data with a planted signal: "
+        "synthetic-ctr:rows=N,tables=T,cardinality=C,dense=D,seed=S",
     )
     prep.add_argument("dest", help="destination URI (path or s3://bucket/prefix)")
     prep.add_argument("--overwrite", action="store_true", help="rewrite even if already prepared")

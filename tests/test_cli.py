@@ -140,6 +140,7 @@ def test_inspect_describes_click_rows_as_features_not_pixels(tmp_path, capsys):
     assert cli.main(["data", "prepare", source, dest]) == 0
     prepared = json.loads(capsys.readouterr().out)
     assert prepared["train"]["rows"] == 300 and prepared["test"]["rows"] == 30
+    assert prepared["test"]["kind"] == "ctr" and 0.5 < prepared["test"]["planted_auc"] <= 1
     assert cli.main(["data", "inspect", f"{dest}/train"]) == 0
     info = json.loads(capsys.readouterr().out)
     manifest = open_dataset(f"{dest}/train").manifest
