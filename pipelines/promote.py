@@ -74,13 +74,14 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
 
     p = cfg.promote
     trained = find_checkpoint(cfg, p.checkpoint)
-    uri = loadable(cfg, trained)  # what serves: a sharded checkpoint's copy in one file
-    serve = p.serve_config(uri, endpoint_url=cfg.endpoint_url)
+    serve = p.serve_config(trained, endpoint_url=cfg.endpoint_url)
     if serve.store is None:  # a canary's verdict is kept beside the app's pointer, in this store
         serve = replace(serve, store=cfg.root)
     home = serving_home(cfg.root, serve.name, cfg.endpoint_url)  # the app name, checked first
     pointer = home.join(CURRENT)
     previous = _previous(pointer)
+    uri = loadable(cfg, trained)  # what serves: a sharded checkpoint's copy in one file
+    serve = replace(serve, checkpoint=uri)
     loaded = checkpoint.load_checkpoint(
         uri, cfg.endpoint_url, trusted_modules=serve.trusted_modules
     )
