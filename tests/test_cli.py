@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from tests.test_serve_client import endpoint  # noqa: F401 - a fixture
+
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
@@ -164,44 +166,18 @@ def test_train_takes_a_strategy_flag():
     assert r.returncode == 2 and "--strategy: invalid choice: 'zero3'" in r.stderr
 
 
-@pytest.fixture
-def recording_endpoint():
-    """A plain HTTP server on 127.0.0.1 that records each POST and answers one prediction."""
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-    seen: list[tuple[str, dict]] = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802 - http.server's name
-            body = self.rfile.read(int(self.headers["Content-Length"]))
-            seen.append((self.path, json.loads(body)))
-            answer = json.dumps({"predictions": [{"click_probability": 0.25}]}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(answer)))
-            self.end_headers()
-            self.wfile.write(answer)
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", seen
-    server.shutdown()
-
-
-def test_predict_sends_features_inline_or_from_a_file(recording_endpoint, tmp_path, capsys):
+def test_predict_sends_features_inline_or_from_a_file(endpoint, tmp_path, capsys):  # noqa: F811
     from lepton_ray import cli
 
-    url, seen = recording_endpoint
+    url, script, seen = endpoint  # a scripted HTTP server on loopback (tests/test_serve_client.py)
+    answer = json.dumps({"predictions": [{"click_probability": 0.25}]}).encode()
+    script += [(200, {"Content-Type": "application/json"}, answer)] * 2
     rows = {"dense": [[0.5, -1.0, 0.0]], "sparse": [[3, 6]]}
     assert cli.main(["predict", url, "--features", json.dumps(rows)]) == 0
     assert json.loads(capsys.readouterr().out)["predictions"][0]["click_probability"] == 0.25
     (tmp_path / "rows.json").write_text(json.dumps(rows))
     assert cli.main(["predict", url, "--features", f"@{tmp_path / 'rows.json'}"]) == 0
-    assert seen == [("/v1/predict", {"features": rows})] * 2
+    assert [json.loads(body) for body in seen] == [{"features": rows}] * 2
 
 
 @pytest.mark.parametrize(
