@@ -552,7 +552,8 @@ def _results(result: Any, run: Any, elapsed: float, cfg_epochs: int) -> dict[str
     if "val_accuracy" in last:
         out["val_loss"] = last["val_loss"]
         out["val_accuracy"] = last["val_accuracy"]
-    for key in ("perplexity", "val_perplexity", "tokens_per_second"):  # next-token runs
+    # next-token runs; a click model's val_auc
+    for key in ("perplexity", "val_perplexity", "tokens_per_second", "val_auc"):
         if key in last:
             out[key] = last[key]
     return out
