@@ -49,10 +49,9 @@ _NAMES = ("random_resized_crop",) * 6 + ("hflip",)  # 24 draws: 10 tries x 2, 2 
 # --- crop boxes ------------------------------------------------------------------------------
 def _uniforms(seed: int | None, epoch: int, ids: np.ndarray) -> np.ndarray:
     """(25, N) float64 uniforms in [0, 1) per row, from (seed, epoch, id); fresh without a seed."""
-    from lepton_ray.data.transforms import row_draws
-
-    draws = row_draws(seed, epoch, ids, _NAMES, len(ids))
-    bits = np.concatenate([d.bits for d in draws])  # (7 * DRAWS, N)
+    bits = rowhash.numpy_bits(seed, epoch, ids, _NAMES, len(ids)).reshape(
+        -1, len(ids)
+    )  # (7 * DRAWS, N)
     return (bits >> 8).astype(np.float64) * rowhash.UNIT
 
 

@@ -79,3 +79,18 @@ def draw_bits(rows: Any, keys: Any) -> Any:
 UNIT = 2.0**-24
 """``(bits >> 8) * UNIT`` is a uniform float in [0, 1) with 24 random bits: exact in float32, so
 numpy and torch give the same floats."""
+
+
+def numpy_bits(seed: int | None, epoch: int, ids: Any, names: Sequence[str], n: int) -> Any:
+    """Every draw of every augmentation in ``names`` for ``n`` rows with ``ids`` (numpy):
+    (augmentations, DRAWS, n) int64 values in [0, 2**32). Without a seed or ids a row cannot be
+    keyed: fresh entropy then."""
+    import secrets
+
+    import numpy as np
+
+    if seed is None or ids is None:
+        seed, ids = secrets.randbits(63), np.arange(n, dtype=np.int64)
+    rows = row_keys(run_key(seed, epoch), np.asarray(ids, np.int64))
+    keys = np.asarray(draw_keys(names), np.int64)[:, :, None]  # (S, DRAWS, 1)
+    return draw_bits(rows, keys)

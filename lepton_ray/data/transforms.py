@@ -15,7 +15,6 @@ changes every epoch, and is the one the device twins compute.
 from __future__ import annotations
 
 import io
-import secrets
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -65,11 +64,7 @@ def row_draws(
 ) -> list[RowDraws]:
     """The draws of each augmentation in ``names`` for ``n`` rows with ``ids``, from
     (seed, epoch, row id). Without a seed or ids a row cannot be keyed: fresh entropy then."""
-    if seed is None or ids is None:
-        seed, ids = secrets.randbits(63), np.arange(n, dtype=np.int64)
-    rows = rowhash.row_keys(rowhash.run_key(seed, epoch), np.asarray(ids, np.int64))
-    keys = np.asarray(rowhash.draw_keys(names), np.int64)[:, :, None]  # (S, DRAWS, 1)
-    return [RowDraws(b) for b in rowhash.draw_bits(rows, keys)]
+    return [RowDraws(b) for b in rowhash.numpy_bits(seed, epoch, ids, names, n)]
 
 
 def decode_raw(images: Any, shape: Sequence[int]) -> np.ndarray:
