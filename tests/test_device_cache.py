@@ -16,10 +16,12 @@ CPU = torch.device("cpu")
 ROWS, BATCH = 103, 10  # 10 full global batches and a 3-row tail
 
 
-def make_cache(rows: int = ROWS, blocks: int = 4, with_ids: bool = True) -> DeviceCache:
+def make_cache(
+    rows: int = ROWS, blocks: int = 4, with_ids: bool = True, stride: int = 1
+) -> DeviceCache:
     ids = np.random.default_rng(0).permutation(
-        np.arange(1000, 1000 + rows)
-    )  # delivered out of order
+        np.arange(1000, 1000 + rows * stride, stride)
+    )  # delivered out of order; stride > 1: ids with gaps (a filtered set)
     parts = np.array_split(np.arange(rows), blocks)
     batches = []
     for p in parts:
@@ -122,3 +124,24 @@ def test_validation_from_the_cache_equals_validation_from_batches():
     streamed = evaluate(model, batches, pixels, contextlib.nullcontext())
     cached = evaluate(model, cache.chunks(64), pixels, contextlib.nullcontext())
     assert cached == pytest.approx(streamed, rel=1e-5)
+
+
+@pytest.mark.parametrize("stride", [1, 3])
+def test_each_epoch_serves_its_planned_ids_in_order_and_the_next_plan_is_ready_early(stride):
+    """Rows are found by subtraction when the ids are one range, by search when they have gaps;
+    either way an epoch hands out exactly its plan's ids in order, and the next epoch, planned in
+    a thread while this one runs, is the plan a fresh feed computes."""
+    cache = make_cache(stride=stride)
+    feed = CachedFeed(cache, Plan(3, BATCH, 1, 0, "shuffled"))
+    assert (feed.first is not None) == (stride == 1)
+    for epoch in range(3):
+        got = torch.cat([b["id"] for b in feed.epoch(epoch)]).tolist()
+        assert got == feed.plan.of(feed.ids, epoch, None).ids.tolist()
+        assert feed.next is not None and feed.next[0] == epoch + 1
+        fresh = CachedFeed(cache, Plan(3, BATCH, 1, 0, "shuffled"))
+        assert torch.cat([b["id"] for b in fresh.epoch(epoch)]).tolist() == got
+        fresh.close()
+    consumed = np.array(got[:BATCH])  # a resumed epoch is planned without its consumed ids
+    resumed = torch.cat([b["id"] for b in feed.epoch(2, exclude=consumed)]).tolist()
+    assert not set(resumed) & set(consumed.tolist())
+    feed.close()
