@@ -312,10 +312,19 @@ def cmd_predict(a: argparse.Namespace) -> Any:
     import urllib.request
     from pathlib import Path
 
-    if a.features is not None and a.files:
-        raise _UsageError("give image files or --features, not both")
+    given = [
+        name
+        for name, v in (("image files", a.files), ("--features", a.features), ("--text", a.text))
+        if v
+    ]
+    if len(given) > 1:
+        raise _UsageError(
+            f"give one of image files, --features or --text, not {' and '.join(given)}"
+        )
     if a.features is not None:  # a click model's rows; the endpoint checks every value
         body: dict[str, Any] = {"features": _json_object(a.features, "--features")}
+    elif a.text:  # a text classifier's texts, as given (the endpoint checks and tokenises them)
+        body = {"texts": a.text}
     elif a.files:
         images = []
         for f in a.files:
@@ -325,7 +334,7 @@ def cmd_predict(a: argparse.Namespace) -> Any:
                 raise _UsageError(f"cannot read {f}: {exc.strerror}") from None
         body = {"images": images}
     else:
-        raise _UsageError("nothing to predict: give image files, or --features JSON")
+        raise _UsageError("nothing to predict: give image files, --features JSON or --text TEXT")
     token = a.auth_token or os.environ.get("LEPTON_SERVE_TOKEN") or None
     req = urllib.request.Request(
         a.url.rstrip("/") + "/v1/predict",
@@ -705,7 +714,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser(
         "predict",
-        help="classify PNG/JPEG files, or score click features, with a running endpoint",
+        help="classify PNG/JPEG files or texts, or score click features, with a running endpoint",
     )
     pr.add_argument("url", help="endpoint base URL, e.g. http://127.0.0.1:8000")
     pr.add_argument("files", nargs="*", help="PNG/JPEG files (an image classifier)")
@@ -715,6 +724,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="JSON|@FILE",
         help='a click model\'s rows: {"dense": [[...], ...], "sparse": [[...], ...]}, sent as '
         '{"features": ...}; answers click probabilities',
+    )
+    pr.add_argument(
+        "--text",
+        action="append",
+        default=None,
+        metavar="TEXT",
+        help='a text for a text classifier (repeat for several), sent as {"texts": [...]}',
     )
     _token_flag(pr)
     pr.set_defaults(fn=cmd_predict)

@@ -180,11 +180,26 @@ def test_predict_sends_features_inline_or_from_a_file(endpoint, tmp_path, capsys
     assert [json.loads(body) for body in seen] == [{"features": rows}] * 2
 
 
+def test_predict_sends_texts(endpoint, capsys):  # noqa: F811
+    from lepton_ray import cli
+
+    url, script, seen = endpoint
+    answer = {"predictions": [{"class": "code"}, {"class": "reference"}]}
+    script.append((200, {"Content-Type": "application/json"}, json.dumps(answer).encode()))
+    assert cli.main(["predict", url, "--text", "def f(): pass", "--text", "for_stmt ::= ..."]) == 0
+    assert json.loads(capsys.readouterr().out) == answer
+    assert json.loads(seen[-1]) == {"texts": ["def f(): pass", "for_stmt ::= ..."]}
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        ((), "nothing to predict: give image files, or --features JSON"),
-        (("a.png", "--features", "{}"), "give image files or --features, not both"),
+        ((), "nothing to predict: give image files, --features JSON or --text TEXT"),
+        (
+            ("a.png", "--features", "{}"),
+            "give one of image files, --features or --text, not image files and --features",
+        ),
+        (("--text", "a", "--features", "{}"), "not --features and --text"),
         (("--features", "{'dense': 1}"), "--features is not valid JSON: Expecting property name"),
         (("--features", "[[1, 2]]"), "--features must be a JSON object, got list"),
         (("--features", "@/nonexistent/rows.json"), "--features: cannot read /nonexistent/rows"),
