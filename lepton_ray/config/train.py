@@ -257,8 +257,12 @@ class TrainConfig(Config):
     two per stage, one for a single stage); ``1f1b`` needs at least one per stage."""
     early_stopping_patience: int | None = setting(None, ge=1)
     """Stop after this many epochs without improvement of ``monitor``."""
-    monitor: Literal["val_loss", "val_accuracy", "train_loss", "train_accuracy"] = "val_loss"
-    """Metric for early stopping and the best checkpoint (``*loss`` is minimised, others maximised)."""
+    monitor: Literal[
+        "val_loss", "val_accuracy", "val_perplexity", "val_auc", "train_loss", "train_accuracy"
+    ] = "val_loss"
+    """Metric for early stopping and the best checkpoint: losses and ``val_perplexity`` (text) are
+    minimised, accuracies and ``val_auc`` (click data) maximised; a ``val_*`` metric without a
+    validation set falls back to ``train_loss``."""
     resume: bool = False
     """Continue the run named ``run_name`` from its last checkpoint (any world size)."""
     record_sample_ids: bool = False

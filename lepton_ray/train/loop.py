@@ -35,7 +35,7 @@ from lepton_ray.train.feed import (
 )
 from lepton_ray.train.observe import WorkerProgress
 from lepton_ray.train.step import BATCH_DTYPES, Pixels, TrainStep
-from lepton_ray.train.task import for_data
+from lepton_ray.train.task import for_data, lower_is_better
 from lepton_ray.train.timeline import WorkerTimeline
 
 
@@ -268,7 +268,7 @@ def judge(
     name = cfg.monitor if cfg.monitor in metrics else "train_loss"
     value = metrics[name]
     improved = best is None or (
-        value < best["value"] if name.endswith("loss") else value > best["value"]
+        value < best["value"] if lower_is_better(name) else value > best["value"]
     )
     if improved:
         best = {"metric": name, "value": value, "epoch": metrics["epoch"]}

@@ -28,6 +28,7 @@ class Classification:
 
     kind = "image"
     main_metric = "accuracy"  # what pipelines.evaluate/promote judge a checkpoint by
+    val_metrics: tuple[str, ...] = ()  # reported beside val_loss and val_accuracy
 
     def __init__(self, pixels: Any = None, augment: Any = None):
         self.pixels, self.augment = pixels, augment
@@ -75,6 +76,7 @@ class NextToken:
 
     kind = "text"
     main_metric = "perplexity"  # lower is better
+    val_metrics = ("val_perplexity",)
 
     def __init__(self, device: torch.device, block_size: int):
         self.device, self.block_size = device, block_size
@@ -118,6 +120,7 @@ class ClickThrough:
 
     kind = "ctr"
     main_metric = "auc"
+    val_metrics = ("val_auc",)
 
     def __init__(self, device: torch.device, dense: int):
         self.device, self.dense = device, dense
@@ -154,6 +157,21 @@ class ClickThrough:
         scores, labels = torch.cat(self.scores).numpy(), torch.cat(self.labels).numpy()
         self.scores, self.labels = [], []
         return {"val_auc": auc(scores, labels)}
+
+
+TASKS = {t.kind: t for t in (Classification, TextClassification, NextToken, ClickThrough)}
+
+
+def monitorable(kind: str) -> tuple[str, ...]:
+    """The per-epoch metrics of a run on data of ``kind`` that ``TrainConfig.monitor`` may name
+    (the ``val_*`` ones once there is a validation set)."""
+    common = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")
+    return common + TASKS[kind].val_metrics
+
+
+def lower_is_better(metric: str) -> bool:
+    """Losses and perplexities are minimised; accuracies and AUCs maximised."""
+    return metric.endswith(("loss", "perplexity"))
 
 
 def _exp(loss: float) -> float:

@@ -36,6 +36,7 @@ from lepton_ray.train.storage_retry import (
     controller_storage_failure,
     run_resuming,
 )
+from lepton_ray.train.task import monitorable
 
 _SCALING_FIELDS = {f.name for f in dataclasses.fields(ScalingConfig)}
 # The epoch plan's order for each DataConfig.shuffle (see lepton_ray.train.sampling).
@@ -132,6 +133,8 @@ def fit(model: nn.Module, train_dataset: Any, val_dataset: Any, cfg: TrainConfig
             "resuming mid-epoch relies on its stable row ids"
         )
     strategy.check(cfg, model, train_src.needs_ray)
+    if train_src.info is not None:
+        _check_monitor(cfg, train_src.info.kind)
     ensure_ray()
     marks["ray_ready"] = time.time()
     train_src.resolve(run, "train")
@@ -145,6 +148,7 @@ def fit(model: nn.Module, train_dataset: Any, val_dataset: Any, cfg: TrainConfig
     if info.kind != "image":  # token blocks, click rows: crops and flips are for images
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, augment=()))
     _check_model(model, info)
+    _check_monitor(cfg, info.kind)  # again: a Ray or torch Dataset's kind is known only now
     if cfg.batch_size > info.num_rows:
         raise ConfigError(
             f"batch_size {cfg.batch_size} is larger than the {info.num_rows} training rows"
@@ -155,6 +159,15 @@ def fit(model: nn.Module, train_dataset: Any, val_dataset: Any, cfg: TrainConfig
         lambda: _resumable(run),
         name=run.name,
     )
+
+
+def _check_monitor(cfg: TrainConfig, kind: str) -> None:
+    """``monitor`` must be a metric runs on this kind of data report, or it would never decide."""
+    if cfg.monitor not in monitorable(kind):
+        raise ConfigError(
+            f"monitor '{cfg.monitor}' is not reported for {kind} data: choose one of "
+            + ", ".join(monitorable(kind))
+        )
 
 
 def _resumable(run: Any) -> bool:
