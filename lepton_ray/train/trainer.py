@@ -194,7 +194,7 @@ def _run(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from lepton_ray.train.observe import ProgressBar, ProgressBoard, RunObserver
+    from lepton_ray.train.observe import ProgressBar, ProgressBoard, RunObserver, divergence
     from lepton_ray.train.timeline import phases
 
     info = train_src.info
@@ -258,6 +258,7 @@ def _run(
         order=_ORDERS[shuffle],
         device_augment=cfg.data.augment if on_device else (),
         feed=feed,
+        fit_id=uuid.uuid4().hex,
     )
     # Ray Train's default_ingest_options() sets the deprecated exclude_resources (a warning per fit).
     current = DataContext.get_current().execution_options
@@ -299,8 +300,10 @@ def _run(
     if result.error is not None:
         raise _failure(run.name, result.error)
     marks["fit_returned"] = time.time()
-    out = _results(result, run, time.perf_counter() - started, cfg.epochs)
+    if (line := divergence(run, spec.fit_id)) is not None:
+        raise _diverged(run, cfg, line)
     last = result.metrics or {}
+    out = _results(result, run, time.perf_counter() - started, cfg.epochs)
     marks |= last.get("startup", {}) | (
         {"last_report": last["reported_at"]} if "reported_at" in last else {}
     )
@@ -519,6 +522,17 @@ def _failure(name: str, exc: BaseException) -> TrainingError:
     Ray Train's controller (:func:`run_resuming` resumes it), else a :class:`TrainingError`."""
     kind = StorageInterrupted if controller_storage_failure(exc) is not None else TrainingError
     return kind(f"training run '{name}' failed: {_root_cause(exc)}")
+
+
+def _diverged(run: Any, cfg: TrainConfig, last: dict[str, Any]) -> TrainingError:
+    """The one-line error for a run whose loss stopped being a number, naming what to change."""
+    latest = run.latest()
+    kept = f"its last checkpoint, {latest.uri}, is from before" if latest else "no checkpoint kept"
+    return TrainingError(
+        f"training run '{run.name}' diverged: train_loss {last['train_loss']} in epoch "
+        f"{last['epoch']} (step {last['step']}); {kept}. Lower optim.lr (it was "
+        f"{cfg.optim.lr:g}), set optim.grad_clip or raise optim.warmup_fraction"
+    )
 
 
 def _root_cause(exc: BaseException) -> str:
