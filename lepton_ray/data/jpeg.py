@@ -138,9 +138,53 @@ def decode(
     decode included, against ~650 for PIL's decode and ``resize(box=...)``); on a GPU in float32,
     rounded: the two agree within one grey level."""
     import torch
-    from torchvision.io import ImageReadMode, decode_jpeg
 
     device = torch.device(device)
+    if device.type != "cuda":
+        return _decode_crop(data, ids, crop, seed, epoch, train, device)
+    # nvJPEG's hardware engine writes its outputs before work already queued on the stream it is
+    # given has run (meta-pytorch/torchcodec#1634, pytorch/vision#9606): a block the caching
+    # allocator hands it may still be read by queued kernels, and training then reads corrupted
+    # memory. On the H200 (torchvision 0.26) losses went NaN, at random, in loops that decoded
+    # each batch between training steps. So decoding runs on a stream of its own, drained
+    # first (its queued work is the last batch's crops, long done), and the caller's stream waits
+    # for the result: nvJPEG only ever gets memory that nothing queued reads.
+    side = _decode_stream(device)
+    side.synchronize()
+    with torch.cuda.stream(side):
+        out = _decode_crop(data, ids, crop, seed, epoch, train, device)
+    caller = torch.cuda.current_stream(device)
+    caller.wait_stream(side)
+    out.record_stream(caller)  # freed after the step: not reused before the caller is done
+    return out
+
+
+_STREAMS: dict[int, Any] = {}
+
+
+def _decode_stream(device: Any) -> Any:
+    """One CUDA stream per device for decoding (created once, on first use)."""
+    import torch
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _STREAMS:
+        _STREAMS[index] = torch.cuda.Stream(device=index)
+    return _STREAMS[index]
+
+
+def _decode_crop(
+    data: Sequence[bytes],
+    ids: np.ndarray | None,
+    crop: int,
+    seed: int | None,
+    epoch: int,
+    train: bool,
+    device: Any,
+) -> Any:
+    """:func:`decode`'s work on the current stream."""
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+
     tensors = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in data]
     images: list[Any] = []
     if device.type == "cpu":
