@@ -29,6 +29,7 @@ import ray
 from ray.train import UserCallback
 
 from lepton_ray import storage
+from lepton_ray.errors import StorageError
 
 LAG_FACTOR = 1.25  # a worker lags when its compute + input wait exceeds the median by this factor
 
@@ -242,7 +243,10 @@ class RunObserver(UserCallback):
 def divergence(run: Any, fit_id: str) -> dict[str, Any] | None:
     """The epoch line in which this ``fit()`` call's run diverged (:func:`lepton_ray.train.loop.
     diverged`), or None."""
-    lines = _read_lines(run.metrics)
+    try:
+        lines = _read_lines(run.metrics)
+    except (StorageError, OSError):  # a finished run is not failed for a file unreadable now
+        return None
     last = json.loads(lines[-1]) if lines else {}
     return last if last.get("diverged") and last.get("fit_id") == fit_id else None
 
