@@ -71,6 +71,9 @@ def head_node(**auth: str):
     env = {
         **os.environ,
         "RAY_AUTH_MODE": "disabled",
+        # SIGTERM stops a head at once: by default it first drains its node for up to 30 s (for
+        # Serve replicas behind a load balancer), which outlived the 15 s wait below twice a run.
+        "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
         **auth,
         "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
     }
