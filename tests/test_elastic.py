@@ -19,6 +19,11 @@ from lepton_ray import Trainer, build_model, prepare
 
 pytestmark = [pytest.mark.ray, pytest.mark.e2e]
 
+# 40 steps an epoch, 20-26 a second on one worker here: the run grew at step 230-350 (the node
+# takes ~10 s to join) and the node left ~40 steps later; 20 epochs leave 400 steps or more after
+# that, room for a node that takes twice as long to join.
+EPOCHS = 20
+
 
 def _wait_for(predicate, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
@@ -38,7 +43,7 @@ def _latest_step(run: Path) -> int:
     return max(steps, default=0)
 
 
-def test_grows_when_a_node_joins_and_shrinks_when_it_leaves(tmp_path):
+def test_grows_when_a_node_joins_and_shrinks_when_it_leaves(tmp_path, monkeypatch):
     import ray
     from ray.cluster_utils import Cluster
 
@@ -46,6 +51,11 @@ def test_grows_when_a_node_joins_and_shrinks_when_it_leaves(tmp_path):
 
     if ray.is_initialized():
         ray.shutdown()
+    # When the node leaves, Ray still counts its resources for a while, and the controller's
+    # first restart asks for 2 workers: their placement group waits this long before it gives up
+    # and retries with 1 (Ray's default, 60 s, was most of this test's time). A group that can
+    # be placed is ready in well under a second here. The cluster's processes inherit it.
+    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "10")
     cluster = Cluster(
         initialize_head=True, head_node_args={"num_cpus": 3, "resources": {"slot": 1}}
     )
@@ -60,12 +70,12 @@ def test_grows_when_a_node_joins_and_shrinks_when_it_leaves(tmp_path):
                 out["res"] = Trainer(
                     (1, 2),
                     resources_per_worker={"CPU": 1, "slot": 1},
-                    elastic_resize_monitor_interval_s=2,
+                    elastic_resize_monitor_interval_s=1,
                 ).fit(
                     build_model("cnn", in_channels=1, num_classes=10, width=8),
                     data["train"],
                     batch_size=100,
-                    epochs=12,  # long enough to grow, run on 2 workers and shrink on a fast day
+                    epochs=EPOCHS,
                     storage=str(tmp_path / "runs"),
                     run_name="elastic",
                     checkpoint_every_steps=10,
@@ -98,8 +108,8 @@ def test_grows_when_a_node_joins_and_shrinks_when_it_leaves(tmp_path):
         assert changes == [(1, 2), (2, 1)], res["world_size_changes"]
         assert res["history"][-1]["world_size"] == 1
         # global batch fixed: the step count is that of one worker, whatever happened in between
-        assert res["history"][-1]["step"] == 12 * 40
-        assert res["epochs"] == 12 and res["train_accuracy"] > 0.8
+        assert res["history"][-1]["step"] == EPOCHS * 40
+        assert res["epochs"] == EPOCHS and res["train_accuracy"] > 0.8
     finally:
         ray.shutdown()
         cluster.shutdown()
