@@ -261,3 +261,85 @@ def test_resume_under_another_strategy_is_refused_before_ray():
         strategy.check_resume("ddp", sharded)
     with pytest.raises(ConfigError, match="cannot resume with strategy 'fsdp'"):
         strategy.check_resume("fsdp", ordinary)
+
+
+# --- fsdp on one worker: the model whole, checkpoints sharded (1 -> 2 -> 1 workers) -------------
+CKPT_META = {"model": {"name": "blocks"}, "memory_format": "contiguous", "data": {}}
+
+
+def _resume_leg(rank: int, world: int, rendezvous: str, where: str, first: int, last: int) -> None:
+    """Steps ``first..last-1`` of the reference's global batches at ``world`` workers, as an fsdp
+    run does: resumed from ``where/ckpt-<first>`` (none when ``first`` is 0), model whole on one
+    worker (strategy.build_whole) and sharded on more; then a sharded checkpoint at ``last``."""
+    from types import SimpleNamespace
+
+    from lepton_ray import storage
+    from lepton_ray.train import sharded
+    from lepton_ray.train.checkpointing import Restored
+
+    init(rank, world, rendezvous)
+    torch.manual_seed(0 if first == 0 else 100 + rank)  # resumed legs: other weights, overwritten
+    restored = Restored()
+    if first:
+        reader = sharded.Reader(storage.resolve(f"{where}/ckpt-{first}"))
+        restored = Restored(state=reader.train_state(), sharded=reader)
+    if strategy.shards(world):
+        model = sharded_model(Blocks())
+        if restored.sharded is not None:
+            restored.sharded.load_model(model)
+    else:
+        model = strategy.build_whole(
+            SimpleNamespace(model=Blocks(), meta={}), restored, torch.device("cpu")
+        )
+    step = TrainStep(model, config(world), world, rank, total_steps=STEPS)
+    if first:
+        strategy.load_train_state(step, restored, model)
+    xs, ys = data()
+    losses = []
+    for s in range(first, last):
+        sums = torch.zeros(3, dtype=torch.float64)
+        step(xs[s, my_rows(world, rank)], ys[s, my_rows(world, rank)], sums)
+        if world > 1:
+            dist.all_reduce(sums)
+        losses.append(float(sums[0] / sums[2]))
+    sharded.save(
+        storage.resolve(f"{where}/ckpt-{last}"), model, step.state_dict(), CKPT_META, rank, world
+    )
+    sharded_now = strategy.is_sharded(model)
+    state = {
+        k: v.full_tensor() if hasattr(v, "full_tensor") else v
+        for k, v in model.state_dict().items()
+    }
+    if rank == 0:
+        with open(f"{where}/leg-{first}.json", "w") as f:
+            json.dump(
+                {
+                    "losses": losses,
+                    "sharded": sharded_now,
+                    "weights": {k: v.tolist() for k, v in state.items()},
+                },
+                f,
+            )
+    dist.destroy_process_group()
+
+
+def test_fsdp_on_one_worker_trains_whole_and_resumes_sharded_at_other_sizes(ref, tmp_path):
+    """An fsdp run on one worker holds its model whole (nothing to shard) yet writes sharded
+    checkpoints: 2 steps on 1 worker, the next on 2 (sharded, reading its rows of the 1-worker
+    checkpoint), the last on 1 again, equal the reference step by step and in the end weights."""
+    where = str(tmp_path)
+    for world, (first, last) in ((1, (0, 2)), (2, (2, 3)), (1, (3, 4))):
+        spawn(_resume_leg, world, where, first, last)
+    legs = [json.loads((tmp_path / f"leg-{f}.json").read_text()) for f in (0, 2, 3)]
+    assert [leg["sharded"] for leg in legs] == [False, True, False]
+    ref_losses, ref_weights, _ = ref
+    assert sum((leg["losses"] for leg in legs), []) == pytest.approx(ref_losses, abs=TOL)
+    for name, w in ref_weights.items():
+        assert torch.allclose(torch.tensor(legs[-1]["weights"][name]), w, atol=TOL), name
+    # the 1-worker checkpoint: parameters and Adam's moments saved as rows, the step count whole
+    index = json.loads((tmp_path / "ckpt-2" / "shard-00000-of-00001.json").read_text())["tensors"]
+    assert index["/model/head.weight"]["sharded"] is True
+    moments = [k for k in index if k.endswith(("/exp_avg", "/exp_avg_sq"))]
+    assert moments and all(index[k]["sharded"] for k in moments)
+    steps = [k for k in index if k.endswith("/step")]
+    assert steps and not any(index[k]["sharded"] for k in steps)

@@ -139,11 +139,19 @@ def gather_ids(pending: list[torch.Tensor], world: int) -> np.ndarray:
 class Reporter:
     """Reports an epoch's or a step's metrics to Ray Train, with or without a checkpoint."""
 
-    def __init__(self, run_uri: str, endpoint_url: str | None, meta: dict[str, Any], rank: int):
+    def __init__(
+        self,
+        run_uri: str,
+        endpoint_url: str | None,
+        meta: dict[str, Any],
+        rank: int,
+        sharded: bool = False,
+    ):
         from lepton_ray.runs import RunLayout
 
         self.run = RunLayout(storage.resolve(run_uri, endpoint_url))
         self.meta, self.rank = meta, rank
+        self.sharded = sharded  # strategy fsdp: sharded checkpoints, on one worker too
 
     def metrics(self, metrics: dict[str, Any]) -> None:
         ray.train.report(metrics)
@@ -162,12 +170,12 @@ class Reporter:
         """A barrier: every rank calls it; rank 0 writes and uploads (under FSDP every rank
         first uploads its shards, then rank 0 the manifest listing them)."""
         from lepton_ray.runs import checkpoint_name
-        from lepton_ray.train import sharded, strategy
+        from lepton_ray.train import sharded
 
         name = checkpoint_name(metrics["epoch"], metrics["step"])
         run, world = self.run, metrics["world_size"]
         publish = checkpoint.publish
-        if strategy.is_sharded(model):
+        if self.sharded:
             dests = [run.root.join(name)] + ([run.best_copy(name)] if publish_best else [])
             shards = sharded.write_shards(dests, model, train_state, self.rank, world)
 

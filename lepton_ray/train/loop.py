@@ -85,7 +85,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     feed, val_batches = make_feeds(spec, *strategy.data_shard(cfg, world, rank), device)
     own_rows = strategy.counts_rows(cfg, world, rank)  # pipeline: stage 0 records the ids
     timeline.mark("feed_ready")
-    reporter = Reporter(spec.run_uri, spec.endpoint_url, spec.meta, rank)
+    reporter = Reporter(spec.run_uri, spec.endpoint_url, spec.meta, rank, cfg.strategy == "fsdp")
     sample_log = SampleLog(spec.run_uri, spec.endpoint_url, rank) if cfg.record_sample_ids else None
     fault = parse_fault(cfg.fault_injection) if not restored.state else None  # first attempt only
     progress = WorkerProgress(spec.board, rank, world, cfg.progress_every_steps)

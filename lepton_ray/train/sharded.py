@@ -149,8 +149,11 @@ def decode(obj: Any, tensor: Any) -> Any:
 
 
 # --- writing -----------------------------------------------------------------------------------
-def _piece(t: torch.Tensor, rank: int) -> tuple[torch.Tensor, list[int], bool] | None:
-    """(this rank's rows on the CPU, their global range, sharded?) or None: nothing to write."""
+def _piece(
+    t: torch.Tensor, rank: int, all_rows: bool = False
+) -> tuple[torch.Tensor, list[int], bool] | None:
+    """(this rank's rows on the CPU, their global range, sharded?) or None: nothing to write.
+    ``all_rows``: ``t`` is sharded though not a DTensor, its one rank holding every row."""
     if _is_dtensor(t):
         start, stop = local_rows(t)
         if stop == start:
@@ -159,7 +162,22 @@ def _piece(t: torch.Tensor, rank: int) -> tuple[torch.Tensor, list[int], bool] |
     if rank != 0:  # replicated: rank 0's copy
         return None
     n = t.shape[0] if t.ndim else 1
-    return t.detach().cpu().contiguous().clone(), [0, n], False
+    return t.detach().cpu().contiguous().clone(), [0, n], all_rows
+
+
+def whole_shards(tree: dict[str, Any]) -> set[int]:
+    """The tensors of ``tree`` (``{"model", "train_state"}``) that an fsdp run on one worker
+    (:func:`lepton_ray.train.strategy.shards`) saves as sharded, all rows on its one rank: the
+    model's parameters and each optimizer state tensor with dimensions (Adam's moments, SGD's
+    momentum), which FSDP2 shards like their parameters; 0-d step counts and buffers stay
+    replicated, as FSDP2 keeps them. So a later run on more workers reads its rows of each."""
+    model = tree["model"]
+    params = {k for k, v in model.items() if isinstance(v, nn.Parameter)}
+    out = {id(model[k]) for k in params}
+    optim = tree["train_state"].get("optimizer", {}).get("state", {})
+    for state in optim.values():
+        out |= {id(v) for v in state.values() if isinstance(v, torch.Tensor) and v.ndim}
+    return out
 
 
 def write_local_shard(directory: Path, tree: dict[str, Any], rank: int, world: int) -> list[Path]:
@@ -168,9 +186,11 @@ def write_local_shard(directory: Path, tree: dict[str, Any], rank: int, world: i
 
     tensors: dict[str, torch.Tensor] = {}
     encoded = encode(tree, "", tensors)
+    dtensors = any(_is_dtensor(t) for t in tensors.values())
+    whole = whole_shards(tree) if world == 1 and not dtensors else set()
     pieces, index = {}, {}
     for key, t in tensors.items():
-        piece = _piece(t, rank)
+        piece = _piece(t, rank, id(t) in whole)
         if piece is not None:
             pieces[key], rng, sharded = piece
             index[key] = {"shape": list(t.shape), "dtype": _dtype_name(t.dtype), "rows": rng}
@@ -363,9 +383,13 @@ class Reader:
         return self.read_rows(key, 0, shape[0] if shape else 1)
 
     def dtensor(self, ref: ShardRef, like: Any) -> Any:
-        """The rows of ``ref`` that this rank owns now, as a DTensor sharded as ``like`` is."""
+        """The rows of ``ref`` that this rank owns now, as a DTensor sharded as ``like`` is (on
+        one worker, whose model is not sharded, a plain tensor of every row on ``like``'s
+        device)."""
         from torch.distributed.tensor import DTensor, Shard
 
+        if not _is_dtensor(like):
+            return self.whole(ref.key).to(like.device)
         mesh = like.device_mesh
         start, stop = rows(ref.shape[0], mesh.size(), mesh.get_local_rank())
         local = self.read_rows(ref.key, start, stop).to(like.device)

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from lepton_ray.config import OptimConfig, TrainConfig
-from lepton_ray.train import batching
+from lepton_ray.train import batching, strategy
 from lepton_ray.train.task import Classification, NextToken
 
 # Images travel from the Ray Data workers as uint8 (a quarter of the bytes of float32) and are
@@ -114,12 +114,13 @@ class TrainStep:
             else contextlib.nullcontext()
         )
         self.fwd_s = 0.0  # host time in forward passes: exact on CPU, launch time on GPU
-        # Under ddp with ``compile``, the loss and the correct count are compiled with the
-        # forward (as nanoGPT's model computes its loss): the cross-entropy's float32 upcast of
-        # (N, T, vocab) logits is fused instead of materialised. fsdp compiles unit by unit
-        # (strategy.shard), so its loss stays eager.
+        # Under ddp (and fsdp on one worker, unsharded) with ``compile``, the loss and the
+        # correct count are compiled with the forward (as nanoGPT's model computes its loss): the
+        # cross-entropy's float32 upcast of (N, T, vocab) logits is fused instead of
+        # materialised. A sharded model is compiled unit by unit (strategy.shard), so its loss
+        # stays eager.
         self.forward = forward_fn(model, self.task)
-        if cfg.compile and cfg.strategy == "ddp":
+        if cfg.compile and cfg.strategy != "pipeline" and not strategy.is_sharded(model):
             inner = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: its module
             self.forward = torch.compile(forward_fn(inner, self.task))
 

@@ -5,7 +5,7 @@ state; Ray Train's ``prepare_model`` wraps it in DDP, which averages gradients o
 workers. ``strategy="fsdp"``: FSDP2 (``torch.distributed.fsdp.fully_shard``) over a 1-D
 ``DeviceMesh`` of the process group Ray Train set up; each block (:func:`shard_units`) and then the
 root is one unit whose parameters, gradients and optimizer state are sharded along dim 0, so a
-worker holds about ``1/W`` of each. Its reduce-scatter averages gradients over ``W`` as DDP's
+worker holds about ``1/W`` of each (on one worker nothing is sharded: :func:`shards`). Its reduce-scatter averages gradients over ``W`` as DDP's
 all-reduce does (checked against a single process in ``tests/test_fsdp.py``), so the loop's
 loss scale ``W * b_i / B`` (:mod:`lepton_ray.train.batching`) means the same under both.
 
@@ -86,8 +86,10 @@ def build(
     layout = memory_format(spec.meta)  # channels-last for convnets: faster on CPUs and GPUs alike
     if spec.cfg.strategy == "pipeline":  # compiled block by block, if asked
         return build_pipeline(spec, restored, device), layout
-    if spec.cfg.strategy == "fsdp":  # compiled unit by unit, if asked (see shard)
-        return build_fsdp(spec, restored, device), layout
+    if spec.cfg.strategy == "fsdp" and shards(dist.get_world_size()):
+        return build_fsdp(spec, restored, device), layout  # compiled unit by unit (see shard)
+    if spec.cfg.strategy == "fsdp":
+        model = build_whole(spec, restored, device).to(memory_format=layout)
     else:
         if restored.sharded is not None:
             raise CheckpointError(
@@ -102,6 +104,39 @@ def build(
     if spec.cfg.compile:
         model = torch.compile(model)
     return model, layout
+
+
+def shards(world: int) -> bool:
+    """Whether ``strategy="fsdp"`` shards the model at this world size: not on one worker,
+    where every shard would be the whole model and FSDP's gathers, hooks and DTensor optimizer
+    step would cost time for nothing (torchtitan likewise applies ``fully_shard`` only when its
+    shard dimension is over 1). The run stays an fsdp run: its model is built and initialised as
+    on more workers (:func:`build_whole`), and its checkpoints are sharded ones
+    (:mod:`lepton_ray.train.sharded`), so it resumes or grows onto more workers sharded."""
+    return world > 1
+
+
+def build_whole(spec: RunSpec, restored: Restored, device: torch.device) -> nn.Module:
+    """An fsdp run's model on one worker (:func:`shards`): the initial weights every fsdp run
+    starts from (fetched from the object store, or the model shipped whole), or the sharded
+    checkpoint resumed, read whole."""
+    if restored.weights is not None:
+        raise CheckpointError(
+            "the checkpoint to resume is not sharded (strategy 'ddp'): resume with strategy='ddp'"
+        )
+    if spec.model is None:  # a registered architecture: its init forked, as in build_fsdp
+        import ray
+
+        with torch.random.fork_rng(devices=[]):
+            model = from_spec(spec.meta["model"])
+        model.load_state_dict(ray.get(spec.init_weights))
+    else:
+        model = copy.deepcopy(spec.model)
+    model = model.to(device)
+    if restored.sharded is not None:
+        restored.sharded.load_model(model)
+    log.info("FSDP on one worker: nothing to shard; the model trains whole")
+    return model
 
 
 def build_fsdp(spec: RunSpec, restored: Restored, device: torch.device) -> nn.Module:
