@@ -2,13 +2,16 @@
 HAProxy ingress (the default where its binary is present) and behind Serve's own HTTP proxy (the
 opt-out), against a plain FastAPI/uvicorn process that calls the same model directly.
 
-Claims (the goals): batching pays, (a) >= 3x (b) in requests/s at concurrency 64; the endpoint adds
-at most 5 ms p50 to plain FastAPI at concurrency 1. Meant for a CPU machine (2 cores) and, with
-``--use-gpu --model resnet18``, one NVIDIA H200; measured on both.
+Claims (issue 18's goals, judged per ingress; the default path is HAProxy): at concurrency 1 the
+endpoint adds at most 1 ms p50 to plain FastAPI; batching pays, (a) >= 3x (b) in requests/s at
+concurrency 64; on a CPU run whose (c) has as many processes as the endpoint has replicas, (a) >=
+0.8x (c) at concurrency 64 (the 2-CPU goal). On a GPU run only: (a) >= 2,000 requests/s at
+concurrency 64 with p99 <= 50 ms, and >= 20,000 images/s with batches of images in the request.
+Meant for a CPU machine (2 cores) and, with ``--use-gpu --model resnet18``, one NVIDIA H200.
 
-One run, one model, ``--replicas`` model replicas per variant (default 1) with 1 CPU / 1 torch
-thread each (or 1/(2 x replicas) of one GPU with ``--use-gpu``: both endpoints of a phase share it),
-the client on the same machine:
+One run, one model, ``--replicas`` model replicas per endpoint (default 1) with 1 CPU / 1 torch
+thread each (or 1/replicas of one GPU with ``--use-gpu``: one endpoint is up at a time, so its
+replicas share the GPU as a user's ``gpus_per_replica=1/R`` would), the client on the same machine:
 
     (a) the endpoint with ``@serve.batch`` (max_batch_size 64)
     (b) the endpoint without batching (max_batch_size 1)
@@ -18,20 +21,26 @@ the client on the same machine:
     (c) plain uvicorn + FastAPI, decode -> the same ModelRunner -> JSON, in as many worker
         processes as the endpoint has replicas (what a user would run instead)
 
-each at concurrency 1, 16 and 64 for ``--seconds`` each, from ``benchmarks/loadgen.py`` (spawned
-processes of asyncio keep-alive connections, latency percentiles from the client; ``--client wrk``
-for wrk). Goals: (a) >= 3x (b) in requests/s at concurrency 64; at concurrency 1, (a) adds <= 5 ms
-p50 over (c); and, for runs with that baseline, (a) >= 0.8x (c) in requests/s at concurrency 64
-(issue 18's 2-CPU goal).
+each at concurrency 1, 16 and 64 for ``--seconds`` each, one image per request as JSON pixel
+arrays, from ``benchmarks/loadgen.py`` (spawned processes of asyncio keep-alive connections,
+latency percentiles from the client; ``--client wrk`` for wrk). Then batches in the request: (a)
+and (c) at concurrency 8 and 32, ``--images-per-request`` images (default 64; 0 skips the phase)
+per request as raw uint8 (``application/octet-stream`` with an ``X-Shape: N,H,W,C`` header), images/s
+= requests/s x images per request.
 
-Models (``--model``): ``cnn`` (width 32, one 28x28x1 digit per request; the default) or
-``resnet18`` (one 32x32x3 CIFAR-shaped image per request, random pixels: speed does not depend on
-them), where the model's own cost is larger than the HTTP path's. Batching can only win what the
-model saves by running images together: on one CPU thread that is little (see docs/benchmarks.md);
-on a GPU a batch of 64 costs about what one image costs.
+Models (``--model``): ``cnn`` (width 32, 28x28x1 digits; the default) or ``resnet18`` (32x32x3
+CIFAR-shaped images, random pixels: speed does not depend on them), where the model's own cost is
+larger than the HTTP path's. Batching can only win what the model saves by running images
+together: on one CPU thread that is little (see docs/benchmarks.md); on a GPU a batch of 64 costs
+about what one image costs.
 
     python -m benchmarks.serve [--model cnn|resnet18] [--use-gpu] [--seconds 10] [--replicas 1]
-        [--client loadgen|wrk] [--no-doc]
+        [--ingress haproxy|proxy|both] [--images-per-request 64] [--client loadgen|wrk] [--no-doc]
+
+Wall time (the result records ``wall_s``): per ingress 8 levels of ``--seconds`` and 4 warm-ups
+of min(3, seconds), for (c) 5 and 3, plus starts and deploys: a 2-CPU run with ``--seconds 2
+--ingress haproxy`` took 85 s, 40 of them under load. With the default 10 s and one ingress that
+is 151 s under load, about 4 minutes in all; both ingresses add about 2 minutes.
 
 Writes ``serve[_<model>][_gpu].json`` and its section of ``docs/benchmarks.md``.
 """
@@ -55,11 +64,16 @@ from fastapi import FastAPI, Request  # module level: FastAPI resolves the route
 from fastapi.responses import JSONResponse
 
 from benchmarks import harness
-from benchmarks.harness import Goal, table
+from benchmarks._serve_report import goals, metrics, render  # noqa: F401 - the doc's renderer
 from benchmarks.loadgen import default_processes, load
 
 LEVELS = (1, 16, 64)
+IMAGE_LEVELS = (8, 32)
+"""Concurrency of the batches-in-the-request phase: with 64 images each, 512 and 2,048 images in
+flight."""
 HEADERS = {"Content-Type": "application/json"}
+MAX_IMAGES = 256
+"""Most images per request of both endpoints (ServeConfig's default), raised to the phase's."""
 INGRESSES = ("proxy", "haproxy")
 # name -> (build_model kwargs, input shape HxWxC)
 MODELS = {
@@ -99,12 +113,22 @@ def request_body(model: str) -> bytes:
     return json.dumps({"instances": image.tolist()}).encode()
 
 
+def image_batch(model: str, n: int) -> tuple[bytes, dict[str, str]]:
+    """``n`` random images as one raw uint8 body and the headers that say its shape."""
+    from lepton_ray.serve.codec import SHAPE_HEADER
+
+    shape = MODELS[model][1]
+    image = np.random.default_rng(0).integers(0, 256, (n, *shape), dtype=np.uint8)
+    headers = {"Content-Type": "application/octet-stream"}
+    return image.tobytes(), headers | {SHAPE_HEADER: ",".join(map(str, (n, *shape)))}
+
+
 def plain_app() -> FastAPI:
     """(c): the model behind FastAPI, no Ray: decode -> the same ModelRunner -> JSON. A factory
     (``$LEPTON_BENCH_CKPT``) so that uvicorn can run it in as many worker processes as the
     endpoint has replicas."""
     from lepton_ray.serve import ServeConfig
-    from lepton_ray.serve.codec import RequestError, decode_body
+    from lepton_ray.serve.codec import SHAPE_HEADER, RequestError, decode_body
     from lepton_ray.serve.runner import ModelRunner
 
     runner = ModelRunner(
@@ -120,7 +144,11 @@ def plain_app() -> FastAPI:
     async def predict(request: Request) -> Any:
         try:
             images = decode_body(
-                await request.body(), request.headers.get("content-type", ""), runner.spec, 256
+                await request.body(),
+                request.headers.get("content-type", ""),
+                runner.spec,
+                int(os.environ.get("LEPTON_BENCH_MAX_IMAGES", MAX_IMAGES)),
+                request.headers.get(SHAPE_HEADER),
             )
         except RequestError as exc:
             return JSONResponse({"error": str(exc)}, status_code=exc.status)
@@ -170,58 +198,107 @@ def wait_ready(url: str, timeout: float = 120) -> None:
 def measure(url: str, body: bytes, args: argparse.Namespace) -> list[dict[str, Any]]:
     """A warm-up, then every concurrency level against ``url``, ``args.seconds`` each, from the
     load generator (:mod:`benchmarks.loadgen`, or wrk with ``--client wrk``)."""
+    return _levels(url, body, HEADERS, LEVELS, (8,), args)
+
+
+def measure_images(url: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The batches-in-the-request phase against ``url``: each level as :func:`measure`'s, with
+    ``args.images_per_request`` raw images per request, and its images/s. The warm-up runs at each
+    level, so that a GPU has run most batch shapes of the phase before it is measured (a request
+    brings 64 images: batches of 64 to 32 x 64 images, padded to multiples of 64, each shape
+    ~50 ms the first time it runs on an H200)."""
+    n = args.images_per_request
+    body, headers = image_batch(args.model, n)
+    out = _levels(url, body, headers, IMAGE_LEVELS, IMAGE_LEVELS, args)
+    return [
+        x | {"images_per_request": n, "images_per_s": round(x["requests_per_s"] * n, 1)}
+        for x in out
+    ]
+
+
+def _levels(
+    url: str,
+    body: bytes,
+    headers: dict[str, str],
+    levels: tuple[int, ...],
+    warm: tuple[int, ...],
+    args: argparse.Namespace,
+) -> list[dict[str, Any]]:
     url += "/v1/predict"
     how = {"processes": args.client_processes, "client": args.client}
-    load(url, body, HEADERS, concurrency=8, seconds=3, **how)  # connections, batches, allocator
-    return [load(url, body, HEADERS, concurrency=c, seconds=args.seconds, **how) for c in LEVELS]
+    # Connections, batches, the allocator, a GPU's kernels for the shapes the levels will bring.
+    for c in warm:
+        load(url, body, headers, concurrency=c, seconds=min(3.0, args.seconds), **how)
+    return [load(url, body, headers, concurrency=c, seconds=args.seconds, **how) for c in levels]
 
 
 def endpoint_phase(ingress: str, ckpt: str, body: bytes, args: argparse.Namespace) -> dict:
     """(a) and (b) behind one ingress, on a Ray instance of this process's own (the HAProxy
-    ingress is chosen when Ray starts, so each ingress runs in a subprocess of the benchmark)."""
+    ingress is chosen when Ray starts, so each ingress runs in a subprocess of the benchmark).
+    Returns ``{"results": {variant: levels}, "images": {variant: levels}}``."""
     from ray import serve
 
     from lepton_ray import deploy
     from lepton_ray.serve.ingress import haproxy_replicas_up
 
-    # Both endpoints are up at once: on one GPU their replicas share it (2 replicas: a quarter each).
+    # One endpoint at a time (each is deleted once measured): its R replicas share the GPU, 1/R
+    # each, and hold R of Ray's CPUs, as a user's deployment of R replicas would.
     common = {
         "min_replicas": args.replicas,
         "max_replicas": args.replicas,
         "num_cpus": 1,
         "use_gpu": args.use_gpu,
-        "gpus_per_replica": 0.5 / args.replicas,
+        "gpus_per_replica": 1 / args.replicas,
         "haproxy": ingress == "haproxy",
         "port": free_port(),
+        "max_images_per_request": max(MAX_IMAGES, args.images_per_request),
     }
-    results = {}
+    results: dict[str, dict] = {"results": {}, "images": {}}
     try:
         for name, batch in (("a_batched", 64), ("b_unbatched", 1)):
             app = f"bench-{name[0]}"
             url = deploy(ckpt, name=app, route_prefix=f"/{name[0]}", max_batch_size=batch, **common)
             wait_ready(url)
-            if (
-                ingress == "haproxy"
-            ):  # until HAProxy routes to the replica, it goes via Serve's proxy
+            if ingress == "haproxy":  # until HAProxy routes to the replica, Serve's proxy does
                 deadline = time.monotonic() + 60
                 while not haproxy_replicas_up(app) and time.monotonic() < deadline:
                     time.sleep(0.5)
-            results[f"{name}_{ingress}"] = levels = measure(url, body, args)
-            for r in levels:
-                print(f"{name}_{ingress}", r, flush=True)
+            variant = f"{name}_{ingress}"
+            results["results"][variant] = _printed(variant, measure(url, body, args))
+            if batch > 1 and args.images_per_request:
+                results["images"][variant] = _printed(variant, measure_images(url, args))
+            serve.delete(app)
     finally:
         serve.shutdown()
     return results
 
 
+def _printed(variant: str, levels: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    for x in levels:
+        print(variant, x, flush=True)
+    return levels
+
+
 def run(args: argparse.Namespace, body: bytes) -> dict[str, Any]:
     """Each ingress in a subprocess of its own (Ray picks the ingress when it starts), then (c)."""
+    start = time.monotonic()
     store = Path(tempfile.mkdtemp(prefix="lepton-bench-serve-"))
     ckpt = make_checkpoint(store, args.model)
-    env = os.environ | {"OMP_NUM_THREADS": "1", "LEPTON_BENCH_GPU": "1" if args.use_gpu else "0"}
+    env = os.environ | {
+        "OMP_NUM_THREADS": "1",
+        "LEPTON_BENCH_GPU": "1" if args.use_gpu else "0",
+        "LEPTON_BENCH_MAX_IMAGES": str(max(MAX_IMAGES, args.images_per_request)),
+    }
     env.pop("LEPTON_SERVE_HAPROXY", None)  # each phase says which ingress it uses
     kwargs, shape = MODELS[args.model]
-    n = args.replicas
+    n, per = args.replicas, args.images_per_request
+    images_text = (
+        f"; then batches in the request: {per} images per request as raw uint8 "
+        f"(application/octet-stream, X-Shape), (a) and (c) at concurrency "
+        f"{', '.join(map(str, IMAGE_LEVELS))}"
+        if per
+        else ""
+    )
     r = harness.record(
         "serve",
         model=args.model,
@@ -232,13 +309,16 @@ def run(args: argparse.Namespace, body: bytes) -> dict[str, Any]:
         seconds_per_level=args.seconds,
         what=f"POST /v1/predict, one {'x'.join(map(str, shape))} image as JSON pixel arrays per "
         f"request; {args.model} {kwargs}; {n} model replica{'s' * (n > 1)} (1 CPU, 1 torch thread"
-        + (f", 1/{2 * n} of the GPU" if args.use_gpu else "")
-        + f" each) per variant, one hop (the model in the HTTP replica); (c) in {n} uvicorn "
-        f"worker process{'es' * (n > 1)}; the client: {_client_text(args)}, on the same machine, "
-        f"{args.seconds:g} s per level",
+        + (f", 1/{n} of the GPU" if args.use_gpu else "")
+        + f" each) per variant, one endpoint up at a time, one hop (the model in the HTTP "
+        f"replica); (c) in {n} uvicorn worker process{'es' * (n > 1)}; the client: "
+        f"{_client_text(args)}, on the same machine, {args.seconds:g} s per level" + images_text,
         notes=[],
     )
+    if per:
+        r |= {"images_per_request": per, "image_levels": list(IMAGE_LEVELS)}
     results: dict[str, list] = {}
+    images: dict[str, list] = {}
     for ingress in INGRESSES if args.ingress == "both" else [args.ingress]:
         if ingress == "haproxy" and not _haproxy_binary():
             r["notes"].append(
@@ -250,7 +330,9 @@ def run(args: argparse.Namespace, body: bytes) -> dict[str, Any]:
         cmd = [sys.executable, "-m", "benchmarks.serve"]
         cmd += ["--endpoint-phase", ingress, ckpt, str(out), *_measure_flags(args)]
         subprocess.run(cmd, env=env, check=True)
-        results |= json.loads(out.read_text())
+        phase = json.loads(out.read_text())
+        results |= phase["results"]
+        images |= phase["images"]
 
     plain_port = free_port()
     cmd = [sys.executable, "-m", "benchmarks.serve", "--plain-server", ckpt, str(plain_port)]
@@ -259,13 +341,16 @@ def run(args: argparse.Namespace, body: bytes) -> dict[str, Any]:
         url = f"http://127.0.0.1:{plain_port}"
         wait_ready(url)
         time.sleep(2 * n)  # every worker process up, not only the first to answer
-        results["c_plain_fastapi"] = measure(url, body, args)
-        for x in results["c_plain_fastapi"]:
-            print("c_plain_fastapi", x, flush=True)
+        results["c_plain_fastapi"] = _printed("c_plain_fastapi", measure(url, body, args))
+        if per:
+            images["c_plain_fastapi"] = _printed("c_plain_fastapi", measure_images(url, args))
     finally:
         plain.terminate()
         plain.wait(timeout=30)
     r["results"] = results
+    if per:
+        r["images"] = images
+    r["wall_s"] = round(time.monotonic() - start, 1)
     return r
 
 
@@ -278,6 +363,8 @@ def _measure_flags(args: argparse.Namespace) -> list[str]:
         str(args.seconds),
         "--replicas",
         str(args.replicas),
+        "--images-per-request",
+        str(args.images_per_request),
     ]
     flags += ["--client", args.client] + (["--use-gpu"] if args.use_gpu else [])
     cp = args.client_processes
@@ -296,7 +383,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seconds", type=float, default=10, help="measured seconds per level")
     ap.add_argument(
         "--replicas",
-        type=int,
+        type=_whole(1),
         default=1,
         help="model replicas per endpoint, and uvicorn worker processes of (c)",
     )
@@ -308,11 +395,17 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument(
         "--client-processes",
-        type=int,
+        type=_whole(1),
         default=None,
         help="client processes (wrk: threads); default a quarter of the CPUs, at least 1",
     )
     ap.add_argument("--model", choices=sorted(MODELS), default="cnn")
+    ap.add_argument(
+        "--images-per-request",
+        type=_whole(0),
+        default=64,
+        help="images per request of the batches-in-the-request phase; 0 skips it",
+    )
     ap.add_argument(
         "--ingress", choices=[*INGRESSES, "both"], default="both", help="which ingresses to measure"
     )
@@ -350,6 +443,21 @@ def main(argv: list[str] | None = None) -> None:
     harness.finish(args, run(args, body), render)
 
 
+def _whole(minimum: int) -> Any:
+    """argparse's type for a whole number >= ``minimum``: a bad one is a usage error (exit 2)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
 def _haproxy_binary() -> str | None:
     try:
         from ray.serve._private.haproxy import get_haproxy_binary
@@ -357,160 +465,6 @@ def _haproxy_binary() -> str | None:
         return get_haproxy_binary()
     except (ImportError, FileNotFoundError):
         return None
-
-
-NAMES = {
-    "a_batched": "(a) batched, Serve proxy, two hops",
-    "b_unbatched": "(b) unbatched, Serve proxy, two hops",
-    "a_batched_proxy": "(a) batched, Serve proxy",
-    "b_unbatched_proxy": "(b) unbatched, Serve proxy",
-    "a_batched_haproxy": "(a) batched, HAProxy",
-    "b_unbatched_haproxy": "(b) unbatched, HAProxy",
-    "c_plain_fastapi": "(c) plain FastAPI/uvicorn",
-}
-# Results before issue 5 (no ingress suffix) went through Serve's proxy and a second replica.
-INGRESS_NAMES = {
-    "": "Serve's proxy, two hops (the code of that run)",
-    "proxy": "Serve's proxy (opt-out)",
-    "haproxy": "HAProxy ingress (default)",
-}
-
-
-def metrics(results: dict[str, list]) -> dict[str, dict[str, float]]:
-    """Per ingress: (a) ÷ (b) and (a) ÷ (c) requests/s at concurrency 64; (a) − (c) p50 at
-    concurrency 1."""
-
-    def at(name: str, c: int) -> dict:
-        return next(x for x in results[name] if x["concurrency"] == c)
-
-    out = {}
-    for ingress in INGRESS_NAMES:
-        sfx = f"_{ingress}" if ingress else ""
-        a, b = f"a_batched{sfx}", f"b_unbatched{sfx}"
-        if a in results and b in results:
-            out[ingress or "two_hops"] = {
-                "batched_over_unbatched_rps_at_64": at(a, 64)["requests_per_s"]
-                / at(b, 64)["requests_per_s"],
-                "p50_added_ms_at_1": at(a, 1)["p50_ms"] - at("c_plain_fastapi", 1)["p50_ms"],
-                "endpoint_over_plain_rps_at_64": at(a, 64)["requests_per_s"]
-                / at("c_plain_fastapi", 64)["requests_per_s"],
-            }
-    return out
-
-
-def goals(ingress: str, fair_baseline: bool = False) -> list[Goal]:
-    """The goals judged for ``ingress``; with ``fair_baseline`` (runs whose (c) had as many worker
-    processes as the endpoint had replicas, measured by the load generator), also (a) ÷ (c)."""
-    name = INGRESS_NAMES["" if ingress == "two_hops" else ingress]
-    fair = Goal(
-        f"{name}: (a) ÷ (c) requests/s at concurrency 64, as many processes, >= 0.8 "
-        "(the 2-CPU goal)",
-        f"{ingress}.endpoint_over_plain_rps_at_64",
-        ">=",
-        0.8,
-    )
-    return [fair] * fair_baseline + [
-        Goal(
-            f"{name}: (a) ÷ (b) requests/s at concurrency 64 >= 3",
-            f"{ingress}.batched_over_unbatched_rps_at_64",
-            ">=",
-            3,
-        ),
-        Goal(
-            f"{name}: p50 added at concurrency 1, (a) − (c), <= 5 ms",
-            f"{ingress}.p50_added_ms_at_1",
-            "<=",
-            5,
-        ),
-    ]
-
-
-def _gpu_run(r: dict[str, Any]) -> bool:
-    hw = r.get("hardware")
-    return bool(r.get("use_gpu") or (isinstance(hw, str) and "model on one" in hw))
-
-
-def render(r: dict[str, Any], key: str) -> str:
-    first = r["runs"][0] if "runs" in r else r  # a file of re-runs describes its first run
-    where = "a GPU" if _gpu_run(first) else "the CPU"
-    head = (
-        f"## Serving {first.get('model', 'cnn')} on {where}: the endpoint, batched and not, "
-        f"vs plain FastAPI (`{key}`)\n\n"
-    )
-    if "runs" in r:
-        return head + _reruns(r, key)
-    rows = [
-        [NAMES.get(k, k)]
-        + [f"{x['requests_per_s']} / {x['p50_ms']} / {x['p99_ms']}" for x in levels]
-        + [sum(x["errors"] for x in levels)]
-        for k, levels in r["results"].items()
-    ]
-    m = metrics(r["results"])
-    lines = [harness.goal_lines(goals(ingress, "client" in r), m) for ingress in m]
-    lines += [_client_load(r["results"])] if "client" in r else []
-    return (
-        head
-        + f"{harness.provenance(r, key)} {r['what']}.\n\n"
-        + table(["variant", "c=1 req/s / p50 ms / p99 ms", "c=16", "c=64", "errors"], rows)
-        + "\n\n"
-        + "\n".join(lines + [f"- {n}" for n in r.get("notes", [])])
-        + "\n"
-    )
-
-
-def _client_load(results: dict[str, list]) -> str:
-    """How busy the client was: its busiest process's CPU seconds over a level's seconds."""
-    busy = [
-        (max(x["client_cpu_s"]) / x["seconds"], name, x["concurrency"])
-        for name, levels in results.items()
-        for x in levels
-        if x.get("client_cpu_s")
-    ]
-    share, name, c = max(busy)
-    return (
-        f"- The client's busiest process used {share:.0%} of a CPU (at its busiest, "
-        f"{NAMES.get(name, name)}, c={c}); on a machine this small its CPU is taken from what the "
-        "servers could use, alike for every variant."
-    )
-
-
-def _reruns(r: dict[str, Any], key: str) -> str:
-    """Several runs of one configuration: each run's goal values, and how many met each goal."""
-    rows, met = [], {}
-    for run in r["runs"]:
-        for ingress, v in metrics(run["results"]).items():
-            checks = [g.met({ingress: v}) for g in goals(ingress)]
-            for g, ok in zip(goals(ingress), checks, strict=True):
-                met.setdefault(g.text, []).append(ok)
-            rows.append(
-                [
-                    run.get("measured_at"),
-                    INGRESS_NAMES.get(ingress, ingress),
-                    f"{v['batched_over_unbatched_rps_at_64']:.2f}x "
-                    f"({'met' if checks[0] else 'not met'})",
-                    f"{v['p50_added_ms_at_1']:+.2f} ms ({'met' if checks[1] else 'not met'})",
-                ]
-            )
-    first = r["runs"][0]
-    return (
-        f"{r['what']}; results: `benchmarks/results/{key}.json`, on "
-        f"{harness.hardware_summary(first.get('hardware'))}. "
-        f"{first.get('what')}.\n\n"
-        + table(
-            [
-                "measured",
-                "ingress",
-                "(a) ÷ (b) at c=64 (goal >= 3)",
-                "p50 added at c=1 (goal <= 5 ms)",
-            ],
-            rows,
-        )
-        + "\n\n"
-        + "\n".join(
-            f"- Goal {text}: met in {sum(oks)} of {len(oks)} runs." for text, oks in met.items()
-        )
-        + "\n"
-    )
 
 
 if __name__ == "__main__":
