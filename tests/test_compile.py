@@ -72,3 +72,49 @@ def test_compiled_next_token_step_equals_eager(aot_eager):
     eager = _train(gpt, batches, task, compile=False)
     compiled = _train(gpt, batches, task, compile=True)
     _assert_same(compiled, eager)
+
+
+@pytest.fixture
+def one_process_group(tmp_path):
+    """A gloo group of one process, this one (what Ray Train gives a single worker)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rdv", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_compiled_one_stage_pipeline_step_equals_eager(aot_eager, one_process_group):
+    """strategy="pipeline" on one stage has nothing to pipeline: its forward and loss compile as
+    one (its blocks are not compiled one by one) and train as the eager stage does."""
+    from lepton_ray.train.pipeline import PipelineStep
+    from lepton_ray.train.stages import Layout, build_stage
+
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, 256, (3, 6, 17), generator=g)
+    task = NextToken(torch.device("cpu"), 16)
+
+    def gpt() -> nn.Module:
+        torch.manual_seed(0)
+        return build_model("gpt", vocab_size=256, block_size=16, n_layer=2, n_head=2, n_embd=16)
+
+    def train(compile: bool) -> tuple[list[float], list[torch.Tensor]]:
+        cfg = TrainConfig(batch_size=6, max_micro_batch=3, strategy="pipeline", compile=compile)
+        layout = Layout(1, 1)
+        stage = build_stage(
+            gpt, gpt().state_dict(), layout, 0, torch.device("cpu"), compile=compile
+        )
+        assert not any(
+            hasattr(b, "_compiled_call_impl") and b._compiled_call_impl
+            for b in stage.blocks.values()
+        )
+        step = PipelineStep(stage, layout, cfg, 0, 3, factory=gpt, task=task)
+        assert hasattr(step.forward, "_torchdynamo_orig_callable") == compile
+        losses = []
+        for t in tokens:
+            sums = torch.zeros(3, dtype=torch.float64)
+            step(t[:, :-1], t[:, 1:], sums)
+            losses.append(float(sums[0] / sums[2]))
+        return losses, [p.detach().clone() for p in stage.parameters()]
+
+    _assert_same(train(compile=True), train(compile=False))

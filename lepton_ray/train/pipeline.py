@@ -103,8 +103,9 @@ class PipelineStep:
             else contextlib.nullcontext()
         )
         self.fwd_s = 0.0  # host time in this stage's forward passes
-        stage.register_forward_pre_hook(self._fwd_start)
-        stage.register_forward_hook(self._fwd_end)
+        if layout.stages > 1:  # the schedule calls the stage; one stage is timed in __call__
+            stage.register_forward_pre_hook(self._fwd_start)
+            stage.register_forward_hook(self._fwd_end)
         self.groups = _Groups(layout, rank)
         # A tied weight split across stages: this stage's copy, summed with the other's.
         self.aliases = tied_names_of(factory)
@@ -114,6 +115,11 @@ class PipelineStep:
             self.tied = {n: p for n, p in stage.named_parameters() if n in tied}
         self._recorded: list[torch.Tensor] = []
         self.schedule = None  # one stage has nothing to pipeline: its micro-batches run in turn
+        # ... through its forward and loss compiled as one, as ddp's step compiles them
+        # (build_stage leaves a single stage's blocks uncompiled for this)
+        self.forward = self._stage_sums
+        if cfg.compile and layout.stages == 1:
+            self.forward = torch.compile(self._stage_sums)
         if layout.stages > 1:
             pipe = PipelineStage(
                 stage, layout.stage(rank), layout.stages, self.device, group=self.groups.pipeline
@@ -133,14 +139,25 @@ class PipelineStep:
         return self.scheduler.last_epoch
 
     def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """A micro-batch's loss: its rows' losses summed, scaled to its share of the global batch.
-        The sum is the task's mean loss (which skips padding targets) times the real rows: as fast
-        as ddp's step (``loss_sum``'s float32 copy of the logits cost 8% of a GPT-2 step)."""
+        """A micro-batch's loss (the schedule's ``loss_fn``): :meth:`_sums` scaled by
+        :meth:`_scaled`."""
+        return self._scaled(*self._sums(logits, y))
+
+    def _sums(self, logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the rows' losses summed, correct count) of a micro-batch. The sum is the task's mean
+        loss (which skips padding targets) times the real rows: as fast as ddp's step
+        (``loss_sum``'s float32 copy of the logits cost 8% of a GPT-2 step)."""
         real = (y.reshape(len(y), -1)[:, 0] != IGNORE).sum()
-        total = self.task.loss(logits, y) * real
-        correct = self.task.correct(logits, y)
+        return self.task.loss(logits, y) * real, self.task.correct(logits, y)
+
+    def _scaled(self, total: torch.Tensor, correct: torch.Tensor) -> torch.Tensor:
+        """Record a micro-batch's sums; its loss scaled to its share of the global batch."""
         self._recorded.append(torch.stack([total.detach().double(), correct.double()]))
         return total * (self.scale / self.local_batch)
+
+    def _stage_sums(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One stage's forward and :meth:`_sums`: what a single stage runs per micro-batch."""
+        return self._sums(self.stage(x), y)
 
     def _pad(self, t: torch.Tensor, value: int) -> torch.Tensor:
         """``t`` padded to ``M`` equal micro-batches, contiguous (torch 2.11's stage checks its
@@ -159,7 +176,10 @@ class PipelineStep:
             if self.schedule is None:
                 parts = zip(x.tensor_split(self.micros), y.tensor_split(self.micros), strict=True)
                 for xm, ym in parts:
-                    self._loss(self.stage(xm), ym).backward()
+                    t = time.perf_counter()
+                    total, correct = self.forward(xm, ym)
+                    self.fwd_s += time.perf_counter() - t
+                    self._scaled(total, correct).backward()
             else:
                 args = (self._pad(x, 0),) if first else ()
                 target = self._pad(y, IGNORE) if last else None

@@ -147,7 +147,9 @@ def build_stage(
 ) -> Stage:
     """This rank's stage of ``factory()`` (built on meta), on ``device``, holding ``state``'s
     values (a full state dict, on any device; a tied alias may be absent, as in checkpoints);
-    ``compile``: each block ``torch.compile``d in place (names unchanged)."""
+    ``compile``: each block ``torch.compile``d in place (names unchanged), unless the model is
+    one stage, whose forward and loss :class:`~lepton_ray.train.pipeline.PipelineStep` compiles
+    as one."""
     with torch.device("meta"):
         model = factory()
     aliases = tied_names(model)
@@ -163,7 +165,7 @@ def build_stage(
     left = [n for n, b in stage.named_buffers() if b.is_meta]
     if left:
         raise ConfigError(f"pipeline: buffer '{left[0]}' is not in the model's state dict")
-    if compile:
+    if compile and layout.stages > 1:
         for block in stage.blocks.values():
             block.compile()
     return stage
