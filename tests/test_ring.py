@@ -294,8 +294,8 @@ def ring_feeds(info, world: int, epochs: int) -> tuple[list, list]:
         plan = Plan(seed=1, global_batch=60, world=world, rank=rank, order="sequential")
         feed = RingFeed(info, plan, rows=150, epochs=epochs, device=CPU, preprocess_batch=64)
 
-        def read(p, epoch, apart=False, feed=feed, rank=rank):
-            reads.append((rank, epoch, apart))
+        def read(p, epoch, feed=feed, rank=rank):
+            reads.append((rank, epoch))
             blocks = blocks_of(p.ids, seed=epoch)
             return BlockReader(
                 [b | {"image": b["image"].reshape(-1, 2, 3, 1)} for b in blocks],
@@ -321,9 +321,8 @@ def test_ring_feed_reads_the_next_epoch_ahead_and_serves_each_epoch_once(prepare
             assert (feed.ahead is not None) == (epoch < 2)
         served = np.concatenate(served)
         assert len(served) == len(np.unique(served)) == 1_200
-    # one read per worker and epoch: each read-ahead was the one used, and ran apart (its Ray
-    # Data executor out of the training process); the fit's first read in process
-    assert sorted(reads) == [(r, e, e > 0) for r in range(2) for e in range(3)]
+    # one read per worker and epoch: each read-ahead was the one used
+    assert sorted(reads) == [(r, e) for r in range(2) for e in range(3)]
     for feed in feeds:
         feed.close()
 

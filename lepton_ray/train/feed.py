@@ -349,14 +349,7 @@ class RingFeed:
         blocks = self._then_read_ahead(self.reading, epoch)
         return Batches(p.steps, serve(self.ring, blocks, p.steps, p.per_step, generator))
 
-    def _read(self, p: sampling.EpochPlan, epoch: int, apart: bool = False) -> Any:
-        """A :class:`~lepton_ray.train.ring.BlockReader` of ``p``'s shards. ``apart``: Ray Data's
-        streaming executor runs in a coordinator actor of its own (``streaming_split(1)``, as Ray
-        Train's own ingest does) rather than in this process, where its scheduling thread shares
-        the GIL with the training loop: for a read ahead, which runs while an epoch trains (on 2
-        CPUs a training thread's host work ran at 0.57-0.74 of its rate alone beside an in-process
-        read, 0.84-0.85 beside one apart). The first read of a fit stays in process: an actor's
-        start would delay the first step, which waits for that read anyway."""
+    def _read(self, p: sampling.EpochPlan, epoch: int) -> Any:
         from lepton_ray.data import read_ray
         from lepton_ray.train.ring import BlockReader
 
@@ -369,8 +362,6 @@ class RingFeed:
             epoch=epoch,
             batch_size=self.preprocess_batch,
         )
-        if apart:
-            ds = ds.streaming_split(1)[0]
         blocks = ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2)
         pin = self.ring.device.type == "cuda"
         return BlockReader(blocks, self.ring.layout, self.queue_rows, pin=pin)
@@ -380,7 +371,7 @@ class RingFeed:
         if epoch + 1 < self.epochs and self.ahead is None:
             p = self.plan.of(self.shard_ids, epoch + 1, None)
             if p.steps:
-                self.ahead = (epoch + 1, self._read(p, epoch + 1, apart=True))
+                self.ahead = (epoch + 1, self._read(p, epoch + 1))
 
     def close(self) -> None:
         for reader in (self.reading, self.ahead[1] if self.ahead else None):
