@@ -242,8 +242,9 @@ class TrainConfig(Config):
     strategy: Literal["ddp", "fsdp", "pipeline"] = "ddp"
     """How workers hold the model (``docs/sharded.md``): ``ddp`` (each a whole copy, gradients
     all-reduced), ``fsdp`` (parameters, gradients and optimizer state sharded per block with FSDP2,
-    on one worker whole; checkpoints written by every rank, resumable at any worker count, ``lepton-ray export`` makes
-    one file for Serve) or ``pipeline`` (the model's blocks split across workers)."""
+    on one worker whole; checkpoints written by every rank, resumable at any worker count,
+    ``lepton-ray export`` makes one file for Serve) or ``pipeline`` (the model's blocks split
+    across workers)."""
     pipeline_stages: int | None = setting(None, ge=1)
     """``strategy="pipeline"``: stages per pipeline, each a worker holding some of the model's
     blocks; the worker count must be a multiple of it, the pipelines then data-parallel replicas

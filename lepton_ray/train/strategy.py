@@ -5,9 +5,10 @@ state; Ray Train's ``prepare_model`` wraps it in DDP, which averages gradients o
 workers. ``strategy="fsdp"``: FSDP2 (``torch.distributed.fsdp.fully_shard``) over a 1-D
 ``DeviceMesh`` of the process group Ray Train set up; each block (:func:`shard_units`) and then the
 root is one unit whose parameters, gradients and optimizer state are sharded along dim 0, so a
-worker holds about ``1/W`` of each (on one worker nothing is sharded: :func:`shards`). Its reduce-scatter averages gradients over ``W`` as DDP's
-all-reduce does (checked against a single process in ``tests/test_fsdp.py``), so the loop's
-loss scale ``W * b_i / B`` (:mod:`lepton_ray.train.batching`) means the same under both.
+worker holds about ``1/W`` of each (on one worker nothing is sharded: :func:`shards`). Its
+reduce-scatter averages gradients over ``W`` as DDP's all-reduce does (checked against a single
+process in ``tests/test_fsdp.py``), so the loop's loss scale ``W * b_i / B``
+(:mod:`lepton_ray.train.batching`) means the same under both.
 
 An FSDP model is built on the meta device from its spec (no weights allocated), sharded,
 materialised on the worker's device, then filled from rank 0: rank 0 alone holds the initial
@@ -84,7 +85,7 @@ def build(
 ) -> tuple[nn.Module, torch.memory_format]:
     """The worker's model, restored and wrapped for ``spec.cfg.strategy``, and its input layout."""
     layout = memory_format(spec.meta)  # channels-last for convnets: faster on CPUs and GPUs alike
-    if spec.cfg.strategy == "pipeline":  # compiled block by block, if asked
+    if spec.cfg.strategy == "pipeline":  # compiled block by block, or one stage whole, if asked
         return build_pipeline(spec, restored, device), layout
     if spec.cfg.strategy == "fsdp" and shards(dist.get_world_size()):
         return build_fsdp(spec, restored, device), layout  # compiled unit by unit (see shard)
