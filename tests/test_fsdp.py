@@ -21,7 +21,7 @@ from lepton_ray.config import OptimConfig, ScalingConfig, TrainConfig
 from lepton_ray.models import build_model
 from lepton_ray.train import batching, strategy, ties
 from lepton_ray.train.sharded import rows
-from lepton_ray.train.step import TrainStep
+from lepton_ray.train.step import TrainStep, is_sharded
 
 D, CLASSES, B, STEPS = 24, 5, 7, 4  # B = 7 on 2 ranks: 4 + 3 rows, loss scales 8/7 and 6/7
 TOL = 1e-5  # float32, sums in another order; measured max differences ~1e-7
@@ -305,7 +305,7 @@ def _resume_leg(rank: int, world: int, rendezvous: str, where: str, first: int, 
     sharded.save(
         storage.resolve(f"{where}/ckpt-{last}"), model, step.state_dict(), CKPT_META, rank, world
     )
-    sharded_now = strategy.is_sharded(model)
+    sharded_now = is_sharded(model)
     state = {
         k: v.full_tensor() if hasattr(v, "full_tensor") else v
         for k, v in model.state_dict().items()

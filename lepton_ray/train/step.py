@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from lepton_ray.config import OptimConfig, TrainConfig
-from lepton_ray.train import batching, strategy
+from lepton_ray.train import batching
 from lepton_ray.train.task import Classification, NextToken
 
 # Images travel from the Ray Data workers as uint8 (a quarter of the bytes of float32) and are
@@ -120,7 +120,7 @@ class TrainStep:
         # materialised. A sharded model is compiled unit by unit (strategy.shard), so its loss
         # stays eager.
         self.forward = forward_fn(model, self.task)
-        if cfg.compile and cfg.strategy != "pipeline" and not strategy.is_sharded(model):
+        if cfg.compile and cfg.strategy != "pipeline" and not is_sharded(model):
             inner = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: its module
             self.forward = torch.compile(forward_fn(inner, self.task))
 
@@ -173,16 +173,23 @@ def forward_fn(model: nn.Module, task: Any) -> Any:
     return forward
 
 
-@contextlib.contextmanager
-def no_sync(model: nn.Module) -> Iterator[None]:
-    """Accumulate this micro-batch's gradients without communicating them: DDP's ``no_sync``,
-    FSDP's ``set_requires_gradient_sync(False)`` (on again after, for the last micro-batch)."""
+def is_sharded(model: nn.Module) -> bool:
+    """Whether ``model`` (inside any DDP or torch.compile wrapper) is sharded by FSDP."""
     from torch.distributed.fsdp import FSDPModule
 
     from lepton_ray.models import unwrap
 
+    return isinstance(unwrap(model), FSDPModule)
+
+
+@contextlib.contextmanager
+def no_sync(model: nn.Module) -> Iterator[None]:
+    """Accumulate this micro-batch's gradients without communicating them: DDP's ``no_sync``,
+    FSDP's ``set_requires_gradient_sync(False)`` (on again after, for the last micro-batch)."""
+    from lepton_ray.models import unwrap
+
     inner = unwrap(model)
-    if isinstance(inner, FSDPModule):
+    if is_sharded(inner):
         inner.set_requires_gradient_sync(False)
         try:
             yield

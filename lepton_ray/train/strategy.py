@@ -57,7 +57,9 @@ def check(cfg: TrainConfig, model: nn.Module, ray_dataset: bool) -> None:
     from lepton_ray.train import stages
 
     stages.check_model(model)
-    stages.check_layout(cfg.scaling.num_workers, cfg.pipeline_stages, len(model.blocks))
+    workers = cfg.scaling.num_workers  # an elastic range: its largest count (config.check_pipeline)
+    most = workers if isinstance(workers, int) else workers[1]
+    stages.check_layout(most, cfg.pipeline_stages, len(model.blocks))
     if ray_dataset:
         raise ConfigError(
             "strategy 'pipeline' needs a prepared dataset (a URI, DatasetInfo or torch Dataset): "
@@ -345,12 +347,6 @@ def _all_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """Parameters (a shared one once) and every buffer, persistent or not, by name."""
     yield from model.named_parameters()
     yield from model.named_buffers()
-
-
-def is_sharded(model: nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(unwrap(model), FSDPModule)
 
 
 def load_train_state(step: Any, restored: Restored, model: nn.Module) -> None:
