@@ -89,6 +89,12 @@ def test_layout_refuses_what_does_not_fit():
         check_layout(5, 5, blocks=4)
 
 
+def strategy_check(cfg: TrainConfig) -> None:
+    from lepton_ray.train import strategy
+
+    strategy.check(cfg, tiny_gpt(), False)
+
+
 def test_config_refuses_workers_stages_and_micro_batches_that_do_not_fit():
     def cfg(workers, **kw):
         return TrainConfig(strategy="pipeline", scaling=ScalingConfig(num_workers=workers), **kw)
@@ -97,8 +103,18 @@ def test_config_refuses_workers_stages_and_micro_batches_that_do_not_fit():
     assert cfg(3).pipeline_stages is None  # one stage per worker
     with pytest.raises(ConfigError, match="pipeline_stages: 2 does not divide the 3 workers"):
         cfg(3, pipeline_stages=2)
-    with pytest.raises(ConfigError, match="strategy: 'pipeline' needs a fixed worker count"):
+    with pytest.raises(ConfigError, match="pipeline_stages: 2 stages need a fixed worker count"):
         cfg((2, 4), pipeline_stages=2)
+    with pytest.raises(ConfigError, match="strategy: 'pipeline' needs a worker count or a"):
+        cfg("auto")
+    # elastic: one stage per worker, re-cut at each size, checked at the largest
+    assert cfg((2, 4)).scaling.num_workers == (2, 4)
+    assert cfg((2, 4), pipeline_stages=1).pipeline_stages == 1
+    with pytest.raises(ConfigError, match="pipeline_micro_batches: 3 is fewer than the 4 stages"):
+        cfg((2, 4), pipeline_micro_batches=3)
+    strategy_check(cfg((2, 4)))
+    with pytest.raises(ConfigError, match="has 4 blocks, fewer than its 5 stages"):
+        strategy_check(cfg((2, 5)))
     with pytest.raises(ConfigError, match="pipeline_micro_batches: 2 is fewer than the 4 stages"):
         cfg(4, pipeline_micro_batches=2)
     assert cfg(4, pipeline_micro_batches=2, pipeline_schedule="gpipe").pipeline_micro_batches == 2

@@ -1,6 +1,7 @@
-"""``Trainer(2, strategy="pipeline")`` on Ray: a tiny GPT in 2 stages, a worker failing mid-epoch
-and the run resuming from its last checkpoint, trains as one ddp worker does through the same
-failure, and leaves an ordinary checkpoint of the whole, tied model.
+"""``Trainer((1, 2), strategy="pipeline")`` on Ray: a tiny GPT cut into one stage per worker of an
+elastic range (Ray Train sizes the group from the free CPUs: 2 stages on the shared instance), a
+worker failing mid-epoch and the run resuming from its last checkpoint, trains as one ddp worker
+does through the same failure, and leaves an ordinary checkpoint of the whole, tied model.
 
 Both runs read the same global batches in the same order (the pipeline's one replica is planned
 as one worker is), checkpoint at the same steps and resume the same way, so the updates are the
@@ -47,13 +48,16 @@ def test_two_stages_fail_resume_and_train_as_one_worker_does(ray_session, tmp_pa
     infos = prepare(f"text:{text}", str(tmp_path / "data"), block_size=32)
     store = str(tmp_path / "runs")
     # the last stage fails at step 12; both resume from the checkpoint of step 10
-    piped = Trainer(2, strategy="pipeline", storage=store).fit(
+    piped = Trainer((1, 2), strategy="pipeline", storage=store).fit(
         tiny_gpt(), infos["train"], infos["test"], run_name="pipe", fault_injection="1:12:1", **FIT
     )
     ddp = Trainer(1, storage=store).fit(
         tiny_gpt(), infos["train"], infos["test"], run_name="ddp", fault_injection="1:12:0", **FIT
     )
     assert piped["history"][-1]["step"] == ddp["history"][-1]["step"] >= 20
+    # 2 stages at the start (the fault needs rank 1); the restart may find 1 or 2 workers' CPUs
+    # free, and either re-cut trains the same arithmetic
+    assert piped["history"][-1]["world_size"] in (1, 2)
     assert piped["train_loss"] == pytest.approx(ddp["train_loss"], rel=1e-5)
     assert piped["val_loss"] == pytest.approx(ddp["val_loss"], rel=1e-4)
     assert piped["val_loss"] < 4.0  # learned something: uniform bytes are ln 256 = 5.5

@@ -287,14 +287,25 @@ class TrainConfig(Config):
             self.check_pipeline()
 
     def check_pipeline(self) -> None:
-        """Workers, stages and micro-batches that fit together, checked before Ray starts."""
+        """Workers, stages and micro-batches that fit together, checked before Ray starts. An
+        elastic range works with one stage per worker (``pipeline_stages`` null: as many stages as
+        the workers of the moment, the whole model checkpointed, so a resize re-cuts it) or with
+        one stage (data-parallel replicas); it is checked at its largest count."""
         workers, stages = self.scaling.num_workers, self.pipeline_stages
-        if not isinstance(workers, int):
+        if workers == "auto":
             raise bad(
                 "strategy",
-                f"'pipeline' needs a fixed worker count (a multiple of pipeline_stages), "
-                f"not num_workers {workers!r}",
+                "'pipeline' needs a worker count or a (min, max) range, not num_workers 'auto'",
             )
+        if not isinstance(workers, int):
+            if stages not in (None, 1):
+                raise bad(
+                    "pipeline_stages",
+                    f"{stages} stages need a fixed worker count (a multiple of them), not "
+                    f"num_workers {workers!r}; for an elastic range leave pipeline_stages null "
+                    f"(one stage per worker) or 1",
+                )
+            workers = workers[1]
         stages = workers if stages is None else stages
         if workers % stages:
             raise bad(
