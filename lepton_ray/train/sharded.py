@@ -171,9 +171,7 @@ def whole_shards(tree: dict[str, Any]) -> set[int]:
     model's parameters and each optimizer state tensor with dimensions (Adam's moments, SGD's
     momentum), which FSDP2 shards like their parameters; 0-d step counts and buffers stay
     replicated, as FSDP2 keeps them. So a later run on more workers reads its rows of each."""
-    model = tree["model"]
-    params = {k for k, v in model.items() if isinstance(v, nn.Parameter)}
-    out = {id(model[k]) for k in params}
+    out = {id(v) for v in tree["model"].values() if isinstance(v, nn.Parameter)}
     optim = tree["train_state"].get("optimizer", {}).get("state", {})
     for state in optim.values():
         out |= {id(v) for v in state.values() if isinstance(v, torch.Tensor) and v.ndim}

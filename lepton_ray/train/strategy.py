@@ -121,45 +121,40 @@ def shards(world: int) -> bool:
 
 def build_whole(spec: RunSpec, restored: Restored, device: torch.device) -> nn.Module:
     """An fsdp run's model on one worker (:func:`shards`): the initial weights every fsdp run
-    starts from (fetched from the object store, or the model shipped whole), or the sharded
-    checkpoint resumed, read whole."""
-    if restored.weights is not None:
-        raise CheckpointError(
-            "the checkpoint to resume is not sharded (strategy 'ddp'): resume with strategy='ddp'"
-        )
-    if spec.model is None:  # a registered architecture: its init forked, as in build_fsdp
-        import ray
-
-        with torch.random.fork_rng(devices=[]):
-            model = from_spec(spec.meta["model"])
-        model.load_state_dict(ray.get(spec.init_weights))
-    else:
-        model = copy.deepcopy(spec.model)
-    model = model.to(device)
+    starts from, or the sharded checkpoint resumed, read whole."""
+    _refuse_unsharded(restored)
+    model = (initial_model(spec) if spec.model is None else copy.deepcopy(spec.model)).to(device)
     if restored.sharded is not None:
         restored.sharded.load_model(model)
     log.info("FSDP on one worker: nothing to shard; the model trains whole")
     return model
 
 
-def build_fsdp(spec: RunSpec, restored: Restored, device: torch.device) -> nn.Module:
+def initial_model(spec: RunSpec) -> nn.Module:
+    """A registered architecture built from its spec on the CPU and filled with the run's initial
+    weights (from the object store; persistent or not, every buffer too). Its init draws random
+    numbers: forked, so this rank's stream stays the one DDP would have, e.g. for dropout."""
+    import ray
+
+    with torch.random.fork_rng(devices=[]):
+        model = from_spec(spec.meta["model"])
+    model.load_state_dict(ray.get(spec.init_weights))
+    return model
+
+
+def _refuse_unsharded(restored: Restored) -> None:
     if restored.weights is not None:
         raise CheckpointError(
             "the checkpoint to resume is not sharded (strategy 'ddp'): resume with strategy='ddp'"
         )
-    rank = dist.get_rank()
+
+
+def build_fsdp(spec: RunSpec, restored: Restored, device: torch.device) -> nn.Module:
+    _refuse_unsharded(restored)
     if spec.model is None:  # a registered architecture: built from its spec, no weights yet
-        # (its init draws random numbers on rank 0 only: forked, so every rank's stream stays
-        # the one DDP would have, e.g. for dropout)
         with torch.random.fork_rng(devices=[]), torch.device("meta"):
             model = from_spec(spec.meta["model"])
-        source = None
-        if rank == 0:  # the initial weights; persistent or not, every buffer too
-            import ray
-
-            with torch.random.fork_rng(devices=[]):
-                source = from_spec(spec.meta["model"])
-            source.load_state_dict(ray.get(spec.init_weights))
+        source = initial_model(spec) if dist.get_rank() == 0 else None  # rank 0 alone
     else:
         log.info(
             "FSDP: %s has no registered spec; every worker received it whole", type(spec.model)
