@@ -110,10 +110,13 @@ def own_train_workers() -> list[int]:
 
 class Killer(threading.Thread):
     """SIGKILLs one training worker per planned kill. Kill ``i`` waits until Ray Train has
-    committed a checkpoint at step ``targets[i]`` or later, and one after the kill before (so the
-    restarted group is training), then a seeded random delay of up to ``max_delay_s`` (so a kill
-    lands anywhere between two checkpoints, a checkpoint's upload included), then kills a seeded
-    choice among this run's workers; none once the run's last step is committed."""
+    committed a checkpoint at step ``targets[i]`` or later, and, after an earlier kill, until a
+    worker process started since has logged a step and committed a checkpoint after the step the
+    kill left (so the restarted group is training: the killed group's last report may still be
+    committed after its kill, and a kill then would hit the group being torn down), then a seeded
+    random delay of up to ``max_delay_s`` (so a kill lands anywhere between two checkpoints, a
+    checkpoint's upload included), then kills a seeded choice among this run's workers; none once
+    the run's last step is committed."""
 
     def __init__(
         self, run: Path, rng: random.Random, targets: list[int], max_delay_s: float, last: int
@@ -126,9 +129,11 @@ class Killer(threading.Thread):
         self.done = threading.Event()
 
     def run(self) -> None:
-        floor = 0  # a checkpoint after the previous kill: the restarted group is training
+        floor, since = 0, 0.0  # the previous kill's committed step + 1, and its time
         for target, delay, choice in zip(self.targets, self.delays, self.choices, strict=True):
-            while not self.done.is_set() and committed_step(self.run_dir) < max(target, floor):
+            while not self.done.is_set() and not (
+                committed_step(self.run_dir) >= max(target, floor) and self.restarted(since)
+            ):
                 time.sleep(0.02)
             if self.done.wait(delay):
                 return
@@ -140,7 +145,17 @@ class Killer(threading.Thread):
             os.kill(pid, signal.SIGKILL)
             at = committed_step(self.run_dir)
             self.kills.append({"t": t, "pid": pid, "target": target, "committed": at})
-            floor = at + 1
+            floor, since = at + 1, t
+
+    def restarted(self, since: float) -> bool:
+        """A worker process whose first logged step came after ``since`` (no kill yet: true)."""
+        if not since:
+            return True
+        try:
+            logs = sample_logs(self.run_dir)
+        except ValueError:  # a line being written: look again
+            return False
+        return any(s[0]["t"] > since for s in logs.values() if s)
 
 
 def audit(run: Path, kill_times: list[float], rows: int) -> dict[str, Any]:
