@@ -76,13 +76,8 @@ def choose_ingress(haproxy: bool | None = None) -> bool:
 
 
 # Either ingress, set only where the environment does not say otherwise: a replica runs its
-# requests on its own event loop, not on a second loop in a thread of their own (Ray's default,
-# which its throughput-optimized mode turns off too). Each request then skips two hand-overs
-# between threads, and the model's Python stops sharing the GIL with a second loop. The model's
-# forward pass blocks that one loop while it runs, which then also answers the controller's health
-# checks a forward pass later. On 2 CPUs (cnn, HAProxy, benchmarks.serve, 4 s levels) this took the
-# p50 added over plain FastAPI at concurrency 1 from 1.14 to 0.66 ms, and batched req/s at 64 from
-# 956 to 1,197 (docs/serving.md).
+# requests on its own event loop, not on a second loop in a thread of their own (Ray's default;
+# its throughput-optimized mode turns it off too). What it saves and costs: docs/serving.md.
 SERVE_DEFAULTS = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
 
 # Which variables this module set, and in which process. A process that lepton_ray's own started
