@@ -60,17 +60,23 @@ def given(env, choice_env: str | None, binary: str | None) -> None:
 
 @pytest.mark.parametrize("haproxy", [True, False])
 @pytest.mark.parametrize("operator", [None, "1"])
-def test_replicas_run_requests_on_their_own_loop_unless_the_environment_says(
-    clean_env, haproxy, operator
+@pytest.mark.parametrize(
+    ("var", "ours"),
+    [
+        ("RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD", "0"),  # Ray's default: a thread of its own
+        ("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60"),  # Ray's default: 5 s
+    ],
+)
+def test_serve_defaults_hold_for_either_ingress_unless_the_environment_says(
+    clean_env, haproxy, operator, var, ours
 ):
-    """Either ingress: user code on the replica's loop (Ray's default: a thread of its own),
+    """Either ingress: user code on the replica's loop and 30 s for a starting proxy to be ready,
     unless the operator's environment sets the variable."""
-    var = "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"
     if operator is not None:
         clean_env.setenv(var, operator)
     given(clean_env, None, "/bin/haproxy")
     choose_ingress(haproxy)
-    assert os.environ[var] == (operator or "0") == (operator or SERVE_DEFAULTS[var])
+    assert os.environ[var] == (operator or ours) == (operator or SERVE_DEFAULTS[var])
 
 
 @pytest.mark.parametrize(

@@ -75,10 +75,18 @@ def choose_ingress(haproxy: bool | None = None) -> bool:
     return choice
 
 
-# Either ingress, set only where the environment does not say otherwise: a replica runs its
-# requests on its own event loop, not on a second loop in a thread of their own (Ray's default;
-# its throughput-optimized mode turns it off too). What it saves and costs: docs/serving.md.
-SERVE_DEFAULTS = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
+# Either ingress, set only where the environment does not say otherwise:
+# - a replica runs its requests on its own event loop, not on a second loop in a thread of their
+#   own (Ray's default; its throughput-optimized mode turns it off too). What it saves and costs:
+#   docs/serving.md;
+# - the controller gives a starting proxy 30 s to answer its first readiness check, not Ray's 5.
+#   The check's clock starts when the actor is created, so it also counts the worker process's
+#   start and imports and HAProxy's: on a busy 2-CPU node that took 5-50 s, the controller killed
+#   the proxy, and `serve.start` failed with ActorDiedError (it waits on that first proxy alone).
+SERVE_DEFAULTS = {
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+    "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60",
+}
 
 # Which variables this module set, and in which process. A process that lepton_ray's own started
 # (a CLI in a test, a benchmark's phase) inherits them; what points at its parent's instance (the
