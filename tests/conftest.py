@@ -21,9 +21,9 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 # Ray Train's controller takes one report per worker per health-check poll (a worker's report
 # queue holds one), so every ray.train.report after the first waits for the next poll: the
-# tests' fits report every few steps. lepton_ray.runtime polls every 0.5 s on a local instance
-# (Ray's default: 2 s); here 0.1 s, for the session's instance and the clusters, heads and
-# subprocesses the tests start, which inherit it.
+# tests' fits report every few steps. lepton_ray.runtime polls every 0.1 s on a local instance
+# (Ray's default: 2 s); set here too for the clusters and `ray start` heads the tests start, and
+# the subprocesses, which inherit it.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
 # A replica that stops (every serve.delete, scale-down and rolling update) keeps answering this
 # long after HAProxy stops sending it requests. lepton_ray.serve.ingress's default is 5 s (HAProxy

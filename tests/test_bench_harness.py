@@ -140,6 +140,7 @@ def test_bench_lists_the_benchmarks_and_not_their_helpers():
     assert not names & {"harness", "_gpu", "_gpu_report"}
     assert names >= {
         "data_pipeline",
+        "fixed_cost",
         "gpu_alternate",
         "gpu_gpt",
         "gpu_pipeline",
@@ -172,6 +173,42 @@ def test_gpu_goals_are_judged_only_on_a_gpu_and_from_the_ratio():
     assert "**0.98**" in on_gpu and "**met** (ratio = 0.978)" in on_gpu  # 45,000 / 46,000
     on_cpu = render(_gpu_result(None), "gpu_train")
     assert "no goal is judged" in on_cpu and "**met**" not in on_cpu and "not met" not in on_cpu
+
+
+def _fixed_cost_result(gpu: str | None, *teardowns: float) -> dict:
+    hw = dict.fromkeys(harness.HARDWARE_KEYS) | {"gpu": gpu}
+    fits = [
+        {
+            "fit": i + 1,
+            "wall_s": 20.0,
+            "epoch_s": 5.0,
+            "phases_s": {"ray_start": 5.0 if i == 0 else 0.0, "to_first_step": 8.0, "teardown": t},
+        }
+        for i, t in enumerate(teardowns)
+    ]
+    return {
+        "benchmark": "fixed_cost",
+        "measured_at": "2026-12-03 00:00 UTC",
+        "hardware": hw,
+        "workers": 1,
+        "use_gpu": gpu is not None,
+        "fits": len(fits),
+        "rows": 4000,
+        "per_fit": fits,
+    }
+
+
+def test_fixed_cost_is_the_median_of_the_fits_after_the_first_judged_on_a_gpu_only():
+    from benchmarks.fixed_cost import metrics, render
+
+    # The first fit (Ray's start, first imports) is left out: median of 3, 1 and 2 s of teardown.
+    m = metrics(_fixed_cost_result("1x NVIDIA H200", 30.0, 3.0, 1.0, 2.0))
+    assert m["fixed_s"] == m["gpu_fixed_s"] == 10.0 and m["phases_s"]["teardown"] == 2.0
+    assert "**met** (gpu_fixed_s = 10.000)" in render(_fixed_cost_result("H200", 9, 3, 1, 2), "x")
+    assert "**not met**" in render(_fixed_cost_result("H200", 0, 3, 3), "x")
+    on_cpu = render(_fixed_cost_result(None, 30.0, 3.0, 1.0, 2.0), "x")
+    assert "not measured in this run" in on_cpu and "| median, fits 2+ |" in on_cpu
+    assert "gpu_fixed_s" not in metrics(_fixed_cost_result(None, 30.0, 3.0))
 
 
 def _never_rendered(result: dict, key: str) -> str:

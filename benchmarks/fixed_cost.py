@@ -1,0 +1,142 @@
+"""Benchmark: the fixed cost of a ``fit()``, from the call to the first step and from the last step
+to the return, and where it goes.
+
+A small run is dominated by it: every ``fit()`` starts Ray Train's controller and its worker
+processes, reads its data for the first time, compiles its first step and tears the workers down
+(:mod:`lepton_ray.train.timeline` names the phases). This runs ``--fits`` small fits back to back
+on one Ray instance: the ``cnn`` on the built-in digits (``mnist5k``, prepared once), one epoch,
+global batch 100, the data defaults of the device. The first fit also starts Ray and is the
+first of its processes to import torch; the figure judged is the median over the fits after it,
+with Ray up, as in a notebook's second cell. The goal (issue 16) is for one GPU worker.
+
+    python -m benchmarks.fixed_cost [--fits 4] [--workers 1] [--use-gpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from typing import Any
+
+from benchmarks import harness
+from benchmarks.harness import Goal
+
+KEY = "fixed_cost"
+GOALS = [
+    Goal(
+        "fixed cost of a fit with Ray up, to the first step plus teardown (median of the fits "
+        "after the first, 1 worker), <= 10 s (GPU runs)",
+        metric="gpu_fixed_s",
+        op="<=",
+        target=10.0,
+    )
+]
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from lepton_ray import Trainer, build_model, prepare
+    from lepton_ray.train.timeline import PHASES
+
+    result = harness.record(KEY, workers=args.workers, use_gpu=args.use_gpu, fits=args.fits)
+    store = tempfile.mkdtemp(prefix="lepton-bench-fixed-")
+    info = prepare("mnist5k", f"{store}/data")["train"]
+    fits = []
+    for i in range(args.fits):
+        start = time.perf_counter()
+        res = Trainer(args.workers, use_gpu=args.use_gpu, storage=f"{store}/runs").fit(
+            build_model("cnn", in_channels=1, num_classes=10), info, batch_size=100, epochs=1
+        )
+        wall = time.perf_counter() - start
+        phases = res["startup_s"]
+        fits.append(
+            {
+                "fit": i + 1,
+                "wall_s": round(wall, 3),
+                "epoch_s": round(res["history"][-1]["epoch_time_s"], 3),
+                "phases_s": {
+                    k: phases[k]
+                    for k in (*(p for p, _, _ in PHASES), "to_first_step")
+                    if k in phases
+                },
+            }
+        )
+        print(fits[-1], flush=True)
+    result["rows"] = info.num_rows
+    result["per_fit"] = fits
+    return result
+
+
+def fixed_s(fit: dict[str, Any]) -> float | None:
+    """To the first step plus teardown: the fit's wall time that is not training."""
+    p = fit["phases_s"]
+    if "to_first_step" not in p or "teardown" not in p:
+        return None
+    return p["to_first_step"] + p["teardown"]
+
+
+def metrics(r: dict[str, Any]) -> dict[str, Any]:
+    """Medians over the fits after the first (Ray up), recomputed from the per-fit phases."""
+    warm = [f for f in r["per_fit"][1:] if fixed_s(f) is not None]
+    out: dict[str, Any] = {"warm_fits": len(warm)}
+    if warm:
+        out["fixed_s"] = statistics.median(fixed_s(f) for f in warm)
+        out["phases_s"] = {
+            k: statistics.median(f["phases_s"].get(k, 0.0) for f in warm)
+            for k in warm[0]["phases_s"]
+        }
+        gpu = r.get("use_gpu") and (r.get("hardware") or {}).get("gpu")
+        if gpu and r.get("workers") == 1:
+            out["gpu_fixed_s"] = out["fixed_s"]
+    return out
+
+
+def render(r: dict[str, Any], key: str) -> str:
+    from lepton_ray.train.timeline import PHASES
+
+    m = metrics(r)
+    names = [p for p, _, _ in PHASES]
+    cols = [*names[:-1], "to_first_step", names[-1]]
+    rows = [
+        [
+            str(f["fit"]),
+            *(f["phases_s"].get(c) for c in cols),
+            fixed_s(f),
+            f["epoch_s"],
+            f["wall_s"],
+        ]
+        for f in r["per_fit"]
+    ]
+    if "phases_s" in m:
+        rows.append(
+            ["median, fits 2+", *(m["phases_s"].get(c) for c in cols), m["fixed_s"], None, None]
+        )
+    device = "1 GPU" if r.get("use_gpu") else "CPU"
+    return (
+        f"## Fixed cost of a `fit()`: where the time before the first step and after the last goes (`{key}`)\n\n"
+        f"{harness.provenance(r, key)} {r['fits']} fits of the `cnn` on the {r['rows']:,} "
+        f"built-in digits back to back on one Ray instance, {r['workers']} worker(s) on the "
+        f"{device}, one epoch of global batch 100 each, the device's data defaults; the first fit "
+        "also starts Ray. Phases in seconds (`train_results['startup_s']`, "
+        "`lepton_ray/train/timeline.py`); fixed: to the first step plus teardown; epoch: the "
+        "epoch's own time; wall: the whole call.\n\n"
+        + harness.table(["fit", *cols, "fixed", "epoch", "wall"], rows)
+        + "\n\n"
+        + harness.goal_lines(GOALS, m)
+        + "\n"
+    )
+
+
+def add_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--fits", type=int, default=4, help="fits in a row; the first starts Ray")
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--use-gpu", action="store_true")
+
+
+def main(argv: list[str] | None = None) -> None:
+    harness.main_for(__doc__, KEY, add_args, run, render, argv)
+
+
+if __name__ == "__main__":
+    main()
