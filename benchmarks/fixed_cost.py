@@ -15,6 +15,7 @@ with Ray up, as in a notebook's second cell. The goal (issue 16) is for one GPU 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -63,6 +64,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             }
         )
         print(fits[-1], flush=True)
+    # Read once Ray runs: a local instance sets it where the environment does not.
+    result["health_check_interval_s"] = float(os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"])
     result["rows"] = info.num_rows
     result["per_fit"] = fits
     return result
@@ -117,8 +120,8 @@ def render(r: dict[str, Any], key: str) -> str:
         f"## Fixed cost of a `fit()`: where the time before the first step and after the last goes (`{key}`)\n\n"
         f"{harness.provenance(r, key)} {r['fits']} fits of the `cnn` on the {r['rows']:,} "
         f"built-in digits back to back on one Ray instance, {r['workers']} worker(s) on the "
-        f"{device}, one epoch of global batch 100 each, the device's data defaults; the first fit "
-        "also starts Ray. Phases in seconds (`train_results['startup_s']`, "
+        f"{device}, one epoch of global batch 100 each, the device's data defaults, Ray Train's "
+        f"health check every {r['health_check_interval_s']} s; the first fit also starts Ray. Phases in seconds (`train_results['startup_s']`, "
         "`lepton_ray/train/timeline.py`); fixed: to the first step plus teardown; epoch: the "
         "epoch's own time; wall: the whole call.\n\n"
         + harness.table(["fit", *cols, "fixed", "epoch", "wall"], rows)

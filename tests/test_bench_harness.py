@@ -194,6 +194,7 @@ def _fixed_cost_result(gpu: str | None, *teardowns: float) -> dict:
         "use_gpu": gpu is not None,
         "fits": len(fits),
         "rows": 4000,
+        "health_check_interval_s": 0.1,
         "per_fit": fits,
     }
 
