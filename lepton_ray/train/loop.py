@@ -73,7 +73,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     restored = Restored.latest(spec.endpoint_url, world)
     model, layout = build_model(spec, restored, device)
-    timeline.mark("model_ready")
     pixels = Pixels(spec.meta["data"]["mean"], spec.meta["data"]["std"], device, layout)
     augment = make_augmenter(spec, device)
     task = for_data(spec.meta["data"], device, pixels, augment)  # images or next-token
@@ -82,6 +81,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if restored.state:
         strategy.load_train_state(step, restored, model)
         torch.set_rng_state(restored.state["torch_rng"])
+    timeline.mark("model_ready")  # and its optimizer: the first in a process imports torch._dynamo
     feed, val_batches = make_feeds(spec, *strategy.data_shard(cfg, world, rank), device)
     own_rows = strategy.counts_rows(cfg, world, rank)  # pipeline: stage 0 records the ids
     timeline.mark("feed_ready")
