@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import ray
 import ray.train
 import ray.train.torch
 import torch
@@ -42,7 +43,7 @@ from lepton_ray.train.timeline import WorkerTimeline
 
 @dataclass(frozen=True)
 class RunSpec:
-    """Everything a worker needs, shipped once through ``train_loop_config``."""
+    """Everything a worker needs, shipped once through ``train_loop_config`` (as an ObjectRef)."""
 
     cfg: TrainConfig
     model: nn.Module | None  # None under FSDP for a registered architecture: built from its spec
@@ -62,7 +63,7 @@ class RunSpec:
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     timeline = WorkerTimeline()  # where the fixed cost goes: sent with rank 0's reports
-    spec: RunSpec = config["spec"]
+    spec: RunSpec = ray.get(config["spec"])
     cfg = spec.cfg
     ctx = ray.train.get_context()
     world, rank = ctx.get_world_size(), ctx.get_world_rank()
