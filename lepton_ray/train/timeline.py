@@ -9,10 +9,10 @@ node in a local instance) and sends them with every epoch's report; the driver a
 :func:`phases` turns them into seconds, in ``train_results["startup_s"]``.
 
 Worked example (2 CPUs, mnist5k, 1 worker, Ray already up; ``benchmarks.fixed_cost``, the median
-of 4 fits): Ray 0 s, checks 0.0 s, worker group 4.0 s (the controller's process and imports, then
-the worker's process), worker imports 2.8 s (torch among them), model 1.1 s (its optimizer: the
+of 4 fits): Ray 0 s, checks 0.0 s, worker group 3.8 s (the controller's process and imports, then
+the worker's process), worker imports 2.7 s (torch among them), model 1.0 s (its optimizer: the
 first in a process imports ``torch._dynamo``), first read 0.0 s (a streamed feed reads when the
-first step asks), first step 0.5 s: 8.5 s to the first step; teardown 1.4 s.
+first step asks), first step 0.5 s: 8.1 s to the first step; teardown 1.2 s.
 """
 
 from __future__ import annotations
