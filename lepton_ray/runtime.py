@@ -65,7 +65,7 @@ def ensure_ray(
     # A local instance has no nodes to be preempted, and its controller can poll its own workers
     # often: Ray Train's defaults (a preemption-watcher actor; a 2 s health check, which is also how
     # late a finished fit returns, and how long each report after the first waits) are made for
-    # clusters. Every 0.1 s rather than 0.5, a small fit's teardown on 2 CPUs went from 1.8 to 1.4
+    # clusters. Every 0.1 s rather than 0.5, a small fit's teardown on 2 CPUs went from 1.7 to 1.2
     # s (benchmarks.fixed_cost, median of 4 fits each) and training ran as fast.
     for var, value in _LOCAL_TRAIN_ENV.items():
         os.environ.setdefault(var, value)
