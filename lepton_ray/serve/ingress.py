@@ -79,10 +79,11 @@ def choose_ingress(haproxy: bool | None = None) -> bool:
 # - a replica runs its requests on its own event loop, not on a second loop in a thread of their
 #   own (Ray's default; its throughput-optimized mode turns it off too). What it saves and costs:
 #   docs/serving.md;
-# - the controller gives a starting proxy 30 s to answer its first readiness check, not Ray's 5.
-#   The check's clock starts when the actor is created, so it also counts the worker process's
-#   start and imports and HAProxy's: on a busy 2-CPU node that took 5-50 s, the controller killed
-#   the proxy, and `serve.start` failed with ActorDiedError (it waits on that first proxy alone).
+# - the controller gives a starting proxy 60 s to answer its first readiness check, not Ray's 5,
+#   as long as `serve.start` itself waits for it. The check's clock starts when the actor is
+#   created, so it also counts the worker process's start and imports and HAProxy's: on a busy
+#   2-CPU node that took 5-35 s, the controller killed the proxy, and `serve.start` failed with
+#   ActorDiedError (it waits on that first proxy alone).
 SERVE_DEFAULTS = {
     "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
     "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60",
