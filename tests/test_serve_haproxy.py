@@ -70,7 +70,7 @@ def given(env, choice_env: str | None, binary: str | None) -> None:
 def test_serve_defaults_hold_for_either_ingress_unless_the_environment_says(
     clean_env, haproxy, operator, var, ours
 ):
-    """Either ingress: user code on the replica's loop and 30 s for a starting proxy to be ready,
+    """Either ingress: user code on the replica's loop and 60 s for a starting proxy to be ready,
     unless the operator's environment sets the variable."""
     if operator is not None:
         clean_env.setenv(var, operator)

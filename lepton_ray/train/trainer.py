@@ -271,7 +271,7 @@ def _run(
         train_loop_per_worker,
         # By reference: Ray Train hands train_loop_config to its controller and to every worker's
         # set-up besides the train function; inline, each of them unpickled the spec, model
-        # included, and the controller imported torch for it (1.3 s of each fit's start on 2 CPUs).
+        # included, and the controller imported lepton_ray's training loop for it.
         train_loop_config={"spec": ray.put(spec)},
         scaling_config=ray.train.ScalingConfig(**ray_scaling),
         torch_config=TorchConfig(backend=cfg.scaling.process_group_backend()),
