@@ -287,7 +287,8 @@ class RingFeed:
     in the ring the next epoch's read starts (``epochs`` says whether there is one), so Ray Data's
     restart overlaps the drain. ``queue_rows`` bounds the host blocks read ahead (default: the
     ring's size, enough to refill it at once when the next epoch starts, within 2 GiB of host
-    memory).
+    memory). The reads run in a :class:`~lepton_ray.train.ring_reader.RingReader` actor beside
+    the worker, with at most ``read_cpus`` of Ray Data's tasks at once.
     """
 
     def __init__(
@@ -301,13 +302,14 @@ class RingFeed:
         preprocess_batch: int,
         deterministic: bool = True,
         queue_rows: int | None = None,
+        read_cpus: int = 1,
     ):
-        from ray.data import DataContext
+        import ray
 
         from lepton_ray.data import read_shard_ids
         from lepton_ray.train.ring import Ring, RowLayout
+        from lepton_ray.train.ring_reader import start_reader
 
-        DataContext.get_current().execution_options.preserve_order = deterministic
         self.info, self.epochs, self.preprocess_batch = info, epochs, preprocess_batch
         self.plan = dataclasses.replace(plan, order="sequential")
         self.shard_ids = read_shard_ids(info)
@@ -325,6 +327,11 @@ class RingFeed:
         self.queue_rows = queue_rows or min(capacity, _QUEUE_BYTES // self.ring.layout.width)
         self.reading: Any = None  # the BlockReader of the epoch being trained
         self.ahead: tuple[int, Any] | None = None  # (epoch, BlockReader) read ahead
+        self.deterministic, self.read_cpus = deterministic, read_cpus
+        self.reader: Any = None  # the RingReader actor
+        self.reads = 0
+        if ray.is_initialized():  # its process starts while the worker builds the model
+            self.reader = start_reader()
 
     def epoch(self, epoch: int, exclude: np.ndarray | None = None) -> Batches:
         from lepton_ray.train.ring import ring_generator, serve
@@ -350,21 +357,27 @@ class RingFeed:
         return Batches(p.steps, serve(self.ring, blocks, p.steps, p.per_step, generator))
 
     def _read(self, p: sampling.EpochPlan, epoch: int) -> Any:
-        from lepton_ray.data import read_ray
+        """A BlockReader of ``p``'s rows, read and packed by this worker's RingReader actor
+        (:mod:`lepton_ray.train.ring_reader`: Ray Data off the training process's GIL)."""
         from lepton_ray.train.ring import BlockReader
+        from lepton_ray.train.ring_reader import ReadSpec, RemoteBlocks, block_rows, start_reader
 
+        if self.reader is None:
+            self.reader = start_reader()
         shards = dataclasses.replace(self.info, shards=tuple(self.info.shards[s] for s in p.shards))
-        ds = read_ray(
+        self.reads += 1
+        spec = ReadSpec(
+            self.ring.layout.shape,
             shards,
-            keep_ids=p.ids,
-            augment=(),
-            normalize=False,
-            epoch=epoch,
-            batch_size=self.preprocess_batch,
+            p.ids,
+            epoch,
+            block_rows(self.ring.layout.pixels, self.preprocess_batch),
+            self.deterministic,
+            self.read_cpus,
         )
-        blocks = ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2)
-        pin = self.ring.device.type == "cuda"
-        return BlockReader(blocks, self.ring.layout, self.queue_rows, pin=pin)
+        self.reader.start.remote(self.reads, spec)
+        blocks = RemoteBlocks(self.reader, self.reads, pin=self.ring.device.type == "cuda")
+        return BlockReader(blocks, self.ring.layout, self.queue_rows)
 
     def _then_read_ahead(self, reader: Any, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
         yield from reader
@@ -378,6 +391,11 @@ class RingFeed:
             if reader is not None:
                 reader.close()
         self.reading = self.ahead = None
+        if self.reader is not None:
+            import ray
+
+            ray.kill(self.reader)
+            self.reader = None
 
 
 class ShardFeed:

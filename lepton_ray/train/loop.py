@@ -36,6 +36,7 @@ from lepton_ray.train.feed import (
     jpeg_decode_on,
 )
 from lepton_ray.train.observe import WorkerProgress
+from lepton_ray.train.ring_reader import read_cpus
 from lepton_ray.train.step import BATCH_DTYPES, Pixels, TrainStep
 from lepton_ray.train.task import for_data, lower_is_better
 from lepton_ray.train.timeline import WorkerTimeline
@@ -241,6 +242,8 @@ def make_feeds(spec: RunSpec, world: int, rank: int, device: torch.device) -> tu
             device=device,
             preprocess_batch=cfg.data.preprocess_batch_size,
             deterministic=cfg.data.deterministic,
+            read_cpus=cfg.data.ring_read_cpus
+            or read_cpus(ray.train.get_context().get_local_world_size()),
         )
     elif spec.train_info is None:  # a user's Ray Dataset: Ray Train splits it
         feed = ShardFeed(

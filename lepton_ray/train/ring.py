@@ -1,10 +1,10 @@
 """The streaming ring: a window of rows resident in device memory that every step samples from.
 
 For training sets larger than the device (``DataConfig.feed = "ring"``). Ray Data reads a worker's
-piece of the epoch plan (``sampling.sequential_plan``: shards in an order shuffled per epoch) and
-hands over whole decoded blocks; a background thread (:class:`BlockReader`) packs each into rows of
-bytes (image, label, id: :class:`RowLayout`) and keeps a queue of them in host memory, pinned on
-CUDA, bounded in rows. Each block is copied once into one preallocated device tensor of
+piece of the epoch plan (``sampling.sequential_plan``: shards in an order shuffled per epoch) as
+whole decoded blocks, in an actor beside the worker that packs each into rows of bytes (image,
+label, id: :class:`RowLayout`; :mod:`lepton_ray.train.ring_reader`); a background thread of the
+worker (:class:`BlockReader`) keeps a queue of them in host memory, pinned on CUDA, bounded in rows. Each block is copied once into one preallocated device tensor of
 ``capacity`` rows; on CUDA the copy is ``non_blocking`` on a side stream, and the step's draw waits
 for it on the device, not on the host. Each step then draws its ``b_r`` rows uniformly at random
 **without replacement** from the resident rows (one gather), frees their slots and the ring takes
@@ -51,6 +51,10 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from lepton_ray.train.rows import RowLayout
+
+__all__ = ["BlockReader", "Draw", "Ring", "RowLayout", "draws", "ring_generator", "serve"]
+
 _RING_SALT = 0x121A6
 RAMP_START = 1 / 16  # of the capacity: what the first draw waits for
 RAMP_GROWTH = 3  # batches taken in per step beyond the one served, until the ring is full
@@ -68,34 +72,6 @@ def resident(s: Any, rows: int, k: int, capacity: int) -> Any:
     if isinstance(s, torch.Tensor):
         return torch.minimum(rows - s * k, start + s * growth).clamp_(max=capacity)
     return min(capacity, rows - s * k, start + s * growth)
-
-
-class RowLayout:
-    """One row as bytes: the uint8 image (``shape``, C*H*W bytes), padded to 8, then label and id
-    as int64. One tensor of rows is one gather per batch and one copy per block."""
-
-    def __init__(self, shape: tuple[int, ...]):
-        self.shape = tuple(shape)
-        self.pixels = int(np.prod(shape))
-        self.meta = -(-self.pixels // 8) * 8  # where label and id start (aligned for int64)
-        self.width = self.meta + 16
-
-    def pack(self, block: dict[str, Any]) -> torch.Tensor:
-        """Numpy columns (``image`` (m, *shape) uint8, ``label``, ``id``) -> (m, width) uint8."""
-        n = len(block["id"])
-        rows = np.empty((n, self.width), np.uint8)
-        rows[:, : self.pixels] = np.asarray(block["image"], np.uint8).reshape(n, self.pixels)
-        rows[:, self.pixels : self.meta] = 0
-        meta = rows[:, self.meta :].view(np.int64)  # (n, 2)
-        meta[:, 0] = np.asarray(block["label"], np.int64)
-        meta[:, 1] = np.asarray(block["id"], np.int64)
-        return torch.from_numpy(rows)
-
-    def unpack(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
-        """(k, width) uint8 -> ``image`` (k, *shape) uint8 (a strided view), ``label``, ``id``."""
-        meta = rows[:, self.meta :].view(torch.int64).t().contiguous()  # (2, k)
-        image = rows[:, : self.pixels].view(len(rows), *self.shape)
-        return {"image": image, "label": meta[0], "id": meta[1]}
 
 
 class Ring:
@@ -239,7 +215,9 @@ def serve(
 
 class BlockReader:
     """Iterates ``blocks`` on a background thread into a queue holding at most ``max_rows`` rows
-    (plus the block being put); iterating the reader hands them over in order.
+    (plus the block being put); iterating the reader hands them over in order. A block is numpy
+    columns, packed (and pinned) here, or a tensor its source packed already
+    (:class:`lepton_ray.train.ring_reader.RemoteBlocks`).
 
     :meth:`close` stops the thread after its current block and closes the source iterator (a Ray
     Data iterator then shuts its execution down)."""
@@ -257,6 +235,7 @@ class BlockReader:
         self._cond = threading.Condition()
         self._done, self._stop = False, False
         self._error: BaseException | None = None
+        self._source = blocks
         self._thread = threading.Thread(target=self._run, args=(blocks,), daemon=True)
         self._thread.name = "ring-block-reader"
         self._thread.start()
@@ -265,8 +244,11 @@ class BlockReader:
         it = iter(blocks)
         try:
             for raw in it:
-                block = self.layout.pack(raw)  # packed (and pinned) here, off the training thread
-                block = block.pin_memory() if self.pin else block
+                if isinstance(raw, torch.Tensor):  # packed (and pinned) by its source already
+                    block = raw
+                else:  # packed (and pinned) here, off the training thread
+                    block = self.layout.pack(raw)
+                    block = block.pin_memory() if self.pin else block
                 with self._cond:
                     while self.queued_rows >= self.max_rows and not self._stop:
                         self._cond.wait()
@@ -306,6 +288,9 @@ class BlockReader:
             self._queue.clear()
             self.queued_rows = 0
             self._cond.notify_all()
+        cancel = getattr(self._source, "cancel", None)
+        if cancel is not None:  # a source that blocks elsewhere (RemoteBlocks): unblock it
+            cancel()
         self._thread.join(timeout)
 
     @property

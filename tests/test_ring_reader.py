@@ -1,0 +1,128 @@
+"""The ring's reading process (lepton_ray.train.ring_reader) on the session's local Ray: an actor
+reads a worker's piece of the epoch plan with Ray Data and hands it over packed, in plan order."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from lepton_ray.data import read_shard_ids, write_dataset
+from lepton_ray.train.ring import BlockReader, RowLayout
+from lepton_ray.train.ring_reader import (
+    ReadSpec,
+    RemoteBlocks,
+    block_rows,
+    read_cpus,
+    start_reader,
+)
+from lepton_ray.train.sampling import sequential_plan
+
+pytestmark = pytest.mark.ray
+
+SHAPE = (1, 2, 3)  # (C, H, W) of the rows below, stored as (H, W, C)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    ids = 7 + 5 * np.arange(900)
+    pixels = (ids % 251).astype(np.uint8)[:, None, None, None]
+    return write_dataset(
+        np.ascontiguousarray(np.broadcast_to(pixels, (900, 2, 3, 1))),
+        ids % 10,
+        tmp_path_factory.mktemp("reader"),
+        classes=[str(i) for i in range(10)],
+        ids=ids,
+        rows_per_shard=100,
+    )
+
+
+def piece(info, rank: int, epoch: int, world: int = 2):
+    """Worker ``rank``'s plan of ``epoch`` and the DatasetInfo of its shards, in plan order."""
+    p = sequential_plan(
+        read_shard_ids(info), seed=4, epoch=epoch, global_batch=60, world=world, rank=rank
+    )
+    shards = dataclasses.replace(info, shards=tuple(info.shards[s] for s in p.shards))
+    return p, shards
+
+
+def test_blocks_arrive_packed_in_plan_order_and_whole(ray_session, prepared):
+    layout = RowLayout(SHAPE)
+    actor = start_reader()
+    try:
+        for read, (rank, epoch) in enumerate([(0, 0), (1, 0), (0, 1)], start=1):
+            p, shards = piece(prepared, rank, epoch)
+            actor.start.remote(read, ReadSpec(SHAPE, shards, p.ids, epoch, 64, True, 1))
+            blocks = list(BlockReader(RemoteBlocks(actor, read, pin=False), layout, 10_000))
+            assert all(b.dtype == torch.uint8 and b.shape[1] == layout.width for b in blocks)
+            rows = layout.unpack(torch.cat(blocks))
+            assert rows["id"].numpy().tolist() == p.ids.tolist()  # exactly the plan, in order
+            assert (rows["image"] == (rows["id"] % 251).view(-1, 1, 1, 1)).all()
+            assert (rows["label"] == rows["id"] % 10).all()
+    finally:
+        import ray
+
+        ray.kill(actor)
+
+
+def test_closing_a_read_mid_way_unblocks_it_and_the_actor_reads_on(ray_session, prepared):
+    layout = RowLayout(SHAPE)
+    actor = start_reader()
+    try:
+        p, shards = piece(prepared, 0, 0, world=1)
+        actor.start.remote(1, ReadSpec(SHAPE, shards, p.ids, 0, 64, True, 1))
+        reader = BlockReader(RemoteBlocks(actor, 1, pin=False), layout, max_rows=64)
+        first = next(iter(reader))  # the reader now waits for room; the actor has more ready
+        assert layout.unpack(first)["id"].numpy().tolist() == p.ids[: len(first)].tolist()
+        started = time.monotonic()
+        reader.close(timeout=30)
+        assert not reader.alive and time.monotonic() - started < 10
+        # a later read of the same actor starts from its own beginning
+        p2, shards2 = piece(prepared, 0, 1, world=1)
+        actor.start.remote(2, ReadSpec(SHAPE, shards2, p2.ids, 1, 64, True, 1))
+        got = torch.cat(list(BlockReader(RemoteBlocks(actor, 2, pin=False), layout, 10_000)))
+        assert layout.unpack(got)["id"].numpy().tolist() == p2.ids.tolist()
+    finally:
+        import ray
+
+        ray.kill(actor)
+
+
+def test_a_read_error_reaches_the_training_side(ray_session, prepared):
+    layout = RowLayout(SHAPE)
+    p, shards = piece(prepared, 0, 0, world=1)
+    gone = {**shards.shards[0], "path": "missing-shard.parquet"}  # inside the folder, not there
+    broken = dataclasses.replace(shards, shards=(gone, *shards.shards[1:]))
+    actor = start_reader()
+    try:
+        actor.start.remote(1, ReadSpec(SHAPE, broken, p.ids, 0, 64, True, 1))
+        with pytest.raises(Exception, match="missing-shard"):
+            list(BlockReader(RemoteBlocks(actor, 1, pin=False), layout, 10_000))
+    finally:
+        import ray
+
+        ray.kill(actor)
+
+
+def test_a_dead_reader_fails_the_read_instead_of_hanging(ray_session, prepared):
+    import ray
+
+    layout = RowLayout(SHAPE)
+    actor = start_reader()
+    p, shards = piece(prepared, 0, 0, world=1)
+    ray.kill(actor)
+    with pytest.raises(ray.exceptions.RayActorError):
+        list(BlockReader(RemoteBlocks(actor, 1, pin=False), layout, 10_000))
+
+
+def test_block_and_cpu_defaults(ray_session):
+    import ray
+
+    assert block_rows(3 * 32 * 32, 1024) == (16 << 20) // 3072  # 5,461: 16 MiB of 32x32x3
+    assert block_rows(3 * 224 * 224, 1024) == 1024  # the preprocessing batch is bigger
+    node_cpus = int(ray.cluster_resources()["CPU"])  # one node here
+    assert read_cpus(1) == max(1, node_cpus // 4)
+    assert read_cpus(64) == 1  # never none
