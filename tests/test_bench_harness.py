@@ -291,5 +291,7 @@ def test_train_overhead_judges_the_trainer_against_the_plain_loop_before_and_aft
     }
     doc = train_overhead.render(r, "train_overhead")
     # 800 / 880 = 0.909: met against the mean; it would not be against the first run alone (0.870)
-    assert "**met** (ratio = 0.909)" in doc and "| the same, after the fits | 840.0 | 0.955 |" in doc
+    assert (
+        "**met** (ratio = 0.909)" in doc and "| the same, after the fits | 840.0 | 0.955 |" in doc
+    )
     assert "**met** (ratio_cached = 0.950)" in doc

@@ -55,8 +55,8 @@ def test_blocks_arrive_packed_in_plan_order_and_whole(ray_session, prepared):
     try:
         for read, (rank, epoch) in enumerate([(0, 0), (1, 0), (0, 1)], start=1):
             p, shards = piece(prepared, rank, epoch)
-            actor.start.remote(read, ReadSpec(SHAPE, shards, p.ids, epoch, 64, True, 1))
-            blocks = list(BlockReader(RemoteBlocks(actor, read, pin=False), layout, 10_000))
+            spec = ReadSpec(SHAPE, shards, p.ids, epoch, 64, True, 1)
+            blocks = list(BlockReader(RemoteBlocks(actor, read, spec, pin=False), layout, 10_000))
             assert all(b.dtype == torch.uint8 and b.shape[1] == layout.width for b in blocks)
             rows = layout.unpack(torch.cat(blocks))
             assert rows["id"].numpy().tolist() == p.ids.tolist()  # exactly the plan, in order
@@ -73,8 +73,8 @@ def test_closing_a_read_mid_way_unblocks_it_and_the_actor_reads_on(ray_session, 
     actor = start_reader()
     try:
         p, shards = piece(prepared, 0, 0, world=1)
-        actor.start.remote(1, ReadSpec(SHAPE, shards, p.ids, 0, 64, True, 1))
-        reader = BlockReader(RemoteBlocks(actor, 1, pin=False), layout, max_rows=64)
+        spec = ReadSpec(SHAPE, shards, p.ids, 0, 64, True, 1)
+        reader = BlockReader(RemoteBlocks(actor, 1, spec, pin=False), layout, max_rows=64)
         first = next(iter(reader))  # the reader now waits for room; the actor has more ready
         assert layout.unpack(first)["id"].numpy().tolist() == p.ids[: len(first)].tolist()
         started = time.monotonic()
@@ -82,8 +82,8 @@ def test_closing_a_read_mid_way_unblocks_it_and_the_actor_reads_on(ray_session, 
         assert not reader.alive and time.monotonic() - started < 10
         # a later read of the same actor starts from its own beginning
         p2, shards2 = piece(prepared, 0, 1, world=1)
-        actor.start.remote(2, ReadSpec(SHAPE, shards2, p2.ids, 1, 64, True, 1))
-        got = torch.cat(list(BlockReader(RemoteBlocks(actor, 2, pin=False), layout, 10_000)))
+        spec2 = ReadSpec(SHAPE, shards2, p2.ids, 1, 64, True, 1)
+        got = torch.cat(list(BlockReader(RemoteBlocks(actor, 2, spec2, pin=False), layout, 10_000)))
         assert layout.unpack(got)["id"].numpy().tolist() == p2.ids.tolist()
     finally:
         import ray
@@ -98,9 +98,9 @@ def test_a_read_error_reaches_the_training_side(ray_session, prepared):
     broken = dataclasses.replace(shards, shards=(gone, *shards.shards[1:]))
     actor = start_reader()
     try:
-        actor.start.remote(1, ReadSpec(SHAPE, broken, p.ids, 0, 64, True, 1))
+        spec = ReadSpec(SHAPE, broken, p.ids, 0, 64, True, 1)
         with pytest.raises(Exception, match="missing-shard"):
-            list(BlockReader(RemoteBlocks(actor, 1, pin=False), layout, 10_000))
+            list(BlockReader(RemoteBlocks(actor, 1, spec, pin=False), layout, 10_000))
     finally:
         import ray
 
@@ -114,8 +114,9 @@ def test_a_dead_reader_fails_the_read_instead_of_hanging(ray_session, prepared):
     actor = start_reader()
     p, shards = piece(prepared, 0, 0, world=1)
     ray.kill(actor)
+    spec = ReadSpec(SHAPE, shards, p.ids, 0, 64, True, 1)
     with pytest.raises(ray.exceptions.RayActorError):
-        list(BlockReader(RemoteBlocks(actor, 1, pin=False), layout, 10_000))
+        list(BlockReader(RemoteBlocks(actor, 1, spec, pin=False), layout, 10_000))
 
 
 def test_block_and_cpu_defaults(ray_session):

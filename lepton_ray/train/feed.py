@@ -375,8 +375,7 @@ class RingFeed:
             self.deterministic,
             self.read_cpus,
         )
-        self.reader.start.remote(self.reads, spec)
-        blocks = RemoteBlocks(self.reader, self.reads, pin=self.ring.device.type == "cuda")
+        blocks = RemoteBlocks(self.reader, self.reads, spec, pin=self.ring.device.type == "cuda")
         return BlockReader(blocks, self.ring.layout, self.queue_rows)
 
     def _then_read_ahead(self, reader: Any, epoch: int) -> Iterator[dict[str, torch.Tensor]]:

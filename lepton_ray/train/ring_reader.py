@@ -17,7 +17,7 @@ epochs read ahead went from 36.1k and 30.6k samples/s to 40.1k and 40.8k
 ``start`` begins a read (stopping any other), a producer thread iterates Ray Data's blocks in plan
 order (``preserve_order``), packs each (:class:`~lepton_ray.train.rows.RowLayout`) and keeps a
 few of them ready; ``next`` hands over the next block, ``None`` at the end, or raises the read's
-error. :class:`RemoteBlocks` is the worker's side: an iterable of packed tensors for
+error. :class:`RemoteBlocks` is the worker's side of one read: an iterable of packed tensors for
 :class:`~lepton_ray.train.ring.BlockReader`, whose ``cancel`` unblocks a read being closed.
 
 The actor runs on the worker's node (its blocks reach the worker through shared memory), takes no
@@ -195,14 +195,17 @@ def start_reader() -> Any:
 
 
 class RemoteBlocks:
-    """Read ``read`` of a :class:`RingReader` as packed tensors (pinned when ``pin``)."""
+    """Read ``read`` of ``spec`` by a :class:`RingReader`, begun at once, as packed tensors
+    (pinned when ``pin``)."""
 
-    def __init__(self, reader: Any, read: int, pin: bool):
+    def __init__(self, reader: Any, read: int, spec: ReadSpec, pin: bool):
         self.reader, self.read, self.pin = reader, read, pin
+        self.started = reader.start.remote(read, spec)
 
     def __iter__(self) -> Iterator[Any]:
         import torch
 
+        ray.get(self.started)  # a reader that could not begin fails here, not by waiting
         while True:
             rows = ray.get(self.reader.next.remote(self.read))
             if rows is None:
