@@ -330,7 +330,7 @@ class RingFeed:
         self.deterministic, self.read_cpus = deterministic, read_cpus
         self.reader: Any = None  # the RingReader actor
         self.reads = 0
-        if ray.is_initialized():  # its process starts while the worker builds the model
+        if ray.is_initialized():  # its process starts now, before the first read asks for it
             self.reader = start_reader()
 
     def epoch(self, epoch: int, exclude: np.ndarray | None = None) -> Batches:
