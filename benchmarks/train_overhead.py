@@ -119,9 +119,8 @@ def metrics(r: dict[str, Any]) -> dict[str, Any]:
 
 def render(r: dict[str, Any], key: str) -> str:
     m = metrics(r)
-    bracketed = (
-        "plain_after_samples_per_s" in r
-    )  # results before 2026-12-03 ran the plain loop once
+    # results before 2026-12-03 ran the plain loop once, before the fits
+    bracketed = "plain_after_samples_per_s" in r
     plain = r["plain_samples_per_s"]
     rows = (
         [

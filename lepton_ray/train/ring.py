@@ -4,9 +4,10 @@ For training sets larger than the device (``DataConfig.feed = "ring"``). Ray Dat
 piece of the epoch plan (``sampling.sequential_plan``: shards in an order shuffled per epoch) as
 whole decoded blocks, in an actor beside the worker that packs each into rows of bytes (image,
 label, id: :class:`RowLayout`; :mod:`lepton_ray.train.ring_reader`); a background thread of the
-worker (:class:`BlockReader`) keeps a queue of them in host memory, pinned on CUDA, bounded in rows. Each block is copied once into one preallocated device tensor of
-``capacity`` rows; on CUDA the copy is ``non_blocking`` on a side stream, and the step's draw waits
-for it on the device, not on the host. Each step then draws its ``b_r`` rows uniformly at random
+worker (:class:`BlockReader`) keeps a queue of them in host memory, pinned on CUDA, bounded in
+rows. Each block is copied once into one preallocated device tensor of ``capacity`` rows; on
+CUDA the copy is ``non_blocking`` on a side stream, and the step's draw waits for it on the
+device, not on the host. Each step then draws its ``b_r`` rows uniformly at random
 **without replacement** from the resident rows (one gather), frees their slots and the ring takes
 in the next rows. At the end of the input the ring drains.
 

@@ -95,9 +95,7 @@ class RingReader:
         self.stop()
         with self._cond:
             self._read, self._done, self._stop, self._error = read, False, False, None
-            self._ready.clear()
-            self._ready_bytes = 0
-            self._cond.notify_all()
+            self._cond.notify_all()  # stop() emptied the blocks ready
         self._thread = threading.Thread(target=self._run, args=(spec,), daemon=True)
         self._thread.name = f"ring-read-{read}"
         self._thread.start()
@@ -157,7 +155,7 @@ class RingReader:
                     if self._error is not None:
                         raise self._error
                     return None
-                self._cond.wait()  # the read's next block, or its start (calls may overtake)
+                self._cond.wait()  # its next block (or its start, for a caller that did not wait)
 
     def stop(self, read: int | None = None) -> None:
         """Stop the read in progress (``read``: only if it is that one) and wait for its thread."""
