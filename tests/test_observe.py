@@ -101,3 +101,35 @@ def test_plain_progress_is_a_line_now_and_then_not_a_redrawn_bar(capsys):
         "[train] worker 1 is lagging",
         "[train] epoch 1  step 8/8 (100%)  loss 0.5000  2 workers",
     ]
+
+
+def test_run_observer_keeps_one_event_file_of_every_epoch_and_no_temp_folder(tmp_path, monkeypatch):
+    """The TensorBoard events are rewritten whole at each epoch end: a resumed run (its epoch 2
+    again) replaces epoch 2 instead of adding a second file, and the controller keeps no folder."""
+    import tempfile
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lepton_ray.train.observe import TB_EVENTS, RunObserver
+
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    run = tmp_path / "run"
+    run.mkdir()
+    observer = RunObserver(str(run), None)
+    for epoch, loss in ((1, 2.0), (2, 1.5), (2, 1.25), (3, 1.0)):  # the second epoch 2: a resume
+        observer.after_report(
+            None,
+            [{"epoch_end": True, "epoch": epoch, "train_loss": loss, "train_accuracy": 0.5}],
+            None,
+        )
+    assert [p.name for p in (run / "tensorboard").iterdir()] == [TB_EVENTS]
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train_loss")] == [
+        (1, 2.0),
+        (2, 1.25),
+        (3, 1.0),
+    ]
+    assert list(scratch.iterdir()) == []

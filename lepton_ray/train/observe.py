@@ -180,13 +180,23 @@ class ProgressBoard:
         }
 
 
+TB_EVENTS = "events.out.tfevents.lepton_ray"  # TensorBoard reads any file named *tfevents*
+_TB_KEYS = (
+    "train_loss",
+    "train_accuracy",
+    "val_loss",
+    "val_accuracy",
+    "samples_per_second",
+    "lr",
+    "world_size",
+)
+
+
 class RunObserver(UserCallback):
     """Ray Train callback (controller side): the run's metrics files, written at each epoch end."""
 
     def __init__(self, run_uri: str, endpoint_url: str | None):
         self.run_uri, self.endpoint_url = run_uri, endpoint_url
-        self._tb_dir: str | None = None
-        self._writer: Any = None
 
     def after_report(
         self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any
@@ -201,7 +211,7 @@ class RunObserver(UserCallback):
         history = [json.loads(line) for line in _read_lines(run.metrics)]
         history = [h for h in history if h["epoch"] < m["epoch"]] + [_plain(m)]
         run.metrics.write_bytes(("\n".join(json.dumps(h) for h in history) + "\n").encode())
-        self._tensorboard(m, run)
+        self._tensorboard(history, run)
         try:
             from lepton_ray.viz import plot_history
 
@@ -216,28 +226,25 @@ class RunObserver(UserCallback):
         ):  # matplotlib is a dependency, but a cluster image may lack it: the plot is optional
             return
 
-    def _tensorboard(self, m: dict[str, Any], run: Any) -> None:
+    def _tensorboard(self, history: list[dict[str, Any]], run: Any) -> None:
+        """One event file of every epoch so far, rewritten whole at each epoch end under one name:
+        a resumed run (a new controller) replaces it instead of adding a second file of the same
+        epochs, and nothing is left in the controller's temp folder."""
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             return
-        if self._writer is None:
-            self._tb_dir = tempfile.mkdtemp(prefix="lepton-tb-")
-            self._writer = SummaryWriter(self._tb_dir)
-        for key in (
-            "train_loss",
-            "train_accuracy",
-            "val_loss",
-            "val_accuracy",
-            "samples_per_second",
-            "lr",
-            "world_size",
-        ):
-            if key in m:
-                self._writer.add_scalar(key, m[key], m["epoch"])
-        self._writer.flush()
-        for f in Path(self._tb_dir).iterdir():
-            run.tensorboard.join(f.name).upload_file(f)
+        with tempfile.TemporaryDirectory(prefix="lepton-tb-") as tmp:
+            writer = SummaryWriter(tmp)
+            try:
+                for m in history:
+                    for key in _TB_KEYS:
+                        if key in m:
+                            writer.add_scalar(key, m[key], m["epoch"])
+            finally:
+                writer.close()
+            (written,) = Path(tmp).glob("events.out.tfevents.*")
+            run.tensorboard.join(TB_EVENTS).upload_file(written)
 
 
 def divergence(run: Any, fit_id: str) -> dict[str, Any] | None:
