@@ -325,3 +325,17 @@ def test_decoding_goes_to_cpu_only_nodes_when_the_cluster_has_gpu_nodes_too():
     assert cpu_only_nodes([gpu]) == {}  # one GPU node: its CPUs decode
     assert cpu_only_nodes([a, b]) == {}  # CPUs only: anywhere
     assert cpu_only_nodes([gpu, node("c", 0)]) == {}  # no CPUs to decode with
+
+
+def test_decoding_calls_are_capped_by_the_bytes_they_return():
+    """A decoding call of read_ray returns at most DECODED_BATCH_BYTES: 224x224x3 rows (147 KiB
+    each) go 111 at a time, not the 1,024 asked (147 MiB blocks, a few long tasks); small rows
+    keep the asked size."""
+    from lepton_ray.data.dataset import DECODED_BATCH_BYTES, decode_batch_rows
+
+    assert decode_batch_rows((224, 224, 3), 1024, normalize=False) == 111
+    assert decode_batch_rows((224, 224, 3), 1024, normalize=True) == 27  # float32 rows
+    assert decode_batch_rows((224, 224, 3), 64, normalize=False) == 64
+    assert decode_batch_rows((32, 32, 3), 1024, normalize=False) == 1024
+    assert decode_batch_rows((32, 32, 3), 8192, normalize=True) == DECODED_BATCH_BYTES // 12288
+    assert decode_batch_rows((4096, 4096, 3), 1024, normalize=True) == 1  # never zero

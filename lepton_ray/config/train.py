@@ -96,7 +96,8 @@ class DataConfig(Config):
     shuffle_buffer_rows: int = setting(4096, ge=1)
     """Rows each worker mixes locally when ``shuffle`` is ``files``."""
     preprocess_batch_size: int = setting(1024, ge=1)
-    """Rows per ``map_batches`` call on the CPU preprocessing workers (bigger: less per-call overhead)."""
+    """Rows per ``map_batches`` call on the CPU preprocessing workers (bigger: less per-call overhead),
+    capped so that one call returns at most 16 MiB of decoded pixels (111 rows of 224x224x3)."""
     augment_on: Literal["auto", "cpu", "device"] = "auto"
     """Where ``augment`` runs: ``cpu`` (Ray Data's CPU workers, in ``map_batches``), ``device`` (the
     training loop, on the worker's GPU or CPU, with :mod:`lepton_ray.data.device_transforms`), or ``auto``
