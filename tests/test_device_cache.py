@@ -134,6 +134,7 @@ def test_each_epoch_serves_its_planned_ids_in_order_and_the_next_plan_is_ready_e
     cache = make_cache(stride=stride)
     feed = CachedFeed(cache, Plan(3, BATCH, 1, 0, "shuffled"))
     assert (feed.first is not None) == (stride == 1)
+    assert feed.id_range == ((int(cache.ids[0]), len(cache)) if stride == 1 else None)
     for epoch in range(3):
         got = torch.cat([b["id"] for b in feed.epoch(epoch)]).tolist()
         assert got == feed.plan.of(feed.ids, epoch, None).ids.tolist()

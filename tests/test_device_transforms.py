@@ -84,6 +84,72 @@ def test_crop_and_flip_give_the_same_pixels_on_the_cpu_and_the_device(device, c)
     assert not np.array_equal(cpu_images, x)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_flip_decided_on_the_bits_is_the_uniform_below_p(device):
+    bits = torch.cat(
+        [
+            torch.randint(0, 1 << 32, (4000,), generator=torch.Generator().manual_seed(0)),
+            torch.tensor([0, 255, 256, (1 << 31) - 1, 1 << 31, (1 << 32) - 257, (1 << 32) - 1]),
+        ]
+    ).to(device)
+    edges = [1 / 3, 0.1, 0.7 + 1e-9, 2.0**-24, 1 - 2.0**-24, 1 - 2.0**-26]
+    for p in [0.0, 0.5, 1.0, -0.5, 1.5] + edges:
+        uniform = dt.RowDraws(bits.view(1, -1)).random(len(bits)) < p
+        below = dt.RowDraws(bits.view(1, -1)).below(p, len(bits))
+        assert torch.equal(below, uniform), p
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_draws_hashed_once_an_epoch_for_an_id_range_are_the_per_batch_draws(device):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    names = ("random_crop", "hflip", "color_jitter")
+    x = to_torch(images(40, 3), device)
+    ids = (torch.randperm(40, generator=torch.Generator().manual_seed(1)) + 1000)[:29]
+    keyed, ranged = dt.Augmenter(names, device, seed=3), dt.Augmenter(names, device, seed=3)
+    ranged.hash_ids_once(1000, 40)
+    for epoch in (0, 7):
+        keyed.start_epoch(epoch)
+        ranged.start_epoch(epoch)
+        with Ops() as per_batch:
+            want = keyed(x[:29].clone(), ids)
+        with Ops() as gathered:
+            got = ranged(x[:29].clone(), ids)
+        assert torch.equal(got, want)
+        hashing = [op for op in per_batch.names if "xor" in op]
+        assert len(hashing) >= 8 and not [op for op in gathered.names if "xor" in op]
+    unseeded = dt.Augmenter(names, device, seed=None)
+    unseeded.hash_ids_once(1000, 40)  # nothing to key: fresh entropy per batch, as without
+    unseeded.start_epoch(0)
+    assert unseeded.table is None
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("augment", [False, True])
+def test_pixels_normalise_uint8_rows_into_the_models_layout_as_float_arithmetic(device, augment):
+    from lepton_ray.train.step import Pixels
+
+    rows = torch.from_numpy(images(6, 3).transpose(0, 3, 1, 2).copy())  # uint8 NCHW
+    mean, std = [0.2, 0.4, 0.6], [0.3, 0.2, 0.1]
+    pixels = Pixels(mean, std, torch.device(device), torch.channels_last)
+    aug = dt.Augmenter(("random_crop", "hflip"), device, seed=1) if augment else None
+    ids = torch.arange(6)
+    x = rows.to(device).float()
+    want = (aug(x, ids) if augment else x) * pixels.scale + pixels.shift
+    got = pixels(rows, aug, ids)
+    assert got.dtype == torch.float32 and got.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(got, want)
+
+
 def test_the_augmenter_ignores_batch_composition_and_world_size():
     x = to_torch(images(48, 3))
     ids = torch.arange(48) * 31 + 7

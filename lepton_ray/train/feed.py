@@ -120,6 +120,11 @@ class CachedFeed:
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="epoch-plan")
         self.next: tuple[int, Future] | None = None
 
+    @property
+    def id_range(self) -> tuple[int, int] | None:
+        """(first id, row count) when the cached ids are one contiguous range, else None."""
+        return None if self.first is None else (self.first, len(self.ids[0]))
+
     def _planned(self, epoch: int, exclude: np.ndarray | None) -> tuple[Any, np.ndarray]:
         """The epoch's plan and the cache rows of its ids, in order."""
         p = self.plan.of(self.ids, epoch, exclude)

@@ -42,16 +42,21 @@ class Pixels:
         self.scale = (1.0 / (255.0 * s)).view(1, -1, 1, 1).to(device)
         self.shift = (-m / s).view(1, -1, 1, 1).to(device)
         self.layout = layout
-        self.move = {"non_blocking": device.type == "cuda", "memory_format": layout}
+        self.non_blocking = device.type == "cuda"
         self.device = device
 
     def __call__(
         self, images: torch.Tensor, augment: Any = None, ids: torch.Tensor | None = None
     ) -> torch.Tensor:
-        x = images.to(self.device, **self.move).float()
+        x = images.to(self.device, non_blocking=self.non_blocking)
         if augment is not None:
-            x = augment(x, ids).contiguous(memory_format=self.layout)
-        return x.mul_(self.scale).add_(self.shift)  # in place: keeps x's memory layout
+            x = augment(x.float(), ids)
+        # The uint8 -> float conversion (without augmentation) and the change of layout happen in
+        # the multiply's own kernel, written straight into a tensor of the model's layout.
+        out = torch.empty(
+            x.shape, dtype=torch.float32, device=self.device, memory_format=self.layout
+        )
+        return torch.mul(x, self.scale, out=out).add_(self.shift)
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
@@ -149,7 +154,8 @@ class TrainStep:
                     loss, correct = self.forward(xm, ym)
                 self.fwd_s += time.perf_counter() - t
                 # mean over this micro-batch -> share of the worker's batch -> share of global batch
-                (loss * (m / self.local_batch) * self.scale).backward()
+                weight = m / self.local_batch * self.scale  # 1.0 on one worker, one micro-batch
+                (loss if weight == 1.0 else loss * weight).backward()
             sums += torch.stack(
                 [
                     loss.detach().double() * m,
