@@ -10,7 +10,7 @@ import torch
 from lepton_ray.config import DataConfig
 from lepton_ray.errors import ConfigError
 from lepton_ray.train.device_cache import DeviceCache
-from lepton_ray.train.feed import CachedFeed, Plan
+from lepton_ray.train.feed import CachedFeed, Plan, id_range
 
 CPU = torch.device("cpu")
 ROWS, BATCH = 103, 10  # 10 full global batches and a 3-row tail
@@ -134,7 +134,10 @@ def test_each_epoch_serves_its_planned_ids_in_order_and_the_next_plan_is_ready_e
     cache = make_cache(stride=stride)
     feed = CachedFeed(cache, Plan(3, BATCH, 1, 0, "shuffled"))
     assert (feed.first is not None) == (stride == 1)
-    assert feed.id_range == ((int(cache.ids[0]), len(cache)) if stride == 1 else None)
+    first, last = int(cache.ids[0]), int(cache.ids[-1])
+    assert feed.id_range == (first, last - first + 1)  # what an Augmenter may hash once an epoch
+    assert id_range([np.array([9, 7]), np.array([], np.int64), np.array([12])]) == (7, 6)
+    assert id_range([np.array([], np.int64)]) is None
     for epoch in range(3):
         got = torch.cat([b["id"] for b in feed.epoch(epoch)]).tolist()
         assert got == feed.plan.of(feed.ids, epoch, None).ids.tolist()

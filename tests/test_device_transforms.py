@@ -128,9 +128,10 @@ def test_draws_hashed_once_an_epoch_for_an_id_range_are_the_per_batch_draws(devi
         hashing = [op for op in per_batch.names if "xor" in op]
         assert len(hashing) >= 8 and not [op for op in gathered.names if "xor" in op]
     unseeded = dt.Augmenter(names, device, seed=None)
-    unseeded.hash_ids_once(1000, 40)  # nothing to key: fresh entropy per batch, as without
-    unseeded.start_epoch(0)
-    assert unseeded.table is None
+    assert not unseeded.hash_ids_once(1000, 40)  # nothing to key: fresh entropy per batch
+    too_many = dt.TABLE_BYTES // (len(names) * rowhash.DRAWS * 8) + 1
+    assert not dt.Augmenter(names, device, seed=3).hash_ids_once(0, too_many)
+    assert dt.Augmenter(names, device, seed=3).hash_ids_once(0, too_many - 1)
 
 
 @pytest.mark.parametrize("device", DEVICES)

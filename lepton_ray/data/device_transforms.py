@@ -189,6 +189,10 @@ AUGMENTATIONS: dict[str, DeviceAugment] = {
 }
 
 
+TABLE_BYTES = 256 << 20
+"""The most device memory :meth:`Augmenter.hash_ids_once` spends on an epoch's draws."""
+
+
 class Augmenter:
     """Applies ``names`` in order to float (N, C, H, W) batches in [0, 255] on ``device``.
 
@@ -213,13 +217,17 @@ class Augmenter:
         self.id_range: tuple[int, int] | None = None
         self.table: torch.Tensor | None = None  # (S, DRAWS, n) draws of the range's ids
 
-    def hash_ids_once(self, first: int, n: int) -> None:
+    def hash_ids_once(self, first: int, n: int) -> bool:
         """Every batch's ids from now on lie in ``[first, first + n)``: draws are then hashed per
-        epoch for the whole range (``8 * DRAWS`` bytes of device memory per row and
-        augmentation: 64 for crop + flip) and gathered per batch. The same draws as per batch."""
-        if self.names and self.seed is not None and n > 0:
-            self.id_range = (int(first), int(n))
-            self.table = None
+        epoch for the whole range (``8 * DRAWS`` bytes of device memory per id and augmentation:
+        64 for crop + flip) and gathered per batch; the same draws as hashed per batch. Not for a
+        range whose table would pass :data:`TABLE_BYTES` (4M ids with crop + flip): returns
+        whether it is used."""
+        table_bytes = len(self.names) * rowhash.DRAWS * 8 * n
+        if not self.names or self.seed is None or not 0 < table_bytes <= TABLE_BYTES:
+            return False
+        self.id_range, self.table = (int(first), int(n)), None
+        return True
 
     def start_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)

@@ -66,9 +66,21 @@ class Batches:
 
 
 class Feed(Protocol):
+    id_range: tuple[int, int] | None  # (first, count): every id a batch can carry is in it
+
     def epoch(self, epoch: int, exclude: np.ndarray | None = None) -> Batches: ...
 
     def close(self) -> None: ...
+
+
+def id_range(ids: list[np.ndarray]) -> tuple[int, int] | None:
+    """``(first, count)`` of the smallest range holding every id in ``ids`` (None if empty): what a
+    device :class:`~lepton_ray.data.device_transforms.Augmenter` hashes once an epoch."""
+    present = [a for a in ids if len(a)]
+    if not present:
+        return None
+    first = min(int(a.min()) for a in present)
+    return first, max(int(a.max()) for a in present) - first + 1
 
 
 @dataclass
@@ -117,13 +129,9 @@ class CachedFeed:
         ids = self.ids[0]
         contiguous = len(ids) and int(ids[-1]) - int(ids[0]) == len(ids) - 1  # sorted, unique
         self.first = int(ids[0]) if contiguous else None  # then row = id - first
+        self.id_range = id_range(self.ids)
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="epoch-plan")
         self.next: tuple[int, Future] | None = None
-
-    @property
-    def id_range(self) -> tuple[int, int] | None:
-        """(first id, row count) when the cached ids are one contiguous range, else None."""
-        return None if self.first is None else (self.first, len(self.ids[0]))
 
     def _planned(self, epoch: int, exclude: np.ndarray | None) -> tuple[Any, np.ndarray]:
         """The epoch's plan and the cache rows of its ids, in order."""
@@ -182,6 +190,7 @@ class StreamedFeed:
             pin_memory,
         )
         self.shard_ids = read_shard_ids(info)
+        self.id_range = id_range(self.shard_ids)
 
     def epoch(self, epoch: int, exclude: np.ndarray | None = None) -> Batches:
         from lepton_ray.data import read_ray
@@ -318,6 +327,7 @@ class RingFeed:
         self.info, self.epochs, self.preprocess_batch = info, epochs, preprocess_batch
         self.plan = dataclasses.replace(plan, order="sequential")
         self.shard_ids = read_shard_ids(info)
+        self.id_range = id_range(self.shard_ids)
         h, w, c = info.shape
         full = self.plan.of(self.shard_ids, 0, None)
         capacity = min(rows, max(full.steps * full.per_step, 1))
@@ -418,6 +428,7 @@ class ShardFeed:
         pin_memory: bool,
     ):
         self.shard, self.seed, self.pin, self.buffer = shard, seed, pin_memory, shuffle_buffer_rows
+        self.id_range = None  # a user's rows: ids, if any, unknown ahead
         self.local_batch = batching.worker_batch(global_batch, world, rank)
         self.steps = min(
             batching.steps_per_epoch(rows, global_batch, world),

@@ -85,8 +85,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         torch.set_rng_state(restored.state["torch_rng"])
     timeline.mark("model_ready")  # and its optimizer: the first in a process imports torch._dynamo
     feed, val_batches = make_feeds(spec, *strategy.data_shard(cfg, world, rank), device)
-    if augment is not None and isinstance(feed, CachedFeed) and feed.id_range:
-        augment.hash_ids_once(*feed.id_range)  # the cache's draws: hashed once an epoch
+    if augment is not None and feed.id_range:  # draws hashed once an epoch, not per batch
+        augment.hash_ids_once(*feed.id_range)
     own_rows = strategy.counts_rows(cfg, world, rank)  # pipeline: stage 0 records the ids
     timeline.mark("feed_ready")
     reporter = Reporter(spec.run_uri, spec.endpoint_url, spec.meta, rank, cfg.strategy == "fsdp")
