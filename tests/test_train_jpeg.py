@@ -65,3 +65,30 @@ def test_the_device_decode_feed_hands_each_row_once_cropped_as_the_cpu_path(ray_
     for d, c in zip(dev, cpu, strict=True):  # the CPU's resize here: the very same pixels
         np.testing.assert_array_equal(d["image"].numpy(), c["image"].numpy())
         np.testing.assert_array_equal(d["label"].numpy(), c["label"].numpy())
+
+
+def test_jpegs_decoded_by_ray_data_are_mixed_as_bytes_and_stream_in_a_seeded_order(
+    ray_session, jpegs
+):
+    """A shuffled plan's JPEG rows are shuffled as compressed bytes before Ray Data decodes them
+    (no shuffle buffer of decoded pixels): every planned row once, in an order that is not the
+    stored one, the same for the same seed and epoch, another the next epoch."""
+    info = jpegs["train"]
+
+    def served(seed: int, epoch: int) -> list[int]:
+        feed = StreamedFeed(
+            info,
+            Plan(seed, 40, 1, 0, "shuffled"),
+            augment=(),
+            preprocess_batch=64,
+            shuffle_buffer_rows=0,
+            pin_memory=False,
+        )
+        batches = list(feed.epoch(epoch))
+        assert len(batches) == 5 and all(b["image"].shape == (40, 3, 32, 32) for b in batches)
+        return np.concatenate([b["id"].numpy() for b in batches]).tolist()
+
+    first = served(3, 0)
+    assert sorted(first) == list(range(200)) and first != sorted(first)
+    assert served(3, 0) == first
+    assert served(3, 1) != first

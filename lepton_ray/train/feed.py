@@ -200,6 +200,13 @@ class StreamedFeed:
             return Batches(0, iter(()))
         shards = dataclasses.replace(self.info, shards=tuple(self.info.shards[s] for s in p.shards))
         on_device = self.decode_on == "device"
+        order_seed = self.plan.seed * 1_000_003 + epoch
+        # A shuffled plan spread this worker's rows over every shard: mix all of them (a
+        # dataset is only shuffled whole while it is small). A sequential one streams: a bounded
+        # buffer. JPEGs that Ray Data's CPU tasks decode are mixed as compressed bytes, before
+        # decoding (an all-to-all of ~27 KB rows, not a buffer of the whole epoch's decoded
+        # pixels, which the first batch would wait for): decoding then streams into training.
+        mix_bytes = self.jpeg and not on_device and self.plan.order == "shuffled"
         ds = read_ray(
             shards,
             augment=() if on_device else self.augment,
@@ -210,11 +217,11 @@ class StreamedFeed:
             batch_size=self.preprocess_batch,
             jpeg="bytes" if on_device else "random",  # training crops (a JPEG dataset's only)
             decode_args=cpu_only_nodes() if self.jpeg and not on_device else None,
+            shuffle="global" if mix_bytes else False,
+            shuffle_seed=order_seed if mix_bytes else None,
         )
-        # A shuffled plan spread this worker's rows over every shard: mix all of them (a
-        # dataset is only shuffled whole while it is small). A sequential one streams: a bounded buffer.
         buffer = len(p.ids) if self.plan.order == "shuffled" else min(self.buffer, len(p.ids))
-        if self.plan.order == "sequential-unshuffled":
+        if self.plan.order == "sequential-unshuffled" or mix_bytes:
             buffer = 0
         if on_device:
             return Batches(p.steps, self._decoded(ds, p.per_step, buffer, epoch))
@@ -224,7 +231,7 @@ class StreamedFeed:
             dtypes=BATCH_DTYPES,
             pin_memory=self.pin,
             local_shuffle_buffer_size=buffer or None,
-            local_shuffle_seed=(self.plan.seed * 1_000_003 + epoch) if buffer else None,
+            local_shuffle_seed=order_seed if buffer else None,
         )
         return Batches(p.steps, batches)
 
