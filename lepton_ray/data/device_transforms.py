@@ -17,9 +17,10 @@ Cost of keying per row, measured on one H200 (torch 2.11, 2026-12-02; crop + fli
 float batches, mean of 200 calls after 20 warm-ups, synchronised): 0.83 ms per batch of 512 rows and
 0.90 ms per 4,096, against 0.34 and 0.51 ms drawing from a stateful ``torch.Generator``. Both are
 bound by kernel launches (the hash adds about 25 small integer kernels), run ahead of the GPU
-asynchronously, and cost the same for any batch size. The device cache avoids the hash per batch:
-its ids are one range, hashed once an epoch (:meth:`Augmenter.hash_ids_once`), and a batch
-gathers its rows' draws in one kernel.
+asynchronously, and cost the same for any batch size. A feed whose ids span a known range (a
+prepared dataset's, cached, streamed or through the ring) avoids the hash per batch: the range is
+hashed once an epoch (:meth:`Augmenter.hash_ids_once`), and a batch gathers its rows' draws in
+one kernel.
 """
 
 from __future__ import annotations
@@ -201,8 +202,8 @@ class Augmenter:
     the rank and the world size do not matter, and a resumed or resized run augments every row as
     the uninterrupted run would have. ``seed=None`` or ``ids=None``: fresh entropy per batch.
 
-    When every id is known to lie in one range (:meth:`hash_ids_once`: the device cache of a
-    prepared dataset), each epoch hashes the draws of the whole range once and a batch gathers
+    When every id is known to lie in one range (:meth:`hash_ids_once`: a prepared dataset's
+    ids), each epoch hashes the draws of the whole range once and a batch gathers
     its rows' draws: one kernel instead of the hash's ~25, which matter when the step is bound by
     kernel launches (ResNet-18 at 32x32 on an H200).
     """
