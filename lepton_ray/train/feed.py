@@ -8,7 +8,8 @@ epoch and an iterator of exactly that many batches of its ``b_r`` rows (``image`
   epoch plan every epoch; no Ray Data work after the first read.
 - :class:`StreamedFeed`: a prepared dataset streamed through Ray Data every epoch: each worker reads
   only its rows of the epoch plan (:mod:`lepton_ray.train.sampling`), decoded (and augmented, when
-  augmentation runs on the CPUs) by Ray Data's workers.
+  augmentation runs on the CPUs) by Ray Data's workers, on a thread that reads ahead of the
+  training loop and starts the next epoch's read when this one's input is all read.
 - :class:`RingFeed`: a prepared dataset larger than the device: each worker streams its piece of
   the epoch plan (shards in an order shuffled per epoch) as whole blocks into a window of rows in
   device memory (:mod:`lepton_ray.train.ring`) and samples every batch from it; the next epoch's
@@ -24,7 +25,7 @@ come from (seed, epoch, id), so they are the same on both paths and after a resu
 with CPU-only nodes beside GPU nodes, the CPU decoding runs on the CPU-only nodes
 (:func:`cpu_only_nodes`), leaving the GPU nodes' CPUs to the trainers.
 
-``feed.close()`` stops whatever a feed still runs between epochs (the ring's read-ahead).
+``feed.close()`` stops whatever a feed still runs between epochs (a read-ahead of the next epoch).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ import torch
 
 from lepton_ray.errors import TrainingError
 from lepton_ray.train import batching, sampling
+from lepton_ray.train.readahead import ReadAhead, batch_bytes
 from lepton_ray.train.step import BATCH_DTYPES
 
 
@@ -155,8 +157,26 @@ class CachedFeed:
         self.pool.shutdown(wait=False, cancel_futures=True)
 
 
+_AHEAD_BYTES = 256 << 20  # the most a StreamedFeed queues ahead of its consumer, per worker
+
+
+@dataclass
+class _Read:
+    """One epoch's read: its plan (made on the reader's thread when read ahead) and batches."""
+
+    epoch: int
+    plan: Future
+    batches: ReadAhead
+
+
 class StreamedFeed:
-    """A prepared dataset read through Ray Data every epoch, each worker reading its plan's rows."""
+    """A prepared dataset read through Ray Data every epoch, each worker reading its plan's rows.
+
+    A thread of the worker iterates the epoch's Ray Data batches into a queue of at most
+    ``ahead_bytes`` (:class:`~lepton_ray.train.readahead.ReadAhead`); once this epoch's input is
+    all read, the next epoch's is planned and starts reading (``epochs`` says whether there is
+    one), so Ray Data's restart, and a shuffled plan's wait for its whole buffer, overlap the
+    training of the epoch's last batches. A resumed epoch (``exclude``) is read afresh."""
 
     def __init__(
         self,
@@ -170,6 +190,8 @@ class StreamedFeed:
         deterministic: bool = True,
         decode_on: str = "cpu",
         device: torch.device | None = None,
+        epochs: int = 0,
+        ahead_bytes: int = _AHEAD_BYTES,
     ):
         from ray.data import DataContext
 
@@ -189,15 +211,69 @@ class StreamedFeed:
             shuffle_buffer_rows,
             pin_memory,
         )
+        self.epochs, self.ahead_bytes = epochs, ahead_bytes
         self.shard_ids = read_shard_ids(info)
         self.id_range = id_range(self.shard_ids)
+        self.reading: _Read | None = None  # the epoch being trained
+        self.ahead: _Read | None = None  # the next one, read ahead
 
     def epoch(self, epoch: int, exclude: np.ndarray | None = None) -> Batches:
+        resumed = exclude is not None and len(exclude) > 0
+        ahead, self.ahead = self.ahead, None
+        if self.reading is not None:
+            self.reading.batches.close()
+        self.reading = None
+        if ahead is not None and (ahead.epoch != epoch or resumed):
+            ahead.batches.close()
+            ahead = None
+        if ahead is None:
+            p = self.plan.of(self.shard_ids, epoch, exclude)
+            if p.steps == 0:
+                return Batches(0, iter(()))
+            ahead = self._start(epoch, p)
+        p = ahead.plan.result()
+        if p.steps == 0:
+            ahead.batches.close()
+            return Batches(0, iter(()))
+        self.reading = ahead
+        return Batches(p.steps, self._serve(ahead))
+
+    def _start(self, epoch: int, p: sampling.EpochPlan | None = None) -> _Read:
+        """Start reading ``epoch`` (planned on the reader's thread when ``p`` is None)."""
+        planned: Future = Future()
+
+        def source() -> Iterator[dict[str, Any]]:
+            try:
+                plan = p if p is not None else self.plan.of(self.shard_ids, epoch, None)
+            except BaseException as exc:
+                planned.set_exception(exc)
+                raise
+            planned.set_result(plan)
+            return self._batches(plan, epoch) if plan.steps else iter(())
+
+        name = f"stream-epoch-{epoch}"
+        return _Read(
+            epoch, planned, ReadAhead(source, self.ahead_bytes, size=batch_bytes, name=name)
+        )
+
+    def _serve(self, read: _Read) -> Iterator[dict[str, torch.Tensor]]:
+        """The epoch's batches (decoded here when the device decodes), starting the next epoch's
+        read as soon as this one's input is all read."""
+        for batch in read.batches:
+            self._read_ahead(read)
+            yield self._decode(batch, read.epoch) if self.decode_on == "device" else batch
+        self._read_ahead(read)
+
+    def _read_ahead(self, read: _Read) -> None:
+        nxt = read.epoch + 1
+        if self.ahead is None and read.batches.exhausted and nxt < self.epochs:
+            self.ahead = self._start(nxt)
+
+    def _batches(self, p: sampling.EpochPlan, epoch: int) -> Iterator[dict[str, Any]]:
+        """Ray Data's batches of ``p``'s rows: torch tensors, or for a device-decoded JPEG
+        dataset numpy columns of JPEG bytes."""
         from lepton_ray.data import read_ray
 
-        p = self.plan.of(self.shard_ids, epoch, exclude)
-        if p.steps == 0:
-            return Batches(0, iter(()))
         shards = dataclasses.replace(self.info, shards=tuple(self.info.shards[s] for s in p.shards))
         on_device = self.decode_on == "device"
         order_seed = self.plan.seed * 1_000_003 + epoch
@@ -223,50 +299,42 @@ class StreamedFeed:
         buffer = len(p.ids) if self.plan.order == "shuffled" else min(self.buffer, len(p.ids))
         if self.plan.order == "sequential-unshuffled" or mix_bytes:
             buffer = 0
-        if on_device:
-            return Batches(p.steps, self._decoded(ds, p.per_step, buffer, epoch))
-        batches = ds.iter_torch_batches(
+        shuffle = dict(
             batch_size=p.per_step,
             prefetch_batches=2,
-            dtypes=BATCH_DTYPES,
-            pin_memory=self.pin,
             local_shuffle_buffer_size=buffer or None,
             local_shuffle_seed=order_seed if buffer else None,
         )
-        return Batches(p.steps, batches)
+        if on_device:  # JPEG bytes, decoded by the consumer on its device
+            return ds.iter_batches(batch_format="numpy", **shuffle)
+        return ds.iter_torch_batches(dtypes=BATCH_DTYPES, pin_memory=self.pin, **shuffle)
 
-    def _decoded(
-        self, ds: Any, per_step: int, buffer: int, epoch: int
-    ) -> Iterator[dict[str, torch.Tensor]]:
-        """Batches of JPEG bytes from Ray Data, decoded and cropped on this worker's device
-        (one batched ``decode_jpeg`` per step; :func:`lepton_ray.data.jpeg.decode`)."""
+    def _decode(self, b: dict[str, Any], epoch: int) -> dict[str, torch.Tensor]:
+        """A batch of JPEG bytes decoded and cropped on this worker's device (one batched
+        ``decode_jpeg`` per step; :func:`lepton_ray.data.jpeg.decode`)."""
         from lepton_ray.data.jpeg import decode
 
-        for b in ds.iter_batches(
-            batch_size=per_step,
-            batch_format="numpy",
-            prefetch_batches=2,
-            local_shuffle_buffer_size=buffer or None,
-            local_shuffle_seed=(self.plan.seed * 1_000_003 + epoch) if buffer else None,
-        ):
-            ids = np.asarray(b["id"], np.int64)
-            image = decode(
-                list(b["image"]),
-                ids,
-                self.info.shape[0],
-                seed=self.plan.seed,
-                epoch=epoch,
-                train=True,
-                device=self.device,
-            )
-            yield {
-                "image": image,
-                "label": torch.tensor(b["label"], dtype=torch.int64),  # Ray's arrays are read-only
-                "id": torch.tensor(ids),
-            }
+        ids = np.asarray(b["id"], np.int64)
+        image = decode(
+            list(b["image"]),
+            ids,
+            self.info.shape[0],
+            seed=self.plan.seed,
+            epoch=epoch,
+            train=True,
+            device=self.device,
+        )
+        return {
+            "image": image,
+            "label": torch.tensor(b["label"], dtype=torch.int64),  # Ray's arrays are read-only
+            "id": torch.tensor(ids),
+        }
 
     def close(self) -> None:
-        pass  # each epoch's read ends with its batches
+        for read in (self.reading, self.ahead):
+            if read is not None:
+                read.batches.close()
+        self.reading = self.ahead = None
 
 
 def cpu_only_nodes(nodes: list[dict[str, Any]] | None = None) -> dict[str, Any]:

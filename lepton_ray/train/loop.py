@@ -269,6 +269,7 @@ def make_feeds(spec: RunSpec, world: int, rank: int, device: torch.device) -> tu
             deterministic=cfg.data.deterministic,
             decode_on=jpeg_decode_on(cfg.data.augment_on, device) if jpeg else "cpu",
             device=device,
+            epochs=cfg.epochs,
         )
     if val_shard is None:
         return feed, None

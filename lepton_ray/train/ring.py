@@ -44,14 +44,13 @@ the new rows, and the host never waits for the GPU.
 
 from __future__ import annotations
 
-import threading
-from collections import deque
 from collections.abc import Iterable, Iterator
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
+from lepton_ray.train.readahead import ReadAhead
 from lepton_ray.train.rows import RowLayout
 
 __all__ = ["BlockReader", "Draw", "Ring", "RowLayout", "draws", "ring_generator", "serve"]
@@ -214,7 +213,7 @@ def serve(
         yield ring.draw(step)
 
 
-class BlockReader:
+class BlockReader(ReadAhead):
     """Iterates ``blocks`` on a background thread into a queue holding at most ``max_rows`` rows
     (plus the block being put); iterating the reader hands them over in order. A block is numpy
     columns, packed (and pinned) here, or a tensor its source packed already
@@ -230,70 +229,19 @@ class BlockReader:
         max_rows: int,
         pin: bool = False,
     ):
-        self.layout, self.max_rows, self.pin = layout, max_rows, pin
-        self._queue: deque[torch.Tensor] = deque()
-        self.queued_rows, self.peak_rows = 0, 0
-        self._cond = threading.Condition()
-        self._done, self._stop = False, False
-        self._error: BaseException | None = None
-        self._source = blocks
-        self._thread = threading.Thread(target=self._run, args=(blocks,), daemon=True)
-        self._thread.name = "ring-block-reader"
-        self._thread.start()
+        self.layout, self.pin = layout, pin
+        super().__init__(blocks, max_rows, size=len, prepare=self._pack, name="ring-block-reader")
 
-    def _run(self, blocks: Iterable[dict[str, Any]]) -> None:
-        it = iter(blocks)
-        try:
-            for raw in it:
-                if isinstance(raw, torch.Tensor):  # packed (and pinned) by its source already
-                    block = raw
-                else:  # packed (and pinned) here, off the training thread
-                    block = self.layout.pack(raw)
-                    block = block.pin_memory() if self.pin else block
-                with self._cond:
-                    while self.queued_rows >= self.max_rows and not self._stop:
-                        self._cond.wait()
-                    if self._stop:
-                        break
-                    self._queue.append(block)
-                    self.queued_rows += len(block)
-                    self.peak_rows = max(self.peak_rows, self.queued_rows)
-                    self._cond.notify_all()
-        except BaseException as exc:  # handed to the consumer, raised in the training loop
-            self._error = exc
-        finally:
-            close = getattr(it, "close", None)
-            if close is not None:
-                close()
-            with self._cond:
-                self._done = True
-                self._cond.notify_all()
-
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        while True:
-            with self._cond:
-                while not self._queue and not self._done:
-                    self._cond.wait()
-                if not self._queue:
-                    if self._error is not None:
-                        raise self._error
-                    return
-                block = self._queue.popleft()
-                self.queued_rows -= len(block)
-                self._cond.notify_all()
-            yield block
-
-    def close(self, timeout: float = 30.0) -> None:
-        with self._cond:
-            self._stop = True
-            self._queue.clear()
-            self.queued_rows = 0
-            self._cond.notify_all()
-        cancel = getattr(self._source, "cancel", None)
-        if cancel is not None:  # a source that blocks elsewhere (RemoteBlocks): unblock it
-            cancel()
-        self._thread.join(timeout)
+    def _pack(self, raw: Any) -> torch.Tensor:
+        if isinstance(raw, torch.Tensor):  # packed (and pinned) by its source already
+            return raw
+        block = self.layout.pack(raw)  # packed (and pinned) here, off the training thread
+        return block.pin_memory() if self.pin else block
 
     @property
-    def alive(self) -> bool:
-        return self._thread.is_alive()
+    def queued_rows(self) -> int:
+        return int(self.queued)
+
+    @property
+    def peak_rows(self) -> int:
+        return int(self.peak)
