@@ -17,7 +17,14 @@ from PIL import Image
 
 from lepton_ray import build_model
 from lepton_ray.data import jpeg, open_dataset, read_arrays
-from lepton_ray.data.jpeg import crop_boxes, decode, decode_cpu, resize_float, resize_uint8
+from lepton_ray.data.jpeg import (
+    crop_boxes,
+    decode,
+    decode_cpu,
+    resize_float,
+    resize_rows_float,
+    resize_uint8,
+)
 from lepton_ray.data.transforms import Preprocessor
 from lepton_ray.data.writer import prepare
 from lepton_ray.errors import DataError
@@ -260,6 +267,19 @@ def test_the_cpu_and_gpu_resizes_agree_within_one_grey_level(encoded):
         for crop in (24, 32, 96):  # down and up
             d = (resize_uint8(img, crop).int() - resize_float(img, crop).int()).abs()
             assert d.max() <= 1
+
+
+def test_the_gpu_paths_batch_of_rows_is_each_rows_float_resize(encoded):
+    """On a GPU the rows' boxes are resized into one float batch, rounded at once: the same
+    pixels as :func:`resize_float` row by row (run here on the CPU)."""
+    from torchvision.io import decode_jpeg
+
+    imgs = [decode_jpeg(torch.frombuffer(bytearray(b), dtype=torch.uint8))[None] for b in encoded]
+    patches = [img[:, :, 3 : 3 + 20 + i, 1 : 1 + 30 - i] for i, img in enumerate(imgs[:6])]
+    out = resize_rows_float(patches, 24)
+    assert out.shape == (6, 3, 24, 24) and out.dtype == torch.uint8
+    assert torch.equal(out, torch.cat([resize_float(p, 24) for p in patches]))
+    assert resize_rows_float([], 24).shape == (0, 3, 24, 24)
 
 
 def test_the_cpu_path_gives_the_device_paths_pixels_in_its_layout(encoded):

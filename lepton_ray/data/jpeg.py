@@ -204,12 +204,16 @@ def _decode_crop(
     heights = np.array([im.shape[1] for im in images], np.int64)
     widths = np.array([im.shape[2] for im in images], np.int64)
     boxes, flips = crop_boxes(heights, widths, ids, seed=seed, epoch=epoch, train=train)
-    out = torch.empty((len(images), 3, crop, crop), dtype=torch.uint8, device=device)
+    patches = (
+        img[None, :, top : top + bh, left : left + bw]
+        for img, (top, left, bh, bw) in zip(images, boxes.tolist(), strict=True)
+    )
     if device.type == "cpu":  # (N, H, W, C) in memory: a numpy view of it is the CPU path's batch
-        out = out.contiguous(memory_format=torch.channels_last)
-    resize = resize_uint8 if device.type == "cpu" else resize_float  # CUDA's takes floats
-    for i, (img, (top, left, bh, bw)) in enumerate(zip(images, boxes.tolist(), strict=True)):
-        out[i] = resize(img[None, :, top : top + bh, left : left + bw], crop)[0]
+        out = torch.empty((len(images), crop, crop, 3), dtype=torch.uint8).permute(0, 3, 1, 2)
+        for i, patch in enumerate(patches):
+            out[i] = resize_uint8(patch, crop)[0]
+    else:  # CUDA's resize takes floats
+        out = resize_rows_float(list(patches), crop)
     if flips.any():
         flip = torch.from_numpy(flips).to(device)[:, None, None, None]
         out = torch.where(flip, out.flip(3), out)
@@ -226,10 +230,31 @@ def resize_uint8(patch: Any, crop: int) -> Any:
 
 def resize_float(patch: Any, crop: int) -> Any:
     """:func:`resize_uint8` computed in float32 and rounded (the GPU's way)."""
+    return _to_uint8(_resize_f32(patch, crop))
+
+
+def resize_rows_float(patches: Sequence[Any], crop: int) -> Any:
+    """:func:`resize_float` of each (1, 3, h, w) patch, as one (N, 3, crop, crop) uint8 batch:
+    each resized into one float batch, which is rounded at once (3 kernels a row, not 6)."""
     import torch
+
+    if not patches:
+        return torch.empty((0, 3, crop, crop), dtype=torch.uint8)
+    acc = torch.empty((len(patches), 3, crop, crop), dtype=torch.float32, device=patches[0].device)
+    for i, patch in enumerate(patches):
+        acc[i] = _resize_f32(patch, crop)[0]
+    return _to_uint8(acc)
+
+
+def _resize_f32(patch: Any, crop: int) -> Any:
     import torch.nn.functional as F
 
-    x = F.interpolate(patch.float(), (crop, crop), mode="bilinear", antialias=True)
+    return F.interpolate(patch.float(), (crop, crop), mode="bilinear", antialias=True)
+
+
+def _to_uint8(x: Any) -> Any:
+    import torch
+
     return x.round_().clamp_(0, 255).to(torch.uint8)
 
 
