@@ -34,6 +34,7 @@ import dataclasses
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -172,8 +173,9 @@ class _Read:
 class StreamedFeed:
     """A prepared dataset read through Ray Data every epoch, each worker reading its plan's rows.
 
-    A thread of the worker iterates the epoch's Ray Data batches into a queue of at most
-    ``ahead_bytes`` (:class:`~lepton_ray.train.readahead.ReadAhead`); once this epoch's input is
+    A thread of the worker iterates the epoch's Ray Data batches (JPEGs decoded on the device
+    there) into a queue of at most ``ahead_bytes``
+    (:class:`~lepton_ray.train.readahead.ReadAhead`); once this epoch's input is
     all read, the next epoch's is planned and starts reading (``epochs`` says whether there is
     one), so Ray Data's restart, and a shuffled plan's wait for its whole buffer, overlap the
     training of the epoch's last batches. A resumed epoch (``exclude``) is read afresh."""
@@ -201,6 +203,9 @@ class StreamedFeed:
         if decode_on not in ("cpu", "device") or (decode_on == "device" and not self.jpeg):
             raise TrainingError(f"decode_on {decode_on!r}: 'device' is for JPEG datasets, or 'cpu'")
         self.decode_on, self.device = decode_on, device or torch.device("cpu")
+        # The training thread's stream: what a batch decoded on the reader's thread is made
+        # ready for (each thread has its own current stream).
+        self.stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
         # Blocks in read order (this worker's executions only): with the seeded shuffle buffer,
         # the same batches on the same ranks for a given seed and worker count.
         DataContext.get_current().execution_options.preserve_order = deterministic
@@ -251,17 +256,24 @@ class StreamedFeed:
             planned.set_result(plan)
             return self._batches(plan, epoch) if plan.steps else iter(())
 
-        name = f"stream-epoch-{epoch}"
-        return _Read(
-            epoch, planned, ReadAhead(source, self.ahead_bytes, size=batch_bytes, name=name)
+        def decode(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+            return self._decode(batch, epoch)
+
+        batches = ReadAhead(
+            source,
+            self.ahead_bytes,
+            size=batch_bytes,
+            prepare=decode if self.decode_on == "device" else None,
+            name=f"stream-epoch-{epoch}",
         )
+        return _Read(epoch, planned, batches)
 
     def _serve(self, read: _Read) -> Iterator[dict[str, torch.Tensor]]:
-        """The epoch's batches (decoded here when the device decodes), starting the next epoch's
-        read as soon as this one's input is all read."""
+        """The epoch's batches, starting the next epoch's read as soon as this one's input is
+        all read."""
         for batch in read.batches:
             self._read_ahead(read)
-            yield self._decode(batch, read.epoch) if self.decode_on == "device" else batch
+            yield batch
         self._read_ahead(read)
 
     def _read_ahead(self, read: _Read) -> None:
@@ -311,19 +323,21 @@ class StreamedFeed:
 
     def _decode(self, b: dict[str, Any], epoch: int) -> dict[str, torch.Tensor]:
         """A batch of JPEG bytes decoded and cropped on this worker's device (one batched
-        ``decode_jpeg`` per step; :func:`lepton_ray.data.jpeg.decode`)."""
+        ``decode_jpeg`` per step; :func:`lepton_ray.data.jpeg.decode`), on the reader's thread:
+        nvJPEG's work then waits behind the queued training steps there, not in the loop."""
         from lepton_ray.data.jpeg import decode
 
         ids = np.asarray(b["id"], np.int64)
-        image = decode(
-            list(b["image"]),
-            ids,
-            self.info.shape[0],
-            seed=self.plan.seed,
-            epoch=epoch,
-            train=True,
-            device=self.device,
-        )
+        with torch.cuda.stream(self.stream) if self.stream is not None else nullcontext():
+            image = decode(
+                list(b["image"]),
+                ids,
+                self.info.shape[0],
+                seed=self.plan.seed,
+                epoch=epoch,
+                train=True,
+                device=self.device,
+            )
         return {
             "image": image,
             "label": torch.tensor(b["label"], dtype=torch.int64),  # Ray's arrays are read-only
