@@ -67,6 +67,40 @@ def test_the_device_decode_feed_hands_each_row_once_cropped_as_the_cpu_path(ray_
         np.testing.assert_array_equal(d["label"].numpy(), c["label"].numpy())
 
 
+def test_the_device_decode_feed_reads_the_next_epochs_bytes_ahead_and_decodes_a_few_batches_ahead(
+    ray_session, jpegs
+):
+    """Device decoding: the bytes are read ahead (the next epoch's read starts once this one's
+    bytes are all read), the decoding a few batches ahead; the batches are a fresh feed's."""
+    from lepton_ray.train.feed import _DECODED_AHEAD
+
+    def feed(epochs: int) -> StreamedFeed:
+        return StreamedFeed(
+            jpegs["train"],
+            Plan(3, 20, 1, 0, "shuffled"),
+            augment=(),
+            preprocess_batch=64,
+            shuffle_buffer_rows=0,
+            pin_memory=False,
+            decode_on="device",
+            epochs=epochs,
+        )
+
+    f = feed(2)
+    first = [b["id"].tolist() for b in f.epoch(0)]
+    assert len(first) == 10 and f.ahead is not None and f.ahead.epoch == 1
+    ahead = f.ahead
+    got = list(f.epoch(1))
+    assert ahead.batches.peak <= _DECODED_AHEAD and ahead.source is not ahead.batches
+    want = list(feed(0).epoch(1))
+    assert [b["id"].tolist() for b in got] == [b["id"].tolist() for b in want]
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(g["image"].numpy(), w["image"].numpy())
+    assert f.ahead is None  # the last epoch reads nothing ahead
+    f.close()
+    assert not ahead.alive
+
+
 def test_jpegs_decoded_by_ray_data_are_mixed_as_bytes_and_stream_in_a_seeded_order(
     ray_session, jpegs
 ):
