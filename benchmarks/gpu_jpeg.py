@@ -332,7 +332,7 @@ def render(r: dict[str, Any], key: str) -> str:
                 f"epochs a side, the first not counted; {s.get('precision')}, channels-last. "
                 "images/s: images trained ÷ epoch wall time (GPU synchronised); data wait: the "
                 "share of the loop's time spent waiting for batches (on the GPU-decode side that "
-                "includes decoding and cropping, done as each batch is taken)."
+                "includes any decoding and cropping not done ahead of the loop)."
             ),
             table(["side", "images/s", "÷ plain", "data wait", "train loss by epoch"], rows),
             table(["CPU decode", "images/s per core"], cores),
