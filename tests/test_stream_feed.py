@@ -60,7 +60,7 @@ def test_the_next_epoch_reads_ahead_and_serves_what_a_fresh_read_serves(
             got = [next(it)["id"].tolist()]
             # once this epoch's input is all read, the next batch starts the next epoch's read
             deadline = time.monotonic() + 60
-            while not f.reading.source.exhausted and time.monotonic() < deadline:
+            while not f.reading.batches.exhausted and time.monotonic() < deadline:
                 time.sleep(0.01)
             got.append(next(it)["id"].tolist())
             assert (f.ahead is not None) == (epoch < 2)  # the last epoch reads nothing ahead
@@ -86,11 +86,11 @@ def test_a_resume_drops_the_read_ahead_and_close_stops_the_reads(ray_session, pr
     # a resume of epoch 1 (its first three batches trained) cannot use what was read ahead
     epoch1 = ids_of(feed(prepared, 0, "shuffled", epochs=0, world=1).epoch(1))
     batches = f.epoch(1, exclude=np.array(sum(epoch1[:3], [])))
-    assert not ahead.alive and batches.steps == 17
+    assert not ahead.batches.alive and batches.steps == 17
     rest = ids_of(batches)
     assert sorted(sum(rest, [])) == sorted(sum(epoch1[3:], []))
     it = iter(f.epoch(2))
     next(it)
-    reading = f.reading
+    reading = f.reading.batches
     f.close()  # an early stop mid-epoch
     assert not reading.alive and f.ahead is None and f.reading is None

@@ -161,27 +161,13 @@ class CachedFeed:
 _AHEAD_BYTES = 256 << 20  # the most a StreamedFeed queues ahead of its consumer, per worker
 
 
-_DECODED_AHEAD = 3  # batches a device-decoding StreamedFeed holds decoded ahead (on the device)
-
-
 @dataclass
 class _Read:
-    """One epoch's read: its plan (made on the reader's thread when read ahead), Ray Data's
-    batches read ahead (``source``) and what the loop takes: the same, or those batches decoded
-    on the device a few ahead by a second thread."""
+    """One epoch's read: its plan (made on the reader's thread when read ahead) and batches."""
 
     epoch: int
     plan: Future
-    source: ReadAhead
     batches: ReadAhead
-
-    @property
-    def alive(self) -> bool:
-        return self.source.alive or self.batches.alive
-
-    def close(self) -> None:
-        self.source.close()  # first: a decoding thread waiting on it then ends
-        self.batches.close()
 
 
 class StreamedFeed:
@@ -240,10 +226,10 @@ class StreamedFeed:
         resumed = exclude is not None and len(exclude) > 0
         ahead, self.ahead = self.ahead, None
         if self.reading is not None:
-            self.reading.close()
+            self.reading.batches.close()
         self.reading = None
         if ahead is not None and (ahead.epoch != epoch or resumed):
-            ahead.close()
+            ahead.batches.close()
             ahead = None
         if ahead is None:
             p = self.plan.of(self.shard_ids, epoch, exclude)
@@ -252,7 +238,7 @@ class StreamedFeed:
             ahead = self._start(epoch, p)
         p = ahead.plan.result()
         if p.steps == 0:
-            ahead.close()
+            ahead.batches.close()
             return Batches(0, iter(()))
         self.reading = ahead
         return Batches(p.steps, self._serve(ahead))
@@ -270,18 +256,17 @@ class StreamedFeed:
             planned.set_result(plan)
             return self._batches(plan, epoch) if plan.steps else iter(())
 
-        raw = ReadAhead(source, self.ahead_bytes, size=batch_bytes, name=f"stream-epoch-{epoch}")
-        if self.decode_on != "device":
-            return _Read(epoch, planned, raw, raw)
-
         def decode(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
             return self._decode(batch, epoch)
 
-        # Decoded apart from the read, a few batches ahead: the read's queue is bounded by the
-        # JPEG bytes (an epoch of them is read early, and the next epoch's read starts then), the
-        # decoded batches' device memory by their count.
-        decoded = ReadAhead(raw, _DECODED_AHEAD, prepare=decode, name=f"decode-epoch-{epoch}")
-        return _Read(epoch, planned, raw, decoded)
+        batches = ReadAhead(
+            source,
+            self.ahead_bytes,
+            size=batch_bytes,
+            prepare=decode if self.decode_on == "device" else None,
+            name=f"stream-epoch-{epoch}",
+        )
+        return _Read(epoch, planned, batches)
 
     def _serve(self, read: _Read) -> Iterator[dict[str, torch.Tensor]]:
         """The epoch's batches, starting the next epoch's read as soon as this one's input is
@@ -293,7 +278,7 @@ class StreamedFeed:
 
     def _read_ahead(self, read: _Read) -> None:
         nxt = read.epoch + 1
-        if self.ahead is None and read.source.exhausted and nxt < self.epochs:
+        if self.ahead is None and read.batches.exhausted and nxt < self.epochs:
             self.ahead = self._start(nxt)
 
     def _batches(self, p: sampling.EpochPlan, epoch: int) -> Iterator[dict[str, Any]]:
@@ -362,7 +347,7 @@ class StreamedFeed:
     def close(self) -> None:
         for read in (self.reading, self.ahead):
             if read is not None:
-                read.close()
+                read.batches.close()
         self.reading = self.ahead = None
 
 
