@@ -317,7 +317,7 @@ class StreamedFeed:
             local_shuffle_buffer_size=buffer or None,
             local_shuffle_seed=order_seed if buffer else None,
         )
-        if on_device:  # JPEG bytes, decoded by the consumer on its device
+        if on_device:  # JPEG bytes, decoded on the device by the reader thread (_decode)
             return ds.iter_batches(batch_format="numpy", **shuffle)
         return ds.iter_torch_batches(dtypes=BATCH_DTYPES, pin_memory=self.pin, **shuffle)
 
