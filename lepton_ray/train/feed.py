@@ -232,10 +232,7 @@ class StreamedFeed:
             ahead.batches.close()
             ahead = None
         if ahead is None:
-            p = self.plan.of(self.shard_ids, epoch, exclude)
-            if p.steps == 0:
-                return Batches(0, iter(()))
-            ahead = self._start(epoch, p)
+            ahead = self._start(epoch, self.plan.of(self.shard_ids, epoch, exclude))
         p = ahead.plan.result()
         if p.steps == 0:
             ahead.batches.close()
