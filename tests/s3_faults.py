@@ -15,7 +15,8 @@ the ``Host`` header, so it is kept) unless the proxy decides otherwise:
   and ``outage_s`` later the proxy listens again.
 
 Counts (:attr:`S3FaultProxy.counts`) say what happened: requests seen, forwarded, injected 500s
-and 503s, requests dropped by a cut, outages.
+and 503s, requests dropped by a cut, requests that reached the proxy during an outage (accepted
+just before it stopped listening; not answered either), outages.
 """
 
 from __future__ import annotations
@@ -293,9 +294,14 @@ class S3FaultProxy:
             key = (method, target)
             nth, faulted = self._seen[key], self._faulted[key]
             self._seen[key] += 1
+            if self.down:
+                # Accepted before the listening socket closed (the cut's shutdown takes up to a
+                # poll interval, and a client's retry comes 25 ms after the dropped request):
+                # the server is gone, so this request is not answered either.
+                self.counts["refused_in_outage"] += 1
+                return "cut"
             if (
                 self.cut_on is not None
-                and not self.down
                 and self.counts["outages"] < self.max_outages
                 and self.cut_on(method, target)
             ):
@@ -303,6 +309,7 @@ class S3FaultProxy:
                 self.counts["dropped"] += 1
                 self.cut_targets.append(f"{method} {target}")
                 self.outage_ended.clear()
+                self.down = True  # from this request on, not when the cut thread gets to it
                 threading.Thread(target=self._outage, daemon=True).start()
                 return "cut"
             status = self.faults(method, target, nth, faulted) if self.faults else None

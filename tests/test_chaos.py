@@ -122,6 +122,23 @@ def test_an_outage_is_seen_as_unreachable_and_the_state_is_kept_after(s3_server,
         assert root.join("before.json").read_json() == {"x": 1}
 
 
+def test_a_cut_drops_the_clients_retries_too_however_late_the_proxy_stops_listening(
+    s3_server, bucket_uri
+):
+    """The request that cuts is dropped, and so is every retry the SDK sends within the outage
+    (25/50/100 ms later), even one the closing listener still accepts: the write fails, and after
+    the outage the object is not there."""
+    with S3FaultProxy(
+        s3_server, cut_on=lambda m, t: m == "PUT" and "/cut.json" in t, outage_s=3.0
+    ) as proxy:
+        root = storage.resolve(bucket_uri, endpoint_url=proxy.url)
+        with pytest.raises(StorageError):
+            root.join("cut.json").write_json({"x": 1})
+        assert proxy.outage_ended.wait(30)
+        assert not root.join("cut.json").exists()
+        assert proxy.counts["outages"] == 1 and proxy.counts["dropped"] == 1, proxy.counts
+
+
 # --- the sample audit, on logs written by hand --------------------------------------------------
 def _log(run, key: str, steps: list[tuple[int, int, float, list[int]]]) -> None:
     d = run / "sample_ids"
