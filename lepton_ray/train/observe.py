@@ -18,11 +18,9 @@ from __future__ import annotations
 import json
 import statistics
 import sys
-import tempfile
 import threading
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
 import ray
@@ -213,14 +211,9 @@ class RunObserver(UserCallback):
         run.metrics.write_bytes(("\n".join(json.dumps(h) for h in history) + "\n").encode())
         self._tensorboard(history, run)
         try:
-            from lepton_ray.viz import plot_history
+            from lepton_ray.viz import curves_png
 
-            with tempfile.TemporaryDirectory() as tmp:
-                fig = plot_history(history, f"{tmp}/curves.png")
-                import matplotlib.pyplot as plt
-
-                plt.close(fig)
-                run.curves.upload_file(f"{tmp}/curves.png")
+            run.curves.write_bytes(curves_png(history))
         except (
             ImportError
         ):  # matplotlib is a dependency, but a cluster image may lack it: the plot is optional
@@ -229,22 +222,17 @@ class RunObserver(UserCallback):
     def _tensorboard(self, history: list[dict[str, Any]], run: Any) -> None:
         """One event file of every epoch so far, rewritten whole at each epoch end under one name:
         a resumed run (a new controller) replaces it instead of adding a second file of the same
-        epochs, and nothing is left in the controller's temp folder."""
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            return
-        with tempfile.TemporaryDirectory(prefix="lepton-tb-") as tmp:
-            writer = SummaryWriter(tmp)
-            try:
-                for m in history:
-                    for key in _TB_KEYS:
-                        if key in m:
-                            writer.add_scalar(key, m[key], m["epoch"])
-            finally:
-                writer.close()
-            (written,) = Path(tmp).glob("events.out.tfevents.*")
-            run.tensorboard.join(TB_EVENTS).upload_file(written)
+        epochs. Encoded by :mod:`~lepton_ray.train.tb_events` (TensorBoard itself is not needed)."""
+        from lepton_ray.train import tb_events
+
+        now = time.time()
+        points = [
+            (key, m[key], m["epoch"], m.get("reported_at", now))
+            for m in history
+            for key in _TB_KEYS
+            if key in m
+        ]
+        run.tensorboard.join(TB_EVENTS).write_bytes(tb_events.scalar_file(points, now))
 
 
 def divergence(run: Any, fit_id: str) -> dict[str, Any] | None:
