@@ -2,7 +2,7 @@
 
 A run's ``<run>/tensorboard/`` file is rewritten whole at each epoch end by Ray Train's controller
 (:class:`~lepton_ray.train.observe.RunObserver`). Through ``torch.utils.tensorboard`` the first
-write imported TensorBoard and protobuf into the controller (0.1-0.5 s on 2 CPUs, and at a
+write imported TensorBoard and protobuf into the controller (0.3-0.5 s on 2 loaded CPUs, and at a
 1-epoch fit's last report, so on the way to ``fit()`` returning); the file holds nothing but
 scalars, so it is encoded here: the format TensorBoard reads (``EventAccumulator``,
 ``tensorboard --logdir``) and ``SummaryWriter.add_scalar`` writes.
