@@ -9,7 +9,7 @@
         metrics.jsonl                       one line per finished epoch
         sample_ids/                         ids trained per step (record_sample_ids)
         tensorboard/                        event files
-        curves.png                          the loss/accuracy curves
+        curves.svg                          the loss/accuracy curves
         eval/<checkpoint>-<split>.json      pipelines.evaluate's results
         exported/<checkpoint>/              a sharded checkpoint consolidated into one file
                                             (pipelines.evaluate and promote, made once)
@@ -40,7 +40,7 @@ METRICS, SAMPLE_IDS, TENSORBOARD, CURVES = (
     "metrics.jsonl",
     "sample_ids",
     "tensorboard",
-    "curves.png",
+    "curves.svg",
 )
 EVAL, PIPELINE, DATA, EXPORTED = "eval", "pipeline.json", "data", "exported"
 SERVING, CURRENT = "serving", "current.json"

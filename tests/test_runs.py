@@ -60,7 +60,7 @@ def test_paths_of_a_run(tmp_path):
     assert run.metrics.uri == f"{base}/metrics.jsonl"
     assert run.sample_ids.uri == f"{base}/sample_ids"
     assert run.tensorboard.uri == f"{base}/tensorboard"
-    assert run.curves.uri == f"{base}/curves.png"
+    assert run.curves.uri == f"{base}/curves.svg"
     assert run.pipeline.uri == f"{base}/pipeline.json"
     assert run.data("train").uri == f"{base}/data/train"
     assert run.best_pointer.uri == f"{base}/best.json"

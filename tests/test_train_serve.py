@@ -11,6 +11,7 @@ import re
 import urllib.error
 import urllib.request
 from pathlib import Path
+from xml.etree import ElementTree
 
 import numpy as np
 import pytest
@@ -83,12 +84,13 @@ def test_fit_returns_the_results_users_expect(small_run):
     assert r["checkpoint"].startswith(str(root))
     # the best epoch on val_loss is kept apart from Ray's rolling retention, behind best.json
     assert r["best"]["metric"] == "val_loss" and r["best"]["epoch"] in (1, 2)
-    # metrics saved with the run: JSONL per epoch, TensorBoard events, a PNG of the curves
+    # metrics saved with the run: JSONL per epoch, TensorBoard events, the curves as SVG
     run = Path(r["run"])
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in lines] == [1, 2] and lines[-1]["val_accuracy"] == r["val_accuracy"]
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
-    assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    curves = ElementTree.fromstring((run / "curves.svg").read_text())
+    assert len(curves.findall(".//{http://www.w3.org/2000/svg}polyline")) == 4  # 2 panels x 2
     model, meta = load_model(r["best_checkpoint"])
     assert (
         meta["epoch"] == r["best"]["epoch"]

@@ -10,7 +10,7 @@
   lagging worker, a worker group restarted or resized, a run resumed from a checkpoint.
 - Records: :class:`RunObserver` runs in Ray Train's controller and sees the epoch-end reports; it
   writes each finished epoch to ``<run>/metrics.jsonl``, TensorBoard event files under
-  ``<run>/tensorboard/`` and the curves to ``<run>/curves.png``.
+  ``<run>/tensorboard/`` and the curves to ``<run>/curves.svg``.
 """
 
 from __future__ import annotations
@@ -210,14 +210,9 @@ class RunObserver(UserCallback):
         history = [h for h in history if h["epoch"] < m["epoch"]] + [_plain(m)]
         run.metrics.write_bytes(("\n".join(json.dumps(h) for h in history) + "\n").encode())
         self._tensorboard(history, run)
-        try:
-            from lepton_ray.viz import curves_png
+        from lepton_ray.viz import curves_svg
 
-            run.curves.write_bytes(curves_png(history))
-        except (
-            ImportError
-        ):  # matplotlib is a dependency, but a cluster image may lack it: the plot is optional
-            return
+        run.curves.write_bytes(curves_svg(history).encode())
 
     def _tensorboard(self, history: list[dict[str, Any]], run: Any) -> None:
         """One event file of every epoch so far, rewritten whole at each epoch end under one name:
