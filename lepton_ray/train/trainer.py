@@ -192,10 +192,11 @@ def _run(
     import ray.train
     from ray.data import DataContext, ExecutionOptions
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
 
     from lepton_ray.train.observe import ProgressBar, ProgressBoard, RunObserver, divergence
     from lepton_ray.train.timeline import phases
+    from lepton_ray.train.warmup import WarmTorchConfig
 
     info = train_src.info
     shuffle = shuffle_mode(
@@ -274,7 +275,8 @@ def _run(
         # included, and the controller imported lepton_ray's training loop for it.
         train_loop_config={"spec": ray.put(spec)},
         scaling_config=ray.train.ScalingConfig(**ray_scaling),
-        torch_config=TorchConfig(backend=cfg.scaling.process_group_backend()),
+        # The workers import sympy (torch._dynamo's slowest import) while the group starts.
+        torch_config=WarmTorchConfig(backend=cfg.scaling.process_group_backend()),
         run_config=RunConfig(
             name=run.name,
             storage_path=root.path,
