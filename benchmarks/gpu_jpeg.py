@@ -12,7 +12,7 @@ px, quality 90), prepared with ``encoding="jpeg"`` (crop 224); the mean file siz
 are recorded (ImageNet's average JPEG is larger, ~110 KB at ~400x350: a per-core rate on these
 files is not one on ImageNet's). Every side does the same augmentation work: each row's
 random-resized-crop box and flip from ``jpeg.crop_boxes`` (seed, epoch, id), the box resized to
-224 (antialiased bilinear; on the GPU both sides call the library's ``jpeg.resize_rows_float``),
+224 (antialiased bilinear; on the GPU both sides call the library's ``jpeg.resize_boxes``),
 uint8 -> float, normalised; the plain loop holds every image decoded
 (uint8, its own size) on the GPU from the start and gathers a permutation per epoch, so the
 Trainer's extra work is reading and decoding. Both sides: ResNet-50 (``build_model("resnet50")``),
@@ -133,7 +133,7 @@ def plain_loop(info: Any, kind: dict, batch: int, epochs: int, dev: Any) -> dict
 
     from lepton_ray import build_model
     from lepton_ray.config import OptimConfig
-    from lepton_ray.data.jpeg import crop_boxes, resize_rows_float, resize_uint8
+    from lepton_ray.data.jpeg import crop_boxes, resize_boxes, resize_uint8
     from lepton_ray.train.step import build_optimizer, lr_factor
 
     cuda = dev.type == "cuda"
@@ -168,18 +168,19 @@ def plain_loop(info: Any, kind: dict, batch: int, epochs: int, dev: Any) -> dict
             boxes, flips = crop_boxes(heights, widths, ids, seed=0, epoch=epoch, train=True)
             for s in range(steps):
                 rows = order[s * batch : (s + 1) * batch]
-                patches = [
-                    images[r][None, :, top : top + bh, left : left + bw]
-                    for r, (top, left, bh, bw) in zip(
-                        rows.tolist(), boxes[rows].tolist(), strict=True
-                    )
-                ]
-                if cuda:  # the library's GPU resize: into one float batch, rounded at once
-                    x = resize_rows_float(patches, crop)
+                if cuda:  # the library's GPU resize: the batch's boxes in two matmuls
+                    x = resize_boxes([images[r] for r in rows], boxes[rows], flips[rows], crop)
                 else:
-                    x = torch.cat([resize_uint8(p, crop) for p in patches])
-                flip = torch.from_numpy(flips[rows]).to(dev)[:, None, None, None]
-                x = torch.where(flip, x.flip(3), x)
+                    x = torch.cat(
+                        [
+                            resize_uint8(images[r][None, :, top : top + bh, left : left + bw], crop)
+                            for r, (top, left, bh, bw) in zip(
+                                rows.tolist(), boxes[rows].tolist(), strict=True
+                            )
+                        ]
+                    )
+                    flip = torch.from_numpy(flips[rows])[:, None, None, None]
+                    x = torch.where(flip, x.flip(3), x)
                 x = x.float().contiguous(memory_format=fmt_).mul_(scale).add_(shift)
                 y = y_all[torch.from_numpy(rows).to(dev)]
                 opt.zero_grad(set_to_none=True)

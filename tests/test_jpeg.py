@@ -18,11 +18,12 @@ from PIL import Image
 from lepton_ray import build_model
 from lepton_ray.data import jpeg, open_dataset, read_arrays
 from lepton_ray.data.jpeg import (
+    aa_weights,
     crop_boxes,
     decode,
     decode_cpu,
+    resize_boxes,
     resize_float,
-    resize_rows_float,
     resize_uint8,
 )
 from lepton_ray.data.transforms import Preprocessor
@@ -269,17 +270,60 @@ def test_the_cpu_and_gpu_resizes_agree_within_one_grey_level(encoded):
             assert d.max() <= 1
 
 
-def test_the_gpu_paths_batch_of_rows_is_each_rows_float_resize(encoded):
-    """On a GPU the rows' boxes are resized into one float batch, rounded at once: the same
-    pixels as :func:`resize_float` row by row (run here on the CPU)."""
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize(
+    "crop", [16, 32, 96]
+)  # every box shrunk; some shrunk, some grown; all grown
+def test_the_gpu_paths_batched_resize_is_each_rows_float_resize(encoded, train, crop):
+    """On a GPU a batch's boxes are resized by two batched matmuls of torch's antialiasing
+    weights (:func:`resize_boxes`): the pixels of :func:`resize_float` row by row, flips
+    included (run here on the CPU; the sums' order differs, so a rounding tie may go the other
+    way: at most one grey level, on a few pixels in a hundred thousand)."""
     from torchvision.io import decode_jpeg
 
-    imgs = [decode_jpeg(torch.frombuffer(bytearray(b), dtype=torch.uint8))[None] for b in encoded]
-    patches = [img[:, :, 3 : 3 + 20 + i, 1 : 1 + 30 - i] for i, img in enumerate(imgs[:6])]
-    out = resize_rows_float(patches, 24)
-    assert out.shape == (6, 3, 24, 24) and out.dtype == torch.uint8
-    assert torch.equal(out, torch.cat([resize_float(p, 24) for p in patches]))
-    assert resize_rows_float([], 24).shape == (0, 3, 24, 24)
+    imgs = [decode_jpeg(torch.frombuffer(bytearray(b), dtype=torch.uint8)) for b in encoded]
+    heights = np.array([im.shape[1] for im in imgs])
+    widths = np.array([im.shape[2] for im in imgs])
+    boxes, flips = crop_boxes(heights, widths, np.arange(24), seed=7, epoch=2, train=train)
+    boxes[0] = (0, 0, heights[0], widths[0])  # the whole image
+    boxes[1] = (5, 6, 1, 1)  # one pixel
+    boxes[2] = (0, 0, heights[2], 3)  # a thin strip
+    flips[:3] = (True, False, True)
+    out = resize_boxes(imgs, boxes, flips, crop)
+    assert out.shape == (24, 3, crop, crop) and out.dtype == torch.uint8
+    rows = []
+    for img, (top, left, bh, bw), flip in zip(imgs, boxes.tolist(), flips, strict=True):
+        row = resize_float(img[None, :, top : top + bh, left : left + bw], crop)[0]
+        rows.append(row.flip(2) if flip else row)
+    diff = (out.int() - torch.stack(rows).int()).abs()
+    assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3
+    assert torch.equal(out[1], out[1, :, :1, :1].expand(3, crop, crop))  # one pixel, spread
+    assert resize_boxes([], np.zeros((0, 4), np.int64), np.zeros(0, bool), crop).shape == (
+        0,
+        3,
+        crop,
+        crop,
+    )
+
+
+def test_antialiasing_weights_are_torchs_and_stay_inside_each_length():
+    """Row ``i`` of :func:`aa_weights` applied to a signal is torch's antialiased resize of it:
+    shrinking, growing and the same size, each in a wider padded tensor."""
+    import torch.nn.functional as F
+
+    sizes = torch.tensor([7, 20, 33, 80])
+    w = aa_weights(sizes, 20, 80)
+    assert w.shape == (4, 20, 80)
+    torch.testing.assert_close(w.sum(2), torch.ones(4, 20))
+    signal = torch.rand(4, 80, dtype=torch.float32, generator=torch.Generator().manual_seed(0))
+    for n, size in enumerate(sizes.tolist()):
+        assert torch.all(w[n, :, size:] == 0)  # nothing read past the row's own pixels
+        want = F.interpolate(
+            signal[n, :size][None, None, None], (1, 20), mode="bilinear", antialias=True
+        )
+        torch.testing.assert_close(w[n] @ signal[n], want.flatten(), rtol=0, atol=1e-5)
+    same = aa_weights(torch.tensor([20]), 20, 20)[0]
+    torch.testing.assert_close(same, torch.eye(20))
 
 
 def test_the_cpu_path_gives_the_device_paths_pixels_in_its_layout(encoded):

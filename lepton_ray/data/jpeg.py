@@ -16,7 +16,8 @@ fixed-size dataset:
 
 One function decodes, wherever it runs (:func:`decode`): ``torchvision.io.decode_jpeg`` (on the CPU
 in Ray Data's tasks, or batched on the training worker's GPU), then each row's box resized with
-``F.interpolate`` (bilinear, antialiased), the flips batched. Both places take their boxes from
+``F.interpolate`` (bilinear, antialiased), the flips batched; on a GPU the same resize as two
+batched matmuls of torch's weights (:func:`resize_boxes`). Both places take their boxes from
 :func:`crop_boxes`, so they crop the same pixels; the CPU resizes uint8 and a GPU float32, which
 agree within one grey level (``tests/test_jpeg.py``).
 
@@ -204,18 +205,14 @@ def _decode_crop(
     heights = np.array([im.shape[1] for im in images], np.int64)
     widths = np.array([im.shape[2] for im in images], np.int64)
     boxes, flips = crop_boxes(heights, widths, ids, seed=seed, epoch=epoch, train=train)
-    patches = (
-        img[None, :, top : top + bh, left : left + bw]
-        for img, (top, left, bh, bw) in zip(images, boxes.tolist(), strict=True)
-    )
-    if device.type == "cpu":  # (N, H, W, C) in memory: a numpy view of it is the CPU path's batch
-        out = torch.empty((len(images), crop, crop, 3), dtype=torch.uint8).permute(0, 3, 1, 2)
-        for i, patch in enumerate(patches):
-            out[i] = resize_uint8(patch, crop)[0]
-    else:  # CUDA's resize takes floats
-        out = resize_rows_float(list(patches), crop)
+    if device.type != "cpu":  # CUDA's resize takes floats: the whole batch in two matmuls
+        return resize_boxes(images, boxes, flips, crop)
+    # (N, H, W, C) in memory: a numpy view of it is the CPU path's batch
+    out = torch.empty((len(images), crop, crop, 3), dtype=torch.uint8).permute(0, 3, 1, 2)
+    for i, (img, (top, left, bh, bw)) in enumerate(zip(images, boxes.tolist(), strict=True)):
+        out[i] = resize_uint8(img[None, :, top : top + bh, left : left + bw], crop)[0]
     if flips.any():
-        flip = torch.from_numpy(flips).to(device)[:, None, None, None]
+        flip = torch.from_numpy(flips)[:, None, None, None]
         out = torch.where(flip, out.flip(3), out)
     return out
 
@@ -233,17 +230,62 @@ def resize_float(patch: Any, crop: int) -> Any:
     return _to_uint8(_resize_f32(patch, crop))
 
 
-def resize_rows_float(patches: Sequence[Any], crop: int) -> Any:
-    """:func:`resize_float` of each (1, 3, h, w) patch, as one (N, 3, crop, crop) uint8 batch:
-    each resized into one float batch, which is rounded at once (3 kernels a row, not 6)."""
+def resize_boxes(images: Sequence[Any], boxes: np.ndarray, flips: np.ndarray, crop: int) -> Any:
+    """Each (3, h, w) uint8 image's box ``(top, left, height, width)`` resized to ``crop`` x
+    ``crop`` and flipped where ``flips`` says, as one (N, 3, crop, crop) uint8 batch: the pixels
+    of :func:`resize_float` per row (antialiased bilinear in float32, rounded), in a few kernels
+    for the whole batch rather than several per row.
+
+    The resize is separable and linear: per axis a (crop, size) matrix of torch's antialiasing
+    weights (:func:`aa_weights`), so the batch is the boxes copied into one zero-padded tensor
+    and two batched matmuls, the flip folded into the horizontal weights. On a GPU that is ~N + 30
+    kernel launches for N rows where resizing row by row took ~7 N, and launches are what bound
+    it (ResNet-50 trains a batch of 256 in ~70 ms on an H200; 1,800 launches from Python take a
+    large share of that). With TF32 matmuls enabled by the user the sums lose ~0.1 grey level."""
     import torch
 
-    if not patches:
+    n = len(images)
+    if n == 0:
         return torch.empty((0, 3, crop, crop), dtype=torch.uint8)
-    acc = torch.empty((len(patches), 3, crop, crop), dtype=torch.float32, device=patches[0].device)
-    for i, patch in enumerate(patches):
-        acc[i] = _resize_f32(patch, crop)[0]
-    return _to_uint8(acc)
+    dev = images[0].device
+    b = np.asarray(boxes, np.int64).reshape(n, 4)
+    hb, wb = int(b[:, 2].max()), int(b[:, 3].max())
+    pad = torch.zeros((n, 3, hb, wb), dtype=torch.uint8, device=dev)
+    for i, (img, (top, left, bh, bw)) in enumerate(zip(images, b.tolist(), strict=True)):
+        pad[i, :, :bh, :bw] = img[:, top : top + bh, left : left + bw]
+    sizes = torch.from_numpy(b[:, 2:].copy()).to(dev)
+    wy = aa_weights(sizes[:, 0], crop, hb)  # (N, crop, hb)
+    wx = aa_weights(sizes[:, 1], crop, wb)  # (N, crop, wb)
+    flips = np.asarray(flips, bool)
+    if flips.any():
+        flip = torch.from_numpy(flips).to(dev)[:, None, None]
+        wx = torch.where(flip, wx.flip(1), wx)
+    rows = torch.bmm(pad.float().view(n, 3 * hb, wb), wx.transpose(1, 2))  # (N, 3 hb, crop)
+    out = torch.matmul(wy[:, None], rows.view(n, 3, hb, crop))  # (N, 3, crop, crop)
+    return _to_uint8(out)
+
+
+def aa_weights(sizes: Any, out: int, width: int) -> Any:
+    """(N, out, width) float32: for each row's input length ``sizes[n]`` (<= ``width``), the
+    weights torch's antialiased bilinear resize (``F.interpolate(..., mode="bilinear",
+    antialias=True)``, ``align_corners=False``) gives each input pixel in each output pixel; zero
+    past the row's length. Torch's formula (``_compute_indices_min_size_weights_aa``): scale =
+    size / out, support = max(scale, 1), a triangle filter of that half-width around
+    ``scale * (i + 0.5)``, cut to the window torch sums over, normalised to sum 1."""
+    import torch
+
+    dev = sizes.device
+    length = sizes.to(torch.float32)[:, None, None]  # (N, 1, 1)
+    scale = length / out
+    support = scale.clamp(min=1.0)
+    center = scale * (torch.arange(out, device=dev, dtype=torch.float32)[None, :, None] + 0.5)
+    lo = (center - support + 0.5).trunc().clamp_(min=0)  # torch's window: int() truncates
+    hi = torch.minimum((center + support + 0.5).trunc(), length)
+    j = torch.arange(width, device=dev, dtype=torch.float32)[None, None, :]
+    w = (1 - ((j - center + 0.5) * support.reciprocal()).abs()).clamp_(min=0)
+    w = w * ((j >= lo) & (j < hi))
+    total = w.sum(2, keepdim=True)
+    return w / torch.where(total == 0, torch.ones_like(total), total)
 
 
 def _resize_f32(patch: Any, crop: int) -> Any:
