@@ -194,9 +194,9 @@ def _run(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
+    from lepton_ray.train.backend import TorchBackendConfig
     from lepton_ray.train.observe import ProgressBar, ProgressBoard, RunObserver, divergence
     from lepton_ray.train.timeline import phases
-    from lepton_ray.train.warmup import WarmTorchConfig
 
     info = train_src.info
     shuffle = shuffle_mode(
@@ -275,8 +275,9 @@ def _run(
         # included, and the controller imported lepton_ray's training loop for it.
         train_loop_config={"spec": ray.put(spec)},
         scaling_config=ray.train.ScalingConfig(**ray_scaling),
-        # The workers import sympy (torch._dynamo's slowest import) while the group starts.
-        torch_config=WarmTorchConfig(backend=cfg.scaling.process_group_backend()),
+        # Ray's TorchConfig without torch in the controller (a new process every fit), and the
+        # workers import sympy (torch._dynamo's slowest import) while the group starts.
+        torch_config=TorchBackendConfig(backend=cfg.scaling.process_group_backend()),
         run_config=RunConfig(
             name=run.name,
             storage_path=root.path,

@@ -7,9 +7,9 @@ the 2-core machine), all of it inside the ``model`` phase of :mod:`~lepton_ray.t
 Meanwhile, between its actor's start and the training function's, the worker mostly waits for
 Ray Train's controller (the process group, the datasets' coordinator, the launch).
 
-:class:`WarmTorchConfig` is Ray Train's :class:`~ray.train.torch.TorchConfig` whose backend, as
-the worker group starts, asks each worker (without waiting for the answer) to import sympy on a
-thread of its own, then sets up the process group as before. When the optimizer's import reaches
+:class:`lepton_ray.train.backend.TorchBackendConfig`'s backend, as the worker group starts, asks
+each worker (without waiting for the answer) to run :func:`warm_imports`: sympy imported on a
+thread of its own, while the process group is set up. When the optimizer's import reaches
 sympy it finds it imported, or waits for the thread's import to finish (Python's per-module
 import lock) rather than doing it again.
 
@@ -23,9 +23,6 @@ from __future__ import annotations
 
 import importlib
 import threading
-from dataclasses import dataclass
-
-from ray.train.torch import TorchConfig
 
 WARM_MODULES = ("sympy",)
 
@@ -42,28 +39,3 @@ def warm_imports(modules: tuple[str, ...] = WARM_MODULES) -> None:
                 return
 
     threading.Thread(target=run, name="lepton-warm-imports", daemon=True).start()
-
-
-try:
-    from ray.train.torch.config import _TorchBackend
-except ImportError:  # a Ray without it: plain TorchConfig, no warm-up
-    _TorchBackend = None
-
-
-if _TorchBackend is not None:
-
-    class _WarmTorchBackend(_TorchBackend):
-        def on_start(self, worker_group, backend_config):  # noqa: ANN001 - Ray Train's signature
-            worker_group.execute_async(warm_imports)  # not waited for: each worker's own thread
-            super().on_start(worker_group, backend_config)
-
-    @dataclass
-    class WarmTorchConfig(TorchConfig):
-        """:class:`~ray.train.torch.TorchConfig`, with the workers' warm-up as they start."""
-
-        @property
-        def backend_cls(self):  # noqa: ANN201 - Ray Train's property
-            return _WarmTorchBackend
-
-else:
-    WarmTorchConfig = TorchConfig  # type: ignore[misc,assignment]
