@@ -1,8 +1,8 @@
 """Where a fit's fixed cost goes: wall-clock marks on the driver and on rank 0, turned into phases.
 
 A small run is dominated by what happens before the first step and after the last: starting
-Ray Train's controller and worker processes (each imports torch), the process group, the model,
-the first read of the data (and the device cache fill), the first step (lazy CUDA and kernel
+Ray Train's controller and worker processes (the workers import torch), the process group, the
+model, the first read of the data (and the device cache fill), the first step (lazy CUDA and kernel
 set-up), then the controller noticing the end and tearing the worker group down. Rank 0 keeps its
 marks (``time.time()``, comparable across processes of one machine; rank 0 runs on the driver's
 node in a local instance) and sends them with every epoch's report; the driver adds its own and
