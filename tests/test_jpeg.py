@@ -23,7 +23,6 @@ from lepton_ray.data.jpeg import (
     decode,
     decode_cpu,
     resize_boxes,
-    resize_float,
     resize_uint8,
 )
 from lepton_ray.data.transforms import Preprocessor
@@ -226,6 +225,15 @@ def test_eval_boxes_are_the_centred_square_of_seven_eighths_of_the_shorter_side(
     )
     assert boxes.tolist() == [[19, 69, 262, 262], [16, 16, 224, 224], [156, 6, 87, 87]]
     assert not flips.any()
+
+
+def resize_float(patch: torch.Tensor, crop: int) -> torch.Tensor:
+    """The reference for the GPU's resize: torch's antialiased bilinear resize of one (1, 3, h, w)
+    uint8 patch, computed in float32 and rounded."""
+    import torch.nn.functional as F
+
+    out = F.interpolate(patch.float(), (crop, crop), mode="bilinear", antialias=True)
+    return out.round_().clamp_(0, 255).to(torch.uint8)
 
 
 # --- decoding --------------------------------------------------------------------------------

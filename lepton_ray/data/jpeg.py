@@ -225,15 +225,10 @@ def resize_uint8(patch: Any, crop: int) -> Any:
     return F.interpolate(patch, (crop, crop), mode="bilinear", antialias=True)
 
 
-def resize_float(patch: Any, crop: int) -> Any:
-    """:func:`resize_uint8` computed in float32 and rounded (the GPU's way)."""
-    return _to_uint8(_resize_f32(patch, crop))
-
-
 def resize_boxes(images: Sequence[Any], boxes: np.ndarray, flips: np.ndarray, crop: int) -> Any:
     """Each (3, h, w) uint8 image's box ``(top, left, height, width)`` resized to ``crop`` x
     ``crop`` and flipped where ``flips`` says, as one (N, 3, crop, crop) uint8 batch: the pixels
-    of :func:`resize_float` per row (antialiased bilinear in float32, rounded), in a few kernels
+    of ``F.interpolate`` per row in float32 (antialiased bilinear), rounded, in a few kernels
     for the whole batch rather than several per row.
 
     The resize is separable and linear: per axis a (crop, size) matrix of torch's antialiasing
@@ -290,12 +285,6 @@ def aa_weights(sizes: Any, out: int, width: int) -> Any:
     w = w * ((j >= lo) & (j < hi))
     total = w.sum(2, keepdim=True)
     return w / torch.where(total == 0, torch.ones_like(total), total)
-
-
-def _resize_f32(patch: Any, crop: int) -> Any:
-    import torch.nn.functional as F
-
-    return F.interpolate(patch.float(), (crop, crop), mode="bilinear", antialias=True)
 
 
 def _to_uint8(x: Any) -> Any:
