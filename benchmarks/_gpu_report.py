@@ -13,7 +13,7 @@ from typing import Any
 
 from benchmarks import harness
 from benchmarks.harness import Goal, fmt, table
-from lepton_ray.train.timeline import BEFORE_FIRST_STEP
+from lepton_ray.train.timeline import columns
 
 # The Trainer cases the goals are about: (a) synthetic data, (b) the augmented Parquet set.
 GOALS = {
@@ -39,23 +39,19 @@ def ring_goal(rows: int) -> Goal:
     )
 
 
-# The columns: the phases in order, their sum to the first step, then the teardown.
-PHASES = (*BEFORE_FIRST_STEP, "to_first_step", "teardown")
-
-
 def _startup(rows: list[dict[str, Any]]) -> list[str]:
-    """Where each fit's fixed cost went (``train_results["startup_s"]``), where the run has it."""
+    """Where each fit's fixed cost went (``train_results["startup_s"]``), where the run has it:
+    the phases in order, their sum to the first step, then the teardown."""
     timed = [t for t in rows if isinstance(t.get("startup_s"), dict)]
     if not timed:
         return []
-    body = [
-        [t.get("input", t["key"])] + [t["startup_s"].get(p, "–") for p in PHASES] for t in timed
-    ]
+    cols = columns([t["startup_s"] for t in timed])
+    body = [[t.get("input", t["key"])] + [t["startup_s"].get(p, "–") for p in cols] for t in timed]
     return [
         "",
         "Fixed cost of each `fit()`, seconds (`train_results['startup_s']`; `to_first_step` is "
         "the sum of the phases before it):\n",
-        table(["input", *PHASES], body),
+        table(["input", *cols], body),
     ]
 
 

@@ -90,11 +90,10 @@ def metrics(r: dict[str, Any]) -> dict[str, Any]:
 
 
 def render(r: dict[str, Any], key: str) -> str:
-    from lepton_ray.train.timeline import PHASES
+    from lepton_ray.train.timeline import columns
 
     m = metrics(r)
-    names = [p for p, _, _ in PHASES]
-    cols = [*names[:-1], "to_first_step", names[-1]]
+    cols = columns([f["phases_s"] for f in r["per_fit"]])
     rows = [
         [
             str(f["fit"]),

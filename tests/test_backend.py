@@ -7,6 +7,7 @@ from __future__ import annotations
 import pickle
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -125,3 +126,30 @@ def test_the_worker_side_calls_are_rays_own_functions():
         assert callable(getattr(ray_torch, name))
     assert TorchBackendConfig().train_func_context is ray_torch.TorchConfigContextManager
     assert TorchBackendConfig().backend_cls.share_cuda_visible_devices
+
+
+def test_the_worker_marks_when_its_torch_set_up_starts_and_its_process_group_is_ready(
+    monkeypatch,
+):
+    import types
+
+    from lepton_ray.train import backend
+
+    calls = []
+    fake = types.SimpleNamespace(
+        _set_torch_distributed_env_vars=lambda: calls.append(("env", time.time())),
+        _setup_torch_process_group=lambda **kw: calls.append(("pg", time.time())),
+        _shutdown_torch=lambda **kw: calls.append(("down", time.time())),
+    )
+    monkeypatch.setattr(backend.importlib, "import_module", lambda name: fake)
+    monkeypatch.setattr(backend, "WORKER_MARKS", {})
+    backend._on_worker("_set_torch_distributed_env_vars")
+    backend._on_worker("_setup_torch_process_group", world_rank=0)
+    marks = dict(backend.WORKER_MARKS)
+    assert set(marks) == {"torch_setup_started", "process_group_ready"}
+    assert (
+        marks["torch_setup_started"] <= calls[0][1] <= calls[1][1] <= marks["process_group_ready"]
+    )
+    backend._on_worker("_set_torch_distributed_env_vars")  # a second call keeps the first marks
+    backend._on_worker("_shutdown_torch")
+    assert backend.WORKER_MARKS == marks

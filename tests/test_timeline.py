@@ -8,23 +8,32 @@ import time
 import pytest
 import torch
 
-from lepton_ray.train.timeline import WorkerTimeline, phases, process_start_time
+from lepton_ray.train.timeline import (
+    BEFORE_FIRST_STEP,
+    WorkerTimeline,
+    columns,
+    phases,
+    process_start_time,
+)
+
+
+# A fit's marks, as a worker without the torch set-up's marks (before the split) sent them.
+MARKS = {
+    "fit_called": 99.0,
+    "ray_ready": 100.0,
+    "trainer_started": 100.5,
+    "process_started": 104.0,
+    "loop_started": 107.0,
+    "model_ready": 107.1,
+    "feed_ready": 108.3,
+    "first_step_done": 109.0,
+    "last_report": 120.0,
+    "fit_returned": 121.75,
+}
 
 
 def test_phases_are_the_gaps_between_consecutive_marks():
-    marks = {
-        "fit_called": 99.0,
-        "ray_ready": 100.0,
-        "trainer_started": 100.5,
-        "process_started": 104.0,
-        "loop_started": 107.0,
-        "model_ready": 107.1,
-        "feed_ready": 108.3,
-        "first_step_done": 109.0,
-        "last_report": 120.0,
-        "fit_returned": 121.75,
-    }
-    assert phases(marks) == {
+    assert phases(MARKS) == {
         "ray_start": 1.0,
         "checks": 0.5,
         "worker_group": 3.5,
@@ -35,6 +44,38 @@ def test_phases_are_the_gaps_between_consecutive_marks():
         "teardown": 1.75,
         "to_first_step": 10.0,
     }
+
+
+def test_the_workers_start_is_split_where_its_torch_set_up_is_marked():
+    marks = MARKS | {"torch_setup_started": 105.0, "process_group_ready": 106.5}
+    got = phases(marks)
+    assert "worker_imports" not in got
+    assert (got["worker_start"], got["torch_setup"], got["train_fn_start"]) == (1.0, 1.5, 0.5)
+    assert got["to_first_step"] == pytest.approx(sum(got[k] for k in BEFORE_FIRST_STEP))
+    # Without one of the two marks: the unsplit phase, and still the sum.
+    del marks["process_group_ready"]
+    got = phases(marks)
+    assert got["worker_imports"] == 3.0
+    assert not {"worker_start", "torch_setup", "train_fn_start"} & set(got)
+    assert got["to_first_step"] == pytest.approx(
+        sum(got[k] for k in got if k not in ("to_first_step", "teardown"))
+    )
+
+
+def test_table_columns_are_the_phases_any_run_has_in_order():
+    old = {"worker_group": 1.0, "worker_imports": 2.0, "model": 1.0, "to_first_step": 4.0}
+    new = {"worker_group": 1.0, "worker_start": 1.0, "torch_setup": 1.0, "teardown": 0.5}
+    assert columns([old]) == ["worker_group", "worker_imports", "model", "to_first_step"]
+    assert columns([new, old]) == [
+        "worker_group",
+        "worker_imports",
+        "worker_start",
+        "torch_setup",
+        "model",
+        "to_first_step",
+        "teardown",
+    ]
+    assert columns([]) == []
 
 
 def test_a_missing_mark_leaves_out_only_its_phases():

@@ -22,6 +22,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,11 +35,24 @@ from lepton_ray.train.warmup import warm_imports
 log = logging.getLogger(__name__)
 
 RAY_TORCH = "ray.train.torch.config"  # Ray's torch backend module: imported on workers only
+WORKER_MARKS: dict[str, float] = {}
+"""On a worker: when its torch set-up started (``torch_setup_started``: Ray's worker actor is up)
+and when its process group was ready (``process_group_ready``), as ``time.time()``;
+:class:`lepton_ray.train.timeline.WorkerTimeline` takes them (the training function runs in the
+same process)."""
+_MARK_BEFORE = {"_set_torch_distributed_env_vars": "torch_setup_started"}
+_MARK_AFTER = {"_setup_torch_process_group": "process_group_ready"}
 
 
 def _on_worker(name: str, *args: Any, **kwargs: Any) -> Any:
-    """Run ``ray.train.torch.config.<name>`` on a worker (which has torch imported already)."""
-    return getattr(importlib.import_module(RAY_TORCH), name)(*args, **kwargs)
+    """Run ``ray.train.torch.config.<name>`` on a worker (importing it imports torch there), with
+    the :data:`WORKER_MARKS` of the set-up's first and last calls."""
+    if name in _MARK_BEFORE:
+        WORKER_MARKS.setdefault(_MARK_BEFORE[name], time.time())
+    out = getattr(importlib.import_module(RAY_TORCH), name)(*args, **kwargs)
+    if name in _MARK_AFTER:
+        WORKER_MARKS.setdefault(_MARK_AFTER[name], time.time())
+    return out
 
 
 def _set_master(addr: str, port: int) -> None:

@@ -28,13 +28,22 @@ PHASES = (
     ("ray_start", "fit_called", "ray_ready"),
     ("checks", "ray_ready", "trainer_started"),
     ("worker_group", "trainer_started", "process_started"),
-    ("worker_imports", "process_started", "loop_started"),
+    # The worker's own start (marks of lepton_ray.train.backend): Ray's worker process and Ray
+    # Train's worker actor; importing torch and starting the process group; launching the
+    # training function (its modules).
+    ("worker_start", "process_started", "torch_setup_started"),
+    ("torch_setup", "torch_setup_started", "process_group_ready"),
+    ("train_fn_start", "process_group_ready", "loop_started"),
     ("model", "loop_started", "model_ready"),
     ("first_read", "model_ready", "feed_ready"),
     ("first_step", "feed_ready", "first_step_done"),
     ("teardown", "last_report", "fit_returned"),
 )
 BEFORE_FIRST_STEP = tuple(name for name, _, _ in PHASES[:-1])  # they add up to ``to_first_step``
+SPLIT = ("worker_start", "torch_setup", "train_fn_start")
+UNSPLIT = ("worker_imports", "process_started", "loop_started")
+"""The worker's start to its loop in one phase, where the marks between are not known (results
+measured before the split, or a backend that does not mark them)."""
 
 
 def process_start_time() -> float | None:
@@ -57,6 +66,9 @@ class WorkerTimeline:
         started = process_start_time()
         if started is not None:
             self.marks["process_started"] = started
+        from lepton_ray.train.backend import WORKER_MARKS  # this process's torch set-up
+
+        self.marks |= WORKER_MARKS
 
     def mark(self, name: str) -> None:
         self.marks.setdefault(name, time.time())
@@ -73,12 +85,23 @@ class WorkerTimeline:
         return {"startup": dict(self.marks), "reported_at": time.time()}
 
 
+def columns(measured: list[dict[str, float]]) -> list[str]:
+    """The phases found in any of ``measured`` (dicts from :func:`phases`), in order, with
+    ``to_first_step`` before the teardown: a table's columns for runs from before and after the
+    worker's start was split (:data:`UNSPLIT` stands where the split ones would)."""
+    names = [name for name, _, _ in PHASES]
+    at = names.index("worker_start")
+    order = [*names[:at], UNSPLIT[0], *names[at:-1], "to_first_step", names[-1]]
+    found = set().union(*measured) if measured else set()
+    return [name for name in order if name in found]
+
+
 def phases(marks: dict[str, float]) -> dict[str, float]:
     """Seconds per phase of :data:`PHASES` whose two marks are known, plus ``to_first_step``
     (``fit_called`` to ``first_step_done``) when both are."""
-    out = {
-        name: round(marks[b] - marks[a], 3) for name, a, b in PHASES if a in marks and b in marks
-    }
+    split = all(m in marks for m in ("torch_setup_started", "process_group_ready"))
+    spans = PHASES if split else (*(p for p in PHASES if p[0] not in SPLIT), UNSPLIT)
+    out = {name: round(marks[b] - marks[a], 3) for name, a, b in spans if a in marks and b in marks}
     if "fit_called" in marks and "first_step_done" in marks:
         out["to_first_step"] = round(marks["first_step_done"] - marks["fit_called"], 3)
     return out
