@@ -16,7 +16,6 @@ from lepton_ray.train.timeline import (
     process_start_time,
 )
 
-
 # A fit's marks, as a worker without the torch set-up's marks (before the split) sent them.
 MARKS = {
     "fit_called": 99.0,
