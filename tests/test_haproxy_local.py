@@ -160,8 +160,50 @@ class Replica:
 
         self.answers = answers
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.handle_error = lambda *a: None  # HAProxy's connections reset at its stop
         self.port = self.server.server_address[1]
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+def _start_haproxy(tmp_path, backend, **options) -> tuple[subprocess.Popen, int]:
+    """Real HAProxy through haproxy_local on Ray's configuration for ``backend`` with
+    lepton_ray's retry defaults, once it listens: (its process, its port)."""
+    from lepton_ray.serve.ingress import HAPROXY_DEFAULTS, haproxy_binary
+    from tests.conftest import free_port
+
+    binary = haproxy_binary()
+    if binary is None:
+        pytest.skip("no HAProxy binary")
+    port = free_port()
+    ray_config(
+        tmp_path,
+        "127.0.0.1",
+        port,
+        backends={backend.name: backend},
+        retry_on=HAPROXY_DEFAULTS["RAY_SERVE_HAPROXY_RETRY_ON"],
+        retries=int(HAPROXY_DEFAULTS["RAY_SERVE_HAPROXY_RETRIES"]),
+        **options,
+    )
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-I",
+            haproxy_local.__file__,
+            binary,
+            "-db",
+            "-f",
+            str(tmp_path / "haproxy.cfg"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    for _ in range(100):  # HAProxy listening
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=30).close()
+            break
+        except ConnectionRefusedError:
+            time.sleep(0.05)
+    return proc, port
 
 
 @pytest.mark.parametrize(
@@ -181,12 +223,6 @@ def test_a_replica_killed_mid_request_on_a_reused_connection_still_answers(
 
     from ray.serve._private.haproxy import BackendConfig, ServerConfig
 
-    from lepton_ray.serve.ingress import HAPROXY_DEFAULTS, haproxy_binary
-    from tests.conftest import free_port
-
-    binary = haproxy_binary()
-    if binary is None:
-        pytest.skip("no HAProxy binary")
     replica, fallback = Replica("replica", answers=1), Replica("fallback")
     backend = BackendConfig(
         name="http-app",
@@ -194,29 +230,9 @@ def test_a_replica_killed_mid_request_on_a_reused_connection_still_answers(
         servers=[ServerConfig(name="replica", host="127.0.0.1", port=replica.port)],
         fallback_server=ServerConfig(name="fallback", host="127.0.0.1", port=fallback.port),
     )
-    port = free_port()
-    cfg = tmp_path / "haproxy.cfg"
-    ray_config(
-        tmp_path,
-        "127.0.0.1",
-        port,
-        backends={"http-app": backend},
-        retry_on=HAPROXY_DEFAULTS["RAY_SERVE_HAPROXY_RETRY_ON"],
-        retries=int(HAPROXY_DEFAULTS["RAY_SERVE_HAPROXY_RETRIES"]),
-        log_target="stdout",
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-I", haproxy_local.__file__, binary, "-db", "-f", str(cfg)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
+    proc, port = _start_haproxy(tmp_path, backend, log_target="stdout")
     try:
-        for _ in range(100):  # HAProxy listening
-            try:
-                client = socket.create_connection(("127.0.0.1", port), timeout=30)
-                break
-            except ConnectionRefusedError:
-                time.sleep(0.05)
+        client = socket.create_connection(("127.0.0.1", port), timeout=30)
         body = json.dumps({"pad": "x" * body_bytes}).encode()
         head = (
             "POST /app/v1/predict HTTP/1.1\r\nHost: app\r\nContent-Type: application/json\r\n"
@@ -244,3 +260,67 @@ def test_a_replica_killed_mid_request_on_a_reused_connection_still_answers(
     else:
         assert answers[1][0] == 503 and answers[1][2] == "1", log
         assert list(answers[1][1]) == ["error"], log
+
+
+def test_app_backends_keep_each_client_connection_on_one_replica(tmp_path):
+    """Ray's template balances every request over pooled connections; each application backend
+    is made to keep a client connection's replica instead. Its copy for partial requests and
+    HAProxy's other backends are left as they were."""
+    from ray.serve._private.haproxy import BackendConfig, ServerConfig
+
+    servers = [ServerConfig(name=f"r{i}", host="127.0.0.1", port=9000 + i) for i in range(3)]
+    backend = BackendConfig(name="http-app", path_prefix="/app", servers=servers)
+    config = ray_config(tmp_path, "127.0.0.1", backends={"http-app": backend})
+    out = localize(config)
+    sections = {s.split("\n", 1)[0]: s for s in re.split(r"(?m)^(?=\S)", out) if s.strip()}
+    app = sections["backend http-app"]
+    assert "balance hash src_port" in app and "hash-type consistent" in app
+    assert "http-reuse always" in app  # connections to the replicas stay pooled
+    fresh = sections["backend http-app-fresh"]
+    assert "option http-server-close" in fresh and "balance hash" not in fresh
+    assert "balance hash" not in sections["backend default_backend"]
+    assert out.count("balance hash") == 1
+
+
+def test_a_keep_alive_client_stays_on_its_replica_until_the_replica_dies(tmp_path):
+    """Real HAProxy, three stand-in replicas: one connection's requests all reach one replica;
+    thirty connections spread over them, each staying on its own; when a connection's replica
+    dies, its next request is answered by another."""
+    import http.client
+
+    from ray.serve._private.haproxy import BackendConfig, ServerConfig
+
+    replicas = [Replica(f"r{i}") for i in range(3)]
+    backend = BackendConfig(
+        name="http-app",
+        path_prefix="/app",
+        servers=[
+            ServerConfig(name=f"r{i}", host="127.0.0.1", port=r.port)
+            for i, r in enumerate(replicas)
+        ],
+    )
+    proc, port = _start_haproxy(tmp_path, backend)
+
+    def ask(conn: http.client.HTTPConnection) -> str:
+        conn.request("POST", "/app/v1/predict", body=b"{}", headers={"Host": "app"})
+        r = conn.getresponse()
+        assert r.status == 200
+        return json.loads(r.read())["from"]
+
+    try:
+        one = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        assert len({ask(one) for _ in range(20)}) == 1
+        conns = [http.client.HTTPConnection("127.0.0.1", port, timeout=30) for _ in range(30)]
+        first = [ask(c) for c in conns]
+        assert len(set(first)) > 1  # connections spread (30 on one replica: 3 / 3**30)
+        assert [ask(c) for c in conns] == first  # and each stays where it went
+        dead = int(first[0][1])
+        replicas[dead].answers = 0  # dies on its next request, unanswered
+        assert ask(conns[0]) != first[0]  # replayed on another replica
+        for c in (one, *conns):
+            c.close()
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
+        for r in replicas:
+            r.server.server_close()

@@ -144,11 +144,14 @@ HAPROXY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_ENABLE_DIRECT_INGRES
 #   `observe layer4 error-limit 3`), and only a retry after that goes to another replica or to
 #   Serve's fallback proxy. With Ray's 3 retries the request was out of retries then, and as it
 #   had gone out on a reused connection HAProxy closed the client's connection without an answer
-#   (its rule for keep-alive failures: the client should retry). 6 leaves 2 retries to spare.
+#   (its rule for keep-alive failures: the client should retry). In HAProxy's log of ten runs of
+#   tests/test_serve_ops.py (2026-12-04), the requests in flight at a kill took 1 to 5 retries
+#   (more when more pooled connections to the dead replica are left to fail); 10 leaves 5 to
+#   spare. A retry costs no wait here (a refused connection fails at once).
 HAPROXY_DEFAULTS = {
     "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5",
     "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response",
-    "RAY_SERVE_HAPROXY_RETRIES": "6",
+    "RAY_SERVE_HAPROXY_RETRIES": "10",
 }
 
 
