@@ -146,8 +146,9 @@ HAPROXY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_ENABLE_DIRECT_INGRES
 #   had gone out on a reused connection HAProxy closed the client's connection without an answer
 #   (its rule for keep-alive failures: the client should retry). In HAProxy's log of ten runs of
 #   tests/test_serve_ops.py (2026-12-04), the requests in flight at a kill took 1 to 5 retries
-#   (more when more pooled connections to the dead replica are left to fail); 10 leaves 5 to
-#   spare. A retry costs no wait here (a refused connection fails at once).
+#   (more than the 3 refusals that mark a replica down: pooled connections to the dead replica
+#   failing one by one would explain it, not confirmed); 10 leaves 5 to spare. Those retries
+#   took under 0.1 s in all (a refused connection fails at once).
 HAPROXY_DEFAULTS = {
     "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5",
     "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response",
