@@ -98,7 +98,13 @@ def test_timed_returns_the_result_and_a_duration():
 def _renderer(key: str, result: dict) -> str:
     if key == "gpu_a_rerun":
         return "gpu_alternate"
-    if result.get("benchmark") in ("gpu_gpt", "gpu_generate", "gpu_dlrm", "gpu_jpeg"):
+    if result.get("benchmark") in (
+        "gpu_alternate",
+        "gpu_gpt",
+        "gpu_generate",
+        "gpu_dlrm",
+        "gpu_jpeg",
+    ):
         return result["benchmark"]
     if key.startswith("gpu"):
         return "gpu_train"  # one renderer for every GPU part (benchmarks/_gpu_report.py)
