@@ -94,7 +94,7 @@ def columns(measured: list[dict[str, float]]) -> list[str]:
     names = [name for name, _, _ in PHASES]
     at = names.index("worker_start")
     order = [*names[:at], UNSPLIT[0], *names[at:-1], "to_first_step", names[-1]]
-    found = set().union(*measured) if measured else set()
+    found = set().union(*measured)
     return [name for name in order if name in found]
 
 
