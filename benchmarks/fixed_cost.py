@@ -9,7 +9,11 @@ global batch 100, the data defaults of the device. The first fit also starts Ray
 first of its processes to import torch; the figure judged is the median over the fits after it,
 with Ray up, as in a notebook's second cell. The goal (issue 16) is for one GPU worker.
 
-    python -m benchmarks.fixed_cost [--fits 4] [--workers 1] [--use-gpu]
+With ``--pause S`` each fit after the first starts S seconds after the last one returned, as a
+notebook's next cell would: the time :mod:`lepton_ray.train.prestart` has to start the next fit's
+processes (``$LEPTON_PRESTART_S=0`` runs without them; the result records the setting).
+
+    python -m benchmarks.fixed_cost [--fits 4] [--workers 1] [--use-gpu] [--pause 0]
 """
 
 from __future__ import annotations
@@ -38,12 +42,22 @@ GOALS = [
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from lepton_ray import Trainer, build_model, prepare
+    from lepton_ray.train import prestart
 
-    result = harness.record(KEY, workers=args.workers, use_gpu=args.use_gpu, fits=args.fits)
+    result = harness.record(
+        KEY,
+        workers=args.workers,
+        use_gpu=args.use_gpu,
+        fits=args.fits,
+        pause_s=args.pause,
+        prestart_keep_s=prestart.keep_alive_s(),
+    )
     store = tempfile.mkdtemp(prefix="lepton-bench-fixed-")
     info = prepare("mnist5k", f"{store}/data")["train"]
     fits = []
     for i in range(args.fits):
+        if i:
+            time.sleep(args.pause)
         start = time.perf_counter()
         res = Trainer(args.workers, use_gpu=args.use_gpu, storage=f"{store}/runs").fit(
             build_model("cnn", in_channels=1, num_classes=10), info, batch_size=100, epochs=1
@@ -109,10 +123,20 @@ def render(r: dict[str, Any], key: str) -> str:
             ["median, fits 2+", *(m["phases_s"].get(c) for c in cols), m["fixed_s"], None, None]
         )
     device = "1 GPU" if r.get("use_gpu") else "CPU"
+    pause = r.get("pause_s", 0)
+    apart = f"{pause:g} s apart" if pause else "back to back"
+    keep = r.get("prestart_keep_s")  # None: measured before lepton_ray.train.prestart
+    warm = (
+        ""
+        if keep is None
+        else f", the next fit's processes prestarted (kept {keep} s)"
+        if keep
+        else ", no processes prestarted (`LEPTON_PRESTART_S=0`)"
+    )
     return (
         f"## Fixed cost of a `fit()`: where the time before the first step and after the last goes (`{key}`)\n\n"
         f"{harness.provenance(r, key)} {r['fits']} fits of the `cnn` on the {r['rows']:,} "
-        f"built-in digits back to back on one Ray instance, {r['workers']} worker(s) on the "
+        f"built-in digits {apart} on one Ray instance{warm}, {r['workers']} worker(s) on the "
         f"{device}, one epoch of global batch 100 each, the device's data defaults, Ray Train's "
         f"health check every {r['health_check_interval_s']} s; the first fit also starts Ray. Phases in seconds (`train_results['startup_s']`, "
         "`lepton_ray/train/timeline.py`); fixed: to the first step plus teardown; epoch: the "
@@ -128,6 +152,9 @@ def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--fits", type=int, default=4, help="fits in a row; the first starts Ray")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--use-gpu", action="store_true")
+    ap.add_argument(
+        "--pause", type=float, default=0.0, help="seconds between one fit's return and the next"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

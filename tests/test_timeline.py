@@ -61,6 +61,15 @@ def test_the_workers_start_is_split_where_its_torch_set_up_is_marked():
     )
 
 
+def test_a_worker_process_started_before_the_fit_counts_from_the_trainers_start():
+    # Prestarted for it (lepton_ray.train.prestart): the idle wait is in no phase.
+    marks = MARKS | {"process_started": 90.0, "torch_setup_started": 105.0}
+    marks |= {"process_group_ready": 106.5}
+    got = phases(marks)
+    assert (got["worker_group"], got["worker_start"]) == (0.0, 4.5)
+    assert got["to_first_step"] == pytest.approx(sum(got[k] for k in BEFORE_FIRST_STEP))
+
+
 def test_table_columns_are_the_phases_any_run_has_in_order():
     old = {"worker_group": 1.0, "worker_imports": 2.0, "model": 1.0, "to_first_step": 4.0}
     new = {"worker_group": 1.0, "worker_start": 1.0, "torch_setup": 1.0, "teardown": 0.5}

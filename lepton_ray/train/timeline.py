@@ -101,6 +101,10 @@ def columns(measured: list[dict[str, float]]) -> list[str]:
 def phases(marks: dict[str, float]) -> dict[str, float]:
     """Seconds per phase of :data:`PHASES` whose two marks are known, plus ``to_first_step``
     (``fit_called`` to ``first_step_done``) when both are."""
+    if "process_started" in marks and "trainer_started" in marks:
+        # A worker process prestarted for this fit (lepton_ray.train.prestart) began before it:
+        # it counts from the trainer's start, so its idle wait is in no phase.
+        marks = dict(marks, process_started=max(marks["process_started"], marks["trainer_started"]))
     split = all(m in marks for m in ("torch_setup_started", "process_group_ready"))
     spans = PHASES if split else (*(p for p in PHASES if p[0] not in SPLIT), UNSPLIT)
     out = {name: round(marks[b] - marks[a], 3) for name, a, b in spans if a in marks and b in marks}

@@ -194,10 +194,12 @@ def _run(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
+    from lepton_ray.train import prestart
     from lepton_ray.train.backend import TorchBackendConfig
     from lepton_ray.train.observe import ProgressBar, ProgressBoard, RunObserver, divergence
     from lepton_ray.train.timeline import phases
 
+    keep_warm = prestart.keep_alive_s()  # checked before anything starts
     info = train_src.info
     shuffle = shuffle_mode(
         info, cfg.data.shuffle, ray.cluster_resources().get("object_store_memory", 0.0)
@@ -285,6 +287,9 @@ def _run(
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
             callbacks=[RunObserver(run.uri, cfg.endpoint_url)],
+            # Ray's set-up hook for the workers: an idle one prestarted for the next fit has
+            # imported torch before it is asked for (lepton_ray.train.prestart).
+            worker_runtime_env=prestart.worker_runtime_env(),
         ),
         datasets=datasets,
         # Only a user's Ray Dataset is split by Ray Train (unless every worker caches all of it);
@@ -303,6 +308,8 @@ def _run(
         raise
     except Exception as exc:  # Ray wraps worker errors; surface the root cause in one line
         raise _failure(run.name, exc) from None
+    finally:  # the processes this fit started, started again for the next one
+        prestart.after_fit(int(marks["trainer_started"] * 1000), keep_warm)
     if result.error is not None:
         raise _failure(run.name, result.error)
     marks["fit_returned"] = time.time()

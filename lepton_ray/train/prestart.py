@@ -1,0 +1,149 @@
+"""Warm processes for the next ``fit()``: each fit's Ray processes, started again before it asks.
+
+Every ``fit()`` starts new Ray worker processes: Ray Train's controller and its helpers (the
+dataset manager, the placement-group cleaner, the synchronisation actor), lepton_ray's progress
+board, and one per training worker, each then importing what it runs; the training workers import
+torch (1.4-2.5 s). Ray's pool of idle workers does not serve them: those actors carry a runtime
+environment of their own (Ray Train's environment variables), and a worker process fits only the
+runtime environment it was started for.
+
+After a fit, :func:`after_fit` asks each node's raylet to start the same processes again, idle,
+for the same runtime environments (Ray's ``PrestartWorkers``, the request Ray's own task
+submitter sends for a backlog), read from the actors the fit started and that have ended (Ray's
+actor table). The next fit's actors land on them instead of waiting for new processes. The
+training workers' runtime environment names :func:`import_for_training` as Ray's worker-process
+set-up hook, so an idle training worker has imported torch and the training loop before a fit
+needs it; a worker started on demand runs the same imports first, which it would run anyway.
+
+The processes stay idle for ``$LEPTON_PRESTART_S`` seconds (default 300; ``0`` turns this off)
+and are then Ray's to stop like any idle worker (Ray keeps up to one per CPU of the node). An idle
+training worker holds torch's modules (~300 MB of host memory) and no GPU memory. A fit after a
+different one (another worker count, another ``RAY_TRAIN_*`` setting) uses what fits and starts
+the rest as before. Nothing here fails a fit: a raylet that does not answer, or an older Ray, is
+logged at debug level and skipped.
+"""
+
+from __future__ import annotations
+
+import collections
+import importlib
+import logging
+import os
+from collections.abc import Iterable
+from typing import Any
+
+from lepton_ray.train.warmup import warm_imports
+
+log = logging.getLogger(__name__)
+
+ENV = "LEPTON_PRESTART_S"
+DEFAULT_KEEP_S = 300
+SETUP_HOOK_ENV = "__RAY_WORKER_PROCESS_SETUP_HOOK_ENV_VAR"
+"""The variable through which Ray's ``worker_process_setup_hook`` reaches a worker process
+(``ray._private.ray_constants.WORKER_PROCESS_SETUP_HOOK_ENV_VAR``). Ray fills it from a job's
+runtime environment only; set in the training workers' own, it names the hook for them alone."""
+HOOK = "lepton_ray.train.prestart.import_for_training"
+TRAINING_IMPORTS = ("torch", "torch.distributed", "ray.train.torch.config", "lepton_ray.train.loop")
+RPC_TIMEOUT_S = 2.0
+
+
+def keep_alive_s() -> int:
+    """``$LEPTON_PRESTART_S`` as whole seconds (0: off); a value that is not a number is an error
+    in one line."""
+    raw = os.environ.get(ENV, "").strip()
+    if not raw:
+        return DEFAULT_KEEP_S
+    try:
+        value = int(raw)
+    except ValueError:
+        from lepton_ray.errors import ConfigError
+
+        raise ConfigError(
+            f"${ENV} must be a whole number of seconds (0: off), got {raw!r}"
+        ) from None
+    return max(value, 0)
+
+
+def worker_runtime_env() -> dict[str, Any]:
+    """The training workers' runtime environment (Ray Train's ``worker_runtime_env``): the hook."""
+    return {"env_vars": {SETUP_HOOK_ENV: HOOK}}
+
+
+def import_for_training() -> None:
+    """Ray's set-up hook in a training worker's process: what every training worker imports,
+    before any fit asks for the process; sympy on a thread (:mod:`lepton_ray.train.warmup`)."""
+    for name in TRAINING_IMPORTS:
+        importlib.import_module(name)
+    warm_imports()
+
+
+def processes_to_start(actors: Iterable[Any], since_ms: int) -> dict[tuple[bytes, str], int]:
+    """``(node id, serialized runtime environment) -> count`` of the actors (Ray's
+    ``ActorTableData``) that started at or after ``since_ms`` without a name: the processes a fit
+    started for itself. Named actors are the ones meant to outlive it, found by name by the next
+    (Ray Data's statistics actor and autoscaling coordinator); some of a fit's own are still
+    alive when it returns, until the driver lets go of their handles."""
+    out: collections.Counter[tuple[bytes, str]] = collections.Counter()
+    for a in actors:
+        if a.start_time >= since_ms and not a.name:
+            out[(a.address.node_id, a.serialized_runtime_env)] += 1
+    return dict(out)
+
+
+def after_fit(since_ms: int, keep: int) -> int:
+    """Start idle processes, kept ``keep`` seconds (:func:`keep_alive_s`, read before the fit), for
+    what the fit that began at ``since_ms`` (``time.time()`` in ms) started; the number asked for
+    (0 when off or when Ray could not be asked)."""
+    if keep == 0:
+        return 0
+    try:
+        return _prestart(processes_to_start(_job_actors(), since_ms), keep)
+    except Exception as exc:  # noqa: BLE001 - an optimisation: never the fit's failure
+        log.debug("prestarting the next fit's processes failed: %s", exc)
+        return 0
+
+
+def _job_actors() -> list[Any]:
+    import ray
+    from ray.core.generated.gcs_pb2 import ActorTableData
+
+    accessor = ray._private.state.state._connect_and_get_accessor()
+    job = ray.JobID.from_hex(ray.get_runtime_context().get_job_id())
+    return [ActorTableData.FromString(b) for b in accessor.get_actor_table(job, None)]
+
+
+def _prestart(wanted: dict[tuple[bytes, str], int], keep: int) -> int:
+    import ray
+    from ray._private.grpc_utils import init_grpc_channel
+    from ray.core.generated import common_pb2, node_manager_pb2, node_manager_pb2_grpc
+    from ray.core.generated.runtime_environment_pb2 import RuntimeEnvInfo
+
+    raylets = {
+        bytes.fromhex(n["NodeID"]): f"{n['NodeManagerAddress']}:{n['NodeManagerPort']}"
+        for n in ray.nodes()
+        if n.get("Alive")
+    }
+    job = ray._private.worker.global_worker.current_job_id.binary()
+    channels: dict[bytes, Any] = {}
+    asked = 0
+    try:
+        for (node, env), count in wanted.items():
+            if node not in raylets:  # the node has left the cluster since
+                continue
+            if node not in channels:
+                channels[node] = init_grpc_channel(raylets[node])
+            node_manager_pb2_grpc.NodeManagerServiceStub(channels[node]).PrestartWorkers(
+                node_manager_pb2.PrestartWorkersRequest(
+                    language=common_pb2.PYTHON,
+                    job_id=job,
+                    runtime_env_info=RuntimeEnvInfo(serialized_runtime_env=env),
+                    keep_alive_duration_secs=keep,
+                    num_workers=count,
+                ),
+                timeout=RPC_TIMEOUT_S,
+            )
+            asked += count
+    finally:
+        for channel in channels.values():
+            channel.close()
+    return asked
