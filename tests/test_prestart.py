@@ -55,12 +55,19 @@ def test_the_keep_alive_setting(monkeypatch):
 
 
 def test_the_training_workers_runtime_env_names_an_importable_hook():
-    ((name, value),) = prestart.worker_runtime_env()["env_vars"].items()
+    ((name, value),) = prestart.worker_runtime_env({})["env_vars"].items()
     import ray._private.ray_constants as ray_constants
 
     assert name == ray_constants.WORKER_PROCESS_SETUP_HOOK_ENV_VAR  # Ray's own variable
     module, func = value.rsplit(".", 1)
     assert callable(getattr(__import__(module, fromlist=[func]), func))
+    assert prestart.worker_runtime_env({"env_vars": {"A": "1"}}) == {"env_vars": {name: value}}
+
+
+def test_a_jobs_own_set_up_hook_is_left_to_run():
+    # As Ray records a job's hook: the field, and the variable among the job's env_vars.
+    assert prestart.worker_runtime_env({"worker_process_setup_hook": "mine.setup"}) == {}
+    assert prestart.worker_runtime_env({"env_vars": {prestart.SETUP_HOOK_ENV: "mine.setup"}}) == {}
 
 
 @pytest.fixture(scope="module")

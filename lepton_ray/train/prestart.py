@@ -13,7 +13,9 @@ submitter sends for a backlog), read from the actors the fit started and that ha
 actor table). The next fit's actors land on them instead of waiting for new processes. The
 training workers' runtime environment names :func:`import_for_training` as Ray's worker-process
 set-up hook, so an idle training worker has imported torch and the training loop before a fit
-needs it; a worker started on demand runs the same imports first, which it would run anyway.
+needs it; a worker started on demand runs the same imports first, which it would run anyway. A
+job whose runtime environment has a set-up hook of its own keeps it: the training workers then
+get none of ours (one would replace the other), and import on demand.
 
 The processes stay idle for ``$LEPTON_PRESTART_S`` seconds (default 300; ``0`` turns this off)
 and are then Ray's to stop like any idle worker (Ray keeps up to one per CPU of the node). An idle
@@ -64,8 +66,12 @@ def keep_alive_s() -> int:
     return max(value, 0)
 
 
-def worker_runtime_env() -> dict[str, Any]:
-    """The training workers' runtime environment (Ray Train's ``worker_runtime_env``): the hook."""
+def worker_runtime_env(job_env: dict[str, Any]) -> dict[str, Any]:
+    """The training workers' runtime environment (Ray Train's ``worker_runtime_env``): the hook,
+    unless the job's runtime environment ``job_env`` has a set-up hook of its own (it would
+    override the user's in the training workers): then nothing, and they import on demand."""
+    if job_env.get("worker_process_setup_hook") or SETUP_HOOK_ENV in job_env.get("env_vars", {}):
+        return {}
     return {"env_vars": {SETUP_HOOK_ENV: HOOK}}
 
 

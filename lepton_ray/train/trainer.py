@@ -289,7 +289,7 @@ def _run(
             callbacks=[RunObserver(run.uri, cfg.endpoint_url)],
             # Ray's set-up hook for the workers: an idle one prestarted for the next fit has
             # imported torch before it is asked for (lepton_ray.train.prestart).
-            worker_runtime_env=prestart.worker_runtime_env(),
+            worker_runtime_env=prestart.worker_runtime_env(ray.get_runtime_context().runtime_env),
         ),
         datasets=datasets,
         # Only a user's Ray Dataset is split by Ray Train (unless every worker caches all of it);
