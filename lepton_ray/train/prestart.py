@@ -9,8 +9,8 @@ runtime environment it was started for.
 
 After a fit, :func:`after_fit` asks each node's raylet to start the same processes again, idle,
 for the same runtime environments (Ray's ``PrestartWorkers``, the request Ray's own task
-submitter sends for a backlog), read from the actors the fit started and that have ended (Ray's
-actor table). The next fit's actors land on them instead of waiting for new processes. The
+submitter sends for a backlog), read from the unnamed actors the fit started (Ray's actor
+table). The next fit's actors land on them instead of waiting for new processes. The
 training workers' runtime environment names :func:`import_for_training` as Ray's worker-process
 set-up hook, so an idle training worker has imported torch and the training loop before a fit
 needs it; a worker started on demand runs the same imports first, which it would run anyway. A
@@ -26,8 +26,8 @@ The processes stay idle for ``$LEPTON_PRESTART_S`` seconds (default 300; ``0`` t
 and are then Ray's to stop like any idle worker (Ray keeps up to one per CPU of the node). An idle
 training worker holds what its imports take and no GPU memory: those imports alone took 0.7 GB of
 host memory in a plain process on the 2-core machine (0.4 GB of it the process's own, the rest
-torch's libraries). A fit after a different one (another worker count, another ``RAY_TRAIN_*`` setting) uses what fits and starts
-the rest as before. Nothing here fails a fit: a raylet that does not answer, or an older Ray, is
+torch's libraries). A fit after a different one (another worker count, another ``RAY_TRAIN_*``
+setting) uses what fits and starts the rest as before. Nothing here fails a fit: a raylet that does not answer, or an older Ray, is
 logged at debug level and skipped.
 """
 
@@ -40,16 +40,17 @@ import os
 from collections.abc import Iterable
 from typing import Any
 
+from ray._private.ray_constants import WORKER_PROCESS_SETUP_HOOK_ENV_VAR as SETUP_HOOK_ENV
+
 from lepton_ray.train.warmup import warm_imports
 
 log = logging.getLogger(__name__)
 
 ENV = "LEPTON_PRESTART_S"
 DEFAULT_KEEP_S = 300
-SETUP_HOOK_ENV = "__RAY_WORKER_PROCESS_SETUP_HOOK_ENV_VAR"
-"""The variable through which Ray's ``worker_process_setup_hook`` reaches a worker process
-(``ray._private.ray_constants.WORKER_PROCESS_SETUP_HOOK_ENV_VAR``). Ray fills it from a job's
-runtime environment only; set in the training workers' own, it names the hook for them alone."""
+# SETUP_HOOK_ENV: the variable through which Ray's worker_process_setup_hook reaches a worker
+# process. Ray fills it from a job's runtime environment only; set in the training workers' own,
+# it names the hook for them alone.
 HOOK = "lepton_ray.train.prestart.import_for_training"
 TRAINING_IMPORTS = ("torch", "torch.distributed", "ray.train.torch.config", "lepton_ray.train.loop")
 RPC_TIMEOUT_S = 2.0
@@ -109,22 +110,24 @@ def after_fit(since_ms: int, keep: int) -> int:
     if keep == 0:
         return 0
     try:
-        return _prestart(processes_to_start(_job_actors(), since_ms), keep)
+        import ray
+
+        job = ray.JobID.from_hex(ray.get_runtime_context().get_job_id())
+        return _prestart(processes_to_start(_job_actors(job), since_ms), job, keep)
     except Exception as exc:  # noqa: BLE001 - an optimisation: never the fit's failure
         log.debug("prestarting the next fit's processes failed: %s", exc)
         return 0
 
 
-def _job_actors() -> list[Any]:
+def _job_actors(job: Any) -> list[Any]:
     import ray
     from ray.core.generated.gcs_pb2 import ActorTableData
 
     accessor = ray._private.state.state._connect_and_get_accessor()
-    job = ray.JobID.from_hex(ray.get_runtime_context().get_job_id())
     return [ActorTableData.FromString(b) for b in accessor.get_actor_table(job, None)]
 
 
-def _prestart(wanted: dict[tuple[bytes, str], int], keep: int) -> int:
+def _prestart(wanted: dict[tuple[bytes, str], int], job: Any, keep: int) -> int:
     import ray
     from ray._private.grpc_utils import init_grpc_channel
     from ray.core.generated import common_pb2, node_manager_pb2, node_manager_pb2_grpc
@@ -135,7 +138,6 @@ def _prestart(wanted: dict[tuple[bytes, str], int], keep: int) -> int:
         for n in ray.nodes()
         if n.get("Alive")
     }
-    job = ray._private.worker.global_worker.current_job_id.binary()
     channels: dict[bytes, Any] = {}
     asked = 0
     try:
@@ -147,7 +149,7 @@ def _prestart(wanted: dict[tuple[bytes, str], int], keep: int) -> int:
             node_manager_pb2_grpc.NodeManagerServiceStub(channels[node]).PrestartWorkers(
                 node_manager_pb2.PrestartWorkersRequest(
                     language=common_pb2.PYTHON,
-                    job_id=job,
+                    job_id=job.binary(),
                     runtime_env_info=RuntimeEnvInfo(serialized_runtime_env=env),
                     keep_alive_duration_secs=keep,
                     num_workers=count,
