@@ -339,3 +339,30 @@ def test_ring_feed_stops_its_read_ahead_on_an_early_stop_or_a_resume(prepared):
     reading = feed.reading
     feed.close()  # an early stop mid-epoch
     assert not reading.alive and feed.ahead is None
+
+
+def test_rows_keep_pixels_as_stored_and_unpack_to_channels_first_views():
+    import pyarrow as pa
+
+    layout = RowLayout((3, 4, 5))  # (C, H, W); stored (H, W, C) like a prepared dataset
+    images = np.random.default_rng(3).integers(0, 256, (6, 4, 5, 3), dtype=np.uint8)
+    labels, ids = np.arange(6) % 4, 100 + np.arange(6)
+    want = torch.from_numpy(images).permute(0, 3, 1, 2)
+    from_numpy = layout.pack({"image": images, "label": labels, "id": ids})
+    # as Ray Data hands a raw dataset's block over: Parquet's fixed-width pixel column, chunked
+    flat = pa.FixedSizeBinaryArray.from_buffers(
+        pa.binary(60), 6, [None, pa.py_buffer(images.tobytes())]
+    )
+    table = pa.Table.from_arrays(
+        [pa.chunked_array([flat[:2], flat[2:]]), pa.array(labels), pa.array(ids)],
+        names=["image", "label", "id"],
+    )
+    out = np.full((6, layout.width), 7, np.uint8)  # e.g. pinned memory: written in place
+    assert layout.pack_array(table, out=out) is out
+    for rows in (from_numpy, torch.from_numpy(out)):
+        got = layout.unpack(rows)
+        assert torch.equal(got["image"], want)
+        assert got["image"].stride() == (layout.width, 1, 15, 3)  # each image channels-last
+        assert got["label"].tolist() == labels.tolist() and got["id"].tolist() == ids.tolist()
+    with pytest.raises(ValueError, match="rows for 6 of width"):
+        layout.pack_array(table, out=np.empty((5, layout.width), np.uint8))

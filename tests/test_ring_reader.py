@@ -29,15 +29,20 @@ SHAPE = (1, 2, 3)  # (C, H, W) of the rows below, stored as (H, W, C)
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     ids = 7 + 5 * np.arange(900)
-    pixels = (ids % 251).astype(np.uint8)[:, None, None, None]
     return write_dataset(
-        np.ascontiguousarray(np.broadcast_to(pixels, (900, 2, 3, 1))),
+        hwc_pixels(ids),
         ids % 10,
         tmp_path_factory.mktemp("reader"),
         classes=[str(i) for i in range(10)],
         ids=ids,
         rows_per_shard=100,
     )
+
+
+def hwc_pixels(ids: np.ndarray) -> np.ndarray:
+    """(N, 2, 3, 1) images whose every pixel says its row and its place in the image."""
+    place = np.arange(6, dtype=np.int64).reshape(1, 2, 3, 1)
+    return ((ids.reshape(-1, 1, 1, 1) + 40 * place) % 251).astype(np.uint8)
 
 
 def piece(info, rank: int, epoch: int, world: int = 2):
@@ -60,7 +65,8 @@ def test_blocks_arrive_packed_in_plan_order_and_whole(ray_session, prepared):
             assert all(b.dtype == torch.uint8 and b.shape[1] == layout.width for b in blocks)
             rows = layout.unpack(torch.cat(blocks))
             assert rows["id"].numpy().tolist() == p.ids.tolist()  # exactly the plan, in order
-            assert (rows["image"] == (rows["id"] % 251).view(-1, 1, 1, 1)).all()
+            want = torch.from_numpy(hwc_pixels(rows["id"].numpy())).permute(0, 3, 1, 2)
+            assert torch.equal(rows["image"], want)  # every pixel in its place
             assert (rows["label"] == rows["id"] % 10).all()
     finally:
         import ray
@@ -127,3 +133,20 @@ def test_block_and_cpu_defaults(ray_session):
     node_cpus = int(ray.cluster_resources()["CPU"])  # one node here
     assert read_cpus(1) == max(1, node_cpus // 4)
     assert read_cpus(64) == 1  # never none
+
+
+def test_the_ring_read_benchmark_reads_every_row_both_ways(ray_session, prepared):
+    from benchmarks import ring_read
+
+    p, shards = piece(prepared, 0, 1, world=1)
+    actor = start_reader()
+    try:
+        assert ring_read.ring_epoch(shards, p, 1, 1, actor, 1) == len(p.ids)
+        assert ring_read.ray_data_epoch(shards, p, 1, 1) == len(p.ids)
+    finally:
+        import ray
+
+        ray.kill(actor)
+    before = ring_read.cpu_seconds()
+    assert before and all(kind in ring_read.KINDS for kind, _ in before.values())
+    assert "consumer" in {kind for kind, _ in before.values()}  # this process

@@ -108,6 +108,24 @@ def test_preprocessor_takes_arrow_batches_as_numpy_ones():
             np.testing.assert_array_equal(a[k], b[k])
 
 
+def test_preprocessor_nhwc_passes_raw_rows_through_and_keeps_decoded_ones_as_stored():
+    import pyarrow as pa
+
+    from lepton_ray.data.writer import pixel_column
+
+    imgs = _images(n=4)
+    table = pa.table({"id": np.arange(4), "image": pixel_column(imgs), "label": np.arange(4) % 3})
+    pre = Preprocessor((5, 7, 3), [0.5] * 3, [0.25] * 3, normalize=False, layout="nhwc")
+    assert pre.passthrough and pre(table).equals(table)  # the pixels not even looked at
+    augmented = Preprocessor(
+        (5, 7, 3), [0.5] * 3, [0.25] * 3, ("hflip",), 3, normalize=False, layout="nhwc"
+    )
+    assert not augmented.passthrough
+    assert augmented(table)["image"].shape == (4, 5, 7, 3)  # augmented, still (N, H, W, C)
+    with pytest.raises(ValueError, match="nhwc with normalize=False"):
+        Preprocessor((5, 7, 3), [0.5] * 3, [0.25] * 3, layout="nhwc")
+
+
 def test_random_crop_keeps_shape_and_dtype():
     imgs = _images()
     out = random_crop(imgs, np.random.default_rng(0), padding=2)

@@ -336,7 +336,10 @@ class Preprocessor:
     (build one Preprocessor per epoch). Without ``seed`` or an ``id`` column, fresh entropy.
     Output columns: ``image`` float32 (N, C, H, W), ``label`` int64, ``id`` int64. With
     ``normalize=False`` the images stay uint8 (N, C, H, W), a quarter of the bytes to move, and
-    whoever consumes them normalises (the training loop does it on its device).
+    whoever consumes them normalises (the training loop does it on its device); with
+    ``layout="nhwc"`` too they stay as stored, (N, H, W, C), and a raw dataset's batch passes
+    through untouched: the Arrow table read from Parquet, pixels and all, not copied (the ring's
+    worker packs them itself, :mod:`lepton_ray.train.rows`).
 
     A JPEG dataset's rows (``encoding="jpeg"``) are decoded and cropped to ``shape`` as ``jpeg``
     says (:data:`JPEG_CROPS`), before ``augment``; with ``jpeg="bytes"`` the batch passes through
@@ -354,18 +357,29 @@ class Preprocessor:
         normalize: bool = True,
         epoch: int = 0,
         jpeg: str = "center",
+        layout: str = "nchw",
     ):
         if encoding not in ENCODINGS:
             raise ValueError(f"unknown image encoding {encoding!r} (known: {', '.join(ENCODINGS)})")
         if jpeg not in JPEG_CROPS:
             raise ValueError(f"unknown JPEG crop {jpeg!r} (known: {', '.join(JPEG_CROPS)})")
-        self.jpeg = jpeg
+        if layout not in ("nchw", "nhwc") or (layout == "nhwc" and normalize):
+            raise ValueError(f"layout {layout!r}: nchw, or nhwc with normalize=False")
+        self.jpeg, self.layout = jpeg, layout
         self.shape = tuple(shape)
         self.mean, self.std = list(mean), list(std)
         self.augment = check_augment(augment)
         self.seed, self.epoch = seed, epoch
         self.encoding = encoding
         self.normalize = normalize
+
+    @property
+    def passthrough(self) -> bool:
+        """Batches leave as they came (the worker decodes JPEGs on its device, or packs raw
+        pixels as stored): nothing to batch, so Ray Data can fuse this into its read tasks."""
+        return (self.encoding == "jpeg" and self.jpeg == "bytes") or (
+            self.encoding == "raw" and self.layout == "nhwc" and not self.augment
+        )
 
     def decode(self, batch: dict[str, Any]) -> np.ndarray:
         if self.encoding == "raw":
@@ -388,7 +402,7 @@ class Preprocessor:
         return decode_encoded(images, self.shape, batch.get("id"))
 
     def __call__(self, batch: dict[str, Any] | pa.Table) -> dict[str, np.ndarray] | pa.Table:
-        if self.encoding == "jpeg" and self.jpeg == "bytes":  # the worker's device decodes
+        if self.passthrough:  # the worker decodes (JPEG, on its device) or packs (raw pixels)
             columns = ("id", "image", "label")
             if isinstance(batch, pa.Table):
                 return batch.select([c for c in columns if c in batch.column_names])
@@ -404,7 +418,10 @@ class Preprocessor:
             draws = row_draws(self.seed, self.epoch, ids, self.augment, len(images))
             for name, rng in zip(self.augment, draws, strict=True):
                 images = AUGMENTATIONS[name](images, rng)
-        pixels = normalize(images, self.mean, self.std) if self.normalize else to_nchw(images)
+        if self.normalize:
+            pixels = normalize(images, self.mean, self.std)
+        else:
+            pixels = images if self.layout == "nhwc" else to_nchw(images)
         out = {"image": pixels, "label": np.asarray(batch["label"], dtype=np.int64)}
         if "id" in batch:
             out["id"] = np.asarray(batch["id"], dtype=np.int64)

@@ -2,10 +2,11 @@
 
 For training sets larger than the device (``DataConfig.feed = "ring"``). Ray Data reads a worker's
 piece of the epoch plan (``sampling.sequential_plan``: shards in an order shuffled per epoch) as
-whole decoded blocks, in an actor beside the worker that packs each into rows of bytes (image,
-label, id: :class:`RowLayout`; :mod:`lepton_ray.train.ring_reader`); a background thread of the
-worker (:class:`BlockReader`) keeps a queue of them in host memory, pinned on CUDA, bounded in
-rows. Each block is copied once into one preallocated device tensor of ``capacity`` rows; on
+whole blocks, one per shard, its execution in an actor beside the worker
+(:mod:`lepton_ray.train.ring_reader`); a background thread of the worker (:class:`BlockReader`)
+maps each block from the object store, packs it into rows of bytes (image as stored, label, id:
+:class:`RowLayout`) in host memory, pinned on CUDA, and keeps a queue of them bounded in rows.
+Each block is copied once into one preallocated device tensor of ``capacity`` rows; on
 CUDA the copy is ``non_blocking`` on a side stream, and the step's draw waits for it on the
 device, not on the host. Each step then draws its ``b_r`` rows uniformly at random
 **without replacement** from the resident rows (one gather), frees their slots and the ring takes

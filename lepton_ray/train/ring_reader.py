@@ -1,24 +1,32 @@
-"""The ring's reading process: Ray Data's execution and the packing of its blocks, run in an actor
-beside each training worker instead of in the worker's process.
+"""The ring's reading process: Ray Data's execution run in an actor beside each training worker
+instead of in the worker's process; the blocks it reads go from the object store to the worker.
 
 A training loop that launches GPU work from Python holds the GIL for most of each step. Run in its
 process, Ray Data's streaming executor (task submissions, resource budgets, metrics), its iterator
 threads (fetching and deserialising blocks, converting them to numpy) and the packing took the GIL
 from it: on the H200 (ResNet-18@32, 204,800-row epochs) the epochs that read the next one ahead ran
 at 0.64-0.78 of the last epoch, which read nothing, and a py-spy profile of the worker (``--gil``)
-counted 346 samples of those threads holding the GIL against the training thread's 438. Here the
-worker only asks for the next block (one actor call), maps it from the node's object store (no copy)
-and copies it into pinned memory (numpy's copy, without the GIL): the same profile then counted 17
-samples of its reader thread against the training thread's 479, and in one run on one machine the
-epochs read ahead went from 36.1k and 30.6k samples/s to 40.1k and 40.8k
-(``gpu_train_ring_200k_inproc`` against ``gpu_train_ring_200k_actor`` in docs/benchmarks.md).
+counted 346 samples of those threads holding the GIL against the training thread's 438. With the
+executor here the same profile counted 17 samples of the worker's reader thread against the
+training thread's 479, and in one run on one machine the epochs read ahead went from 36.1k and
+30.6k samples/s to 40.1k and 40.8k (``gpu_train_ring_200k_inproc`` against
+``gpu_train_ring_200k_actor`` in docs/benchmarks.md).
+
+Each block is copied once on the host. Ray Data's tasks read the Parquet shards and pass a raw
+dataset's rows on as read (an Arrow table whose pixels are the decompressed column, ``layout=
+"nhwc"`` of :func:`lepton_ray.data.read_ray`); the actor hands the worker only each block's
+reference (:class:`Piece`); the worker maps the block from the node's object store and packs it
+(:class:`~lepton_ray.train.rows.RowLayout`, pixels as stored) straight into pinned memory, which
+the ring copies to the device. Before, the tasks transposed the pixels to (C, H, W), the actor
+fetched, packed and returned each block (two more copies, the second into the object store) and
+the worker copied it once more: on 2 CPUs reading 204,800 32x32 rows took 4.8 CPU-seconds.
 
 :class:`RingReader` (the actor, torch-free so it starts fast) reads one epoch's piece at a time:
-``start`` begins a read (stopping any other), a producer thread iterates Ray Data's blocks in plan
-order (``preserve_order``), packs each (:class:`~lepton_ray.train.rows.RowLayout`) and keeps a
-few of them ready; ``next`` hands over the next block, ``None`` at the end, or raises the read's
-error. :class:`RemoteBlocks` is the worker's side of one read: an iterable of packed tensors for
-:class:`~lepton_ray.train.ring.BlockReader`, whose ``cancel`` unblocks a read being closed.
+``start`` begins a read (stopping any other), a producer thread iterates Ray Data's output in plan
+order (``preserve_order``) and keeps the references of a few blocks ready; ``next`` hands over the
+next one, ``None`` at the end, or raises the read's error. :class:`RemoteBlocks` is the worker's
+side of one read: an iterable of packed tensors for :class:`~lepton_ray.train.ring.BlockReader`,
+whose ``cancel`` unblocks a read being closed.
 
 The actor runs on the worker's node (its blocks reach the worker through shared memory), takes no
 CPU of its own (Ray Data's read tasks take theirs), and is owned by the worker: it dies with it.
@@ -39,7 +47,7 @@ import ray
 from lepton_ray.train.rows import RowLayout
 
 BLOCK_BYTES = 16 << 20  # rows of a block the read hands over, at least (Ray Data's map batch)
-READY_BYTES = 64 << 20  # packed blocks the actor keeps ready ahead of ``next``
+READY_BYTES = 64 << 20  # blocks the actor keeps ready (referenced) ahead of ``next``
 READ_SHARE = 4  # the node's reads together take at most 1/READ_SHARE of its CPUs by default
 
 
@@ -78,12 +86,35 @@ class ReadSpec:
     cpus: int
 
 
+@dataclass(frozen=True)
+class Piece:
+    """One block of a read, by reference: rows ``start`` to ``start + rows`` of the Arrow block
+    ``ref`` (all of it when ``rows`` is None), about ``size`` bytes in the object store."""
+
+    ref: Any
+    start: int
+    rows: int | None
+    size: int
+
+
+def _pieces(bundle: Any) -> list[Piece]:
+    """The blocks of one of Ray Data's output bundles (a block may be handed over in slices)."""
+    out = []
+    for entry, part in zip(bundle.blocks, bundle.slices, strict=True):
+        size = int(entry.metadata.size_bytes or 0)
+        if part is None:
+            out.append(Piece(entry.ref, 0, None, size))
+        else:
+            out.append(Piece(entry.ref, part.start_offset, part.num_rows, size))
+    return out
+
+
 class RingReader:
     """One worker's reads, one at a time (module docstring). Create it with :func:`start_reader`."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
-        self._ready: deque[np.ndarray] = deque()
+        self._ready: deque[Piece] = deque()
         self._ready_bytes = 0
         self._read = -1  # the read being served
         self._done, self._stop = True, False
@@ -105,7 +136,7 @@ class RingReader:
 
         from lepton_ray.data import read_ray
 
-        it: Any = None
+        bundles: Any = None
         try:
             options = DataContext.get_current().execution_options  # this process's: the actor's
             options.preserve_order = spec.deterministic
@@ -117,40 +148,40 @@ class RingReader:
                 normalize=False,
                 epoch=spec.epoch,
                 batch_size=spec.batch_size,
+                layout="nhwc",
             )
-            layout = RowLayout(spec.shape)
-            it = iter(ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2))
-            for raw in it:
-                rows = layout.pack_array(raw)
-                with self._cond:
-                    while self._ready_bytes >= READY_BYTES and not self._stop:
-                        self._cond.wait()
-                    if self._stop:
-                        break
-                    self._ready.append(rows)
-                    self._ready_bytes += rows.nbytes
-                    self._cond.notify_all()
+            # References only: the blocks stay in the object store until the worker maps them.
+            bundles = ds.iter_internal_ref_bundles()
+            for bundle in bundles:
+                for piece in _pieces(bundle):
+                    with self._cond:
+                        while self._ready_bytes >= READY_BYTES and not self._stop:
+                            self._cond.wait()
+                        if self._stop:
+                            return
+                        self._ready.append(piece)
+                        self._ready_bytes += piece.size
+                        self._cond.notify_all()
         except BaseException as exc:  # handed to the worker by next()
             self._error = exc
         finally:
-            close = getattr(it, "close", None)
-            if close is not None:
-                close()  # shuts Ray Data's execution down
+            bundles = None  # its last reference: Ray Data shuts the execution down
             with self._cond:
                 self._done = True
                 self._cond.notify_all()
 
-    def next(self, read: int) -> np.ndarray | None:
-        """The next packed block of read ``read``; ``None`` at its end (or once it is stopped)."""
+    def next(self, read: int) -> list[Piece] | None:
+        """The next block of read ``read`` (in a list: Ray hands the worker its reference);
+        ``None`` at its end (or once it is stopped)."""
         with self._cond:
             while True:
                 if self._read > read or (self._read == read and self._stop):
                     return None  # a later read began, or this one was stopped
                 if self._read == read and self._ready:
-                    rows = self._ready.popleft()
-                    self._ready_bytes -= rows.nbytes
+                    piece = self._ready.popleft()
+                    self._ready_bytes -= piece.size
                     self._cond.notify_all()
-                    return rows
+                    return [piece]
                 if self._read == read and self._done:
                     if self._error is not None:
                         raise self._error
@@ -197,23 +228,34 @@ class RemoteBlocks:
     (pinned when ``pin``)."""
 
     def __init__(self, reader: Any, read: int, spec: ReadSpec, pin: bool):
-        self.reader, self.read, self.pin = reader, read, pin
+        self.reader, self.read, self.spec, self.pin = reader, read, spec, pin
         self.started = reader.start.remote(read, spec)
 
     def __iter__(self) -> Iterator[Any]:
+        import pyarrow as pa
         import torch
 
         ray.get(self.started)  # a reader that could not begin fails here, not by waiting
+        layout = RowLayout(self.spec.shape)
         while True:
-            rows = ray.get(self.reader.next.remote(self.read))
-            if rows is None:
+            pieces = ray.get(self.reader.next.remote(self.read))
+            if pieces is None:
                 return
-            # One copy out of the object store (numpy's, without the GIL), into pinned memory
-            # on CUDA: the ring copies it to the device asynchronously.
-            block = torch.empty(rows.shape, dtype=torch.uint8, pin_memory=self.pin)
-            np.copyto(block.numpy(), rows)
-            del rows
-            yield block
+            for piece in pieces:
+                # Mapped from the node's object store (no copy), its pixels copied once, by
+                # numpy without the GIL, into pinned memory on CUDA (the ring copies that to the
+                # device asynchronously).
+                table = ray.get(piece.ref)
+                if not isinstance(table, pa.Table):  # a pandas block
+                    table = pa.Table.from_pandas(table, preserve_index=False)
+                if piece.rows is not None:
+                    table = table.slice(piece.start, piece.rows)
+                block = torch.empty(
+                    (table.num_rows, layout.width), dtype=torch.uint8, pin_memory=self.pin
+                )
+                layout.pack_array(table, out=block.numpy())
+                del table
+                yield block
 
     def cancel(self) -> None:
         """Stop the read: a ``next`` waiting for a block returns ``None``."""
