@@ -144,7 +144,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         rows = ray_data_epoch(info, plan, epoch, cpus)
                     wall = time.perf_counter() - t0
                     epochs.append({"rows": rows, "wall_s": wall, **spent(before, cpu_seconds())})
-                cases[name] = summarise(epochs)
+                cases[name] = {"what": CASES[name], **summarise(epochs)}
             ray.kill(reader)
         finally:
             ray.shutdown()
@@ -181,19 +181,22 @@ def summarise(epochs: list[dict[str, float]]) -> dict[str, Any]:
 
 def render(r: dict[str, Any], key: str) -> str:
     rows = []
-    for name, what in CASES.items():
-        c = r["cases"][name]
+    for name, c in r["cases"].items():
         by = c["cpu_s_by_process"]
         rows.append(
-            [what, fmt(c["rows_per_s"]), fmt(c["cpu_s_per_epoch"], 2)]
+            [
+                c.get("what", CASES.get(name, name)),
+                fmt(c["rows_per_s"]),
+                fmt(c["cpu_s_per_epoch"], 2),
+            ]
             + [fmt(by[k], 2) for k in KINDS]
         )
     return (
-        "## The ring's read: CPU per epoch against Ray Data's consumer path (`ring_read`)\n\n"
+        f"## The ring's read: CPU per epoch against Ray Data's consumer path (`{key}`)\n\n"
         f"{harness.provenance(r, key)}\n\n"
         f"One worker's epoch of {fmt(r['rows'])} rows of {r['shape']} uint8 pixels in "
-        f"{r['shards']} Parquet shards, Ray Data's tasks limited to {r['read_cpus']} CPU(s) of "
-        f"{r['cpus']}, no model; means over epochs 2-{r['epochs']}. CPU-seconds per epoch by "
+        f"{r['shards']} Parquet shards, Ray Data's tasks limited to {fmt(r['read_cpus'])} of "
+        f"{r['cpus']} CPUs, no model; means over epochs 2-{r['epochs']}. CPU-seconds per epoch by "
         "process: the consumer (the training worker's place), the ring's reader actor, Ray "
         "Data's task workers, Ray's own processes (raylet, GCS).\n\n"
         + table(

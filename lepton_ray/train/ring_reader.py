@@ -19,7 +19,9 @@ reference (:class:`Piece`); the worker maps the block from the node's object sto
 (:class:`~lepton_ray.train.rows.RowLayout`, pixels as stored) straight into pinned memory, which
 the ring copies to the device. Before, the tasks transposed the pixels to (C, H, W), the actor
 fetched, packed and returned each block (two more copies, the second into the object store) and
-the worker copied it once more: on 2 CPUs reading 204,800 32x32 rows took 4.8 CPU-seconds.
+the worker copied it once more: on 2 CPUs an epoch of 204,800 32x32 rows took 4.7 CPU-seconds
+then, 2.5 now (``benchmarks.ring_read``, ``ring_read_before`` and ``ring_read`` in
+docs/benchmarks.md).
 
 :class:`RingReader` (the actor, torch-free so it starts fast) reads one epoch's piece at a time:
 ``start`` begins a read (stopping any other), a producer thread iterates Ray Data's output in plan
