@@ -364,5 +364,8 @@ def test_rows_keep_pixels_as_stored_and_unpack_to_channels_first_views():
         assert torch.equal(got["image"], want)
         assert got["image"].stride() == (layout.width, 1, 15, 3)  # each image channels-last
         assert got["label"].tolist() == labels.tolist() and got["id"].tolist() == ids.tolist()
+    # an older dataset's pixels: variable-width binary of equal lengths, read in place too
+    old = table.set_column(0, "image", pa.array([im.tobytes() for im in images], pa.binary()))
+    assert torch.equal(layout.unpack(layout.pack(old))["image"], want)
     with pytest.raises(ValueError, match="rows for 6 of width"):
         layout.pack_array(table, out=np.empty((5, layout.width), np.uint8))

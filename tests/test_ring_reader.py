@@ -150,3 +150,32 @@ def test_the_ring_read_benchmark_reads_every_row_both_ways(ray_session, prepared
     before = ring_read.cpu_seconds()
     assert before and all(kind in ring_read.KINDS for kind, _ in before.values())
     assert "consumer" in {kind for kind, _ in before.values()}  # this process
+
+
+def test_an_encoded_dataset_reaches_the_ring_decoded_pixel_for_pixel(ray_session, tmp_path):
+    """PNG rows are decoded by Ray Data's tasks (a tensor column, not the stored bytes) and
+    packed as a raw dataset's are."""
+    ids = 3 + 2 * np.arange(120)
+    info = write_dataset(
+        hwc_pixels(ids),
+        ids % 10,
+        tmp_path,
+        classes=[str(i) for i in range(10)],
+        ids=ids,
+        rows_per_shard=40,
+        encoding="png",
+    )
+    layout = RowLayout(SHAPE)
+    p, shards = piece(info, 0, 0, world=1)
+    actor = start_reader()
+    try:
+        spec = ReadSpec(SHAPE, shards, p.ids, 0, 64, True, 1)
+        got = torch.cat(list(BlockReader(RemoteBlocks(actor, 1, spec, pin=False), layout, 10_000)))
+    finally:
+        import ray
+
+        ray.kill(actor)
+    rows = layout.unpack(got)
+    assert rows["id"].numpy().tolist() == p.ids.tolist()
+    want = torch.from_numpy(hwc_pixels(rows["id"].numpy())).permute(0, 3, 1, 2)
+    assert torch.equal(rows["image"], want)
