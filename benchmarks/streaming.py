@@ -6,11 +6,14 @@ machine (measured on 2 shared cores).
 
 Generates ``synthetic:ROWS:HxWxC`` (3 GB of pixels by default: 1,000,000 images of 32x32x3) as a
 prepared dataset, starts a local Ray whose object store is a third of that, and reads one epoch
-the way the trainer does: shard order shuffled, random crop + flip on the Ray Data CPU workers,
-uint8 rows, a local shuffle buffer where they are consumed. Samples the object store while it
-runs and reports the peak, what was spilled to disk, the driver's peak RSS and rows/s.
+the way the trainer does: with ``--feed stream`` (the CPU default) shard order shuffled, random
+crop + flip on the Ray Data CPU workers, uint8 rows, a local shuffle buffer where they are
+consumed; with ``--feed ring`` as a ring-fed GPU worker reads (its shards in plan order, whole
+blocks through its reader actor, packed into rows in host memory, the host queue the ring's
+default bound; no GPU needed). Samples the object store while it runs and reports the peak, what
+was spilled to disk, the driver's peak RSS and rows/s.
 
-    python -m benchmarks.streaming [--rows 1000000] [--object-store-mb 1024] [--no-doc]
+    python -m benchmarks.streaming [--rows 1000000] [--object-store-mb 1024] [--feed ring] [--no-doc]
 
 The test suite runs the same code at a small size (``--rows 80000 --object-store-mb 80
 --no-report``: the JSON on stdout's last line, nothing written).
@@ -78,12 +81,63 @@ class StoreSampler:
         self.peak_mib, self.spilled_mib = max(self.peak_mib, used), max(self.spilled_mib, spilled)
 
 
+def stream_ids(info: Any) -> Any:
+    """The ids of one epoch read as the streamed feed reads it, batch by batch."""
+    from lepton_ray.data import read_ray
+
+    ds = read_ray(
+        info,
+        shuffle="files",
+        shuffle_seed=0,
+        augment=("random_crop", "hflip"),
+        batch_size=1024,
+        normalize=False,
+    )
+    for batch in ds.iter_batches(
+        batch_size=256, local_shuffle_buffer_size=4096, local_shuffle_seed=0
+    ):
+        yield batch["id"]
+
+
+def ring_ids(info: Any) -> Any:
+    """The ids of one epoch read as a ring-fed worker reads it, block by block (packed rows in
+    host memory; the queue bounded as the ring's is by default)."""
+    import ray
+
+    from lepton_ray.config import DataConfig
+    from lepton_ray.data import read_shard_ids
+    from lepton_ray.train.ring import BlockReader, RowLayout
+    from lepton_ray.train.ring_reader import (
+        ReadSpec,
+        RemoteBlocks,
+        block_rows,
+        read_cpus,
+        start_reader,
+    )
+    from lepton_ray.train.sampling import sequential_plan
+
+    h, w, c = info.shape
+    layout = RowLayout((c, h, w))
+    # global batch 1: the plan keeps every row (a bigger batch leaves out the last partial step)
+    plan = sequential_plan(read_shard_ids(info), seed=0, epoch=0, global_batch=1, world=1, rank=0)
+    spec = ReadSpec(
+        layout.shape, info, plan.ids, 0, block_rows(layout.pixels, 256), True, read_cpus(1)
+    )
+    queue = min(DataConfig().ring_rows, (2 << 30) // layout.width)
+    reader = start_reader()
+    try:
+        for block in BlockReader(RemoteBlocks(reader, 1, spec, pin=False), layout, queue):
+            yield layout.unpack(block)["id"].numpy()
+    finally:
+        ray.kill(reader)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import ray
 
-    from lepton_ray.data import prepare, read_ray
+    from lepton_ray.data import prepare
 
-    r = harness.record(KEY)
+    r = harness.record(KEY, feed=args.feed)
     with tempfile.TemporaryDirectory(prefix="lepton-stream-") as tmp:
         source = f"synthetic:{args.rows}:{args.shape}"
         info, prepare_s = harness.timed(
@@ -98,20 +152,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             log_to_driver=False,
         )
         try:
-            ds = read_ray(
-                info,
-                shuffle="files",
-                shuffle_seed=0,
-                augment=("random_crop", "hflip"),
-                batch_size=1024,
-                normalize=False,
-            )
             seen = np.zeros(info.num_rows, np.int32)
             with StoreSampler() as store, harness.Timer() as t:
-                for batch in ds.iter_batches(
-                    batch_size=256, local_shuffle_buffer_size=4096, local_shuffle_seed=0
-                ):
-                    np.add.at(seen, batch["id"], 1)
+                for ids in ring_ids(info) if args.feed == "ring" else stream_ids(info):
+                    np.add.at(seen, ids, 1)
         finally:
             ray.shutdown()
     pixels_mib = info.pixel_bytes / 2**20
@@ -134,6 +178,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return r
 
 
+READS = {
+    "stream": "training reads it: shard order shuffled, crop + flip on the Ray Data CPU workers, "
+    "uint8 rows, a 4,096-row local shuffle buffer",
+    "ring": 'a ring-fed worker reads it (`feed="ring"`): its shards in plan order, one block '
+    "per shard through its reader actor, packed into rows in host memory, a queue of at most the "
+    "ring's default 262,144 rows",
+}
+
+
 def metrics(r: dict[str, Any]) -> dict[str, Any]:
     return {**r, "peak_store_fraction": r["peak_object_store_mib"] / r["object_store_mib"]}
 
@@ -151,15 +204,17 @@ def render(r: dict[str, Any], key: str) -> str:
     ]
     hw = r.get("hardware") or f"{r.get('cpus')} CPUs, {r.get('machine')}"
     return (
-        "## Streaming a dataset larger than the object store\n\n"
+        "## Streaming a dataset larger than the object store"
+        + (" through the ring" if r.get("feed") == "ring" else "")
+        + f" (`{key}`)" * (key != KEY)
+        + "\n\n"
         f"{harness.provenance({**r, 'hardware': hw}, key)} One epoch of {fmt(r['rows'])} synthetic "
         f"{'x'.join(map(str, r['shape']))} images "
         f"({r['dataset_pixels_mib'] / 1024:.2f} GiB of pixels in "
         f"{r['shards']} Parquet shards) through a local Ray whose object store holds "
         f"{r['object_store_mib']} MiB ({r['dataset_to_store_ratio']}x less than the data), read as "
-        "training reads it: shard order shuffled, crop + flip on the Ray Data CPU workers, "
-        "uint8 rows, "
-        "a 4,096-row local shuffle buffer.\n\n"
+        + READS[r.get("feed", "stream")]
+        + ".\n\n"
         + table(["measure", "value"], rows)
         + "\n\n"
         + harness.goal_lines(GOALS, metrics(r))
@@ -172,6 +227,12 @@ def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--shape", default="32x32x3")
     ap.add_argument("--object-store-mb", type=int, default=1024)
     ap.add_argument("--rows-per-shard", type=int, default=None)
+    ap.add_argument(
+        "--feed",
+        choices=("stream", "ring"),
+        default="stream",
+        help="read as the streamed feed does (the CPU default) or as a ring-fed worker does",
+    )
     ap.add_argument(
         "--dataset-dir",
         default=None,

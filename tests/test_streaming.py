@@ -26,14 +26,18 @@ def synthetic(tmp_path_factory):
 
 
 @pytest.mark.ray
-def test_an_epoch_larger_than_the_object_store_streams(synthetic, tmp_path):
+@pytest.mark.parametrize("feed", ["stream", "ring"])
+def test_an_epoch_larger_than_the_object_store_streams(synthetic, tmp_path, feed):
     """``benchmarks/streaming.py`` at a small size, in its own Ray (the object store must be
-    smaller than the data, so it cannot be the session's): every row once, nothing spilled."""
+    smaller than the data, so it cannot be the session's): every row once, nothing spilled, read
+    as the streamed feed reads it and as a ring-fed worker does."""
     r = subprocess.run(
         [
             sys.executable,
             "-m",
             "benchmarks.streaming",
+            "--feed",
+            feed,
             "--rows",
             str(ROWS),
             "--object-store-mb",
@@ -52,6 +56,7 @@ def test_an_epoch_larger_than_the_object_store_streams(synthetic, tmp_path):
     )
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert result["feed"] == feed
     assert result["rows"] == ROWS and result["dataset_to_store_ratio"] > 2.5
     assert result["every_row_once"]
     assert result["spilled_mib"] == 0, result
