@@ -117,6 +117,12 @@ def test_preprocessor_nhwc_passes_raw_rows_through_and_keeps_decoded_ones_as_sto
     table = pa.table({"id": np.arange(4), "image": pixel_column(imgs), "label": np.arange(4) % 3})
     pre = Preprocessor((5, 7, 3), [0.5] * 3, [0.25] * 3, normalize=False, layout="nhwc")
     assert pre.passthrough and pre(table).equals(table)  # the pixels not even looked at
+    assert pre.as_read  # read_ray: whole shards, one fused task each
+    assert not Preprocessor((5, 7, 3), [0.5] * 3, [0.25] * 3, normalize=False).passthrough
+    jpeg_bytes = Preprocessor(
+        (5, 7, 3), [0.5] * 3, [0.25] * 3, encoding="jpeg", normalize=False, jpeg="bytes"
+    )
+    assert jpeg_bytes.passthrough and not jpeg_bytes.as_read  # keeps its decode batches
     augmented = Preprocessor(
         (5, 7, 3), [0.5] * 3, [0.25] * 3, ("hflip",), 3, normalize=False, layout="nhwc"
     )

@@ -463,9 +463,7 @@ def read_ray(
     # block per shard (Ray Data otherwise splits each file's output to make 200 blocks, and a
     # split read or a batch size keeps it from fusing the map into the read tasks). On 2 CPUs,
     # 204,800 32x32 rows in 50 shards through the ring's reader: 2.4 CPU-seconds, not 3.9.
-    # (JPEG bytes passed through keep their batches: the GPU decode was measured with them.)
-    as_read = pre.passthrough and info.encoding == "raw"
-    whole = {"override_num_blocks": len(paths)} if as_read and paths else {}
+    whole = {"override_num_blocks": len(paths)} if pre.as_read and paths else {}
     try:
         ds = ray.data.read_parquet(
             paths, filesystem=loc.fs, columns=["id", "image", "label"], shuffle=files, **whole
@@ -486,9 +484,7 @@ def read_ray(
         pre,
         batch_format="pyarrow",
         zero_copy_batch=True,
-        batch_size=None
-        if pre.passthrough
-        else decode_batch_rows(info.shape, batch_size, normalize),
+        batch_size=None if pre.as_read else decode_batch_rows(info.shape, batch_size, normalize),
         **(decode_args or {}),
     )
 

@@ -381,6 +381,13 @@ class Preprocessor:
             self.encoding == "raw" and self.layout == "nhwc" and not self.augment
         )
 
+    @property
+    def as_read(self) -> bool:
+        """Raw rows pass through as Parquet stored them: whole shards are the natural unit (a
+        JPEG dataset's bytes passed through keep their batches; its GPU decode was measured with
+        them)."""
+        return self.passthrough and self.encoding == "raw"
+
     def decode(self, batch: dict[str, Any]) -> np.ndarray:
         if self.encoding == "raw":
             return decode_raw(batch["image"], self.shape)
