@@ -155,6 +155,37 @@ def goals(
     ]
 
 
+def batching_ceiling(r: dict[str, Any]) -> str | None:
+    """What batching can win in this run, from its numbers: the model's side of a request alone
+    (``model_alone``: one image, and per image in a batch of 64), and plain FastAPI's time per
+    request outside the model at concurrency 64. If (a) spent no more than that around the model,
+    it could answer at most n / (outside + per image in a batch) requests/s: over (b), the most
+    (a) ÷ (b) can be with an HTTP stack as costly as plain FastAPI's."""
+    alone, n = r.get("model_alone"), r.get("replicas", 1)
+    c64 = _at(r["results"].get("c_plain_fastapi", []), 64)
+    if not alone or not c64 or not c64.get("requests_per_s"):
+        return None
+    one, batched = alone["batch_1_ms"], alone["batch_64_ms"] / 64
+    per_request = n * 1000 / c64["requests_per_s"]  # ms of one process per request
+    outside = per_request - one
+    if outside <= 0:
+        return None
+    ceiling = n * 1000 / (outside + batched)
+    text = (
+        f"What batching can win here: the model's side of a request alone took {one:.3f} ms for "
+        f"one image and {batched:.3f} ms per image in a batch of 64 ({one / batched:.2f}x less); "
+        f"plain FastAPI's requests at concurrency 64 took {per_request:.3f} ms of a process each, "
+        f"{outside:.3f} ms of it outside the model. Spending no more than that around the model, "
+        f"(a) could answer at most {ceiling:,.0f} requests/s"
+    )
+    ratios = []
+    for name, key in (("HAProxy", "b_unbatched_haproxy"), ("Serve's proxy", "b_unbatched_proxy")):
+        b64 = _at(r["results"].get(key, []), 64)
+        if b64 and b64.get("requests_per_s"):
+            ratios.append(f"{ceiling / b64['requests_per_s']:.2f}x (b) behind {name}")
+    return text + (": " + ", ".join(ratios) if ratios else "") + "."
+
+
 def gpu_run(r: dict[str, Any]) -> bool:
     """Whether ``r`` (one run) put the model on a GPU; older results say so in their hardware."""
     hw = r.get("hardware")
@@ -186,6 +217,7 @@ def render(r: dict[str, Any], key: str) -> str:
     m = metrics(r["results"], r.get("images"))
     lines = [harness.goal_lines(_run_goals(r, ingress), m) for ingress in m]
     lines += [_client_load(r)] if "client" in r else []
+    lines += [f"- {c}" for c in [batching_ceiling(r)] if c]
     return (
         head
         + f"{harness.provenance(r, key)} {r['what']}.\n\n"

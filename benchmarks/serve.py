@@ -179,6 +179,36 @@ def plain_server(checkpoint: str, port: int, workers: int) -> None:
     )
 
 
+def model_alone(checkpoint: str, out: str) -> None:
+    """The model's side of a request alone (the ModelRunner both (a) and (c) call, in a process
+    of its own, 1 torch thread or the GPU as the run's replicas): milliseconds per call for one
+    image and for a batch of 64, medians of repeated calls (runs in a subprocess of the
+    benchmark). What batching can win is the difference."""
+    from lepton_ray.serve.runner import ModelRunner
+
+    runner = ModelRunner(
+        ServeConfig(
+            checkpoint=checkpoint,
+            num_cpus=1,
+            use_gpu=os.environ.get("LEPTON_BENCH_GPU") == "1",
+        )
+    )
+    timings = {}
+    for batch in (1, 64):
+        images = np.zeros((batch, *runner.spec.shape), np.uint8)
+        for _ in range(10):  # warm-up: allocator, kernels picked
+            runner.predict_many([images])
+        calls = max(5, 200 // batch)
+        rounds = []
+        for _ in range(7):
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                runner.predict_many([images])  # its answers are on the host: nothing left queued
+            rounds.append((time.perf_counter() - t0) / calls * 1000)
+        timings[f"batch_{batch}_ms"] = round(sorted(rounds)[len(rounds) // 2], 3)
+    Path(out).write_text(json.dumps(timings))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -349,6 +379,10 @@ def run(args: argparse.Namespace, body: bytes) -> dict[str, Any]:
     finally:
         plain.terminate()
         plain.wait(timeout=30)
+    alone = store / "model_alone.json"
+    cmd = [sys.executable, "-m", "benchmarks.serve", "--model-alone", ckpt, str(alone)]
+    subprocess.run(cmd, env=env, check=True)
+    r["model_alone"] = json.loads(alone.read_text())
     r["results"] = results
     if per:
         r["images"] = images
@@ -419,6 +453,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--plain-server", nargs=3, metavar=("CHECKPOINT", "PORT", "WORKERS"), help=argparse.SUPPRESS
     )
+    ap.add_argument("--model-alone", nargs=2, metavar=("CHECKPOINT", "OUT"), help=argparse.SUPPRESS)
     ap.add_argument(
         "--endpoint-phase",
         nargs=3,
@@ -432,6 +467,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.plain_server:
         plain_server(args.plain_server[0], int(args.plain_server[1]), int(args.plain_server[2]))
+        return
+    if args.model_alone:
+        model_alone(*args.model_alone)
         return
     body = request_body(args.model)
     if args.endpoint_phase:

