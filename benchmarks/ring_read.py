@@ -24,6 +24,7 @@ cores); the GPU figures of the ring are ``benchmarks.gpu_train --cases ring``.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import tempfile
 import time
@@ -73,18 +74,24 @@ def spent(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, floa
     return by_kind
 
 
-def ring_epoch(info: Any, plan: Any, epoch: int, cpus: int, reader: Any, read: int) -> int:
-    """One epoch of ``plan`` read as a ring-fed worker reads it; the rows it delivered."""
+def ring_blocks(
+    info: Any, plan: Any, epoch: int, cpus: int, reader: Any, read: int, queue_rows: int
+) -> Any:
+    """``plan``'s epoch as a ring-fed worker reads it: read ``read`` of its RingReader ``reader``,
+    packed blocks (unpinned: no GPU here) through a host queue of ``queue_rows``; the layout."""
     from lepton_ray.train.ring import BlockReader, RowLayout
     from lepton_ray.train.ring_reader import ReadSpec, RemoteBlocks, block_rows
 
     h, w, c = info.shape
     layout = RowLayout((c, h, w))
     spec = ReadSpec(layout.shape, info, plan.ids, epoch, block_rows(layout.pixels, 256), True, cpus)
-    rows = 0
-    for block in BlockReader(RemoteBlocks(reader, read, spec, pin=False), layout, 1 << 20):
-        rows += len(block)
-    return _all_of(plan, rows)
+    return layout, BlockReader(RemoteBlocks(reader, read, spec, pin=False), layout, queue_rows)
+
+
+def ring_epoch(info: Any, plan: Any, epoch: int, cpus: int, reader: Any, read: int) -> int:
+    """One epoch of ``plan`` read as a ring-fed worker reads it; the rows it delivered."""
+    _, blocks = ring_blocks(info, plan, epoch, cpus, reader, read, 1 << 20)
+    return _all_of(plan, sum(len(block) for block in blocks))
 
 
 def ray_data_epoch(info: Any, plan: Any, epoch: int, cpus: int) -> int:
@@ -97,7 +104,7 @@ def ray_data_epoch(info: Any, plan: Any, epoch: int, cpus: int) -> int:
         keep_ids=plan.ids,
         normalize=False,
         epoch=epoch,
-        batch_size=block_rows(int(info.pixel_bytes // info.num_rows), 256),
+        batch_size=block_rows(math.prod(info.shape), 256),
     )
     options = ds.context.execution_options  # this dataset's copy of the context
     options.preserve_order = True

@@ -104,29 +104,22 @@ def ring_ids(info: Any) -> Any:
     host memory; the queue bounded as the ring's is by default)."""
     import ray
 
+    from benchmarks.ring_read import ring_blocks
     from lepton_ray.config import DataConfig
     from lepton_ray.data import read_shard_ids
-    from lepton_ray.train.ring import BlockReader, RowLayout
-    from lepton_ray.train.ring_reader import (
-        ReadSpec,
-        RemoteBlocks,
-        block_rows,
-        read_cpus,
-        start_reader,
-    )
+    from lepton_ray.train.feed import default_queue_rows
+    from lepton_ray.train.ring_reader import read_cpus, start_reader
+    from lepton_ray.train.rows import RowLayout
     from lepton_ray.train.sampling import sequential_plan
 
-    h, w, c = info.shape
-    layout = RowLayout((c, h, w))
     # global batch 1: the plan keeps every row (a bigger batch leaves out the last partial step)
     plan = sequential_plan(read_shard_ids(info), seed=0, epoch=0, global_batch=1, world=1, rank=0)
-    spec = ReadSpec(
-        layout.shape, info, plan.ids, 0, block_rows(layout.pixels, 256), True, read_cpus(1)
-    )
-    queue = min(DataConfig().ring_rows, (2 << 30) // layout.width)
     reader = start_reader()
     try:
-        for block in BlockReader(RemoteBlocks(reader, 1, spec, pin=False), layout, queue):
+        h, w, c = info.shape
+        queue = default_queue_rows(DataConfig().ring_rows, RowLayout((c, h, w)).width)
+        layout, blocks = ring_blocks(info, plan, 0, read_cpus(1), reader, 1, queue)
+        for block in blocks:
             yield layout.unpack(block)["id"].numpy()
     finally:
         ray.kill(reader)

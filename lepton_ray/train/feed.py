@@ -377,6 +377,11 @@ def jpeg_decode_on(augment_on: str, device: torch.device) -> str:
 _QUEUE_BYTES = 2 << 30  # the most host memory a RingFeed's read-ahead holds by default
 
 
+def default_queue_rows(capacity: int, row_width: int) -> int:
+    """A RingFeed's host read-ahead by default: a ring's worth of rows, within 2 GiB."""
+    return min(capacity, _QUEUE_BYTES // row_width)
+
+
 class RingFeed:
     """A prepared dataset larger than the device, streamed through a ring of rows in its memory.
 
@@ -425,7 +430,7 @@ class RingFeed:
                 f"the ring holds {capacity} rows, fewer than a worker's batch of {full.per_step}"
             )
         self.ring = Ring(capacity, (c, h, w), device)
-        self.queue_rows = queue_rows or min(capacity, _QUEUE_BYTES // self.ring.layout.width)
+        self.queue_rows = queue_rows or default_queue_rows(capacity, self.ring.layout.width)
         self.reading: Any = None  # the BlockReader of the epoch being trained
         self.ahead: tuple[int, Any] | None = None  # (epoch, BlockReader) read ahead
         self.deterministic, self.read_cpus = deterministic, read_cpus

@@ -66,7 +66,7 @@ class RowLayout:
 
 def _column(col: Any) -> np.ndarray:
     """An int64 numpy view (or copy) of a numpy or Arrow column."""
-    if hasattr(col, "to_numpy") and not isinstance(col, np.ndarray):
+    if hasattr(col, "to_numpy"):  # Arrow (numpy arrays have no to_numpy)
         col = col.to_numpy()
     return np.asarray(col, np.int64)
 
