@@ -35,6 +35,30 @@ os.environ.pop("LEPTON_S3_ENDPOINT", None)
 os.environ.pop("AWS_ENDPOINT_URL", None)
 
 
+def _polls_a_closed_socket(thread) -> bool:
+    """A ``socketserver`` thread still in ``serve_forever`` after its socket was closed."""
+    target = getattr(thread, "_target", None)  # set while the thread runs
+    server = getattr(target, "__self__", None)
+    sock = getattr(server, "socket", None)
+    return (
+        getattr(target, "__name__", "") == "serve_forever"
+        and sock is not None
+        and sock.fileno() == -1
+    )
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_server_left_polling_a_closed_socket():
+    """A test server closed without ``shutdown()`` keeps its ``serve_forever`` thread polling the
+    closed socket, a core spun for the rest of the session (two such threads once made every later
+    Ray module slower): the module that leaves one fails."""
+    yield
+    import threading
+
+    left = [t.name for t in threading.enumerate() if _polls_a_closed_socket(t)]
+    assert not left, f"server threads left polling a closed socket (call shutdown() first): {left}"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

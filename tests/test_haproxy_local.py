@@ -164,6 +164,13 @@ class Replica:
         self.port = self.server.server_address[1]
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
+    def stop(self) -> None:
+        """Stop serving, then close the socket (idempotent). Closing it alone leaves
+        ``serve_forever`` polling a closed socket, a thread that spins a core for the rest of the
+        test session."""
+        self.server.shutdown()
+        self.server.server_close()
+
 
 def _start_haproxy(tmp_path, backend, **options) -> tuple[subprocess.Popen, int]:
     """Real HAProxy through haproxy_local on Ray's configuration for ``backend`` with
@@ -251,8 +258,8 @@ def test_a_replica_killed_mid_request_on_a_reused_connection_still_answers(
     finally:
         proc.terminate()
         log = proc.communicate(timeout=30)[0].decode(errors="replace")
-        replica.server.server_close()
-        fallback.server.shutdown()
+        replica.stop()
+        fallback.stop()
     assert answers[0] == (200, {"from": "replica"}, None), log
     status, detail = answer
     if status == 200:
@@ -323,4 +330,4 @@ def test_a_keep_alive_client_stays_on_its_replica_until_the_replica_dies(tmp_pat
         proc.terminate()
         proc.communicate(timeout=30)
         for r in replicas:
-            r.server.server_close()
+            r.stop()
