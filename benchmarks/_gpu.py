@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +38,10 @@ def plain_loop(
     *,
     cudnn_benchmark: bool = False,
     data: str = "float",
+    clock: list[tuple[float, float]] | None = None,
 ) -> list[float]:
-    """What a user writes by hand, data already on ``dev``; samples/s per epoch.
+    """What a user writes by hand, data already on ``dev``; samples/s per epoch (and each epoch's
+    start and end as ``time.time()`` into ``clock`` when given: its window for ``benchmarks._usage``).
 
     ``data="float"``: float32 batches sliced in order (the least work a loop can do).
     ``"uint8"``: the work the Trainer does on the same data, written as a user would: uint8 rows
@@ -74,6 +77,7 @@ def plain_loop(
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda)
     rates = []
     for _ in range(epochs):
+        began = time.time()
         with Timer(dev) as t:
             order = torch.randperm(n, device=dev) if data != "float" else None
             for s in range(steps):
@@ -92,6 +96,8 @@ def plain_loop(
                 opt.step()
                 sched.step()
         rates.append(steps * batch / t.seconds)
+        if clock is not None:
+            clock.append((began, time.time()))
     del model, opt, x_all, y_all
     if cuda:
         torch.cuda.empty_cache()
@@ -197,6 +203,14 @@ def trainer_summary(res: dict[str, Any], samples_per_epoch: int) -> dict[str, An
         "final_train_accuracy": res.get("train_accuracy"),
         "startup_s": res.get("startup_s"),
     }
+
+
+def trainer_window(res: dict[str, Any], returned: float) -> tuple[float, float, str]:
+    """A fit's epochs after the first as ``time.time()`` values, for ``benchmarks._usage``: they
+    end where the teardown before ``fit`` returned (at ``returned``) began."""
+    end = returned - (res.get("startup_s") or {}).get("teardown", 0.0)
+    times = [h["epoch_time_s"] for h in res["history"]]
+    return end - sum(times[1:] if len(times) > 1 else times), end, "ray::RayTrainWorker"
 
 
 def quiet_ray() -> None:

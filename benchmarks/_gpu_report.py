@@ -174,9 +174,50 @@ def _training(r: dict[str, Any]) -> list[str]:
         rows = [row[:2] + row[3:] for row in rows]
     out.append(table(headers, rows))
     out += _startup(training_rows(r))
+    out += _usage(r)
     if not on_gpu(r):
         goal_lines = ["No GPU in this run: a wiring check, not a measurement; no goal is judged."]
     return out + ([""] + goal_lines if goal_lines else [])
+
+
+def _usage(r: dict[str, Any]) -> list[str]:
+    """Each side's sampled CPU and GPU use over its epochs after the first (benchmarks/_usage.py)."""
+    sides = [
+        (k, v["usage"])
+        for k, v in r.items()
+        if isinstance(v, dict) and (v.get("usage") or {}).get("samples")
+    ]
+    if not sides:
+        return []
+    rows = []
+    for key, u in sides:
+        others = [
+            f"{kind} {cores:.2f}"
+            for kind, cores in u["cores_by_kind"].items()
+            if kind not in ("driver" if key.startswith("plain") else "ray::RayTrainWorker",)
+        ]
+        gpu = u.get("gpu_util_pct")
+        rows.append(
+            [
+                key,
+                u["samples"],
+                f"{u['step_thread_cores']:.2f}",
+                f"{u['other_thread_cores']:.2f}",
+                "–" if gpu is None else f"{gpu:.0f}%",
+                ", ".join(others[:3]) or "–",
+            ]
+        )
+    return [
+        "\nCPU and GPU use over each side's epochs after the first, sampled once a second "
+        "(`benchmarks/_usage.py`): the step's thread (its busiest thread plus torch's autograd "
+        "threads, which take turns with it) and the rest of its process in cores; the GPU busy: "
+        "the share of time a kernel ran (`nvidia-smi`). A step thread near one core with the GPU "
+        "busy well under 100% is a loop bound by the CPU that launches its kernels.\n",
+        table(
+            ["side", "samples", "step thread", "its other threads", "GPU busy", "other processes"],
+            rows,
+        ),
+    ]
 
 
 def _pipelines(r: dict[str, Any]) -> list[str]:

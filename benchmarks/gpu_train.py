@@ -22,6 +22,10 @@ epoch wall time). The plain loop on float tensors sliced in order is shown for r
 - ``files``: streamed with ``shuffle="files"`` (shard order + an 8,192-row buffer), three ways;
 - ``shared``: 2 workers sharing the GPU (0.5 each, gloo): the multi-worker paths, not scaling.
 
+Beside the run a sampler of its own process (``benchmarks/_usage.py``; ``--no-usage``: none) reads
+every thread's CPU time and the GPU's utilisation once a second; each side's epochs after the first
+are summarised in the result: whether the thread that launches the steps or the GPU was the busy one.
+
 Without a GPU everything runs on the CPU: use ``--model cnn --rows 512 --batch-size 64 --epochs 2``
 there, a wiring check, not a measurement.
 
@@ -32,10 +36,12 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+import time
 from typing import Any
 
 from benchmarks import _gpu, harness
 from benchmarks._gpu_report import render
+from benchmarks._usage import Usage
 
 KEY = "gpu_train"
 AUG = _gpu.AUGMENT
@@ -134,7 +140,7 @@ def cases(spec: str) -> list[str]:
     return out
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def _run(args: argparse.Namespace, usage: Usage | None) -> dict[str, Any]:
     from lepton_ray import DataConfig, Trainer, build_model
 
     _gpu.quiet_ray()
@@ -159,9 +165,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         r["plain"] = _gpu.plain_summary(plain)
     # The fair baselines: the same conversion (and augmentation) work as the chosen cases.
     needed = {"uint8_augmented" if CASES[c][1].get("augment") else "uint8" for c in chosen}
+    windows: dict[str, tuple[float, float, str]] = {}  # side -> its epochs after the first
     for data in sorted(needed):
-        rates = _gpu.plain_loop(args.model, args.rows, args.batch_size, args.epochs, dev, data=data)
+        clock: list[tuple[float, float]] = []
+        rates = _gpu.plain_loop(
+            args.model, args.rows, args.batch_size, args.epochs, dev, data=data, clock=clock
+        )
         r[f"plain_{data}"] = _gpu.plain_summary(rates)
+        windows[f"plain_{data}"] = (clock[min(1, len(clock) - 1)][0], clock[-1][1], "driver")
     if args.cudnn_benchmark:
         rates = _gpu.plain_loop(
             args.model, args.rows, args.batch_size, args.epochs, dev, cudnn_benchmark=True
@@ -193,12 +204,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 checkpoint_every_epochs=args.epochs,
                 keep_checkpoints=1,
             )
+            returned = time.time()
             r[key] = {"input": label, **_gpu.trainer_summary(res, samples)}
             r[key]["baseline"] = "plain_uint8_augmented" if fields.get("augment") else "plain_uint8"
+            windows[key] = _gpu.trainer_window(res, returned)
         except Exception as exc:  # noqa: BLE001 - recorded; the other cases still run
             r[key] = {"input": label, "error": f"{type(exc).__name__}: {exc}"}
         print(f"{key}: {r[key]}", flush=True)
+    if usage is not None:
+        for side, (start, end, focus) in windows.items():
+            r[side]["usage"] = usage.window(start, end, focus)
     return r
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    if not args.usage:
+        return _run(args, None)
+    with Usage() as usage:
+        return _run(args, usage)
 
 
 def add_args(ap: argparse.ArgumentParser) -> None:
@@ -217,6 +240,12 @@ def add_args(ap: argparse.ArgumentParser) -> None:
     )
     ap.add_argument(
         "--cudnn-benchmark", action="store_true", help="also the plain loop with cudnn.benchmark"
+    )
+    ap.add_argument(
+        "--no-usage",
+        dest="usage",
+        action="store_false",
+        help="no per-thread CPU and GPU-utilisation sampler beside the run (benchmarks/_usage.py)",
     )
 
 

@@ -1,0 +1,198 @@
+"""What each side of a benchmark kept busy: every thread's CPU and the GPU's utilisation.
+
+A sampler in a process of its own (so that it takes no turn on the measured process's interpreter)
+reads every thread's CPU time from ``/proc`` once a second, for the benchmark's own process (the
+driver: the plain loop runs there) and for Ray's processes (``ray::RayTrainWorker``, the Ray Data
+tasks, ``ray::IDLE`` workers starting, Ray's own daemons), plus ``nvidia-smi``'s utilisation where
+one is present; one JSON line a sample. A side's window of wall-clock time (its epochs after the
+first) is summarised afterwards:
+
+- ``step_thread_cores``: the busiest thread of the process that runs the step plus torch's
+  autograd threads (the backward pass blocks the thread that calls it, so the two take turns):
+  near 1.0 means the step's thread never waited, for data or for the GPU;
+- ``other_thread_cores``: the rest of that process (the feed's threads, Ray's);
+- ``gpu_util_pct``: the share of time a kernel ran (``nvidia-smi``), absent without a GPU;
+- ``cores_by_kind``: every sampled process kind's cores, the busiest first.
+
+A step thread near one core with the GPU busy well under 100% is a loop bound by the CPU that
+launches its kernels; the GPU near 100% is a loop bound by the GPU.
+
+    python -m benchmarks._usage OUT.jsonl --driver PID [--interval 1.0]   (started by Usage)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+AUTOGRAD = "pt_autograd"  # torch's backward threads: pt_autograd_0, pt_autograd_1, ...
+TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def kind_of(cmdline: str, pid: int, driver: int) -> str | None:
+    """The process kind a sample is filed under, or None for a process not sampled."""
+    if pid == driver:
+        return "driver"
+    if cmdline.startswith("ray::"):  # a Ray worker's title: ray::RayTrainWorker.run_train_fn
+        return cmdline.split()[0].split(".")[0] if cmdline.split() else "ray::"
+    if "/ray/" in cmdline or "gcs_server" in cmdline or "raylet" in cmdline:
+        return "ray (daemons)"
+    return None
+
+
+def _thread_ticks(pid: int) -> dict[str, tuple[str, int]]:
+    """tid -> (thread name, user + system ticks) of one process; empty once it has gone."""
+    out: dict[str, tuple[str, int]] = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as fh:
+                stat = fh.read()
+        except OSError:
+            continue
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2 :].split()
+        out[tid] = (name, int(fields[11]) + int(fields[12]))  # utime + stime
+    return out
+
+
+def _gpu_util() -> list[float] | None:
+    if not shutil.which("nvidia-smi"):
+        return None
+    try:
+        got = subprocess.run(
+            ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout
+        return [float(x) for x in got.split()]
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return None
+
+
+def sample_forever(out: str, driver: int, interval: float) -> None:
+    """One JSON line per ``interval`` into ``out``: each sampled process's threads in cores."""
+    before: dict[int, dict[str, tuple[str, int]]] = {}
+    last = time.time()
+    with open(out, "w") as fh:
+        while True:
+            time.sleep(max(0.0, interval - (time.time() - last)))
+            now = time.time()
+            dt, last = now - last, now
+            procs = []
+            for entry in os.listdir("/proc"):
+                if not entry.isdigit():
+                    continue
+                pid = int(entry)
+                try:  # read every time: a Ray worker renames itself for each task it takes
+                    with open(f"/proc/{pid}/cmdline", "rb") as c:
+                        cmd = c.read().replace(b"\0", b" ").decode(errors="replace").strip()
+                except OSError:
+                    continue
+                kind = kind_of(cmd, pid, driver)
+                if kind is None:
+                    continue
+                ticks, old = _thread_ticks(pid), before.get(pid, {})
+                before[pid] = ticks
+                threads = [
+                    [name, round((t - old[tid][1]) / TICK / dt, 3)]
+                    for tid, (name, t) in ticks.items()
+                    if tid in old and t > old[tid][1]
+                ]
+                if threads:
+                    procs.append({"pid": pid, "kind": kind, "threads": threads})
+            fh.write(json.dumps({"t": now, "dt": dt, "procs": procs, "gpu": _gpu_util()}) + "\n")
+            fh.flush()
+
+
+def summarise(samples: list[dict[str, Any]], start: float, end: float, focus: str) -> dict:
+    """A window of samples: the step's thread, the rest of its process, the GPU, every kind.
+
+    ``focus`` is the kind of the process that runs the step (``driver`` or
+    ``ray::RayTrainWorker``); in each sample its busiest process of that kind is the one read.
+    """
+    inside = [s for s in samples if start < s["t"] - s["dt"] / 2 <= end]
+    if not inside:
+        return {"samples": 0}
+    step, other, gpu, kinds = [], [], [], {}
+    for s in inside:
+        of_focus = [p for p in s["procs"] if p["kind"] == focus]
+        busiest = max(of_focus, key=lambda p: sum(c for _, c in p["threads"]), default=None)
+        threads = busiest["threads"] if busiest else []
+        autograd = sum(c for n, c in threads if n.startswith(AUTOGRAD))
+        rest = sorted((c for n, c in threads if not n.startswith(AUTOGRAD)), reverse=True)
+        step.append(autograd + (rest[0] if rest else 0.0))
+        other.append(sum(rest[1:]))
+        if s.get("gpu"):
+            gpu.append(sum(s["gpu"]) / len(s["gpu"]))
+        for p in s["procs"]:
+            kinds[p["kind"]] = kinds.get(p["kind"], 0.0) + sum(c for _, c in p["threads"])
+    n = len(inside)
+    out = {
+        "samples": n,
+        "step_thread_cores": round(sum(step) / n, 3),
+        "other_thread_cores": round(sum(other) / n, 3),
+        "cores_by_kind": {
+            k: round(v / n, 3) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])[:6]
+        },
+    }
+    if gpu:
+        out["gpu_util_pct"] = round(sum(gpu) / len(gpu), 1)
+    return out
+
+
+class Usage:
+    """The sampler beside this process, started on entry and stopped on exit; ``window`` then
+    summarises a span of wall-clock time (``time.time()`` values)."""
+
+    def __init__(self, interval: float = 1.0):
+        self.interval = interval
+        fd, self.path = tempfile.mkstemp(prefix="lepton-usage-", suffix=".jsonl")
+        os.close(fd)
+        self._proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> Usage:
+        args = [sys.executable, "-m", "benchmarks._usage", self.path]
+        args += ["--driver", str(os.getpid()), "--interval", str(self.interval)]
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        self._proc = subprocess.Popen(args, cwd=root, stdout=subprocess.DEVNULL)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._proc is not None:
+            self._proc.terminate()
+            self._proc.wait(timeout=10)
+
+    def samples(self) -> list[dict[str, Any]]:
+        with open(self.path) as fh:
+            return [json.loads(line) for line in fh if line.strip()]
+
+    def window(self, start: float, end: float, focus: str) -> dict[str, Any]:
+        return summarise(self.samples(), start, end, focus)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks._usage", description=__doc__)
+    ap.add_argument("out", help="JSON lines file to write")
+    ap.add_argument("--driver", type=int, required=True, help="the benchmark's own process id")
+    ap.add_argument("--interval", type=float, default=1.0, help="seconds between samples")
+    args = ap.parse_args(argv)
+    try:
+        sample_forever(args.out, args.driver, args.interval)
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()

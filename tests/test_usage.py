@@ -1,0 +1,92 @@
+"""benchmarks/_usage.py: the sampler that says whether a benchmark side's step thread or its GPU
+was the busy one. A real sampler process reading /proc, and its summary of known samples."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from benchmarks._usage import Usage, kind_of, summarise
+
+
+def _sample(t, procs, gpu=None, dt=1.0):
+    return {"t": t, "dt": dt, "procs": procs, "gpu": gpu}
+
+
+def test_kinds_are_the_driver_rays_titles_and_rays_daemons_and_nothing_else():
+    assert kind_of("python -m benchmarks.gpu_train", 7, driver=7) == "driver"
+    assert kind_of("ray::RayTrainWorker.run_train_fn", 8, driver=7) == "ray::RayTrainWorker"
+    assert kind_of("ray::IDLE", 9, driver=7) == "ray::IDLE"
+    assert kind_of("/x/site-packages/ray/core/src/ray/raylet/raylet --a", 10, 7) == "ray (daemons)"
+    assert kind_of("/usr/sbin/sshd -D", 11, driver=7) is None
+
+
+def test_the_step_thread_is_the_busiest_thread_plus_autograd_in_the_busiest_focus_process():
+    worker = {
+        "pid": 2,
+        "kind": "ray::RayTrainWorker",
+        "threads": [["ray::RayTrainW", 0.6], ["pt_autograd_0", 0.35], ["ray::RayTrainW", 0.05]],
+    }
+    idle_worker = {"pid": 3, "kind": "ray::RayTrainWorker", "threads": [["ray::RayTrainW", 0.1]]}
+    reader = {"pid": 4, "kind": "ray::ReadParquet->MapBatches", "threads": [["ray::Read", 1.5]]}
+    samples = [
+        _sample(9.0, [worker, reader], gpu=[99.0]),  # before the window
+        _sample(11.0, [worker, idle_worker, reader], gpu=[60.0]),
+        _sample(12.0, [worker], gpu=[70.0]),
+        _sample(14.0, [worker], gpu=[10.0]),  # after it
+    ]
+    got = summarise(samples, start=10.0, end=12.0, focus="ray::RayTrainWorker")
+    assert got["samples"] == 2
+    assert got["step_thread_cores"] == pytest.approx(0.95)
+    assert got["other_thread_cores"] == pytest.approx(0.05)
+    assert got["gpu_util_pct"] == 65.0
+    assert got["cores_by_kind"] == {
+        "ray::RayTrainWorker": 1.05,
+        "ray::ReadParquet->MapBatches": 0.75,
+    }
+    assert summarise(samples, 20.0, 30.0, "driver") == {"samples": 0}
+    assert "gpu_util_pct" not in summarise([_sample(11.0, [worker])], 10.0, 12.0, "driver")
+
+
+def test_a_real_sampler_sees_a_busy_thread_and_an_idle_one():
+    with Usage(interval=0.25) as usage:
+        time.sleep(0.6)  # the sampler's first reading is its baseline
+        busy = (time.time(), None)
+        while time.time() - busy[0] < 2.0:
+            sum(range(1000))
+        busy = (busy[0], time.time())
+        idle = (time.time(), time.time() + 2.0)
+        time.sleep(2.3)
+    working = usage.window(*busy, focus="driver")
+    resting = usage.window(*idle, focus="driver")
+    assert working["samples"] >= 4 and resting["samples"] >= 4, (working, resting)
+    assert working["step_thread_cores"] > 0.5, working
+    assert resting["step_thread_cores"] < 0.3, resting
+
+
+def test_a_fits_window_is_its_epochs_after_the_first_ending_where_its_teardown_began():
+    from benchmarks._gpu import trainer_window
+
+    res = {
+        "history": [{"epoch_time_s": 9.0}, {"epoch_time_s": 4.0}, {"epoch_time_s": 5.0}],
+        "startup_s": {"teardown": 1.5},
+    }
+    assert trainer_window(res, returned=100.0) == (89.5, 98.5, "ray::RayTrainWorker")
+
+
+def test_the_usage_table_is_rendered_for_the_sides_that_have_samples_only():
+    from benchmarks._gpu_report import _usage
+
+    u = {
+        "samples": 12,
+        "step_thread_cores": 0.97,
+        "other_thread_cores": 0.05,
+        "gpu_util_pct": 81.0,
+        "cores_by_kind": {"ray::RayTrainWorker": 1.02, "ray::ReadParquet": 0.6},
+    }
+    r = {"plain_uint8": {"samples_per_s": 1.0}, "trainer_ring": {"usage": u}}
+    text = "\n".join(_usage(r))
+    assert "| trainer_ring | 12 | 0.97 | 0.05 | 81% | ray::ReadParquet 0.60 |" in text
+    assert "plain_uint8 |" not in text
+    assert _usage({"trainer_ring": {"usage": {"samples": 0}}}) == []
