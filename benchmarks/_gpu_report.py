@@ -174,13 +174,13 @@ def _training(r: dict[str, Any]) -> list[str]:
         rows = [row[:2] + row[3:] for row in rows]
     out.append(table(headers, rows))
     out += _startup(training_rows(r))
-    out += _usage(r)
+    out += usage_table(r)
     if not on_gpu(r):
         goal_lines = ["No GPU in this run: a wiring check, not a measurement; no goal is judged."]
     return out + ([""] + goal_lines if goal_lines else [])
 
 
-def _usage(r: dict[str, Any]) -> list[str]:
+def usage_table(r: dict[str, Any]) -> list[str]:
     """Each side's sampled CPU and GPU use over its epochs after the first (benchmarks/_usage.py)."""
     sides = [
         (k, v["usage"])

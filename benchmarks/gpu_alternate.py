@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+import time
 from typing import Any
 
 from benchmarks import _gpu, harness
-from benchmarks._gpu_report import on_gpu
+from benchmarks._gpu_report import on_gpu, usage_table
+from benchmarks._usage import Usage
 from benchmarks.harness import Goal, fmt, table
 
 KEY = "gpu_alternate"
@@ -36,15 +38,26 @@ GOALS = [
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    if not args.usage:
+        return _run(args, None)
+    with Usage() as usage:
+        return _run(args, usage)
+
+
+def _run(args: argparse.Namespace, usage: Usage | None) -> dict[str, Any]:
     from lepton_ray import DataConfig, Trainer, build_model
 
     _gpu.quiet_ray()
     dev = _gpu.device()
     rows, batch, epochs = args.rows, args.batch_size, args.epochs
     r = harness.record(KEY, model=args.model, rows=rows, batch=batch, epochs=epochs)
+    windows: dict[str, tuple[float, float, str]] = {}  # side -> its epochs after the first
 
     def plain(i: int) -> None:
-        r[f"plain_{i}"] = _gpu.plain_summary(_gpu.plain_loop(args.model, rows, batch, epochs, dev))
+        clock: list[tuple[float, float]] = []
+        rates = _gpu.plain_loop(args.model, rows, batch, epochs, dev, clock=clock)
+        r[f"plain_{i}"] = _gpu.plain_summary(rates)
+        windows[f"plain_{i}"] = (clock[min(1, len(clock) - 1)][0], clock[-1][1], "driver")
 
     plain(0)
     synth = _gpu.synthetic_ray_dataset(rows)
@@ -61,8 +74,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             keep_checkpoints=1,
             progress_bar=False,
         )
+        returned = time.time()
         r[f"trainer_{i}"] = _gpu.trainer_summary(res, (rows // batch) * batch)
+        windows[f"trainer_{i}"] = _gpu.trainer_window(res, returned)
         plain(i)
+    if usage is not None:
+        for side, (start, end, focus) in windows.items():
+            r[side]["usage"] = usage.window(start, end, focus)
     return r
 
 
@@ -99,6 +117,7 @@ def render(r: dict[str, Any], key: str) -> str:
         "images, batch "
         f"{r['batch']}, {r['epochs']} epochs per run (the first is warm-up).\n\n"
         + table(["run", "samples/s", "÷ mean of adjacent plain loops", "data wait"], rows)
+        + "".join("\n" + part for part in usage_table(r))
         + "\n\n"
         + (
             harness.goal_lines(GOALS, m)
@@ -114,6 +133,12 @@ def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--rows", type=int, default=51200)
     ap.add_argument("--batch-size", type=int, default=512)
     ap.add_argument("--epochs", type=int, default=6, help="per run; the first is warm-up")
+    ap.add_argument(
+        "--no-usage",
+        dest="usage",
+        action="store_false",
+        help="no per-thread CPU and GPU-utilisation sampler beside the run (benchmarks/_usage.py)",
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

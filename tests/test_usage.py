@@ -76,7 +76,7 @@ def test_a_fits_window_is_its_epochs_after_the_first_ending_where_its_teardown_b
 
 
 def test_the_usage_table_is_rendered_for_the_sides_that_have_samples_only():
-    from benchmarks._gpu_report import _usage
+    from benchmarks._gpu_report import usage_table
 
     u = {
         "samples": 12,
@@ -86,7 +86,7 @@ def test_the_usage_table_is_rendered_for_the_sides_that_have_samples_only():
         "cores_by_kind": {"ray::RayTrainWorker": 1.02, "ray::ReadParquet": 0.6},
     }
     r = {"plain_uint8": {"samples_per_s": 1.0}, "trainer_ring": {"usage": u}}
-    text = "\n".join(_usage(r))
+    text = "\n".join(usage_table(r))
     assert "| trainer_ring | 12 | 0.97 | 0.05 | 81% | ray::ReadParquet 0.60 |" in text
     assert "plain_uint8 |" not in text
-    assert _usage({"trainer_ring": {"usage": {"samples": 0}}}) == []
+    assert usage_table({"trainer_ring": {"usage": {"samples": 0}}}) == []
