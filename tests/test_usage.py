@@ -49,20 +49,23 @@ def test_the_step_thread_is_the_busiest_thread_plus_autograd_in_the_busiest_focu
     assert "gpu_util_pct" not in summarise([_sample(11.0, [worker])], 10.0, 12.0, "driver")
 
 
-def test_a_real_sampler_sees_a_busy_thread_and_an_idle_one():
+def test_a_real_sampler_agrees_with_a_threads_own_cpu_clock_busy_or_idle():
+    # What the thread got of a core depends on what else runs on the machine (Ray's daemons took
+    # one of 2 cores in a CI run); the sampler must agree with the thread's own clock either way.
     with Usage(interval=0.25) as usage:
         time.sleep(0.6)  # the sampler's first reading is its baseline
-        busy = (time.time(), None)
-        while time.time() - busy[0] < 2.0:
+        start, cpu0 = time.time(), time.thread_time()
+        while time.time() - start < 3.0:
             sum(range(1000))
-        busy = (busy[0], time.time())
+        busy, got = (start, time.time()), (time.thread_time() - cpu0) / (time.time() - start)
         idle = (time.time(), time.time() + 2.0)
         time.sleep(2.3)
     working = usage.window(*busy, focus="driver")
     resting = usage.window(*idle, focus="driver")
-    assert working["samples"] >= 4 and resting["samples"] >= 4, (working, resting)
-    assert working["step_thread_cores"] > 0.5, working
-    assert resting["step_thread_cores"] < 0.3, resting
+    assert working["samples"] >= 8 and resting["samples"] >= 5, (working, resting)
+    assert got > 0.05, got  # the loop ran at all
+    assert working["step_thread_cores"] == pytest.approx(got, abs=0.2), (got, working)
+    assert resting["step_thread_cores"] < 0.15, resting
 
 
 def test_a_fits_window_is_its_epochs_after_the_first_ending_where_its_teardown_began():
