@@ -161,6 +161,7 @@ class Usage:
         fd, self.path = tempfile.mkstemp(prefix="lepton-usage-", suffix=".jsonl")
         os.close(fd)
         self._proc: subprocess.Popen | None = None
+        self._kept: list[dict[str, Any]] | None = None  # the samples, once stopped
 
     def __enter__(self) -> Usage:
         args = [sys.executable, "-m", "benchmarks._usage", self.path]
@@ -173,8 +174,12 @@ class Usage:
         if self._proc is not None:
             self._proc.terminate()
             self._proc.wait(timeout=10)
+        self._kept = self.samples()  # and the file goes
+        os.unlink(self.path)
 
     def samples(self) -> list[dict[str, Any]]:
+        if self._kept is not None:
+            return self._kept
         with open(self.path) as fh:
             return [json.loads(line) for line in fh if line.strip()]
 

@@ -3,6 +3,7 @@ was the busy one. A real sampler process reading /proc, and its summary of known
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -60,6 +61,7 @@ def test_a_real_sampler_agrees_with_a_threads_own_cpu_clock_busy_or_idle():
         busy, got = (start, time.time()), (time.thread_time() - cpu0) / (time.time() - start)
         idle = (time.time(), time.time() + 2.0)
         time.sleep(2.3)
+    assert not os.path.exists(usage.path)  # the samples kept, the file gone
     working = usage.window(*busy, focus="driver")
     resting = usage.window(*idle, focus="driver")
     assert working["samples"] >= 8 and resting["samples"] >= 5, (working, resting)
