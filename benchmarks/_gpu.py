@@ -205,6 +205,12 @@ def trainer_summary(res: dict[str, Any], samples_per_epoch: int) -> dict[str, An
     }
 
 
+def plain_window(clock: list[tuple[float, float]]) -> tuple[float, float, str]:
+    """A plain loop's epochs after the first (from ``plain_loop``'s ``clock``), for
+    ``benchmarks._usage``: it runs in this process, the driver."""
+    return clock[min(1, len(clock) - 1)][0], clock[-1][1], "driver"
+
+
 def trainer_window(res: dict[str, Any], returned: float) -> tuple[float, float, str]:
     """A fit's epochs after the first as ``time.time()`` values, for ``benchmarks._usage``: they
     end where the teardown before ``fit`` returned (at ``returned``) began."""

@@ -194,7 +194,7 @@ def usage_table(r: dict[str, Any]) -> list[str]:
         others = [
             f"{kind} {cores:.2f}"
             for kind, cores in u["cores_by_kind"].items()
-            if kind not in ("driver" if key.startswith("plain") else "ray::RayTrainWorker",)
+            if kind != ("driver" if key.startswith("plain") else "ray::RayTrainWorker")
         ]
         gpu = u.get("gpu_util_pct")
         rows.append(

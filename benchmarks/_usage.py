@@ -23,6 +23,7 @@ launches its kernels; the GPU near 100% is a loop bound by the GPU.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -30,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from typing import Any
 
 AUTOGRAD = "pt_autograd"  # torch's backward threads: pt_autograd_0, pt_autograd_1, ...
@@ -186,6 +188,29 @@ class Usage:
     def window(self, start: float, end: float, focus: str) -> dict[str, Any]:
         return summarise(self.samples(), start, end, focus)
 
+    def attach(self, r: dict[str, Any], windows: dict[str, tuple[float, float, str]]) -> None:
+        """Each side's summary into its entry of the result ``r`` (side -> start, end, focus)."""
+        for side, (start, end, focus) in windows.items():
+            r[side]["usage"] = self.window(start, end, focus)
+
+
+def sampled(enabled: bool, body: Callable[[Usage | None], dict[str, Any]]) -> dict[str, Any]:
+    """``body(usage)`` with the sampler running beside it, or ``body(None)`` when not enabled."""
+    if not enabled:
+        return body(None)
+    with Usage() as usage:
+        return body(usage)
+
+
+def add_arg(ap: argparse.ArgumentParser) -> None:
+    """A benchmark's ``--no-usage``: no sampler beside the run."""
+    ap.add_argument(
+        "--no-usage",
+        dest="usage",
+        action="store_false",
+        help="no per-thread CPU and GPU-utilisation sampler beside the run (benchmarks/_usage.py)",
+    )
+
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m benchmarks._usage", description=__doc__)
@@ -193,10 +218,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--driver", type=int, required=True, help="the benchmark's own process id")
     ap.add_argument("--interval", type=float, default=1.0, help="seconds between samples")
     args = ap.parse_args(argv)
-    try:
+    with contextlib.suppress(KeyboardInterrupt):  # run by hand and stopped with ^C
         sample_forever(args.out, args.driver, args.interval)
-    except KeyboardInterrupt:
-        pass
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import tempfile
 import time
 from typing import Any
 
-from benchmarks import _gpu, harness
+from benchmarks import _gpu, _usage, harness
 from benchmarks._gpu_report import on_gpu, usage_table
 from benchmarks._usage import Usage
 from benchmarks.harness import Goal, fmt, table
@@ -38,10 +38,7 @@ GOALS = [
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    if not args.usage:
-        return _run(args, None)
-    with Usage() as usage:
-        return _run(args, usage)
+    return _usage.sampled(args.usage, lambda usage: _run(args, usage))
 
 
 def _run(args: argparse.Namespace, usage: Usage | None) -> dict[str, Any]:
@@ -57,7 +54,7 @@ def _run(args: argparse.Namespace, usage: Usage | None) -> dict[str, Any]:
         clock: list[tuple[float, float]] = []
         rates = _gpu.plain_loop(args.model, rows, batch, epochs, dev, clock=clock)
         r[f"plain_{i}"] = _gpu.plain_summary(rates)
-        windows[f"plain_{i}"] = (clock[min(1, len(clock) - 1)][0], clock[-1][1], "driver")
+        windows[f"plain_{i}"] = _gpu.plain_window(clock)
 
     plain(0)
     synth = _gpu.synthetic_ray_dataset(rows)
@@ -79,8 +76,7 @@ def _run(args: argparse.Namespace, usage: Usage | None) -> dict[str, Any]:
         windows[f"trainer_{i}"] = _gpu.trainer_window(res, returned)
         plain(i)
     if usage is not None:
-        for side, (start, end, focus) in windows.items():
-            r[side]["usage"] = usage.window(start, end, focus)
+        usage.attach(r, windows)
     return r
 
 
@@ -133,12 +129,7 @@ def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--rows", type=int, default=51200)
     ap.add_argument("--batch-size", type=int, default=512)
     ap.add_argument("--epochs", type=int, default=6, help="per run; the first is warm-up")
-    ap.add_argument(
-        "--no-usage",
-        dest="usage",
-        action="store_false",
-        help="no per-thread CPU and GPU-utilisation sampler beside the run (benchmarks/_usage.py)",
-    )
+    _usage.add_arg(ap)
 
 
 def main(argv: list[str] | None = None) -> None:

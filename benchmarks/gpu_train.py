@@ -39,7 +39,7 @@ import tempfile
 import time
 from typing import Any
 
-from benchmarks import _gpu, harness
+from benchmarks import _gpu, _usage, harness
 from benchmarks._gpu_report import render
 from benchmarks._usage import Usage
 
@@ -172,7 +172,7 @@ def _run(args: argparse.Namespace, usage: Usage | None) -> dict[str, Any]:
             args.model, args.rows, args.batch_size, args.epochs, dev, data=data, clock=clock
         )
         r[f"plain_{data}"] = _gpu.plain_summary(rates)
-        windows[f"plain_{data}"] = (clock[min(1, len(clock) - 1)][0], clock[-1][1], "driver")
+        windows[f"plain_{data}"] = _gpu.plain_window(clock)
     if args.cudnn_benchmark:
         rates = _gpu.plain_loop(
             args.model, args.rows, args.batch_size, args.epochs, dev, cudnn_benchmark=True
@@ -212,16 +212,12 @@ def _run(args: argparse.Namespace, usage: Usage | None) -> dict[str, Any]:
             r[key] = {"input": label, "error": f"{type(exc).__name__}: {exc}"}
         print(f"{key}: {r[key]}", flush=True)
     if usage is not None:
-        for side, (start, end, focus) in windows.items():
-            r[side]["usage"] = usage.window(start, end, focus)
+        usage.attach(r, windows)
     return r
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    if not args.usage:
-        return _run(args, None)
-    with Usage() as usage:
-        return _run(args, usage)
+    return _usage.sampled(args.usage, lambda usage: _run(args, usage))
 
 
 def add_args(ap: argparse.ArgumentParser) -> None:
@@ -241,12 +237,7 @@ def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument(
         "--cudnn-benchmark", action="store_true", help="also the plain loop with cudnn.benchmark"
     )
-    ap.add_argument(
-        "--no-usage",
-        dest="usage",
-        action="store_false",
-        help="no per-thread CPU and GPU-utilisation sampler beside the run (benchmarks/_usage.py)",
-    )
+    _usage.add_arg(ap)
 
 
 def main(argv: list[str] | None = None) -> None:
