@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -154,3 +155,15 @@ def test_describe_ray_dataset(ray_session):
     )
     with pytest.raises(DataError, match="must have a channel axis"):
         describe_ray_dataset(grey, "train")
+    for labels, problem in (
+        (np.arange(50) - 1, "class indices >= 0, got -1"),
+        (["a"] * 50, "class indices, got object values"),
+    ):
+        bad = ray.data.from_numpy(images).map_batches(
+            lambda b, labels=labels: {
+                "image": b["data"],
+                "label": np.asarray(labels[: len(b["data"])]),
+            }
+        )
+        with pytest.raises(DataError, match=re.escape(problem)):
+            describe_ray_dataset(bad, "train")

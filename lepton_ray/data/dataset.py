@@ -514,6 +514,31 @@ def shuffle_mode(info: DatasetInfo, requested: str, object_store_bytes: float) -
     return "global" if info.pixel_bytes <= object_store_bytes / 4 else "files"
 
 
+def _count_labels(ds: Any, split: str) -> tuple[int, int]:
+    """Rows and classes (the largest label + 1) of a Ray Dataset, in one pass over its labels,
+    whole blocks at a time. Not ``ds.count()`` and ``ds.max("label")``: two executions,
+    and Ray Data's ``max`` is a hash aggregation that starts aggregator actors (13 s of a
+    400-row ``fit()`` on 2 CPUs)."""
+    from ray.data.dataset import MaterializedDataset
+
+    # Blocks already in the object store are read where they are; a projection would be a task
+    # per block (from_items makes 200: 3-6 s on 2 CPUs against 0.4 s).
+    labels_of = ds if isinstance(ds, MaterializedDataset) else ds.select_columns(["label"])
+    rows, low, high = 0, 0, -1
+    for batch in labels_of.iter_batches(batch_size=None, batch_format="numpy"):
+        labels = np.asarray(batch["label"])
+        if labels.dtype.kind not in "biuf":
+            raise DataError(
+                f"the {split} Ray Dataset's labels must be class indices, got {labels.dtype} values"
+            )
+        if labels.size:
+            rows += len(labels)
+            low, high = min(low, int(labels.min())), max(high, int(labels.max()))
+    if low < 0:
+        raise DataError(f"the {split} Ray Dataset's labels must be class indices >= 0, got {low}")
+    return rows, high + 1
+
+
 def describe_ray_dataset(ds: Any, split: str) -> DatasetInfo:
     """Shape, classes and channel statistics of a user's Ray Dataset with ``image`` (uint8 HWC)
     and ``label`` columns (statistics from its first 2,048 rows)."""
@@ -533,10 +558,10 @@ def describe_ray_dataset(ds: Any, split: str) -> DatasetInfo:
             f"the {split} Ray Dataset's images must have a channel axis (H, W, C), got {images.shape[1:]}"
         )
     x = images.astype(np.float64) / 255.0
-    n_classes = int(ds.max("label")) + 1
+    num_rows, n_classes = _count_labels(ds, split)
     return DatasetInfo(
         uri=f"ray-dataset:{split}",
-        num_rows=ds.count(),
+        num_rows=num_rows,
         shape=tuple(images.shape[1:]),
         classes=tuple(str(i) for i in range(n_classes)),
         mean=tuple(x.mean(axis=(0, 1, 2))),
