@@ -64,3 +64,18 @@ def test_a_jobs_own_set_up_hook_is_left_to_run():
     # As Ray records a job's hook: the field, and the variable among the job's env_vars.
     assert prestart.worker_runtime_env({"worker_process_setup_hook": "mine.setup"}) == {}
     assert prestart.worker_runtime_env({"env_vars": {prestart.SETUP_HOOK_ENV: "mine.setup"}}) == {}
+
+
+def test_the_hook_imports_what_a_first_optimizer_step_would():
+    """An idle training worker has imported torch._dynamo (a process's first optimizer step imports
+    it): checked in a fresh interpreter, where nothing else has imported it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from lepton_ray.train.prestart import import_for_training; "
+        "assert 'torch._dynamo' not in sys.modules; import_for_training(); "
+        "print(all(m in sys.modules for m in ('torch._dynamo', 'lepton_ray.train.loop')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "True", out.stderr[-2000:]

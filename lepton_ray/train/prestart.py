@@ -12,8 +12,8 @@ for the same runtime environments (Ray's ``PrestartWorkers``, the request Ray's 
 submitter sends for a backlog), read from the unnamed actors the fit started (Ray's actor
 table). The next fit's actors land on them instead of waiting for new processes. The
 training workers' runtime environment names :func:`import_for_training` as Ray's worker-process
-set-up hook, so an idle training worker has imported torch and the training loop before a fit
-needs it; a worker started on demand runs the same imports first, which it would run anyway. A
+set-up hook, so an idle training worker has imported torch, ``torch._dynamo`` (which its first
+optimizer step imports) and the training loop before a fit needs it; a worker started on demand runs the same imports first, which it would run anyway. A
 job whose runtime environment has a set-up hook of its own keeps it: the training workers then
 get none of ours (one would replace the other), and import on demand.
 
@@ -24,9 +24,9 @@ importing Ray Train's modules), which in a cold fit hid behind the workers' star
 
 The processes stay idle for ``$LEPTON_PRESTART_S`` seconds (default 300; ``0`` turns this off)
 and are then Ray's to stop like any idle worker (Ray keeps up to one per CPU of the node). An idle
-training worker holds what its imports take and no GPU memory: those imports alone took 0.7 GB of
-host memory in a plain process on the 2-core machine (0.4 GB of it the process's own, the rest
-torch's libraries). A fit after a different one (another worker count, another ``RAY_TRAIN_*``
+training worker holds what its imports take and no GPU memory: those imports alone took 0.78 GB of
+host memory in a plain process on the 2-core machine (0.43 GB of it the process's own, the rest
+torch's libraries; without ``torch._dynamo`` 0.64 and 0.36 GB). A fit after a different one (another worker count, another ``RAY_TRAIN_*``
 setting) uses what fits and starts the rest as before. Nothing here fails a fit: a raylet that does not answer, or an older Ray, is
 logged at debug level and skipped.
 """
@@ -52,7 +52,18 @@ DEFAULT_KEEP_S = 300
 # process. Ray fills it from a job's runtime environment only; set in the training workers' own,
 # it names the hook for them alone.
 HOOK = "lepton_ray.train.prestart.import_for_training"
-TRAINING_IMPORTS = ("torch", "torch.distributed", "ray.train.torch.config", "lepton_ray.train.loop")
+# torch._dynamo: a process's first optimizer imports it (lepton_ray.train.warmup). Imported here,
+# a warm fit's ``model`` phase on 2 CPUs went from 1.5-2.1 s to 0.06 s and its wall time from 7.6
+# to 6.6 s (mean of 3 fits each after a 15 s pause, 2 workers, mnist5k's test split, 2026-12-05);
+# a cold fit the same (21.4 and 20.0 s): a worker started on demand imports it before its actor
+# is ready instead of in its first step.
+TRAINING_IMPORTS = (
+    "torch",
+    "torch._dynamo",
+    "torch.distributed",
+    "ray.train.torch.config",
+    "lepton_ray.train.loop",
+)
 RPC_TIMEOUT_S = 2.0
 
 

@@ -11,7 +11,9 @@ Ray Train's controller (the process group, the datasets' coordinator, the launch
 each worker (without waiting for the answer) to run :func:`warm_imports`: sympy imported on a
 thread of its own, while the process group is set up. When the optimizer's import reaches
 sympy it finds it imported, or waits for the thread's import to finish (Python's per-module
-import lock) rather than doing it again.
+import lock) rather than doing it again. A worker started through lepton_ray's set-up hook
+(:mod:`lepton_ray.train.prestart`) has imported ``torch._dynamo``, sympy with it, before its
+actor started; the thread is for the others (a job with a set-up hook of its own).
 
 Why sympy and nothing else: it imports only itself, mpmath and the standard library, and nothing
 the worker's main thread imports imports it except through ``torch._dynamo``. Two threads
