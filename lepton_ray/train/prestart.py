@@ -52,11 +52,11 @@ DEFAULT_KEEP_S = 300
 # process. Ray fills it from a job's runtime environment only; set in the training workers' own,
 # it names the hook for them alone.
 HOOK = "lepton_ray.train.prestart.import_for_training"
-# torch._dynamo: a process's first optimizer imports it (lepton_ray.train.warmup). Imported here,
-# a warm fit's ``model`` phase on 2 CPUs went from 1.5-2.1 s to 0.06 s and its wall time from 7.6
-# to 6.6 s (mean of 3 fits each after a 15 s pause, 2 workers, mnist5k's test split, 2026-12-05);
-# a cold fit the same (21.4 and 20.0 s): a worker started on demand imports it before its actor
-# is ready instead of in its first step.
+# torch._dynamo: a process's first optimizer step imports it (lepton_ray.train.warmup). Imported
+# here, a warm fit's ``model`` phase on 2 CPUs went from 1.6-2.3 s to 0.06-0.10 s and its time to
+# the first step from 8.2 to 6.6 s (means of 6 fits each, 2 workers, 15 s apart; benchmarks
+# fixed_cost_dynamo_old_1/_new_1/_old_2/_new_2); a worker started on demand imports it before its
+# actor is ready instead of in its first step.
 TRAINING_IMPORTS = (
     "torch",
     "torch._dynamo",
