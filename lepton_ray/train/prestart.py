@@ -13,9 +13,10 @@ submitter sends for a backlog), read from the unnamed actors the fit started (Ra
 table). The next fit's actors land on them instead of waiting for new processes. The
 training workers' runtime environment names :func:`import_for_training` as Ray's worker-process
 set-up hook, so an idle training worker has imported torch, ``torch._dynamo`` (which its first
-optimizer step imports) and the training loop before a fit needs it; a worker started on demand runs the same imports first, which it would run anyway. A
-job whose runtime environment has a set-up hook of its own keeps it: the training workers then
-get none of ours (one would replace the other), and import on demand.
+optimizer step imports) and the training loop before a fit needs it; a worker started on demand
+runs the same imports first, which it would run anyway. A job whose runtime environment has a
+set-up hook of its own keeps it: the training workers then get none of ours (one would replace
+the other), and import on demand.
 
 What a warm fit still waits for is Ray Train's own: registering the workers' placement group
 with its placement-group cleaner, a detached actor the controller starts first, took 1.1 s of a
@@ -26,9 +27,10 @@ The processes stay idle for ``$LEPTON_PRESTART_S`` seconds (default 300; ``0`` t
 and are then Ray's to stop like any idle worker (Ray keeps up to one per CPU of the node). An idle
 training worker holds what its imports take and no GPU memory: those imports alone took 0.78 GB of
 host memory in a plain process on the 2-core machine (0.43 GB of it the process's own, the rest
-torch's libraries; without ``torch._dynamo`` 0.64 and 0.36 GB). A fit after a different one (another worker count, another ``RAY_TRAIN_*``
-setting) uses what fits and starts the rest as before. Nothing here fails a fit: a raylet that does not answer, or an older Ray, is
-logged at debug level and skipped.
+torch's libraries; without ``torch._dynamo`` 0.64 and 0.36 GB). A fit after a different one
+(another worker count, another ``RAY_TRAIN_*`` setting) uses what fits and starts the rest as
+before. Nothing here fails a fit: a raylet that does not answer, or an older Ray, is logged at
+debug level and skipped.
 """
 
 from __future__ import annotations
