@@ -308,10 +308,11 @@ def outage_run(
     outage_s: float = 3.0,
     epochs: int = 2,
     every: int = 5,
+    workers: int = 2,
 ) -> dict[str, Any]:
-    """A run checkpointing to ``s3://bucket/runs`` through a proxy that goes down when the PUT of
-    ``cut_file`` of the checkpoint at ``cut_step`` arrives (dropping it) and comes back
-    ``outage_s`` later. If the run fails anyway it is resumed once (``resume=True``)."""
+    """A run of ``workers`` checkpointing to ``s3://bucket/runs`` through a proxy that goes down
+    when the PUT of ``cut_file`` of the checkpoint at ``cut_step`` arrives (dropping it) and comes
+    back ``outage_s`` later. If the run fails anyway it is resumed once (``resume=True``)."""
     from lepton_ray import Trainer, storage
     from lepton_ray.errors import LeptonError
     from lepton_ray.runs import RunLayout
@@ -347,7 +348,7 @@ def outage_run(
         t0 = time.perf_counter()
         for attempt in range(2):
             try:
-                res = Trainer(2).fit(small_cnn(), data, resume=attempt > 0, **fit)
+                res = Trainer(workers).fit(small_cnn(), data, resume=attempt > 0, **fit)
                 finished = res["history"][-1]["step"] == steps
                 break
             except LeptonError as exc:

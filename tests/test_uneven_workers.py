@@ -67,6 +67,7 @@ def test_every_sample_once_and_the_planned_steps(
     logs = sample_logs(tmp_path / "uneven")
     assert len(logs) == workers
     all_ids = set(read_ids(digits_400).tolist())
+    orders = []
     for epoch in (1, 2):
         seen = []
         for key, log in logs.items():
@@ -78,6 +79,8 @@ def test_every_sample_once_and_the_planned_steps(
             assert {len(s["ids"]) for s in mine} == {worker_batch(BATCH, workers, rank)}
             seen += [i for s in mine for i in s["ids"]]
         assert len(seen) == ROWS and set(seen) == all_ids, f"epoch {epoch}: not every sample once"
+        orders.append(seen)
+    assert orders[0] != orders[1], "the training set was not reshuffled between epochs"
 
 
 def test_a_users_ray_dataset_is_cached_whole_on_every_worker(ray_session, tmp_path):
@@ -87,7 +90,10 @@ def test_a_users_ray_dataset_is_cached_whole_on_every_worker(ray_session, tmp_pa
 
     x, y, _ = load_mnist5k()["test"]
     pick = np.random.default_rng(0).choice(len(x), 200, replace=False)  # every class
-    ds = ray.data.from_items([{"image": x[i], "label": int(y[i])} for i in pick])
+    # A few blocks, not Ray's default of one per row here: the numbering still spans blocks, and
+    # the fit is not spent on 200 one-row blocks.
+    rows = [{"image": x[i], "label": int(y[i])} for i in pick]
+    ds = ray.data.from_items(rows, override_num_blocks=8)
     res = Trainer(3, resources_per_worker={"CPU": 0.5}).fit(
         build_model("cnn", in_channels=1, num_classes=10, width=4),
         ds,
