@@ -3,7 +3,9 @@
 With B = 40 the workers take 14/13/13 (3 workers) or 6,6,6,6,6,5,5 (7 workers) rows per step. Every
 sample must still be trained exactly once per epoch, every worker must take the same number of
 optimizer steps, the number the schedule was planned on (400 rows / 40 = 10 per epoch), and the LR
-schedule must reach its end. The workers record the ids of every batch they train.
+schedule must reach its end. The workers record the ids of every batch they train. The 7 workers
+read with the streaming shuffle (shard order + a local buffer), the one tests/test_sharding.py
+leaves to this module; both shuffles must give each epoch a new order.
 """
 
 from __future__ import annotations
