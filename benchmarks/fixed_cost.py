@@ -13,7 +13,11 @@ With ``--pause S`` each fit after the first starts S seconds after the last one 
 notebook's next cell would: the time :mod:`lepton_ray.train.prestart` has to start the next fit's
 processes (``$LEPTON_PRESTART_S=0`` runs without them; the result records the setting).
 
-    python -m benchmarks.fixed_cost [--fits 4] [--workers 1] [--use-gpu] [--pause 0]
+With ``--feed ring`` the fits stream their data through the ring (``DataConfig(feed="ring")``):
+what a fit of a set larger than the device pays before its first step (its reader's process and
+the first read's tasks).
+
+    python -m benchmarks.fixed_cost [--fits 4] [--workers 1] [--use-gpu] [--pause 0] [--feed ring]
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ GOALS = [
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from lepton_ray import Trainer, build_model, prepare
+    from lepton_ray import DataConfig, Trainer, build_model, prepare
     from lepton_ray.train import prestart
 
     result = harness.record(
@@ -51,6 +55,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         fits=args.fits,
         pause_s=args.pause,
         prestart_keep_s=prestart.keep_alive_s(),
+        feed=args.feed,
     )
     store = tempfile.mkdtemp(prefix="lepton-bench-fixed-")
     info = prepare("mnist5k", f"{store}/data")["train"]
@@ -60,7 +65,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             time.sleep(args.pause)
         start = time.perf_counter()
         res = Trainer(args.workers, use_gpu=args.use_gpu, storage=f"{store}/runs").fit(
-            build_model("cnn", in_channels=1, num_classes=10), info, batch_size=100, epochs=1
+            build_model("cnn", in_channels=1, num_classes=10),
+            info,
+            batch_size=100,
+            epochs=1,
+            data=DataConfig(feed=args.feed) if args.feed else DataConfig(),
         )
         wall = time.perf_counter() - start
         fits.append(
@@ -123,6 +132,7 @@ def render(r: dict[str, Any], key: str) -> str:
             ["median, fits 2+", *(m["phases_s"].get(c) for c in cols), m["fixed_s"], None, None]
         )
     device = "1 GPU" if r.get("use_gpu") else "CPU"
+    feed = f"fed by `feed={r['feed']!r}`" if r.get("feed") else "the device's data defaults"
     pause = r.get("pause_s", 0)
     apart = f"{pause:g} s apart" if pause else "back to back"
     keep = r.get("prestart_keep_s")  # None: measured before lepton_ray.train.prestart
@@ -137,7 +147,7 @@ def render(r: dict[str, Any], key: str) -> str:
         f"## Fixed cost of a `fit()`: where the time before the first step and after the last goes (`{key}`)\n\n"
         f"{harness.provenance(r, key)} {r['fits']} fits of the `cnn` on the {r['rows']:,} "
         f"built-in digits {apart} on one Ray instance{warm}, {r['workers']} worker(s) on the "
-        f"{device}, one epoch of global batch 100 each, the device's data defaults, Ray Train's "
+        f"{device}, one epoch of global batch 100 each, {feed}, Ray Train's "
         f"health check every {r['health_check_interval_s']} s; the first fit also starts Ray. Phases in seconds (`train_results['startup_s']`, "
         "`lepton_ray/train/timeline.py`); fixed: to the first step plus teardown; epoch: the "
         "epoch's own time; wall: the whole call.\n\n"
@@ -154,6 +164,9 @@ def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--use-gpu", action="store_true")
     ap.add_argument(
         "--pause", type=float, default=0.0, help="seconds between one fit's return and the next"
+    )
+    ap.add_argument(
+        "--feed", choices=("cache", "ring"), help="the fits' feed (default: the device's)"
     )
 
 

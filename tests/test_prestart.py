@@ -5,6 +5,7 @@ setting, the training workers' set-up hook. That a warm fit's worker was prestar
 from __future__ import annotations
 
 import pytest
+import ray
 from ray.core.generated.gcs_pb2 import ActorTableData
 
 from lepton_ray.errors import ConfigError
@@ -79,3 +80,83 @@ def test_the_hook_imports_what_a_first_optimizer_step_would():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "True", out.stderr[-2000:]
+
+
+class _TrainingWorker:
+    """Stands for a training worker: an actor started with the training workers' runtime
+    environment (so with lepton_ray's set-up hook), which reads an epoch for a ring."""
+
+    def run(self, info):
+        import os
+        import sys
+
+        import psutil
+
+        from lepton_ray.train.ring_reader import ReadSpec, RemoteBlocks, start_reader
+
+        def ray_processes():
+            return {p.pid for p in psutil.process_iter() if _is_ray_worker(p)}
+
+        before = ray_processes()
+        reader = start_reader()
+        reader_env = ray.get(
+            reader.__ray_call__.remote(
+                lambda _: (os.environ.get(prestart.SETUP_HOOK_ENV), "torch" in sys.modules)
+            )
+        )
+        spec = ReadSpec((3, 8, 8), info, None, 0, 100, True, 1)
+        rows = sum(len(block) for block in RemoteBlocks(reader, 1, spec, pin=False))
+        started = ray_processes() - before - {os.getpid()}
+        ray.kill(reader)
+        return os.environ.get(prestart.SETUP_HOOK_ENV), reader_env, rows, _with_torch(started)
+
+
+def _is_ray_worker(p) -> bool:
+    try:
+        cmd = " ".join(p.cmdline())
+    except Exception:  # noqa: BLE001 - a process that ended meanwhile
+        return False
+    return cmd.startswith("ray::") or "default_worker.py" in cmd
+
+
+def _with_torch(pids) -> list[int]:
+    """Of ``pids``, the processes that have loaded torch's library (imported torch)."""
+    import psutil
+
+    out = []
+    for pid in pids:
+        try:
+            if any("libtorch" in m.path for m in psutil.Process(pid).memory_maps()):
+                out.append(pid)
+        except psutil.Error:
+            continue
+    return sorted(out)
+
+
+def test_what_a_training_worker_starts_does_not_run_its_hook(ray_session, tmp_path):
+    """A task or actor inherits its parent's runtime environment: a training worker's ring reader
+    and the tasks of its reads (Ray Data's sampling of the Parquet files among them) would each
+    import torch before running anything."""
+    import ray.data
+
+    from lepton_ray.data import prepare
+
+    info = prepare("synthetic:400:8x8x3", str(tmp_path / "s"), rows_per_shard=100)["train"]
+    ray.data.range(1).take(1)  # Ray Data's own named actors, started by the driver, not the worker
+    env = prestart.worker_runtime_env({})
+    worker = ray.remote(_TrainingWorker).options(num_cpus=0, runtime_env=env).remote()
+    hook, reader_env, rows, with_torch = ray.get(worker.run.remote(info), timeout=300)
+    ray.kill(worker)
+    assert hook == prestart.HOOK  # the worker ran the hook ...
+    assert reader_env == ("", False)  # ... its reader did not
+    assert rows == 400
+    assert with_torch == []  # nor did the processes of the read's tasks
+
+
+def test_only_our_hook_is_taken_off_what_a_process_starts(monkeypatch):
+    monkeypatch.delenv(prestart.SETUP_HOOK_ENV, raising=False)
+    assert prestart.child_options() == {}  # a driver: nothing to take off
+    monkeypatch.setenv(prestart.SETUP_HOOK_ENV, "mine.setup")
+    assert prestart.child_options() == {}  # a job's own hook is the job's to pass on
+    monkeypatch.setenv(prestart.SETUP_HOOK_ENV, prestart.HOOK)
+    assert prestart.child_options() == {"runtime_env": {"env_vars": {prestart.SETUP_HOOK_ENV: ""}}}

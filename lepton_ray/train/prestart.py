@@ -14,7 +14,9 @@ table). The next fit's actors land on them instead of waiting for new processes.
 training workers' runtime environment names :func:`import_for_training` as Ray's worker-process
 set-up hook, so an idle training worker has imported torch, ``torch._dynamo`` (which its first
 optimizer step imports) and the training loop before a fit needs it; a worker started on demand
-runs the same imports first, which it would run anyway. A job whose runtime environment has a
+runs the same imports first, which it would run anyway. What a training worker starts in turn
+inherits the hook with the environment: the ring's reader takes it off (:func:`child_options`).
+A job whose runtime environment has a
 set-up hook of its own keeps it: the training workers then get none of ours (one would replace
 the other), and import on demand.
 
@@ -93,6 +95,30 @@ def worker_runtime_env(job_env: dict[str, Any]) -> dict[str, Any]:
     if job_env.get("worker_process_setup_hook") or SETUP_HOOK_ENV in job_env.get("env_vars", {}):
         return {}
     return {"env_vars": {SETUP_HOOK_ENV: HOOK}}
+
+
+def child_options() -> dict[str, Any]:
+    """Ray remote args for an actor a training worker starts that should not run lepton_ray's
+    set-up hook (the ring's reader, :func:`lepton_ray.train.ring_reader.start_reader`): the
+    worker's own runtime environment with the hook's variable empty (Ray runs no hook then, and
+    merges the other variables in); nothing in a process without our hook (a driver, a job with a
+    hook of its own, which is the job's to pass on).
+
+    A task or actor inherits its parent's runtime environment, so the reader's process and those
+    of its reads' tasks would each import torch, ``torch._dynamo`` and the training loop before
+    running anything: on 2 cores a task started from an actor with the hook took 6.1 s to answer,
+    0.9-1.2 s with it off; a ring-fed fit's first step waited 12.2-12.5 s for its first read
+    with the hook, 3.8-5.2 s without (``benchmarks.gpu_train --model cnn --cases ring --rows 4096
+    --batch-size 256 --epochs 3``, two runs each, alternated).
+
+    The reads a worker runs in its own process (the device cache's fill, the streamed feed) keep
+    the worker's environment: their tasks then run in the idle training-worker processes this
+    module keeps, which have imported everything already. Taking the hook off those made each fit
+    start fresh processes for them: 2 workers on 2 cores, back-to-back fits waited 10.7-12.9 s
+    for the first step instead of 1.3-1.7 s (``benchmarks.fixed_cost --workers 2``, alternated)."""
+    if os.environ.get(SETUP_HOOK_ENV) != HOOK:
+        return {}
+    return {"runtime_env": {"env_vars": {SETUP_HOOK_ENV: ""}}}
 
 
 def import_for_training() -> None:

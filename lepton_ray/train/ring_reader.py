@@ -32,6 +32,9 @@ whose ``cancel`` unblocks a read being closed.
 
 The actor runs on the worker's node (its blocks reach the worker through shared memory), takes no
 CPU of its own (Ray Data's read tasks take theirs), and is owned by the worker: it dies with it.
+It and its reads' tasks run without the training workers' set-up hook, which their runtime
+environment would otherwise pass on: none of them imports torch
+(:func:`lepton_ray.train.prestart.child_options`).
 """
 
 from __future__ import annotations
@@ -213,6 +216,8 @@ def start_reader() -> Any:
     """A :class:`RingReader` actor on this node, owned by this process (so it dies with it)."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    from lepton_ray.train.prestart import child_options
+
     node = ray.get_runtime_context().get_node_id()
     return (
         _actor_class()
@@ -220,6 +225,7 @@ def start_reader() -> Any:
             num_cpus=0,
             max_concurrency=2,  # a stop or start beside a next waiting for its block
             scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
+            **child_options(),  # neither it nor its reads' tasks import torch (its parent's hook)
         )
         .remote()
     )
