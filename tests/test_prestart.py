@@ -160,3 +160,20 @@ def test_only_our_hook_is_taken_off_what_a_process_starts(monkeypatch):
     assert prestart.child_options() == {}  # a job's own hook is the job's to pass on
     monkeypatch.setenv(prestart.SETUP_HOOK_ENV, prestart.HOOK)
     assert prestart.child_options() == {"runtime_env": {"env_vars": {prestart.SETUP_HOOK_ENV: ""}}}
+
+
+def test_no_hook_when_the_package_is_found_only_through_the_drivers_directory(
+    tmp_path, monkeypatch
+):
+    """Ray puts the driver's directory on a worker's path only after the hook ran: a hook there
+    would kill every training worker at start (a source checkout run without installing it)."""
+    (tmp_path / "pkg_only_here").mkdir()
+    (tmp_path / "pkg_only_here" / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    assert not prestart.importable_in_workers("pkg_only_here")
+    monkeypatch.chdir(tmp_path.parent)  # now found through sys.path itself, as $PYTHONPATH is
+    assert prestart.importable_in_workers("pkg_only_here")
+    assert prestart.importable_in_workers("lepton_ray")  # installed (editable) here
+    monkeypatch.setattr(prestart, "importable_in_workers", lambda package: False)
+    assert prestart.worker_runtime_env({}) == {}

@@ -41,6 +41,7 @@ import collections
 import importlib
 import logging
 import os
+import sys
 from collections.abc import Iterable
 from typing import Any
 
@@ -94,6 +95,9 @@ def worker_runtime_env(job_env: dict[str, Any]) -> dict[str, Any]:
     override the user's in the training workers): then nothing, and they import on demand."""
     if job_env.get("worker_process_setup_hook") or SETUP_HOOK_ENV in job_env.get("env_vars", {}):
         return {}
+    if not importable_in_workers(__name__.split(".")[0]):
+        log.debug("lepton_ray is found through the driver's directory only: no set-up hook")
+        return {}
     return {"env_vars": {SETUP_HOOK_ENV: HOOK}}
 
 
@@ -119,6 +123,30 @@ def child_options() -> dict[str, Any]:
     if os.environ.get(SETUP_HOOK_ENV) != HOOK:
         return {}
     return {"runtime_env": {"env_vars": {SETUP_HOOK_ENV: ""}}}
+
+
+def importable_in_workers(package: str) -> bool:
+    """Whether a new worker process can import ``package`` before the driver's own directories
+    are on its path. Ray adds the driver's working directory (and script's) to a worker's path
+    only after the worker ran its set-up hook: a hook in a package found only through them (a
+    source checkout run without installing it) fails, the worker exits, and the fit waits for
+    training workers that never start (on 2 cores: ``ActorDiedError``, "No module named
+    'lepton_ray'"). Installed packages, editable ones and ``$PYTHONPATH`` are found."""
+    import __main__
+
+    drop = {os.path.abspath(""), os.getcwd()}
+    script = getattr(__main__, "__file__", None)  # none in a notebook: Ray adds none either
+    if script:
+        drop.add(os.path.dirname(os.path.realpath(script)))
+    path = [p for p in sys.path if os.path.abspath(p or ".") not in drop]
+    for finder in sys.meta_path:
+        find = getattr(finder, "find_spec", None)
+        try:
+            if find is not None and find(package, path) is not None:
+                return True
+        except Exception:  # noqa: BLE001 - a finder that cannot answer this question
+            continue
+    return False
 
 
 def import_for_training() -> None:
