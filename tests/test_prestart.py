@@ -177,3 +177,5 @@ def test_no_hook_when_the_package_is_found_only_through_the_drivers_directory(
     assert prestart.importable_in_workers("lepton_ray")  # installed (editable) here
     monkeypatch.setattr(prestart, "importable_in_workers", lambda package: False)
     assert prestart.worker_runtime_env({}) == {}
+    # A job's working_dir is on a new worker's path from its start (Ray ships and adds it).
+    assert prestart.worker_runtime_env({"working_dir": "gcs://_ray_pkg_x.zip"}) != {}

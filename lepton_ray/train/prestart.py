@@ -16,9 +16,9 @@ set-up hook, so an idle training worker has imported torch, ``torch._dynamo`` (w
 optimizer step imports) and the training loop before a fit needs it; a worker started on demand
 runs the same imports first, which it would run anyway. What a training worker starts in turn
 inherits the hook with the environment: the ring's reader takes it off (:func:`child_options`).
-A job whose runtime environment has a
-set-up hook of its own keeps it: the training workers then get none of ours (one would replace
-the other), and import on demand.
+A job whose runtime environment has a set-up hook of its own keeps it: the training workers then
+get none of ours (one would replace the other), and import on demand; so do they where a new
+worker process could not import lepton_ray before running a hook (:func:`importable_in_workers`).
 
 What a warm fit still waits for is Ray Train's own: registering the workers' placement group
 with its placement-group cleaner, a detached actor the controller starts first, took 1.1 s of a
@@ -92,10 +92,12 @@ def keep_alive_s() -> int:
 def worker_runtime_env(job_env: dict[str, Any]) -> dict[str, Any]:
     """The training workers' runtime environment (Ray Train's ``worker_runtime_env``): the hook,
     unless the job's runtime environment ``job_env`` has a set-up hook of its own (it would
-    override the user's in the training workers): then nothing, and they import on demand."""
+    override the user's in the training workers): then nothing, and they import on demand. The
+    same where lepton_ray is found only through the driver's directory: a job's ``working_dir``
+    is on a worker's path from its start, the driver's directory is not."""
     if job_env.get("worker_process_setup_hook") or SETUP_HOOK_ENV in job_env.get("env_vars", {}):
         return {}
-    if not importable_in_workers(__name__.split(".")[0]):
+    if not job_env.get("working_dir") and not importable_in_workers(__name__.split(".")[0]):
         log.debug("lepton_ray is found through the driver's directory only: no set-up hook")
         return {}
     return {"env_vars": {SETUP_HOOK_ENV: HOOK}}
