@@ -184,6 +184,8 @@ def trainer_summary(res: dict[str, Any], samples_per_epoch: int) -> dict[str, An
     after the loop has read the epoch's metrics back from the GPU (a synchronisation), as the plain
     loop's does, whereas the loop's own ``samples_per_second`` stops its clock with GPU work still
     queued (kept as ``loop_samples_per_s``). The data-wait share is of the loop's training time.
+    A ring-fed fit's epochs also say when their read was asked for and how long it took
+    (``per_epoch_read``).
     """
     hist = res["history"]
     measured = hist[1:] if len(hist) > 1 else hist
@@ -198,6 +200,12 @@ def trainer_summary(res: dict[str, Any], samples_per_epoch: int) -> dict[str, An
         "per_epoch_samples_per_s": [round(x, 1) for x in per_epoch],
         "per_epoch_data_wait_s": [round(h["data_wait_s"], 2) for h in hist],
         "per_epoch_time_s": [round(t, 3) for t in epoch_times],
+        # the ring's read of each epoch (lepton_ray.train.ring_reader.ReadTimes), where it has one
+        **(
+            {"per_epoch_read": [{k: h[k] for k in h if k.startswith("read_")} for h in hist]}
+            if any("read_ahead_s" in h for h in hist)
+            else {}
+        ),
         "fit_wall_s": round(res["wall_time_s"], 1),
         "fixed_cost_s": round(res["wall_time_s"] - sum(epoch_times), 1),
         "final_train_accuracy": res.get("train_accuracy"),

@@ -250,6 +250,10 @@ def test_the_trainer_pace_comes_from_the_synchronised_epoch_clock():
     s = trainer_summary({"history": hist, "wall_time_s": 40.0}, 51200)
     assert s["samples_per_s"] == round((51200 / 1.0 + 51200 / 1.024) / 2, 1)
     assert s["loop_samples_per_s"] == 60000.0 and s["fixed_cost_s"] == round(40.0 - 7.024, 1)
+    assert "per_epoch_read" not in s  # a feed without a read per epoch
+    reads = [{"read_ahead_s": a, "read_first_block_s": 0.5, "read_s": 2.0} for a in (0.0, 1.5, 1.2)]
+    ring = [h | r for h, r in zip(hist, reads, strict=True)]
+    assert trainer_summary({"history": ring, "wall_time_s": 40.0}, 51200)["per_epoch_read"] == reads
 
 
 def _dlrm_result(gpu: str | None, ddp: float) -> dict:

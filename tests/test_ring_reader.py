@@ -14,6 +14,7 @@ from lepton_ray.data import read_shard_ids, write_dataset
 from lepton_ray.train.ring import BlockReader, RowLayout
 from lepton_ray.train.ring_reader import (
     ReadSpec,
+    ReadTimes,
     RemoteBlocks,
     block_rows,
     read_cpus,
@@ -54,6 +55,18 @@ def piece(info, rank: int, epoch: int, world: int = 2):
     return p, shards
 
 
+def test_read_times_say_how_early_a_read_began_and_how_long_it_took():
+    t = ReadTimes(requested=100.0)
+    assert t.seconds(epoch_started=100.0) == {"read_ahead_s": 0.0}  # asked by the epoch itself
+    t.first_block, t.done = 101.25, 104.5
+    assert t.seconds(epoch_started=103.0) == {  # read ahead: asked 3 s before its epoch began
+        "read_ahead_s": 3.0,
+        "read_first_block_s": 1.25,
+        "read_s": 4.5,
+    }
+    assert ReadTimes(requested=5.0).seconds(epoch_started=4.0)["read_ahead_s"] == 0.0
+
+
 def test_blocks_arrive_packed_in_plan_order_and_whole(ray_session, prepared):
     layout = RowLayout(SHAPE)
     actor = start_reader()
@@ -61,8 +74,14 @@ def test_blocks_arrive_packed_in_plan_order_and_whole(ray_session, prepared):
         for read, (rank, epoch) in enumerate([(0, 0), (1, 0), (0, 1)], start=1):
             p, shards = piece(prepared, rank, epoch)
             spec = ReadSpec(SHAPE, shards, p.ids, epoch, 64, True, 1)
-            blocks = list(BlockReader(RemoteBlocks(actor, read, spec, pin=False), layout, 10_000))
+            source = RemoteBlocks(actor, read, spec, pin=False)
+            reader = BlockReader(source, layout, 10_000)
+            blocks = list(reader)
             assert all(b.dtype == torch.uint8 and b.shape[1] == layout.width for b in blocks)
+            # the read's course, as the epoch's metrics report it
+            t = reader.times
+            assert t is source.times and (t.blocks, t.rows) == (len(blocks), len(p.ids))
+            assert t.requested <= t.first_block <= t.done
             rows = layout.unpack(torch.cat(blocks))
             assert rows["id"].numpy().tolist() == p.ids.tolist()  # exactly the plan, in order
             want = torch.from_numpy(hwc_pixels(rows["id"].numpy())).permute(0, 3, 1, 2)
@@ -86,6 +105,7 @@ def test_closing_a_read_mid_way_unblocks_it_and_the_actor_reads_on(ray_session, 
         started = time.monotonic()
         reader.close(timeout=30)
         assert not reader.alive and time.monotonic() - started < 10
+        assert reader.times.first_block is not None and reader.times.done is None  # cut short
         # a later read of the same actor starts from its own beginning
         p2, shards2 = piece(prepared, 0, 1, world=1)
         spec2 = ReadSpec(SHAPE, shards2, p2.ids, 1, 64, True, 1)

@@ -59,6 +59,11 @@ def test_ring_fit_trains_the_planned_batches_and_resumes_on_another_worker_count
     # Attempt 2: resume with 3 workers; the rest of epoch 1 exactly once, then epoch 2.
     res = Trainer(3).fit(model, digits_1200, resume=True, **common)
     assert res["epochs"] == 2 and [h["world_size"] for h in res["history"]] == [3, 3]
+    # Each epoch reports its read: epoch 2's was asked for before epoch 2 began (read ahead once
+    # epoch 1's rows were all in the ring), epoch 1's (resumed) by the epoch itself.
+    reads = [{k: v for k, v in h.items() if k.startswith("read_")} for h in res["history"]]
+    assert reads[1]["read_ahead_s"] > 0 and reads[0]["read_ahead_s"] < reads[1]["read_ahead_s"]
+    assert all(0 <= r["read_first_block_s"] <= r["read_s"] for r in reads), reads
     resumed = sorted(set(sample_logs(run)) - set(first))
     consumed, after = assert_sample_exact(
         run, first, resumed, resume_step=10, steps_per_epoch=20, rows=1200, global_batch=60

@@ -54,6 +54,14 @@ class Batches:
     steps: int
     batches: Iterator[dict[str, torch.Tensor]]
     wait_s: float = 0.0  # time spent waiting for the next batch
+    # The read serving the epoch, where the feed starts one per epoch (the ring's:
+    # lepton_ray.train.ring_reader.ReadTimes), and when the epoch asked for its batches.
+    read: Any = None
+    started: float = dataclasses.field(default_factory=time.time)
+
+    def read_seconds(self) -> dict[str, float]:
+        """The epoch's read in seconds (``ReadTimes.seconds``), or nothing for a feed without one."""
+        return {} if self.read is None else self.read.seconds(self.started)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         it = iter(self.batches)
@@ -442,6 +450,7 @@ class RingFeed:
     def epoch(self, epoch: int, exclude: np.ndarray | None = None) -> Batches:
         from lepton_ray.train.ring import ring_generator, serve
 
+        started = time.time()
         p = self.plan.of(self.shard_ids, epoch, exclude)
         resumed = exclude is not None and len(exclude) > 0
         reader = None
@@ -460,7 +469,8 @@ class RingFeed:
         self.reading = reader or self._read(p, epoch)
         generator = ring_generator(self.plan.seed, epoch, self.plan.rank, self.ring.device)
         blocks = self._then_read_ahead(self.reading, epoch)
-        return Batches(p.steps, serve(self.ring, blocks, p.steps, p.per_step, generator))
+        batches = serve(self.ring, blocks, p.steps, p.per_step, generator)
+        return Batches(p.steps, batches, read=self.reading.times, started=started)
 
     def _read(self, p: sampling.EpochPlan, epoch: int) -> Any:
         """A BlockReader of ``p``'s rows, read and packed by this worker's RingReader actor

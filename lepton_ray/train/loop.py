@@ -119,7 +119,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 metrics = epoch_metrics(
                     epoch, step, sums, (i + 1) * cfg.batch_size, seconds, batches.wait_s, world
                 )
-                metrics |= task.metrics(metrics)
+                metrics |= task.metrics(metrics) | batches.read_seconds()
                 if diverged(metrics):
                     reporter.metrics(metrics | timing | stopped(spec))
                     feed.close()
@@ -149,6 +149,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             epoch, step, sums, batches.steps * cfg.batch_size, train_time, batches.wait_s, world
         )
         metrics["epoch_time_s"] = time.perf_counter() - t0
+        metrics |= batches.read_seconds()  # the ring's read: how early it began, how long it took
         if device.type == "cuda":  # what the run needs of the device, for sizing and the report
             metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         if val is not None:

@@ -244,5 +244,11 @@ class BlockReader(ReadAhead):
         return int(self.queued)
 
     @property
+    def times(self) -> Any:
+        """The source's record of its read (:class:`~lepton_ray.train.ring_reader.ReadTimes`),
+        where it keeps one; else None."""
+        return getattr(self._source, "times", None)
+
+    @property
     def peak_rows(self) -> int:
         return int(self.peak)

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import functools
 import threading
+import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -231,12 +232,38 @@ def start_reader() -> Any:
     )
 
 
+@dataclass
+class ReadTimes:
+    """When one read was asked for, handed its first block over and ran out (``time.time()``;
+    None until then, ``done`` for good if it was stopped first), and what it handed over: for the epoch it serves, against the epoch's own
+    start (:meth:`seconds`)."""
+
+    requested: float
+    first_block: float | None = None
+    done: float | None = None
+    blocks: int = 0
+    rows: int = 0
+
+    def seconds(self, epoch_started: float) -> dict[str, float]:
+        """``read_ahead_s``: how long before the epoch began its read was asked for (0 when the
+        epoch asked); ``read_first_block_s``: from the ask to the first block packed;
+        ``read_s``: to the read's end (absent while it runs, as in a mid-epoch report)."""
+        out = {"read_ahead_s": round(max(epoch_started - self.requested, 0.0), 3)}
+        if self.first_block is not None:
+            out["read_first_block_s"] = round(self.first_block - self.requested, 3)
+        if self.done is not None:
+            out["read_s"] = round(self.done - self.requested, 3)
+        return out
+
+
 class RemoteBlocks:
     """Read ``read`` of ``spec`` by a :class:`RingReader`, begun at once, as packed tensors
-    (pinned when ``pin``)."""
+    (pinned when ``pin``); ``times`` records its course."""
 
     def __init__(self, reader: Any, read: int, spec: ReadSpec, pin: bool):
         self.reader, self.read, self.spec, self.pin = reader, read, spec, pin
+        self.times = ReadTimes(requested=time.time())
+        self.cancelled = False
         self.started = reader.start.remote(read, spec)
 
     def __iter__(self) -> Iterator[Any]:
@@ -248,6 +275,8 @@ class RemoteBlocks:
         while True:
             pieces = ray.get(self.reader.next.remote(self.read))
             if pieces is None:
+                if not self.cancelled:  # ran out, not stopped
+                    self.times.done = time.time()
                 return
             for piece in pieces:
                 # Mapped from the node's object store (no copy), its pixels copied once, by
@@ -263,8 +292,13 @@ class RemoteBlocks:
                 )
                 layout.pack_array(table, out=block.numpy())
                 del table
+                if self.times.first_block is None:
+                    self.times.first_block = time.time()
+                self.times.blocks += 1
+                self.times.rows += block.shape[0]
                 yield block
 
     def cancel(self) -> None:
         """Stop the read: a ``next`` waiting for a block returns ``None``."""
+        self.cancelled = True
         self.reader.stop.remote(self.read)
