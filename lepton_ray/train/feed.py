@@ -60,7 +60,7 @@ class Batches:
     started: float = dataclasses.field(default_factory=time.time)
 
     def read_seconds(self) -> dict[str, float]:
-        """The epoch's read in seconds (``ReadTimes.seconds``), or nothing for a feed without one."""
+        """The epoch's read in seconds (``ReadTimes.seconds``); nothing for a feed without one."""
         return {} if self.read is None else self.read.seconds(self.started)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:

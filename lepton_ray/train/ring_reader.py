@@ -235,8 +235,8 @@ def start_reader() -> Any:
 @dataclass
 class ReadTimes:
     """When one read was asked for, handed its first block over and ran out (``time.time()``;
-    None until then, ``done`` for good if it was stopped first), and what it handed over: for the epoch it serves, against the epoch's own
-    start (:meth:`seconds`)."""
+    None until then, and ``done`` for good if the read was stopped first), and what it handed
+    over; :meth:`seconds` puts them against the start of the epoch it serves."""
 
     requested: float
     first_block: float | None = None
