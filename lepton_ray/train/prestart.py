@@ -136,7 +136,7 @@ def importable_in_workers(package: str) -> bool:
     'lepton_ray'"). Installed packages, editable ones and ``$PYTHONPATH`` are found."""
     import __main__
 
-    drop = {os.path.abspath(""), os.getcwd()}
+    drop = {os.getcwd()}  # what "" on sys.path stands for
     script = getattr(__main__, "__file__", None)  # none in a notebook: Ray adds none either
     if script:
         drop.add(os.path.dirname(os.path.realpath(script)))
