@@ -16,14 +16,12 @@ part, no backslash), so a tampered manifest can make a read fail but never read,
 delete, anything outside the folder.
 
 Checksums: :func:`read_arrays` verifies every shard's sha256; the Ray Data path (:func:`read_ray`)
-does not. Ray's Parquet reader streams a shard in ranges and decodes it as it arrives, while a
-checksum needs the whole object before the first row is used: verifying would mean a datasource of
-our own that downloads each shard whole, hashes it and only then parses it, giving up range reads
-and column pruning. Measured here (one core of this Xeon, shared), sha256 of a 64 MiB shard takes
-60 ms, about as long as pyarrow takes to decode it (65-75 ms): every epoch would spend twice the CPU
-on reading, on the CPUs that also decode and augment. TCP/TLS already guard the bytes in transit;
-what the sha256 adds is catching an object changed or swapped after its manifest was written,
-which :func:`read_arrays` (evaluation, notebooks) still does.
+checks each shard's row count against the manifest but does not hash it. It fetches each shard
+whole (:mod:`lepton_ray.data.shard_source`), so it could; but measured here (one core of this Xeon,
+shared), sha256 of a 64 MiB shard takes 60 ms, about as long as pyarrow takes to decode it
+(65-75 ms): every epoch would spend twice the CPU on reading, on the CPUs that also decode and
+augment. TCP/TLS already guard the bytes in transit; what the sha256 adds is catching an object
+changed or swapped after its manifest was written, which :func:`read_arrays` (evaluation, notebooks) still does.
 """
 
 from __future__ import annotations
@@ -441,35 +439,22 @@ def read_ray(
     pass through as read (:class:`~lepton_ray.data.transforms.Preprocessor`).
     """
     import ray.data
-    from ray.data import DataContext, FileShuffleConfig, RandomSeedConfig
+    from ray.data import RandomSeedConfig
+
+    from lepton_ray.data.shard_source import ShardSource
 
     mode = {True: "global", False: "none"}.get(shuffle, shuffle)
     if mode not in ("global", "files", "none"):
         raise DataError(f"unknown shuffle {shuffle!r} (global, files or none)")
-    loc = info.location()
-    paths = [s.path for s in shard_locations(info)]
-    # Ray 2.60's V2 Parquet reader starts fresh footer-reader actors on every execution, i.e.
-    # every epoch: seconds of process start-up per epoch on a small node. The shard list and row
-    # counts are in our manifest already, so the V1 reader (plain read tasks) is all we need.
-    ctx = DataContext.get_current()
-    previous, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
-    files = (
-        FileShuffleConfig(seed=shuffle_seed, reseed_after_execution=True)
-        if mode == "files"
-        else None
-    )
     pre = info.preprocessor(check_augment(augment), augment_seed, normalize, epoch, jpeg, layout)
     # Raw rows passed through as read have nothing to batch or spread out: one task and one
     # block per shard (Ray Data otherwise splits each file's output to make 200 blocks, and a
     # split read or a batch size keeps it from fusing the map into the read tasks). On 2 CPUs,
     # 204,800 32x32 rows in 50 shards through the ring's reader: 2.4 CPU-seconds, not 3.9.
-    whole = {"override_num_blocks": len(paths)} if pre.as_read and paths else {}
-    try:
-        ds = ray.data.read_parquet(
-            paths, filesystem=loc.fs, columns=["id", "image", "label"], shuffle=files, **whole
-        )
-    finally:
-        ctx.use_datasource_v2 = previous
+    whole = {"override_num_blocks": len(info.shards)} if pre.as_read and info.shards else {}
+    # Planned from the manifest (shard_source): no sampling tasks or footer reads per execution.
+    source = ShardSource(info, ("id", "image", "label"), mode == "files", shuffle_seed)
+    ds = ray.data.read_datasource(source, **whole)
     if keep_ids is not None:
         ds = ds.map_batches(KeepIds(keep_ids), batch_format="pyarrow", zero_copy_batch=True)
     if mode == "global":

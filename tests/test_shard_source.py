@@ -1,0 +1,113 @@
+"""Reading a prepared dataset through Ray Data from its manifest (lepton_ray.data.shard_source):
+the plan touches no storage, every row is read once, the shard order is shuffled per execution
+reproducibly, and a shard that disagrees with its manifest fails the read naming it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lepton_ray.data import prepare
+from lepton_ray.data.shard_source import ShardSource, shard_order
+from lepton_ray.errors import DataError
+
+
+def test_shard_order_is_stored_order_or_a_reproducible_permutation_per_execution():
+    assert shard_order(5, False, 3, 7) == [0, 1, 2, 3, 4]
+    first = shard_order(40, True, 3, 0)
+    assert sorted(first) == list(range(40)) and first != list(range(40))
+    assert shard_order(40, True, 3, 0) == first  # the same seed and execution: the same order
+    assert shard_order(40, True, 3, 1) != first  # the next execution (epoch): another one
+    assert shard_order(40, True, 4, 0) != first
+    assert sorted(shard_order(40, True, None, 0)) == list(range(40))
+    assert shard_order(40, True, -1, 0) == shard_order(40, True, -1, 0)  # any int is a seed
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    return prepare(
+        "synthetic:300:8x8x3:3", str(tmp_path_factory.mktemp("shards")), rows_per_shard=40
+    )["train"]
+
+
+def test_the_plan_is_the_manifests_shards_and_sizes(small):
+    source = ShardSource(small, ("id", "image", "label"))
+    assert source.estimate_inmemory_data_size() == small.num_rows * (8 * 8 * 3 + 16)
+    tasks = source.get_read_tasks(200)  # more tasks asked than shards: one task per shard
+    assert [t.metadata.input_files for t in tasks] == [(s["path"],) for s in small.shards]
+    assert [t.metadata.size_bytes for t in tasks] == [s["rows"] * 208 for s in small.shards]
+    grouped = source.get_read_tasks(3)  # fewer: consecutive shards share a task
+    assert sum(len(t.metadata.input_files) for t in grouped) == len(small.shards)
+    assert len(grouped) == 3
+
+
+@pytest.mark.ray
+def test_a_read_plan_touches_no_storage(ray_session, tmp_path):
+    """Planning reads nothing (Ray's Parquet reader samples files in remote tasks on every call):
+    with the shards gone, the Dataset is still made, and fails only once it is read."""
+    from lepton_ray.data import read_ray
+
+    info = prepare("synthetic:60:4x4x1", str(tmp_path / "d"), rows_per_shard=20)["train"]
+    for s in info.shards:
+        (Path(info.uri) / s["path"]).unlink()
+    ds = read_ray(info, normalize=False, layout="nhwc")
+    with pytest.raises(Exception, match=info.shards[0]["path"]):
+        ds.take_all()
+
+
+@pytest.mark.ray
+def test_every_row_once_and_files_shuffled_per_execution(ray_session, small):
+    from ray.data import DataContext
+
+    from lepton_ray.data import read_ids, read_ray
+
+    options = DataContext.get_current().execution_options
+    previous, options.preserve_order = options.preserve_order, True
+    try:
+
+        def orders(seed: int) -> list[list[int]]:
+            ds = read_ray(small, normalize=False, layout="nhwc", shuffle="files", shuffle_seed=seed)
+            got = []
+            for _ in range(2):  # two executions of one Dataset: two epochs
+                ids = np.concatenate([b["id"] for b in ds.iter_batches(batch_format="numpy")])
+                assert sorted(ids.tolist()) == sorted(read_ids(small).tolist())
+                got.append([int(i) for i in ids[:: small.shards[0]["rows"]]])  # each shard's 1st
+            return got
+
+        a, b = orders(11), orders(11)
+        assert a == b  # reproducible from the seed, execution by execution
+        assert a[0] != a[1]  # and another order the next execution
+    finally:
+        options.preserve_order = previous
+
+
+def _tamper(info, edit) -> None:
+    path = Path(info.uri) / "manifest.json"
+    m = json.loads(path.read_text())
+    edit(m)
+    path.write_text(json.dumps(m))
+
+
+@pytest.mark.ray
+def test_a_shard_that_disagrees_with_its_manifest_fails_naming_it(ray_session, tmp_path):
+    from lepton_ray.data import open_dataset, read_ray
+
+    info = prepare("synthetic:60:4x4x1", str(tmp_path / "d"), rows_per_shard=20)["train"]
+    first = info.shards[0]["path"]
+
+    def swap_rows(m: dict) -> None:  # the total still matches num_rows
+        m["shards"][0]["rows"] += 1
+        m["shards"][1]["rows"] -= 1
+
+    _tamper(info, swap_rows)
+    with pytest.raises(DataError, match=f"shard {first} of .* holds 20 rows; its manifest says 21"):
+        read_ray(open_dataset(info.uri), normalize=False, layout="nhwc").take_all()
+
+    other = prepare("synthetic:60:4x4x1", str(tmp_path / "e"), rows_per_shard=20)["train"]
+    garbled = other.shards[1]["path"]
+    (Path(other.uri) / garbled).write_bytes(b"not parquet at all")
+    with pytest.raises(DataError, match=f"shard {garbled} of .* is not Parquet"):
+        read_ray(other, normalize=False, layout="nhwc").take_all()
