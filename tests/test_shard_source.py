@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from lepton_ray.data import prepare
+from lepton_ray.data.dataset import shard_locations
 from lepton_ray.data.shard_source import ShardSource, shard_order
 from lepton_ray.errors import DataError
 
@@ -34,7 +35,7 @@ def small(tmp_path_factory):
 
 
 def test_the_plan_is_the_manifests_shards_and_sizes(small):
-    source = ShardSource(small, ("id", "image", "label"))
+    source = ShardSource(small, shard_locations(small), ("id", "image", "label"))
     assert source.estimate_inmemory_data_size() == small.num_rows * (8 * 8 * 3 + 16)
     tasks = source.get_read_tasks(200)  # more tasks asked than shards: one task per shard
     assert [t.metadata.input_files for t in tasks] == [(s["path"],) for s in small.shards]

@@ -83,12 +83,13 @@ class ShardSource(Datasource):
     def __init__(
         self,
         info: DatasetInfo,
+        locations: Sequence[storage.Location],
         columns: Sequence[str],
         shuffle: bool = False,
         shuffle_seed: int | None = None,
     ) -> None:
-        from lepton_ray.data.dataset import shard_locations
-
+        """``locations``: where ``info.shards`` are, checked to lie inside the dataset's folder
+        (:func:`lepton_ray.data.dataset.shard_locations`)."""
         super().__init__()
         self.uri = info.uri
         self.columns = tuple(columns)
@@ -98,7 +99,7 @@ class ShardSource(Datasource):
         row = int(np.prod(info.shape)) + 16
         self.shards = [
             (loc, s["path"], int(s["rows"]), _size(s, row, info.encoding))
-            for s, loc in zip(info.shards, shard_locations(info), strict=True)
+            for s, loc in zip(info.shards, locations, strict=True)
         ]
 
     def get_name(self) -> str:
