@@ -17,11 +17,12 @@ delete, anything outside the folder.
 
 Checksums: :func:`read_arrays` verifies every shard's sha256; the Ray Data path (:func:`read_ray`)
 checks each shard's row count against the manifest but does not hash it. It fetches each shard
-whole (:mod:`lepton_ray.data.shard_source`), so it could; but measured here (one core of this Xeon,
-shared), sha256 of a 64 MiB shard takes 60 ms, about as long as pyarrow takes to decode it
+whole (:mod:`lepton_ray.data.shard_source`), so it could; but measured here (one core of this
+Xeon, shared), sha256 of a 64 MiB shard takes 60 ms, about as long as pyarrow takes to decode it
 (65-75 ms): every epoch would spend twice the CPU on reading, on the CPUs that also decode and
 augment. TCP/TLS already guard the bytes in transit; what the sha256 adds is catching an object
-changed or swapped after its manifest was written, which :func:`read_arrays` (evaluation, notebooks) still does.
+changed or swapped after its manifest was written, which :func:`read_arrays` (evaluation,
+notebooks) still does.
 """
 
 from __future__ import annotations
