@@ -1,6 +1,7 @@
 """Reading a prepared dataset through Ray Data from its manifest (lepton_ray.data.shard_source):
 the plan touches no storage, every row is read once, the shard order is shuffled per execution
-reproducibly, and a shard that disagrees with its manifest fails the read naming it."""
+reproducibly, and a shard that disagrees with its manifest (its rows always, its sha256 when asked)
+fails the read naming it."""
 
 from __future__ import annotations
 
@@ -112,3 +113,51 @@ def test_a_shard_that_disagrees_with_its_manifest_fails_naming_it(ray_session, t
     (Path(other.uri) / garbled).write_bytes(b"not parquet at all")
     with pytest.raises(DataError, match=f"shard {garbled} of .* is not Parquet"):
         read_ray(other, normalize=False, layout="nhwc").take_all()
+
+
+def _relabel(info, shard: int) -> str:
+    """Rewrite one shard with every label changed: the same rows and ids, other bytes."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = Path(info.uri) / info.shards[shard]["path"]
+    t = pq.read_table(path)
+    labels = pa.array((t.column("label").to_numpy() + 1) % len(info.classes))
+    pq.write_table(t.set_column(t.schema.get_field_index("label"), "label", labels), path)
+    return info.shards[shard]["path"]
+
+
+@pytest.mark.ray
+def test_verify_checks_each_shards_sha256_as_it_is_read(ray_session, tmp_path):
+    import dataclasses
+
+    from lepton_ray.data import read_ray
+
+    info = prepare("synthetic:60:4x4x1:3", str(tmp_path / "d"), rows_per_shard=20)["train"]
+    changed = _relabel(info, 1)
+    assert len(read_ray(info, normalize=False, layout="nhwc").take_all()) == 60  # rows still agree
+    checked = dataclasses.replace(info, verify=True)
+    with pytest.raises(DataError, match=f"shard {changed} of .* does not match its checksum"):
+        read_ray(checked, normalize=False, layout="nhwc").take_all()
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("feed", ["stream", "ring"])  # read in the worker; in the ring's actor
+def test_a_fit_with_verify_checksums_refuses_a_changed_shard(ray_session, tmp_path, feed):
+    from lepton_ray import Trainer
+    from lepton_ray.config import DataConfig
+    from lepton_ray.errors import LeptonError
+    from lepton_ray.models import build_model
+
+    info = prepare("synthetic:200:8x8x1:2", str(tmp_path / "d"), rows_per_shard=50)["train"]
+    changed = _relabel(info, 2)
+    with pytest.raises(LeptonError, match=f"shard {changed} of .* does not match its checksum"):
+        Trainer(1).fit(
+            build_model("cnn", in_channels=1, num_classes=2),
+            info.uri,
+            batch_size=50,
+            epochs=1,
+            storage=str(tmp_path / "runs"),
+            data=DataConfig(verify_checksums=True, feed=feed),
+            max_failures=0,
+        )

@@ -16,13 +16,13 @@ part, no backslash), so a tampered manifest can make a read fail but never read,
 delete, anything outside the folder.
 
 Checksums: :func:`read_arrays` verifies every shard's sha256; the Ray Data path (:func:`read_ray`)
-checks each shard's row count against the manifest but does not hash it. It fetches each shard
-whole (:mod:`lepton_ray.data.shard_source`), so it could; but measured here (one core of this
-Xeon, shared), sha256 of a 64 MiB shard takes 60 ms, about as long as pyarrow takes to decode it
-(65-75 ms): every epoch would spend twice the CPU on reading, on the CPUs that also decode and
-augment. TCP/TLS already guard the bytes in transit; what the sha256 adds is catching an object
-changed or swapped after its manifest was written, which :func:`read_arrays` (evaluation,
-notebooks) still does.
+checks each shard's row count against the manifest, and its sha256 only for a ``DatasetInfo`` with
+``verify`` set (``DataConfig.verify_checksums``; :mod:`lepton_ray.data.shard_source` fetches each
+shard whole, so it can). Off by default: measured here (one core of this Xeon, shared), sha256 of a
+64 MiB shard takes 60 ms, about as long as pyarrow takes to decode it (65-75 ms), so every epoch
+would spend twice the CPU on reading, on the CPUs that also decode and augment. TCP/TLS already
+guard the bytes in transit; what the sha256 adds is catching an object changed or swapped after its
+manifest was written.
 """
 
 from __future__ import annotations
@@ -75,6 +75,7 @@ class DatasetInfo:
     manifest: dict = field(default_factory=dict, repr=False, compare=False)
     kind: str = "image"  # "text": token blocks (data.text); "text-label": labelled texts
     # (data.labelled_text); "ctr": click rows (data.ctr)
+    verify: bool = field(default=False, compare=False)  # read_ray checks each shard's sha256
 
     @property
     def num_classes(self) -> int:

@@ -14,7 +14,8 @@ without touching storage: a task per shard (or per group of shards when Ray asks
 each fetching its shard whole in one request (:meth:`~lepton_ray.storage.Location.read_bytes`,
 with its retries and error messages) and handing it over as one Arrow table of the asked columns.
 A shard that does not hold the rows its manifest entry says fails the read with a
-:class:`~lepton_ray.errors.DataError` naming it.
+:class:`~lepton_ray.errors.DataError` naming it; so does one whose bytes do not match its sha256,
+checked where ``info.verify`` is set (``DataConfig.verify_checksums``).
 
 ``shuffle`` shuffles the order of the shards afresh on every execution (epoch); with a
 ``shuffle_seed`` reproducibly, the order of execution ``k`` drawn from ``(shuffle_seed, k)``, as
@@ -51,10 +52,18 @@ def shard_order(n: int, shuffle: bool, seed: int | None, execution: int) -> list
 
 
 def read_shard(
-    loc: storage.Location, name: str, rows: int, columns: Sequence[str], uri: str
+    loc: storage.Location,
+    name: str,
+    rows: int,
+    columns: Sequence[str],
+    uri: str,
+    sha256: str | None = None,
 ) -> pa.Table:
-    """One shard's ``columns``, fetched whole; its row count checked against the manifest's."""
+    """One shard's ``columns``, fetched whole; its row count checked against the manifest's, and
+    its bytes against ``sha256`` where given."""
     data = loc.read_bytes()
+    if sha256 is not None and storage.sha256_bytes(data) != sha256:
+        raise DataError(f"shard {name} of {uri} does not match its checksum")
     try:
         table = pq.read_table(pa.BufferReader(data), columns=list(columns))
     except (pa.ArrowException, ValueError) as exc:
@@ -97,8 +106,15 @@ class ShardSource(Datasource):
         # In-memory sizes for Ray's block sizing and memory planning: a raw row's pixels plus its
         # id and label; an encoded (PNG/JPEG) shard's bytes, which its rows keep as they are.
         row = int(np.prod(info.shape)) + 16
+        # a shard: (where, name, rows, size, the sha256 to check or None)
         self.shards = [
-            (loc, s["path"], int(s["rows"]), _size(s, row, info.encoding))
+            (
+                loc,
+                s["path"],
+                int(s["rows"]),
+                _size(s, row, info.encoding),
+                s["sha256"] if info.verify else None,
+            )
             for s, loc in zip(info.shards, locations, strict=True)
         ]
 
@@ -106,7 +122,7 @@ class ShardSource(Datasource):
         return "Shards"
 
     def estimate_inmemory_data_size(self) -> int:
-        return sum(size for *_, size in self.shards)
+        return sum(size for _, _, _, size, _ in self.shards)
 
     def get_read_tasks(
         self,
@@ -119,16 +135,16 @@ class ShardSource(Datasource):
         groups = [g for g in np.array_split(np.asarray(order, int), max(1, parallelism)) if len(g)]
         return [self._task([self.shards[i] for i in g], per_task_row_limit) for g in groups]
 
-    def _task(self, shards: list[tuple[Any, str, int, int]], limit: int | None) -> ReadTask:
+    def _task(self, shards: list[tuple[Any, ...]], limit: int | None) -> ReadTask:
         columns, uri = self.columns, self.uri
 
         def read() -> Iterator[pa.Table]:
-            for loc, name, rows, _ in shards:
-                yield read_shard(loc, name, rows, columns, uri)
+            for loc, name, rows, _, sha256 in shards:
+                yield read_shard(loc, name, rows, columns, uri, sha256)
 
         meta = BlockMetadata(
             num_rows=None,  # the manifest's word: checked as each shard is read, not trusted before
-            size_bytes=sum(size for *_, size in shards),
+            size_bytes=sum(size for _, _, _, size, _ in shards),
             input_files=tuple(name for _, name, *_ in shards),
             exec_stats=None,
         )

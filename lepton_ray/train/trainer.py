@@ -200,6 +200,10 @@ def _run(
     from lepton_ray.train.timeline import phases
 
     keep_warm = prestart.keep_alive_s()  # checked before anything starts
+    if cfg.data.verify_checksums:  # every read of these sets checks its shards' sha256
+        for src in (train_src, val_src):
+            if src is not None and src.ray_ds is None:
+                src.info = dataclasses.replace(src.info, verify=True)
     info = train_src.info
     shuffle = shuffle_mode(
         info, cfg.data.shuffle, ray.cluster_resources().get("object_store_memory", 0.0)
