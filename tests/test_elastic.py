@@ -149,8 +149,23 @@ def test_cpu_only_nodes_take_the_jpeg_decoding(tmp_path):
         )
         ids = np.concatenate([b["id"].numpy() for b in feed.epoch(0)])
         assert sorted(ids.tolist()) == list(range(60))
-        decoding = [t for t in list_tasks(detail=True, limit=10_000) if "Preprocessor" in t.name]
-        assert decoding and {t.node_id for t in decoding} == {cpu_node.node_id}
+        # Ray reports task events asynchronously: a task that ran may still show no node for a
+        # moment (CI once saw one), so wait until every decoding task that ran names its node.
+        # One that never ran (cancelled before scheduling when the epoch ended) has none at all.
+        deadline = time.time() + 30
+        while True:
+            decoding = [
+                t for t in list_tasks(detail=True, limit=10_000) if "Preprocessor" in t.name
+            ]
+            settled = all(
+                t.node_id or t.state in ("PENDING_NODE_ASSIGNMENT", "FAILED") for t in decoding
+            )
+            if (decoding and settled) or time.time() > deadline:
+                break
+            time.sleep(0.5)
+        ran = {t.node_id for t in decoding if t.node_id}
+        assert ran == {cpu_node.node_id}, [(t.state, t.node_id) for t in decoding]
+        assert all(t.state != "FINISHED" for t in decoding if not t.node_id), decoding
     finally:
         ray.shutdown()
         cluster.shutdown()
