@@ -1,7 +1,7 @@
 """Reading a prepared dataset through Ray Data from its manifest (lepton_ray.data.shard_source):
 the plan touches no storage, every row is read once, the shard order is shuffled per execution
 reproducibly, and a shard that disagrees with its manifest (its rows always, its sha256 when asked)
-fails the read naming it."""
+fails the read naming it, here and in the readers outside Ray Data (lepton_ray.data.shard_file)."""
 
 from __future__ import annotations
 
@@ -113,6 +113,33 @@ def test_a_shard_that_disagrees_with_its_manifest_fails_naming_it(ray_session, t
     (Path(other.uri) / garbled).write_bytes(b"not parquet at all")
     with pytest.raises(DataError, match=f"shard {garbled} of .* is not Parquet"):
         read_ray(other, normalize=False, layout="nhwc").take_all()
+
+
+def test_the_readers_outside_ray_data_check_shards_the_same_way(tmp_path):
+    """read_arrays (a small set as numpy) and read_shard_ids (what feeds plan from) go through the
+    same shard reader as Ray Data's tasks, with the same one-line errors."""
+    from lepton_ray.data import open_dataset, read_arrays, read_shard_ids
+
+    info = prepare("synthetic:60:4x4x1", str(tmp_path / "d"), rows_per_shard=20)["train"]
+    first = info.shards[0]["path"]
+
+    def swap_rows(m: dict) -> None:
+        m["shards"][0]["rows"] += 1
+        m["shards"][1]["rows"] -= 1
+
+    _tamper(info, swap_rows)
+    lying = open_dataset(info.uri)
+    for read in (read_arrays, read_shard_ids):
+        with pytest.raises(DataError, match=f"shard {first} of .* holds 20 rows; its manifest"):
+            read(lying)
+
+    other = prepare("synthetic:60:4x4x1", str(tmp_path / "e"), rows_per_shard=20)["train"]
+    garbled = other.shards[1]["path"]
+    (Path(other.uri) / garbled).write_bytes(b"not parquet at all")
+    with pytest.raises(DataError, match=f"shard {garbled} of .* does not match its checksum"):
+        read_arrays(other)  # checked before it is parsed
+    with pytest.raises(DataError, match=f"shard {garbled} of .* is not Parquet with \\['id'\\]"):
+        read_shard_ids(other)
 
 
 def _relabel(info, shard: int) -> str:

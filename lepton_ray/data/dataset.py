@@ -27,7 +27,6 @@ manifest was written.
 
 from __future__ import annotations
 
-import io
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -35,7 +34,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from lepton_ray import storage
 from lepton_ray.data import labelled_text
@@ -355,12 +353,13 @@ def open_dataset(uri: str, endpoint_url: str | None = None) -> DatasetInfo:
 # --- reading ---------------------------------------------------------------------------------
 def read_arrays(info: DatasetInfo) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A whole (small) prepared dataset as numpy: (images NHWC uint8, labels, ids). Checksums verified."""
-    tables = []
-    for s, loc in zip(info.shards, shard_locations(info), strict=True):
-        data = loc.read_bytes()
-        if storage.sha256_bytes(data) != s["sha256"]:
-            raise DataError(f"shard {s['path']} of {info.uri} does not match its checksum")
-        tables.append(pq.read_table(io.BytesIO(data)))
+    from lepton_ray.data.shard_file import read_shard
+
+    columns = ("id", "image", "label")
+    tables = [
+        read_shard(loc, s["path"], int(s["rows"]), columns, info.uri, s["sha256"])
+        for s, loc in zip(info.shards, shard_locations(info), strict=True)
+    ]
     t = pa.concat_tables(tables)
     ids = t.column("id").to_numpy()
     if info.encoding == "jpeg":  # evaluation's centre crops
@@ -380,12 +379,14 @@ def read_arrays(info: DatasetInfo) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def read_shard_ids(info: DatasetInfo) -> list[np.ndarray]:
     """The row ids of each shard, in manifest order (reads only the ``id`` column)."""
+    from lepton_ray.data.shard_file import read_shard
+
     return [
-        pq.read_table(io.BytesIO(loc.read_bytes()), columns=["id"])
+        read_shard(loc, s["path"], int(s["rows"]), ("id",), info.uri)
         .column("id")
         .to_numpy()
         .astype(np.int64)
-        for loc in shard_locations(info)
+        for s, loc in zip(info.shards, shard_locations(info), strict=True)
     ]
 
 

@@ -29,12 +29,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from lepton_ray import storage
-from lepton_ray.errors import DataError
+from lepton_ray.data.shard_file import read_shard
 
 if TYPE_CHECKING:
     from ray.data import DataContext
@@ -49,33 +48,6 @@ def shard_order(n: int, shuffle: bool, seed: int | None, execution: int) -> list
         return list(range(n))
     key = None if seed is None else [seed & 0xFFFFFFFFFFFFFFFF, execution]
     return [int(i) for i in np.random.default_rng(key).permutation(n)]
-
-
-def read_shard(
-    loc: storage.Location,
-    name: str,
-    rows: int,
-    columns: Sequence[str],
-    uri: str,
-    sha256: str | None = None,
-) -> pa.Table:
-    """One shard's ``columns``, fetched whole; its row count checked against the manifest's, and
-    its bytes against ``sha256`` where given."""
-    data = loc.read_bytes()
-    if sha256 is not None and storage.sha256_bytes(data) != sha256:
-        raise DataError(f"shard {name} of {uri} does not match its checksum")
-    try:
-        table = pq.read_table(pa.BufferReader(data), columns=list(columns))
-    except (pa.ArrowException, ValueError) as exc:
-        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise DataError(
-            f"shard {name} of {uri} is not Parquet with {list(columns)}: {why}"
-        ) from None
-    if table.num_rows != rows:
-        raise DataError(
-            f"shard {name} of {uri} holds {table.num_rows} rows; its manifest says {rows}"
-        )
-    return table
 
 
 def _size(shard: dict, row_bytes: int, encoding: str) -> int:

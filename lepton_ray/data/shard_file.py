@@ -1,0 +1,45 @@
+"""One prepared shard read from storage: fetched whole, checked against its manifest entry, parsed.
+
+The one reader of shard files, for every path that reads them: Ray Data's read tasks
+(:mod:`lepton_ray.data.shard_source`), a whole small dataset as numpy
+(:func:`lepton_ray.data.dataset.read_arrays`) and the row ids a feed plans from
+(:func:`lepton_ray.data.dataset.read_shard_ids`). It imports no Ray.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from lepton_ray import storage
+from lepton_ray.errors import DataError
+
+
+def read_shard(
+    loc: storage.Location,
+    name: str,
+    rows: int,
+    columns: Sequence[str],
+    uri: str,
+    sha256: str | None = None,
+) -> pa.Table:
+    """Shard ``name`` of the dataset at ``uri``: its ``columns``, fetched whole from ``loc``; its
+    row count checked against the manifest's ``rows``, and its bytes against ``sha256`` where
+    given. Each disagreement is a one-line :class:`~lepton_ray.errors.DataError` naming the shard."""
+    data = loc.read_bytes()
+    if sha256 is not None and storage.sha256_bytes(data) != sha256:
+        raise DataError(f"shard {name} of {uri} does not match its checksum")
+    try:
+        table = pq.read_table(pa.BufferReader(data), columns=list(columns))
+    except (pa.ArrowException, ValueError) as exc:
+        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(
+            f"shard {name} of {uri} is not Parquet with {list(columns)}: {why}"
+        ) from None
+    if table.num_rows != rows:
+        raise DataError(
+            f"shard {name} of {uri} holds {table.num_rows} rows; its manifest says {rows}"
+        )
+    return table
