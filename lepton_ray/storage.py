@@ -27,14 +27,17 @@ import os
 import posixpath
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
 from lepton_ray.errors import NotFoundError, StorageError
+
+T = TypeVar("T")
 
 DEFAULT_STORE_ENV = "LEPTON_STORE"
 ENDPOINT_ENV = "LEPTON_S3_ENDPOINT"
@@ -156,21 +159,7 @@ class Location:
             with self.fs.open_input_stream(self.path) as f:
                 return f.read()
 
-        def read_s3() -> bytes:
-            # pyarrow reads an object into a buffer of the object's size: an error answer larger
-            # than the object (S3's are ~250 bytes; pointers and manifests are smaller) does not
-            # fit, and the SDK reports it as a failure it does not retry. So retry here, as the
-            # SDK would have (tests/test_chaos.py); a missing object or a refusal fails at once.
-            for attempt in range(_READ_RETRIES):
-                try:
-                    return read()
-                except (FileNotFoundError, PermissionError):
-                    raise
-                except OSError:
-                    time.sleep(0.025 * 2**attempt)
-            return read()
-
-        return _call(read_s3 if self.is_s3 else read, self)
+        return _call(_retried(read) if self.is_s3 else read, self)
 
     def read_json(self) -> Any:
         return json.loads(self.read_bytes())
@@ -182,7 +171,18 @@ class Location:
             with self.fs.open_input_file(self.path) as f:
                 return f.read_at(size, offset)
 
-        return _call(read, self)
+        return _call(_retried(read) if self.is_s3 else read, self)
+
+    def read_file(self, reader: Callable[[Any], T]) -> T:
+        """``reader``'s result on this object opened for random access: only the bytes it reads
+        travel (ranged GETs on S3), e.g. a Parquet file's footer and the column chunks asked
+        for. Errors are explained as :meth:`read_bytes` explains them."""
+
+        def read() -> T:
+            with self.fs.open_input_file(self.path) as f:
+                return reader(f)
+
+        return _call(_retried(read) if self.is_s3 else read, self)
 
     def listdir(self) -> list[str]:
         """Names (not paths) directly below this location; empty when it does not exist."""
@@ -421,6 +421,28 @@ def explain(exc: BaseException, loc: Location) -> StorageError:
         return StorageError(f"permission denied: {loc.uri}")
     first = msg.strip().splitlines()[0] if msg.strip() else type(exc).__name__
     return StorageError(f"storage error at {loc.uri}: {first}")
+
+
+def _retried(read: Callable[[], T]) -> Callable[[], T]:
+    """``read`` retried on S3's transient errors.
+
+    pyarrow reads into a buffer of the size asked for (an object's, or a range's): an error
+    answer larger than that (S3's are ~250 bytes; pointers, manifests and a small shard's column
+    chunks are smaller) does not fit, and the SDK reports it as a failure it does not retry. So
+    retry here, as the SDK would have (tests/test_chaos.py); a missing object or a refusal fails
+    at once."""
+
+    def retried() -> T:
+        for attempt in range(_READ_RETRIES):
+            try:
+                return read()
+            except (FileNotFoundError, PermissionError):
+                raise
+            except OSError:
+                time.sleep(0.025 * 2**attempt)
+        return read()
+
+    return retried
 
 
 def _bucket_exists(loc: Location) -> bool:

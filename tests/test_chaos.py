@@ -107,6 +107,30 @@ def test_a_small_object_read_through_errors_is_retried(s3_server, bucket_uri):
     assert faulted >= 2, faulted
 
 
+def test_small_ranged_reads_through_errors_are_retried(s3_server, bucket_uri):
+    """A ranged read asks for a buffer of the range's size, and a sharded checkpoint's small
+    tensors are smaller than an error answer: without lepton_ray's retry, the 16-byte read below
+    failed on its first fault. A shard's row ids (its Parquet footer and id column, what every
+    training worker reads to plan its epochs) are read the same way, through the same retry."""
+    import numpy as np
+
+    from lepton_ray.data import open_dataset, prepare, read_shard_ids
+
+    info = prepare("synthetic:24:4x4x1:2", f"{bucket_uri}/d", endpoint_url=s3_server)["train"]
+    root = storage.resolve(bucket_uri, endpoint_url=s3_server)
+    root.join("blob.bin").write_bytes(bytes(range(256)) * 8)
+    faults = SeededFaults(
+        p500=0.5, p503=0.5, max_per_request=BUDGET - 1, only=r"(\.parquet|blob\.bin)$"
+    )
+    with S3FaultProxy(s3_server, faults=faults) as proxy:
+        via = storage.resolve(bucket_uri, endpoint_url=proxy.url)
+        assert via.join("blob.bin").read_range(300, 16) == bytes(range(44, 60))
+        ids = read_shard_ids(open_dataset(info.uri, endpoint_url=proxy.url))
+        faulted = proxy.counts["injected_500"] + proxy.counts["injected_503"]
+    assert sorted(np.concatenate(ids).tolist()) == list(range(24))
+    assert faulted >= 3, faulted
+
+
 def test_an_outage_is_seen_as_unreachable_and_the_state_is_kept_after(s3_server, bucket_uri):
     """The proxy's cut is an outage: requests fail as 'cannot reach'; once it listens again on the
     same port, what was written before is there."""

@@ -142,6 +142,34 @@ def test_the_readers_outside_ray_data_check_shards_the_same_way(tmp_path):
         read_shard_ids(other)
 
 
+def test_row_ids_are_read_without_fetching_whole_shards(
+    tmp_path, monkeypatch, s3_server, s3_bucket
+):
+    """Every training worker plans its epochs from the row ids (read_shard_ids): it reads the
+    Parquet footer and the id column's chunks only (ranged reads on S3), not the pixels."""
+    from lepton_ray import storage
+    from lepton_ray.data import read_ids, read_shard_ids
+    from lepton_ray.errors import NotFoundError
+
+    local = prepare("synthetic:90:8x8x3:3", str(tmp_path / "d"), rows_per_shard=40)["train"]
+    on_s3 = prepare(
+        "synthetic:90:8x8x3:3", f"s3://{s3_bucket}/d", endpoint_url=s3_server, rows_per_shard=40
+    )["train"]
+    expected = read_ids(local)
+
+    def whole(self):
+        raise AssertionError(f"{self.uri} fetched whole for its row ids")
+
+    monkeypatch.setattr(storage.Location, "read_bytes", whole)
+    for info in (local, on_s3):
+        ids = read_shard_ids(info)
+        assert [len(i) for i in ids] == [s["rows"] for s in info.shards] == [40, 40, 10]
+        np.testing.assert_array_equal(np.concatenate(ids), expected)
+    (Path(local.uri) / local.shards[2]["path"]).unlink()
+    with pytest.raises(NotFoundError, match=f"not found: .*{local.shards[2]['path']}"):
+        read_shard_ids(local)
+
+
 def _relabel(info, shard: int) -> str:
     """Rewrite one shard with every label changed: the same rows and ids, other bytes."""
     import pyarrow as pa

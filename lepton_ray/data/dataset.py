@@ -379,10 +379,10 @@ def read_arrays(info: DatasetInfo) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def read_shard_ids(info: DatasetInfo) -> list[np.ndarray]:
     """The row ids of each shard, in manifest order (reads only the ``id`` column)."""
-    from lepton_ray.data.shard_file import read_shard
+    from lepton_ray.data.shard_file import read_shard_columns
 
     return [
-        read_shard(loc, s["path"], int(s["rows"]), ("id",), info.uri)
+        read_shard_columns(loc, s["path"], int(s["rows"]), ("id",), info.uri)
         .column("id")
         .to_numpy()
         .astype(np.int64)
