@@ -1,4 +1,4 @@
-"""One prepared shard read from storage: fetched whole, checked against its manifest entry, parsed.
+"""One prepared shard read from storage, whole or only some columns, and checked against its manifest.
 
 The one reader of shard files, for every path that reads them: Ray Data's read tasks
 (:mod:`lepton_ray.data.shard_source`), a whole small dataset as numpy
