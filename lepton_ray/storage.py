@@ -159,19 +159,14 @@ class Location:
             with self.fs.open_input_stream(self.path) as f:
                 return f.read()
 
-        return _call(_retried(read) if self.is_s3 else read, self)
+        return self._read(read)
 
     def read_json(self) -> Any:
         return json.loads(self.read_bytes())
 
     def read_range(self, offset: int, size: int) -> bytes:
         """``size`` bytes from ``offset`` (an S3 ranged GET): a sharded checkpoint's rows."""
-
-        def read() -> bytes:
-            with self.fs.open_input_file(self.path) as f:
-                return f.read_at(size, offset)
-
-        return _call(_retried(read) if self.is_s3 else read, self)
+        return self.read_file(lambda f: f.read_at(size, offset))
 
     def read_file(self, reader: Callable[[Any], T]) -> T:
         """``reader``'s result on this object opened for random access: only the bytes it reads
@@ -182,6 +177,10 @@ class Location:
             with self.fs.open_input_file(self.path) as f:
                 return reader(f)
 
+        return self._read(read)
+
+    def _read(self, read: Callable[[], T]) -> T:
+        """``read`` with its errors explained, retried on S3 (:func:`_retried`)."""
         return _call(_retried(read) if self.is_s3 else read, self)
 
     def listdir(self) -> list[str]:

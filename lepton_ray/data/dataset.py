@@ -37,6 +37,7 @@ import pyarrow as pa
 
 from lepton_ray import storage
 from lepton_ray.data import labelled_text
+from lepton_ray.data.shard_file import read_shard, read_shard_columns
 from lepton_ray.data.transforms import (
     ENCODINGS,
     Preprocessor,
@@ -353,8 +354,6 @@ def open_dataset(uri: str, endpoint_url: str | None = None) -> DatasetInfo:
 # --- reading ---------------------------------------------------------------------------------
 def read_arrays(info: DatasetInfo) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A whole (small) prepared dataset as numpy: (images NHWC uint8, labels, ids). Checksums verified."""
-    from lepton_ray.data.shard_file import read_shard
-
     columns = ("id", "image", "label")
     tables = [
         read_shard(loc, s["path"], int(s["rows"]), columns, info.uri, s["sha256"])
@@ -379,8 +378,6 @@ def read_arrays(info: DatasetInfo) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def read_shard_ids(info: DatasetInfo) -> list[np.ndarray]:
     """The row ids of each shard, in manifest order (reads only the ``id`` column)."""
-    from lepton_ray.data.shard_file import read_shard_columns
-
     return [
         read_shard_columns(loc, s["path"], int(s["rows"]), ("id",), info.uri)
         .column("id")
