@@ -39,9 +39,11 @@ def plain_loop(
     cudnn_benchmark: bool = False,
     data: str = "float",
     clock: list[tuple[float, float]] | None = None,
+    gc_laps: list[dict[str, Any]] | None = None,
 ) -> list[float]:
     """What a user writes by hand, data already on ``dev``; samples/s per epoch (and each epoch's
-    start and end as ``time.time()`` into ``clock`` when given: its window for ``benchmarks._usage``).
+    start and end as ``time.time()`` into ``clock`` when given: its window for ``benchmarks._usage``;
+    and its garbage collector's pauses into ``gc_laps``, as a fit's epochs report theirs).
 
     ``data="float"``: float32 batches sliced in order (the least work a loop can do).
     ``"uint8"``: the work the Trainer does on the same data, written as a user would: uint8 rows
@@ -54,6 +56,7 @@ def plain_loop(
 
     from lepton_ray import build_model
     from lepton_ray.config import OptimConfig
+    from lepton_ray.train.gc_clock import process_clock
     from lepton_ray.train.step import build_optimizer, lr_factor
 
     cuda = dev.type == "cuda"
@@ -76,8 +79,10 @@ def plain_loop(
     y_all = torch.randint(0, 10, (n,), device=dev)
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda)
     rates = []
+    gc_clock = process_clock()
     for _ in range(epochs):
         began = time.time()
+        gc_clock.lap()
         with Timer(dev) as t:
             order = torch.randperm(n, device=dev) if data != "float" else None
             for s in range(steps):
@@ -96,6 +101,8 @@ def plain_loop(
                 opt.step()
                 sched.step()
         rates.append(steps * batch / t.seconds)
+        if gc_laps is not None:
+            gc_laps.append(gc_clock.lap())
         if clock is not None:
             clock.append((began, time.time()))
     del model, opt, x_all, y_all
@@ -122,10 +129,17 @@ def crop_flip(x: Any, pad: int = 2) -> Any:
     return padded[torch.arange(b, device=x.device)[:, None, None, None], chans, rows, cols]
 
 
-def plain_summary(rates: list[float]) -> dict[str, Any]:
+def plain_summary(
+    rates: list[float], gc_laps: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
     return {
         "samples_per_s": round(mean_after_warmup(rates), 1),
         "per_epoch": [round(r, 1) for r in rates],
+        **(
+            {"per_epoch_gc": [{"s": g["gc_s"], "full": g["gc_full"]} for g in gc_laps]}
+            if gc_laps
+            else {}
+        ),
     }
 
 
@@ -200,6 +214,12 @@ def trainer_summary(res: dict[str, Any], samples_per_epoch: int) -> dict[str, An
         "per_epoch_samples_per_s": [round(x, 1) for x in per_epoch],
         "per_epoch_data_wait_s": [round(h["data_wait_s"], 2) for h in hist],
         "per_epoch_time_s": [round(t, 3) for t in epoch_times],
+        # the garbage collector's pauses in the worker (lepton_ray.train.gc_clock), where reported
+        **(
+            {"per_epoch_gc": [{"s": h["gc_s"], "full": h["gc_full"]} for h in hist]}
+            if all("gc_s" in h for h in hist)
+            else {}
+        ),
         # the ring's read of each epoch (lepton_ray.train.ring_reader.ReadTimes), where it has one
         **(
             {"per_epoch_read": [{k: h[k] for k in h if k.startswith("read_")} for h in hist]}

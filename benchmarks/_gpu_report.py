@@ -175,6 +175,7 @@ def _training(r: dict[str, Any]) -> list[str]:
     out.append(table(headers, rows))
     out += _startup(training_rows(r))
     out += usage_table(r)
+    out += gc_table(r)
     if not on_gpu(r):
         goal_lines = ["No GPU in this run: a wiring check, not a measurement; no goal is judged."]
     return out + ([""] + goal_lines if goal_lines else [])
@@ -217,6 +218,23 @@ def usage_table(r: dict[str, Any]) -> list[str]:
             ["side", "samples", "step thread", "its other threads", "GPU busy", "other processes"],
             rows,
         ),
+    ]
+
+
+def gc_table(r: dict[str, Any]) -> list[str]:
+    """Each side's garbage-collector pauses per epoch (``per_epoch_gc``), where the run has them."""
+    sides = [
+        (k, v["per_epoch_gc"])
+        for k, v in r.items()
+        if isinstance(v, dict) and v.get("per_epoch_gc")
+    ]
+    if not sides:
+        return []
+    rows = [[key, ", ".join(f"{g['s']:.3f} ({g['full']})" for g in laps)] for key, laps in sides]
+    return [
+        "\nPython's garbage collector in each side's process, epoch by epoch: seconds collecting "
+        "(full collections); every collection holds the GIL (`lepton_ray/train/gc_clock.py`).\n",
+        table(["side", "seconds (full) by epoch"], rows),
     ]
 
 

@@ -168,10 +168,18 @@ def _run(args: argparse.Namespace, usage: Usage | None) -> dict[str, Any]:
     windows: dict[str, tuple[float, float, str]] = {}  # side -> its epochs after the first
     for data in sorted(needed):
         clock: list[tuple[float, float]] = []
+        gc_laps: list[dict[str, Any]] = []
         rates = _gpu.plain_loop(
-            args.model, args.rows, args.batch_size, args.epochs, dev, data=data, clock=clock
+            args.model,
+            args.rows,
+            args.batch_size,
+            args.epochs,
+            dev,
+            data=data,
+            clock=clock,
+            gc_laps=gc_laps,
         )
-        r[f"plain_{data}"] = _gpu.plain_summary(rates)
+        r[f"plain_{data}"] = _gpu.plain_summary(rates, gc_laps)
         windows[f"plain_{data}"] = _gpu.plain_window(clock)
     if args.cudnn_benchmark:
         rates = _gpu.plain_loop(

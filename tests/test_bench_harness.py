@@ -254,6 +254,29 @@ def test_the_trainer_pace_comes_from_the_synchronised_epoch_clock():
     reads = [{"read_ahead_s": a, "read_first_block_s": 0.5, "read_s": 2.0} for a in (0.0, 1.5, 1.2)]
     ring = [h | r for h, r in zip(hist, reads, strict=True)]
     assert trainer_summary({"history": ring, "wall_time_s": 40.0}, 51200)["per_epoch_read"] == reads
+    assert "per_epoch_gc" not in s  # a fit from before the loop timed its garbage collector
+    gcs = [{"gc_s": t, "gc_full": n} for t, n in ((0.5, 2), (0.01, 0), (0.25, 1))]
+    timed = trainer_summary(
+        {"history": [h | g for h, g in zip(hist, gcs, strict=True)], "wall_time_s": 40.0}, 51200
+    )
+    assert timed["per_epoch_gc"] == [
+        {"s": 0.5, "full": 2},
+        {"s": 0.01, "full": 0},
+        {"s": 0.25, "full": 1},
+    ]
+
+
+def test_the_gc_table_shows_each_sides_collector_pauses_epoch_by_epoch():
+    from benchmarks._gpu_report import gc_table
+
+    assert gc_table({"trainer_ring": {"samples_per_s": 1.0}}) == []  # none recorded: no table
+    r = {
+        "plain_uint8_augmented": {"per_epoch_gc": [{"s": 0.0123, "full": 0}]},
+        "trainer_ring": {"per_epoch_gc": [{"s": 0.5, "full": 2}, {"s": 0.25, "full": 1}]},
+    }
+    text = "\n".join(gc_table(r))
+    assert "| plain_uint8_augmented | 0.012 (0) |" in text
+    assert "| trainer_ring | 0.500 (2), 0.250 (1) |" in text
 
 
 def _dlrm_result(gpu: str | None, ddp: float) -> dict:

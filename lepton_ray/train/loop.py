@@ -35,6 +35,7 @@ from lepton_ray.train.feed import (
     StreamedFeed,
     jpeg_decode_on,
 )
+from lepton_ray.train.gc_clock import process_clock
 from lepton_ray.train.observe import WorkerProgress
 from lepton_ray.train.ring_reader import read_cpus
 from lepton_ray.train.step import BATCH_DTYPES, Pixels, TrainStep
@@ -94,9 +95,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     fault = parse_fault(cfg.fault_injection) if not restored.state else None  # first attempt only
     progress = WorkerProgress(spec.board, rank, world, cfg.progress_every_steps)
     history, best, resizes = restored.history, restored.best, restored.resizes
+    gc_clock = process_clock()
 
     for epoch in range(restored.start_epoch, cfg.epochs):
         t0 = time.perf_counter()
+        gc_clock.lap()  # from here to the epoch's end: what epoch_time_s covers
         resumed = restored.consumed if epoch == restored.start_epoch else None
         tally = EpochTally(device, rank, resumed, restored.state.get("epoch_sums"), sample_log)
         if augment is not None:
@@ -149,6 +152,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             epoch, step, sums, batches.steps * cfg.batch_size, train_time, batches.wait_s, world
         )
         metrics["epoch_time_s"] = time.perf_counter() - t0
+        metrics |= gc_clock.lap()  # the garbage collector's pauses of this epoch (gc_clock.py)
         metrics |= batches.read_seconds()  # the ring's read: how early it began, how long it took
         if device.type == "cuda":  # what the run needs of the device, for sizing and the report
             metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
