@@ -29,6 +29,15 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
 # long after HAProxy stops sending it requests. lepton_ray.serve.ingress's default is 5 s (HAProxy
 # reloads in < 1 s); 2 s here, still twice that, and HAProxy retries a refused connection anyway.
 os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "2")
+# No idle processes prestarted after each fit for the next one (lepton_ray.train.prestart; default
+# 300 s). The suite's consecutive fits rarely match (other worker counts, resources, runtime
+# environments, subprocesses of their own), so on 2 cores the prestarted processes, each importing
+# torch, mostly competed for the CPU with the next test: test_sharding.py and
+# test_uneven_workers.py took 100 s with this off against 137 s with it on, and test_resume.py
+# 85-94 s against 151 s. Nothing the other tests assert depends on it (a fit without warm
+# processes starts its own); tests/test_prestart.py turns it on to check that a fit lands on the
+# training worker prestarted after the one before. Set LEPTON_PRESTART_S to run the suite with it.
+os.environ.setdefault("LEPTON_PRESTART_S", "0")
 os.environ.pop("RAY_ADDRESS", None)
 os.environ.pop("LEPTON_VERBOSE", None)  # the tests check the default (quiet) output
 os.environ.pop("LEPTON_S3_ENDPOINT", None)

@@ -1,6 +1,6 @@
 """Warm processes for the next fit (lepton_ray.train.prestart): which processes a fit started, the
-setting, the training workers' set-up hook. That a warm fit's worker was prestarted is measured by
-``benchmarks.fixed_cost`` (``worker_group`` 0)."""
+setting, the training workers' set-up hook, and a fit landing on the training worker prestarted
+after the one before (``worker_group`` 0; ``benchmarks.fixed_cost`` measures what that saves)."""
 
 from __future__ import annotations
 
@@ -192,3 +192,57 @@ def test_no_hook_when_the_package_is_found_only_through_the_drivers_directory(
     assert prestart.worker_runtime_env({}) == {}
     # A job's working_dir is on a new worker's path from its start (Ray ships and adds it).
     assert prestart.worker_runtime_env({"working_dir": "gcs://_ray_pkg_x.zip"}) != {}
+
+
+def _idle_training_workers(since: float) -> list[int]:
+    """Ray's idle worker processes started at ``since`` or later (``time.time()``) with the
+    training workers' hook that have run it (they have imported torch): what a fit's training
+    worker can land on."""
+    import psutil
+
+    idle = []
+    for p in psutil.process_iter():
+        try:
+            if (
+                p.cmdline()[:1] == ["ray::IDLE"]
+                and p.create_time() >= since
+                and _hook_of(p.pid) == prestart.HOOK
+            ):
+                idle.append(p.pid)
+        except psutil.Error:
+            continue
+    return _with_torch(idle)
+
+
+@pytest.mark.ray
+def test_a_fit_lands_on_the_training_worker_prestarted_after_the_one_before(
+    ray_session, tmp_path, monkeypatch
+):
+    """The suite runs with prestarting off (tests/conftest.py: its fits rarely match the one
+    before); here it is on, as by default: once a fit has trained, a process for its training
+    worker is started idle and imports torch, and the same fit run again lands on it (its process
+    started before the fit did: ``worker_group`` 0)."""
+    import time
+
+    from lepton_ray import Trainer, build_model
+    from lepton_ray.data import prepare
+
+    info = prepare("synthetic:200:8x8x3", str(tmp_path / "d"), rows_per_shard=100)["train"]
+
+    def fit():
+        return Trainer(1, storage=str(tmp_path / "runs")).fit(
+            build_model("cnn", in_channels=3, num_classes=10, width=8), info, batch_size=50,
+            epochs=1, progress_bar=False,
+        )  # fmt: skip
+
+    monkeypatch.setenv(prestart.ENV, "120")
+    first = fit()
+    # Started after its last report: not a process the fit's own reads started (same hook).
+    trained = time.time() - first["startup_s"]["teardown"]
+    deadline = time.monotonic() + 120
+    while not _idle_training_workers(trained) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _idle_training_workers(trained), "no training worker was prestarted after the fit"
+    monkeypatch.setenv(prestart.ENV, "0")  # the next fit starts none after it
+    second = fit()
+    assert second["startup_s"]["worker_group"] == 0, second["startup_s"]

@@ -79,6 +79,8 @@ def test_fit_returns_the_results_users_expect(small_run):
     )  # rows left out by `prepare --skip-bad` are reported with the run
     assert [h["epoch"] for h in r["history"]] == [1, 2]
     assert all(h["world_size"] == 2 for h in r["history"])
+    # each epoch says how long the worker's garbage collector held the GIL (train/gc_clock.py)
+    assert all(h["gc_s"] >= 0 and h["gc_full"] >= 0 for h in r["history"])
     # 1000 rows, global batch 50, 2 workers -> 20 steps per epoch, whatever the world size
     assert r["history"][-1]["step"] == 40
     assert r["checkpoint"].startswith(str(root))
