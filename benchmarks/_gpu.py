@@ -135,12 +135,14 @@ def plain_summary(
     return {
         "samples_per_s": round(mean_after_warmup(rates), 1),
         "per_epoch": [round(r, 1) for r in rates],
-        **(
-            {"per_epoch_gc": [{"s": g["gc_s"], "full": g["gc_full"]} for g in gc_laps]}
-            if gc_laps
-            else {}
-        ),
+        **({"per_epoch_gc": gc_summary(gc_laps)} if gc_laps else {}),
     }
+
+
+def gc_summary(laps: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Epochs' ``gc_s`` and ``gc_full`` (:class:`lepton_ray.train.gc_clock.GcClock` laps, or a
+    fit's history) as a result's ``per_epoch_gc``."""
+    return [{"s": lap["gc_s"], "full": lap["gc_full"]} for lap in laps]
 
 
 def random_images(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -215,11 +217,7 @@ def trainer_summary(res: dict[str, Any], samples_per_epoch: int) -> dict[str, An
         "per_epoch_data_wait_s": [round(h["data_wait_s"], 2) for h in hist],
         "per_epoch_time_s": [round(t, 3) for t in epoch_times],
         # the garbage collector's pauses in the worker (lepton_ray.train.gc_clock), where reported
-        **(
-            {"per_epoch_gc": [{"s": h["gc_s"], "full": h["gc_full"]} for h in hist]}
-            if all("gc_s" in h for h in hist)
-            else {}
-        ),
+        **({"per_epoch_gc": gc_summary(hist)} if all("gc_s" in h for h in hist) else {}),
         # the ring's read of each epoch (lepton_ray.train.ring_reader.ReadTimes), where it has one
         **(
             {"per_epoch_read": [{k: h[k] for k in h if k.startswith("read_")} for h in hist]}
