@@ -1,0 +1,55 @@
+"""benchmarks.ring_interference wired end to end on the CPU (no Ray: the phases without it), and
+its pieces: the CPU topology it reports and the ratios it renders."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from benchmarks import ring_interference as ri
+
+
+def _args(**kw) -> argparse.Namespace:
+    base = dict(
+        phases="ring_prepacked,ring_thread,plain_load_apart",
+        model="cnn",
+        rows=2048,
+        ring_rows=512,
+        batch_size=64,
+        steps=3,
+        warmup=1,
+        load_procs=1,
+        read_cpus=0,
+    )
+    return argparse.Namespace(**{**base, **kw})
+
+
+def test_every_phase_runs_twice_and_is_judged_against_the_plain_runs_of_the_same_run():
+    r = ri.run(_args())
+    phases = r["phases"]
+    assert list(phases) == ["plain", "ring_prepacked", "ring_thread", "plain_load_apart"]
+    for name, p in phases.items():
+        assert len(p["runs"]) == 2, name
+        for run in p["runs"]:
+            assert run["samples_per_s"] > 0 and run["wall_ms"] > 0
+            assert 0 <= run["source_ms"] <= run["wall_ms"]
+    base = sum(x["samples_per_s"] for x in phases["plain"]["runs"]) / 2
+    assert phases["plain"]["ratio_to_plain"] == 1.0
+    ring = sum(x["samples_per_s"] for x in phases["ring_thread"]["runs"]) / 2
+    assert phases["ring_thread"]["ratio_to_plain"] == pytest.approx(ring / base, abs=1e-3)
+    assert r["topology"]["cpus"] >= r["topology"]["physical_cores"] >= 1
+    text = ri.render(r, "ring_interference")
+    for name in phases:
+        assert f"`{name}`" in text
+
+
+def test_an_unknown_phase_is_named():
+    with pytest.raises(SystemExit, match="ring_fast"):
+        ri.run(_args(phases="plain,ring_fast"))
+
+
+def test_cpu_lists_read_as_sysfs_writes_them():
+    assert ri._cpu_list("0-3,8\n") == [0, 1, 2, 3, 8]
+    assert ri._cpu_list("5") == [5]
+    assert 0 in ri.siblings(0)
