@@ -16,6 +16,10 @@ steps, its batches from one source at a time (a *phase*):
   :class:`~lepton_ray.train.ring_reader.RemoteBlocks` packs them: the thread without Ray;
 - ``ring_ray``: the ring as a fit feeds it: a RingReader actor reads the Parquet shards through
   Ray Data with the default CPU limit, this process's reader thread maps and packs the blocks;
+- ``ring_trainer_step``: ``ring_prepacked``'s batches through the library's own step instead
+  (:class:`~lepton_ray.train.step.Pixels`, the hashed crop + flip of
+  :class:`~lepton_ray.data.device_transforms.Augmenter`, :class:`~lepton_ray.train.step.TrainStep`
+  with its loss and accuracy sums): what a fit's loop adds to the step itself;
 - ``plain_load``: the baseline beside ``--load-procs`` processes decoding Parquet shards and
   packing them in a loop (the read's CPU work, on other cores, no Ray);
 - ``plain_load_apart``: the same, the loop's thread pinned to one core and the load kept off it
@@ -28,8 +32,10 @@ The phases run in the order given and then in reverse, so a drift of the machine
 falls on both sides of each; each reports samples/s after its warm-up steps, the launching
 thread's CPU time per step (``host_ms``: near the wall time per step when the thread, not the GPU,
 sets the pace), the host's wall time per step spent getting the batch (``source_ms``: the
-source's launches, and any wait for a block) and this process's garbage-collector pauses. Every
-ratio is to the mean of the two ``plain`` runs of the same run.
+source's launches, and any wait for a block), this process's garbage-collector pauses, and the
+PyTorch operations one step of it dispatches (``ops``, counted once after the clock stops; each
+is a kernel launch or a view: what the host pays per step whatever the machine). Every ratio is to
+the mean of the two ``plain`` runs of the same run.
 
 Without a GPU it runs on the CPU (``--model cnn --steps 8 --warmup 2 --rows 8192``): a wiring
 check, not a measurement.
@@ -47,6 +53,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +68,7 @@ PHASES = {
     "ring_prepacked": "the ring fed blocks packed and pinned in advance (its per-step path)",
     "ring_thread": "the ring, blocks packed into pinned memory by the reader thread (no Ray)",
     "ring_ray": "the ring as a fit feeds it: reader actor, Ray Data's tasks, the reader thread",
+    "ring_trainer_step": "the ring from prepacked blocks, through the library's own step",
     "plain_load": "the baseline beside processes decoding and packing Parquet (no Ray)",
     "plain_load_apart": "the same, the loop's thread pinned away from the load's cores",
     "plain_ray_read": "the baseline beside the ring's read for another process (Ray only)",
@@ -93,10 +101,10 @@ class Step:
         self.shift = torch.full((1, 3, 1, 1), -0.5 / 0.25, device=dev)
         self.autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.cuda)
 
-    def __call__(self, x: Any, y: Any) -> None:
+    def __call__(self, batch: dict[str, Any]) -> None:
         import torch.nn.functional as F
 
-        x = _gpu.crop_flip(x)
+        x, y = _gpu.crop_flip(batch["image"]), batch["label"]
         x = x.float().contiguous(memory_format=self.fmt).mul_(self.scale).add_(self.shift)
         self.opt.zero_grad(set_to_none=True)
         with self.autocast:
@@ -106,12 +114,67 @@ class Step:
         self.sched.step()
 
 
-def measure(step: Step, batches: Iterator[tuple[Any, Any]], steps: int, warmup: int) -> dict:
-    """``warmup`` steps, then ``steps`` timed ones (GPU synchronised at both ends)."""
+class TrainerStep:
+    """The step of a fit's loop on one worker: the batch normalised and augmented on the device
+    (the hashed crop + flip, draws hashed once an epoch for ids in ``[0, rows)``), the library's
+    :class:`~lepton_ray.train.step.TrainStep` (autocast, loss and accuracy sums, SGD, schedule)."""
+
+    def __init__(self, model_name: str, batch: int, steps: int, rows: int, dev: Any):
+        import torch
+
+        from lepton_ray import build_model
+        from lepton_ray.config import TrainConfig
+        from lepton_ray.data.device_transforms import Augmenter
+        from lepton_ray.train.step import Pixels, TrainStep
+        from lepton_ray.train.task import Classification
+
+        self.dev, self.cuda = dev, dev.type == "cuda"
+        torch.manual_seed(0)
+        fmt_ = torch.channels_last if self.cuda else torch.contiguous_format
+        model = build_model(model_name, in_channels=3, num_classes=10).to(dev, memory_format=fmt_)
+        augment = Augmenter(_gpu.AUGMENT, dev, seed=0)
+        augment.hash_ids_once(0, rows)
+        augment.start_epoch(0)
+        self.task = Classification(Pixels([0.5] * 3, [0.25] * 3, dev, fmt_), augment)
+        cfg = TrainConfig(batch_size=batch, epochs=1)
+        self.step = TrainStep(model, cfg, 1, 0, steps, self.task)
+        self.sums = torch.zeros(3, dtype=torch.float64, device=dev)
+
+    def __call__(self, batch: dict[str, Any]) -> None:
+        self.step(*self.task.inputs(batch), self.sums)
+
+
+def count_ops(fn: Any) -> tuple[int, int]:
+    """``fn()``'s PyTorch operations: all of them, and those that are not views (kernels)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: list[Any] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+            self.ops.append(func)
+            return func(*args, **(kwargs or {}))
+
+    with Count() as c:
+        fn()
+    views = sum(_is_view(op) for op in c.ops)
+    return len(c.ops), len(c.ops) - views
+
+
+def _is_view(op: Any) -> bool:
+    """An operation whose result aliases its input without writing it (no kernel runs)."""
+    return any(r.alias_info is not None and not r.alias_info.is_write for r in op._schema.returns)
+
+
+def measure(step: Any, batches: Iterator[dict[str, Any]], steps: int, warmup: int) -> dict:
+    """``warmup`` steps, then ``steps`` timed ones (GPU synchronised at both ends), then one
+    more whose operations are counted."""
     from lepton_ray.train.gc_clock import process_clock
 
     for _ in range(warmup):
-        step(*next(batches))
+        step(next(batches))
     gc_clock = process_clock()
     harness.sync(step.dev)
     gc_clock.lap()
@@ -119,14 +182,15 @@ def measure(step: Step, batches: Iterator[tuple[Any, Any]], steps: int, warmup: 
     n, fetching = 0, 0.0
     for _ in range(steps):
         f0 = time.perf_counter()
-        x, y = next(batches)
+        batch = next(batches)
         fetching += time.perf_counter() - f0
-        step(x, y)
-        n += len(y)
+        step(batch)
+        n += len(batch["label"])
     host = time.thread_time() - c0  # before the final wait: the thread's own work
     harness.sync(step.dev)
     wall = time.perf_counter() - t0
     gc = gc_clock.lap()
+    ops, kernels = count_ops(lambda: step(next(batches)))
     return {
         "samples_per_s": round(n / wall, 1),
         "wall_ms": round(1e3 * wall / steps, 3),
@@ -134,11 +198,13 @@ def measure(step: Step, batches: Iterator[tuple[Any, Any]], steps: int, warmup: 
         "source_ms": round(1e3 * fetching / steps, 3),
         "gc_s": gc["gc_s"],
         "gc_full": gc["gc_full"],
+        "ops": ops,
+        "kernel_ops": kernels,
     }
 
 
 # --- the sources ------------------------------------------------------------------------------
-def resident_batches(rows: int, batch: int, dev: Any) -> Iterator[tuple[Any, Any]]:
+def resident_batches(rows: int, batch: int, dev: Any) -> Iterator[dict[str, Any]]:
     """The plain loop's: uint8 rows on the device, a fresh permutation each pass."""
     import torch
 
@@ -151,17 +217,16 @@ def resident_batches(rows: int, batch: int, dev: Any) -> Iterator[tuple[Any, Any
         order = torch.randperm(n, device=dev)
         for s in range(n // batch):
             idx = order[s * batch : (s + 1) * batch]
-            yield x_all[idx], y_all[idx]
+            yield {"image": x_all[idx], "label": y_all[idx], "id": idx}
 
 
-def ring_batches(ring: Any, blocks: Any, batch: int, seed: int) -> Iterator[tuple[Any, Any]]:
+def ring_batches(ring: Any, blocks: Any, batch: int, seed: int) -> Iterator[dict[str, Any]]:
     """Batches served by ``ring`` from ``blocks`` (endless), one long epoch at a time."""
     from lepton_ray.train.ring import ring_generator, serve
 
     for epoch in itertools.count():
         generator = ring_generator(seed, epoch, 0, ring.device)
-        for b in serve(ring, blocks, 1 << 16, batch, generator):
-            yield b["image"], b["label"]
+        yield from serve(ring, blocks, 1 << 16, batch, generator)
 
 
 def shard_tables(info: Any) -> list[Any]:
@@ -343,14 +408,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         topology=topology(),
     )
     step = Step(args.model, args.batch_size, args.steps + args.warmup, dev)
+    trainer_step = (
+        TrainerStep(args.model, args.batch_size, args.steps + args.warmup, args.rows, dev)
+        if "ring_trainer_step" in phases
+        else None
+    )
     store = tempfile.mkdtemp(prefix="lepton-ring-interference-")
     info = _gpu.prepared_dataset(args.rows, store)
     h, w, c = info.shape
     layout = RowLayout((c, h, w))
-    ring = Ring(min(args.ring_rows, args.rows), layout.shape, dev)
     tables = shard_tables(info)
-    shard_bytes = shard_locations(info)[0].read_bytes()
-    runs: dict[str, list[dict[str, Any]]] = {p: [] for p in phases}
     cpus = 1
     if any(p in RAY_PHASES for p in phases):
         import ray
@@ -360,24 +427,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ray.init(address="local", include_dashboard=False, log_to_driver=False)
         cpus = args.read_cpus or read_cpus(1)
     r["read_cpus"] = cpus
-    resident = resident_batches(args.rows, args.batch_size, dev)
-    prepacked = list(itertools.islice(packed(tables, layout, pin), len(tables)))
+    bench = Bench(
+        args=args,
+        step=step,
+        trainer_step=trainer_step,
+        resident=resident_batches(args.rows, args.batch_size, dev),
+        ring=Ring(min(args.ring_rows, args.rows), layout.shape, dev),
+        info=info,
+        tables=tables,
+        prepacked=list(itertools.islice(packed(tables, layout, pin), len(tables))),
+        shard_bytes=shard_locations(info)[0].read_bytes(),
+        cpus=cpus,
+    )
+    runs: dict[str, list[dict[str, Any]]] = {p: [] for p in phases}
     try:
         for name in phases + phases[::-1]:
-            out = phase(
-                name,
-                step,
-                resident,
-                ring,
-                layout,
-                tables,
-                prepacked,
-                shard_bytes,
-                info,
-                cpus,
-                runs,
-                args,
-            )
+            out = bench.phase(name, seed=len(runs[name]))  # each run of a phase draws afresh
             runs[name].append(out)
             print(f"{name}: {out}", flush=True)
     finally:
@@ -385,7 +450,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             import ray
 
             ray.shutdown()
-    del ring, step
+    del bench, step, trainer_step
     if dev.type == "cuda":
         torch.cuda.empty_cache()
     base = float(np.mean([x["samples_per_s"] for x in runs["plain"]]))
@@ -404,74 +469,80 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return r
 
 
-def phase(
-    name: str,
-    step: Step,
-    resident: Iterator[tuple[Any, Any]],
-    ring: Any,
-    layout: Any,
-    tables: list[Any],
-    prepacked: list[Any],
-    shard_bytes: bytes,
-    info: Any,
-    cpus: int,
-    runs: dict[str, list[dict[str, Any]]],
-    args: argparse.Namespace,
-) -> dict[str, Any]:
-    """One run of phase ``name``: its source (and load) set up, measured, torn down."""
-    from lepton_ray.train.feed import default_queue_rows
-    from lepton_ray.train.ring import BlockReader
+@dataclass
+class Bench:
+    """What the phases share: the steps, the sources' data, the ring and the read's CPU limit."""
 
-    pin = step.cuda
-    queue_rows = default_queue_rows(ring.capacity, layout.width)  # a fit's
-    seed = len(runs[name])  # each run of a phase draws afresh
-    if name == "plain":
-        return measure(step, resident, args.steps, args.warmup)
-    if name.startswith("ring_"):
-        if name == "ring_prepacked":
-            source: Any = itertools.cycle(prepacked)
-        elif name == "ring_thread":
-            source = packed(tables, layout, pin)
-        else:
-            source = RayRead(info, layout, cpus, pin, args.batch_size)
-        reader = BlockReader(source, layout, queue_rows)
-        try:
-            return measure(
-                step, ring_batches(ring, reader, args.batch_size, seed), args.steps, args.warmup
+    args: argparse.Namespace
+    step: Step
+    trainer_step: TrainerStep | None
+    resident: Iterator[dict[str, Any]]
+    ring: Any
+    info: Any
+    tables: list[Any]
+    prepacked: list[Any]
+    shard_bytes: bytes
+    cpus: int
+    plain_rates: list[float] = field(default_factory=list)
+
+    def phase(self, name: str, seed: int) -> dict[str, Any]:
+        """One run of phase ``name`` (``seed``: its ring's draws): its source (and load) set up,
+        measured, torn down."""
+        from lepton_ray.train.feed import default_queue_rows
+        from lepton_ray.train.ring import BlockReader
+
+        args, layout, pin = self.args, self.ring.layout, self.step.cuda
+        if name == "plain":
+            out = measure(self.step, self.resident, args.steps, args.warmup)
+            self.plain_rates.append(out["samples_per_s"])
+            return out
+        if name.startswith("ring_"):
+            if name in ("ring_prepacked", "ring_trainer_step"):
+                source: Any = itertools.cycle(self.prepacked)
+            elif name == "ring_thread":
+                source = packed(self.tables, layout, pin)
+            else:
+                source = RayRead(self.info, layout, self.cpus, pin, args.batch_size)
+            step = self.trainer_step if name == "ring_trainer_step" else self.step
+            reader = BlockReader(
+                source, layout, default_queue_rows(self.ring.capacity, layout.width)
             )
-        finally:
-            reader.close()
-            if name == "ring_ray":
-                import ray
+            try:
+                batches = ring_batches(self.ring, reader, args.batch_size, seed)
+                return measure(step, batches, args.steps, args.warmup)
+            finally:
+                reader.close()
+                if name == "ring_ray":
+                    import ray
 
-                ray.kill(source.reader)
-    if name in ("plain_load", "plain_load_apart"):
-        apart = name == "plain_load_apart"
-        mine = min(os.sched_getaffinity(0))
-        others = sorted(os.sched_getaffinity(0) - siblings(mine)) if apart else None
-        saved = os.sched_getaffinity(0)
-        load = Load(shard_bytes, layout.shape, args.load_procs, others)
-        try:
-            if apart:
-                os.sched_setaffinity(threading.get_native_id(), {mine})
-            return measure(step, resident, args.steps, args.warmup)
-        finally:
-            if apart:
-                os.sched_setaffinity(threading.get_native_id(), saved)
-            load.stop()
-    if name == "plain_ray_read":
-        import ray
+                    ray.kill(source.reader)
+        if name in ("plain_load", "plain_load_apart"):
+            apart = name == "plain_load_apart"
+            saved = os.sched_getaffinity(0)
+            mine = min(saved)
+            others = sorted(saved - siblings(mine)) if apart else None
+            load = Load(self.shard_bytes, layout.shape, args.load_procs, others)
+            try:
+                if apart:
+                    os.sched_setaffinity(threading.get_native_id(), {mine})
+                return measure(self.step, self.resident, args.steps, args.warmup)
+            finally:
+                if apart:
+                    os.sched_setaffinity(threading.get_native_id(), saved)
+                load.stop()
+        if name == "plain_ray_read":
+            import ray
 
-        pace = float(np.mean([x["samples_per_s"] for x in runs["plain"]] or [1e9]))
-        secs = 60.0 + 2 * args.steps * 0.05
-        task = ray.remote(drain_read).options(num_cpus=0)
-        ref = task.remote(info, layout.shape, cpus, pace, secs)
-        time.sleep(5.0)  # its actor and the read's first tasks running
-        try:
-            return measure(step, resident, args.steps, args.warmup)
-        finally:
-            ray.cancel(ref, force=True)
-    raise AssertionError(name)
+            pace = float(np.mean(self.plain_rates))  # the read at the plain loop's pace
+            secs = 60.0 + 2 * args.steps * 0.05
+            task = ray.remote(drain_read).options(num_cpus=0)
+            ref = task.remote(self.info, layout.shape, self.cpus, pace, secs)
+            time.sleep(5.0)  # its actor and the read's first tasks running
+            try:
+                return measure(self.step, self.resident, args.steps, args.warmup)
+            finally:
+                ray.cancel(ref, force=True)
+        raise AssertionError(name)
 
 
 def render(r: dict[str, Any], key: str) -> str:
@@ -485,6 +556,7 @@ def render(r: dict[str, Any], key: str) -> str:
             fmt(p["wall_ms"], 2),
             fmt(p["host_ms"], 2),
             fmt(p["source_ms"], 2),
+            _ops(p["runs"][0]),
             ", ".join(fmt(x["samples_per_s"]) for x in p["runs"]),
             ", ".join(f"{x['gc_s']:.3f}" for x in p["runs"]),
         ]
@@ -500,7 +572,8 @@ def render(r: dict[str, Any], key: str) -> str:
         f"processes. {topo['cpus']} CPUs in {topo['physical_cores']} physical cores. Ratios are "
         "to the mean of the two `plain` runs; `host ms` is the launching thread's CPU time per "
         "step, `wall ms` the step's wall time, `source ms` the host's time per step getting its "
-        "batch (launches, and waits for blocks).\n\n"
+        "batch (launches, and waits for blocks); `ops` the PyTorch operations one step dispatched "
+        "(counted once, after the clock), `kernels` those of them that are not views.\n\n"
         + table(
             [
                 "phase",
@@ -510,6 +583,7 @@ def render(r: dict[str, Any], key: str) -> str:
                 "wall ms",
                 "host ms",
                 "source ms",
+                "ops (kernels)",
                 "each run",
                 "GC s each run",
             ],
@@ -517,6 +591,11 @@ def render(r: dict[str, Any], key: str) -> str:
         )
         + "\n"
     )
+
+
+def _ops(run: dict[str, Any]) -> str:
+    """A step's operations and its kernels among them; "–" for a result from before the count."""
+    return f"{run['ops']} ({run['kernel_ops']})" if "ops" in run else "–"
 
 
 def add_args(ap: argparse.ArgumentParser) -> None:

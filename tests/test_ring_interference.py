@@ -12,7 +12,7 @@ from benchmarks import ring_interference as ri
 
 def _args(**kw) -> argparse.Namespace:
     base = dict(
-        phases="ring_prepacked,ring_thread,plain_load_apart",
+        phases="ring_prepacked,ring_thread,ring_trainer_step,plain_load_apart",
         model="cnn",
         rows=2048,
         ring_rows=512,
@@ -28,12 +28,19 @@ def _args(**kw) -> argparse.Namespace:
 def test_every_phase_runs_twice_and_is_judged_against_the_plain_runs_of_the_same_run():
     r = ri.run(_args())
     phases = r["phases"]
-    assert list(phases) == ["plain", "ring_prepacked", "ring_thread", "plain_load_apart"]
+    assert list(phases) == [
+        "plain",
+        "ring_prepacked",
+        "ring_thread",
+        "ring_trainer_step",
+        "plain_load_apart",
+    ]
     for name, p in phases.items():
         assert len(p["runs"]) == 2, name
         for run in p["runs"]:
             assert run["samples_per_s"] > 0 and run["wall_ms"] > 0
             assert 0 <= run["source_ms"] <= run["wall_ms"]
+            assert run["ops"] > run["kernel_ops"] > 0  # a step has views and kernels
     base = sum(x["samples_per_s"] for x in phases["plain"]["runs"]) / 2
     assert phases["plain"]["ratio_to_plain"] == 1.0
     ring = sum(x["samples_per_s"] for x in phases["ring_thread"]["runs"]) / 2
@@ -47,6 +54,12 @@ def test_every_phase_runs_twice_and_is_judged_against_the_plain_runs_of_the_same
 def test_an_unknown_phase_is_named():
     with pytest.raises(SystemExit, match="ring_fast"):
         ri.run(_args(phases="plain,ring_fast"))
+
+
+def test_a_steps_operations_are_counted_and_views_told_apart():
+    import torch
+
+    assert ri.count_ops(lambda: torch.ones(3).add_(1).view(3, 1).t()) == (4, 2)
 
 
 def test_cpu_lists_read_as_sysfs_writes_them():
