@@ -33,8 +33,8 @@ falls on both sides of each; each reports samples/s after its warm-up steps, the
 thread's CPU time per step (``host_ms``: near the wall time per step when the thread, not the GPU,
 sets the pace), the host's wall time per step spent getting the batch (``source_ms``: the
 source's launches, and any wait for a block), this process's garbage-collector pauses, and the
-PyTorch operations one step of it dispatches (``ops``, counted once after the clock stops; each
-is a kernel launch or a view: what the host pays per step whatever the machine). Every ratio is to
+PyTorch operations a step of it dispatches (``ops``, a mean over ``--count-steps`` steps after the
+clock stops; each is a kernel launch or a view: what the host pays per step whatever the machine). Every ratio is to
 the mean of the two ``plain`` runs of the same run.
 
 Without a GPU it runs on the CPU (``--model cnn --steps 8 --warmup 2 --rows 8192``): a wiring
@@ -168,9 +168,11 @@ def _is_view(op: Any) -> bool:
     return any(r.alias_info is not None and not r.alias_info.is_write for r in op._schema.returns)
 
 
-def measure(step: Any, batches: Iterator[dict[str, Any]], steps: int, warmup: int) -> dict:
-    """``warmup`` steps, then ``steps`` timed ones (GPU synchronised at both ends), then one
-    more whose operations are counted."""
+def measure(
+    step: Any, batches: Iterator[dict[str, Any]], steps: int, warmup: int, counted: int
+) -> dict:
+    """``warmup`` steps, then ``steps`` timed ones (GPU synchronised at both ends), then
+    ``counted`` more whose operations are counted (a mean per step)."""
     from lepton_ray.train.gc_clock import process_clock
 
     for _ in range(warmup):
@@ -190,7 +192,7 @@ def measure(step: Any, batches: Iterator[dict[str, Any]], steps: int, warmup: in
     harness.sync(step.dev)
     wall = time.perf_counter() - t0
     gc = gc_clock.lap()
-    ops, kernels = count_ops(lambda: step(next(batches)))
+    ops, kernels = count_ops(lambda: [step(next(batches)) for _ in range(counted)])
     return {
         "samples_per_s": round(n / wall, 1),
         "wall_ms": round(1e3 * wall / steps, 3),
@@ -198,8 +200,8 @@ def measure(step: Any, batches: Iterator[dict[str, Any]], steps: int, warmup: in
         "source_ms": round(1e3 * fetching / steps, 3),
         "gc_s": gc["gc_s"],
         "gc_full": gc["gc_full"],
-        "ops": ops,
-        "kernel_ops": kernels,
+        "ops": round(ops / counted, 1),
+        "kernel_ops": round(kernels / counted, 1),
     }
 
 
@@ -493,7 +495,7 @@ class Bench:
 
         args, layout, pin = self.args, self.ring.layout, self.step.cuda
         if name == "plain":
-            out = measure(self.step, self.resident, args.steps, args.warmup)
+            out = measure(self.step, self.resident, args.steps, args.warmup, args.count_steps)
             self.plain_rates.append(out["samples_per_s"])
             return out
         if name.startswith("ring_"):
@@ -509,7 +511,7 @@ class Bench:
             )
             try:
                 batches = ring_batches(self.ring, reader, args.batch_size, seed)
-                return measure(step, batches, args.steps, args.warmup)
+                return measure(step, batches, args.steps, args.warmup, args.count_steps)
             finally:
                 reader.close()
                 if name == "ring_ray":
@@ -525,7 +527,7 @@ class Bench:
             try:
                 if apart:
                     os.sched_setaffinity(threading.get_native_id(), {mine})
-                return measure(self.step, self.resident, args.steps, args.warmup)
+                return measure(self.step, self.resident, args.steps, args.warmup, args.count_steps)
             finally:
                 if apart:
                     os.sched_setaffinity(threading.get_native_id(), saved)
@@ -539,7 +541,7 @@ class Bench:
             ref = task.remote(self.info, layout.shape, self.cpus, pace, secs)
             time.sleep(5.0)  # its actor and the read's first tasks running
             try:
-                return measure(self.step, self.resident, args.steps, args.warmup)
+                return measure(self.step, self.resident, args.steps, args.warmup, args.count_steps)
             finally:
                 ray.cancel(ref, force=True)
         raise AssertionError(name)
@@ -572,8 +574,8 @@ def render(r: dict[str, Any], key: str) -> str:
         f"processes. {topo['cpus']} CPUs in {topo['physical_cores']} physical cores. Ratios are "
         "to the mean of the two `plain` runs; `host ms` is the launching thread's CPU time per "
         "step, `wall ms` the step's wall time, `source ms` the host's time per step getting its "
-        "batch (launches, and waits for blocks); `ops` the PyTorch operations one step dispatched "
-        "(counted once, after the clock), `kernels` those of them that are not views.\n\n"
+        "batch (launches, and waits for blocks); `ops` the PyTorch operations a step dispatched "
+        "(after the clock), `kernels` those of them that are not views.\n\n"
         + table(
             [
                 "phase",
@@ -595,7 +597,7 @@ def render(r: dict[str, Any], key: str) -> str:
 
 def _ops(run: dict[str, Any]) -> str:
     """A step's operations and its kernels among them; "–" for a result from before the count."""
-    return f"{run['ops']} ({run['kernel_ops']})" if "ops" in run else "–"
+    return f"{run['ops']:g} ({run['kernel_ops']:g})" if "ops" in run else "–"
 
 
 def add_args(ap: argparse.ArgumentParser) -> None:
@@ -609,6 +611,13 @@ def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--steps", type=int, default=600, help="timed steps per run")
     ap.add_argument(
         "--warmup", type=int, default=200, help="untimed steps before each run (the ring's ramp)"
+    )
+    ap.add_argument(
+        "--count-steps",
+        type=int,
+        default=64,
+        help="steps whose operations are counted, after the clock (the ring computes its draws "
+        "32 steps at a time at 262,144 rows: count over a multiple of that)",
     )
     ap.add_argument("--load-procs", type=int, default=4, help="processes of the plain_load phases")
     ap.add_argument("--read-cpus", type=int, default=0, help="default: the ring's own default")

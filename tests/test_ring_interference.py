@@ -21,6 +21,7 @@ def _args(**kw) -> argparse.Namespace:
         warmup=1,
         load_procs=1,
         read_cpus=0,
+        count_steps=2,
     )
     return argparse.Namespace(**{**base, **kw})
 
