@@ -245,12 +245,8 @@ def shard_tables(info: Any) -> list[Any]:
 
 def packed(tables: list[Any], layout: Any, pin: bool) -> Iterator[Any]:
     """``tables`` packed into (pinned) rows as RemoteBlocks packs a mapped block, round and round."""
-    import torch
-
     for t in itertools.cycle(tables):
-        block = torch.empty((t.num_rows, layout.width), dtype=torch.uint8, pin_memory=pin)
-        layout.pack_array(t, out=block.numpy())
-        yield block
+        yield layout.pack(t, pin=pin)
 
 
 class RayRead:
@@ -266,7 +262,6 @@ class RayRead:
         self.reader, self.reads, self.current, self.stopped = start_reader(), 0, None, False
 
     def __iter__(self) -> Iterator[Any]:
-        import dataclasses
 
         from lepton_ray.train.ring_reader import ReadSpec, RemoteBlocks, block_rows
         from lepton_ray.train.sampling import sequential_plan
@@ -277,9 +272,7 @@ class RayRead:
             p = sequential_plan(
                 self.ids, seed=0, epoch=epoch, global_batch=self.batch, world=1, rank=0
             )
-            shards = dataclasses.replace(
-                self.info, shards=tuple(self.info.shards[s] for s in p.shards)
-            )
+            shards = self.info.only(p.shards)
             rows = block_rows(self.layout.pixels, 256)
             spec = ReadSpec(self.layout.shape, shards, p.ids, epoch, rows, True, self.cpus)
             self.reads += 1

@@ -51,7 +51,7 @@ def piece(info, rank: int, epoch: int, world: int = 2):
     p = sequential_plan(
         read_shard_ids(info), seed=4, epoch=epoch, global_batch=60, world=world, rank=rank
     )
-    shards = dataclasses.replace(info, shards=tuple(info.shards[s] for s in p.shards))
+    shards = info.only(p.shards)
     return p, shards
 
 

@@ -46,6 +46,17 @@ def test_the_plan_is_the_manifests_shards_and_sizes(small):
     assert len(grouped) == 3
 
 
+def test_a_piece_of_the_set_is_its_shards_at_the_positions_given_in_that_order(small):
+    piece = small.only([5, 0, 2])
+    assert piece.shards == (small.shards[5], small.shards[0], small.shards[2])
+    assert (piece.uri, piece.num_rows, piece.manifest) == (
+        small.uri,
+        small.num_rows,
+        small.manifest,
+    )
+    assert small.only([]).shards == () and len(small.shards) == 8  # the whole set is untouched
+
+
 @pytest.mark.ray
 def test_a_read_plan_touches_no_storage(ray_session, tmp_path):
     """Planning reads nothing (Ray's Parquet reader samples files in remote tasks on every call):

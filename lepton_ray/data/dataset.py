@@ -27,8 +27,9 @@ manifest was written.
 
 from __future__ import annotations
 
+import dataclasses
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -122,6 +123,11 @@ class DatasetInfo:
             keys = ("cardinalities", "dense", "planted_auc")
             return {k: self.manifest[k] for k in keys if k in self.manifest}
         return {}
+
+    def only(self, shards: Iterable[int]) -> DatasetInfo:
+        """The same dataset read through the shards at positions ``shards`` of :attr:`shards`, in
+        that order (an epoch plan's or a worker's piece; ``num_rows`` stays the whole set's)."""
+        return dataclasses.replace(self, shards=tuple(self.shards[s] for s in shards))
 
     @property
     def pixel_bytes(self) -> int:

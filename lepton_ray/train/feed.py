@@ -291,7 +291,7 @@ class StreamedFeed:
         dataset numpy columns of JPEG bytes."""
         from lepton_ray.data import read_ray
 
-        shards = dataclasses.replace(self.info, shards=tuple(self.info.shards[s] for s in p.shards))
+        shards = self.info.only(p.shards)
         on_device = self.decode_on == "device"
         order_seed = self.plan.seed * 1_000_003 + epoch
         # A shuffled plan spread this worker's rows over every shard: mix all of them (a
@@ -480,7 +480,7 @@ class RingFeed:
 
         if self.reader is None:
             self.reader = start_reader()
-        shards = dataclasses.replace(self.info, shards=tuple(self.info.shards[s] for s in p.shards))
+        shards = self.info.only(p.shards)
         self.reads += 1
         spec = ReadSpec(
             self.ring.layout.shape,

@@ -236,8 +236,8 @@ class BlockReader(ReadAhead):
     def _pack(self, raw: Any) -> torch.Tensor:
         if isinstance(raw, torch.Tensor):  # packed (and pinned) by its source already
             return raw
-        block = self.layout.pack(raw)  # packed (and pinned) here, off the training thread
-        return block.pin_memory() if self.pin else block
+        # packed (and pinned) here, off the training thread
+        return self.layout.pack(raw, pin=self.pin)
 
     @property
     def queued_rows(self) -> int:

@@ -268,7 +268,6 @@ class RemoteBlocks:
 
     def __iter__(self) -> Iterator[Any]:
         import pyarrow as pa
-        import torch
 
         ray.get(self.started)  # a reader that could not begin fails here, not by waiting
         layout = RowLayout(self.spec.shape)
@@ -287,10 +286,7 @@ class RemoteBlocks:
                     table = pa.Table.from_pandas(table, preserve_index=False)
                 if piece.rows is not None:
                     table = table.slice(piece.start, piece.rows)
-                block = torch.empty(
-                    (table.num_rows, layout.width), dtype=torch.uint8, pin_memory=self.pin
-                )
-                layout.pack_array(table, out=block.numpy())
+                block = layout.pack(table, pin=self.pin)
                 del table
                 if self.times.first_block is None:
                     self.times.first_block = time.time()

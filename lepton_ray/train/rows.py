@@ -30,7 +30,7 @@ class RowLayout:
         table of them as Ray Data hands it over: ``image`` as Parquet stored it (fixed-width
         bytes per row, read in place) or a tensor column. The pixels are copied once, into the
         rows; numpy does the copy without holding the GIL."""
-        n = len(block["id"]) if isinstance(block, dict) else block.num_rows
+        n = _num_rows(block)
         rows = np.empty((n, self.width), np.uint8) if out is None else out
         if rows.shape != (n, self.width) or rows.dtype != np.uint8:
             raise ValueError(f"rows for {n} of width {self.width}, got {rows.dtype} {rows.shape}")
@@ -47,11 +47,16 @@ class RowLayout:
         meta[:, 1] = _column(block["id"])
         return rows
 
-    def pack(self, block: Any) -> Any:
-        """:meth:`pack_array` as a torch tensor (no copy)."""
+    def pack(self, block: Any, pin: bool = False) -> Any:
+        """:meth:`pack_array` as a torch tensor: numpy's rows (no copy), or with ``pin`` rows
+        written straight into pinned memory (which the ring copies to the device asynchronously)."""
         import torch
 
-        return torch.from_numpy(self.pack_array(block))
+        if not pin:
+            return torch.from_numpy(self.pack_array(block))
+        rows = torch.empty((_num_rows(block), self.width), dtype=torch.uint8, pin_memory=True)
+        self.pack_array(block, out=rows.numpy())
+        return rows
 
     def unpack(self, rows: Any) -> dict[str, Any]:
         """(k, width) uint8 tensor -> ``image`` (k, C, H, W) uint8 (a strided view; each image
@@ -62,6 +67,11 @@ class RowLayout:
         c, h, w = self.shape
         image = rows[:, : self.pixels].view(len(rows), h, w, c).permute(0, 3, 1, 2)
         return {"image": image, "label": meta[0], "id": meta[1]}
+
+
+def _num_rows(block: Any) -> int:
+    """Rows of a block: numpy columns or an Arrow table."""
+    return len(block["id"]) if isinstance(block, dict) else block.num_rows
 
 
 def _column(col: Any) -> np.ndarray:
