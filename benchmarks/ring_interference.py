@@ -2,7 +2,7 @@
 
 ``gpu_train --cases ring`` at 1M-row epochs ran its second epoch, whose next epoch's read ran
 throughout, at 0.81 of the plain loop's same epoch, and its third, whose read ended halfway, at 0.90.
-The read competes with the step somewhere; this finds where. Ray Train is left out: the same
+The read competes with the step somewhere; this finds where. The fit's loop is left out: the same
 training step (the model, batch, bf16 autocast and channels-last of ``benchmarks._gpu.plain_loop``,
 the same crop + flip and conversion on the device) runs in this process for a fixed number of
 steps, its batches from one source at a time (a *phase*):
@@ -28,6 +28,10 @@ steps, its batches from one source at a time (a *phase*):
   actor, Ray Data's tasks, a Ray task consuming the blocks at the plain loop's pace): Ray's side
   of the read without this process's thread.
 
+With ``--where train_worker`` the phases run in the training thread of a Ray Train worker (a
+``TorchTrainer`` of one worker) instead of this process's main thread: the same steps in the
+process a fit trains in, to tell what the worker's process costs from what the fit's loop does.
+
 The phases run in the order given and then in reverse, so a drift of the machine over the run
 falls on both sides of each; each reports samples/s after its warm-up steps, the launching
 thread's CPU time per step (``host_ms``: near the wall time per step when the thread, not the GPU,
@@ -47,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import multiprocessing as mp
 import os
 import tempfile
@@ -374,14 +379,8 @@ def topology() -> dict[str, Any]:
 
 # --- the run --------------------------------------------------------------------------------
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    import torch
-
-    from lepton_ray.data.dataset import shard_locations
-    from lepton_ray.train.ring import Ring, RowLayout
-
     _gpu.quiet_ray()
     dev = _gpu.device()
-    pin = dev.type == "cuda"
     phases = [p.strip() for p in args.phases.split(",") if p.strip()]
     unknown = [p for p in phases if p not in PHASES]
     if unknown:
@@ -402,52 +401,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         },
         topology=topology(),
     )
-    step = Step(args.model, args.batch_size, args.steps + args.warmup, dev)
-    trainer_step = (
-        TrainerStep(args.model, args.batch_size, args.steps + args.warmup, args.rows, dev)
-        if "ring_trainer_step" in phases
-        else None
-    )
     store = tempfile.mkdtemp(prefix="lepton-ring-interference-")
     info = _gpu.prepared_dataset(args.rows, store)
-    h, w, c = info.shape
-    layout = RowLayout((c, h, w))
-    tables = shard_tables(info)
-    cpus = 1
-    if any(p in RAY_PHASES for p in phases):
+    r["where"] = args.where
+    in_worker = args.where == "train_worker"
+    started = False  # Ray, where needed, started here (a caller's Ray is used and left up)
+    if in_worker or any(p in RAY_PHASES for p in phases):
         import ray
 
-        from lepton_ray.train.ring_reader import read_cpus
-
-        ray.init(address="local", include_dashboard=False, log_to_driver=False)
-        cpus = args.read_cpus or read_cpus(1)
-    r["read_cpus"] = cpus
-    bench = Bench(
-        args=args,
-        step=step,
-        trainer_step=trainer_step,
-        resident=resident_batches(args.rows, args.batch_size, dev),
-        ring=Ring(min(args.ring_rows, args.rows), layout.shape, dev),
-        info=info,
-        tables=tables,
-        prepacked=list(itertools.islice(packed(tables, layout, pin), len(tables))),
-        shard_bytes=shard_locations(info)[0].read_bytes(),
-        cpus=cpus,
-    )
-    runs: dict[str, list[dict[str, Any]]] = {p: [] for p in phases}
+        if not ray.is_initialized():
+            ray.init(address="local", include_dashboard=False, log_to_driver=False)
+            started = True
     try:
-        for name in phases + phases[::-1]:
-            out = bench.phase(name, seed=len(runs[name]))  # each run of a phase draws afresh
-            runs[name].append(out)
-            print(f"{name}: {out}", flush=True)
+        if in_worker:
+            runs, r["read_cpus"] = in_train_worker(args, info, phases, dev.type == "cuda")
+        else:
+            runs, r["read_cpus"] = run_phases(args, info, phases)
     finally:
-        if any(p in RAY_PHASES for p in phases):
+        if started:
             import ray
 
             ray.shutdown()
-    del bench, step, trainer_step
-    if dev.type == "cuda":
-        torch.cuda.empty_cache()
     base = float(np.mean([x["samples_per_s"] for x in runs["plain"]]))
     r["phases"] = {
         name: {
@@ -462,6 +436,80 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for name, rs in runs.items()
     }
     return r
+
+
+def run_phases(
+    args: argparse.Namespace, info: Any, phases: list[str]
+) -> tuple[dict[str, list[dict[str, Any]]], int]:
+    """Each phase run twice (in order, then in reverse) in this thread: the runs by phase, and the
+    read's CPU limit. Ray, where a phase needs it, is up already."""
+    import torch
+
+    from lepton_ray.data.dataset import shard_locations
+    from lepton_ray.train.ring import Ring, RowLayout
+
+    dev = _gpu.device()
+    pin = dev.type == "cuda"
+    step = Step(args.model, args.batch_size, args.steps + args.warmup, dev)
+    trainer_step = (
+        TrainerStep(args.model, args.batch_size, args.steps + args.warmup, args.rows, dev)
+        if "ring_trainer_step" in phases
+        else None
+    )
+    h, w, c = info.shape
+    layout = RowLayout((c, h, w))
+    tables = shard_tables(info)
+    cpus = 1
+    if any(p in RAY_PHASES for p in phases):
+        from lepton_ray.train.ring_reader import read_cpus
+
+        cpus = args.read_cpus or read_cpus(1)
+    bench = Bench(
+        args=args,
+        step=step,
+        trainer_step=trainer_step,
+        resident=resident_batches(args.rows, args.batch_size, dev),
+        ring=Ring(min(args.ring_rows, args.rows), layout.shape, dev),
+        info=info,
+        tables=tables,
+        prepacked=list(itertools.islice(packed(tables, layout, pin), len(tables))),
+        shard_bytes=shard_locations(info)[0].read_bytes(),
+        cpus=cpus,
+    )
+    runs: dict[str, list[dict[str, Any]]] = {p: [] for p in phases}
+    for name in phases + phases[::-1]:
+        out = bench.phase(name, seed=len(runs[name]))  # each run of a phase draws afresh
+        runs[name].append(out)
+        print(f"{name}: {out}", flush=True)
+    del bench, step, trainer_step
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    return runs, cpus
+
+
+def _phases_in_worker(config: dict[str, Any]) -> None:
+    runs, cpus = run_phases(config["args"], config["info"], config["phases"])
+    Path(config["out"]).write_text(json.dumps({"runs": runs, "read_cpus": cpus}))
+
+
+def in_train_worker(
+    args: argparse.Namespace, info: Any, phases: list[str], use_gpu: bool
+) -> tuple[dict[str, list[dict[str, Any]]], int]:
+    """:func:`run_phases` in the training thread of a Ray Train worker (a ``TorchTrainer`` of one
+    worker, as a fit's): the same steps in the process and thread a fit trains in."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    tmp = Path(tempfile.mkdtemp(prefix="lepton-ring-interference-"))
+    out = tmp / "runs.json"  # one node: the worker writes its runs where this process reads them
+    TorchTrainer(
+        _phases_in_worker,
+        train_loop_config={"args": args, "info": info, "phases": phases, "out": str(out)},
+        scaling_config=ScalingConfig(num_workers=1, use_gpu=use_gpu),
+        run_config=RunConfig(storage_path=str(tmp)),
+    ).fit()
+    got = json.loads(out.read_text())
+    return got["runs"], got["read_cpus"]
 
 
 @dataclass
@@ -542,6 +590,11 @@ class Bench:
 
 def render(r: dict[str, Any], key: str) -> str:
     s, topo = r["setup"], r["topology"]
+    where = (
+        "in the training thread of a Ray Train worker"
+        if r.get("where") == "train_worker"
+        else "in the benchmark's own process"
+    )
     rows = [
         [
             f"`{name}`",
@@ -561,7 +614,8 @@ def render(r: dict[str, Any], key: str) -> str:
         f"## What in the ring's read slows the step beside it (`{key}`)\n\n"
         f"{harness.provenance(r, key)}\n\n"
         f"{s['model']} at {s['input']}, batch {s['batch']}, {s['steps']} timed steps per run after "
-        f"{s['warmup_steps']} warm-up steps, each phase run twice (in order, then in reverse); "
+        f"{s['warmup_steps']} warm-up steps, each phase run twice (in order, then in reverse) "
+        f"{where}; "
         f"ring of {fmt(s['ring_rows'])} rows over a {fmt(s['dataset_rows'])}-row Parquet set; "
         f"the read's Ray Data tasks limited to {r['read_cpus']} CPUs; {s['load_procs']} load "
         f"processes. {topo['cpus']} CPUs in {topo['physical_cores']} physical cores. Ratios are "
@@ -614,6 +668,13 @@ def add_args(ap: argparse.ArgumentParser) -> None:
     )
     ap.add_argument("--load-procs", type=int, default=4, help="processes of the plain_load phases")
     ap.add_argument("--read-cpus", type=int, default=0, help="default: the ring's own default")
+    ap.add_argument(
+        "--where",
+        choices=("process", "train_worker"),
+        default="process",
+        help="run the phases in this process's main thread, or in the training thread of a Ray "
+        "Train worker (one TorchTrainer worker, as a fit's)",
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

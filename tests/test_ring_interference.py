@@ -1,5 +1,6 @@
-"""benchmarks.ring_interference wired end to end on the CPU (no Ray: the phases without it), and
-its pieces: the CPU topology it reports and the ratios it renders."""
+"""benchmarks.ring_interference wired end to end on the CPU (the phases without Ray, in this
+process and in a Ray Train worker), and its pieces: the CPU topology it reports and the ratios it
+renders."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ def _args(**kw) -> argparse.Namespace:
         load_procs=1,
         read_cpus=0,
         count_steps=2,
+        where="process",
     )
     return argparse.Namespace(**{**base, **kw})
 
@@ -50,6 +52,16 @@ def test_every_phase_runs_twice_and_is_judged_against_the_plain_runs_of_the_same
     text = ri.render(r, "ring_interference")
     for name in phases:
         assert f"`{name}`" in text
+
+
+@pytest.mark.ray
+def test_the_phases_run_in_a_ray_train_workers_training_thread(ray_session):
+    r = ri.run(_args(phases="ring_prepacked", where="train_worker"))
+    assert r["where"] == "train_worker" and ray_session.is_initialized()  # the caller's Ray stays
+    assert list(r["phases"]) == ["plain", "ring_prepacked"]
+    assert all(len(p["runs"]) == 2 for p in r["phases"].values())
+    assert all(x["samples_per_s"] > 0 for p in r["phases"].values() for x in p["runs"])
+    assert "in the training thread of a Ray Train worker" in ri.render(r, "ring_interference")
 
 
 def test_an_unknown_phase_is_named():
