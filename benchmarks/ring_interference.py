@@ -38,8 +38,8 @@ thread's CPU time per step (``host_ms``: near the wall time per step when the th
 sets the pace), the host's wall time per step spent getting the batch (``source_ms``: the
 source's launches, and any wait for a block), this process's garbage-collector pauses, and the
 PyTorch operations a step of it dispatches (``ops``, a mean over ``--count-steps`` steps after the
-clock stops; each is a kernel launch or a view: what the host pays per step whatever the machine). Every ratio is to
-the mean of the two ``plain`` runs of the same run.
+clock stops; each is a kernel launch or a view: what the host pays per step whatever the
+machine). Every ratio is to the mean of the two ``plain`` runs of the same run.
 
 Without a GPU it runs on the CPU (``--model cnn --steps 8 --warmup 2 --rows 8192``): a wiring
 check, not a measurement.
@@ -267,7 +267,6 @@ class RayRead:
         self.reader, self.reads, self.current, self.stopped = start_reader(), 0, None, False
 
     def __iter__(self) -> Iterator[Any]:
-
         from lepton_ray.train.ring_reader import ReadSpec, RemoteBlocks, block_rows
         from lepton_ray.train.sampling import sequential_plan
 
@@ -422,15 +421,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             import ray
 
             ray.shutdown()
-    base = float(np.mean([x["samples_per_s"] for x in runs["plain"]]))
+
+    def mean(rs: list[dict[str, Any]], key: str) -> float:
+        return float(np.mean([x[key] for x in rs]))
+
+    base = mean(runs["plain"], "samples_per_s")
     r["phases"] = {
         name: {
             "what": PHASES[name],
-            "samples_per_s": round(float(np.mean([x["samples_per_s"] for x in rs])), 1),
-            "ratio_to_plain": round(float(np.mean([x["samples_per_s"] for x in rs])) / base, 3),
-            "host_ms": round(float(np.mean([x["host_ms"] for x in rs])), 3),
-            "wall_ms": round(float(np.mean([x["wall_ms"] for x in rs])), 3),
-            "source_ms": round(float(np.mean([x["source_ms"] for x in rs])), 3),
+            "samples_per_s": round(mean(rs, "samples_per_s"), 1),
+            "ratio_to_plain": round(mean(rs, "samples_per_s") / base, 3),
+            **{k: round(mean(rs, k), 3) for k in ("host_ms", "wall_ms", "source_ms")},
             "runs": rs,
         }
         for name, rs in runs.items()
@@ -528,6 +529,10 @@ class Bench:
     cpus: int
     plain_rates: list[float] = field(default_factory=list)
 
+    def measure(self, step: Any, batches: Iterator[dict[str, Any]]) -> dict[str, Any]:
+        a = self.args
+        return measure(step, batches, a.steps, a.warmup, a.count_steps)
+
     def phase(self, name: str, seed: int) -> dict[str, Any]:
         """One run of phase ``name`` (``seed``: its ring's draws): its source (and load) set up,
         measured, torn down."""
@@ -536,7 +541,7 @@ class Bench:
 
         args, layout, pin = self.args, self.ring.layout, self.step.cuda
         if name == "plain":
-            out = measure(self.step, self.resident, args.steps, args.warmup, args.count_steps)
+            out = self.measure(self.step, self.resident)
             self.plain_rates.append(out["samples_per_s"])
             return out
         if name.startswith("ring_"):
@@ -552,7 +557,7 @@ class Bench:
             )
             try:
                 batches = ring_batches(self.ring, reader, args.batch_size, seed)
-                return measure(step, batches, args.steps, args.warmup, args.count_steps)
+                return self.measure(step, batches)
             finally:
                 reader.close()
                 if name == "ring_ray":
@@ -568,7 +573,7 @@ class Bench:
             try:
                 if apart:
                     os.sched_setaffinity(threading.get_native_id(), {mine})
-                return measure(self.step, self.resident, args.steps, args.warmup, args.count_steps)
+                return self.measure(self.step, self.resident)
             finally:
                 if apart:
                     os.sched_setaffinity(threading.get_native_id(), saved)
@@ -582,7 +587,7 @@ class Bench:
             ref = task.remote(self.info, layout.shape, self.cpus, pace, secs)
             time.sleep(5.0)  # its actor and the read's first tasks running
             try:
-                return measure(self.step, self.resident, args.steps, args.warmup, args.count_steps)
+                return self.measure(self.step, self.resident)
             finally:
                 ray.cancel(ref, force=True)
         raise AssertionError(name)
