@@ -190,6 +190,7 @@ def usage_table(r: dict[str, Any]) -> list[str]:
     ]
     if not sides:
         return []
+    machine = any("host_busy_cores" in u or "gpu_sm_mhz" in u for _, u in sides)
     rows = []
     for key, u in sides:
         others = [
@@ -198,27 +199,49 @@ def usage_table(r: dict[str, Any]) -> list[str]:
             if kind != ("driver" if key.startswith("plain") else "ray::RayTrainWorker")
         ]
         gpu = u.get("gpu_util_pct")
-        rows.append(
-            [
-                key,
-                u["samples"],
-                f"{u['step_thread_cores']:.2f}",
-                f"{u['other_thread_cores']:.2f}",
-                "–" if gpu is None else f"{gpu:.0f}%",
-                ", ".join(others[:3]) or "–",
-            ]
-        )
+        row = [
+            key,
+            u["samples"],
+            f"{u['step_thread_cores']:.2f}",
+            f"{u['other_thread_cores']:.2f}",
+            "–" if gpu is None else f"{gpu:.0f}%",
+            ", ".join(others[:3]) or "–",
+        ]
+        if machine:
+            row += [_clock(u), _host(u)]
+        rows.append(row)
+    headers = ["side", "samples", "step thread", "its other threads", "GPU busy", "other processes"]
+    if machine:
+        headers += ["GPU SM clock", "host CPUs busy / stolen"]
     return [
         "\nCPU and GPU use over each side's epochs after the first, sampled once a second "
         "(`benchmarks/_usage.py`): the step's thread (its busiest thread plus torch's autograd "
         "threads, which take turns with it) and the rest of its process in cores; the GPU busy: "
         "the share of time a kernel ran (`nvidia-smi`). A step thread near one core with the GPU "
-        "busy well under 100% is a loop bound by the CPU that launches its kernels.\n",
-        table(
-            ["side", "samples", "step thread", "its other threads", "GPU busy", "other processes"],
-            rows,
-        ),
+        "busy well under 100% is a loop bound by the CPU that launches its kernels."
+        + (
+            " The machine's state: the GPU's mean SM clock (and the share of samples a power or "
+            "thermal limit held it down), and all of the host's CPUs in cores, busy and stolen "
+            "by the hypervisor."
+            if machine
+            else ""
+        )
+        + "\n",
+        table(headers, rows),
     ]
+
+
+def _clock(u: dict[str, Any]) -> str:
+    if "gpu_sm_mhz" not in u:
+        return "–"
+    slowed = u.get("gpu_slowdown_share")
+    return f"{u['gpu_sm_mhz']:,} MHz" + (f" (held down {slowed:.0%})" if slowed else "")
+
+
+def _host(u: dict[str, Any]) -> str:
+    if "host_busy_cores" not in u:
+        return "–"
+    return f"{u['host_busy_cores']:.2f} / {u['steal_cores']:.2f}"
 
 
 def gc_table(r: dict[str, Any]) -> list[str]:

@@ -12,10 +12,16 @@ first) is summarised afterwards:
   near 1.0 means the step's thread never waited, for data or for the GPU;
 - ``other_thread_cores``: the rest of that process (the feed's threads, Ray's);
 - ``gpu_util_pct``: the share of time a kernel ran (``nvidia-smi``), absent without a GPU;
-- ``cores_by_kind``: every sampled process kind's cores, the busiest first.
+- ``cores_by_kind``: every sampled process kind's cores, the busiest first;
+- the machine's state, which differs between machines lent as the same kind and over time on one:
+  ``host_busy_cores`` and ``steal_cores`` (all of the host's CPUs, from ``/proc/stat``: steal is
+  time the hypervisor ran something else while this guest had work), and ``gpu_sm_mhz`` with
+  ``gpu_slowdown_share``, the share of samples whose SM clock was held down by a power cap, a
+  thermal limit or a hardware slowdown (``nvidia-smi``'s clock event reasons), absent without one.
 
 A step thread near one core with the GPU busy well under 100% is a loop bound by the CPU that
-launches its kernels; the GPU near 100% is a loop bound by the GPU.
+launches its kernels; the GPU near 100% is a loop bound by the GPU. Two runs of one loop that differ
+with the machine's state differ for the machine.
 
     python -m benchmarks._usage OUT.jsonl --driver PID [--interval 1.0]   (started by Usage)
 """
@@ -68,25 +74,64 @@ def _thread_ticks(pid: int) -> dict[str, tuple[str, int]]:
     return out
 
 
-def _gpu_util() -> list[float] | None:
-    if not shutil.which("nvidia-smi"):
-        return None
+# nvidia-smi's clock event reasons that hold the SM clock down: SW power cap, HW slowdown, SW
+# thermal, HW thermal, HW power brake (idle, application clocks, sync boost are not slowdowns).
+SLOWDOWN = 0x4 | 0x8 | 0x20 | 0x40 | 0x80
+# The reasons' field was renamed (clocks_throttle_reasons before driver 535); the first one the
+# driver answers to is kept.
+_REASON_FIELDS = ["clocks_event_reasons.active", "clocks_throttle_reasons.active", None]
+
+
+def _nvidia_smi(fields: str) -> list[list[str]] | None:
     try:
-        got = subprocess.run(
-            ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"],
+        done = subprocess.run(
+            ["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader,nounits"],
             capture_output=True,
             text=True,
             timeout=5,
-        ).stdout
-        return [float(x) for x in got.split()]
-    except (OSError, ValueError, subprocess.SubprocessError):
+        )
+    except (OSError, subprocess.SubprocessError):
         return None
+    if done.returncode != 0:
+        return None
+    return [[x.strip() for x in line.split(",")] for line in done.stdout.splitlines() if line]
+
+
+def _gpu_state() -> dict[str, list] | None:
+    """Each GPU's utilisation, SM clock and whether a slowdown held that clock down."""
+    if not shutil.which("nvidia-smi"):
+        return None
+    while True:
+        reason = _REASON_FIELDS[0]
+        rows = _nvidia_smi("utilization.gpu,clocks.sm" + (f",{reason}" if reason else ""))
+        if rows is not None or reason is None:
+            break
+        _REASON_FIELDS.pop(0)  # this driver does not know the field: ask without it
+    try:
+        return {
+            "gpu": [float(r[0]) for r in rows or []] or None,
+            "sm_mhz": [float(r[1]) for r in rows or []],
+            "slowdown": [bool(int(r[2], 16) & SLOWDOWN) for r in rows or []] if reason else [],
+        }
+    except (ValueError, IndexError):
+        return None
+
+
+def _host_ticks() -> tuple[int, int]:
+    """(busy, steal) ticks of all of the host's CPUs since boot (``/proc/stat``'s first line)."""
+    try:
+        with open("/proc/stat") as fh:
+            f = [int(x) for x in fh.readline().split()[1:]]
+    except (OSError, ValueError):
+        return 0, 0
+    # user nice system idle iowait irq softirq steal ...
+    return f[0] + f[1] + f[2] + f[5] + f[6], (f[7] if len(f) > 7 else 0)
 
 
 def sample_forever(out: str, driver: int, interval: float) -> None:
     """One JSON line per ``interval`` into ``out``: each sampled process's threads in cores."""
     before: dict[int, dict[str, tuple[str, int]]] = {}
-    last = time.time()
+    last, host = time.time(), _host_ticks()
     with open(out, "w") as fh:
         while True:
             time.sleep(max(0.0, interval - (time.time() - last)))
@@ -114,7 +159,12 @@ def sample_forever(out: str, driver: int, interval: float) -> None:
                 ]
                 if threads:
                     procs.append({"pid": pid, "kind": kind, "threads": threads})
-            fh.write(json.dumps({"t": now, "dt": dt, "procs": procs, "gpu": _gpu_util()}) + "\n")
+            host_was, host = host, _host_ticks()
+            sample = {"t": now, "dt": dt, "procs": procs, "gpu": None}
+            sample["host_busy"] = round((host[0] - host_was[0]) / TICK / dt, 3)
+            sample["steal"] = round((host[1] - host_was[1]) / TICK / dt, 3)
+            sample.update(_gpu_state() or {})
+            fh.write(json.dumps(sample) + "\n")
             fh.flush()
 
 
@@ -151,7 +201,21 @@ def summarise(samples: list[dict[str, Any]], start: float, end: float, focus: st
     }
     if gpu:
         out["gpu_util_pct"] = round(sum(gpu) / len(gpu), 1)
+    if any("host_busy" in s for s in inside):
+        out["host_busy_cores"] = _mean(s.get("host_busy", 0.0) for s in inside)
+        out["steal_cores"] = _mean(s.get("steal", 0.0) for s in inside)
+    clocks = [sum(s["sm_mhz"]) / len(s["sm_mhz"]) for s in inside if s.get("sm_mhz")]
+    if clocks:
+        out["gpu_sm_mhz"] = round(sum(clocks) / len(clocks))
+    slowed = [any(s["slowdown"]) for s in inside if s.get("slowdown")]
+    if slowed:
+        out["gpu_slowdown_share"] = _mean(slowed)
     return out
+
+
+def _mean(values: Any) -> float:
+    got = [float(v) for v in values]
+    return round(sum(got) / len(got), 3) if got else 0.0
 
 
 class Usage:

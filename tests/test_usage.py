@@ -68,6 +68,9 @@ def test_a_real_sampler_agrees_with_a_threads_own_cpu_clock_busy_or_idle():
     assert got > 0.05, got  # the loop ran at all
     assert working["step_thread_cores"] == pytest.approx(got, abs=0.2), (got, working)
     assert resting["step_thread_cores"] < 0.15, resting
+    # the whole host was at least as busy as the thread, and nothing was stolen beyond its CPUs
+    assert working["host_busy_cores"] >= working["step_thread_cores"] - 0.2, working
+    assert 0.0 <= working["steal_cores"] <= os.cpu_count(), working
 
 
 def test_a_fits_window_is_its_epochs_after_the_first_ending_where_its_teardown_began():
@@ -95,3 +98,56 @@ def test_the_usage_table_is_rendered_for_the_sides_that_have_samples_only():
     assert "| trainer_ring | 12 | 0.97 | 0.05 | 81% | ray::ReadParquet 0.60 |" in text
     assert "plain_uint8 |" not in text
     assert usage_table({"trainer_ring": {"usage": {"samples": 0}}}) == []
+
+
+def test_the_machines_state_is_the_mean_clock_the_share_held_down_and_the_hosts_cpus():
+    samples = [
+        {**_sample(11.0, [], gpu=[90.0]), "sm_mhz": [1980.0], "slowdown": [False]},
+        {**_sample(12.0, [], gpu=[95.0]), "sm_mhz": [1500.0], "slowdown": [True]},
+    ]
+    samples[0].update(host_busy=3.0, steal=0.5)
+    samples[1].update(host_busy=5.0, steal=1.5)
+    got = summarise(samples, 10.0, 12.0, "driver")
+    assert got["gpu_sm_mhz"] == 1740
+    assert got["gpu_slowdown_share"] == 0.5
+    assert (got["host_busy_cores"], got["steal_cores"]) == (4.0, 1.0)
+    older = summarise([_sample(11.0, [], gpu=[90.0])], 10.0, 12.0, "driver")  # a sampler before
+    assert not {"gpu_sm_mhz", "gpu_slowdown_share", "host_busy_cores"} & older.keys()
+
+
+def test_a_driver_that_does_not_know_the_reasons_field_is_asked_the_older_name(
+    tmp_path, monkeypatch
+):
+    # nvidia-smi before driver 535 knows clocks_throttle_reasons, not clocks_event_reasons: it
+    # refuses the whole query, and the sampler must still read the utilisation and the clock.
+    from benchmarks import _usage
+
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text(
+        "#!/bin/sh\n"
+        'case "$*" in *clocks_event_reasons*) echo "Field is not a valid field" >&2; exit 2;; esac\n'
+        'case "$*" in *clocks_throttle_reasons*) echo "97, 1755, 0x0000000000000004"; exit 0;; esac\n'
+        'echo "97, 1755"\n'
+    )
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    monkeypatch.setattr(_usage, "_REASON_FIELDS", list(_usage._REASON_FIELDS))
+    assert _usage._gpu_state() == {"gpu": [97.0], "sm_mhz": [1755.0], "slowdown": [True]}
+    assert _usage._REASON_FIELDS[0] == "clocks_throttle_reasons.active"  # kept for the next sample
+    fake.write_text('#!/bin/sh\ncase "$*" in *reasons*) exit 2;; esac\necho "40, 900"\n')
+    monkeypatch.setattr(_usage, "_REASON_FIELDS", list(_usage._REASON_FIELDS))
+    assert _usage._gpu_state() == {"gpu": [40.0], "sm_mhz": [900.0], "slowdown": []}
+
+
+def test_the_machines_state_is_rendered_where_the_sampler_read_it():
+    from benchmarks._gpu_report import usage_table
+
+    base = {"samples": 3, "step_thread_cores": 0.9, "other_thread_cores": 0.1, "cores_by_kind": {}}
+    u = {**base, "gpu_util_pct": 70.0, "gpu_sm_mhz": 1500, "gpu_slowdown_share": 0.25}
+    u.update(host_busy_cores=4.5, steal_cores=1.25)
+    text = "\n".join(usage_table({"trainer_ring": {"usage": u}}))
+    assert (
+        "| trainer_ring | 3 | 0.90 | 0.10 | 70% | – | 1,500 MHz (held down 25%) | 4.50 / 1.25 |"
+        in text
+    )
+    assert "GPU SM clock" not in "\n".join(usage_table({"trainer_ring": {"usage": base}}))
