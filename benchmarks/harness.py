@@ -88,7 +88,7 @@ def mean_after_warmup(values: list[float]) -> float:
 # --- the hardware record -----------------------------------------------------------------------
 HARDWARE_KEYS = tuple(
     "cpu_model cpu_cores memory_gib gpu gpu_memory_gib cuda python torch ray lepton_ray git_sha "
-    "date".split()
+    "date host_speed".split()
 )
 
 
@@ -160,7 +160,43 @@ def hardware() -> dict[str, Any]:
             gpu_memory_gib=round(p.total_memory / 2**30, 1),
             cuda=torch.version.cuda,
         )
+    hw["host_speed"] = host_speed(torch)
     return hw
+
+
+def host_speed(torch: Any = None) -> dict[str, float]:
+    """How fast this host runs what launches a GPU's work, best of three of each: a pure-Python
+    loop of a million additions (ms), and where torch sees a GPU, the host's time per launch of a
+    one-element kernel (µs). Machines lent as one kind differed here by about 2x, and a loop bound
+    by the CPU that launches its kernels runs only as fast as this host lets it."""
+
+    def loop() -> None:
+        x = 0
+        for i in range(1_000_000):
+            x += i
+
+    out = {"python_loop_ms": round(min(_clock(loop) for _ in range(3)) * 1e3, 1)}
+    if torch is not None and torch.cuda.is_available():
+        t = torch.zeros(1, device="cuda")
+
+        def launches() -> None:
+            for _ in range(2000):
+                t.add_(1)
+
+        launches()  # the first launch's set-up is not a launch's cost
+        torch.cuda.synchronize()
+        runs = []
+        for _ in range(3):
+            runs.append(_clock(launches) / 2000 * 1e6)
+            torch.cuda.synchronize()  # the queue empty before the next run's clock starts
+        out["cuda_launch_us"] = round(min(runs), 2)
+    return out
+
+
+def _clock(fn: Callable[[], None]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 def now() -> str:
@@ -180,6 +216,12 @@ def hardware_summary(hw: Any) -> str:
         parts.append(f"{hw['memory_gib']} GiB")
     parts.append(f"{hw['gpu']} ({hw.get('gpu_memory_gib')} GiB)" if hw.get("gpu") else "no GPU")
     parts.append(f"torch {hw.get('torch')}, Ray {hw.get('ray')}")
+    speed = hw.get("host_speed") or {}
+    if speed:
+        host = f"host: a million Python additions in {speed['python_loop_ms']} ms"
+        if speed.get("cuda_launch_us") is not None:
+            host += f", {speed['cuda_launch_us']} µs per kernel launch"
+        parts.append(host)
     if hw.get("git_sha"):
         parts.append(f"lepton_ray at {hw['git_sha']}")
     return ", ".join(parts)

@@ -85,6 +85,13 @@ def test_the_hardware_record_names_machine_versions_and_commit():
     assert hw["cpu_cores"] >= 1 and hw["torch"] and hw["ray"] and hw["date"].endswith("UTC")
     summary = harness.hardware_summary(hw)
     assert f"({hw['cpu_cores']} cores)" in summary and f"torch {hw['torch']}" in summary
+    assert hw["host_speed"]["python_loop_ms"] > 0  # no GPU here: no launch cost
+    assert "cuda_launch_us" not in hw["host_speed"]
+    assert f"a million Python additions in {hw['host_speed']['python_loop_ms']} ms" in summary
+    gpu_host = {"python_loop_ms": 31.5, "cuda_launch_us": 4.2}
+    assert "31.5 ms, 4.2 µs per kernel launch" in harness.hardware_summary(
+        hw | {"host_speed": gpu_host}
+    )
     assert harness.hardware_summary("x86_64, 2 CPUs") == "x86_64, 2 CPUs"  # older results
 
 
