@@ -148,6 +148,7 @@ def hardware() -> dict[str, Any]:
         lepton_ray=_version("lepton-ray") or _version("lepton_ray"),
         git_sha=git_sha(),
         date=now(),
+        host_speed=host_speed(),
     )
     try:
         import torch
@@ -160,37 +161,44 @@ def hardware() -> dict[str, Any]:
             gpu_memory_gib=round(p.total_memory / 2**30, 1),
             cuda=torch.version.cuda,
         )
-    hw["host_speed"] = host_speed(torch)
     return hw
 
 
-def host_speed(torch: Any = None) -> dict[str, float]:
-    """How fast this host runs what launches a GPU's work, best of three of each: a pure-Python
-    loop of a million additions (ms), and where torch sees a GPU, the host's time per launch of a
-    one-element kernel (µs). Machines lent as one kind differed here by about 2x, and a loop bound
-    by the CPU that launches its kernels runs only as fast as this host lets it."""
+def host_speed() -> dict[str, float]:
+    """How fast this host runs Python, best of three: a loop of a million additions (ms). Machines
+    lent as one kind differed about 2x in the time their host took for one training step, and a
+    loop bound by the CPU that launches its kernels runs only as fast as its host lets it.
+    :func:`finish` adds the host's time per CUDA kernel launch once the run is over."""
 
     def loop() -> None:
         x = 0
         for i in range(1_000_000):
             x += i
 
-    out = {"python_loop_ms": round(min(_clock(loop) for _ in range(3)) * 1e3, 1)}
-    if torch is not None and torch.cuda.is_available():
-        t = torch.zeros(1, device="cuda")
+    return {"python_loop_ms": round(min(_clock(loop) for _ in range(3)) * 1e3, 1)}
 
-        def launches() -> None:
-            for _ in range(2000):
-                t.add_(1)
 
-        launches()  # the first launch's set-up is not a launch's cost
-        torch.cuda.synchronize()
-        runs = []
-        for _ in range(3):
-            runs.append(_clock(launches) / 2000 * 1e6)
-            torch.cuda.synchronize()  # the queue empty before the next run's clock starts
-        out["cuda_launch_us"] = round(min(runs), 2)
-    return out
+def launch_us() -> float | None:
+    """The host's time per launch of a one-element CUDA kernel (µs, best of three runs of 2,000);
+    None without a GPU or where this process never imported torch. Measured after a run, never
+    before: it creates a CUDA context in this process, which would change what a run that leaves
+    the GPU to its workers measures (their start, the GPU's memory)."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available():
+        return None
+    t = torch.zeros(1, device="cuda")
+
+    def launches() -> None:
+        for _ in range(2000):
+            t.add_(1)
+
+    launches()  # the first launch's set-up is not a launch's cost
+    torch.cuda.synchronize()
+    runs = []
+    for _ in range(3):
+        runs.append(_clock(launches) / 2000 * 1e6)
+        torch.cuda.synchronize()  # the queue empty before the next run's clock starts
+    return round(min(runs), 2)
 
 
 def _clock(fn: Callable[[], None]) -> float:
@@ -413,7 +421,13 @@ def record(benchmark: str, **setup: Any) -> dict[str, Any]:
 def finish(
     args: argparse.Namespace, result: dict[str, Any], render: Callable[[dict, str], str]
 ) -> None:
-    """Print the result (its last line is the JSON on one line), then save it and its section."""
+    """Print the result (its last line is the JSON on one line), then save it and its section;
+    the host's time per kernel launch goes into its hardware record first, where there is a GPU."""
+    speed = (result.get("hardware") or {}).get("host_speed")
+    if isinstance(speed, dict) and "cuda_launch_us" not in speed:
+        launch = launch_us()
+        if launch is not None:
+            speed["cuda_launch_us"] = launch
     if args.out is not None:
         print(f"result: {save_result(result, args.key, args.out)} (doc left alone)")
     elif not args.no_doc:
