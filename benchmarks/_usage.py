@@ -77,8 +77,8 @@ def _thread_ticks(pid: int) -> dict[str, tuple[str, int]]:
 # nvidia-smi's clock event reasons that hold the SM clock down: SW power cap, HW slowdown, SW
 # thermal, HW thermal, HW power brake (idle, application clocks, sync boost are not slowdowns).
 SLOWDOWN = 0x4 | 0x8 | 0x20 | 0x40 | 0x80
-# The reasons' field was renamed (clocks_throttle_reasons before driver 535); the first one the
-# driver answers to is kept.
+# The reasons' field was renamed (clocks_throttle_reasons before driver 535): a name the driver
+# refuses, where it answers without it, is dropped for the next.
 _REASON_FIELDS = ["clocks_event_reasons.active", "clocks_throttle_reasons.active", None]
 
 
@@ -101,12 +101,12 @@ def _gpu_state() -> dict[str, list] | None:
     """Each GPU's utilisation, SM clock and whether a slowdown held that clock down."""
     if not shutil.which("nvidia-smi"):
         return None
-    while True:
-        reason = _REASON_FIELDS[0]
-        rows = _nvidia_smi("utilization.gpu,clocks.sm" + (f",{reason}" if reason else ""))
-        if rows is not None or reason is None:
-            break
-        _REASON_FIELDS.pop(0)  # this driver does not know the field: ask without it
+    base, reason = "utilization.gpu,clocks.sm", _REASON_FIELDS[0]
+    rows = _nvidia_smi(base + (f",{reason}" if reason else ""))
+    if rows is None and reason is not None:  # refused: the field, or nvidia-smi this once?
+        rows, reason = _nvidia_smi(base), None
+        if rows is not None:  # the field: the next sample asks by the next name
+            _REASON_FIELDS.pop(0)
     try:
         return {
             "gpu": [float(r[0]) for r in rows or []] or None,

@@ -136,7 +136,8 @@ def git_sha() -> str | None:
 
 
 def hardware() -> dict[str, Any]:
-    """CPU, memory, GPU (when torch sees one), library versions, git SHA and date of this run."""
+    """CPU, memory, GPU (when torch sees one), library versions, git SHA, date and the host's speed
+    (:func:`host_speed`) of this run."""
     hw: dict[str, Any] = dict.fromkeys(HARDWARE_KEYS)
     hw.update(
         cpu_model=_cpu_model(),
@@ -186,19 +187,22 @@ def launch_us() -> float | None:
     torch = sys.modules.get("torch")
     if torch is None or not torch.cuda.is_available():
         return None
-    t = torch.zeros(1, device="cuda")
+    try:
+        t = torch.zeros(1, device="cuda")
 
-    def launches() -> None:
-        for _ in range(2000):
-            t.add_(1)
+        def launches() -> None:
+            for _ in range(2000):
+                t.add_(1)
 
-    launches()  # the first launch's set-up is not a launch's cost
-    torch.cuda.synchronize()
-    runs = []
-    for _ in range(3):
-        runs.append(_clock(launches) / 2000 * 1e6)
-        torch.cuda.synchronize()  # the queue empty before the next run's clock starts
-    return round(min(runs), 2)
+        launches()  # the first launch's set-up is not a launch's cost
+        torch.cuda.synchronize()
+        runs = []
+        for _ in range(3):
+            runs.append(_clock(launches) / 2000 * 1e6)
+            torch.cuda.synchronize()  # the queue empty before the next run's clock starts
+        return round(min(runs), 2)
+    except Exception:  # noqa: BLE001 - a GPU this process cannot use: the result is kept without
+        return None
 
 
 def _clock(fn: Callable[[], None]) -> float:

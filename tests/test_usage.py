@@ -132,10 +132,16 @@ def test_a_driver_that_does_not_know_the_reasons_field_is_asked_the_older_name(
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
     monkeypatch.setattr(_usage, "_REASON_FIELDS", list(_usage._REASON_FIELDS))
+    # this sample without the reasons; the next asks by the older name, and keeps it
+    assert _usage._gpu_state() == {"gpu": [97.0], "sm_mhz": [1755.0], "slowdown": []}
     assert _usage._gpu_state() == {"gpu": [97.0], "sm_mhz": [1755.0], "slowdown": [True]}
-    assert _usage._REASON_FIELDS[0] == "clocks_throttle_reasons.active"  # kept for the next sample
+    assert _usage._REASON_FIELDS[0] == "clocks_throttle_reasons.active"
+    fake.write_text("#!/bin/sh\nexit 9\n")  # nvidia-smi failing once: no name is dropped
+    assert _usage._gpu_state() == {"gpu": None, "sm_mhz": [], "slowdown": []}
+    assert _usage._REASON_FIELDS[0] == "clocks_throttle_reasons.active"
     fake.write_text('#!/bin/sh\ncase "$*" in *reasons*) exit 2;; esac\necho "40, 900"\n')
-    monkeypatch.setattr(_usage, "_REASON_FIELDS", list(_usage._REASON_FIELDS))
+    assert _usage._gpu_state() == {"gpu": [40.0], "sm_mhz": [900.0], "slowdown": []}
+    assert _usage._REASON_FIELDS == [None]  # a driver that knows neither name
     assert _usage._gpu_state() == {"gpu": [40.0], "sm_mhz": [900.0], "slowdown": []}
 
 
