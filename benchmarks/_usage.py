@@ -193,8 +193,8 @@ def summarise(samples: list[dict[str, Any]], start: float, end: float, focus: st
     n = len(inside)
     out = {
         "samples": n,
-        "step_thread_cores": round(sum(step) / n, 3),
-        "other_thread_cores": round(sum(other) / n, 3),
+        "step_thread_cores": _mean(step),
+        "other_thread_cores": _mean(other),
         "cores_by_kind": {
             k: round(v / n, 3) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])[:6]
         },

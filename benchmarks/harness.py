@@ -176,7 +176,8 @@ def host_speed() -> dict[str, float]:
         for i in range(1_000_000):
             x += i
 
-    return {"python_loop_ms": round(min(_clock(loop) for _ in range(3)) * 1e3, 1)}
+    # device="cpu": host time alone (timed would wait for a GPU this process had used)
+    return {"python_loop_ms": round(min(timed(loop, device="cpu")[1] for _ in range(3)) * 1e3, 1)}
 
 
 def launch_us() -> float | None:
@@ -198,17 +199,11 @@ def launch_us() -> float | None:
         torch.cuda.synchronize()
         runs = []
         for _ in range(3):
-            runs.append(_clock(launches) / 2000 * 1e6)
+            runs.append(timed(launches, device="cpu")[1] / 2000 * 1e6)  # the launches alone
             torch.cuda.synchronize()  # the queue empty before the next run's clock starts
         return round(min(runs), 2)
     except Exception:  # noqa: BLE001 - a GPU this process cannot use: the result is kept without
         return None
-
-
-def _clock(fn: Callable[[], None]) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def now() -> str:
