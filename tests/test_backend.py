@@ -128,7 +128,7 @@ def test_the_worker_side_calls_are_rays_own_functions():
     assert TorchBackendConfig().backend_cls.share_cuda_visible_devices
 
 
-def test_the_worker_marks_when_its_torch_set_up_starts_and_its_process_group_is_ready(
+def test_the_worker_marks_its_torch_set_ups_start_its_device_and_its_process_group(
     monkeypatch,
 ):
     import types
@@ -146,9 +146,13 @@ def test_the_worker_marks_when_its_torch_set_up_starts_and_its_process_group_is_
     backend._on_worker("_set_torch_distributed_env_vars")
     backend._on_worker("_setup_torch_process_group", world_rank=0)
     marks = dict(backend.WORKER_MARKS)
-    assert set(marks) == {"torch_setup_started", "process_group_ready"}
+    assert set(marks) == {"torch_setup_started", "device_ready", "process_group_ready"}
     assert (
-        marks["torch_setup_started"] <= calls[0][1] <= calls[1][1] <= marks["process_group_ready"]
+        marks["torch_setup_started"]
+        <= calls[0][1]
+        <= marks["device_ready"]
+        <= calls[1][1]
+        <= marks["process_group_ready"]
     )
     backend._on_worker("_set_torch_distributed_env_vars")  # a second call keeps the first marks
     backend._on_worker("_shutdown_torch")

@@ -46,16 +46,33 @@ def test_phases_are_the_gaps_between_consecutive_marks():
 
 
 def test_the_workers_start_is_split_where_its_torch_set_up_is_marked():
-    marks = MARKS | {"torch_setup_started": 105.0, "process_group_ready": 106.5}
+    marks = MARKS | {
+        "torch_setup_started": 105.0,
+        "device_ready": 106.25,
+        "process_group_ready": 106.5,
+    }
     got = phases(marks)
-    assert "worker_imports" not in got
-    assert (got["worker_start"], got["torch_setup"], got["train_fn_start"]) == (1.0, 1.5, 0.5)
+    assert not {"worker_imports", "torch_setup"} & set(got)
+    assert [got[k] for k in ("worker_start", "device", "process_group", "train_fn_start")] == [
+        1.0,
+        1.25,
+        0.25,
+        0.5,
+    ]
     assert got["to_first_step"] == pytest.approx(sum(got[k] for k in BEFORE_FIRST_STEP))
-    # Without one of the two marks: the unsplit phase, and still the sum.
+    # Without the device's mark (a worker from before that split): one torch set-up phase.
+    del marks["device_ready"]
+    got = phases(marks)
+    assert not {"device", "process_group"} & set(got)
+    assert (got["worker_start"], got["torch_setup"], got["train_fn_start"]) == (1.0, 1.5, 0.5)
+    assert got["to_first_step"] == pytest.approx(
+        sum(got[k] for k in got if k not in ("to_first_step", "teardown"))
+    )
+    # Without one of the two outer marks: the unsplit phase, and still the sum.
     del marks["process_group_ready"]
     got = phases(marks)
     assert got["worker_imports"] == 3.0
-    assert not {"worker_start", "torch_setup", "train_fn_start"} & set(got)
+    assert not {"worker_start", "torch_setup", "device", "train_fn_start"} & set(got)
     assert got["to_first_step"] == pytest.approx(
         sum(got[k] for k in got if k not in ("to_first_step", "teardown"))
     )
@@ -64,7 +81,7 @@ def test_the_workers_start_is_split_where_its_torch_set_up_is_marked():
 def test_a_worker_process_started_before_the_fit_counts_from_the_trainers_start():
     # Prestarted for it (lepton_ray.train.prestart): the idle wait is in no phase.
     marks = MARKS | {"process_started": 90.0, "torch_setup_started": 105.0}
-    marks |= {"process_group_ready": 106.5}
+    marks |= {"device_ready": 106.0, "process_group_ready": 106.5}
     got = phases(marks)
     assert (got["worker_group"], got["worker_start"]) == (0.0, 4.5)
     assert got["to_first_step"] == pytest.approx(sum(got[k] for k in BEFORE_FIRST_STEP))
@@ -73,6 +90,7 @@ def test_a_worker_process_started_before_the_fit_counts_from_the_trainers_start(
 def test_table_columns_are_the_phases_any_run_has_in_order():
     old = {"worker_group": 1.0, "worker_imports": 2.0, "model": 1.0, "to_first_step": 4.0}
     new = {"worker_group": 1.0, "worker_start": 1.0, "torch_setup": 1.0, "teardown": 0.5}
+    newest = {"worker_start": 1.0, "device": 0.5, "process_group": 0.5, "model": 1.0}
     assert columns([old]) == ["worker_group", "worker_imports", "model", "to_first_step"]
     assert columns([new, old]) == [
         "worker_group",
@@ -81,6 +99,15 @@ def test_table_columns_are_the_phases_any_run_has_in_order():
         "torch_setup",
         "model",
         "to_first_step",
+        "teardown",
+    ]
+    assert columns([newest, new]) == [
+        "worker_group",
+        "worker_start",
+        "torch_setup",
+        "device",
+        "process_group",
+        "model",
         "teardown",
     ]
     assert columns([]) == []

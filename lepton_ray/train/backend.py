@@ -36,12 +36,16 @@ log = logging.getLogger(__name__)
 
 RAY_TORCH = "ray.train.torch.config"  # Ray's torch backend module: imported on workers only
 WORKER_MARKS: dict[str, float] = {}
-"""On a worker: when its torch set-up started (``torch_setup_started``: Ray's worker actor is up)
-and when its process group was ready (``process_group_ready``), as ``time.time()``;
+"""On a worker: when its torch set-up started (``torch_setup_started``: Ray's worker actor is up),
+when its device was found (``device_ready``: Ray's ``get_device``, the first CUDA call on a GPU
+worker) and when its process group was ready (``process_group_ready``), as ``time.time()``;
 :class:`lepton_ray.train.timeline.WorkerTimeline` takes them (the training function runs in the
 same process)."""
 _MARK_BEFORE = {"_set_torch_distributed_env_vars": "torch_setup_started"}
-_MARK_AFTER = {"_setup_torch_process_group": "process_group_ready"}
+_MARK_AFTER = {
+    "_set_torch_distributed_env_vars": "device_ready",
+    "_setup_torch_process_group": "process_group_ready",
+}
 
 
 def _on_worker(name: str, *args: Any, **kwargs: Any) -> Any:

@@ -11,8 +11,8 @@ node in a local instance) and sends them with every epoch's report; the driver a
 Worked example (2 AMD CPU cores, mnist5k, 1 worker, Ray already up; ``benchmarks.fixed_cost``,
 ``fixed_cost_amd_split``, medians of the 3 fits after the first): Ray 0 s, checks 0.0 s, worker
 group 4.1 s (the controller's process and imports, then the worker's process), worker start 2.7 s
-(Ray's worker and Ray Train's worker actor), torch set-up 2.5 s (``import torch``, the process
-group), training function 0.2 s, model 1.1 s (its optimizer: the first in a process imports
+(Ray's worker and Ray Train's worker actor), torch set-up 2.5 s (``import torch``, the device and
+the process group: one phase then), training function 0.2 s, model 1.1 s (its optimizer: the first in a process imports
 ``torch._dynamo``), first read 0.0 s (a streamed feed reads when the first step asks), first step
 0.9 s: 11.7 s to the first step; teardown 0.8 s.
 """
@@ -31,10 +31,12 @@ PHASES = (
     ("checks", "ray_ready", "trainer_started"),
     ("worker_group", "trainer_started", "process_started"),
     # The worker's own start (marks of lepton_ray.train.backend): Ray's worker process and Ray
-    # Train's worker actor; importing torch and starting the process group; launching the
-    # training function (its modules).
+    # Train's worker actor; finding its device (Ray's torch module and ``get_device``: a GPU
+    # worker's first CUDA call, the driver's initialisation); starting the process group;
+    # launching the training function (its modules).
     ("worker_start", "process_started", "torch_setup_started"),
-    ("torch_setup", "torch_setup_started", "process_group_ready"),
+    ("device", "torch_setup_started", "device_ready"),
+    ("process_group", "device_ready", "process_group_ready"),
     ("train_fn_start", "process_group_ready", "loop_started"),
     ("model", "loop_started", "model_ready"),
     ("first_read", "model_ready", "feed_ready"),
@@ -42,10 +44,13 @@ PHASES = (
     ("teardown", "last_report", "fit_returned"),
 )
 BEFORE_FIRST_STEP = tuple(name for name, _, _ in PHASES[:-1])  # they add up to ``to_first_step``
-SPLIT = ("worker_start", "torch_setup", "train_fn_start")
+SPLIT = ("worker_start", "device", "process_group", "train_fn_start")
 UNSPLIT = ("worker_imports", "process_started", "loop_started")
 """The worker's start to its loop in one phase, where the marks between are not known (results
 measured before the split, or a backend that does not mark them)."""
+TORCH_SETUP = ("torch_setup", "torch_setup_started", "process_group_ready")
+"""``device`` and ``process_group`` in one phase, where the device's mark is not known (results
+measured before that split)."""
 
 
 def process_start_time() -> float | None:
@@ -93,7 +98,16 @@ def columns(measured: list[dict[str, float]]) -> list[str]:
     worker's start was split (:data:`UNSPLIT` stands where the split ones would)."""
     names = [name for name, _, _ in PHASES]
     at = names.index("worker_start")
-    order = [*names[:at], UNSPLIT[0], *names[at:-1], "to_first_step", names[-1]]
+    device = names.index("device")
+    order = [
+        *names[:at],
+        UNSPLIT[0],
+        *names[at:device],
+        TORCH_SETUP[0],
+        *names[device:-1],
+        "to_first_step",
+        names[-1],
+    ]
     found = set().union(*measured)
     return [name for name in order if name in found]
 
@@ -106,7 +120,15 @@ def phases(marks: dict[str, float]) -> dict[str, float]:
         # it counts from the trainer's start, so its idle wait is in no phase.
         marks = dict(marks, process_started=max(marks["process_started"], marks["trainer_started"]))
     split = all(m in marks for m in ("torch_setup_started", "process_group_ready"))
-    spans = PHASES if split else (*(p for p in PHASES if p[0] not in SPLIT), UNSPLIT)
+    if not split:
+        spans: tuple[tuple[str, str, str], ...] = (
+            *(p for p in PHASES if p[0] not in SPLIT),
+            UNSPLIT,
+        )
+    elif "device_ready" not in marks:
+        spans = (*(p for p in PHASES if p[0] not in ("device", "process_group")), TORCH_SETUP)
+    else:
+        spans = PHASES
     out = {name: round(marks[b] - marks[a], 3) for name, a, b in spans if a in marks and b in marks}
     if "fit_called" in marks and "first_step_done" in marks:
         out["to_first_step"] = round(marks["first_step_done"] - marks["fit_called"], 3)
