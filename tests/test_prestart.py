@@ -4,6 +4,8 @@ after the one before (``worker_group`` 0; ``benchmarks.fixed_cost`` measures wha
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import ray
 from ray.core.generated.gcs_pb2 import ActorTableData
@@ -184,6 +186,12 @@ def test_no_hook_when_the_package_is_found_only_through_the_drivers_directory(
     (tmp_path / "pkg_only_here" / "__init__.py").write_text("")
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("PYTHONPATH", raising=False)
+    assert not prestart.importable_in_workers("pkg_only_here")
+    # The same directory named by $PYTHONPATH: a new worker's interpreter has it from its start.
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(["/nonexistent", str(tmp_path)]))
+    assert prestart.importable_in_workers("pkg_only_here")
+    monkeypatch.setenv("PYTHONPATH", "/nonexistent")
     assert not prestart.importable_in_workers("pkg_only_here")
     monkeypatch.chdir(tmp_path.parent)  # now found through sys.path itself, as $PYTHONPATH is
     assert prestart.importable_in_workers("pkg_only_here")

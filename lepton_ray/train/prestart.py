@@ -133,13 +133,17 @@ def importable_in_workers(package: str) -> bool:
     only after the worker ran its set-up hook: a hook in a package found only through them (a
     source checkout run without installing it) fails, the worker exits, and the fit waits for
     training workers that never start (on 2 cores: ``ActorDiedError``, "No module named
-    'lepton_ray'"). Installed packages, editable ones and ``$PYTHONPATH`` are found."""
+    'lepton_ray'"). Installed packages, editable ones and ``$PYTHONPATH`` are found, the driver's
+    directory too where ``$PYTHONPATH`` names it (a worker's interpreter reads the variable,
+    inherited through the raylet, before any hook)."""
     import __main__
 
+    env_path = {os.path.abspath(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p}
     drop = {os.getcwd()}  # what "" on sys.path stands for
     script = getattr(__main__, "__file__", None)  # none in a notebook: Ray adds none either
     if script:
         drop.add(os.path.dirname(os.path.realpath(script)))
+    drop -= env_path
     path = [p for p in sys.path if os.path.abspath(p or ".") not in drop]
     for finder in sys.meta_path:
         find = getattr(finder, "find_spec", None)
