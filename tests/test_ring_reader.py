@@ -151,7 +151,7 @@ def test_block_and_cpu_defaults(ray_session):
     assert block_rows(3 * 32 * 32, 1024) == (16 << 20) // 3072  # 5,461: 16 MiB of 32x32x3
     assert block_rows(3 * 224 * 224, 1024) == 1024  # the preprocessing batch is bigger
     node_cpus = int(ray.cluster_resources()["CPU"])  # one node here
-    assert read_cpus(1) == max(1, node_cpus // 4)
+    assert read_cpus(1) == max(1, node_cpus // 2)
     assert read_cpus(64) == 1  # never none
 
 

@@ -116,8 +116,8 @@ class DataConfig(Config):
     """Rows the ring holds on each worker's device (capped at the worker's rows per epoch and at
     half the GPU's free memory); a row is served about this many rows after it was read."""
     ring_read_cpus: int = setting(0, ge=0)
-    """CPUs each worker's ring read may use at once (Ray Data's tasks); 0: a quarter of the node's
-    CPUs shared by its workers, at least one. More reads faster but slows a GPU's training loop
+    """CPUs each worker's ring read may use at once (Ray Data's tasks); 0: half of the node's CPUs
+    shared by its workers, at least one. More reads faster but slows a GPU's training loop
     (``lepton_ray.train.ring_reader.read_cpus``)."""
     cache: Literal["auto", "off", "device"] = "auto"
     """The older spelling of ``feed``: ``device`` is ``feed="cache"``, ``off`` is ``feed="stream"``."""

@@ -54,17 +54,22 @@ from lepton_ray.train.rows import RowLayout
 
 BLOCK_BYTES = 16 << 20  # rows of a block the read hands over, at least (Ray Data's map batch)
 READY_BYTES = 64 << 20  # blocks the actor keeps ready (referenced) ahead of ``next``
-READ_SHARE = 4  # the node's reads together take at most 1/READ_SHARE of its CPUs by default
+READ_SHARE = 2  # the node's reads together take at most 1/READ_SHARE of its CPUs by default
 
 
 def read_cpus(local_workers: int) -> int:
-    """CPUs one worker's read may use at once by default: a quarter of its node's Ray CPUs shared
-    by the node's training workers, at least one (16 CPUs, 1 worker: 4).
+    """CPUs one worker's read may use at once by default: half of its node's Ray CPUs shared by
+    the node's training workers, at least one (16 CPUs, 1 worker: 8).
 
     Reading as fast as the node allows slows the GPU's training loop, whose Python launches the
     kernels: on the H200 a plain loop (ResNet-18@32) ran at 0.85 of its speed beside 15 CPU-bound
     processes (0.86 with those at ``nice 19``), 0.91 beside 8 and 0.99 beside 4. Ray Data's read
-    tasks take every CPU by default; the read only needs to outpace the loop."""
+    tasks take every CPU by default; the read only needs to outpace the loop, and it rests
+    whenever the ring is full, so its tasks are not CPU-bound neighbours all the time. A quarter
+    of the node did not always outpace it: on one H100 (16 CPUs, 1 worker, 2026-12-06,
+    ``benchmarks.ring_interference`` with the phases ``plain,ring_ray``, runs alternated) the
+    step on Ray Data's read ran at 0.918 and 0.915 of the plain step with 4 CPUs, 0.983 and 0.968
+    with 8 (``ring_read_cpus_4_*``, ``ring_read_cpus_8_*`` in docs/benchmarks.md)."""
     node = ray.get_runtime_context().get_node_id()
     cpus = next((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["NodeID"] == node), 0.0)
     return max(1, int(cpus // (READ_SHARE * max(local_workers, 1))))
