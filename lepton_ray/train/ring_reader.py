@@ -66,10 +66,11 @@ def read_cpus(local_workers: int) -> int:
     processes (0.86 with those at ``nice 19``), 0.91 beside 8 and 0.99 beside 4. Ray Data's read
     tasks take every CPU by default; the read only needs to outpace the loop, and it rests
     whenever the ring is full, so its tasks are not CPU-bound neighbours all the time. A quarter
-    of the node did not always outpace it: on one H100 (16 CPUs, 1 worker, 2026-12-06,
+    of the node did not always outpace it: on two H100 machines (16 CPUs, 1 worker, 2026-12-06,
     ``benchmarks.ring_interference`` with the phases ``plain,ring_ray``, runs alternated) the
-    step on Ray Data's read ran at 0.918 and 0.915 of the plain step with 4 CPUs, 0.983 and 0.968
-    with 8 (``ring_read_cpus_4_*``, ``ring_read_cpus_8_*`` in docs/benchmarks.md)."""
+    step on Ray Data's read ran at 0.918, 0.915 and 0.955 of the plain step with 4 CPUs, 0.983,
+    0.968 and 0.980 with 8 (``ring_read_cpus_4_*``, ``ring_read_cpus_8_*`` in
+    docs/benchmarks.md)."""
     node = ray.get_runtime_context().get_node_id()
     cpus = next((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["NodeID"] == node), 0.0)
     return max(1, int(cpus // (READ_SHARE * max(local_workers, 1))))

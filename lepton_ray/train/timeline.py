@@ -12,9 +12,9 @@ Worked example (2 AMD CPU cores, mnist5k, 1 worker, Ray already up; ``benchmarks
 ``fixed_cost_amd_split``, medians of the 3 fits after the first): Ray 0 s, checks 0.0 s, worker
 group 4.1 s (the controller's process and imports, then the worker's process), worker start 2.7 s
 (Ray's worker and Ray Train's worker actor), torch set-up 2.5 s (``import torch``, the device and
-the process group: one phase then), training function 0.2 s, model 1.1 s (its optimizer: the first in a process imports
-``torch._dynamo``), first read 0.0 s (a streamed feed reads when the first step asks), first step
-0.9 s: 11.7 s to the first step; teardown 0.8 s.
+the process group: one phase then), training function 0.2 s, model 1.1 s (its optimizer: the
+first in a process imports ``torch._dynamo``), first read 0.0 s (a streamed feed reads when the
+first step asks), first step 0.9 s: 11.7 s to the first step; teardown 0.8 s.
 """
 
 from __future__ import annotations
