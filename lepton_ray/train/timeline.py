@@ -44,13 +44,27 @@ PHASES = (
     ("teardown", "last_report", "fit_returned"),
 )
 BEFORE_FIRST_STEP = tuple(name for name, _, _ in PHASES[:-1])  # they add up to ``to_first_step``
-SPLIT = ("worker_start", "device", "process_group", "train_fn_start")
-UNSPLIT = ("worker_imports", "process_started", "loop_started")
-"""The worker's start to its loop in one phase, where the marks between are not known (results
-measured before the split, or a backend that does not mark them)."""
-TORCH_SETUP = ("torch_setup", "torch_setup_started", "process_group_ready")
-"""``device`` and ``process_group`` in one phase, where the device's mark is not known (results
-measured before that split)."""
+MERGED = (
+    ("torch_setup", "torch_setup_started", "process_group_ready"),
+    ("worker_imports", "process_started", "loop_started"),
+)
+"""Phases that stand for the consecutive phases of :data:`PHASES` between their two marks, where a
+mark between those is not known (results measured before a split, or a backend that does not
+mark them): ``device`` and ``process_group``, then the worker's whole start to its loop. Applied
+in this order, so an outer one may take in an inner one."""
+
+
+def _spans(known: dict[str, float]) -> list[tuple[str, str, str]]:
+    """:data:`PHASES`, with each of :data:`MERGED` in place of its phases where a mark between
+    them is not in ``known``."""
+    spans = list(PHASES)
+    for merged in MERGED:
+        _, a, b = merged
+        i = next(k for k, (_, start, _) in enumerate(spans) if start == a)
+        j = next(k for k, (_, _, end) in enumerate(spans) if end == b)
+        if any(end not in known for _, _, end in spans[i:j]):
+            spans[i : j + 1] = [merged]
+    return spans
 
 
 def process_start_time() -> float | None:
@@ -95,19 +109,13 @@ class WorkerTimeline:
 def columns(measured: list[dict[str, float]]) -> list[str]:
     """The phases found in any of ``measured`` (dicts from :func:`phases`), in order, with
     ``to_first_step`` before the teardown: a table's columns for runs from before and after the
-    worker's start was split (:data:`UNSPLIT` stands where the split ones would)."""
-    names = [name for name, _, _ in PHASES]
-    at = names.index("worker_start")
-    device = names.index("device")
-    order = [
-        *names[:at],
-        UNSPLIT[0],
-        *names[at:device],
-        TORCH_SETUP[0],
-        *names[device:-1],
-        "to_first_step",
-        names[-1],
-    ]
+    worker's start was split (each of :data:`MERGED` stands just before the phases it stands
+    for)."""
+    order = [name for name, _, _ in PHASES]
+    start = {name: a for name, a, _ in (*PHASES, *MERGED)}
+    for name, a, _ in MERGED:
+        order.insert(next(k for k, n in enumerate(order) if start[n] == a), name)
+    order.insert(len(order) - 1, "to_first_step")
     found = set().union(*measured)
     return [name for name in order if name in found]
 
@@ -119,17 +127,11 @@ def phases(marks: dict[str, float]) -> dict[str, float]:
         # A worker process prestarted for this fit (lepton_ray.train.prestart) began before it:
         # it counts from the trainer's start, so its idle wait is in no phase.
         marks = dict(marks, process_started=max(marks["process_started"], marks["trainer_started"]))
-    split = all(m in marks for m in ("torch_setup_started", "process_group_ready"))
-    if not split:
-        spans: tuple[tuple[str, str, str], ...] = (
-            *(p for p in PHASES if p[0] not in SPLIT),
-            UNSPLIT,
-        )
-    elif "device_ready" not in marks:
-        spans = (*(p for p in PHASES if p[0] not in ("device", "process_group")), TORCH_SETUP)
-    else:
-        spans = PHASES
-    out = {name: round(marks[b] - marks[a], 3) for name, a, b in spans if a in marks and b in marks}
+    out = {
+        name: round(marks[b] - marks[a], 3)
+        for name, a, b in _spans(marks)
+        if a in marks and b in marks
+    }
     if "fit_called" in marks and "first_step_done" in marks:
         out["to_first_step"] = round(marks["first_step_done"] - marks["fit_called"], 3)
     return out
