@@ -84,6 +84,48 @@ def test_the_hook_imports_what_a_first_optimizer_step_would():
     assert out.returncode == 0 and out.stdout.strip() == "True", out.stderr[-2000:]
 
 
+def test_the_hook_leaves_torch_one_thread_as_ray_would_a_one_cpu_task(ray_session):
+    """torch sizes its thread pool as it loads, and Ray sets ``$OMP_NUM_THREADS`` for a task only
+    as it runs, after the hook: a task started from a training worker (Ray Data's decoding ones)
+    would otherwise run as many threads as the node has cores, in each of its processes."""
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("one core: a pool of every core is a pool of one")
+
+    @ray.remote(num_cpus=1)
+    def threads():
+        import torch
+
+        return torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+
+    env = {"env_vars": {prestart.SETUP_HOOK_ENV: prestart.HOOK}}
+    assert ray.get(threads.options(runtime_env=env).remote(), timeout=120) == (1, "1")
+    assert ray.get(threads.remote(), timeout=120) == (1, "1")  # what Ray does without a hook
+
+
+def test_the_hook_imports_torch_with_one_thread_unless_the_environment_says():
+    """In a fresh interpreter: unset, torch gets one thread and the variable is unset again after
+    the hook (Ray sets it per task); set, it is kept."""
+    import subprocess
+    import sys
+
+    code = (
+        "import os; from lepton_ray.train.prestart import import_for_training; "
+        "import_for_training(); import torch; "
+        "print(torch.get_num_threads(), os.environ.get('OMP_NUM_THREADS', '-'))"
+    )
+
+    def run(env):
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env
+        )
+        assert out.returncode == 0, out.stderr[-2000:]
+        return out.stdout.split()
+
+    base = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    assert run(base) == ["1", "-"]
+    assert run(base | {"OMP_NUM_THREADS": "2"}) == ["2", "2"]
+
+
 class _TrainingWorker:
     """Stands for a training worker: an actor started with the training workers' runtime
     environment (so with lepton_ray's set-up hook), which reads an epoch for a ring."""

@@ -157,9 +157,26 @@ def importable_in_workers(package: str) -> bool:
 
 def import_for_training() -> None:
     """Ray's set-up hook in a training worker's process: what every training worker imports,
-    before any fit asks for the process; sympy on a thread (:mod:`lepton_ray.train.warmup`)."""
-    for name in TRAINING_IMPORTS:
-        importlib.import_module(name)
+    before any fit asks for the process; sympy on a thread (:mod:`lepton_ray.train.warmup`).
+
+    torch sizes its CPU thread pool (OpenMP's) as it loads, from ``$OMP_NUM_THREADS``, and Ray
+    sets that variable from a task's CPUs only as the task runs, after this hook: imported here
+    with the variable unset, torch would take every core of the node in each process, and so in
+    each of the Ray Data tasks a training worker starts (they inherit the hook). On a 16-core
+    GPU machine, 15 such tasks decoding JPEGs ran 16 threads each: a fit decoding on the CPU
+    trained at about 50 images/s (``benchmarks.gpu_jpeg``, 2026-12-06), 2,403 on 2026-12-04,
+    before this hook. The import runs with the variable at 1, what Ray gives a one-CPU task or an
+    actor with no CPUs, unless the environment already sets it; the training loop then sets a CPU
+    worker's own threads from its CPUs (:mod:`lepton_ray.train.loop`)."""
+    unset = "OMP_NUM_THREADS" not in os.environ
+    if unset:
+        os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        for name in TRAINING_IMPORTS:
+            importlib.import_module(name)
+    finally:
+        if unset:  # Ray sets it for each task as before
+            del os.environ["OMP_NUM_THREADS"]
     warm_imports()
 
 
