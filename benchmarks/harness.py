@@ -85,6 +85,56 @@ def mean_after_warmup(values: list[float]) -> float:
     return sum(vals) / len(vals) if vals else float("nan")
 
 
+def cpu_times(stat: Path = Path("/proc/stat")) -> tuple[int, int, int] | None:
+    """All CPUs' (busy, steal, total) clock ticks since boot from ``/proc/stat``'s ``cpu`` line;
+    None where there is no such file. Busy is user, nice, system, irq and softirq (a guest's time
+    is in user and nice already); steal, the time the hypervisor gave to other machines, is not
+    this machine's work."""
+    try:
+        with open(stat) as f:
+            fields = [int(v) for v in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return user + nice + system + irq + softirq, steal, sum(fields)
+
+
+def quiesce(
+    busy_below: float = 0.15,
+    window_s: float = 1.0,
+    max_wait_s: float = 60.0,
+    read: Callable[[], tuple[int, int, int] | None] = cpu_times,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> dict[str, Any] | None:
+    """Wait until the machine's CPUs are idle: the busy share of all CPUs over one ``window_s``
+    window below ``busy_below`` (nothing else running), or ``max_wait_s`` seconds gone. Returns
+    the seconds waited (at least one window), the last window's busy and steal shares and whether
+    it was quiet; None where the CPU times cannot be read (no ``/proc/stat``).
+
+    Before a baseline run on a few shared cores: what ran just before it (processes started in the
+    background, e.g. Ray workers importing torch) would otherwise slow the baseline."""
+    start, last = clock(), read()
+    if last is None:
+        return None
+    while True:
+        sleep(window_s)
+        cur = read()
+        if cur is None:
+            return None
+        busy, steal, total = (c - p for c, p in zip(cur, last, strict=True))
+        share = busy / total if total > 0 else 0.0
+        waited = clock() - start
+        if share < busy_below or waited >= max_wait_s:
+            return {
+                "waited_s": round(waited, 1),
+                "busy_share": round(share, 3),
+                "steal_share": round(steal / total if total > 0 else 0.0, 3),
+                "quiet": share < busy_below,
+            }
+        last = cur
+
+
 # --- the hardware record -----------------------------------------------------------------------
 HARDWARE_KEYS = tuple(
     "cpu_model cpu_cores memory_gib gpu gpu_memory_gib cuda python torch ray lepton_ray git_sha "
