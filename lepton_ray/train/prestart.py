@@ -167,7 +167,9 @@ def import_for_training() -> None:
     trained at about 50 images/s (``benchmarks.gpu_jpeg``, 2026-12-06), 2,403 on 2026-12-04,
     before this hook. The import runs with the variable at 1, what Ray gives a one-CPU task or an
     actor with no CPUs, unless the environment already sets it; the training loop then sets a CPU
-    worker's own threads from its CPUs (:mod:`lepton_ray.train.loop`)."""
+    worker's own threads from its CPUs (:mod:`lepton_ray.train.loop`). A task of more CPUs that
+    such a process runs keeps torch at one thread unless it calls ``torch.set_num_threads``
+    (without the hook, its torch would have had the first task's CPUs)."""
     unset = "OMP_NUM_THREADS" not in os.environ
     if unset:
         os.environ["OMP_NUM_THREADS"] = "1"
