@@ -288,6 +288,11 @@ def test_the_trainer_pace_comes_from_the_synchronised_epoch_clock():
         {"s": 0.01, "full": 0},
         {"s": 0.25, "full": 1},
     ]
+    assert "per_epoch_loop_cpu_s" not in s  # a fit from before the loop timed its thread
+    cpu = [{"loop_cpu_s": t} for t in (4.2, 0.9, 0.95)]
+    with_cpu = [h | c for h, c in zip(hist, cpu, strict=True)]
+    s2 = trainer_summary({"history": with_cpu, "wall_time_s": 40.0}, 51200)
+    assert s2["per_epoch_loop_cpu_s"] == [4.2, 0.9, 0.95]
 
 
 def test_the_gc_table_shows_each_sides_collector_pauses_epoch_by_epoch():

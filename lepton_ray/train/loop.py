@@ -98,7 +98,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     gc_clock = process_clock()
 
     for epoch in range(restored.start_epoch, cfg.epochs):
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.thread_time()
         gc_clock.lap()  # from here to the epoch's end: what epoch_time_s covers
         resumed = restored.consumed if epoch == restored.start_epoch else None
         tally = EpochTally(device, rank, resumed, restored.state.get("epoch_sums"), sample_log)
@@ -152,6 +152,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             epoch, step, sums, batches.steps * cfg.batch_size, train_time, batches.wait_s, world
         )
         metrics["epoch_time_s"] = time.perf_counter() - t0
+        # this thread's CPU over the same span: on a GPU, what launching the steps cost the host
+        metrics["loop_cpu_s"] = round(time.thread_time() - cpu0, 4)
         metrics |= gc_clock.lap()  # the garbage collector's pauses of this epoch (gc_clock.py)
         metrics |= batches.read_seconds()  # the ring's read: how early it began, how long it took
         if device.type == "cuda":  # what the run needs of the device, for sizing and the report
