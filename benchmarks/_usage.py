@@ -118,14 +118,11 @@ def _gpu_state() -> dict[str, list] | None:
 
 
 def _host_ticks() -> tuple[int, int]:
-    """(busy, steal) ticks of all of the host's CPUs since boot (``/proc/stat``'s first line)."""
-    try:
-        with open("/proc/stat") as fh:
-            f = [int(x) for x in fh.readline().split()[1:]]
-    except (OSError, ValueError):
-        return 0, 0
-    # user nice system idle iowait irq softirq steal ...
-    return f[0] + f[1] + f[2] + f[5] + f[6], (f[7] if len(f) > 7 else 0)
+    """(busy, steal) ticks of all of the host's CPUs since boot (:func:`harness.cpu_times`)."""
+    from benchmarks.harness import cpu_times
+
+    ticks = cpu_times()
+    return (0, 0) if ticks is None else ticks[:2]
 
 
 def sample_forever(out: str, driver: int, interval: float) -> None:

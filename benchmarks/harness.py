@@ -135,6 +135,21 @@ def quiesce(
         last = cur
 
 
+def whole(minimum: int) -> Callable[[str], int]:
+    """argparse's type for a whole number >= ``minimum``: a bad one is a usage error (exit 2)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
 # --- the hardware record -----------------------------------------------------------------------
 HARDWARE_KEYS = tuple(
     "cpu_model cpu_cores memory_gib gpu gpu_memory_gib cuda python torch ray lepton_ray git_sha "

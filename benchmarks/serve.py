@@ -419,7 +419,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seconds", type=float, default=10, help="measured seconds per level")
     ap.add_argument(
         "--replicas",
-        type=_whole(1),
+        type=harness.whole(1),
         default=1,
         help="model replicas per endpoint, and uvicorn worker processes of (c)",
     )
@@ -431,14 +431,14 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument(
         "--client-processes",
-        type=_whole(1),
+        type=harness.whole(1),
         default=None,
         help="client processes (wrk: threads); default a quarter of the CPUs, at least 1",
     )
     ap.add_argument("--model", choices=sorted(MODELS), default="cnn")
     ap.add_argument(
         "--images-per-request",
-        type=_whole(0),
+        type=harness.whole(0),
         default=64,
         help="images per request of the batches-in-the-request phase; 0 skips it",
     )
@@ -498,21 +498,6 @@ def _cannot_run(args: argparse.Namespace) -> str | None:
         if not torch.cuda.is_available():
             return "--use-gpu: torch sees no CUDA GPU on this machine"
     return None
-
-
-def _whole(minimum: int) -> Any:
-    """argparse's type for a whole number >= ``minimum``: a bad one is a usage error (exit 2)."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
-        return value
-
-    return parse
 
 
 if __name__ == "__main__":

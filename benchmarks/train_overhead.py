@@ -325,14 +325,7 @@ def render(r: dict[str, Any], key: str) -> str:
 def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--epochs", type=int, default=4, help="per side; the first is warm-up")
     ap.add_argument("--batch-size", type=int, default=100)
-    ap.add_argument("--rounds", type=_at_least_one, default=3, help="plain loop, then both fits")
-
-
-def _at_least_one(text: str) -> int:
-    n = int(text)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
-    return n
+    ap.add_argument("--rounds", type=harness.whole(1), default=3, help="plain loop, then both fits")
 
 
 def main(argv: list[str] | None = None) -> None:
