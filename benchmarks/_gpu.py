@@ -11,14 +11,13 @@ has finished (:class:`benchmarks.harness.Timer`).
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from benchmarks.harness import Timer, mean_after_warmup
+from benchmarks.harness import Timer, mean_after_warmup, scratch
 
 AUGMENT = ("random_crop", "hflip")
 
@@ -182,7 +181,7 @@ def prepared_dataset(rows: int, store: str | Path | None = None) -> Any:
     """``rows`` structured images written as a prepared (Parquet) dataset; its DatasetInfo."""
     from lepton_ray.data import write_dataset
 
-    store = Path(store or tempfile.mkdtemp(prefix="lepton-gpu-bench-"))
+    store = Path(store or scratch("lepton-gpu-bench-"))
     images, labels = realish_images(rows)
     return write_dataset(
         images,

@@ -36,7 +36,6 @@ import re
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -609,7 +608,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         checkpoint_every_steps=5,
         s3_retry_budget="3 retries (4 attempts) per request, pyarrow AwsDefaultS3RetryStrategy",
     )
-    tmp = Path(tempfile.mkdtemp(prefix="lepton-chaos-"))
+    tmp = harness.scratch("lepton-chaos-")
     s3_port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=s3_port, verbose=False)
     server.start()
@@ -658,7 +657,7 @@ def run_replicas(args: argparse.Namespace) -> dict[str, Any]:
         from lepton_ray.runtime import ensure_ray
         from tests.conftest import free_port
 
-        tmp = Path(tempfile.mkdtemp(prefix="lepton-chaos-"))
+        tmp = harness.scratch("lepton-chaos-")
         try:
             ensure_ray(address="local", haproxy=args.ingress == "haproxy")
             r["replica_kills"] = replica_kills(free_port(), tmp, args.replica_kills)
@@ -670,7 +669,7 @@ def run_replicas(args: argparse.Namespace) -> dict[str, Any]:
         return r
     r["replica_kills"] = []
     for ingress in INGRESSES:
-        out = Path(tempfile.mkdtemp(prefix="lepton-chaos-"))
+        out = harness.scratch("lepton-chaos-")
         cmd = [sys.executable, "-m", "benchmarks.chaos", "--replicas-only", "--ingress", ingress]
         cmd += ["--replica-kills", str(args.replica_kills), "--out", str(out)]
         subprocess.run(cmd, check=True, env={**os.environ, "LEPTON_SERVE_HAPROXY": ""})

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import tempfile
 import time
 from typing import Any
 
@@ -57,7 +56,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         prestart_keep_s=prestart.keep_alive_s(),
         feed=args.feed,
     )
-    store = tempfile.mkdtemp(prefix="lepton-bench-fixed-")
+    store = harness.scratch("lepton-bench-fixed-")
     info = prepare("mnist5k", f"{store}/data")["train"]
     fits = []
     for i in range(args.fits):

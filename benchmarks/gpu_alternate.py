@@ -15,7 +15,6 @@ check, not a measurement.
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 from typing import Any
 
@@ -58,7 +57,7 @@ def _run(args: argparse.Namespace, usage: Usage | None) -> dict[str, Any]:
 
     plain(0)
     synth = _gpu.synthetic_ray_dataset(rows)
-    store = tempfile.mkdtemp(prefix="lepton-gpu-alternate-")
+    store = harness.scratch("lepton-gpu-alternate-")
     for i in range(1, RUNS + 1):
         res = Trainer(1, use_gpu=dev.type == "cuda").fit(
             build_model(args.model, in_channels=3, num_classes=10),

@@ -32,7 +32,6 @@ check, not a measurement, printed and never written to ``benchmarks/results/`` o
 from __future__ import annotations
 
 import argparse
-import tempfile
 from typing import Any
 
 from benchmarks import _gpu, harness
@@ -165,7 +164,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rows, cards = (TINY["rows"], TINY["cards"]) if tiny else (args.rows, CARDS)
     batch = TINY["batch"] if tiny else args.batch_size
     sizes = TINY_MODEL if tiny else GPU_SIZES["model"]
-    store = tempfile.mkdtemp(prefix="lepton-gpu-dlrm-")
+    store = harness.scratch("lepton-gpu-dlrm-")
     with Timer() as t:
         info = prepare(source(rows, cards), f"{store}/data")["train"]
     packed, labels = packed_rows(info)

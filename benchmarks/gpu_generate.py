@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 import time
 from typing import Any
 
@@ -325,7 +324,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         torch.cuda.empty_cache()
     if "http" in parts:
         try:
-            store = tempfile.mkdtemp(prefix="lepton-gpu-gen-")
+            store = harness.scratch("lepton-gpu-gen-")
             r["http"] = http_part(kw, prompt_list, new, levels, args.http_at_1, gpu, store)
         except Exception as exc:  # noqa: BLE001 - recorded; (a)-(c) stand without it
             r["http"] = {"error": f"{type(exc).__name__}: {exc}"}

@@ -36,7 +36,6 @@ import math
 import re
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -214,7 +213,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if kw is TINY and args.out is None:  # a wiring check never replaces the committed figures
         args.no_doc = True
     strategies = [s for s in args.strategies.split(",") if s]
-    store = tempfile.mkdtemp(prefix="lepton-gpu-gpt-")
+    store = harness.scratch("lepton-gpu-gpt-")
     info = text_dataset(args.steps * args.batch_size, kw["block_size"], store)
     blocks = train_blocks(info)
     r = harness.record(

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -233,7 +232,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     epochs = 2 if tiny else args.epochs
     if tiny and args.out is None:  # a wiring check never replaces the committed figures
         args.no_doc = True
-    store = tempfile.mkdtemp(prefix="lepton-gpu-jpeg-")
+    store = harness.scratch("lepton-gpu-jpeg-")
     t0 = time.perf_counter()
     info, files = dataset(images, kind, store)
     r = harness.record(

@@ -18,7 +18,6 @@ Without a GPU it runs on the CPU (``--model cnn --rows 1024 --batch-size 64``): 
 from __future__ import annotations
 
 import argparse
-import tempfile
 from typing import Any
 
 from benchmarks import _gpu, harness
@@ -81,7 +80,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     synth = _gpu.synthetic_ray_dataset(args.rows)
     sinfo = describe_ray_dataset(synth, "train")
-    info = _gpu.prepared_dataset(args.rows, tempfile.mkdtemp(prefix="lepton-gpu-pipe-"))
+    info = _gpu.prepared_dataset(args.rows, harness.scratch("lepton-gpu-pipe-"))
     aug = _gpu.AUGMENT
     pixels = Pixels(info.mean, info.std, dev, torch.channels_last)
 

@@ -35,7 +35,6 @@ there, a wiring check, not a measurement.
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 from typing import Any
 
@@ -186,7 +185,7 @@ def _run(args: argparse.Namespace, usage: Usage | None) -> dict[str, Any]:
             args.model, args.rows, args.batch_size, args.epochs, dev, cudnn_benchmark=True
         )
         r["plain_cudnn_benchmark"] = _gpu.plain_summary(rates)
-    store = tempfile.mkdtemp(prefix="lepton-gpu-train-")
+    store = harness.scratch("lepton-gpu-train-")
     data = {}
     if any(CASES[c][0] == "synthetic" for c in chosen):
         data["synthetic"] = _gpu.synthetic_ray_dataset(args.rows)

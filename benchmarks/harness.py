@@ -20,10 +20,12 @@ The doc holds one section per result file, between ``<!-- bench:KEY -->`` and
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import operator
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -148,6 +150,15 @@ def whole(minimum: int) -> Callable[[str], int]:
         return value
 
     return parse
+
+
+def scratch(prefix: str) -> Path:
+    """A new temporary folder (``prefix`` names it), removed with everything in it when this
+    process exits: a benchmark's generated datasets, runs and checkpoints (a 1M-row image set is
+    3 GB) do not pile up in the temporary folder run after run. Its results go to ``--out``."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
 
 
 # --- the hardware record -----------------------------------------------------------------------

@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import signal
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -78,7 +77,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from lepton_ray import prepare
 
     r = harness.record(KEY, epochs=args.epochs, checkpoint_every_steps=EVERY, workers=2)
-    root = tempfile.mkdtemp(prefix="lepton-recovery-")
+    root = harness.scratch("lepton-recovery-")
     data = prepare("mnist5k", f"{root}/data")
     baseline, base_wall = train(data, f"{root}/runs", "baseline", args.epochs)
     run_dir = Path(root) / "runs" / "killed"

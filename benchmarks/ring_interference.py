@@ -54,7 +54,6 @@ import itertools
 import json
 import multiprocessing as mp
 import os
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -400,7 +399,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         },
         topology=topology(),
     )
-    store = tempfile.mkdtemp(prefix="lepton-ring-interference-")
+    store = harness.scratch("lepton-ring-interference-")
     info = _gpu.prepared_dataset(args.rows, store)
     r["where"] = args.where
     in_worker = args.where == "train_worker"
@@ -501,7 +500,7 @@ def in_train_worker(
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    tmp = Path(tempfile.mkdtemp(prefix="lepton-ring-interference-"))
+    tmp = harness.scratch("lepton-ring-interference-")
     out = tmp / "runs.json"  # one node: the worker writes its runs where this process reads them
     TorchTrainer(
         _phases_in_worker,

@@ -53,7 +53,6 @@ import os
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -314,7 +313,7 @@ def _printed(variant: str, levels: list[dict[str, Any]]) -> list[dict[str, Any]]
 def run(args: argparse.Namespace, body: bytes) -> dict[str, Any]:
     """Each ingress in a subprocess of its own (Ray picks the ingress when it starts), then (c)."""
     start = time.monotonic()
-    store = Path(tempfile.mkdtemp(prefix="lepton-bench-serve-"))
+    store = harness.scratch("lepton-bench-serve-")
     ckpt = make_checkpoint(store, args.model)
     env = os.environ | {
         "OMP_NUM_THREADS": "1",

@@ -18,7 +18,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -129,7 +128,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     os.environ.pop("RAY_ADDRESS", None)  # a fresh local Ray, never someone else's cluster
     gpu = torch.cuda.is_available() if args.use_gpu is None else args.use_gpu
     r = harness.record(KEY, use_gpu=gpu)
-    store = Path(tempfile.mkdtemp(prefix="lepton-tta-"))
+    store = harness.scratch("lepton-tta-")
     log = store / "cli.log"
     rc, _, prep = cli(["data", "prepare", "mnist5k", str(store / "mnist5k")], log, 300)
     r["mnist"] = {"prepare_wall_s": round(prep, 1), "prepare_exit_code": rc, "runs": []}

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 import time
 from typing import Any
 
@@ -115,7 +114,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         quiesce_busy_below=QUIET_BELOW,
         quiesce_max_s=QUIET_MAX_S,
     )
-    store = tempfile.mkdtemp(prefix="lepton-bench-")
+    store = harness.scratch("lepton-bench-")
     info = prepare("mnist5k", f"{store}/data")["train"]
     data = {"trainer": DataConfig(), "trainer_cached": DataConfig(cache="device")}
     per_epoch: dict[str, list[float]] = {}
