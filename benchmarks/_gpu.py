@@ -192,6 +192,9 @@ def prepared_dataset(rows: int, store: str | Path | None = None) -> Any:
     )
 
 
+LOOP_THREAD_KEYS = ("loop_cpu_s", "loop_runqueue_s", "loop_sleeps", "loop_preemptions")
+
+
 def trainer_summary(res: dict[str, Any], samples_per_epoch: int) -> dict[str, Any]:
     """A ``fit`` result in the plain loop's units, for a run without a validation set.
 
@@ -217,12 +220,13 @@ def trainer_summary(res: dict[str, Any], samples_per_epoch: int) -> dict[str, An
         "per_epoch_time_s": [round(t, 3) for t in epoch_times],
         # the garbage collector's pauses in the worker (lepton_ray.train.gc_clock), where reported
         **({"per_epoch_gc": gc_summary(hist)} if all("gc_s" in h for h in hist) else {}),
-        # the CPU seconds of the worker's loop thread (lepton_ray.train.loop), where reported
-        **(
-            {"per_epoch_loop_cpu_s": [h["loop_cpu_s"] for h in hist]}
-            if all("loop_cpu_s" in h for h in hist)
-            else {}
-        ),
+        # the worker's loop thread (lepton_ray.train.thread_clock): its CPU seconds, its wait for
+        # a CPU and how often it blocked, each where reported
+        **{
+            f"per_epoch_{key}": [h[key] for h in hist]
+            for key in LOOP_THREAD_KEYS
+            if all(key in h for h in hist)
+        },
         # the ring's read of each epoch (lepton_ray.train.ring_reader.ReadTimes), where it has one
         **(
             {"per_epoch_read": [{k: h[k] for k in h if k.startswith("read_")} for h in hist]}

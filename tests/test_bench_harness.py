@@ -293,6 +293,18 @@ def test_the_trainer_pace_comes_from_the_synchronised_epoch_clock():
     with_cpu = [h | c for h, c in zip(hist, cpu, strict=True)]
     s2 = trainer_summary({"history": with_cpu, "wall_time_s": 40.0}, 51200)
     assert s2["per_epoch_loop_cpu_s"] == [4.2, 0.9, 0.95]
+    assert "per_epoch_loop_runqueue_s" not in s2  # a fit from before the loop's thread clock
+    sched = [
+        {"loop_runqueue_s": q, "loop_sleeps": n, "loop_preemptions": p}
+        for q, n, p in ((0.3, 900, 12), (0.01, 40, 2), (0.02, 2500, 3))
+    ]
+    s3 = trainer_summary(
+        {"history": [h | x for h, x in zip(with_cpu, sched, strict=True)], "wall_time_s": 40.0},
+        51200,
+    )
+    assert s3["per_epoch_loop_runqueue_s"] == [0.3, 0.01, 0.02]
+    assert s3["per_epoch_loop_sleeps"] == [900, 40, 2500]
+    assert s3["per_epoch_loop_preemptions"] == [12, 2, 3]
 
 
 def test_the_gc_table_shows_each_sides_collector_pauses_epoch_by_epoch():

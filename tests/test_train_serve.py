@@ -83,6 +83,10 @@ def test_fit_returns_the_results_users_expect(small_run):
     assert all(h["gc_s"] >= 0 and h["gc_full"] >= 0 for h in r["history"])
     # and the CPU the training loop's thread used: some, and at most one core over the epoch
     assert all(0 < h["loop_cpu_s"] <= h["epoch_time_s"] + 0.02 for h in r["history"])
+    # its wait for a CPU, within the epoch with its CPU, and how often it blocked (thread_clock.py)
+    for h in r["history"]:
+        assert 0 <= h["loop_runqueue_s"] <= h["epoch_time_s"] - h["loop_cpu_s"] + 0.02, h
+        assert h["loop_sleeps"] > 0 and h["loop_preemptions"] >= 0, h
     # 1000 rows, global batch 50, 2 workers -> 20 steps per epoch, whatever the world size
     assert r["history"][-1]["step"] == 40
     assert r["checkpoint"].startswith(str(root))

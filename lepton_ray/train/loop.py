@@ -40,6 +40,7 @@ from lepton_ray.train.observe import WorkerProgress
 from lepton_ray.train.ring_reader import read_cpus
 from lepton_ray.train.step import BATCH_DTYPES, Pixels, TrainStep
 from lepton_ray.train.task import for_data, lower_is_better
+from lepton_ray.train.thread_clock import ThreadClock
 from lepton_ray.train.timeline import WorkerTimeline
 
 
@@ -96,10 +97,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     progress = WorkerProgress(spec.board, rank, world, cfg.progress_every_steps)
     history, best, resizes = restored.history, restored.best, restored.resizes
     gc_clock = process_clock()
+    thread = ThreadClock()  # the loop's thread: CPU, runqueue, sleeps (thread_clock.py)
 
     for epoch in range(restored.start_epoch, cfg.epochs):
-        t0, cpu0 = time.perf_counter(), time.thread_time()
+        t0 = time.perf_counter()
         gc_clock.lap()  # from here to the epoch's end: what epoch_time_s covers
+        thread.lap()
         resumed = restored.consumed if epoch == restored.start_epoch else None
         tally = EpochTally(device, rank, resumed, restored.state.get("epoch_sums"), sample_log)
         if augment is not None:
@@ -152,8 +155,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             epoch, step, sums, batches.steps * cfg.batch_size, train_time, batches.wait_s, world
         )
         metrics["epoch_time_s"] = time.perf_counter() - t0
-        # this thread's CPU over the same span: on a GPU, what launching the steps cost the host
-        metrics["loop_cpu_s"] = round(time.thread_time() - cpu0, 4)
+        # this thread over the same span: its CPU (on a GPU, what launching the steps cost the
+        # host), its wait for a CPU, and how often it blocked
+        metrics |= thread.lap()
         metrics |= gc_clock.lap()  # the garbage collector's pauses of this epoch (gc_clock.py)
         metrics |= batches.read_seconds()  # the ring's read: how early it began, how long it took
         if device.type == "cuda":  # what the run needs of the device, for sizing and the report
