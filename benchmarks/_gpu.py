@@ -38,11 +38,12 @@ def plain_loop(
     cudnn_benchmark: bool = False,
     data: str = "float",
     clock: list[tuple[float, float]] | None = None,
-    gc_laps: list[dict[str, Any]] | None = None,
+    laps: list[dict[str, Any]] | None = None,
 ) -> list[float]:
     """What a user writes by hand, data already on ``dev``; samples/s per epoch (and each epoch's
     start and end as ``time.time()`` into ``clock`` when given: its window for ``benchmarks._usage``;
-    and its garbage collector's pauses into ``gc_laps``, as a fit's epochs report theirs).
+    and into ``laps`` its garbage collector's pauses and its thread's CPU, runqueue wait and sleeps
+    (:mod:`lepton_ray.train.thread_clock`), as a fit's epochs report theirs).
 
     ``data="float"``: float32 batches sliced in order (the least work a loop can do).
     ``"uint8"``: the work the Trainer does on the same data, written as a user would: uint8 rows
@@ -57,6 +58,7 @@ def plain_loop(
     from lepton_ray.config import OptimConfig
     from lepton_ray.train.gc_clock import process_clock
     from lepton_ray.train.step import build_optimizer, lr_factor
+    from lepton_ray.train.thread_clock import ThreadClock
 
     cuda = dev.type == "cuda"
     prev, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, cudnn_benchmark
@@ -78,10 +80,11 @@ def plain_loop(
     y_all = torch.randint(0, 10, (n,), device=dev)
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda)
     rates = []
-    gc_clock = process_clock()
+    gc_clock, thread = process_clock(), ThreadClock()
     for _ in range(epochs):
         began = time.time()
         gc_clock.lap()
+        thread.lap()
         with Timer(dev) as t:
             order = torch.randperm(n, device=dev) if data != "float" else None
             for s in range(steps):
@@ -100,8 +103,8 @@ def plain_loop(
                 opt.step()
                 sched.step()
         rates.append(steps * batch / t.seconds)
-        if gc_laps is not None:
-            gc_laps.append(gc_clock.lap())
+        if laps is not None:
+            laps.append(gc_clock.lap() | thread.lap())
         if clock is not None:
             clock.append((began, time.time()))
     del model, opt, x_all, y_all
@@ -128,13 +131,12 @@ def crop_flip(x: Any, pad: int = 2) -> Any:
     return padded[torch.arange(b, device=x.device)[:, None, None, None], chans, rows, cols]
 
 
-def plain_summary(
-    rates: list[float], gc_laps: list[dict[str, Any]] | None = None
-) -> dict[str, Any]:
+def plain_summary(rates: list[float], laps: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     return {
         "samples_per_s": round(mean_after_warmup(rates), 1),
         "per_epoch": [round(r, 1) for r in rates],
-        **({"per_epoch_gc": gc_summary(gc_laps)} if gc_laps else {}),
+        **({"per_epoch_gc": gc_summary(laps)} if laps else {}),
+        **loop_thread_series(laps or []),
     }
 
 
@@ -195,6 +197,16 @@ def prepared_dataset(rows: int, store: str | Path | None = None) -> Any:
 LOOP_THREAD_KEYS = ("loop_cpu_s", "loop_runqueue_s", "loop_sleeps", "loop_preemptions")
 
 
+def loop_thread_series(records: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    """``per_epoch_<key>`` for each figure of the loop's thread (its CPU seconds, its wait for a
+    CPU, how often it blocked and was preempted) that every epoch's record has."""
+    return {
+        f"per_epoch_{key}": [r[key] for r in records]
+        for key in LOOP_THREAD_KEYS
+        if records and all(key in r for r in records)
+    }
+
+
 def trainer_summary(res: dict[str, Any], samples_per_epoch: int) -> dict[str, Any]:
     """A ``fit`` result in the plain loop's units, for a run without a validation set.
 
@@ -220,13 +232,8 @@ def trainer_summary(res: dict[str, Any], samples_per_epoch: int) -> dict[str, An
         "per_epoch_time_s": [round(t, 3) for t in epoch_times],
         # the garbage collector's pauses in the worker (lepton_ray.train.gc_clock), where reported
         **({"per_epoch_gc": gc_summary(hist)} if all("gc_s" in h for h in hist) else {}),
-        # the worker's loop thread (lepton_ray.train.thread_clock): its CPU seconds, its wait for
-        # a CPU and how often it blocked, each where reported
-        **{
-            f"per_epoch_{key}": [h[key] for h in hist]
-            for key in LOOP_THREAD_KEYS
-            if all(key in h for h in hist)
-        },
+        # the worker's loop thread (lepton_ray.train.thread_clock), where reported
+        **loop_thread_series(hist),
         # the ring's read of each epoch (lepton_ray.train.ring_reader.ReadTimes), where it has one
         **(
             {"per_epoch_read": [{k: h[k] for k in h if k.startswith("read_")} for h in hist]}

@@ -167,7 +167,7 @@ def _run(args: argparse.Namespace, usage: Usage | None) -> dict[str, Any]:
     windows: dict[str, tuple[float, float, str]] = {}  # side -> its epochs after the first
     for data in sorted(needed):
         clock: list[tuple[float, float]] = []
-        gc_laps: list[dict[str, Any]] = []
+        laps: list[dict[str, Any]] = []
         rates = _gpu.plain_loop(
             args.model,
             args.rows,
@@ -176,9 +176,9 @@ def _run(args: argparse.Namespace, usage: Usage | None) -> dict[str, Any]:
             dev,
             data=data,
             clock=clock,
-            gc_laps=gc_laps,
+            laps=laps,
         )
-        r[f"plain_{data}"] = _gpu.plain_summary(rates, gc_laps)
+        r[f"plain_{data}"] = _gpu.plain_summary(rates, laps)
         windows[f"plain_{data}"] = _gpu.plain_window(clock)
     if args.cudnn_benchmark:
         rates = _gpu.plain_loop(

@@ -498,3 +498,22 @@ def test_benchmarks_make_their_temporary_folders_through_the_harness():
     for path in sorted((ROOT / "benchmarks").glob("*.py")):
         if path.name != "harness.py":
             assert "mkdtemp(" not in path.read_text(), f"{path.name}: use harness.scratch"
+
+
+def test_the_plain_loop_reports_its_threads_figures_as_a_fits_epochs_do():
+    import torch
+
+    from benchmarks import _gpu
+    from lepton_ray.train.thread_clock import _PROC, _scheduler
+
+    laps: list = []
+    rates = _gpu.plain_loop(
+        "cnn", 64, 32, 2, torch.device("cpu"), data="uint8_augmented", laps=laps
+    )
+    s = _gpu.plain_summary(rates, laps)
+    assert len(s["per_epoch_gc"]) == 2
+    assert len(s["per_epoch_loop_cpu_s"]) == 2 and all(c > 0 for c in s["per_epoch_loop_cpu_s"])
+    if _scheduler(_PROC) is not None:  # Linux: the wait for a CPU and the sleeps too
+        assert all(q >= 0 for q in s["per_epoch_loop_runqueue_s"])
+        assert len(s["per_epoch_loop_sleeps"]) == len(s["per_epoch_loop_preemptions"]) == 2
+    assert "per_epoch_loop_cpu_s" not in _gpu.plain_summary(rates)  # no laps asked for
