@@ -36,8 +36,9 @@ The phases run in the order given and then in reverse, so a drift of the machine
 falls on both sides of each; each reports samples/s after its warm-up steps, the launching
 thread's CPU time per step (``host_ms``: near the wall time per step when the thread, not the GPU,
 sets the pace), the host's wall time per step spent getting the batch (``source_ms``: the
-source's launches, and any wait for a block), this process's garbage-collector pauses, and the
-PyTorch operations a step of it dispatches (``ops``, a mean over ``--count-steps`` steps after the
+source's launches, and any wait for a block), this process's garbage-collector pauses, the
+thread's wait for a CPU and how often it blocked or was preempted per step (``runqueue_ms``,
+``sleeps_per_step``, ``preemptions_per_step``; in the JSON, on Linux), and the PyTorch operations a step of it dispatches (``ops``, a mean over ``--count-steps`` steps after the
 clock stops; each is a kernel launch or a view: what the host pays per step whatever the
 machine). Every ratio is to the mean of the two ``plain`` runs of the same run.
 
@@ -178,12 +179,14 @@ def measure(
     """``warmup`` steps, then ``steps`` timed ones (GPU synchronised at both ends), then
     ``counted`` more whose operations are counted (a mean per step)."""
     from lepton_ray.train.gc_clock import process_clock
+    from lepton_ray.train.thread_clock import ThreadClock
 
     for _ in range(warmup):
         step(next(batches))
     gc_clock = process_clock()
     harness.sync(step.dev)
     gc_clock.lap()
+    thread = ThreadClock()
     t0, c0 = time.perf_counter(), time.thread_time()
     n, fetching = 0, 0.0
     for _ in range(steps):
@@ -193,6 +196,7 @@ def measure(
         step(batch)
         n += len(batch["label"])
     host = time.thread_time() - c0  # before the final wait: the thread's own work
+    sched = thread.lap()  # and its wait for a CPU, and how often it blocked (Linux)
     harness.sync(step.dev)
     wall = time.perf_counter() - t0
     gc = gc_clock.lap()
@@ -204,6 +208,15 @@ def measure(
         "source_ms": round(1e3 * fetching / steps, 3),
         "gc_s": gc["gc_s"],
         "gc_full": gc["gc_full"],
+        **(
+            {
+                "runqueue_ms": round(1e3 * sched["loop_runqueue_s"] / steps, 3),
+                "sleeps_per_step": round(sched["loop_sleeps"] / steps, 2),
+                "preemptions_per_step": round(sched["loop_preemptions"] / steps, 2),
+            }
+            if "loop_runqueue_s" in sched
+            else {}
+        ),
         "ops": round(ops / counted, 1),
         "kernel_ops": round(kernels / counted, 1),
     }

@@ -5,6 +5,7 @@ renders."""
 from __future__ import annotations
 
 import argparse
+import sys
 
 import pytest
 
@@ -44,6 +45,9 @@ def test_every_phase_runs_twice_and_is_judged_against_the_plain_runs_of_the_same
             assert run["samples_per_s"] > 0 and run["wall_ms"] > 0
             assert 0 <= run["source_ms"] <= run["wall_ms"]
             assert run["ops"] > run["kernel_ops"] > 0  # a step has views and kernels
+            if sys.platform == "linux":  # the thread's wait for a CPU, and its blocks, per step
+                assert 0 <= run["runqueue_ms"] <= run["wall_ms"]
+                assert run["sleeps_per_step"] >= 0 and run["preemptions_per_step"] >= 0
     base = sum(x["samples_per_s"] for x in phases["plain"]["runs"]) / 2
     assert phases["plain"]["ratio_to_plain"] == 1.0
     ring = sum(x["samples_per_s"] for x in phases["ring_thread"]["runs"]) / 2
