@@ -53,8 +53,9 @@ def _spin_on(cpu: int, seconds: float) -> dict:
 @linux
 def test_a_thread_sharing_its_cpu_with_a_busy_process_waits_on_the_runqueue():
     cpu = max(os.sched_getaffinity(0))
-    alone = _spin_on(cpu, 0.3)
-    assert alone["loop_runqueue_s"] < alone["loop_cpu_s"] / 2, alone  # it had the CPU
+    # Alone it has the CPU (the best of three tries: a process the last test left exiting there)
+    alone = min((_spin_on(cpu, 0.3) for _ in range(3)), key=lambda lap: lap["loop_runqueue_s"])
+    assert alone["loop_runqueue_s"] < alone["loop_cpu_s"] / 2, alone
     hog = subprocess.Popen(
         [sys.executable, "-c", "while True: pass"],
         preexec_fn=lambda: os.sched_setaffinity(0, {cpu}),
