@@ -176,6 +176,7 @@ def _training(r: dict[str, Any]) -> list[str]:
     out += _startup(training_rows(r))
     out += usage_table(r)
     out += gc_table(r)
+    out += thread_table(r)
     if not on_gpu(r):
         goal_lines = ["No GPU in this run: a wiring check, not a measurement; no goal is judged."]
     return out + ([""] + goal_lines if goal_lines else [])
@@ -258,6 +259,32 @@ def gc_table(r: dict[str, Any]) -> list[str]:
         "\nPython's garbage collector in each side's process, epoch by epoch: seconds collecting "
         "(full collections); every collection holds the GIL (`lepton_ray/train/gc_clock.py`).\n",
         table(["side", "seconds (full) by epoch"], rows),
+    ]
+
+
+def thread_table(r: dict[str, Any]) -> list[str]:
+    """Each side's step-launching thread per epoch (``per_epoch_loop_cpu_s`` and, where the
+    kernel kept them, its runqueue wait and sleeps), where the run has them."""
+    sides = [(k, v) for k, v in r.items() if isinstance(v, dict) and v.get("per_epoch_loop_cpu_s")]
+    if not sides:
+        return []
+
+    def epoch(v: dict[str, Any], i: int) -> str:
+        cpu = f"{v['per_epoch_loop_cpu_s'][i]:.2f}"
+        if "per_epoch_loop_runqueue_s" not in v:
+            return cpu
+        runq, sleeps = v["per_epoch_loop_runqueue_s"][i], v["per_epoch_loop_sleeps"][i]
+        return f"{cpu} ({runq:.2f}, {sleeps})"
+
+    rows = [
+        [key, ", ".join(epoch(v, i) for i in range(len(v["per_epoch_loop_cpu_s"])))]
+        for key, v in sides
+    ]
+    return [
+        "\nThe thread that launches each side's steps, epoch by epoch: its CPU seconds (seconds "
+        "it waited for a CPU, times it blocked: on the GIL, a lock, its batch or the GPU) "
+        "(`lepton_ray/train/thread_clock.py`).\n",
+        table(["side", "CPU s (runqueue s, sleeps) by epoch"], rows),
     ]
 
 

@@ -320,6 +320,24 @@ def test_the_gc_table_shows_each_sides_collector_pauses_epoch_by_epoch():
     assert "| trainer_ring | 0.500 (2), 0.250 (1) |" in text
 
 
+def test_the_thread_table_shows_each_sides_launching_thread_epoch_by_epoch():
+    from benchmarks._gpu_report import thread_table
+
+    assert thread_table({"trainer_ring": {"samples_per_s": 1.0}}) == []  # none recorded
+    r = {
+        "plain_uint8_augmented": {"per_epoch_loop_cpu_s": [4.713, 4.7]},  # no runqueue kept
+        "trainer_ring": {
+            "per_epoch_loop_cpu_s": [7.02, 6.97],
+            "per_epoch_loop_runqueue_s": [0.211, 0.15],
+            "per_epoch_loop_sleeps": [31, 534],
+            "per_epoch_loop_preemptions": [1066, 769],
+        },
+    }
+    text = "\n".join(thread_table(r))
+    assert "| plain_uint8_augmented | 4.71, 4.70 |" in text
+    assert "| trainer_ring | 7.02 (0.21, 31), 6.97 (0.15, 534) |" in text
+
+
 def _dlrm_result(gpu: str | None, ddp: float) -> dict:
     trainer = {"data_wait_share": 0.01, "fit_wall_s": 50.0, "fixed_cost_s": 40.0}
     return {
