@@ -38,14 +38,20 @@ def test_a_sleeping_thread_blocks_and_uses_no_cpu():
     assert lap["loop_cpu_s"] < 0.05
 
 
+def _spin(seconds: float, clock=time.perf_counter) -> float:
+    """Busy for ``seconds`` of ``clock``; the wall seconds that took."""
+    t0, w0 = clock(), time.perf_counter()
+    while clock() - t0 < seconds:
+        continue
+    return time.perf_counter() - w0
+
+
 def _spin_on(cpu: int, seconds: float) -> dict:
     def run():
         os.sched_setaffinity(0, {cpu})  # this thread only
         clock = ThreadClock()
-        t0 = time.perf_counter()
-        while time.perf_counter() - t0 < seconds:
-            pass
-        return clock.lap() | {"wall": time.perf_counter() - t0}
+        wall = _spin(seconds)
+        return clock.lap() | {"wall": wall}
 
     return _on_a_thread(run)
 
@@ -75,9 +81,7 @@ def test_a_thread_sharing_its_cpu_with_a_busy_process_waits_on_the_runqueue():
 
 def test_laps_are_consecutive_and_only_the_cpu_where_the_kernel_says_nothing(tmp_path):
     clock = ThreadClock(proc=tmp_path / "missing")
-    t0 = time.thread_time()
-    while time.thread_time() - t0 < 0.05:
-        pass
+    _spin(0.05, clock=time.thread_time)
     first, second = clock.lap(), clock.lap()
     assert set(first) == {"loop_cpu_s"}
     assert first["loop_cpu_s"] >= 0.05 and second["loop_cpu_s"] < first["loop_cpu_s"]
