@@ -17,7 +17,13 @@ first) is summarised afterwards:
   ``host_busy_cores`` and ``steal_cores`` (all of the host's CPUs, from ``/proc/stat``: steal is
   time the hypervisor ran something else while this guest had work), and ``gpu_sm_mhz`` with
   ``gpu_slowdown_share``, the share of samples whose SM clock was held down by a power cap, a
-  thermal limit or a hardware slowdown (``nvidia-smi``'s clock event reasons), absent without one.
+  thermal limit or a hardware slowdown (``nvidia-smi``'s clock event reasons), absent without one;
+- ``step_thread_states``: where the step's thread and torch's autograd threads were, polled every
+  5 ms between samples (Linux): the share of polls each ``running`` (on a CPU or waiting for one)
+  or asleep in a kernel wait channel (``/proc/<pid>/task/<tid>/wchan``: ``futex_do_wait`` for the
+  GIL, a lock or a condition, ``ep_poll``, a driver's; ``D:`` marks an uninterruptible wait such as
+  a page fault's), the most frequent first. A step thread asleep outside its backward and its
+  batch waits on something else.
 
 A step thread near one core with the GPU busy well under 100% is a loop bound by the CPU that
 launches its kernels; the GPU near 100% is a loop bound by the GPU. Two runs of one loop that differ
@@ -125,16 +131,67 @@ def _host_ticks() -> tuple[int, int]:
     return (0, 0) if ticks is None else ticks[:2]
 
 
+FOCUS = ("driver", "ray::RayTrainWorker")  # the kinds whose step threads are polled
+POLL_S = 0.005
+
+
+def thread_state(pid: int, tid: str) -> str | None:
+    """``running``, or the kernel wait channel a thread sleeps in (``D:`` first when it cannot be
+    interrupted); None once it has gone."""
+    try:
+        with open(f"/proc/{pid}/task/{tid}/stat") as fh:
+            stat = fh.read()
+        state = stat[stat.rindex(")") + 2]
+        if state == "R":
+            return "running"
+        with open(f"/proc/{pid}/task/{tid}/wchan") as fh:
+            wchan = fh.read().strip()
+    except (OSError, ValueError, IndexError):
+        return None
+    wchan = wchan if wchan and wchan != "0" else "unknown"
+    return f"D:{wchan}" if state == "D" else wchan
+
+
+def watched(pid: int, ticks: dict[str, tuple[str, int]], old: dict) -> list[tuple[str, str]]:
+    """(tid, role) of a process's step thread (its busiest but torch's autograd threads) and of
+    its autograd threads that ran, over the last interval."""
+    used = {tid: t - old[tid][1] for tid, (_, t) in ticks.items() if tid in old}
+    autograd = [tid for tid in used if ticks[tid][0].startswith(AUTOGRAD) and used[tid] > 0]
+    rest = [tid for tid in used if not ticks[tid][0].startswith(AUTOGRAD) and used[tid] > 0]
+    step = max(rest, key=lambda tid: used[tid], default=None)
+    return ([(step, "step")] if step else []) + [(tid, "autograd") for tid in autograd]
+
+
+def poll_states(watch: dict[int, list[tuple[str, str]]], until: float) -> dict[str, dict]:
+    """Every :data:`POLL_S` until ``until``: each watched thread's :func:`thread_state`, counted
+    by process and role."""
+    counts: dict[str, dict[str, dict[str, int]]] = {}
+    while True:
+        for pid, threads in watch.items():
+            for tid, role in threads:
+                state = thread_state(pid, tid)
+                if state is not None:
+                    by_role = counts.setdefault(str(pid), {}).setdefault(role, {})
+                    by_role[state] = by_role.get(state, 0) + 1
+        left = until - time.time()
+        if left <= 0:
+            return counts
+        time.sleep(min(POLL_S, left))
+
+
 def sample_forever(out: str, driver: int, interval: float) -> None:
-    """One JSON line per ``interval`` into ``out``: each sampled process's threads in cores."""
+    """One JSON line per ``interval`` into ``out``: each sampled process's threads in cores, and
+    where the focus processes' step threads were between samples (:func:`poll_states`)."""
     before: dict[int, dict[str, tuple[str, int]]] = {}
+    watch: dict[int, list[tuple[str, str]]] = {}
     last, host = time.time(), _host_ticks()
     with open(out, "w") as fh:
         while True:
+            states = poll_states(watch, last + interval) if watch else {}
             time.sleep(max(0.0, interval - (time.time() - last)))
             now = time.time()
             dt, last = now - last, now
-            procs = []
+            procs, watch = [], {}
             for entry in os.listdir("/proc"):
                 if not entry.isdigit():
                     continue
@@ -149,6 +206,8 @@ def sample_forever(out: str, driver: int, interval: float) -> None:
                     continue
                 ticks, old = _thread_ticks(pid), before.get(pid, {})
                 before[pid] = ticks
+                if kind in FOCUS:
+                    watch[pid] = watched(pid, ticks, old)
                 threads = [
                     [name, round((t - old[tid][1]) / TICK / dt, 3)]
                     for tid, (name, t) in ticks.items()
@@ -157,7 +216,7 @@ def sample_forever(out: str, driver: int, interval: float) -> None:
                 if threads:
                     procs.append({"pid": pid, "kind": kind, "threads": threads})
             host_was, host = host, _host_ticks()
-            sample = {"t": now, "dt": dt, "procs": procs, "gpu": None}
+            sample = {"t": now, "dt": dt, "procs": procs, "gpu": None, "states": states}
             sample["host_busy"] = round((host[0] - host_was[0]) / TICK / dt, 3)
             sample["steal"] = round((host[1] - host_was[1]) / TICK / dt, 3)
             sample.update(_gpu_state() or {})
@@ -175,10 +234,15 @@ def summarise(samples: list[dict[str, Any]], start: float, end: float, focus: st
     if not inside:
         return {"samples": 0}
     step, other, gpu, kinds = [], [], [], {}
+    states: dict[str, dict[str, int]] = {}
     for s in inside:
         of_focus = [p for p in s["procs"] if p["kind"] == focus]
         busiest = max(of_focus, key=lambda p: sum(c for _, c in p["threads"]), default=None)
         threads = busiest["threads"] if busiest else []
+        polled = (s.get("states") or {}).get(str(busiest["pid"]), {}) if busiest else {}
+        for role, counts in polled.items():
+            for state, n in counts.items():
+                states.setdefault(role, {})[state] = states.setdefault(role, {}).get(state, 0) + n
         autograd = sum(c for n, c in threads if n.startswith(AUTOGRAD))
         rest = sorted((c for n, c in threads if not n.startswith(AUTOGRAD)), reverse=True)
         step.append(autograd + (rest[0] if rest else 0.0))
@@ -207,6 +271,18 @@ def summarise(samples: list[dict[str, Any]], start: float, end: float, focus: st
     slowed = [any(s["slowdown"]) for s in inside if s.get("slowdown")]
     if slowed:
         out["gpu_slowdown_share"] = _mean(slowed)
+    if states:
+        out["step_thread_states"] = {role: _shares(c) for role, c in sorted(states.items())}
+    return out
+
+
+def _shares(counts: dict[str, int], top: int = 6) -> dict[str, float]:
+    """The ``top`` most frequent states as shares of all polls (the rest as ``other``)."""
+    total = sum(counts.values())
+    ranked = sorted(counts.items(), key=lambda kv: -kv[1])
+    out = {k: round(n / total, 3) for k, n in ranked[:top]}
+    if len(ranked) > top:
+        out["other"] = round(sum(n for _, n in ranked[top:]) / total, 3)
     return out
 
 

@@ -4,11 +4,12 @@ was the busy one. A real sampler process reading /proc, and its summary of known
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 import pytest
 
-from benchmarks._usage import Usage, kind_of, summarise
+from benchmarks._usage import Usage, _shares, kind_of, summarise, thread_state
 
 
 def _sample(t, procs, gpu=None, dt=1.0):
@@ -157,3 +158,52 @@ def test_the_machines_state_is_rendered_where_the_sampler_read_it():
         in text
     )
     assert "GPU SM clock" not in "\n".join(usage_table({"trainer_ring": {"usage": base}}))
+
+
+def test_the_step_threads_states_are_those_of_the_busiest_focus_process_as_shares():
+    worker = {"pid": 2, "kind": "ray::RayTrainWorker", "threads": [["ray::RayTrainW", 0.9]]}
+    idle = {"pid": 3, "kind": "ray::RayTrainWorker", "threads": [["ray::RayTrainW", 0.1]]}
+    states = {
+        "2": {"step": {"running": 60, "futex_do_wait": 30}, "autograd": {"futex_do_wait": 8}},
+        "3": {"step": {"ep_poll": 100}},  # not the busiest: not counted
+    }
+    s1 = _sample(11.0, [worker, idle]) | {"states": states}
+    s2 = _sample(12.0, [worker]) | {"states": {"2": {"step": {"D:folio_wait_bit": 10}}}}
+    got = summarise([s1, s2], 10.0, 12.0, "ray::RayTrainWorker")["step_thread_states"]
+    assert got == {
+        "autograd": {"futex_do_wait": 1.0},
+        "step": {"running": 0.6, "futex_do_wait": 0.3, "D:folio_wait_bit": 0.1},
+    }
+    assert "step_thread_states" not in summarise([_sample(11.0, [worker])], 10.0, 12.0, "driver")
+    many = {f"w{i}": 10 - i for i in range(8)}  # the six most frequent, the rest as other
+    assert list(_shares(many)) == ["w0", "w1", "w2", "w3", "w4", "w5", "other"]
+    assert sum(_shares(many).values()) == pytest.approx(1.0, abs=0.01)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="reads /proc (Linux)")
+def test_a_real_sampler_sees_the_step_thread_running_or_asleep():
+    # The busiest thread spins 20 ms and sleeps 20 ms in turn: about half of the polls find it
+    # running, the rest asleep in the kernel; this (main) thread waits without using a CPU.
+    stop = threading.Event()
+
+    def duty():
+        while not stop.is_set():
+            t = time.perf_counter()
+            while time.perf_counter() - t < 0.02:
+                pass
+            time.sleep(0.02)
+
+    with Usage(interval=0.5) as usage:
+        worker = threading.Thread(target=duty)
+        worker.start()
+        time.sleep(1.2)  # the sampler's baseline, then an interval that picks the thread out
+        start = time.time()
+        stop.wait(3.0)
+        end = time.time()
+        stop.set()
+        worker.join()
+    got = usage.window(start, end, focus="driver")["step_thread_states"]["step"]
+    asleep = sum(v for k, v in got.items() if k != "running")
+    assert 0.2 <= got.get("running", 0.0) <= 0.85, got
+    assert asleep >= 0.15, got
+    assert thread_state(os.getpid(), str(threading.get_native_id())) == "running"
