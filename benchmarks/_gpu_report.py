@@ -177,6 +177,7 @@ def _training(r: dict[str, Any]) -> list[str]:
     out += usage_table(r)
     out += gc_table(r)
     out += thread_table(r)
+    out += states_table(r)
     if not on_gpu(r):
         goal_lines = ["No GPU in this run: a wiring check, not a measurement; no goal is judged."]
     return out + ([""] + goal_lines if goal_lines else [])
@@ -285,6 +286,31 @@ def thread_table(r: dict[str, Any]) -> list[str]:
         "it waited for a CPU, times it blocked: on the GIL, a lock, its batch or the GPU) "
         "(`lepton_ray/train/thread_clock.py`).\n",
         table(["side", "CPU s (runqueue s, sleeps) by epoch"], rows),
+    ]
+
+
+def states_table(r: dict[str, Any]) -> list[str]:
+    """Where each side's step thread and autograd threads were over its epochs after the first
+    (``usage.step_thread_states``), where the run's sampler polled them."""
+    sides = [
+        (k, v["usage"]["step_thread_states"])
+        for k, v in r.items()
+        if isinstance(v, dict) and (v.get("usage") or {}).get("step_thread_states")
+    ]
+    if not sides:
+        return []
+
+    def where(shares: dict[str, float] | None) -> str:
+        return ", ".join(f"{k} {v:.0%}" for k, v in (shares or {}).items()) or "–"
+
+    rows = [[key, where(st.get("step")), where(st.get("autograd"))] for key, st in sides]
+    return [
+        "\nWhere each side's step thread and torch's autograd thread were, polled every 5 ms over "
+        "its epochs after the first (`benchmarks/_usage.py`): running (on a CPU or waiting for "
+        "one), or the kernel wait channel it slept in (`futex_do_wait`: the GIL, a lock or a "
+        "condition, such as the step thread's wait for its backward; `D:` an uninterruptible "
+        "wait), as shares of the polls.\n",
+        table(["side", "step thread", "autograd thread"], rows),
     ]
 
 

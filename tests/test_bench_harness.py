@@ -338,6 +338,30 @@ def test_the_thread_table_shows_each_sides_launching_thread_epoch_by_epoch():
     assert "| trainer_ring | 7.02 (0.21, 31), 6.97 (0.15, 534) |" in text
 
 
+def test_the_states_table_shows_where_each_sides_threads_were_where_polled():
+    from benchmarks._gpu_report import states_table
+
+    assert states_table({"trainer_ring": {"usage": {"samples": 3}}}) == []  # none polled
+    r = {
+        "plain_uint8_augmented": {"usage": {"samples": 3}},  # an older run's sampler
+        "trainer_ring": {
+            "usage": {
+                "samples": 30,
+                "step_thread_states": {
+                    "step": {"running": 0.62, "futex_do_wait": 0.3, "D:folio_wait_bit": 0.08},
+                    "autograd": {"futex_do_wait": 0.7, "running": 0.3},
+                },
+            }
+        },
+        "trainer_cached": {"usage": {"samples": 3, "step_thread_states": {"step": {"running": 1}}}},
+    }
+    text = "\n".join(states_table(r))
+    assert "plain_uint8_augmented" not in text
+    assert "| trainer_ring | running 62%, futex_do_wait 30%, D:folio_wait_bit 8% |" in text
+    assert "| futex_do_wait 70%, running 30% |" in text
+    assert "| trainer_cached | running 100% | – |" in text
+
+
 def _dlrm_result(gpu: str | None, ddp: float) -> dict:
     trainer = {"data_wait_share": 0.01, "fit_wall_s": 50.0, "fixed_cost_s": 40.0}
     return {
