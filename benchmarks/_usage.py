@@ -43,6 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -165,17 +166,18 @@ def watched(pid: int, ticks: dict[str, tuple[str, int]], old: dict) -> list[tupl
 def poll_states(watch: dict[int, list[tuple[str, str]]], until: float) -> dict[str, dict]:
     """Every :data:`POLL_S` until ``until``: each watched thread's :func:`thread_state`, counted
     by process and role."""
-    counts: dict[str, dict[str, dict[str, int]]] = {}
+    counts: dict[str, dict[str, Counter[str]]] = {}
     while True:
         for pid, threads in watch.items():
             for tid, role in threads:
                 state = thread_state(pid, tid)
                 if state is not None:
-                    by_role = counts.setdefault(str(pid), {}).setdefault(role, {})
-                    by_role[state] = by_role.get(state, 0) + 1
+                    counts.setdefault(str(pid), {}).setdefault(role, Counter())[state] += 1
         left = until - time.time()
         if left <= 0:
-            return counts
+            return {
+                pid: {role: dict(c) for role, c in roles.items()} for pid, roles in counts.items()
+            }
         time.sleep(min(POLL_S, left))
 
 
@@ -234,15 +236,14 @@ def summarise(samples: list[dict[str, Any]], start: float, end: float, focus: st
     if not inside:
         return {"samples": 0}
     step, other, gpu, kinds = [], [], [], {}
-    states: dict[str, dict[str, int]] = {}
+    states: dict[str, Counter[str]] = {}
     for s in inside:
         of_focus = [p for p in s["procs"] if p["kind"] == focus]
         busiest = max(of_focus, key=lambda p: sum(c for _, c in p["threads"]), default=None)
         threads = busiest["threads"] if busiest else []
         polled = (s.get("states") or {}).get(str(busiest["pid"]), {}) if busiest else {}
         for role, counts in polled.items():
-            for state, n in counts.items():
-                states.setdefault(role, {})[state] = states.setdefault(role, {}).get(state, 0) + n
+            states.setdefault(role, Counter()).update(counts)
         autograd = sum(c for n, c in threads if n.startswith(AUTOGRAD))
         rest = sorted((c for n, c in threads if not n.startswith(AUTOGRAD)), reverse=True)
         step.append(autograd + (rest[0] if rest else 0.0))
