@@ -70,15 +70,22 @@ def _thread_ticks(pid: int) -> dict[str, tuple[str, int]]:
     except OSError:
         return out
     for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/stat") as fh:
-                stat = fh.read()
-        except OSError:
-            continue
-        name = stat[stat.index("(") + 1 : stat.rindex(")")]
-        fields = stat[stat.rindex(")") + 2 :].split()
-        out[tid] = (name, int(fields[11]) + int(fields[12]))  # utime + stime
+        stat = _stat(pid, tid)
+        if stat is not None:
+            name, fields = stat
+            out[tid] = (name, int(fields[11]) + int(fields[12]))  # utime + stime
     return out
+
+
+def _stat(pid: int, tid: str) -> tuple[str, list[str]] | None:
+    """A thread's name and the fields of its ``/proc`` stat after it (state first); None once
+    it has gone."""
+    try:
+        with open(f"/proc/{pid}/task/{tid}/stat") as fh:
+            stat = fh.read()
+    except OSError:
+        return None
+    return stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2 :].split()
 
 
 # nvidia-smi's clock event reasons that hold the SM clock down: SW power cap, HW slowdown, SW
@@ -139,15 +146,16 @@ POLL_S = 0.005
 def thread_state(pid: int, tid: str) -> str | None:
     """``running``, or the kernel wait channel a thread sleeps in (``D:`` first when it cannot be
     interrupted); None once it has gone."""
+    stat = _stat(pid, tid)
+    if stat is None:
+        return None
+    state = stat[1][0]
+    if state == "R":
+        return "running"
     try:
-        with open(f"/proc/{pid}/task/{tid}/stat") as fh:
-            stat = fh.read()
-        state = stat[stat.rindex(")") + 2]
-        if state == "R":
-            return "running"
         with open(f"/proc/{pid}/task/{tid}/wchan") as fh:
             wchan = fh.read().strip()
-    except (OSError, ValueError, IndexError):
+    except OSError:
         return None
     wchan = wchan if wchan and wchan != "0" else "unknown"
     return f"D:{wchan}" if state == "D" else wchan
@@ -165,7 +173,10 @@ def watched(pid: int, ticks: dict[str, tuple[str, int]], old: dict) -> list[tupl
 
 def poll_states(watch: dict[int, list[tuple[str, str]]], until: float) -> dict[str, dict]:
     """Every :data:`POLL_S` until ``until``: each watched thread's :func:`thread_state`, counted
-    by process and role."""
+    by process and role (with none watched, a wait until then)."""
+    if not watch:
+        time.sleep(max(0.0, until - time.time()))
+        return {}
     counts: dict[str, dict[str, Counter[str]]] = {}
     while True:
         for pid, threads in watch.items():
@@ -189,8 +200,7 @@ def sample_forever(out: str, driver: int, interval: float) -> None:
     last, host = time.time(), _host_ticks()
     with open(out, "w") as fh:
         while True:
-            states = poll_states(watch, last + interval) if watch else {}
-            time.sleep(max(0.0, interval - (time.time() - last)))
+            states = poll_states(watch, last + interval)  # and the wait for the next sample
             now = time.time()
             dt, last = now - last, now
             procs, watch = [], {}

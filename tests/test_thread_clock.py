@@ -12,6 +12,7 @@ import time
 import pytest
 
 from lepton_ray.train.thread_clock import _PROC, ThreadClock, _scheduler
+from tests.spin import spin
 
 linux = pytest.mark.skipif(_scheduler(_PROC) is None, reason="the kernel keeps no such figures")
 
@@ -38,19 +39,11 @@ def test_a_sleeping_thread_blocks_and_uses_no_cpu():
     assert lap["loop_cpu_s"] < 0.05
 
 
-def _spin(seconds: float, clock=time.perf_counter) -> float:
-    """Busy for ``seconds`` of ``clock``; the wall seconds that took."""
-    t0, w0 = clock(), time.perf_counter()
-    while clock() - t0 < seconds:
-        continue
-    return time.perf_counter() - w0
-
-
 def _spin_on(cpu: int, seconds: float) -> dict:
     def run():
         os.sched_setaffinity(0, {cpu})  # this thread only
         clock = ThreadClock()
-        wall = _spin(seconds)
+        wall = spin(seconds)
         return clock.lap() | {"wall": wall}
 
     return _on_a_thread(run)
@@ -81,7 +74,7 @@ def test_a_thread_sharing_its_cpu_with_a_busy_process_waits_on_the_runqueue():
 
 def test_laps_are_consecutive_and_only_the_cpu_where_the_kernel_says_nothing(tmp_path):
     clock = ThreadClock(proc=tmp_path / "missing")
-    _spin(0.05, clock=time.thread_time)
+    spin(0.05, clock=time.thread_time)
     first, second = clock.lap(), clock.lap()
     assert set(first) == {"loop_cpu_s"}
     assert first["loop_cpu_s"] >= 0.05 and second["loop_cpu_s"] < first["loop_cpu_s"]

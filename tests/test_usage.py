@@ -10,6 +10,7 @@ import time
 import pytest
 
 from benchmarks._usage import Usage, _shares, kind_of, summarise, thread_state
+from tests.spin import spin
 
 
 def _sample(t, procs, gpu=None, dt=1.0):
@@ -188,9 +189,7 @@ def test_a_real_sampler_sees_the_step_thread_running_or_asleep():
 
     def duty():
         while not stop.is_set():
-            t = time.perf_counter()
-            while time.perf_counter() - t < 0.02:
-                pass
+            spin(0.02)
             time.sleep(0.02)
 
     with Usage(interval=0.5) as usage:
