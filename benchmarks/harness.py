@@ -26,9 +26,11 @@ import operator
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -158,7 +160,24 @@ def scratch(prefix: str) -> Path:
     3 GB) do not pile up in the temporary folder run after run. Its results go to ``--out``."""
     path = Path(tempfile.mkdtemp(prefix=prefix))
     atexit.register(shutil.rmtree, path, ignore_errors=True)
+    _exit_on_sigterm()
     return path
+
+
+def _exit_on_sigterm() -> None:
+    """``timeout`` and a job's stop send SIGTERM, whose default action ends the process without
+    running ``atexit``: the scratch folders would stay. Turn it into ``SystemExit(143)`` (the exit
+    status a shell gives a SIGTERMed process), so ``finally`` blocks and ``atexit`` run. Only where
+    nothing else handles SIGTERM, and only from the main thread (the only one that may set it)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
 
 
 # --- the hardware record -----------------------------------------------------------------------

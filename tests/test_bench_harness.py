@@ -535,6 +535,35 @@ def test_a_scratch_folder_is_gone_when_the_process_exits():
     assert not Path(out[0]).exists()
 
 
+def test_a_scratch_folder_is_gone_when_the_process_is_terminated():
+    # `timeout 540 python -m benchmarks.X` sends SIGTERM: its 3 GB of generated data must not stay.
+    import signal
+    import subprocess
+    import sys
+
+    code = (
+        "import time\n"
+        "from benchmarks import harness\n"
+        "p = harness.scratch('lepton-scratch-test-')\n"
+        "(p / 'rows.parquet').write_bytes(b'x' * 1024)\n"
+        "try:\n"
+        "    print(p, flush=True)\n"
+        "    time.sleep(60)\n"
+        "finally:\n"
+        "    print('finally', flush=True)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
+    path = Path(proc.stdout.readline().strip())
+    assert path.exists()
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.communicate(timeout=30)[0]
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert rest.split() == ["finally"]  # the benchmark's own clean-up ran too
+    assert not path.exists()
+
+
 def test_benchmarks_make_their_temporary_folders_through_the_harness():
     # A folder made with tempfile.mkdtemp outlives the run: a 1M-row image set is 3 GB a run.
     for path in sorted((ROOT / "benchmarks").glob("*.py")):
