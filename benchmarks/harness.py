@@ -26,11 +26,9 @@ import operator
 import os
 import platform
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -156,28 +154,48 @@ def whole(minimum: int) -> Callable[[str], int]:
 
 def scratch(prefix: str) -> Path:
     """A new temporary folder (``prefix`` names it), removed with everything in it when this
-    process exits: a benchmark's generated datasets, runs and checkpoints (a 1M-row image set is
-    3 GB) do not pile up in the temporary folder run after run. Its results go to ``--out``."""
+    process ends, however it ends: a benchmark's generated datasets, runs and checkpoints (a
+    1M-row image set is 3 GB) do not pile up in the temporary folder run after run. Its results go
+    to ``--out``.
+
+    ``atexit`` removes it on a normal exit. A process ended by a signal (``timeout``'s SIGTERM, a
+    SIGKILL, the OOM killer) runs no ``atexit``: a small process of its own (:data:`_REAPER`,
+    one per benchmark process, in a session of its own so ``timeout`` does not signal it too)
+    removes the folders once this process's end closes the pipe it reads them from. The signals
+    keep their default action: a benchmark stuck in a CUDA or Ray call still ends when told."""
     path = Path(tempfile.mkdtemp(prefix=prefix))
     atexit.register(shutil.rmtree, path, ignore_errors=True)
-    _exit_on_sigterm()
+    _reap_when_gone(path)
     return path
 
 
-def _exit_on_sigterm() -> None:
-    """``timeout`` and a job's stop send SIGTERM, whose default action ends the process without
-    running ``atexit``: the scratch folders would stay. Turn it into ``SystemExit(143)`` (the exit
-    status a shell gives a SIGTERMed process), so ``finally`` blocks and ``atexit`` run. Only where
-    nothing else handles SIGTERM, and only from the main thread (the only one that may set it)."""
-    if threading.current_thread() is not threading.main_thread():
-        return
-    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-        return
+# Reads one folder a line until its stdin closes (the benchmark process has ended, however), then
+# removes them; a folder already removed by atexit is skipped.
+_REAPER = (
+    "import shutil, sys\n"
+    "paths = [line.rstrip('\\n') for line in sys.stdin]\n"
+    "for p in paths:\n"
+    "    shutil.rmtree(p, ignore_errors=True)\n"
+)
+_reaper: subprocess.Popen | None = None
 
-    def stop(signum, frame):
-        raise SystemExit(128 + signum)
 
-    signal.signal(signal.SIGTERM, stop)
+def _reap_when_gone(path: Path) -> None:
+    global _reaper
+    try:
+        if _reaper is None or _reaper.poll() is not None:
+            _reaper = subprocess.Popen(
+                [sys.executable, "-c", _REAPER],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                text=True,
+                start_new_session=True,
+            )
+        _reaper.stdin.write(f"{path}\n")
+        _reaper.stdin.flush()
+    except OSError:  # no process to spare: atexit still removes the folder on a normal exit
+        pass
 
 
 # --- the hardware record -----------------------------------------------------------------------
