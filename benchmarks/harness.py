@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import json
 import operator
 import os
@@ -182,7 +183,8 @@ _reaper: subprocess.Popen | None = None
 
 def _reap_when_gone(path: Path) -> None:
     global _reaper
-    try:
+    # No process to spare (OSError): atexit still removes the folder on a normal exit.
+    with contextlib.suppress(OSError):
         if _reaper is None or _reaper.poll() is not None:
             _reaper = subprocess.Popen(
                 [sys.executable, "-c", _REAPER],
@@ -194,8 +196,6 @@ def _reap_when_gone(path: Path) -> None:
             )
         _reaper.stdin.write(f"{path}\n")
         _reaper.stdin.flush()
-    except OSError:  # no process to spare: atexit still removes the folder on a normal exit
-        pass
 
 
 # --- the hardware record -----------------------------------------------------------------------
