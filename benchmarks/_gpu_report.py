@@ -303,15 +303,26 @@ def states_table(r: dict[str, Any]) -> list[str]:
     def where(shares: dict[str, float] | None) -> str:
         return ", ".join(f"{k} {v:.0%}" for k, v in (shares or {}).items()) or "–"
 
-    rows = [[key, where(st.get("step")), where(st.get("autograd"))] for key, st in sides]
-    return [
+    roles = ["step", "autograd"]
+    head = ["side", "step thread", "autograd thread"]
+    text = (
         "\nWhere each side's step thread and torch's autograd thread were, polled every 5 ms over "
         "its epochs after the first (`benchmarks/_usage.py`): running (on a CPU or waiting for "
         "one), or the kernel wait channel it slept in (`futex_do_wait`: the GIL, a lock or a "
         "condition, such as the step thread's wait for its backward; `D:` an uninterruptible "
-        "wait), as shares of the polls.\n",
-        table(["side", "step thread", "autograd thread"], rows),
-    ]
+        "wait), as shares of the polls."
+    )
+    if any("others_running" in st for _, st in sides):  # polled since 2026-12-07
+        roles += ["step_futex", "others_running"]
+        head += ["neither ran: the step's futex", "neither ran: the process's threads running"]
+        text += (
+            " In the polls where neither ran: the futex the step thread slept on (its address; "
+            "`+t` a wait with a timeout, as CPython's GIL is waited for) and which of the "
+            "process's other threads ran (`name:tid`; a Python thread bears its process's name), "
+            "as shares of those polls."
+        )
+    rows = [[key, *(where(st.get(role)) for role in roles)] for key, st in sides]
+    return [text + "\n", table(head, rows)]
 
 
 def _pipelines(r: dict[str, Any]) -> list[str]:

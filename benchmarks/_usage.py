@@ -23,7 +23,9 @@ first) is summarised afterwards:
   or asleep in a kernel wait channel (``/proc/<pid>/task/<tid>/wchan``: ``futex_do_wait`` for the
   GIL, a lock or a condition, ``ep_poll``, a driver's; ``D:`` marks an uninterruptible wait such as
   a page fault's), the most frequent first. A step thread asleep outside its backward and its
-  batch waits on something else.
+  batch waits on something else. In the polls where neither ran, ``step_futex`` is the futex the
+  step thread slept on (an address, ``+t`` for a timed wait such as the GIL's) and
+  ``others_running`` which of the process's other threads ran meanwhile (``name:tid``).
 
 A step thread near one core with the GPU busy well under 100% is a loop bound by the CPU that
 launches its kernels; the GPU near 100% is a loop bound by the GPU. Two runs of one loop that differ
@@ -141,6 +143,7 @@ def _host_ticks() -> tuple[int, int]:
 
 FOCUS = ("driver", "ray::RayTrainWorker")  # the kinds whose step threads are polled
 POLL_S = 0.005
+FUTEX_SYSCALL = {"x86_64": 202, "aarch64": 98}.get(os.uname().machine, -1)
 
 
 def thread_state(pid: int, tid: str) -> str | None:
@@ -171,19 +174,61 @@ def watched(pid: int, ticks: dict[str, tuple[str, int]], old: dict) -> list[tupl
     return ([(step, "step")] if step else []) + [(tid, "autograd") for tid in autograd]
 
 
+def futex_of(pid: int, tid: str) -> str | None:
+    """The futex a thread sleeps on, from ``/proc/<pid>/task/<tid>/syscall``: its address, with
+    ``+t`` for a wait with a timeout (CPython's GIL is waited for with one, the switch
+    interval; a lock, a condition without a timeout or the backward's wait, without); None when the
+    thread is not in ``futex``."""
+    try:
+        with open(f"/proc/{pid}/task/{tid}/syscall") as fh:
+            fields = fh.read().split()
+    except OSError:
+        return None
+    if len(fields) < 5 or fields[0] != str(FUTEX_SYSCALL):
+        return None
+    return fields[1] + ("+t" if int(fields[4], 16) else "")
+
+
+def running_others(pid: int, skip: set[str]) -> str:
+    """The threads of ``pid`` but ``skip`` running now, as ``name:tid`` joined by ``+`` (a Python
+    thread bears its process's name: the tid tells them apart), or ``none``."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return "none"
+    running = []
+    for tid in tids:
+        stat = None if tid in skip else _stat(pid, tid)
+        if stat is not None and stat[1][0] == "R":
+            running.append(f"{stat[0]}:{tid}")
+    return "+".join(sorted(running)) or "none"
+
+
 def poll_states(watch: dict[int, list[tuple[str, str]]], until: float) -> dict[str, dict]:
     """Every :data:`POLL_S` until ``until``: each watched thread's :func:`thread_state`, counted
-    by process and role (with none watched, a wait until then)."""
+    by process and role (with none watched, a wait until then). Where a process's watched
+    threads all sleep, two more roles: ``step_futex``, the futex the step thread sleeps on
+    (:func:`futex_of`), and ``others_running``, which of its other threads ran then
+    (:func:`running_others`)."""
     if not watch:
         time.sleep(max(0.0, until - time.time()))
         return {}
     counts: dict[str, dict[str, Counter[str]]] = {}
     while True:
         for pid, threads in watch.items():
-            for tid, role in threads:
-                state = thread_state(pid, tid)
+            of_pid = counts.setdefault(str(pid), {})
+            states = {tid: (role, thread_state(pid, tid)) for tid, role in threads}
+            for role, state in states.values():
                 if state is not None:
-                    counts.setdefault(str(pid), {}).setdefault(role, Counter())[state] += 1
+                    of_pid.setdefault(role, Counter())[state] += 1
+            if states and all(st not in (None, "running") for _, st in states.values()):
+                step = next((tid for tid, (role, _) in states.items() if role == "step"), None)
+                futex = futex_of(pid, step) if step else None
+                if futex is not None:
+                    of_pid.setdefault("step_futex", Counter())[futex] += 1
+                of_pid.setdefault("others_running", Counter())[
+                    running_others(pid, set(states))
+                ] += 1
         left = until - time.time()
         if left <= 0:
             return {

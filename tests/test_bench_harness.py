@@ -362,6 +362,14 @@ def test_the_states_table_shows_where_each_sides_threads_were_where_polled():
     assert "| trainer_ring | running 62%, futex_do_wait 30%, D:folio_wait_bit 8% |" in text
     assert "| futex_do_wait 70%, running 30% |" in text
     assert "| trainer_cached | running 100% | – |" in text
+    assert "neither ran" not in text  # an older run's sampler: no such columns
+    r["trainer_ring"]["usage"]["step_thread_states"] |= {
+        "step_futex": {"0x7f00+t": 0.75, "0x7f80": 0.25},
+        "others_running": {"ray::RayTrainWo:42": 0.6, "none": 0.4},
+    }
+    text = "\n".join(states_table(r))
+    assert "| 0x7f00+t 75%, 0x7f80 25% | ray::RayTrainWo:42 60%, none 40% |" in text
+    assert "| trainer_cached | running 100% | – | – | – |" in text
 
 
 def _dlrm_result(gpu: str | None, ddp: float) -> dict:

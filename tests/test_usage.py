@@ -3,6 +3,7 @@ was the busy one. A real sampler process reading /proc, and its summary of known
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 import time
@@ -206,3 +207,49 @@ def test_a_real_sampler_sees_the_step_thread_running_or_asleep():
     assert 0.2 <= got.get("running", 0.0) <= 0.85, got
     assert asleep >= 0.15, got
     assert thread_state(os.getpid(), str(threading.get_native_id())) == "running"
+
+
+def _burn_without_the_gil(seconds: float) -> None:
+    """Busy on a CPU for ``seconds`` with the GIL released (hashlib drops it for large inputs)."""
+    data, end = b"\0" * (1 << 20), time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        hashlib.sha256(data).digest()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="reads /proc (Linux)")
+def test_while_the_step_thread_waits_on_a_lock_the_sampler_names_the_futex_and_who_ran():
+    # Two threads take turns: each burns 20 ms of a CPU (without the GIL) while the other waits
+    # on its semaphore, an untimed futex. Whichever is the step thread, in the polls where it
+    # sleeps it sleeps on a futex without a timeout, and the other thread runs.
+    stop = threading.Event()
+    turn = {"a": threading.Semaphore(1), "b": threading.Semaphore(0)}
+    tids: dict[str, str] = {}
+
+    def player(me: str, other: str) -> None:
+        tids[me] = str(threading.get_native_id())
+        while True:
+            turn[me].acquire()  # no timeout: a timed wait would read as the GIL's kind
+            if stop.is_set():
+                turn[other].release()  # the other wakes, sees stop and ends too
+                return
+            _burn_without_the_gil(0.02)
+            turn[other].release()
+
+    threads = [threading.Thread(target=player, args=p) for p in (("a", "b"), ("b", "a"))]
+    with Usage(interval=0.5) as usage:
+        for t in threads:
+            t.start()
+        time.sleep(1.2)
+        start = time.time()
+        stop.wait(3.0)
+        end = time.time()
+        stop.set()
+        for t in threads:
+            t.join()
+    got = usage.window(start, end, focus="driver")["step_thread_states"]
+    futexes = got.get("step_futex", {})
+    assert sum(v for k, v in futexes.items() if not k.endswith("+t")) >= 0.5, got
+    named = [
+        v for k, v in got["others_running"].items() if any(f":{t}" in k for t in tids.values())
+    ]
+    assert sum(named) >= 0.5, got
