@@ -5,6 +5,7 @@ after the one before (``worker_group`` 0; ``benchmarks.fixed_cost`` measures wha
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 import ray
@@ -61,6 +62,16 @@ def test_the_training_workers_runtime_env_names_an_importable_hook():
     module, func = value.rsplit(".", 1)
     assert callable(getattr(__import__(module, fromlist=[func]), func))
     assert prestart.worker_runtime_env({"env_vars": {"A": "1"}}) == {"env_vars": {name: value}}
+
+
+def test_no_hook_when_no_process_is_kept_warm(monkeypatch):
+    # The hook would only make the tasks a training worker's reads start import torch for nothing.
+    monkeypatch.setattr(prestart, "_warm_until", 0.0)
+    assert prestart.worker_runtime_env({}, keep_s=0) == {}
+    assert prestart.worker_runtime_env({}, keep_s=1) != {}
+    # Prestarting turned off after a fit whose processes are still idle: a fit lands on those.
+    monkeypatch.setattr(prestart, "_warm_until", time.time() + 60)
+    assert prestart.worker_runtime_env({}, keep_s=0) != {}
 
 
 def test_a_jobs_own_set_up_hook_is_left_to_run():

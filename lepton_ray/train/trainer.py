@@ -293,7 +293,9 @@ def _run(
             callbacks=[RunObserver(run.uri, cfg.endpoint_url)],
             # Ray's set-up hook for the workers: an idle one prestarted for the next fit has
             # imported torch before it is asked for (lepton_ray.train.prestart).
-            worker_runtime_env=prestart.worker_runtime_env(ray.get_runtime_context().runtime_env),
+            worker_runtime_env=prestart.worker_runtime_env(
+                ray.get_runtime_context().runtime_env, keep_warm
+            ),
         ),
         datasets=datasets,
         # Only a user's Ray Dataset is split by Ray Train (unless every worker caches all of it);
