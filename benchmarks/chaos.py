@@ -194,6 +194,7 @@ def audit(run: Path, kill_times: list[float], rows: int) -> dict[str, Any]:
     return {
         "epochs_audited": len(epochs),
         "attempts": len(order),
+        "restored_steps": [start[a] for a in order[1:]],
         "samples_lost": int(lost),
         "samples_repeated": int(repeated),
         "logged_steps_redone": redone,

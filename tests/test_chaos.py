@@ -193,6 +193,7 @@ def test_the_audit_counts_lost_and_repeated_samples(tmp_path, resumed, lost, rep
     r = audit(tmp_path, [10.0], rows=8)
     assert (r["samples_lost"], r["samples_repeated"]) == (lost, repeated), r
     assert r["attempts"] == 2 and r["logged_steps_redone"] == 1 and r["recovery_s"] == [13.0]
+    assert r["restored_steps"] == [2]
 
 
 # --- Ray tier: worker kills and an outage during a checkpoint -----------------------------------
@@ -208,12 +209,17 @@ def test_worker_kills_at_seeded_random_points_lose_and_repeat_no_sample(
     ray_session, digits_1200, tmp_path
 ):
     """Two SIGKILLs of this run's training workers (seeded points between checkpoints every 5
-    steps of 60): the run finishes, and the sample log shows each epoch trained exactly once."""
+    steps of 60): Ray Train replaces the worker group twice, each new group restores the
+    checkpoint Ray had committed at its kill (or the one whose upload the kill did not stop), the
+    run finishes, and the sample log shows each epoch trained exactly once."""
     from benchmarks.chaos import kill_run
 
     r = kill_run(digits_1200, tmp_path, "kills", seed=3, kills=2)
     assert r["kills"] == 2 and r["finished"], r
     assert r["attempts"] == 3 and r["epochs_audited"] == 3, r
+    kills = zip(r["restored_steps"], r["killed_after_committed_step"], strict=True)
+    for restored, committed in kills:
+        assert restored % 5 == 0 and committed <= restored <= committed + 5, r
     assert r["samples_lost"] == 0 and r["samples_repeated"] == 0, r
     assert len(r["recovery_s"]) == 2 and all(s > 0 for s in r["recovery_s"]), r
 
