@@ -35,7 +35,7 @@ def run(
     store: str,
     *,
     endpoint_url: str | None = None,
-    epochs: int = 15,
+    epochs: int = 10,
     workers: int = 2,
     batch_size: int = 100,
     port: int = 8000,
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--endpoint-url", default=None, help="S3-compatible endpoint (else $LEPTON_S3_ENDPOINT)"
     )
-    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=100, help="global batch")
     p.add_argument("--port", type=int, default=8000)

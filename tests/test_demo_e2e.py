@@ -56,11 +56,11 @@ def test_demo_trains_serves_and_reaches_98_percent_over_http_in_a_few_lines(
     assert ray_noise(out) == [], out
     assert "\r" not in out  # not a terminal: progress as plain lines, not a redrawn bar
     assert sum(line.startswith("[ray] logs in ") for line in lines) == 1
-    assert sum(line.startswith("[train] epoch ") for line in lines) >= 15  # the per-epoch table
+    assert sum(line.startswith("[train] epoch ") for line in lines) >= 10  # the per-epoch table
 
     summary = json.loads(out[out.index("\n{\n") + 1 :])
     res = summary["train_results"]
-    assert res["epochs"] == 15
+    assert res["epochs"] == 10
     assert res["checkpoint"].startswith(f"{store}/runs/")
     assert summary["http_accuracy"] >= 0.98, out
     assert any(line.startswith("[http] accuracy") for line in lines)
