@@ -26,9 +26,10 @@ warm fit on 2 cores (Ray Train's debug log), most likely the cleaner's own start
 importing Ray Train's modules), which in a cold fit hid behind the workers' start.
 
 The processes stay idle for ``$LEPTON_PRESTART_S`` seconds (default 300; ``0`` turns this off,
-and with it the training workers' hook: :func:`worker_runtime_env`) and are then Ray's to stop like any idle worker (Ray keeps up to one per CPU of the node). An idle
-training worker holds what its imports take and no GPU memory: those imports alone took 0.78 GB of
-host memory in a plain process on the 2-core machine (0.43 GB of it the process's own, the rest
+and with it the training workers' hook: :func:`worker_runtime_env`) and are then Ray's to stop
+like any idle worker (Ray keeps up to one per CPU of the node). An idle training worker holds
+what its imports take and no GPU memory: those imports alone took 0.78 GB of host memory in a
+plain process on the 2-core machine (0.43 GB of it the process's own, the rest
 torch's libraries; without ``torch._dynamo`` 0.64 and 0.36 GB). A fit after a different one
 (another worker count, another ``RAY_TRAIN_*`` setting) uses what fits and starts the rest as
 before. Nothing here fails a fit: a raylet that does not answer, or an older Ray, is logged at
