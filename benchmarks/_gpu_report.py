@@ -322,6 +322,13 @@ def states_table(r: dict[str, Any]) -> list[str]:
             "as shares of those polls."
         )
     rows = [[key, *(where(st.get(role)) for role in roles)] for key, st in sides]
+    polls = [(r[key]["usage"].get("step_thread_polls") or {}) for key, _ in sides]
+    if "others_running" in roles and any(p.get("step") for p in polls):  # counted since 12-07
+        head.insert(3, "neither ran")
+        text += " `neither ran`: the share of the step thread's polls in which neither ran."
+        for row, p in zip(rows, polls, strict=True):
+            share = p.get("others_running", 0) / p["step"] if p.get("step") else None
+            row.insert(3, "–" if share is None else f"{share:.0%}")
     return [text + "\n", table(head, rows)]
 
 

@@ -25,7 +25,9 @@ first) is summarised afterwards:
   a page fault's), the most frequent first. A step thread asleep outside its backward and its
   batch waits on something else. In the polls where neither ran, ``step_futex`` is the futex the
   step thread slept on (an address, ``+t`` for a timed wait such as the GIL's) and
-  ``others_running`` which of the process's other threads ran meanwhile (``name:tid``).
+  ``others_running`` which of the process's other threads ran meanwhile (``name:tid``);
+  ``step_thread_polls`` counts each role's polls (``others_running``'s against ``step``'s: the
+  share of polls in which neither ran).
 
 A step thread near one core with the GPU busy well under 100% is a loop bound by the CPU that
 launches its kernels; the GPU near 100% is a loop bound by the GPU. Two runs of one loop that differ
@@ -329,6 +331,7 @@ def summarise(samples: list[dict[str, Any]], start: float, end: float, focus: st
         out["gpu_slowdown_share"] = _mean(slowed)
     if states:
         out["step_thread_states"] = {role: _shares(c) for role, c in sorted(states.items())}
+        out["step_thread_polls"] = {role: sum(c.values()) for role, c in sorted(states.items())}
     return out
 
 

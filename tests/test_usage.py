@@ -176,6 +176,8 @@ def test_the_step_threads_states_are_those_of_the_busiest_focus_process_as_share
         "autograd": {"futex_do_wait": 1.0},
         "step": {"running": 0.6, "futex_do_wait": 0.3, "D:folio_wait_bit": 0.1},
     }
+    polls = summarise([s1, s2], 10.0, 12.0, "ray::RayTrainWorker")["step_thread_polls"]
+    assert polls == {"autograd": 8, "step": 100}
     assert "step_thread_states" not in summarise([_sample(11.0, [worker])], 10.0, 12.0, "driver")
     many = {f"w{i}": 10 - i for i in range(8)}  # the six most frequent, the rest as other
     assert list(_shares(many)) == ["w0", "w1", "w2", "w3", "w4", "w5", "other"]
