@@ -328,7 +328,7 @@ def states_table(r: dict[str, Any]) -> list[str]:
         text += " `neither ran`: the share of the step thread's polls in which neither ran."
         for row, p in zip(rows, polls, strict=True):
             share = p.get("others_running", 0) / p["step"] if p.get("step") else None
-            row.insert(3, "–" if share is None else f"{share:.0%}")
+            row.insert(3, "–" if share is None else f"{share:.1%}")
     return [text + "\n", table(head, rows)]
 
 

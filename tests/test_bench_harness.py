@@ -373,7 +373,7 @@ def test_the_states_table_shows_where_each_sides_threads_were_where_polled():
     assert "| neither ran |" not in text  # polls not counted: no share column
     r["trainer_ring"]["usage"]["step_thread_polls"] = {"step": 400, "others_running": 100}
     text = "\n".join(states_table(r))
-    assert "| futex_do_wait 70%, running 30% | 25% | 0x7f00+t 75%, 0x7f80 25% |" in text
+    assert "| futex_do_wait 70%, running 30% | 25.0% | 0x7f00+t 75%, 0x7f80 25% |" in text
     assert "| trainer_cached | running 100% | – | – | – | – |" in text
 
 
