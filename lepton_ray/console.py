@@ -14,7 +14,7 @@ printed once:
   when this module was imported first (lepton_ray's own modules import it before Ray).
 
 What a user must act on is printed by lepton_ray itself, in one line, from the driver (see
-:class:`~lepton_ray.train.observe.ProgressBar`). ``--verbose`` (the CLI and the pipelines) or
+:class:`~lepton_ray.train.progress.ProgressBar`). ``--verbose`` (the CLI and the pipelines) or
 ``LEPTON_VERBOSE=1`` leaves Ray's output exactly as Ray prints it.
 """
 

@@ -1,10 +1,12 @@
-"""Progress arithmetic of the run observer: pure tests."""
+"""A run's progress (its board, arithmetic and lines) and its records."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
-from lepton_ray.train.observe import eta_seconds, group_note, slowest_worker, status_line
+from lepton_ray.train.progress import eta_seconds, group_note, slowest_worker, status_line
 
 
 def test_slowest_worker_is_named_only_when_it_lags():
@@ -22,15 +24,16 @@ def test_eta():
 
 
 @pytest.mark.ray
-def test_progress_board_summarises_the_workers(ray_session):
+def test_the_drivers_progress_board_summarises_each_fits_workers(ray_session):
     import ray
 
-    from lepton_ray.train.observe import ProgressBoard
+    from lepton_ray.train.progress import driver_board
 
-    board = ProgressBoard.remote(100)
-    assert ray.get(board.summary.remote()) == {}
+    board = driver_board("fit-a", 100)
+    assert ray.get(board.summary.remote("fit-a")) == {}
     for rank, wait in ((0, 0.1), (1, 0.1), (2, 3.0)):
         board.update.remote(
+            "fit-a",
             rank,
             {
                 "epoch": 1,
@@ -44,7 +47,7 @@ def test_progress_board_summarises_the_workers(ray_session):
                 "group": "a",
             },
         )
-    s = ray.get(board.summary.remote())
+    s = ray.get(board.summary.remote("fit-a"))
     assert (
         s["step"] == 10
         and s["total_steps"] == 100
@@ -54,11 +57,51 @@ def test_progress_board_summarises_the_workers(ray_session):
     )
     # a new worker group of 2 (each WorkerProgress has its own token) resumes from step 8
     restart = {"epoch": 1, "step": 12, "world_size": 2, "steps_since_start": 4, "group": "b"}
-    board.update.remote(0, restart)
-    board.update.remote(0, restart | {"step": 14, "steps_since_start": 6})  # same group: no note
-    assert ray.get(board.summary.remote())["notes"] == [
+    board.update.remote("fit-a", 0, restart)
+    board.update.remote("fit-a", 0, restart | {"step": 14, "steps_since_start": 6})  # no note
+    assert ray.get(board.summary.remote("fit-a"))["notes"] == [
         "worker group resized: 3 -> 2 workers, resumed from the checkpoint at step 8"
     ]
+    # The driver's next fit is served by the same board (no process of its own), apart from the
+    # first; a worker of an ended fit still sending is dropped.
+    again = driver_board("fit-b", 50)
+    assert again._actor_id == board._actor_id
+    assert ray.get(again.summary.remote("fit-b")) == {}
+    board.end.remote("fit-a")
+    board.update.remote("fit-a", 0, restart | {"step": 16})
+    assert ray.get(board.summary.remote("fit-a")) == {}
+    again.update.remote("fit-b", 0, restart | {"step": 3, "steps_since_start": 3})
+    assert ray.get(again.summary.remote("fit-b"))["total_steps"] == 50
+    # A board whose process is gone is replaced at the next fit.
+    ray.kill(board)  # asynchronous: a call made just after may still be answered
+    with pytest.raises(ray.exceptions.RayActorError):
+        for _ in range(300):
+            ray.get(board.summary.remote("fit-b"), timeout=30)
+            time.sleep(0.1)
+    fresh = driver_board("fit-c", 10)
+    assert fresh._actor_id != board._actor_id
+    assert ray.get(fresh.summary.remote("fit-c"), timeout=30) == {}
+
+
+@pytest.mark.ray
+def test_the_drivers_board_outlives_the_handles_its_fits_let_go(ray_session):
+    """A Ray actor lives while its first handle does: the driver keeps that one between fits."""
+    import gc
+
+    import ray
+
+    from lepton_ray.train.progress import driver_board
+
+    ids = []
+    for fit in ("x", "y", "z"):
+        board = driver_board(fit, 5)
+        ids.append(board._actor_id)
+        assert ray.get(board.summary.remote(fit), timeout=30) == {}
+        board.end.remote(fit)
+        del board
+        gc.collect()
+        time.sleep(1)  # an actor whose handles are all gone is stopped by then
+    assert len(set(ids)) == 1
 
 
 def test_group_note_names_a_resume_a_restart_and_a_resize():
@@ -87,7 +130,7 @@ def test_status_line():
 
 
 def test_plain_progress_is_a_line_now_and_then_not_a_redrawn_bar(capsys):
-    from lepton_ray.train.observe import _Lines
+    from lepton_ray.train.progress import _Lines
 
     lines = _Lines(every_s=3600)
     s = {"epoch": 1, "step": 4, "total_steps": 8, "world_size": 2, "train_loss": None}

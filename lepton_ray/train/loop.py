@@ -36,7 +36,7 @@ from lepton_ray.train.feed import (
     jpeg_decode_on,
 )
 from lepton_ray.train.gc_clock import process_clock
-from lepton_ray.train.observe import WorkerProgress
+from lepton_ray.train.progress import WorkerProgress
 from lepton_ray.train.ring_reader import read_cpus
 from lepton_ray.train.step import BATCH_DTYPES, Pixels, TrainStep
 from lepton_ray.train.task import for_data, lower_is_better
@@ -56,7 +56,7 @@ class RunSpec:
     run_uri: str
     endpoint_url: str | None = None
     train_info: DatasetInfo | None = None  # a prepared dataset: planned epochs, exact resume
-    board: Any = None  # ProgressBoard actor handle (driver progress bar), or None
+    board: Any = None  # the driver's ProgressBoard (lepton_ray.train.progress), or None
     order: str = "shuffled"  # the epoch plan's order (see lepton_ray.train.sampling)
     device_augment: tuple[str, ...] = ()  # augmentations the loop applies on its device
     feed: str = "stream"  # "cache" | "ring" | "stream": DataConfig.chosen_feed
@@ -94,7 +94,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     reporter = Reporter(spec.run_uri, spec.endpoint_url, spec.meta, rank, cfg.strategy == "fsdp")
     sample_log = SampleLog(spec.run_uri, spec.endpoint_url, rank) if cfg.record_sample_ids else None
     fault = parse_fault(cfg.fault_injection) if not restored.state else None  # first attempt only
-    progress = WorkerProgress(spec.board, rank, world, cfg.progress_every_steps)
+    progress = WorkerProgress(spec.board, spec.fit_id, rank, world, cfg.progress_every_steps)
     history, best, resizes = restored.history, restored.best, restored.resizes
     gc_clock = process_clock()
     thread = ThreadClock()  # the loop's thread: CPU, runqueue, sleeps (thread_clock.py)

@@ -196,7 +196,8 @@ def _run(
 
     from lepton_ray.train import prestart
     from lepton_ray.train.backend import TorchBackendConfig
-    from lepton_ray.train.observe import ProgressBar, ProgressBoard, RunObserver, divergence
+    from lepton_ray.train.observe import RunObserver, divergence
+    from lepton_ray.train.progress import ProgressBar, driver_board
     from lepton_ray.train.timeline import phases
 
     keep_warm = prestart.keep_alive_s()  # checked before anything starts
@@ -247,7 +248,8 @@ def _run(
     ray_scaling = _ray_scaling(cfg.scaling)
     _check_placement(cfg.scaling, ray_scaling["num_workers"])
     total_steps = batching.nominal_steps_per_epoch(info.num_rows, cfg.batch_size) * cfg.epochs
-    board = ProgressBoard.remote(total_steps) if cfg.progress_bar else None
+    fit_id = uuid.uuid4().hex
+    board = driver_board(fit_id, total_steps) if cfg.progress_bar else None
     # FSDP builds a registered architecture from its spec on each worker; only rank 0 fetches the
     # initial weights (one copy in the object store), not every worker a pickled model.
     from_spec = cfg.strategy in ("fsdp", "pipeline") and "name" in meta["model"]
@@ -265,7 +267,7 @@ def _run(
         order=_ORDERS[shuffle],
         device_augment=cfg.data.augment if on_device else (),
         feed=feed,
-        fit_id=uuid.uuid4().hex,
+        fit_id=fit_id,
     )
     # Ray Train's default_ingest_options() sets the deprecated exclude_resources (a warning per fit).
     current = DataContext.get_current().execution_options
@@ -306,7 +308,7 @@ def _run(
         ),
     )
     started, marks = time.perf_counter(), dict(marks, trainer_started=time.time())
-    bar = ProgressBar(board, total_steps) if cfg.progress_bar else contextlib.nullcontext()
+    bar = ProgressBar(board, fit_id, total_steps) if board is not None else contextlib.nullcontext()
     try:
         with bar:
             result = trainer.fit()
