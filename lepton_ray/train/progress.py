@@ -205,6 +205,9 @@ class ProgressBoard:
         self.fits.pop(fit_id, None)
 
 
+_held: tuple[tuple[str, str], Any] | None = None  # (job and node of the driver, its board)
+
+
 def driver_board(fit_id: str, total_steps: int) -> Any:
     """The board of this driver, with ``fit_id`` started on it: the one its earlier fits used while
     it answers, else a new one (the first fit, Ray started again, the board's process gone).
@@ -233,9 +236,6 @@ def driver_board(fit_id: str, total_steps: int) -> Any:
     board.start.remote(fit_id, total_steps)  # before any update: the workers start after it
     _held = (ray_driver, board)
     return board
-
-
-_held: tuple[tuple[str, str], Any] | None = None  # (job and node of the driver, its board)
 
 
 class ProgressBar:
