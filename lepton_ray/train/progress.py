@@ -219,12 +219,8 @@ def driver_board(fit_id: str, total_steps: int) -> Any:
     global _held
     here = ray.get_runtime_context()
     ray_driver = (here.get_job_id(), here.get_node_id())  # a node's id is new at each Ray start
-    if _held is not None and _held[0] == ray_driver:
-        try:
-            ray.get(_held[1].start.remote(fit_id, total_steps), timeout=10)
-            return _held[1]
-        except (ray.exceptions.RayError, TimeoutError):
-            pass  # gone (its node left, it was killed) or stuck: a new one below
+    if _held is not None and _held[0] == ray_driver and _started(_held[1], fit_id, total_steps):
+        return _held[1]
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     board = ProgressBoard.options(
@@ -236,6 +232,16 @@ def driver_board(fit_id: str, total_steps: int) -> Any:
     board.start.remote(fit_id, total_steps)  # before any update: the workers start after it
     _held = (ray_driver, board)
     return board
+
+
+def _started(board: Any, fit_id: str, total_steps: int) -> bool:
+    """Whether ``board`` answered ``start`` for ``fit_id``: False when it is gone (its node left,
+    it was killed) or stuck."""
+    try:
+        ray.get(board.start.remote(fit_id, total_steps), timeout=10)
+    except (ray.exceptions.RayError, TimeoutError):
+        return False
+    return True
 
 
 class ProgressBar:
