@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for i in range(args.fits):
         if i:
             time.sleep(args.pause)
-        start = time.perf_counter()
+        start, ticks = time.perf_counter(), harness.cpu_times()
         res = Trainer(args.workers, use_gpu=args.use_gpu, storage=f"{store}/runs").fit(
             build_model("cnn", in_channels=1, num_classes=10),
             info,
@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             epochs=1,
             data=DataConfig(feed=args.feed) if args.feed else DataConfig(),
         )
-        wall = time.perf_counter() - start
+        wall, after = time.perf_counter() - start, harness.cpu_times()
         fits.append(
             {
                 "fit": i + 1,
@@ -79,6 +79,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "phases_s": dict(res["startup_s"]),  # timeline.phases: the known ones and their sum
             }
         )
+        if ticks is not None and after is not None:  # every process's, not only the fit's
+            fits[-1]["machine_cpu_s"] = round((after[0] - ticks[0]) / os.sysconf("SC_CLK_TCK"), 2)
         print(fits[-1], flush=True)
     # Read once Ray runs: a local instance sets it where the environment does not.
     result["health_check_interval_s"] = float(os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"])
@@ -105,6 +107,8 @@ def metrics(r: dict[str, Any]) -> dict[str, Any]:
             k: statistics.median(f["phases_s"].get(k, 0.0) for f in warm)
             for k in warm[0]["phases_s"]
         }
+        if all("machine_cpu_s" in f for f in warm):
+            out["machine_cpu_s"] = statistics.median(f["machine_cpu_s"] for f in warm)
         gpu = r.get("use_gpu") and (r.get("hardware") or {}).get("gpu")
         if gpu and r.get("workers") == 1:
             out["gpu_fixed_s"] = out["fixed_s"]
@@ -116,6 +120,7 @@ def render(r: dict[str, Any], key: str) -> str:
 
     m = metrics(r)
     cols = columns([f["phases_s"] for f in r["per_fit"]])
+    cpu = all("machine_cpu_s" in f for f in r["per_fit"])  # older results have no such column
     rows = [
         [
             str(f["fit"]),
@@ -123,12 +128,20 @@ def render(r: dict[str, Any], key: str) -> str:
             fixed_s(f),
             f["epoch_s"],
             f["wall_s"],
+            *([f["machine_cpu_s"]] if cpu else []),
         ]
         for f in r["per_fit"]
     ]
     if "phases_s" in m:
         rows.append(
-            ["median, fits 2+", *(m["phases_s"].get(c) for c in cols), m["fixed_s"], None, None]
+            [
+                "median, fits 2+",
+                *(m["phases_s"].get(c) for c in cols),
+                m["fixed_s"],
+                None,
+                None,
+                *([m.get("machine_cpu_s")] if cpu else []),
+            ]
         )
     device = "1 GPU" if r.get("use_gpu") else "CPU"
     feed = f"fed by `feed={r['feed']!r}`" if r.get("feed") else "the device's data defaults"
@@ -149,8 +162,17 @@ def render(r: dict[str, Any], key: str) -> str:
         f"{device}, one epoch of global batch 100 each, {feed}, Ray Train's "
         f"health check every {r['health_check_interval_s']} s; the first fit also starts Ray. Phases in seconds (`train_results['startup_s']`, "
         "`lepton_ray/train/timeline.py`); fixed: to the first step plus teardown; epoch: the "
-        "epoch's own time; wall: the whole call.\n\n"
-        + harness.table(["fit", *cols, "fixed", "epoch", "wall"], rows)
+        "epoch's own time; wall: the whole call"
+        + (
+            "; machine CPU: the busy CPU-seconds of all of the machine's CPUs during the call "
+            "(every process's, `/proc/stat`)"
+            if cpu
+            else ""
+        )
+        + ".\n\n"
+        + harness.table(
+            ["fit", *cols, "fixed", "epoch", "wall", *(["machine CPU"] if cpu else [])], rows
+        )
         + "\n\n"
         + harness.goal_lines(GOALS, m)
         + "\n"

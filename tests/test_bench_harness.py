@@ -227,6 +227,19 @@ def test_fixed_cost_is_the_median_of_the_fits_after_the_first_judged_on_a_gpu_on
     assert "gpu_fixed_s" not in metrics(_fixed_cost_result(None, 30.0, 3.0))
 
 
+def test_fixed_cost_shows_the_machines_cpu_per_fit_where_the_run_measured_it():
+    from benchmarks.fixed_cost import metrics, render
+
+    older = _fixed_cost_result(None, 30.0, 3.0, 1.0)
+    assert "machine CPU" not in render(older, "x") and "machine_cpu_s" not in metrics(older)
+    r = _fixed_cost_result(None, 30.0, 3.0, 1.0)
+    for f, cpu in zip(r["per_fit"], (40.0, 21.5, 19.5), strict=True):
+        f["machine_cpu_s"] = cpu
+    assert metrics(r)["machine_cpu_s"] == 20.5  # the median of the fits after the first
+    out = render(r, "x")
+    assert "| machine CPU |" in out and "| 21.5 |" in out and "| 20.5 |" in out
+
+
 def _never_rendered(result: dict, key: str) -> str:
     raise AssertionError("a run that must leave the doc alone rendered its section")
 
