@@ -1,11 +1,12 @@
 """Warm processes for the next ``fit()``: each fit's Ray processes, started again before it asks.
 
 Every ``fit()`` starts new Ray worker processes: Ray Train's controller and its helpers (the
-dataset manager, the placement-group cleaner, the synchronisation actor) and one per training
-worker, each then importing what it runs; the training workers import torch (1.4-2.5 s). Ray's
-pool of idle workers does not serve them: those actors carry a runtime environment of their own
-(Ray Train's environment variables), and a worker process fits only the runtime environment it was
-started for. (lepton_ray's progress board is started by a driver's first fit only, and serves the
+placement-group cleaner, the synchronisation actor, and the dataset manager where the fit is
+given a Ray Dataset: :mod:`lepton_ray.train.ray_trainer`) and one per training worker, each then
+importing what it runs; the training workers import torch (1.4-2.5 s). Ray's pool of idle
+workers does not serve them: those actors carry a runtime environment of their own (Ray Train's
+environment variables), and a worker process fits only the runtime environment it was started
+for. (lepton_ray's progress board is started by a driver's first fit only, and serves the
 next ones: :func:`lepton_ray.train.progress.driver_board`.)
 
 After a fit, :func:`after_fit` asks each node's raylet to start the same processes again, idle,

@@ -192,12 +192,12 @@ def _run(
     import ray.train
     from ray.data import DataContext, ExecutionOptions
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
-    from ray.train.torch import TorchTrainer
 
     from lepton_ray.train import prestart
     from lepton_ray.train.backend import TorchBackendConfig
     from lepton_ray.train.observe import RunObserver, divergence
     from lepton_ray.train.progress import ProgressBar, driver_board
+    from lepton_ray.train.ray_trainer import FitTrainer
     from lepton_ray.train.timeline import phases
 
     keep_warm = prestart.keep_alive_s()  # checked before anything starts
@@ -276,7 +276,9 @@ def _run(
         preserve_order=cfg.data.deterministic,
         verbose_progress=current.verbose_progress,
     )
-    trainer = TorchTrainer(
+    # Ray Train's TorchTrainer with lepton_ray's backend, and no dataset manager when no Ray
+    # Dataset is passed (lepton_ray.train.ray_trainer).
+    trainer = FitTrainer(
         train_loop_per_worker,
         # By reference: Ray Train hands train_loop_config to its controller and to every worker's
         # set-up besides the train function; inline, each of them unpickled the spec, model
@@ -285,7 +287,7 @@ def _run(
         scaling_config=ray.train.ScalingConfig(**ray_scaling),
         # Ray's TorchConfig without torch in the controller (a new process every fit), and the
         # workers import sympy (torch._dynamo's slowest import) while the group starts.
-        torch_config=TorchBackendConfig(backend=cfg.scaling.process_group_backend()),
+        backend_config=TorchBackendConfig(backend=cfg.scaling.process_group_backend()),
         run_config=RunConfig(
             name=run.name,
             storage_path=root.path,
