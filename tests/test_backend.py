@@ -1,5 +1,6 @@
 """Ray Train's torch backend without torch in the controller (lepton_ray.train.backend): what the
-controller unpickles imports no torch, and the backend sets the process group up as Ray's does.
+controller unpickles (the backend's config, and lepton_ray.train.ray_trainer's callback) imports no
+torch, and the backend sets the process group up as Ray's does.
 Pure (a recording worker group); real process groups: every fit in the Ray tier uses it."""
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from lepton_ray.train.backend import TorchBackendConfig, process_group_backend
 CONTROLLER = """
 import pickle, sys
 import ray.train.v2._internal.execution.controller.controller  # the controller's own modules
-config = pickle.loads(bytes.fromhex(sys.argv[1]))
+config, callback = pickle.loads(bytes.fromhex(sys.argv[1]))
+assert type(callback).__name__ == "DataContextCallback"
 backend = config.backend_cls()
 assert config.framework.value == "torch" and config.to_dict()["backend"] == "gloo"
 print("torch" in sys.modules)
@@ -24,7 +26,9 @@ print("torch" in sys.modules)
 
 
 def test_the_controller_unpickles_the_config_and_builds_the_backend_without_importing_torch():
-    blob = pickle.dumps(TorchBackendConfig(backend="gloo")).hex()
+    from lepton_ray.train.ray_trainer import DataContextCallback
+
+    blob = pickle.dumps((TorchBackendConfig(backend="gloo"), DataContextCallback())).hex()
     out = subprocess.run(
         [sys.executable, "-c", CONTROLLER, blob], capture_output=True, text=True, timeout=120
     )
