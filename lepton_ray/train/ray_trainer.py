@@ -4,7 +4,8 @@ Ray Train gives every worker group a ``DatasetsCallback``, which starts a ``Data
 (a process of its own) to split the Ray Datasets passed as ``datasets=`` between the workers.
 Most fits pass none: a prepared dataset is read by each worker's feed from its manifest
 (:mod:`lepton_ray.train.feed`). The actor started anyway, and on the 2-core machine its process
-took 2.4 s of CPU per fit importing Ray Train and Ray Data, beside the fit's own start.
+took 1.8-2.4 s of CPU per fit (two samplings of the test suite's processes) importing Ray Train
+and Ray Data, beside the fit's own start.
 
 :class:`FitTrainer` is Ray Train's ``DataParallelTrainer`` with lepton_ray's torch backend
 (:class:`lepton_ray.train.backend.TorchBackendConfig`, passed by the caller). Where ``datasets``

@@ -276,8 +276,8 @@ def _run(
         preserve_order=cfg.data.deterministic,
         verbose_progress=current.verbose_progress,
     )
-    # Ray Train's TorchTrainer with lepton_ray's backend, and no dataset manager when no Ray
-    # Dataset is passed (lepton_ray.train.ray_trainer).
+    # What Ray Train's TorchTrainer runs, with lepton_ray's backend, and no dataset manager when
+    # no Ray Dataset is passed (lepton_ray.train.ray_trainer).
     trainer = FitTrainer(
         train_loop_per_worker,
         # By reference: Ray Train hands train_loop_config to its controller and to every worker's
