@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test lint clean
+.PHONY: demo test lint clean compile
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -12,14 +12,24 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
-demo: $(VENV)/.installed
+demo: compile
 	$(PY) -m pipelines.demo
 
-test: $(VENV)/.installed
+test: compile
 	$(PY) -m pytest
+
+# pip compiles the packages it installs, but not an editable one: lepton_ray (and the pipelines
+# and benchmarks that jobs and the tests' subprocesses run) would be compiled from source by every
+# process that imports them, each Ray worker included, where PYTHONDONTWRITEBYTECODE is set (as
+# on the CI machine). compileall rewrites only what changed. Measured on 2 cores, per process:
+# lepton_ray's trainer, feed and Serve modules (torch and Ray already imported) took 2.1 CPU-s to
+# import uncompiled and 1.8 s compiled.
+compile: $(VENV)/.installed
+	$(PY) -m compileall -q lepton_ray pipelines benchmarks
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+	find lepton_ray pipelines benchmarks -name __pycache__ -prune -exec rm -rf {} +

@@ -225,6 +225,20 @@ def test_readme_keeps_what_ci_runs():
     assert "make test" in (ROOT / ".ci" / "run").read_text()
 
 
+def test_make_test_and_demo_byte_compile_the_editable_tree_first():
+    """pip leaves an editable install uncompiled: `make test` and `make demo` compile lepton_ray,
+    the pipelines and the benchmarks before they run (the Makefile says why)."""
+    for target, runs in (("test", "-m pytest"), ("demo", "-m pipelines.demo")):
+        lines = subprocess.run(
+            ["make", "-n", "-s", target], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.splitlines()
+        compiles = [i for i, line in enumerate(lines) if "-m compileall" in line]
+        assert compiles and all(
+            d in lines[compiles[0]].split() for d in ("lepton_ray", "pipelines", "benchmarks")
+        ), lines
+        assert runs in lines[-1] and compiles[0] < len(lines) - 1, lines
+
+
 def test_readme_layout_names_every_folder_and_module():
     text = (ROOT / "README.md").read_text()
     layout = text.split("## Layout", 1)[1].split("\n## ", 1)[0]
