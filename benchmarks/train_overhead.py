@@ -19,6 +19,9 @@ shared cores the machine's speed drifts by a fifth within minutes (train_overhea
 back to back: cached 0.984, then 0.706), so each fit is judged against the plain runs nearest it,
 and the alternation keeps what the second fit of a round inherits from the first (Ray's processes
 warm or busy, a slower moment) from landing on one side only.
+Beside samples/s, each run's training-loop thread CPU per sample (a fit's ``loop_cpu_s``, the
+plain loop's own thread): where a round's ratio is low, it tells a fit whose thread did more work
+per sample from a machine that ran the same work slower at that moment (not a goal).
 Before every plain run the benchmark waits until the CPUs are idle (:func:`harness.quiesce`, the
 seconds waited are in the result): after a fit, lepton_ray starts the next fit's Ray workers,
 which import torch for several CPU-seconds, and would otherwise slow the plain loop that follows.
@@ -52,8 +55,16 @@ ROUND_GOALS = [
 ]
 
 
-def plain_loop(info: Any, epochs: int, batch: int, channels_last: bool = True) -> list[float]:
-    """The loop a user would write by hand; samples/s per epoch."""
+def plain_loop(
+    info: Any,
+    epochs: int,
+    batch: int,
+    channels_last: bool = True,
+    laps: list[dict[str, Any]] | None = None,
+) -> list[float]:
+    """The loop a user would write by hand; samples/s per epoch (and into ``laps`` each epoch's
+    thread CPU, runqueue wait and sleeps, :mod:`lepton_ray.train.thread_clock`, as a fit's
+    epochs report its loop thread's)."""
     import numpy as np
     import torch
     import torch.nn.functional as F
@@ -62,6 +73,7 @@ def plain_loop(info: Any, epochs: int, batch: int, channels_last: bool = True) -
     from lepton_ray.config import OptimConfig
     from lepton_ray.data import read_arrays
     from lepton_ray.train.step import build_optimizer, lr_factor
+    from lepton_ray.train.thread_clock import ThreadClock
 
     layout = torch.channels_last if channels_last else torch.contiguous_format
     torch.set_num_threads(1)
@@ -75,8 +87,10 @@ def plain_loop(info: Any, epochs: int, batch: int, channels_last: bool = True) -
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps * epochs, cfg))
     rng = np.random.default_rng(0)
     rates = []
+    thread = ThreadClock()
     for _ in range(epochs):
         order = rng.permutation(len(images))
+        thread.lap()
         with harness.Timer() as t:
             for s in range(steps):
                 idx = order[s * batch : (s + 1) * batch]
@@ -89,6 +103,8 @@ def plain_loop(info: Any, epochs: int, batch: int, channels_last: bool = True) -
                 opt.step()
                 sched.step()
         rates.append(steps * batch / t.seconds)
+        if laps is not None:
+            laps.append(thread.lap())
     return rates
 
 
@@ -118,11 +134,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     info = prepare("mnist5k", f"{store}/data")["train"]
     data = {"trainer": DataConfig(), "trainer_cached": DataConfig(cache="device")}
     per_epoch: dict[str, list[float]] = {}
+    cpu: dict[str, list[float | None]] = {}  # the loop thread's CPU seconds, per epoch
     quiesce: dict[str, Any] = {}
 
     def plain(name: str, channels_last: bool = True) -> None:
         quiesce[name] = harness.quiesce(QUIET_BELOW, max_wait_s=QUIET_MAX_S)
-        per_epoch[name] = plain_loop(info, args.epochs, args.batch_size, channels_last)
+        laps: list[dict[str, Any]] = []
+        per_epoch[name] = plain_loop(info, args.epochs, args.batch_size, channels_last, laps)
+        cpu[name] = [lap["loop_cpu_s"] for lap in laps]
 
     plain("plain_nchw", channels_last=False)
     for r in range(args.rounds):
@@ -136,6 +155,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 data=data[name],
             )
             per_epoch[f"{name}_{r}"] = [h["samples_per_second"] for h in res["history"]]
+            cpu[f"{name}_{r}"] = [h.get("loop_cpu_s") for h in res["history"]]
     plain(f"plain_{args.rounds}")
     result.update(
         epochs_measured=max(1, args.epochs - 1),
@@ -143,9 +163,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         samples_per_s={k: round(harness.mean_after_warmup(v), 1) for k, v in per_epoch.items()},
         quiesce=quiesce,
         per_epoch={k: [round(r, 1) for r in v] for k, v in per_epoch.items()},
+        per_epoch_loop_cpu_s=cpu,
+        loop_cpu_ms_per_sample=cpu_per_sample(
+            cpu, (info.num_rows // args.batch_size) * args.batch_size
+        ),
         wall_s=round(time.monotonic() - t0, 1),
     )
     return result
+
+
+def cpu_per_sample(cpu: dict[str, list[float | None]], samples_per_epoch: int) -> dict[str, float]:
+    """Each run's loop-thread CPU milliseconds per sample over the epochs after the first (every
+    run trains the same samples an epoch); a run whose epochs did not all report it is left out."""
+    out = {}
+    for name, laps in cpu.items():
+        after = laps[1:] or laps
+        if after and all(c is not None for c in after):
+            out[name] = round(1000 * statistics.fmean(after) / samples_per_epoch, 4)
+    return out
 
 
 def metrics(r: dict[str, Any]) -> dict[str, Any]:
@@ -164,19 +199,26 @@ def round_metrics(r: dict[str, Any]) -> dict[str, Any]:
     """Each fit ÷ the mean of the plain runs just before and just after its round; the median
     and the lowest over the rounds."""
     sps = r["samples_per_s"]
+    # the loop thread's CPU per sample (results from 2026-12-07 on): the plain runs' mean around
+    # each round ÷ the fit's, so above 1 where the fit's thread spent less CPU on a sample
+    ms = r.get("loop_cpu_ms_per_sample") or {}
     rounds = []
     for i in range(r["rounds"]):
         around = (sps[f"plain_{i}"] + sps[f"plain_{i + 1}"]) / 2
-        rounds.append(
-            {
-                "plain_around": around,
-                "ratio": sps[f"trainer_{i}"] / around,
-                "ratio_cached": sps[f"trainer_cached_{i}"] / around,
-            }
-        )
+        x = {
+            "plain_around": around,
+            "ratio": sps[f"trainer_{i}"] / around,
+            "ratio_cached": sps[f"trainer_cached_{i}"] / around,
+        }
+        names = (f"plain_{i}", f"plain_{i + 1}", f"trainer_{i}", f"trainer_cached_{i}")
+        if all(n in ms for n in names):
+            cpu_around = (ms[names[0]] + ms[names[1]]) / 2
+            x["cpu_ratio"] = cpu_around / ms[names[2]]
+            x["cpu_ratio_cached"] = cpu_around / ms[names[3]]
+        rounds.append(x)
     streamed = [x["ratio"] for x in rounds]
     cached = [x["ratio_cached"] for x in rounds]
-    return {
+    out = {
         "rounds": rounds,
         "ratio": statistics.median(streamed),
         "ratio_min": min(streamed),
@@ -184,6 +226,10 @@ def round_metrics(r: dict[str, Any]) -> dict[str, Any]:
         "ratio_cached_min": min(cached),
         "channels_last_over_nchw": sps["plain_0"] / sps["plain_nchw"],
     }
+    if all("cpu_ratio" in x for x in rounds):
+        out["cpu_ratio"] = statistics.median(x["cpu_ratio"] for x in rounds)
+        out["cpu_ratio_cached"] = statistics.median(x["cpu_ratio_cached"] for x in rounds)
+    return out
 
 
 def _waits(r: dict[str, Any]) -> str:
@@ -204,6 +250,47 @@ def _waits(r: dict[str, Any]) -> str:
         f"{r['quiesce_busy_below']}, at most {r['quiesce_max_s']:.0f} s; a wait that ended "
         f"busy shows its share): {one('plain_nchw')} before the NCHW run, {plains} before the "
         "channels-last runs in order."
+    )
+
+
+def _cpu_table(r: dict[str, Any], m: dict[str, Any]) -> str:
+    """The loop thread's CPU per sample, where the run recorded it for every run: tells a fit
+    whose thread did more work per sample from one whose thread got less of a CPU."""
+    if "cpu_ratio" not in m:
+        return ""
+    ms = r["loop_cpu_ms_per_sample"]
+    rows = [
+        [
+            str(i + 1),
+            f"{ms[f'plain_{i}']:.3f}",
+            f"{ms[f'trainer_{i}']:.3f}",
+            f"{ms[f'trainer_cached_{i}']:.3f}",
+            f"{ms[f'plain_{i + 1}']:.3f}",
+            f"{x['cpu_ratio']:.3f}",
+            f"{x['cpu_ratio_cached']:.3f}",
+        ]
+        for i, x in enumerate(m["rounds"])
+    ]
+    rows.append(["median", "", "", "", "", f"{m['cpu_ratio']:.3f}", f"{m['cpu_ratio_cached']:.3f}"])
+    return (
+        "The training loop's thread, CPU milliseconds per sample over the same epochs (a fit's "
+        "`loop_cpu_s`, the plain loop's own thread; not a goal): the plain runs' mean around "
+        "each round ÷ the fit's, so above 1 where the fit's thread spent less CPU on a sample. "
+        "The plain loop's thread also crops each batch; a streamed fit's is cropped by Ray Data's "
+        "tasks, a cached fit's on its device (here its own thread).\n\n"
+        + harness.table(
+            [
+                "round",
+                "plain before",
+                "streamed",
+                '`cache="device"`',
+                "plain after",
+                "plain ÷ streamed",
+                "plain ÷ cached",
+            ],
+            rows,
+        )
+        + "\n\n"
     )
 
 
@@ -258,6 +345,7 @@ def render_rounds(r: dict[str, Any], key: str) -> str:
         + "\n\n"
         + harness.table(["over the rounds", "streamed ÷ plain", "cached ÷ plain"], summary)
         + "\n\n"
+        + _cpu_table(r, m)
         + f"The plain loop in NCHW memory, run first: {fmt(sps['plain_nchw'])} samples/s, "
         f"{1 / m['channels_last_over_nchw']:.3f} of the channels-last run right after it. "
         + _waits(r)

@@ -503,6 +503,32 @@ def test_train_overhead_rounds_judge_each_fit_against_the_plain_runs_around_its_
     assert [g.met(worse) for g in train_overhead.ROUND_GOALS] == [False, False, True, False]
 
 
+def test_train_overhead_reports_the_loop_threads_cpu_per_sample_beside_the_ratios():
+    from benchmarks import train_overhead
+
+    # 4,000 samples an epoch; the first epoch (warm-up) is left out; a run missing a lap is too
+    cpu = {"plain_0": [9.0, 8.0, 8.4], "trainer_0": [5.0, 8.8, 8.8], "x": [1.0, None]}
+    assert train_overhead.cpu_per_sample(cpu, 4000) == {"plain_0": 2.05, "trainer_0": 2.2}
+    r = _rounds_result([500.0, 450.0], [520.0, 480.0], [550.0, 450.0, 500.0])
+    ms = {"plain_0": 2.0, "plain_1": 2.2, "plain_2": 2.4, "trainer_0": 2.1, "trainer_1": 2.3}
+    r["loop_cpu_ms_per_sample"] = ms | {"trainer_cached_0": 1.4, "trainer_cached_1": 2.3}
+    m = train_overhead.metrics(r)
+    assert [round(x["cpu_ratio"], 3) for x in m["rounds"]] == [1.0, 1.0]  # 2.1 / 2.1, 2.3 / 2.3
+    assert [round(x["cpu_ratio_cached"], 3) for x in m["rounds"]] == [1.5, 1.0]
+    assert m["cpu_ratio"] == pytest.approx(1.0) and m["cpu_ratio_cached"] == pytest.approx(1.25)
+    doc = train_overhead.render(r, "k")
+    assert "| 1 | 2.000 | 2.100 | 1.400 | 2.200 | 1.000 | 1.500 |" in doc
+    assert "| median |  |  |  |  | 1.000 | 1.250 |" in doc
+    # the goals stay those of the samples/s: the CPU figures are not judged
+    assert doc.count("**met**") + doc.count("**not met**") == 4
+    # a result from before (no CPU recorded), or with a run missing, renders without the table
+    r.pop("loop_cpu_ms_per_sample")
+    assert "cpu_ratio" not in train_overhead.metrics(r)
+    assert "CPU milliseconds per sample" not in train_overhead.render(r, "k")
+    r["loop_cpu_ms_per_sample"] = ms  # the cached fits' figures missing
+    assert "CPU milliseconds per sample" not in train_overhead.render(r, "k")
+
+
 def _stat_reader(*samples):
     """A /proc/stat reader returning (busy, steal, total) ticks, one sample a call."""
     it = iter(samples)
