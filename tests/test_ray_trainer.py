@@ -4,6 +4,7 @@ tests that pass a Ray Dataset, e.g. tests/test_train_serve.py, read their shards
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import pytest
@@ -31,6 +32,9 @@ def _check_context(config: dict) -> None:
     seen = (ctx.get_config(KEY, None), ctx.target_max_block_size)
     if seen != (config["setting"], config["block_size"]):
         raise AssertionError(f"worker {rank} saw the data context {seen}")
+    # handed over by reference to Ray Data's own setter: the worker imports nothing for it
+    if "lepton_ray.train.ray_trainer" in sys.modules:
+        raise AssertionError(f"worker {rank} imported lepton_ray.train.ray_trainer")
 
 
 def _fit(tmp_path) -> Any:
