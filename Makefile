@@ -20,8 +20,8 @@ test: compile
 
 # pip compiles the packages it installs, but not an editable one: lepton_ray (and the pipelines
 # and benchmarks that jobs and the tests' subprocesses run) would be compiled from source by every
-# process that imports them, each Ray worker included, where PYTHONDONTWRITEBYTECODE is set (as
-# on the CI machine). compileall rewrites only what changed. Measured on 2 cores, per process:
+# process that imports them, each Ray worker included, where PYTHONDONTWRITEBYTECODE is set (this
+# project's CPU and GPU machines set it). compileall rewrites only what changed. Measured on 2 cores, per process:
 # lepton_ray's trainer, feed and Serve modules (torch and Ray already imported) took 2.1 CPU-s to
 # import uncompiled and 1.8 s compiled.
 compile: $(VENV)/.installed

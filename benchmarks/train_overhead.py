@@ -20,8 +20,10 @@ back to back: cached 0.984, then 0.706), so each fit is judged against the plain
 and the alternation keeps what the second fit of a round inherits from the first (Ray's processes
 warm or busy, a slower moment) from landing on one side only.
 Beside samples/s, each run's training-loop thread CPU per sample (a fit's ``loop_cpu_s``, the
-plain loop's own thread): where a round's ratio is low, it tells a fit whose thread did more work
-per sample from a machine that ran the same work slower at that moment (not a goal).
+plain loop's own thread; not a goal): where a round's ratio is low, it tells a fit whose thread
+waited (for data, for a CPU) from one whose thread spent more CPU on each sample, and the plain
+runs' own figures show how far the machine's speed moved between runs (the same loop's CPU per
+sample moves with it).
 Before every plain run the benchmark waits until the CPUs are idle (:func:`harness.quiesce`, the
 seconds waited are in the result): after a fit, lepton_ray starts the next fit's Ray workers,
 which import torch for several CPU-seconds, and would otherwise slow the plain loop that follows.
@@ -255,7 +257,7 @@ def _waits(r: dict[str, Any]) -> str:
 
 def _cpu_table(r: dict[str, Any], m: dict[str, Any]) -> str:
     """The loop thread's CPU per sample, where the run recorded it for every run: tells a fit
-    whose thread did more work per sample from one whose thread got less of a CPU."""
+    whose thread waited from one whose thread spent more CPU on each sample."""
     if "cpu_ratio" not in m:
         return ""
     ms = r["loop_cpu_ms_per_sample"]
