@@ -180,8 +180,8 @@ def cpu_per_sample(cpu: dict[str, list[float | None]], samples_per_epoch: int) -
     out = {}
     for name, laps in cpu.items():
         after = laps[1:] or laps
-        if after and all(c is not None for c in after):
-            out[name] = round(1000 * statistics.fmean(after) / samples_per_epoch, 4)
+        if after and None not in after:
+            out[name] = round(1000 * harness.mean_after_warmup(laps) / samples_per_epoch, 4)
     return out
 
 
