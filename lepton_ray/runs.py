@@ -28,6 +28,7 @@ Everything here reads manifests and pointers only: no torch, no weights.
 from __future__ import annotations
 
 import re
+import time
 import warnings
 from typing import Any
 
@@ -146,16 +147,30 @@ class RunLayout:
                 return loc
         return None
 
-    def committed_step(self) -> int:
+    def committed_step(self, settle_s: float = 2.0) -> int:
         """The step of the latest checkpoint Ray Train has registered for this run, i.e. where a
         restart of the worker group resumes (0 before the first): read from Ray Train's own
         ``checkpoint_manager_snapshot.json``, which it writes into the run folder. For tests and
-        benchmarks that must act right after a checkpoint is committed."""
-        try:
-            snapshot = self.root.join(RAY_TRAIN_SNAPSHOT).read_json()
-            return int(snapshot["latest_checkpoint_result"]["metrics"]["step"])
-        except (StorageError, ValueError, KeyError, TypeError):
-            return 0
+        benchmarks that must act right after a checkpoint is committed.
+
+        Ray Train rewrites the file in place (truncate, then write), so a read can land between the
+        two and find it empty or cut short: such a read is retried for up to ``settle_s`` rather
+        than taken for "no checkpoint yet" (a step that seems to go back to 0)."""
+        deadline = time.monotonic() + settle_s
+        while True:
+            try:
+                snapshot = self.root.join(RAY_TRAIN_SNAPSHOT).read_json()
+            except StorageError:
+                return 0
+            except ValueError:  # being rewritten: read it again
+                if time.monotonic() >= deadline:
+                    return 0
+                time.sleep(0.01)
+                continue
+            try:
+                return int(snapshot["latest_checkpoint_result"]["metrics"]["step"])
+            except (KeyError, TypeError, ValueError):
+                return 0
 
     # --- the best checkpoint ---------------------------------------------------------------
     @property

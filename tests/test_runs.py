@@ -208,4 +208,41 @@ def test_committed_step_reads_ray_trains_snapshot(tmp_path):
     (tmp_path / "checkpoint_manager_snapshot.json").write_text(json.dumps(snapshot))
     assert run.committed_step() == 60
     (tmp_path / "checkpoint_manager_snapshot.json").write_text("{not json")
-    assert run.committed_step() == 0
+    assert run.committed_step(settle_s=0.05) == 0  # never settles: no step to report
+
+
+def test_committed_step_is_never_0_while_ray_rewrites_the_snapshot(tmp_path):
+    """Ray Train rewrites its snapshot in place (truncate, then write): a read in between must
+    wait for the write, not report that no checkpoint is committed (a chaos run's killer once read
+    step 0 there and misplaced its kill)."""
+    import json
+    import threading
+    import time
+
+    from lepton_ray.runs import RunLayout
+    from lepton_ray.storage import resolve
+
+    path = tmp_path / "checkpoint_manager_snapshot.json"
+    body = json.dumps({"latest_checkpoint_result": {"metrics": {"step": 60}}}).encode()
+    path.write_bytes(body)
+    stop = threading.Event()
+
+    def rewrite() -> None:
+        while not stop.is_set():
+            with open(path, "wb") as f:  # truncated here, as Ray's open_output_stream does
+                f.flush()
+                time.sleep(0.003)
+                f.write(body[:10])  # and for a moment cut short
+                f.flush()
+                time.sleep(0.002)
+                f.write(body[10:])
+
+    writer = threading.Thread(target=rewrite)
+    writer.start()
+    try:
+        run = RunLayout(resolve(str(tmp_path)))
+        steps = [run.committed_step() for _ in range(300)]
+    finally:
+        stop.set()
+        writer.join()
+    assert set(steps) == {60}, sorted(set(steps))
