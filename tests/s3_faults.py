@@ -89,6 +89,10 @@ FaultPolicy = Callable[[str, str, int, int], "int | None"]
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # An answer goes out as two writes (the headers, then the body): with Nagle's algorithm on,
+    # the body waited for the client's delayed ACK of the headers, ~40 ms a request (30 ms a
+    # request through the proxy against 4 ms straight to moto).
+    disable_nagle_algorithm = True
     server: _Server
 
     def log_message(self, *args) -> None:  # quiet
