@@ -205,7 +205,7 @@ HARDWARE_KEYS = tuple(
 )
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -253,7 +253,7 @@ def hardware() -> dict[str, Any]:
     (:func:`host_speed`) of this run."""
     hw: dict[str, Any] = dict.fromkeys(HARDWARE_KEYS)
     hw.update(
-        cpu_model=_cpu_model(),
+        cpu_model=cpu_model(),
         cpu_cores=os.cpu_count(),
         memory_gib=_memory_gib(),
         python=platform.python_version(),
