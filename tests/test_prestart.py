@@ -18,8 +18,10 @@ NODE_A, NODE_B = b"a" * 28, b"b" * 28
 TRAIN_ENV = '{"env_vars":{"RAY_TRAIN_X":"1","__RAY_WORKER_PROCESS_SETUP_HOOK_ENV_VAR":"h"}}'
 
 
-def actor(start_ms, env="", node=NODE_A, name="", state=ActorTableData.DEAD):
-    a = ActorTableData(start_time=start_ms, serialized_runtime_env=env, name=name, state=state)
+def actor(start_ms, env="", node=NODE_A, name="", state=ActorTableData.DEAD, cls=""):
+    a = ActorTableData(
+        start_time=start_ms, serialized_runtime_env=env, name=name, state=state, class_name=cls
+    )
     a.address.node_id = node
     return a
 
@@ -54,30 +56,66 @@ def test_the_keep_alive_setting(monkeypatch):
         prestart.keep_alive_s()
 
 
-def test_the_training_workers_runtime_env_names_an_importable_hook():
-    ((name, value),) = prestart.worker_runtime_env({})["env_vars"].items()
+def test_the_hook_env_names_an_importable_hook():
+    ((name, value),) = prestart.hook_env({})["env_vars"].items()
     import ray._private.ray_constants as ray_constants
 
     assert name == ray_constants.WORKER_PROCESS_SETUP_HOOK_ENV_VAR  # Ray's own variable
     module, func = value.rsplit(".", 1)
     assert callable(getattr(__import__(module, fromlist=[func]), func))
-    assert prestart.worker_runtime_env({"env_vars": {"A": "1"}}) == {"env_vars": {name: value}}
+    assert prestart.hook_env({"env_vars": {"A": "1"}}) == {"env_vars": {name: value}}
 
 
-def test_no_hook_when_no_process_is_kept_warm(monkeypatch):
-    # The hook would only make the tasks a training worker's reads start import torch for nothing.
+def test_the_training_workers_get_the_hook_only_while_a_prestarted_process_may_be_idle(
+    monkeypatch,
+):
+    empty = {"env_vars": {prestart.SETUP_HOOK_ENV: ""}}
+    # Nothing warm (a process's first fit): the hook would gain its workers nothing and make the
+    # tasks of their reads import torch for nothing. Its variable is empty (no hook): the
+    # environment the next fit's reads ask for, to land on this fit's idle read processes.
     monkeypatch.setattr(prestart, "_warm_until", 0.0)
-    assert prestart.worker_runtime_env({}, keep_s=0) == {}
-    assert prestart.worker_runtime_env({}, keep_s=1) != {}
-    # Prestarting turned off after a fit whose processes are still idle: a fit lands on those.
+    assert prestart.worker_runtime_env({}) == empty
+    assert prestart.worker_runtime_env({}, keep_s=0) == {}  # nothing started after it: as Ray has
+    # Processes prestarted after a fit may be idle (prestarting since turned off or not): the
+    # fit's workers ask for the environment those were started with, to land on them.
     monkeypatch.setattr(prestart, "_warm_until", time.time() + 60)
-    assert prestart.worker_runtime_env({}, keep_s=0) != {}
+    assert prestart.worker_runtime_env({}) == prestart.hook_env({}) != {}
+    assert prestart.worker_runtime_env({}, keep_s=0) == prestart.hook_env({})
+    for warm in (0.0, time.time() + 60):  # a job's own hook is left alone, warm or not
+        monkeypatch.setattr(prestart, "_warm_until", warm)
+        assert prestart.worker_runtime_env({"worker_process_setup_hook": "mine.setup"}) == {}
 
 
 def test_a_jobs_own_set_up_hook_is_left_to_run():
     # As Ray records a job's hook: the field, and the variable among the job's env_vars.
-    assert prestart.worker_runtime_env({"worker_process_setup_hook": "mine.setup"}) == {}
-    assert prestart.worker_runtime_env({"env_vars": {prestart.SETUP_HOOK_ENV: "mine.setup"}}) == {}
+    assert prestart.hook_env({"worker_process_setup_hook": "mine.setup"}) == {}
+    assert prestart.hook_env({"env_vars": {prestart.SETUP_HOOK_ENV: "mine.setup"}}) == {}
+
+
+def test_the_training_workers_processes_are_prestarted_with_the_hook():
+    """A fit without the hook (nothing was warm) has the processes for its training workers
+    started with it, in the form Ray records an actor's environment (sorted keys, no spaces): the
+    next fit's workers ask for that environment. Its other actors' are started as they were."""
+    hook = prestart.hook_env({})
+    cold = '{"env_vars":{"RAY_TRAIN_X":"1","Z":"2","__RAY_WORKER_PROCESS_SETUP_HOOK_ENV_VAR":""}}'
+    plain = '{"env_vars":{"RAY_TRAIN_X":"1","Z":"2"}}'
+    hooked = cold.replace(':""}}', f':"{prestart.HOOK}"}}}}')
+    workers = [actor(1000, cold, cls="RayTrainWorker"), actor(1000, cold, cls="RayTrainWorker")]
+    actors = [*workers, actor(1000, plain, cls="TrainController")]
+    assert prestart.processes_to_start(actors, since_ms=1000, hook=hook) == {
+        (NODE_A, hooked): 2,
+        (NODE_A, plain): 1,
+    }
+    assert prestart.processes_to_start(actors, since_ms=1000) == {
+        (NODE_A, cold): 2,
+        (NODE_A, plain): 1,
+    }
+    # A warm fit's workers had it already; one Ray wrote in another form is left as it is.
+    assert prestart.with_env_vars(hooked, hook["env_vars"]) == hooked
+    assert prestart.with_env_vars("", {"A": "1"}) == '{"env_vars":{"A":"1"}}'
+    assert (
+        prestart.with_env_vars('{"env_vars": {"B": "2"}}', {"A": "1"}) == '{"env_vars": {"B": "2"}}'
+    )
 
 
 def test_the_hook_imports_what_a_first_optimizer_step_would():
@@ -160,12 +198,20 @@ class _TrainingWorker:
         )
         spec = ReadSpec((3, 8, 8), info, None, 0, 100, True, 1)
         rows = sum(len(block) for block in RemoteBlocks(reader, 1, spec, pin=False))
+        # The reads a worker runs itself (the streamed feed's, the cache's fill) take it off too.
+        from lepton_ray.data import read_ray
+        from lepton_ray.train.prestart import child_options
+
+        ds = read_ray(info, normalize=False, keep_ids=range(400), task_args=child_options())
+        rows += sum(len(b["id"]) for b in ds.iter_batches(batch_format="numpy"))
         # The processes started for the reader and its read, told by the variable they run with
         # (another fit's prestarted workers may start meanwhile, with the hook, on a shared Ray).
-        ours = [pid for pid in ray_processes() - before if _hook_of(pid) == ""]
+        started = ray_processes() - before
+        ours = [pid for pid in started if _hook_of(pid) == ""]
+        hooked = [pid for pid in started if _hook_of(pid) == prestart.HOOK]
         ray.kill(reader)
         hook = os.environ.get(prestart.SETUP_HOOK_ENV)
-        return hook, reader_env, rows, len(ours), _with_torch(ours)
+        return hook, reader_env, rows, len(ours), _with_torch(ours), hooked
 
 
 def _is_ray_worker(p) -> bool:
@@ -209,15 +255,18 @@ def test_what_a_training_worker_starts_does_not_run_its_hook(ray_session, tmp_pa
 
     info = prepare("synthetic:400:8x8x3", str(tmp_path / "s"), rows_per_shard=100)["train"]
     ray.data.range(1).take(1)  # Ray Data's own named actors, started by the driver, not the worker
-    env = prestart.worker_runtime_env({})
+    env = prestart.hook_env({})  # a warm fit's training worker
     worker = ray.remote(_TrainingWorker).options(num_cpus=0, runtime_env=env).remote()
-    hook, reader_env, rows, started, with_torch = ray.get(worker.run.remote(info), timeout=300)
+    hook, reader_env, rows, started, with_torch, hooked = ray.get(
+        worker.run.remote(info), timeout=300
+    )
     ray.kill(worker)
     assert hook == prestart.HOOK  # the worker ran the hook ...
     assert reader_env == ("", False)  # ... its reader did not
-    assert rows == 400
-    assert started >= 2  # the reader's process and its read's (Ray Data's tasks) ...
+    assert rows == 800  # the ring's epoch, and the worker's own read
+    assert started >= 2  # the reader's process and the reads' (Ray Data's tasks) ...
     assert with_torch == []  # ... none of which imported torch
+    assert hooked == []  # and none ran with the worker's hook
 
 
 def test_only_our_hook_is_taken_off_what_a_process_starts(monkeypatch):
@@ -249,9 +298,9 @@ def test_no_hook_when_the_package_is_found_only_through_the_drivers_directory(
     assert prestart.importable_in_workers("pkg_only_here")
     assert prestart.importable_in_workers("lepton_ray")  # installed (editable) here
     monkeypatch.setattr(prestart, "importable_in_workers", lambda package: False)
-    assert prestart.worker_runtime_env({}) == {}
+    assert prestart.hook_env({}) == {}
     # A job's working_dir is on a new worker's path from its start (Ray ships and adds it).
-    assert prestart.worker_runtime_env({"working_dir": "gcs://_ray_pkg_x.zip"}) != {}
+    assert prestart.hook_env({"working_dir": "gcs://_ray_pkg_x.zip"}) != {}
 
 
 def _idle_training_workers(since: float) -> list[int]:

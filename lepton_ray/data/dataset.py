@@ -427,6 +427,7 @@ def read_ray(
     jpeg: str = "center",
     decode_args: dict[str, Any] | None = None,
     layout: str = "nchw",
+    task_args: dict[str, Any] | None = None,
 ) -> ray.data.Dataset:
     """A Ray Dataset of preprocessed rows (``image`` float32 CHW, ``label``, ``id``; with
     ``normalize=False`` the images stay uint8 CHW, to be normalised where they are consumed).
@@ -440,7 +441,9 @@ def read_ray(
     augments the same way on every execution: read one per epoch for a fresh augmentation.
     A JPEG dataset's rows are cropped as ``jpeg`` says: ``center`` (evaluation), ``random``
     (training: keyed like augmentation), or ``bytes`` (left encoded for the worker's device).
-    ``decode_args``: Ray remote args of the decoding tasks (where they may run). ``layout="nhwc"``
+    ``decode_args``: Ray remote args of the decoding tasks (where they may run); ``task_args``: of
+    every task the dataset runs (a training worker's runtime environment without its set-up hook:
+    :func:`lepton_ray.train.prestart.child_options`). ``layout="nhwc"``
     (with ``normalize=False``) leaves images as stored, (N, H, W, C); a raw dataset's rows then
     pass through as read (:class:`~lepton_ray.data.transforms.Preprocessor`).
     """
@@ -462,23 +465,24 @@ def read_ray(
     source = ShardSource(
         info, shard_locations(info), ("id", "image", "label"), mode == "files", shuffle_seed
     )
-    ds = ray.data.read_datasource(source, **whole)
+    task = task_args or {}
+    ds = ray.data.read_datasource(source, **whole, **task)
     if keep_ids is not None:
-        ds = ds.map_batches(KeepIds(keep_ids), batch_format="pyarrow", zero_copy_batch=True)
+        ds = ds.map_batches(KeepIds(keep_ids), batch_format="pyarrow", zero_copy_batch=True, **task)
     if mode == "global":
         seed = (
             None
             if shuffle_seed is None
             else RandomSeedConfig(seed=shuffle_seed, reseed_after_execution=True)
         )
-        ds = ds.random_shuffle(seed=seed)
+        ds = ds.random_shuffle(seed=seed, **task)
     # Arrow batches: the pixels are read in place from the Parquet column's buffer.
     return ds.map_batches(
         pre,
         batch_format="pyarrow",
         zero_copy_batch=True,
         batch_size=None if pre.as_read else decode_batch_rows(info.shape, batch_size, normalize),
-        **(decode_args or {}),
+        **{**task, **(decode_args or {})},
     )
 
 

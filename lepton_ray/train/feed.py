@@ -43,6 +43,7 @@ import torch
 
 from lepton_ray.errors import TrainingError
 from lepton_ray.train import batching, sampling
+from lepton_ray.train.prestart import child_options
 from lepton_ray.train.readahead import ReadAhead, batch_bytes
 from lepton_ray.train.step import BATCH_DTYPES
 
@@ -312,6 +313,7 @@ class StreamedFeed:
             decode_args=cpu_only_nodes() if self.jpeg and not on_device else None,
             shuffle="global" if mix_bytes else False,
             shuffle_seed=order_seed if mix_bytes else None,
+            task_args=child_options(),  # not this worker's hook (lepton_ray.train.prestart)
         )
         buffer = len(p.ids) if self.plan.order == "shuffled" else min(self.buffer, len(p.ids))
         if self.plan.order == "sequential-unshuffled" or mix_bytes:

@@ -36,6 +36,7 @@ from lepton_ray.train.feed import (
     jpeg_decode_on,
 )
 from lepton_ray.train.gc_clock import process_clock
+from lepton_ray.train.prestart import child_options
 from lepton_ray.train.progress import WorkerProgress
 from lepton_ray.train.ring_reader import read_cpus
 from lepton_ray.train.step import BATCH_DTYPES, Pixels, TrainStep
@@ -241,7 +242,10 @@ def make_feeds(spec: RunSpec, world: int, rank: int, device: torch.device) -> tu
             ray.train.get_dataset_shard("train")  # a user's Ray Dataset, not split
             if spec.train_info is None
             else read_ray(
-                spec.train_info, normalize=False, batch_size=cfg.data.preprocess_batch_size
+                spec.train_info,
+                normalize=False,
+                batch_size=cfg.data.preprocess_batch_size,
+                task_args=child_options(),  # not this worker's hook (lepton_ray.train.prestart)
             )
         )
         cache = DeviceCache(whole.iter_torch_batches(batch_size=4096, dtypes=BATCH_DTYPES), device)

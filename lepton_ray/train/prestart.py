@@ -13,11 +13,14 @@ After a fit, :func:`after_fit` asks each node's raylet to start the same process
 for the same runtime environments (Ray's ``PrestartWorkers``, the request Ray's own task
 submitter sends for a backlog), read from the unnamed actors the fit started (Ray's actor
 table). The next fit's actors land on them instead of waiting for new processes. The
-training workers' runtime environment names :func:`import_for_training` as Ray's worker-process
-set-up hook, so an idle training worker has imported torch, ``torch._dynamo`` (which its first
-optimizer step imports) and the training loop before a fit needs it; a worker started on demand
-runs the same imports first, which it would run anyway. What a training worker starts in turn
-inherits the hook with the environment: the ring's reader takes it off (:func:`child_options`).
+processes started for its training workers name :func:`import_for_training` as Ray's
+worker-process set-up hook, so an idle training worker has imported torch, ``torch._dynamo``
+(which its first optimizer step imports) and the training loop before a fit needs it; a fit
+that may find them names the hook in its training workers' runtime environment to land on them
+(:func:`worker_runtime_env`), and a fit with none to find (a process's first) names none. What a
+training worker starts in turn (the ring's reader, the tasks of the reads it runs itself) would
+inherit the hook with the environment: each takes it off (:func:`child_options`), and so runs in
+the environment of a fit without the hook, whose idle read processes it lands on.
 A job whose runtime environment has a set-up hook of its own keeps it: the training workers then
 get none of ours (one would replace the other), and import on demand; so do they where a new
 worker process could not import lepton_ray before running a hook (:func:`importable_in_workers`).
@@ -28,7 +31,7 @@ warm fit on 2 cores (Ray Train's debug log), most likely the cleaner's own start
 importing Ray Train's modules), which in a cold fit hid behind the workers' start.
 
 The processes stay idle for ``$LEPTON_PRESTART_S`` seconds (default 300; ``0`` turns this off,
-and with it the training workers' hook: :func:`worker_runtime_env`) and are then Ray's to stop
+and with it the training workers' hook once none is idle) and are then Ray's to stop
 like any idle worker (Ray keeps up to one per CPU of the node). An idle training worker holds
 what its imports take and no GPU memory: those imports alone took 0.78 GB of host memory in a
 plain process on the 2-core machine (0.43 GB of it the process's own, the rest
@@ -73,6 +76,8 @@ TRAINING_IMPORTS = (
     "ray.train.torch.config",
     "lepton_ray.train.loop",
 )
+# Ray Train's training-worker actor class (``ActorTableData.class_name``): its processes get the hook.
+TRAINING_WORKER = "RayTrainWorker"
 RPC_TIMEOUT_S = 2.0
 _warm_until = 0.0  # time.time() until which processes this one prestarted may be idle
 
@@ -95,22 +100,36 @@ def keep_alive_s() -> int:
 
 
 def worker_runtime_env(job_env: dict[str, Any], keep_s: int = DEFAULT_KEEP_S) -> dict[str, Any]:
-    """The training workers' runtime environment (Ray Train's ``worker_runtime_env``): the hook,
-    unless the job's runtime environment ``job_env`` has a set-up hook of its own (it would
-    override the user's in the training workers): then nothing, and they import on demand. The
-    same where lepton_ray is found only through the driver's directory: a job's ``working_dir``
-    is on a worker's path from its start, the driver's directory is not.
+    """The training workers' runtime environment (Ray Train's ``worker_runtime_env``): the hook
+    (:func:`hook_env`) while processes this one prestarted may still be idle (:func:`after_fit`),
+    for the fit to land on them. Else the hook's variable empty (Ray runs no hook), the
+    environment the tasks of the next fit's reads ask for (:func:`child_options`), so that they
+    land on this fit's idle read processes; nothing at all when prestarting is off
+    (``keep_s`` 0) or the job has a hook of its own.
 
-    Nothing either when no process is kept warm: prestarting off (``keep_s`` 0,
-    :func:`keep_alive_s`) and none this process prestarted still idle (:func:`after_fit`). The
-    hook then saves a training worker nothing (it imports the same on demand), and the tasks of
-    the reads it runs in its own process (the streamed feed's, the device cache's fill) would each
-    start a process that imports torch, ``torch._dynamo`` and the training loop for nothing, with
-    no idle one to land on: with prestart off, a 2-worker streamed fit on 2 CPUs started two such
-    processes, 5.8 s of CPU each against 2.2-2.7 s for the same tasks' processes without the
-    hook."""
-    if keep_s <= 0 and time.time() >= _warm_until:
+    A fit with nothing warm to land on gains nothing from the hook (its training workers would
+    import the same on demand), and the tasks of the reads a worker runs in its own process (the
+    streamed feed's, the device cache's fill) would each start a process that imports torch,
+    ``torch._dynamo`` and the training loop for nothing. A process's first fit is such a fit: on
+    2 CPUs, a first 2-worker fit (Ray's start included) took 20.4-20.9 s with the hook against
+    16.0-16.7 s without, its first step 6.3-6.7 s after the workers were ready against 2.3-2.5 s,
+    and the fits after it as long either way (benchmarks ``fixed_cost_coldhook_old_1``/``_2`` and
+    ``_new_1``/``_2``, alternated). The processes :func:`after_fit` starts for the next fit's
+    training workers get the hook all the same."""
+    hook = hook_env(job_env)
+    if not hook or time.time() < _warm_until:
+        return hook
+    if keep_s <= 0:
         return {}
+    return {"env_vars": {SETUP_HOOK_ENV: ""}}
+
+
+def hook_env(job_env: dict[str, Any]) -> dict[str, Any]:
+    """The runtime environment that names :func:`import_for_training` as a process's set-up hook,
+    or nothing where the job's runtime environment ``job_env`` has a set-up hook of its own (ours
+    would override the user's in the training workers) or lepton_ray is found through the
+    driver's directory only (a job's ``working_dir`` is on a worker's path from its start, the
+    driver's directory is not)."""
     if job_env.get("worker_process_setup_hook") or SETUP_HOOK_ENV in job_env.get("env_vars", {}):
         return {}
     if not job_env.get("working_dir") and not importable_in_workers(__name__.split(".")[0]):
@@ -120,11 +139,12 @@ def worker_runtime_env(job_env: dict[str, Any], keep_s: int = DEFAULT_KEEP_S) ->
 
 
 def child_options() -> dict[str, Any]:
-    """Ray remote args for an actor a training worker starts that should not run lepton_ray's
-    set-up hook (the ring's reader, :func:`lepton_ray.train.ring_reader.start_reader`): the
-    worker's own runtime environment with the hook's variable empty (Ray runs no hook then, and
-    merges the other variables in); nothing in a process without our hook (a driver, a job with a
-    hook of its own, which is the job's to pass on).
+    """Ray remote args for what a training worker starts that should not run lepton_ray's set-up
+    hook (the ring's reader, :func:`lepton_ray.train.ring_reader.start_reader`; the tasks of the
+    reads it runs itself, :func:`lepton_ray.data.read_ray`'s ``task_args``): the worker's own
+    runtime environment with the hook's variable empty (Ray runs no hook then, and merges the
+    other variables in); nothing in a process without our hook (a driver, a fit's worker with the
+    variable empty already, a job with a hook of its own, which is the job's to pass on).
 
     A task or actor inherits its parent's runtime environment, so the reader's process and those
     of its reads' tasks would each import torch, ``torch._dynamo`` and the training loop before
@@ -133,11 +153,13 @@ def child_options() -> dict[str, Any]:
     with the hook, 3.8-5.2 s without (``benchmarks.gpu_train --model cnn --cases ring --rows 4096
     --batch-size 256 --epochs 3``, two runs each, alternated).
 
-    The reads a worker runs in its own process (the device cache's fill, the streamed feed) keep
-    the worker's environment: their tasks then run in the idle training-worker processes this
-    module keeps, which have imported everything already. Taking the hook off those made each fit
-    start fresh processes for them: 2 workers on 2 cores, back-to-back fits waited 10.7-12.9 s
-    for the first step instead of 1.3-1.7 s (``benchmarks.fixed_cost --workers 2``, alternated)."""
+    The reads a worker runs in its own process (the device cache's fill, the streamed feed) then
+    run in the environment of a fit's workers without the hook (:func:`worker_runtime_env`), and
+    land on the processes of the reads of the fit before, idle, which never imported torch.
+    (While a fit's reads kept the hook, its first fit's read processes imported torch and the
+    next fit's reads landed on those; taking the hook off the reads alone made each fit start
+    fresh processes for them, 10.7-12.9 s to the first step instead of 1.3-1.7 s, 2 workers on 2
+    cores back to back.)"""
     if os.environ.get(SETUP_HOOK_ENV) != HOOK:
         return {}
     return {"runtime_env": {"env_vars": {SETUP_HOOK_ENV: ""}}}
@@ -198,31 +220,65 @@ def import_for_training() -> None:
     warm_imports()
 
 
-def processes_to_start(actors: Iterable[Any], since_ms: int) -> dict[tuple[bytes, str], int]:
+def processes_to_start(
+    actors: Iterable[Any], since_ms: int, hook: dict[str, Any] | None = None
+) -> dict[tuple[bytes, str], int]:
     """``(node id, serialized runtime environment) -> count`` of the actors (Ray's
     ``ActorTableData``) that started at or after ``since_ms`` without a name: the processes a fit
     started for itself. Named actors are the ones meant to outlive it, found by name by the next
     (Ray Data's statistics actor and autoscaling coordinator); some of a fit's own are still
-    alive when it returns, until the driver lets go of their handles."""
+    alive when it returns, until the driver lets go of their handles.
+
+    ``hook`` (:func:`hook_env`) goes into a training worker's environment that lacks it: the next
+    fit's training workers ask for it (:func:`worker_runtime_env`), so its process must have it to
+    be theirs."""
     out: collections.Counter[tuple[bytes, str]] = collections.Counter()
     for a in actors:
         if a.start_time >= since_ms and not a.name:
-            out[(a.address.node_id, a.serialized_runtime_env)] += 1
+            env = a.serialized_runtime_env
+            if hook and a.class_name == TRAINING_WORKER:
+                env = with_env_vars(env, hook["env_vars"])
+            out[(a.address.node_id, env)] += 1
     return dict(out)
+
+
+def with_env_vars(serialized: str, env_vars: dict[str, str]) -> str:
+    """A serialized runtime environment as Ray records an actor's (sorted keys, no spaces) with
+    ``env_vars`` added; one not in that form is returned as it is (no process started for it
+    could be matched to what the next fit asks for)."""
+    import json
+
+    try:
+        env = json.loads(serialized or "{}")
+        if serialized and _compact(env) != serialized:
+            return serialized
+    except ValueError:
+        return serialized
+    env["env_vars"] = {**env.get("env_vars", {}), **env_vars}
+    return _compact(env)
+
+
+def _compact(env: Any) -> str:
+    import json
+
+    return json.dumps(env, sort_keys=True, separators=(",", ":"))
 
 
 def after_fit(since_ms: int, keep: int) -> int:
     """Start idle processes, kept ``keep`` seconds (:func:`keep_alive_s`, read before the fit), for
-    what the fit that began at ``since_ms`` (``time.time()`` in ms) started; the number asked for
-    (0 when off or when Ray could not be asked)."""
+    what the fit that began at ``since_ms`` (``time.time()`` in ms) started, the training workers'
+    with the hook (:func:`hook_env`); the number asked for (0 when off or when Ray could not be
+    asked)."""
     global _warm_until
     if keep == 0:
         return 0
     try:
         import ray
 
-        job = ray.JobID.from_hex(ray.get_runtime_context().get_job_id())
-        asked = _prestart(processes_to_start(_job_actors(job), since_ms), job, keep)
+        context = ray.get_runtime_context()
+        job = ray.JobID.from_hex(context.get_job_id())
+        wanted = processes_to_start(_job_actors(job), since_ms, hook_env(context.runtime_env))
+        asked = _prestart(wanted, job, keep)
         if asked:
             _warm_until = max(_warm_until, time.time() + keep)
         return asked

@@ -295,8 +295,9 @@ def _run(
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
             callbacks=[RunObserver(run.uri, cfg.endpoint_url)],
-            # Ray's set-up hook for the workers: an idle one prestarted for the next fit has
-            # imported torch before it is asked for (lepton_ray.train.prestart).
+            # Ray's set-up hook for the workers while processes prestarted after an earlier fit
+            # may be idle: they have imported torch, and a worker lands on one with the same
+            # runtime environment (lepton_ray.train.prestart).
             worker_runtime_env=prestart.worker_runtime_env(
                 ray.get_runtime_context().runtime_env, keep_warm
             ),
