@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import collections
 import importlib
+import json
 import logging
 import os
 import sys
@@ -246,8 +247,6 @@ def with_env_vars(serialized: str, env_vars: dict[str, str]) -> str:
     """A serialized runtime environment as Ray records an actor's (sorted keys, no spaces) with
     ``env_vars`` added; one not in that form is returned as it is (no process started for it
     could be matched to what the next fit asks for)."""
-    import json
-
     try:
         env = json.loads(serialized or "{}")
         if serialized and _compact(env) != serialized:
@@ -259,8 +258,6 @@ def with_env_vars(serialized: str, env_vars: dict[str, str]) -> str:
 
 
 def _compact(env: Any) -> str:
-    import json
-
     return json.dumps(env, sort_keys=True, separators=(",", ":"))
 
 
