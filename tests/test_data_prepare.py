@@ -136,6 +136,36 @@ def test_shards_are_many_fixed_width_and_cut_in_row_groups(tmp_path):
     np.testing.assert_array_equal(data.read_arrays(info)[0], images)
 
 
+def test_pixels_are_compressed_only_where_it_pays(tmp_path):
+    import pyarrow as pa
+
+    from lepton_ray.data.writer import image_compression, pixel_column
+
+    rng = np.random.default_rng(0)
+    noisy = rng.integers(0, 256, (2000, 8, 8, 3), dtype=np.uint8)  # ~8 bits of entropy a byte
+    digits = np.zeros((2000, 8, 8, 1), np.uint8)
+    digits[:, 2:6, 3:5] = 200  # mostly background, as the built-in digits are
+    assert image_compression(pixel_column(noisy)) == "none"
+    assert image_compression(pa.chunked_array([pixel_column(digits)])) == "zstd"
+    encoded = pa.array([rng.bytes(300) for _ in range(50)], pa.binary())  # JPEG bytes: no gain
+    assert image_compression(encoded) == "none"
+    assert image_compression(pa.array([], pa.binary(4))) == "zstd"  # nothing to judge by
+
+    codecs = {}
+    for name, images in [("noisy", noisy), ("digits", digits)]:
+        labels = np.arange(len(images)) % 3
+        info = write_dataset(images, labels, tmp_path / name, classes=["a", "b", "c"])
+        raw = info.location().join(info.shards[0]["path"]).read_bytes()
+        group = pq.ParquetFile(io.BytesIO(raw)).metadata.row_group(0)
+        codecs[name] = {
+            group.column(i).path_in_schema: group.column(i).compression
+            for i in range(group.num_columns)
+        }
+        np.testing.assert_array_equal(data.read_arrays(info)[0], images)  # either reads back
+    assert codecs["noisy"] == {"id": "ZSTD", "image": "UNCOMPRESSED", "label": "ZSTD"}
+    assert codecs["digits"] == {"id": "ZSTD", "image": "ZSTD", "label": "ZSTD"}
+
+
 def test_chunks_of_any_size_make_shards_of_the_same_rows_and_exact_statistics(tmp_path):
     from lepton_ray.data.writer import DatasetWriter
 

@@ -93,6 +93,44 @@ def test_blocks_arrive_packed_in_plan_order_and_whole(ray_session, prepared):
         ray.kill(actor)
 
 
+def test_tasks_of_several_shards_hand_their_rows_over_in_plan_order(ray_session, tmp_path):
+    from types import SimpleNamespace
+
+    from lepton_ray.data.dataset import as_read_tasks
+
+    # The worked example: 1M 32x32x3 rows in 245 shards of 12 MiB, 5 shards a task.
+    big = SimpleNamespace(shards=[{"rows": 4082}] * 245, shape=(32, 32, 3))
+    assert as_read_tasks(big) == 49
+    assert as_read_tasks(SimpleNamespace(shards=[{"rows": 10}] * 5, shape=(2, 3, 1))) == 5
+    ids = 3 + 2 * np.arange(700)
+    info = write_dataset(
+        hwc_pixels(ids),
+        ids % 10,
+        tmp_path / "many",
+        classes=[str(i) for i in range(10)],
+        ids=ids,
+        rows_per_shard=20,  # 35 shards, read by 8 tasks
+    )
+    layout = RowLayout(SHAPE)
+    actor = start_reader()
+    try:
+        for read, (world, rank) in enumerate([(1, 0), (3, 2)], start=1):
+            p, shards = piece(info, rank, epoch=1, world=world)
+            assert as_read_tasks(shards) < len(shards.shards)  # tasks read several shards
+            spec = ReadSpec(SHAPE, shards, p.ids, 1, 64, True, 2)
+            source = RemoteBlocks(actor, read, spec, pin=False)
+            blocks = list(BlockReader(source, layout, 10_000))
+            rows = layout.unpack(torch.cat(blocks))
+            assert rows["id"].numpy().tolist() == p.ids.tolist()  # exactly the plan, in order
+            want = torch.from_numpy(hwc_pixels(rows["id"].numpy())).permute(0, 3, 1, 2)
+            assert torch.equal(rows["image"], want)
+            assert len(blocks) < len(shards.shards)  # a task's shards came as one block
+    finally:
+        import ray
+
+        ray.kill(actor)
+
+
 def test_closing_a_read_mid_way_unblocks_it_and_the_actor_reads_on(ray_session, prepared):
     layout = RowLayout(SHAPE)
     actor = start_reader()

@@ -28,6 +28,7 @@ manifest was written.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -456,11 +457,12 @@ def read_ray(
     if mode not in ("global", "files", "none"):
         raise DataError(f"unknown shuffle {shuffle!r} (global, files or none)")
     pre = info.preprocessor(check_augment(augment), augment_seed, normalize, epoch, jpeg, layout)
-    # Raw rows passed through as read have nothing to batch or spread out: one task and one
-    # block per shard (Ray Data otherwise splits each file's output to make 200 blocks, and a
-    # split read or a batch size keeps it from fusing the map into the read tasks). On 2 CPUs,
-    # 204,800 32x32 rows in 50 shards through the ring's reader: 2.4 CPU-seconds, not 3.9.
-    whole = {"override_num_blocks": len(info.shards)} if pre.as_read and info.shards else {}
+    # Raw rows passed through as read have nothing to batch or spread out: a task and a block
+    # per few shards (as_read_tasks; Ray Data otherwise splits each file's output to make
+    # 200 blocks, and a split read or a batch size keeps it from fusing the map into the read
+    # tasks). On 2 CPUs, 204,800 32x32 rows in 50 shards through the ring's reader: 2.4
+    # CPU-seconds a task per shard, not 3.9.
+    whole = {"override_num_blocks": as_read_tasks(info)} if pre.as_read else {}
     # Planned from the manifest (shard_source): no sampling tasks or footer reads per execution.
     source = ShardSource(
         info, shard_locations(info), ("id", "image", "label"), mode == "files", shuffle_seed
@@ -484,6 +486,29 @@ def read_ray(
         batch_size=None if pre.as_read else decode_batch_rows(info.shape, batch_size, normalize),
         **{**task, **(decode_args or {})},
     )
+
+
+READ_TASK_BYTES = 64 << 20
+MIN_READ_TASKS = 8
+
+
+def as_read_tasks(info: DatasetInfo) -> int:
+    """Read tasks for raw rows passed through as read (the ring's reads): each reads whole shards,
+    about :data:`READ_TASK_BYTES` of pixels, but there are no fewer than :data:`MIN_READ_TASKS`
+    (one per shard below that), so that a small read still spreads over CPUs. A task's shards
+    share what Ray spends per task and per block (scheduling it, finishing it in the reading
+    process's executor, handing its output over): Ray Data joins what a task yields into one
+    block up to its target block size (128 MiB), so a block holds a task's shards.
+
+    Worked example, 1M 32x32x3 rows in 245 shards of 12 MiB: 49 tasks of 5 shards. Measured on 2
+    CPUs (``benchmarks.ring_read``, 204,800 rows in 50 shards, raw pixels), the read of an epoch
+    took 1.96-1.99 CPU-seconds a task per shard, 0.8-1.35 in tasks of 4 shards."""
+    shards = len(info.shards)
+    if not shards:
+        return 1
+    largest = max(int(s["rows"]) for s in info.shards) * max(int(np.prod(info.shape)), 1)
+    per_task = max(1, READ_TASK_BYTES // max(largest, 1))
+    return max(min(shards, MIN_READ_TASKS), math.ceil(shards / per_task))
 
 
 DECODED_BATCH_BYTES = 16 << 20
