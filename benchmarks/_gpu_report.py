@@ -83,10 +83,19 @@ def training_rows(r: dict[str, Any]) -> list[dict[str, Any]]:
     if r.get("training"):  # gpu.json: rows of several runs, merged
         return [dict(t, plain=t.get("plain_same_run")) for t in r["training"]]
     return [
-        {**v, "key": k, "plain": (r.get(v.get("baseline", "plain")) or {}).get("samples_per_s")}
+        {**v, "key": k, "plain": baseline_rate(r, v.get("baseline", "plain"))}
         for k, v in r.items()
         if k.startswith("trainer_") and isinstance(v, dict)
     ]
+
+
+def baseline_rate(r: dict[str, Any], name: str) -> float | None:
+    """The samples/s a Trainer row is judged against: plain loop ``name``, or where the run also
+    ran it after the Trainer cases (``--plain-after``), the mean of the two runs, so that a drift
+    in the machine's speed lands on both sides."""
+    before = (r.get(name) or {}).get("samples_per_s")
+    after = (r.get(f"{name}_after") or {}).get("samples_per_s")
+    return (before + after) / 2 if before and after else before
 
 
 def _training(r: dict[str, Any]) -> list[str]:
@@ -102,6 +111,11 @@ def _training(r: dict[str, Any]) -> list[str]:
             if any(k in r for k in ("plain_uint8", "plain_uint8_augmented"))
             else "already on the GPU) of the same run"
         )
+        + (
+            ", the mean of its runs before and after the Trainer's"
+            if any(k.endswith("_after") for k in r)
+            else ""
+        )
         + "; data wait: share of the loop's training time spent waiting for a batch; fixed "
         "cost: `fit()` wall time minus its epochs.\n",
     ]
@@ -112,11 +126,18 @@ def _training(r: dict[str, Any]) -> list[str]:
         ("plain_uint8", "uint8 rows on the GPU, shuffled, converted there"),
         ("plain_uint8_augmented", "uint8 rows on the GPU, shuffled, crop + flip, converted there"),
     ):
-        if key in r:
-            sps = r[key]["samples_per_s"]
-            rows.append(
-                [f"plain loop, {what}", "same", "", sps, f"{sps / plain:.2f}" if plain else "–"]
-            )
+        for when, suffix in (("", ""), ("_after", ", run again after the Trainer")):
+            if key + when in r:
+                sps = r[key + when]["samples_per_s"]
+                rows.append(
+                    [
+                        f"plain loop, {what}{suffix}",
+                        "same",
+                        "",
+                        sps,
+                        f"{sps / plain:.2f}" if plain else "–",
+                    ]
+                )
     if "plain_cudnn_benchmark" in r:
         sps = r["plain_cudnn_benchmark"]["samples_per_s"]
         rows.append(["plain loop, `cudnn.benchmark=True`", "same", "", sps, f"{sps / plain:.2f}"])

@@ -218,6 +218,21 @@ def _run(args: argparse.Namespace, usage: Usage | None) -> dict[str, Any]:
         except Exception as exc:  # noqa: BLE001 - recorded; the other cases still run
             r[key] = {"input": label, "error": f"{type(exc).__name__}: {exc}"}
         print(f"{key}: {r[key]}", flush=True)
+    if args.plain_after:  # the baselines again: each ratio against the mean of both runs
+        for data in sorted(needed):
+            clock, laps = [], []
+            rates = _gpu.plain_loop(
+                args.model,
+                args.rows,
+                args.batch_size,
+                args.epochs,
+                dev,
+                data=data,
+                clock=clock,
+                laps=laps,
+            )
+            r[f"plain_{data}_after"] = _gpu.plain_summary(rates, laps)
+            windows[f"plain_{data}_after"] = _gpu.plain_window(clock)
     if usage is not None:
         usage.attach(r, windows)
     return r
@@ -243,6 +258,12 @@ def add_args(ap: argparse.ArgumentParser) -> None:
     )
     ap.add_argument(
         "--cudnn-benchmark", action="store_true", help="also the plain loop with cudnn.benchmark"
+    )
+    ap.add_argument(
+        "--plain-after",
+        action="store_true",
+        help="run the plain baselines again after the Trainer cases; each ratio is then against "
+        "the mean of the two runs (a drift in the machine's speed lands on both sides)",
     )
     _usage.add_arg(ap)
 

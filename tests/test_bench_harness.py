@@ -190,6 +190,29 @@ def test_gpu_goals_are_judged_only_on_a_gpu_and_from_the_ratio():
     assert "no goal is judged" in on_cpu and "**met**" not in on_cpu and "not met" not in on_cpu
 
 
+def test_a_plain_loop_run_again_after_the_trainer_makes_the_baseline_their_mean():
+    from benchmarks._gpu_report import render
+
+    r = _gpu_result("1x NVIDIA H100") | {
+        "setup": {"model": "resnet18", "global_batch": 512, "rows_per_epoch": 1_048_576},
+        "plain_uint8_augmented": {"samples_per_s": 50000.0},
+        "plain_uint8_augmented_after": {"samples_per_s": 40000.0},
+    }
+    del r["trainer_synthetic"]
+    r["trainer_ring"] = {
+        "input": "ring",
+        "baseline": "plain_uint8_augmented",
+        "fixed_cost_s": 10.0,
+        **{"samples_per_s": 41400.0, "data_wait_share": 0.01, "fit_wall_s": 90.0},
+    }
+    doc = render(r, "gpu_train")
+    assert "run again after the Trainer" in doc and "before and after the Trainer's" in doc
+    # 41,400 / mean(50,000, 40,000) = 0.92, not 41,400 / 50,000 = 0.83
+    assert "**0.92**" in doc and "**met** (ratio = 0.920)" in doc
+    del r["plain_uint8_augmented_after"]
+    assert "**not met** (ratio = 0.828)" in render(r, "gpu_train")
+
+
 def _fixed_cost_result(gpu: str | None, *teardowns: float) -> dict:
     hw = dict.fromkeys(harness.HARDWARE_KEYS) | {"gpu": gpu}
     fits = [
