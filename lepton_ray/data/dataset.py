@@ -414,6 +414,32 @@ class KeepIds:
         return {k: np.asarray(v)[mask] for k, v in batch.items()}
 
 
+READ_TASK_BYTES = 64 << 20
+MIN_READ_TASKS = 8
+
+
+def as_read_tasks(info: DatasetInfo, task_bytes: int = READ_TASK_BYTES) -> int:
+    """Read tasks for raw rows passed through as read (the ring's reads): each reads whole shards,
+    about ``task_bytes`` of pixels, but there are no fewer than :data:`MIN_READ_TASKS`
+    (one per shard below that), so that a small read still spreads over CPUs. A task's shards
+    share what Ray spends per task and per block (scheduling it, finishing it in the reading
+    process's executor, handing its output over): Ray Data joins what a task yields into one
+    block up to its target block size (128 MiB), so a block holds a task's shards.
+
+    Worked example, 1M 32x32x3 rows in 245 shards of 12 MiB: 49 tasks of 5 shards. Measured on 2
+    CPUs (``benchmarks.ring_read``, 204,800 rows in 50 shards, raw pixels), the ring's read of an
+    epoch took 1.96-1.99 CPU-seconds with a task and a block per shard, 0.88-1.17 in tasks of 5
+    (the tasks' own share 1.12-1.17 against 0.50-0.65). The blocks a task hands over one by one
+    cost it about as much as one block per shard; joined, the ring's reader holds them to a
+    budget in the object store (``lepton_ray.train.ring_reader.read_store_bytes``)."""
+    shards = len(info.shards)
+    if not shards:
+        return 1
+    largest = max(int(s["rows"]) for s in info.shards) * max(int(np.prod(info.shape)), 1)
+    per_task = max(1, task_bytes // max(largest, 1))
+    return max(min(shards, MIN_READ_TASKS), math.ceil(shards / per_task))
+
+
 def read_ray(
     info: DatasetInfo,
     *,
@@ -429,6 +455,7 @@ def read_ray(
     decode_args: dict[str, Any] | None = None,
     layout: str = "nchw",
     task_args: dict[str, Any] | None = None,
+    read_task_bytes: int = READ_TASK_BYTES,
 ) -> ray.data.Dataset:
     """A Ray Dataset of preprocessed rows (``image`` float32 CHW, ``label``, ``id``; with
     ``normalize=False`` the images stay uint8 CHW, to be normalised where they are consumed).
@@ -446,7 +473,8 @@ def read_ray(
     every task the dataset runs (a training worker's runtime environment without its set-up hook:
     :func:`lepton_ray.train.prestart.child_options`). ``layout="nhwc"``
     (with ``normalize=False``) leaves images as stored, (N, H, W, C); a raw dataset's rows then
-    pass through as read (:class:`~lepton_ray.data.transforms.Preprocessor`).
+    pass through as read (:class:`~lepton_ray.data.transforms.Preprocessor`), by tasks of about
+    ``read_task_bytes`` of pixels each (:func:`as_read_tasks`).
     """
     import ray.data
     from ray.data import RandomSeedConfig
@@ -462,7 +490,7 @@ def read_ray(
     # 200 blocks, and a split read or a batch size keeps it from fusing the map into the read
     # tasks). On 2 CPUs, 204,800 32x32 rows in 50 shards through the ring's reader: 2.4
     # CPU-seconds a task per shard, not 3.9.
-    whole = {"override_num_blocks": as_read_tasks(info)} if pre.as_read else {}
+    whole = {"override_num_blocks": as_read_tasks(info, read_task_bytes)} if pre.as_read else {}
     # Planned from the manifest (shard_source): no sampling tasks or footer reads per execution.
     source = ShardSource(
         info, shard_locations(info), ("id", "image", "label"), mode == "files", shuffle_seed
@@ -486,29 +514,6 @@ def read_ray(
         batch_size=None if pre.as_read else decode_batch_rows(info.shape, batch_size, normalize),
         **{**task, **(decode_args or {})},
     )
-
-
-READ_TASK_BYTES = 64 << 20
-MIN_READ_TASKS = 8
-
-
-def as_read_tasks(info: DatasetInfo) -> int:
-    """Read tasks for raw rows passed through as read (the ring's reads): each reads whole shards,
-    about :data:`READ_TASK_BYTES` of pixels, but there are no fewer than :data:`MIN_READ_TASKS`
-    (one per shard below that), so that a small read still spreads over CPUs. A task's shards
-    share what Ray spends per task and per block (scheduling it, finishing it in the reading
-    process's executor, handing its output over): Ray Data joins what a task yields into one
-    block up to its target block size (128 MiB), so a block holds a task's shards.
-
-    Worked example, 1M 32x32x3 rows in 245 shards of 12 MiB: 49 tasks of 5 shards. Measured on 2
-    CPUs (``benchmarks.ring_read``, 204,800 rows in 50 shards, raw pixels), the read of an epoch
-    took 1.96-1.99 CPU-seconds a task per shard, 0.8-1.35 in tasks of 4 shards."""
-    shards = len(info.shards)
-    if not shards:
-        return 1
-    largest = max(int(s["rows"]) for s in info.shards) * max(int(np.prod(info.shape)), 1)
-    per_task = max(1, READ_TASK_BYTES // max(largest, 1))
-    return max(min(shards, MIN_READ_TASKS), math.ceil(shards / per_task))
 
 
 DECODED_BATCH_BYTES = 16 << 20

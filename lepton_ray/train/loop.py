@@ -38,7 +38,7 @@ from lepton_ray.train.feed import (
 from lepton_ray.train.gc_clock import process_clock
 from lepton_ray.train.prestart import child_options
 from lepton_ray.train.progress import WorkerProgress
-from lepton_ray.train.ring_reader import read_cpus
+from lepton_ray.train.ring_reader import read_cpus, read_store_bytes
 from lepton_ray.train.step import BATCH_DTYPES, Pixels, TrainStep
 from lepton_ray.train.task import for_data, lower_is_better
 from lepton_ray.train.thread_clock import ThreadClock
@@ -251,6 +251,7 @@ def make_feeds(spec: RunSpec, world: int, rank: int, device: torch.device) -> tu
         cache = DeviceCache(whole.iter_torch_batches(batch_size=4096, dtypes=BATCH_DTYPES), device)
         feed: Feed = CachedFeed(cache, plan)
     elif spec.feed == "ring" and not jpeg:  # its shards through a window of rows in device memory
+        local = ray.train.get_context().get_local_world_size()  # workers sharing its node
         feed = RingFeed(
             spec.train_info,
             plan,
@@ -259,8 +260,8 @@ def make_feeds(spec: RunSpec, world: int, rank: int, device: torch.device) -> tu
             device=device,
             preprocess_batch=cfg.data.preprocess_batch_size,
             deterministic=cfg.data.deterministic,
-            read_cpus=cfg.data.ring_read_cpus
-            or read_cpus(ray.train.get_context().get_local_world_size()),
+            read_cpus=cfg.data.ring_read_cpus or read_cpus(local),
+            read_store=read_store_bytes(local),
         )
     elif spec.train_info is None:  # a user's Ray Dataset: Ray Train splits it
         feed = ShardFeed(

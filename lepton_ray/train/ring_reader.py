@@ -54,6 +54,8 @@ from lepton_ray.train.rows import RowLayout
 
 BLOCK_BYTES = 16 << 20  # rows of a block the read hands over, at least (Ray Data's map batch)
 READY_BYTES = 64 << 20  # blocks the actor keeps ready (referenced) ahead of ``next``
+STORE_BYTES = 256 << 20  # one read's blocks in the object store, at most (read_store_bytes)
+STORE_SHARE = 4  # the node's reads together take at most 1/STORE_SHARE of its object store
 READ_SHARE = 2  # the node's reads together take at most 1/READ_SHARE of its CPUs by default
 
 
@@ -76,6 +78,37 @@ def read_cpus(local_workers: int) -> int:
     return max(1, int(cpus // (READ_SHARE * max(local_workers, 1))))
 
 
+def read_store_bytes(local_workers: int) -> int:
+    """Ray Data's object-store budget for one worker's read: :data:`STORE_BYTES`, or a quarter of
+    its node's object store shared by the node's training workers where that is less; its read
+    tasks hand over blocks of at most a quarter of it (:func:`task_bytes`).
+
+    The ring's read-ahead is the worker's host queue; the store only passes blocks on. Without a
+    budget of its own, the read of 1,000,000 32x32 rows in tasks of 5 shards (a block of 61 MiB
+    each) peaked at 977 MiB of a 1 GiB store (``benchmarks.streaming --feed ring``, 2 CPUs), with
+    256 MiB at 676 MiB; an 80 MiB store spilled blocks of 10 shards until the blocks were sized
+    to it."""
+    node = ray.get_runtime_context().get_node_id()
+    store = next(
+        (
+            n["Resources"].get("object_store_memory", 0.0)
+            for n in ray.nodes()
+            if n["NodeID"] == node
+        ),
+        0.0,
+    )
+    if not store:  # not reported: the default
+        return STORE_BYTES
+    return max(1 << 20, min(STORE_BYTES, int(store // (STORE_SHARE * max(local_workers, 1)))))
+
+
+def task_bytes(store_bytes: int) -> int:
+    """Pixels one read task reads (:func:`lepton_ray.data.dataset.as_read_tasks`): a quarter of the
+    read's budget in the store (64 MiB at :data:`STORE_BYTES`), since its shards leave it as one
+    block."""
+    return max(1, store_bytes // 4)
+
+
 def block_rows(row_bytes: int, preprocess_batch: int) -> int:
     """Rows per block of a ring's read: the preprocessing batch, or more where that is under
     :data:`BLOCK_BYTES` (32x32x3 rows: 5,461). Every block costs the executor and the worker the
@@ -87,7 +120,9 @@ def block_rows(row_bytes: int, preprocess_batch: int) -> int:
 class ReadSpec:
     """One read: ``info``'s shards (in plan order), the rows ``keep_ids`` of ``epoch``, packed as
     rows of images of ``shape`` (C, H, W), Ray Data mapping ``batch_size`` rows a call with at
-    most ``cpus`` of its tasks at once, in order when ``deterministic``."""
+    most ``cpus`` of its tasks at once and ``store_bytes`` of blocks in the object store
+    (None: :func:`read_store_bytes` of one worker on the node), in order when
+    ``deterministic``."""
 
     shape: tuple[int, ...]
     info: Any
@@ -96,6 +131,7 @@ class ReadSpec:
     batch_size: int
     deterministic: bool
     cpus: int
+    store_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -152,7 +188,10 @@ class RingReader:
         try:
             options = DataContext.get_current().execution_options  # this process's: the actor's
             options.preserve_order = spec.deterministic
-            options.resource_limits = options.resource_limits.copy(cpu=spec.cpus)
+            store = spec.store_bytes or read_store_bytes(1)
+            options.resource_limits = options.resource_limits.copy(
+                cpu=spec.cpus, object_store_memory=store
+            )
             ds = read_ray(
                 spec.info,
                 keep_ids=spec.keep_ids,
@@ -161,6 +200,7 @@ class RingReader:
                 epoch=spec.epoch,
                 batch_size=spec.batch_size,
                 layout="nhwc",
+                read_task_bytes=task_bytes(store),
             )
             # References only: the blocks stay in the object store until the worker maps them.
             bundles = ds.iter_internal_ref_bundles()
