@@ -13,15 +13,14 @@ import torch
 from lepton_ray.data import read_shard_ids, write_dataset
 from lepton_ray.train.ring import BlockReader, RowLayout
 from lepton_ray.train.ring_reader import (
-    STORE_BYTES,
+    TASK_BYTES,
     ReadSpec,
     ReadTimes,
     RemoteBlocks,
     block_rows,
     read_cpus,
-    read_store_bytes,
+    read_task_bytes,
     start_reader,
-    task_bytes,
 )
 from lepton_ray.train.sampling import sequential_plan
 
@@ -195,10 +194,9 @@ def test_block_and_cpu_defaults(ray_session):
     assert read_cpus(1) == max(1, node_cpus // 2)
     assert read_cpus(64) == 1  # never none
     store = int(ray.cluster_resources()["object_store_memory"])
-    assert read_store_bytes(1) == max(1 << 20, min(STORE_BYTES, store // 4))
-    assert read_store_bytes(2) == max(1 << 20, min(STORE_BYTES, store // 8))  # shared
-    assert read_store_bytes(1 << 40) == 1 << 20  # never none
-    assert task_bytes(STORE_BYTES) == 64 << 20  # 5 shards of 12 MiB a task
+    assert read_task_bytes(1) == max(1, min(TASK_BYTES, store // 64))
+    assert read_task_bytes(2) == max(1, min(TASK_BYTES, store // 128))  # shared by two workers
+    assert read_task_bytes(1 << 50) == 1  # a shard a task, at least
 
 
 def test_the_ring_read_benchmark_reads_every_row_both_ways(ray_session, prepared):

@@ -430,8 +430,9 @@ def as_read_tasks(info: DatasetInfo, task_bytes: int = READ_TASK_BYTES) -> int:
     CPUs (``benchmarks.ring_read``, 204,800 rows in 50 shards, raw pixels), the ring's read of an
     epoch took 1.96-1.99 CPU-seconds with a task and a block per shard, 0.88-1.17 in tasks of 5
     (the tasks' own share 1.12-1.17 against 0.50-0.65). The blocks a task hands over one by one
-    cost it about as much as one block per shard; joined, the ring's reader holds them to a
-    budget in the object store (``lepton_ray.train.ring_reader.read_store_bytes``)."""
+    cost it about as much as one block per shard; joined, the block is as large as the task's
+    shards, so the ring's reads size tasks to the node's object store
+    (:func:`lepton_ray.train.ring_reader.read_task_bytes`)."""
     shards = len(info.shards)
     if not shards:
         return 1

@@ -403,8 +403,8 @@ class RingFeed:
     restart overlaps the drain. ``queue_rows`` bounds the host blocks read ahead (default: the
     ring's size, enough to refill it at once when the next epoch starts, within 2 GiB of host
     memory). The reads run in a :class:`~lepton_ray.train.ring_reader.RingReader` actor beside
-    the worker, with at most ``read_cpus`` of Ray Data's tasks at once and ``read_store`` bytes
-    of its blocks in the object store (:func:`~lepton_ray.train.ring_reader.read_store_bytes`).
+    the worker, with at most ``read_cpus`` of Ray Data's tasks at once, each reading about
+    ``read_task_bytes`` of pixels (:func:`~lepton_ray.train.ring_reader.read_task_bytes`).
     """
 
     def __init__(
@@ -419,7 +419,7 @@ class RingFeed:
         deterministic: bool = True,
         queue_rows: int | None = None,
         read_cpus: int = 1,
-        read_store: int | None = None,
+        read_task_bytes: int | None = None,
     ):
         import ray
 
@@ -445,7 +445,8 @@ class RingFeed:
         self.queue_rows = queue_rows or default_queue_rows(capacity, self.ring.layout.width)
         self.reading: Any = None  # the BlockReader of the epoch being trained
         self.ahead: tuple[int, Any] | None = None  # (epoch, BlockReader) read ahead
-        self.deterministic, self.read_cpus, self.read_store = deterministic, read_cpus, read_store
+        self.deterministic, self.read_cpus = deterministic, read_cpus
+        self.read_task_bytes = read_task_bytes
         self.reader: Any = None  # the RingReader actor
         self.reads = 0
         if ray.is_initialized():  # its process starts now, before the first read asks for it
@@ -494,7 +495,7 @@ class RingFeed:
             block_rows(self.ring.layout.pixels, self.preprocess_batch),
             self.deterministic,
             self.read_cpus,
-            self.read_store,
+            self.read_task_bytes,
         )
         blocks = RemoteBlocks(self.reader, self.reads, spec, pin=self.ring.device.type == "cuda")
         return BlockReader(blocks, self.ring.layout, self.queue_rows)

@@ -38,7 +38,7 @@ from lepton_ray.train.feed import (
 from lepton_ray.train.gc_clock import process_clock
 from lepton_ray.train.prestart import child_options
 from lepton_ray.train.progress import WorkerProgress
-from lepton_ray.train.ring_reader import read_cpus, read_store_bytes
+from lepton_ray.train.ring_reader import read_cpus, read_task_bytes
 from lepton_ray.train.step import BATCH_DTYPES, Pixels, TrainStep
 from lepton_ray.train.task import for_data, lower_is_better
 from lepton_ray.train.thread_clock import ThreadClock
@@ -261,7 +261,7 @@ def make_feeds(spec: RunSpec, world: int, rank: int, device: torch.device) -> tu
             preprocess_batch=cfg.data.preprocess_batch_size,
             deterministic=cfg.data.deterministic,
             read_cpus=cfg.data.ring_read_cpus or read_cpus(local),
-            read_store=read_store_bytes(local),
+            read_task_bytes=read_task_bytes(local),
         )
     elif spec.train_info is None:  # a user's Ray Dataset: Ray Train splits it
         feed = ShardFeed(

@@ -54,8 +54,8 @@ from lepton_ray.train.rows import RowLayout
 
 BLOCK_BYTES = 16 << 20  # rows of a block the read hands over, at least (Ray Data's map batch)
 READY_BYTES = 64 << 20  # blocks the actor keeps ready (referenced) ahead of ``next``
-STORE_BYTES = 256 << 20  # one read's blocks in the object store, at most (read_store_bytes)
-STORE_SHARE = 4  # the node's reads together take at most 1/STORE_SHARE of its object store
+TASK_BYTES = 64 << 20  # pixels one read task reads, at most (read_task_bytes)
+STORE_SHARE = 64  # ... and at most 1/STORE_SHARE of the node's object store per worker there
 READ_SHARE = 2  # the node's reads together take at most 1/READ_SHARE of its CPUs by default
 
 
@@ -73,40 +73,33 @@ def read_cpus(local_workers: int) -> int:
     step on Ray Data's read ran at 0.918, 0.915 and 0.955 of the plain step with 4 CPUs, 0.983,
     0.968 and 0.980 with 8 (``ring_read_cpus_4_*``, ``ring_read_cpus_8_*`` in
     docs/benchmarks.md)."""
-    node = ray.get_runtime_context().get_node_id()
-    cpus = next((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["NodeID"] == node), 0.0)
+    cpus = node_resource("CPU")
     return max(1, int(cpus // (READ_SHARE * max(local_workers, 1))))
 
 
-def read_store_bytes(local_workers: int) -> int:
-    """Ray Data's object-store budget for one worker's read: :data:`STORE_BYTES`, or a quarter of
-    its node's object store shared by the node's training workers where that is less; its read
-    tasks hand over blocks of at most a quarter of it (:func:`task_bytes`).
+def read_task_bytes(local_workers: int) -> int:
+    """Pixels one task of a worker's read reads (:func:`lepton_ray.data.dataset.as_read_tasks`):
+    :data:`TASK_BYTES`, or less where the node's object store is small: its shards leave the task
+    as one block (Ray Data joins what a task yields up to 128 MiB), and a read holds some blocks
+    in the store at once.
 
-    The ring's read-ahead is the worker's host queue; the store only passes blocks on. Without a
-    budget of its own, the read of 1,000,000 32x32 rows in tasks of 5 shards (a block of 61 MiB
-    each) peaked at 977 MiB of a 1 GiB store (``benchmarks.streaming --feed ring``, 2 CPUs), with
-    256 MiB at 676 MiB; an 80 MiB store spilled blocks of 10 shards until the blocks were sized
-    to it."""
-    node = ray.get_runtime_context().get_node_id()
-    store = next(
-        (
-            n["Resources"].get("object_store_memory", 0.0)
-            for n in ray.nodes()
-            if n["NodeID"] == node
-        ),
-        0.0,
-    )
+    Measured on 2 CPUs (``benchmarks.streaming --feed ring``: 1,000,000 noisy 32x32 rows, raw
+    pixels, a 1 GiB store; nothing spilled in any run): with a task per 12 MiB shard the store
+    peaked at 520 MiB, in tasks of 2 shards at 712 MiB, of 5 shards at 676-977 MiB; a budget for
+    Ray Data's executor (``resource_limits.object_store_memory``, 64 or 256 MiB) did not lower
+    it. So a task reads at most 1/:data:`STORE_SHARE` of the store per training worker on the
+    node: a shard a task on a 1 GiB store, 64 MiB on a GPU node's store of tens of GiB."""
+    store = node_resource("object_store_memory")
     if not store:  # not reported: the default
-        return STORE_BYTES
-    return max(1 << 20, min(STORE_BYTES, int(store // (STORE_SHARE * max(local_workers, 1)))))
+        return TASK_BYTES
+    return max(1, min(TASK_BYTES, int(store // (STORE_SHARE * max(local_workers, 1)))))
 
 
-def task_bytes(store_bytes: int) -> int:
-    """Pixels one read task reads (:func:`lepton_ray.data.dataset.as_read_tasks`): a quarter of the
-    read's budget in the store (64 MiB at :data:`STORE_BYTES`), since its shards leave it as one
-    block."""
-    return max(1, store_bytes // 4)
+def node_resource(name: str) -> float:
+    """How much of resource ``name`` (``CPU``, ``object_store_memory``) this process's node has;
+    0 where it reports none."""
+    node = ray.get_runtime_context().get_node_id()
+    return next((n["Resources"].get(name, 0.0) for n in ray.nodes() if n["NodeID"] == node), 0.0)
 
 
 def block_rows(row_bytes: int, preprocess_batch: int) -> int:
@@ -120,9 +113,8 @@ def block_rows(row_bytes: int, preprocess_batch: int) -> int:
 class ReadSpec:
     """One read: ``info``'s shards (in plan order), the rows ``keep_ids`` of ``epoch``, packed as
     rows of images of ``shape`` (C, H, W), Ray Data mapping ``batch_size`` rows a call with at
-    most ``cpus`` of its tasks at once and ``store_bytes`` of blocks in the object store
-    (None: :func:`read_store_bytes` of one worker on the node), in order when
-    ``deterministic``."""
+    most ``cpus`` of its tasks at once, each reading about ``task_bytes`` of pixels (None:
+    :func:`read_task_bytes` of one worker on the node), in order when ``deterministic``."""
 
     shape: tuple[int, ...]
     info: Any
@@ -131,7 +123,7 @@ class ReadSpec:
     batch_size: int
     deterministic: bool
     cpus: int
-    store_bytes: int | None = None
+    task_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -188,10 +180,7 @@ class RingReader:
         try:
             options = DataContext.get_current().execution_options  # this process's: the actor's
             options.preserve_order = spec.deterministic
-            store = spec.store_bytes or read_store_bytes(1)
-            options.resource_limits = options.resource_limits.copy(
-                cpu=spec.cpus, object_store_memory=store
-            )
+            options.resource_limits = options.resource_limits.copy(cpu=spec.cpus)
             ds = read_ray(
                 spec.info,
                 keep_ids=spec.keep_ids,
@@ -200,7 +189,7 @@ class RingReader:
                 epoch=spec.epoch,
                 batch_size=spec.batch_size,
                 layout="nhwc",
-                read_task_bytes=task_bytes(store),
+                read_task_bytes=spec.task_bytes or read_task_bytes(1),
             )
             # References only: the blocks stay in the object store until the worker maps them.
             bundles = ds.iter_internal_ref_bundles()
