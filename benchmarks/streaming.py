@@ -174,8 +174,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 READS = {
     "stream": "training reads it: shard order shuffled, crop + flip on the Ray Data CPU workers, "
     "uint8 rows, a 4,096-row local shuffle buffer",
-    "ring": 'a ring-fed worker reads it (`feed="ring"`): its shards in plan order, one block '
-    "per shard through its reader actor, packed into rows in host memory, a queue of at most the "
+    "ring": 'a ring-fed worker reads it (`feed="ring"`): its shards in plan order, a block per '
+    "read task through its reader actor, packed into rows in host memory, a queue of at most the "
     "ring's default 262,144 rows",
 }
 
