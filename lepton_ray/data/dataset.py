@@ -428,10 +428,11 @@ def as_read_tasks(info: DatasetInfo, task_bytes: int = READ_TASK_BYTES) -> int:
 
     Worked example, 1M 32x32x3 rows in 245 shards of 12 MiB: 49 tasks of 5 shards. Measured on 2
     CPUs (``benchmarks.ring_read``, 204,800 rows in 50 shards, raw pixels), the ring's read of an
-    epoch took 1.96-1.99 CPU-seconds with a task and a block per shard, 0.88-1.17 in tasks of 5
-    (the tasks' own share 1.12-1.17 against 0.50-0.65). The blocks a task hands over one by one
-    cost it about as much as one block per shard; joined, the block is as large as the task's
-    shards, so the ring's reads size tasks to the node's object store
+    epoch took 1.96-1.99 CPU-seconds with a task and a block per shard, 0.82-1.36 in tasks of 5
+    (eight runs; the tasks' own share 1.12-1.17 against 0.46-0.98). Tasks of 5 that handed each
+    shard over as a block of its own took 1.50-1.55 (the tasks 1.0): Ray's cost is per block as
+    much as per task. Joined, a block is as large as its task's shards, so the ring's reads size
+    tasks to the node's object store
     (:func:`lepton_ray.train.ring_reader.read_task_bytes`)."""
     shards = len(info.shards)
     if not shards:

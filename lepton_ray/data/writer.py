@@ -333,7 +333,7 @@ def image_compression(column: pa.ChunkedArray | pa.Array) -> str:
     A reader pays for compression on every epoch it streams, in the read tasks' CPUs beside the
     training loop; pixels with noise in them and already-encoded images (PNG, JPEG) save little.
     Measured on 2 cores, a 4,096-row shard of noisy 32x32 images (zstd: 95.6% of the bytes) read
-    into Arrow in 10.0 ms of CPU compressed, 1.9 ms raw. zstd stays where a sample of the column
+    into Arrow in 7.9-10.0 ms of CPU compressed, 1.4-1.9 ms raw. zstd stays where a sample of the column
     (its first :data:`COMPRESSION_SAMPLE_BYTES`) shrinks to :data:`PAYING_COMPRESSION` of its
     size or less; the ids and labels are always compressed. Readers take either (Parquet records
     each column chunk's codec)."""

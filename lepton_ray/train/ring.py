@@ -2,7 +2,7 @@
 
 For training sets larger than the device (``DataConfig.feed = "ring"``). Ray Data reads a worker's
 piece of the epoch plan (``sampling.sequential_plan``: shards in an order shuffled per epoch) as
-whole blocks, one per shard, its execution in an actor beside the worker
+whole blocks, one per read task (a few shards), its execution in an actor beside the worker
 (:mod:`lepton_ray.train.ring_reader`); a background thread of the worker (:class:`BlockReader`)
 maps each block from the object store, packs it into rows of bytes (image as stored, label, id:
 :class:`RowLayout`) in host memory, pinned on CUDA, and keeps a queue of them bounded in rows.
