@@ -165,21 +165,25 @@ def _run(args: argparse.Namespace, usage: Usage | None) -> dict[str, Any]:
     # The fair baselines: the same conversion (and augmentation) work as the chosen cases.
     needed = {"uint8_augmented" if CASES[c][1].get("augment") else "uint8" for c in chosen}
     windows: dict[str, tuple[float, float, str]] = {}  # side -> its epochs after the first
-    for data in sorted(needed):
-        clock: list[tuple[float, float]] = []
-        laps: list[dict[str, Any]] = []
-        rates = _gpu.plain_loop(
-            args.model,
-            args.rows,
-            args.batch_size,
-            args.epochs,
-            dev,
-            data=data,
-            clock=clock,
-            laps=laps,
-        )
-        r[f"plain_{data}"] = _gpu.plain_summary(rates, laps)
-        windows[f"plain_{data}"] = _gpu.plain_window(clock)
+
+    def baselines(suffix: str) -> None:
+        for data in sorted(needed):
+            clock: list[tuple[float, float]] = []
+            laps: list[dict[str, Any]] = []
+            rates = _gpu.plain_loop(
+                args.model,
+                args.rows,
+                args.batch_size,
+                args.epochs,
+                dev,
+                data=data,
+                clock=clock,
+                laps=laps,
+            )
+            r[f"plain_{data}{suffix}"] = _gpu.plain_summary(rates, laps)
+            windows[f"plain_{data}{suffix}"] = _gpu.plain_window(clock)
+
+    baselines("")
     if args.cudnn_benchmark:
         rates = _gpu.plain_loop(
             args.model, args.rows, args.batch_size, args.epochs, dev, cudnn_benchmark=True
@@ -219,20 +223,7 @@ def _run(args: argparse.Namespace, usage: Usage | None) -> dict[str, Any]:
             r[key] = {"input": label, "error": f"{type(exc).__name__}: {exc}"}
         print(f"{key}: {r[key]}", flush=True)
     if args.plain_after:  # the baselines again: each ratio against the mean of both runs
-        for data in sorted(needed):
-            clock, laps = [], []
-            rates = _gpu.plain_loop(
-                args.model,
-                args.rows,
-                args.batch_size,
-                args.epochs,
-                dev,
-                data=data,
-                clock=clock,
-                laps=laps,
-            )
-            r[f"plain_{data}_after"] = _gpu.plain_summary(rates, laps)
-            windows[f"plain_{data}_after"] = _gpu.plain_window(clock)
+        baselines("_after")
     if usage is not None:
         usage.attach(r, windows)
     return r
