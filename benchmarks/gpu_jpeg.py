@@ -21,8 +21,11 @@ images/s is the mean over the epochs after the first, each clock stopped after t
 
 Rows: the plain loop; ``Trainer.fit`` decoding on the GPU (``augment_on="device"``, the default on
 a GPU); ``Trainer.fit`` decoding in Ray Data's CPU tasks (``augment_on="cpu"``), with its images/s
-per CPU core Ray Data had (the node's CPUs less the trainer's); and the decode alone in one thread
-(``jpeg.decode_cpu``, train and eval crops): images/s per core.
+per CPU core Ray Data had (the node's CPUs less the trainer's) and per core the host kept busy
+outside the training process and the driver over the fit's epochs after the first (Ray Data's
+tasks and Ray's daemons, from ``benchmarks/_usage.py``'s sampler; ``--no-usage``: none): the
+first divides by CPUs that may have waited, the second by the CPU the path spent; and the decode
+alone in one thread (``jpeg.decode_cpu``, train and eval crops): images/s per core.
 
     python -m benchmarks.gpu_jpeg [--images 8192] [--batch-size 256] [--epochs 3]
 
@@ -41,7 +44,8 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks import _gpu, harness
+from benchmarks import _gpu, _usage, harness
+from benchmarks._usage import Usage
 from benchmarks.harness import Goal, Timer, fmt, table
 
 KEY = "gpu_jpeg"
@@ -199,8 +203,9 @@ def plain_loop(info: Any, kind: dict, batch: int, epochs: int, dev: Any) -> dict
 
 def trainer_run(
     info: Any, kind: dict, decode_on: str, batch: int, epochs: int, store: str, gpu: bool
-) -> dict[str, Any]:
-    """``Trainer(1).fit`` on the JPEG set, decoding on the worker's device or in Ray Data."""
+) -> tuple[dict[str, Any], tuple[float, float, str]]:
+    """``Trainer(1).fit`` on the JPEG set, decoding on the worker's device or in Ray Data; its
+    summary and its epochs after the first as a window for ``benchmarks._usage``."""
     from lepton_ray import DataConfig, Trainer, build_model
 
     model = build_model(kind["model"], in_channels=3, num_classes=kind["classes"])
@@ -215,11 +220,17 @@ def trainer_run(
         keep_checkpoints=1,
         data=DataConfig(augment=(), augment_on=decode_on),
     )
+    window = _gpu.trainer_window(res, time.time())
     losses = [round(h["train_loss"], 3) for h in res["history"]]
-    return _gpu.trainer_summary(res, (info.num_rows // batch) * batch) | {"loss_per_epoch": losses}
+    summary = _gpu.trainer_summary(res, (info.num_rows // batch) * batch)
+    return summary | {"loss_per_epoch": losses}, window
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    return _usage.sampled(args.usage, lambda usage: _run(args, usage))
+
+
+def _run(args: argparse.Namespace, usage: Usage | None) -> dict[str, Any]:
     import ray
 
     _gpu.quiet_ray()
@@ -251,15 +262,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print(f"per core: {r['per_core']}", flush=True)
     r["plain"] = plain_loop(info, kind, batch, epochs, dev)
     print(f"plain: {r['plain']}", flush=True)
+    windows: dict[str, tuple[float, float, str]] = {}  # side -> its epochs after the first
     for side, decode_on in (("gpu_decode", "device"), ("cpu_decode", "cpu")):
         try:
-            r[side] = trainer_run(info, kind, decode_on, batch, epochs, store, gpu)
+            r[side], windows[side] = trainer_run(info, kind, decode_on, batch, epochs, store, gpu)
         except Exception as exc:  # noqa: BLE001 - recorded; the other side still runs
             r[side] = {"error": f"{type(exc).__name__}: {exc}"}
         print(f"{side}: {r[side]}", flush=True)
     if ray.is_initialized():  # the CPUs Ray Data had for decoding: the node's, less the trainer's
         r["cpu_decode"]["decode_cpus"] = max(1, int(ray.cluster_resources().get("CPU", 1)) - 1)
     r["cpu_count"] = os.cpu_count()
+    if usage is not None:
+        usage.attach(r, windows)
     return r
 
 
@@ -274,7 +288,24 @@ def metrics(r: dict[str, Any]) -> dict[str, Any]:
     cpu = r.get("cpu_decode", {})
     if "samples_per_s" in cpu and cpu.get("decode_cpus"):
         out["per_core"]["fit_cpu_decode"] = round(cpu["samples_per_s"] / cpu["decode_cpus"], 1)
+    busy = busy_outside_trainer(cpu.get("usage", {}))
+    if "samples_per_s" in cpu and busy:
+        out["busy_outside_trainer"] = busy
+        out["per_core"]["fit_cpu_decode_busy"] = round(cpu["samples_per_s"] / busy, 1)
     return out
+
+
+def busy_outside_trainer(usage: dict[str, Any]) -> float | None:
+    """The host's busy cores less the training process's and the driver's over a fit's window:
+    Ray Data's reading and decoding, with Ray's own daemons (so an upper bound on the decoding
+    cores); None without a sampled window."""
+    if not usage.get("samples") or "host_busy_cores" not in usage:
+        return None
+    kinds = usage.get("cores_by_kind", {})
+    rest = (
+        usage["host_busy_cores"] - kinds.get("ray::RayTrainWorker", 0.0) - kinds.get("driver", 0.0)
+    )
+    return round(rest, 2) if rest > 0 else None
 
 
 def render(r: dict[str, Any], key: str) -> str:
@@ -320,6 +351,15 @@ def render(r: dict[str, Any], key: str) -> str:
             fmt(ANCHORS["libjpeg_turbo_per_thread"]),
         ],
     ]
+    if "fit_cpu_decode_busy" in pc:  # runs sampled with benchmarks/_usage.py
+        cores.insert(
+            3,
+            [
+                "`Trainer.fit` CPU decode ÷ the host's cores busy outside the training process "
+                f"({fmt(m['busy_outside_trainer'], 2)})",
+                fmt(pc["fit_cpu_decode_busy"]),
+            ],
+        )
     d = s.get("data", {})
     return "\n\n".join(
         [
@@ -355,6 +395,7 @@ def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument(
         "--tiny", action="store_true", help="256 small JPEGs and the cnn: a wiring check"
     )
+    _usage.add_arg(ap)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -439,6 +439,34 @@ def test_dlrm_ratio_and_goal_come_from_the_same_run():
     assert cpu.startswith("## No GPU") and "no goal is judged" in cpu and "**met**" not in cpu
 
 
+def test_jpeg_cpu_decode_is_divided_by_the_cpus_it_had_and_by_the_cpu_it_spent():
+    from benchmarks import gpu_jpeg
+
+    hw = dict.fromkeys(harness.HARDWARE_KEYS) | {"gpu": "1x NVIDIA H100", "cpu_cores": 16}
+    side = {"samples_per_s": 2250.0, "data_wait_share": 0.4, "loss_per_epoch": [4.0, 2.7]}
+    r = {
+        "benchmark": "gpu_jpeg",
+        "hardware": hw,
+        "setup": {"images": 8192},
+        "per_core": {"train": 745.5, "eval": 978.7},
+        "plain": {"samples_per_s": 3600.0, "loss_per_epoch": [4.0, 2.7]},
+        "gpu_decode": dict(side, samples_per_s=3420.0),
+        "cpu_decode": dict(side, decode_cpus=15),
+    }
+    m = gpu_jpeg.metrics(r)
+    assert m["per_core"]["fit_cpu_decode"] == 150.0  # 2,250 images/s over 15 CPUs
+    assert "fit_cpu_decode_busy" not in m["per_core"]  # an unsampled run: that row is left out
+    assert "busy outside" not in gpu_jpeg.render(r, "gpu_jpeg")
+    # Sampled: 4.9 of the host's cores busy, 1.3 of them the training worker, 0.1 the driver.
+    kinds = {"ray::RayTrainWorker": 1.3, "ray::MapBatches(Preprocessor)": 3.1, "driver": 0.1}
+    r["cpu_decode"]["usage"] = {"samples": 7, "host_busy_cores": 4.9, "cores_by_kind": kinds}
+    m = gpu_jpeg.metrics(r)
+    assert m["busy_outside_trainer"] == 3.5 and m["per_core"]["fit_cpu_decode_busy"] == 642.9
+    assert "busy outside the training process (3.50) | 642.9 |" in gpu_jpeg.render(r, "gpu_jpeg")
+    r["cpu_decode"]["usage"] = {"samples": 0}  # a window too short to sample
+    assert "fit_cpu_decode_busy" not in gpu_jpeg.metrics(r)["per_core"]
+
+
 def test_train_overhead_judges_the_trainer_against_the_plain_loop_before_and_after_it():
     from benchmarks import train_overhead
 
