@@ -68,6 +68,25 @@ def test_exhausted_only_once_the_source_has_given_its_last_item():
     assert list(it) == [2]
 
 
+def test_startup_is_the_time_from_the_threads_start_to_its_first_item():
+    release = threading.Event()
+
+    def slow_to_start():
+        time.sleep(0.2)  # e.g. a Ray Data execution starting
+        yield 1
+        release.wait(5)
+        yield 2
+
+    reader = ReadAhead(slow_to_start, limit=10)
+    assert reader.startup_s is None  # nothing queued yet
+    it = iter(reader)
+    assert next(it) == 1
+    first = reader.startup_s
+    assert first is not None and 0.2 <= first < 5
+    release.set()
+    assert list(it) == [2] and reader.startup_s == first  # the first item's, not the last's
+
+
 def test_an_error_reaches_the_consumer_after_the_items_before_it_and_is_not_exhausted():
     def failing():
         yield "a"

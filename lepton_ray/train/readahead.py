@@ -17,6 +17,7 @@ iterator (a Ray Data iterator then shuts its execution down).
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -29,7 +30,9 @@ class ReadAhead:
     """``source`` iterated on a background thread into a queue of at most ``limit`` (by ``size``).
 
     ``prepare`` runs on the thread for each item before it is queued (e.g. packing and pinning a
-    block). ``queued`` and ``peak`` say how much the queue holds now and at most so far."""
+    block). ``queued`` and ``peak`` say how much the queue holds now and at most so far;
+    ``startup_s`` how long the first item took (from the thread's start: making the source, e.g.
+    starting a Ray Data execution, and its first item), None until it is queued."""
 
     def __init__(
         self,
@@ -44,6 +47,7 @@ class ReadAhead:
         self._queue: deque[tuple[Any, float]] = deque()
         self.queued: float = 0
         self.peak: float = 0
+        self.startup_s: float | None = None
         self._cond = threading.Condition()
         self._done = self._stop = self._exhausted = False
         self._error: BaseException | None = None
@@ -53,12 +57,15 @@ class ReadAhead:
 
     def _run(self) -> None:
         it: Iterator[Any] | None = None
+        started = time.perf_counter()
         try:
             source = self._source() if callable(self._source) else self._source
             it = iter(source)
             for raw in it:
                 item = self.prepare(raw) if self.prepare is not None else raw
                 n = self.size(item)
+                if self.startup_s is None:
+                    self.startup_s = time.perf_counter() - started
                 with self._cond:
                     while self.queued >= self.limit and not self._stop:
                         self._cond.wait()
