@@ -214,7 +214,7 @@ def trainer_summary(res: dict[str, Any], samples_per_epoch: int) -> dict[str, An
     after the loop has read the epoch's metrics back from the GPU (a synchronisation), as the plain
     loop's does, whereas the loop's own ``samples_per_second`` stops its clock with GPU work still
     queued (kept as ``loop_samples_per_s``). The data-wait share is of the loop's training time.
-    A ring-fed fit's epochs also say when their read was asked for and how long it took
+    A ring-fed or streamed fit's epochs also say when their read was asked for and how long it took
     (``per_epoch_read``).
     """
     hist = res["history"]
@@ -234,7 +234,7 @@ def trainer_summary(res: dict[str, Any], samples_per_epoch: int) -> dict[str, An
         **({"per_epoch_gc": gc_summary(hist)} if all("gc_s" in h for h in hist) else {}),
         # the worker's loop thread (lepton_ray.train.thread_clock), where reported
         **loop_thread_series(hist),
-        # the ring's read of each epoch (lepton_ray.train.ring_reader.ReadTimes), where it has one
+        # each epoch's read (lepton_ray.train.read_times.ReadTimes), where the feed has one
         **(
             {"per_epoch_read": [{k: h[k] for k in h if k.startswith("read_")} for h in hist]}
             if any("read_ahead_s" in h for h in hist)

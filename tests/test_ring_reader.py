@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from lepton_ray.data import read_shard_ids, write_dataset
+from lepton_ray.train.read_times import ReadTimes
 from lepton_ray.train.ring import BlockReader, RowLayout
 from lepton_ray.train.ring_reader import (
     TASK_BYTES,
     ReadSpec,
-    ReadTimes,
     RemoteBlocks,
     block_rows,
     read_cpus,

@@ -69,6 +69,11 @@ def test_the_next_epoch_reads_ahead_and_serves_what_a_fresh_read_serves(
             assert f.ahead is None or f.ahead.epoch == epoch + 1
             got += ids_of(it)
             assert len(got) == 20
+            # its read, as the loop reports it with the epoch: asked for before the epoch began
+            # (the epoch before read it ahead) except the first, then its first batch, its end
+            read = batches.read_seconds()
+            assert (read["read_ahead_s"] > 0) == (epoch > 0), read
+            assert 0 < read["read_first_block_s"] <= read["read_s"], read
             # the same batches, in the same order, as a feed that reads this epoch afresh
             fresh = feed(prepared, rank, order, epochs=0)
             assert ids_of(fresh.epoch(epoch)) == got

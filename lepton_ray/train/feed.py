@@ -55,8 +55,9 @@ class Batches:
     steps: int
     batches: Iterator[dict[str, torch.Tensor]]
     wait_s: float = 0.0  # time spent waiting for the next batch
-    # The read serving the epoch, where the feed starts one per epoch (the ring's:
-    # lepton_ray.train.ring_reader.ReadTimes), and when the epoch asked for its batches.
+    # The read serving the epoch, where the feed starts one per epoch (the ring's and the
+    # streamed feed's: lepton_ray.train.read_times.ReadTimes), and when the epoch asked for its
+    # batches.
     read: Any = None
     started: float = dataclasses.field(default_factory=time.time)
 
@@ -239,6 +240,7 @@ class StreamedFeed:
         self.ahead: _Read | None = None  # the next one, read ahead
 
     def epoch(self, epoch: int, exclude: np.ndarray | None = None) -> Batches:
+        started = time.time()
         resumed = exclude is not None and len(exclude) > 0
         ahead, self.ahead = self.ahead, None
         if self.reading is not None:
@@ -254,7 +256,7 @@ class StreamedFeed:
             ahead.batches.close()
             return Batches(0, iter(()))
         self.reading = ahead
-        return Batches(p.steps, self._serve(ahead))
+        return Batches(p.steps, self._serve(ahead), read=ahead.batches.times, started=started)
 
     def _start(self, epoch: int, p: sampling.EpochPlan | None = None) -> _Read:
         """Start reading ``epoch`` (planned on the reader's thread when ``p`` is None)."""

@@ -160,7 +160,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # host), its wait for a CPU, and how often it blocked
         metrics |= thread.lap()
         metrics |= gc_clock.lap()  # the garbage collector's pauses of this epoch (gc_clock.py)
-        metrics |= batches.read_seconds()  # the ring's read: how early it began, how long it took
+        metrics |= batches.read_seconds()  # the epoch's read: how early it began, how long it took
         if device.type == "cuda":  # what the run needs of the device, for sizing and the report
             metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         if val is not None:

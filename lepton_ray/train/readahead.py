@@ -25,14 +25,18 @@ from typing import Any
 import numpy as np
 import torch
 
+from lepton_ray.train.read_times import ReadTimes
+
 
 class ReadAhead:
     """``source`` iterated on a background thread into a queue of at most ``limit`` (by ``size``).
 
     ``prepare`` runs on the thread for each item before it is queued (e.g. packing and pinning a
     block). ``queued`` and ``peak`` say how much the queue holds now and at most so far;
-    ``startup_s`` how long the first item took (from the thread's start: making the source, e.g.
-    starting a Ray Data execution, and its first item), None until it is queued."""
+    ``times`` (:class:`~lepton_ray.train.read_times.ReadTimes`) when the reader began, queued its
+    first item and ran out, and how many items it queued; ``startup_s`` how long the first item
+    took (making the source, e.g. starting a Ray Data execution, and its first item), None until
+    it is queued."""
 
     def __init__(
         self,
@@ -47,7 +51,7 @@ class ReadAhead:
         self._queue: deque[tuple[Any, float]] = deque()
         self.queued: float = 0
         self.peak: float = 0
-        self.startup_s: float | None = None
+        self._times = ReadTimes(requested=time.time())
         self._cond = threading.Condition()
         self._done = self._stop = self._exhausted = False
         self._error: BaseException | None = None
@@ -57,25 +61,26 @@ class ReadAhead:
 
     def _run(self) -> None:
         it: Iterator[Any] | None = None
-        started = time.perf_counter()
         try:
             source = self._source() if callable(self._source) else self._source
             it = iter(source)
             for raw in it:
                 item = self.prepare(raw) if self.prepare is not None else raw
                 n = self.size(item)
-                if self.startup_s is None:
-                    self.startup_s = time.perf_counter() - started
                 with self._cond:
                     while self.queued >= self.limit and not self._stop:
                         self._cond.wait()
                     if self._stop:
                         break
+                    if self._times.first_block is None:
+                        self._times.first_block = time.time()
+                    self._times.blocks += 1
                     self._queue.append((item, n))
                     self.queued += n
                     self.peak = max(self.peak, self.queued)
                     self._cond.notify_all()
             else:
+                self._times.done = time.time()
                 self._exhausted = True
         except BaseException as exc:  # handed to the consumer, raised in the training loop
             self._error = exc
@@ -86,6 +91,15 @@ class ReadAhead:
             with self._cond:
                 self._done = True
                 self._cond.notify_all()
+
+    @property
+    def times(self) -> ReadTimes:
+        return self._times
+
+    @property
+    def startup_s(self) -> float | None:
+        first = self._times.first_block
+        return None if first is None else first - self._times.requested
 
     @property
     def exhausted(self) -> bool:

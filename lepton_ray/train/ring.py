@@ -245,7 +245,7 @@ class BlockReader(ReadAhead):
 
     @property
     def times(self) -> Any:
-        """The source's record of its read (:class:`~lepton_ray.train.ring_reader.ReadTimes`),
+        """The source's record of its read (:class:`~lepton_ray.train.read_times.ReadTimes`),
         where it keeps one; else None."""
         return getattr(self._source, "times", None)
 

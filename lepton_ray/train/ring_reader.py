@@ -50,6 +50,7 @@ from typing import Any
 import numpy as np
 import ray
 
+from lepton_ray.train.read_times import ReadTimes
 from lepton_ray.train.rows import RowLayout
 
 BLOCK_BYTES = 16 << 20  # rows of a block the read hands over, at least (Ray Data's map batch)
@@ -265,30 +266,6 @@ def start_reader() -> Any:
         )
         .remote()
     )
-
-
-@dataclass
-class ReadTimes:
-    """When one read was asked for, handed its first block over and ran out (``time.time()``;
-    None until then, and ``done`` for good if the read was stopped first), and what it handed
-    over; :meth:`seconds` puts them against the start of the epoch it serves."""
-
-    requested: float
-    first_block: float | None = None
-    done: float | None = None
-    blocks: int = 0
-    rows: int = 0
-
-    def seconds(self, epoch_started: float) -> dict[str, float]:
-        """``read_ahead_s``: how long before the epoch began its read was asked for (0 when the
-        epoch asked); ``read_first_block_s``: from the ask to the first block packed;
-        ``read_s``: to the read's end (absent while it runs, as in a mid-epoch report)."""
-        out = {"read_ahead_s": round(max(epoch_started - self.requested, 0.0), 3)}
-        if self.first_block is not None:
-            out["read_first_block_s"] = round(self.first_block - self.requested, 3)
-        if self.done is not None:
-            out["read_s"] = round(self.done - self.requested, 3)
-        return out
 
 
 class RemoteBlocks:
