@@ -9,7 +9,7 @@ epoch and an iterator of exactly that many batches of its ``b_r`` rows (``image`
 - :class:`StreamedFeed`: a prepared dataset streamed through Ray Data every epoch: each worker reads
   only its rows of the epoch plan (:mod:`lepton_ray.train.sampling`), decoded (and augmented, when
   augmentation runs on the CPUs) by Ray Data's workers, on a thread that reads ahead of the
-  training loop and starts the next epoch's read in time for its first batch.
+  training loop and starts the next epoch's read when this one's input is all read.
 - :class:`RingFeed`: a prepared dataset larger than the device: each worker streams its piece of
   the epoch plan (shards in an order shuffled per epoch) as whole blocks into a window of rows in
   device memory (:mod:`lepton_ray.train.ring`) and samples every batch from it; the next epoch's
@@ -169,9 +169,6 @@ class CachedFeed:
 
 
 _AHEAD_BYTES = 256 << 20  # the most a StreamedFeed queues ahead of its consumer, per worker
-# A StreamedFeed starts the next epoch's read once the epoch's batches left would train, at the
-# pace they have been served, within this many times the epoch's own read took to its first batch.
-_LEAD = 2.0
 
 
 @dataclass
@@ -188,13 +185,13 @@ class StreamedFeed:
 
     A thread of the worker iterates the epoch's Ray Data batches (JPEGs decoded on the device
     there) into a queue of at most ``ahead_bytes``
-    (:class:`~lepton_ray.train.readahead.ReadAhead`). The next epoch (``epochs`` says whether
-    there is one) is planned and starts reading once this one's input is all read, or earlier,
-    once its batches left would train (at the pace they have been served) within twice the time
-    its own read took to its first batch: so Ray Data's restart, and a shuffled plan's wait for
-    its whole shuffle, overlap the training of the epoch's last batches even where the queue
-    holds less than that start-up's worth (224x224 crops decoded on the CPUs: 256 MiB is 1,780
-    rows, half a second of a ResNet-50 on one H100). A resumed epoch (``exclude``) is read
+    (:class:`~lepton_ray.train.readahead.ReadAhead`); once this epoch's input is
+    all read, the next epoch's is planned and starts reading (``epochs`` says whether there is
+    one), so Ray Data's restart, and a shuffled plan's wait for its whole buffer, overlap the
+    training of the epoch's last batches. Not earlier: the read's iterator runs in this process,
+    beside the training loop, and in a trial on an H100 host epochs during which the next one's
+    read ran from their start trained at 0.57 and 0.71 of the pace of the epoch after them
+    (``gpu_jpeg_readahead_due`` in docs/benchmarks.md). A resumed epoch (``exclude``) is read
     afresh."""
 
     def __init__(
@@ -284,31 +281,17 @@ class StreamedFeed:
         return _Read(epoch, planned, batches)
 
     def _serve(self, read: _Read) -> Iterator[dict[str, torch.Tensor]]:
-        """The epoch's batches, starting the next epoch's read when it is due (:meth:`_due`)."""
-        steps = read.plan.result().steps
-        first = None  # when the first batch was handed over
-        for served, batch in enumerate(read.batches, 1):
-            first = first or time.perf_counter()
-            if self._due(read, steps - served, served, first):
-                self.ahead = self._start(read.epoch + 1)
+        """The epoch's batches, starting the next epoch's read as soon as this one's input is
+        all read."""
+        for batch in read.batches:
+            self._read_ahead(read)
             yield batch
-        if self._due(read, 0, 0, first):
-            self.ahead = self._start(read.epoch + 1)
+        self._read_ahead(read)
 
-    def _due(self, read: _Read, left: int, served: int, first: float | None) -> bool:
-        """Whether the next epoch's read should start now: there is one and it has not started,
-        and this epoch's input is all read, or the ``left`` batches still to train would take,
-        at the pace the ``served`` ones since ``first`` were trained, at most :data:`_LEAD`
-        times this epoch's read took to its first batch."""
-        if self.ahead is not None or read.epoch + 1 >= self.epochs:
-            return False
-        if read.batches.exhausted or left == 0:
-            return True
-        startup = read.batches.startup_s
-        if startup is None or served < 2 or first is None:
-            return False
-        pace = (time.perf_counter() - first) / (served - 1)  # seconds a batch
-        return left * pace <= _LEAD * startup
+    def _read_ahead(self, read: _Read) -> None:
+        nxt = read.epoch + 1
+        if self.ahead is None and read.batches.exhausted and nxt < self.epochs:
+            self.ahead = self._start(nxt)
 
     def _batches(self, p: sampling.EpochPlan, epoch: int) -> Iterator[dict[str, Any]]:
         """Ray Data's batches of ``p``'s rows: torch tensors, or for a device-decoded JPEG

@@ -34,9 +34,7 @@ class ReadAhead:
     ``prepare`` runs on the thread for each item before it is queued (e.g. packing and pinning a
     block). ``queued`` and ``peak`` say how much the queue holds now and at most so far;
     ``times`` (:class:`~lepton_ray.train.read_times.ReadTimes`) when the reader began, queued its
-    first item and ran out, and how many items it queued; ``startup_s`` how long the first item
-    took (making the source, e.g. starting a Ray Data execution, and its first item), None until
-    it is queued."""
+    first item and ran out, and how many items it queued."""
 
     def __init__(
         self,
@@ -95,11 +93,6 @@ class ReadAhead:
     @property
     def times(self) -> ReadTimes:
         return self._times
-
-    @property
-    def startup_s(self) -> float | None:
-        first = self._times.first_block
-        return None if first is None else first - self._times.requested
 
     @property
     def exhausted(self) -> bool:
